@@ -1,0 +1,7 @@
+"""``python -m safepacs``."""
+
+import sys
+
+from safepacs.cli import main
+
+sys.exit(main())

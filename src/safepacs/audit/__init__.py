@@ -1,0 +1,1 @@
+"""The audit trail (issue: tamper-evident audit).  Nothing is recorded here yet."""

@@ -1,0 +1,285 @@
+"""``safepacs``: init, serve, peer, import.
+
+Exit status: 0 success, 1 the command ran but something was refused (e.g. an import rejection),
+2 usage, configuration or runtime errors.  Errors are one sentence on standard error, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safepacs import __version__
+from safepacs.errors import SafePacsError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
+
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+class UsageError(SafePacsError):
+    """The command line is wrong."""
+
+
+def _err(message: str) -> None:
+    print(f"safepacs: {message}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safepacs", description="A PACS that is secure with zero configuration.")
+    p.add_argument("--version", action="version", version=f"safepacs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--data", metavar="DIR", help="data directory (default $SAFEPACS_DATA or ./safepacs-data)"
+        )
+
+    sp = sub.add_parser("init", help="create a new data directory: settings, keys, CA, index, admin account")
+    data_opt(sp)
+
+    sp = sub.add_parser("serve", help="run the archive (DICOM listener) until SIGTERM/SIGINT")
+    data_opt(sp)
+    sp.add_argument("--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument(
+        "--dicom-port", type=int, metavar="N", help="DICOM port (default 11112; 0 picks a free one)"
+    )
+    sp.add_argument(
+        "--http-port", type=int, metavar="N", help="HTTPS port (default 8443; DICOMweb is not served yet)"
+    )
+    sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    peer = sub.add_parser("peer", help="register, list and remove DICOM peers").add_subparsers(
+        dest="peer_command", required=True, metavar="ACTION"
+    )
+    sp = peer.add_parser("add", help="register a peer: AE title, its host, the services it may use")
+    data_opt(sp)
+    sp.add_argument("ae_title", metavar="AE_TITLE")
+    sp.add_argument(
+        "--host", required=True, metavar="HOST_OR_CIDR", help="IP address, CIDR network or host name"
+    )
+    sp.add_argument(
+        "--port", type=int, metavar="N", help="port the peer listens on (needed as a C-MOVE destination)"
+    )
+    sp.add_argument(
+        "--allow", required=True, metavar="SERVICES", help="comma list of echo,store,find,get,move"
+    )
+    sp = peer.add_parser("list", help="list registered peers")
+    data_opt(sp)
+    sp = peer.add_parser("remove", help="remove a registered peer")
+    data_opt(sp)
+    sp.add_argument("ae_title", metavar="AE_TITLE")
+
+    sp = sub.add_parser("import", help="store DICOM files and folders through the same path as C-STORE")
+    data_opt(sp)
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    return p
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The settings of an initialised data directory (a clear error otherwise)."""
+    from safepacs.app import check_data_dir
+    from safepacs.config import data_dir_from, load_settings
+
+    settings = load_settings(data_dir_from(args.data), overrides)
+    check_data_dir(settings)
+    return settings
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from safepacs.app import ADMIN_PASSWORD_FILE, initialize
+    from safepacs.config import data_dir_from
+
+    data_dir = data_dir_from(args.data)
+    password = initialize(data_dir)
+    print(
+        f"Initialised {data_dir}: settings, encryption key, local CA, server certificate, index.",
+        file=sys.stderr,
+    )
+    print(
+        "The admin account's one-time password (also in "
+        f"{data_dir / ADMIN_PASSWORD_FILE}, mode 0600; it must be changed at first login):",
+        file=sys.stderr,
+    )
+    print(password)
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from safepacs.app import configure_logging, open_archive
+    from safepacs.dimse.server import serve
+    from safepacs.index import migrate
+
+    settings = _settings(
+        args, {"server": {"bind": args.bind, "dicom_port": args.dicom_port, "http_port": args.http_port}}
+    )
+    configure_logging(args.log_level)
+    migrate(settings.index_url)
+    open_archive(settings).close()  # fail here, once, with a clear message, not in every worker
+    if not ipaddress.ip_address(settings.server.bind).is_loopback:
+        import logging
+
+        logging.getLogger("safepacs.posture").warning(
+            "DICOM listener on a non-loopback address without TLS: only registered peers from their own "
+            "addresses are admitted, but traffic is not encrypted",
+            extra={"address": settings.server.bind},
+        )
+
+    def ready(host: str, port: int) -> None:
+        print(
+            f"SafePACS listening for DICOM on {host}:{port} as AE title {settings.server.ae_title}",
+            flush=True,
+        )
+
+    return serve(settings, open_archive, setup=lambda: configure_logging(args.log_level), ready=ready)
+
+
+def _parse_allow(text: str) -> frozenset[Any]:
+    from safepacs.types import Service
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--allow needs at least one of echo,store,find,get,move")
+    try:
+        return frozenset(Service(n) for n in names)
+    except ValueError:
+        bad = [n for n in names if n not in {s.value for s in Service}]
+        raise UsageError(f"unknown service {bad[0]!r} in --allow; use echo,store,find,get,move") from None
+
+
+def _check_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_network(host, strict=False))
+    except ValueError:
+        pass
+    if _HOSTNAME_RE.match(host):
+        return host.lower()
+    raise UsageError(f"--host {host!r} is neither an IP address, a CIDR network nor a host name")
+
+
+def _open_index(args: argparse.Namespace) -> Any:
+    from safepacs.index import SqlIndex, migrate
+
+    settings = _settings(args)
+    migrate(settings.index_url)
+    return SqlIndex(settings.index_url)
+
+
+def _cmd_peer(args: argparse.Namespace) -> int:
+    from safepacs.config._settings import validate_ae_title
+    from safepacs.types import Peer
+
+    if args.peer_command == "add":
+        try:
+            ae_title = validate_ae_title(args.ae_title)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.port is not None and not 0 < args.port < 65536:
+            raise UsageError("--port must be between 1 and 65535")
+        peer = Peer(ae_title, _check_host(args.host), args.port, _parse_allow(args.allow))
+    index = _open_index(args)
+    try:
+        if args.peer_command == "add":
+            index.add_peer(peer)
+            print(
+                f"Peer {peer.ae_title} registered: host {peer.host}, allowed {','.join(sorted(peer.allow))}",
+                file=sys.stderr,
+            )
+        elif args.peer_command == "remove":
+            index.remove_peer(args.ae_title.strip())
+            print(f"Peer {args.ae_title.strip()} removed", file=sys.stderr)
+        else:
+            peers = index.list_peers()
+            if not peers:
+                print(
+                    "No peers registered: nothing can connect. Add one with 'safepacs peer add'.",
+                    file=sys.stderr,
+                )
+            for p in peers:
+                port = p.port if p.port is not None else "-"
+                print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {','.join(sorted(p.allow))}")
+    finally:
+        index.close()
+    return EXIT_OK
+
+
+def _iter_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"{raw} is neither a file nor a folder")
+    return files
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from safepacs.app import open_archive
+    from safepacs.index import migrate
+    from safepacs.types import IngestOutcome, Principal
+
+    settings = _settings(args)
+    files = _iter_files(args.paths)
+    migrate(settings.index_url)
+    archive = open_archive(settings)
+    principal = Principal(kind="system", name="import")
+    counts = {"stored": 0, "already present": 0, "replaced": 0, "kept (different content)": 0}
+    rejected: list[tuple[Path, str]] = []
+    try:
+        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("Importing", total=len(files))
+            for path in files:
+                try:
+                    result = archive.ingest.ingest_file(principal, path.read_bytes())
+                except SafePacsError as exc:
+                    rejected.append((path, str(exc)))
+                except OSError as exc:
+                    rejected.append((path, f"cannot read the file ({exc.strerror})"))
+                else:
+                    key = {
+                        IngestOutcome.STORED: "stored",
+                        IngestOutcome.DUPLICATE: "already present",
+                        IngestOutcome.REPLACED: "replaced",
+                        IngestOutcome.CONFLICT: "kept (different content)",
+                    }[result.outcome]
+                    counts[key] += 1
+                progress.advance(task)
+    finally:
+        archive.close()
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    print(f"Imported {len(files)} files: {summary}, {len(rejected)} rejected", file=sys.stderr)
+    for path, reason in rejected:
+        print(f"  rejected {path}: {reason}", file=sys.stderr)
+    return EXIT_REFUSED if rejected or counts["kept (different content)"] else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # everything SafePACS creates (index WAL files, objects, keys) is private to its user
+    args = _parser().parse_args(argv)
+    handlers = {"init": _cmd_init, "serve": _cmd_serve, "peer": _cmd_peer, "import": _cmd_import}
+    try:
+        return handlers[args.command](args)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except SafePacsError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130

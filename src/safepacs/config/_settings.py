@@ -1,0 +1,206 @@
+"""The settings model and its sources."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from safepacs.errors import ConfigError
+
+DATA_ENV = "SAFEPACS_DATA"
+DEFAULT_DATA_DIR = "safepacs-data"
+CONFIG_FILE = "safepacs.toml"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("safepacs_toml", default=None)
+
+
+def validate_ae_title(value: str) -> str:
+    """PS3.5 6.2: AE titles are 1-16 characters of the default repertoire, no backslash."""
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value) or len(value) > 16:
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    ae_title: str = Field("SAFEPACS", description="AE title this archive answers to (called AE title).")
+    bind: str = Field("127.0.0.1", description="Address the listeners bind to; loopback unless you mean it.")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="Plain DICOM (DIMSE) port.")
+    http_port: int = Field(8443, ge=0, le=65535, description="HTTPS port for DICOMweb and the web UI.")
+    workers: int = Field(
+        0, ge=0, le=64, description="DIMSE worker processes sharing the port (0: one per CPU core)."
+    )
+    max_associations: int = Field(
+        16, ge=1, le=1024, description="Concurrent associations per worker process; more are rejected."
+    )
+    max_pdu_size: int = Field(
+        1048576, ge=0, description="Largest P-DATA PDU we accept (bytes; 0 means no limit)."
+    )
+    network_timeout: float = Field(
+        60.0, gt=0, description="Seconds of silence before a connection is dropped."
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="Seconds to wait for association messages.")
+    dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for DIMSE messages.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds associations may take to finish on shutdown before they are aborted."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+
+class IndexSettings(_Section):
+    url: str = Field(
+        "",
+        description="SQLAlchemy URL of the index; empty: SQLite file 'index.sqlite3' in the data directory.",
+    )
+
+
+class StorageSettings(_Section):
+    path: str = Field(
+        "", description="Directory of the encrypted object store; empty: 'objects' in the data dir."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Replace a stored instance when the same SOP Instance UID arrives with other bytes.",
+    )
+    max_object_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest single DICOM object accepted, in bytes."
+    )
+    fsync: bool = Field(True, description="fsync objects and directories before acknowledging (keep on).")
+
+
+class QuerySettings(_Section):
+    max_results: int = Field(
+        500,
+        ge=0,
+        description="Most C-FIND results per query; past it the query must be narrowed (0: no limit).",
+    )
+
+
+class Settings(BaseSettings):
+    """All settings.  Sections map to TOML tables and to ``SAFEPACS_<SECTION>__<KEY>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SAFEPACS_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    index: IndexSettings = Field(default_factory=IndexSettings)  # type: ignore[arg-type]
+    storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
+    query: QuerySettings = Field(default_factory=QuerySettings)  # type: ignore[arg-type]
+
+    data_dir: Path = Field(Path(DEFAULT_DATA_DIR), exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None and path.exists():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------
+    @property
+    def index_url(self) -> str:
+        return self.index.url or f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    @property
+    def objects_dir(self) -> Path:
+        return Path(self.storage.path) if self.storage.path else self.data_dir / "objects"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+
+def data_dir_from(option: str | os.PathLike[str] | None) -> Path:
+    """The data directory: the ``--data`` option, else ``$SAFEPACS_DATA``, else ``./safepacs-data``."""
+    if option:
+        return Path(option)
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR)
+
+
+def load_settings(data_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Read and validate the settings of ``data_dir``; ``overrides`` (from the command line) win over all."""
+    token = _toml_path.set(data_dir / CONFIG_FILE)
+    try:
+        clean = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in (overrides or {}).items()}
+        merged: dict[str, Any] = {k: v for k, v in clean.items() if v}
+        settings = Settings(data_dir=data_dir, **merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"setting '{where}' is invalid: {first['msg']}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {data_dir / CONFIG_FILE}: {exc}") from exc
+    finally:
+        _toml_path.reset(token)
+    _refuse_insecure(settings)
+    return settings
+
+
+def _refuse_insecure(settings: Settings) -> None:
+    if not settings.storage.fsync and not os.environ.get("SAFEPACS_UNSAFE_NO_FSYNC_I_ACCEPT_DATA_LOSS"):
+        raise ConfigError(
+            "setting 'storage.fsync' is off: acknowledged instances could be lost on a crash; "
+            "turn it back on (only benchmarks may turn it off, "
+            "with SAFEPACS_UNSAFE_NO_FSYNC_I_ACCEPT_DATA_LOSS=1)"
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_default_toml() -> str:
+    """The ``safepacs.toml`` that ``init`` writes: every setting, its default and a one-line comment."""
+    lines = [
+        "# SafePACS settings.  Every setting is listed with its default.",
+        "# Each can also be set as SAFEPACS_<SECTION>__<KEY> in the environment",
+        "# (e.g. SAFEPACS_SERVER__DICOM_PORT).",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            continue
+        lines.append(f"[{name}]")
+        for key, sub in annotation.model_fields.items():
+            lines.append(f"# {sub.description}")
+            lines.append(f"{key} = {_toml_value(sub.default)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Presentation contexts an association may be granted, per allowed service (PS3.4 Annexes A, B, C)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from safepacs.types import QueryModel, Service
+
+__all__ = [
+    "FIND_MODELS",
+    "GET_MODELS",
+    "MOVE_MODELS",
+    "STORAGE_SOP_CLASSES",
+    "contexts_for",
+    "negotiable_contexts",
+]
+
+FIND_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): QueryModel.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelFind): QueryModel.STUDY_ROOT,
+}
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): QueryModel.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelGet): QueryModel.STUDY_ROOT,
+}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): QueryModel.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelMove): QueryModel.STUDY_ROOT,
+}
+STORAGE_SOP_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+_UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+
+
+def _cx(
+    uid: str, syntaxes: list[str], *, scu_role: bool | None = None, scp_role: bool | None = None
+) -> PresentationContext:
+    cx = build_context(uid, syntaxes)
+    cx.scu_role = scu_role
+    cx.scp_role = scp_role
+    return cx
+
+
+@functools.cache
+def contexts_for(allow: frozenset[Service]) -> tuple[PresentationContext, ...]:
+    """The contexts an acceptor supports for a peer allowed ``allow``; nothing else is negotiated.
+
+    C-GET needs the Storage contexts with the requestor as Storage SCP (SCP/SCU Role Selection,
+    PS3.7 D.3.3.4); a peer allowed GET but not STORE still gets them, and its C-STORE requests on
+    them are answered 0x0124 (refused: not authorized).
+    """
+    out: list[PresentationContext] = []
+    if Service.ECHO in allow:
+        out.append(_cx(str(Verification), _UNCOMPRESSED))
+    if Service.FIND in allow:
+        out += [_cx(uid, _UNCOMPRESSED) for uid in FIND_MODELS]
+    if Service.MOVE in allow:
+        out += [_cx(uid, _UNCOMPRESSED) for uid in MOVE_MODELS]
+    if Service.GET in allow:
+        out += [_cx(uid, _UNCOMPRESSED) for uid in GET_MODELS]
+    if Service.STORE in allow or Service.GET in allow:
+        roles = {"scu_role": True, "scp_role": True} if Service.GET in allow else {}
+        out += [_cx(uid, list(ALL_TRANSFER_SYNTAXES), **roles) for uid in STORAGE_SOP_CLASSES]
+    return tuple(out)
+
+
+def negotiable_contexts(allow: frozenset[Service], requested: Iterable[Any]) -> list[PresentationContext]:
+    """The contexts to support for this request, each listing its transfer syntaxes in the requestor's order.
+
+    pynetdicom's acceptor picks the first of *its own* syntaxes that the requestor proposed; ordering
+    them as the requestor did honours its preference (PS3.8 9.3.2.2: a requestor lists what it prefers
+    first).  A modality that proposes its images' own compressed syntax first stores them as they are,
+    and a viewer's C-GET gets the stored syntax when it proposed it.
+    """
+    supported = {str(cx.abstract_syntax): cx for cx in contexts_for(allow)}
+    order: dict[str, list[str]] = {}
+    for rq in requested:
+        ab = str(rq.abstract_syntax)
+        base = supported.get(ab)
+        if base is None:
+            continue
+        syntaxes = order.setdefault(ab, [])
+        for ts in rq.transfer_syntax:
+            if ts in base.transfer_syntax and str(ts) not in syntaxes:
+                syntaxes.append(str(ts))
+    out = []
+    for ab, syntaxes in order.items():
+        base = supported[ab]
+        out.append(_cx(ab, syntaxes or list(base.transfer_syntax), scu_role=base.scu_role, scp_role=base.scp_role))
+    return out

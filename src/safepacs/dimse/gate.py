@@ -1,0 +1,160 @@
+"""Association admission: deny by default (PS3.8 7.1.1.9, Table 9-21).
+
+An association is accepted only when the called AE title is ours, the calling AE title is a
+registered peer, and the connection comes from that peer's host.  Otherwise A-ASSOCIATE-RJ
+rejected-permanent, source "DICOM UL service-user", reason "called AE title not recognized" (7)
+or "calling AE title not recognized" (3) - a known AE from the wrong address gets the same
+answer as an unknown one, so a stranger learns nothing.  The accepted presentation contexts are
+exactly those of the services the peer is allowed (``contexts_for``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from pynetdicom import evt
+from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+from safepacs.dimse.contexts import negotiable_contexts
+from safepacs.errors import SafePacsError
+from safepacs.types import Peer, Principal
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
+__all__ = ["AssociationGate", "GateACSE", "principal_of"]
+
+log = logging.getLogger(__name__)
+
+# PS3.8 Table 9-21: (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
+
+_PRINCIPAL_ATTR = "_safepacs_principal"
+
+
+def principal_of(assoc: Association) -> Principal | None:
+    """The principal an accepted association acts as."""
+    return cast("Principal | None", getattr(assoc, _PRINCIPAL_ATTR, None))
+
+
+class AssociationGate:
+    """Decides admission from the peer table; counts refusals (per reason) in this process."""
+
+    def __init__(self, ae_title: str, lookup: Callable[[str], Peer | None], *, dns_ttl: float = 60.0) -> None:
+        self.ae_title = ae_title
+        self._lookup = lookup
+        self._dns: dict[str, tuple[float, frozenset[str]]] = {}
+        self._dns_ttl = dns_ttl
+        self._lock = threading.Lock()
+        self.rejections: Counter[str] = Counter()
+
+    def _resolve(self, host: str) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._dns.get(host)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            addrs = frozenset(str(info[4][0]) for info in infos)
+        except OSError:
+            addrs = frozenset()
+        with self._lock:
+            self._dns[host] = (now + self._dns_ttl, addrs)
+        return addrs
+
+    def admit(
+        self, calling: str, called: str, address: str, n_contexts: int
+    ) -> tuple[Peer | None, tuple[int, int, int] | None, str]:
+        """(peer, rejection, reason text): rejection is None when the association may proceed."""
+        if n_contexts > MAX_PRESENTATION_CONTEXTS:
+            return None, REJECT_NO_REASON, "more than 128 presentation contexts proposed"
+        if called.strip() != self.ae_title:
+            return None, REJECT_CALLED_AE, "called AE title not recognized"
+        try:
+            peer = self._lookup(calling.strip())
+        except SafePacsError:
+            log.exception("peer lookup failed; refusing the association")
+            return None, (0x02, 0x01, 0x01), "peer table unavailable"
+        if peer is None:
+            return None, REJECT_CALLING_AE, "calling AE title not registered"
+        if not peer.matches_address(
+            address, self._resolve(peer.host) if _is_name(peer.host) else frozenset()
+        ):
+            return None, REJECT_CALLING_AE, "calling AE title registered for another address"
+        return peer, None, "accepted"
+
+    def count(self, reason: str) -> int:
+        with self._lock:
+            self.rejections[reason] += 1
+            return self.rejections[reason]
+
+
+def _is_name(host: str) -> bool:
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return True
+    return False
+
+
+class GateACSE(ACSE):
+    """pynetdicom's ACSE with SafePACS admission in front of the negotiation."""
+
+    gate: AssociationGate
+
+    def _negotiate_as_acceptor(self) -> None:
+        assoc = self.assoc
+        rq = cast(A_ASSOCIATE, self.requestor.primitive)
+        calling = str(rq.calling_ae_title or "")
+        called = str(rq.called_ae_title or "")
+        address = str(self.requestor.address_info.address) if self.requestor.address_info else ""
+        contexts = rq.presentation_context_definition_list or []
+        peer, rejection, reason = self.gate.admit(calling, called, address, len(contexts))
+        if rejection is not None:
+            total = self.gate.count(reason)
+            log.warning(
+                "association rejected",
+                extra={
+                    "calling_ae": calling.strip()[:16],
+                    "called_ae": called.strip()[:16],
+                    "peer_address": address,
+                    "reason": reason,
+                    "rejections_total": total,
+                },
+            )
+            self.requestor.ae_title = calling
+            self.send_reject(*rejection)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+            return
+        assert peer is not None
+        setattr(
+            assoc,
+            _PRINCIPAL_ATTR,
+            Principal(kind="peer", name=peer.ae_title, allow=peer.allow, address=address),
+        )
+        self.acceptor.supported_contexts = negotiable_contexts(peer.allow, contexts)
+        log.info(
+            "association accepted",
+            extra={"calling_ae": peer.ae_title, "peer_address": address, "services": ",".join(sorted(s.value for s in peer.allow))},
+        )
+        super()._negotiate_as_acceptor()
+
+
+def install_gate(assoc: Association, gate: AssociationGate) -> None:
+    """Swap the association's ACSE for the gated one (called before the association starts)."""
+    acse = GateACSE(assoc)
+    acse.gate = gate
+    assoc.acse = acse

@@ -1,0 +1,190 @@
+"""DIMSE event handlers: thin translations between pynetdicom events and the services.
+
+Each handler takes the association's principal, calls one service, and maps errors to status
+codes through ``status.py``; nothing here decides access or matches queries itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.sop_class import Verification
+
+from safepacs.dimse import status as st
+from safepacs.dimse._raw import RawInstance
+from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from safepacs.dimse.gate import principal_of
+from safepacs.errors import QueryError, SafePacsError
+from safepacs.services.ingest import IngestService
+from safepacs.services.query import QueryService
+from safepacs.services.retrieve import RetrieveService
+from safepacs.types import IngestOutcome, Peer, QueryLevel, Service
+
+__all__ = ["DimseHandlers"]
+
+log = logging.getLogger(__name__)
+
+_MAX_MOVE_CONTEXTS = 128
+
+
+def _level(identifier: Dataset) -> QueryLevel:
+    raw = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    try:
+        return QueryLevel(raw)
+    except ValueError:
+        raise QueryError("Query/Retrieve Level (0008,0052) must be PATIENT, STUDY, SERIES or IMAGE") from None
+
+
+class DimseHandlers:
+    """The handlers bound to one worker's association server."""
+
+    def __init__(
+        self,
+        ingest: IngestService,
+        query: QueryService,
+        retrieve: RetrieveService,
+        lookup_peer: Any,
+    ) -> None:
+        self.ingest = ingest
+        self.query = query
+        self.retrieve = retrieve
+        self.lookup_peer = lookup_peer
+
+    def on_echo(self, event: Any) -> int | Dataset:
+        principal = principal_of(event.assoc)
+        if principal is None or Service.ECHO not in principal.allow:
+            return st.status(st.REFUSED_NOT_AUTHORIZED, "refused: not authorized for verification")
+        return st.SUCCESS
+
+    def on_store(self, event: Any) -> int | Dataset:
+        req = event.request
+        try:
+            result = self.ingest.ingest_dataset(
+                principal_of(event.assoc),  # type: ignore[arg-type]
+                str(req.AffectedSOPClassUID or ""),
+                str(req.AffectedSOPInstanceUID or ""),
+                str(event.context.transfer_syntax),
+                req.DataSet.getvalue(),
+            )
+        except SafePacsError as exc:
+            log.warning("C-STORE refused: %s", exc, extra={"error": type(exc).__name__})
+            return st.store_failure(exc)
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the peer; status instead
+            log.error("C-STORE failed unexpectedly", extra={"error": type(exc).__name__})
+            return st.status(st.OUT_OF_RESOURCES, "the archive could not store the object; try again later")
+        if result.outcome is IngestOutcome.CONFLICT:
+            return st.status(
+                st.WARNING_ELEMENTS_DISCARDED, "SOP Instance UID stored already with other content; kept"
+            )
+        return st.SUCCESS
+
+    def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
+            identifier = event.identifier
+            results = self.query.find(principal_of(event.assoc), model, _level(identifier), identifier)  # type: ignore[arg-type]
+        except SafePacsError as exc:
+            log.info("C-FIND refused: %s", type(exc).__name__)
+            yield st.find_failure(exc), None
+            return
+        except Exception as exc:  # noqa: BLE001 - undecodable identifier
+            log.info("C-FIND identifier unreadable", extra={"error": type(exc).__name__})
+            yield st.status(st.FIND_IDENTIFIER_MISMATCH, "the query identifier cannot be decoded"), None
+            return
+        for ds in results:
+            if event.is_cancelled:
+                yield st.CANCEL, None
+                return
+            yield st.PENDING, ds
+        yield st.SUCCESS, None
+
+    def _locate(self, event: Any, action: Service, models: dict[str, Any]) -> list[Any]:
+        model = models[str(event.request.AffectedSOPClassUID)]
+        identifier = event.identifier
+        return self.retrieve.locate(principal_of(event.assoc), action, model, _level(identifier), identifier)  # type: ignore[arg-type]
+
+    def _sub_operations(self, event: Any, refs: list[Any]) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        for ref in refs:
+            if event.is_cancelled:
+                yield st.CANCEL, None
+                return
+            yield st.PENDING, RawInstance(ref, self.retrieve)
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        try:
+            refs = self._locate(event, Service.GET, GET_MODELS)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            yield 1
+            yield _retrieve_error(exc), None
+            return
+        yield len(refs)
+        yield from self._sub_operations(event, refs)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        raw = event.move_destination
+        destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip()
+        # Destinations resolve only from the registered peer table, never from the request (PS3.4 C.4.2.1.5).
+        peer: Peer | None = self.lookup_peer(destination) if destination else None
+        address = _single_address(peer)
+        if peer is None or peer.port is None or address is None:
+            log.warning(
+                "C-MOVE to an unregistered or unreachable destination refused",
+                extra={"move_destination": destination[:16]},
+            )
+            yield None, None  # -> 0xA801 Refused: Move Destination unknown
+            return
+        try:
+            refs = self._locate(event, Service.MOVE, MOVE_MODELS)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            yield address, peer.port, {"contexts": _move_contexts([])}
+            yield 1
+            yield _retrieve_error(exc), None
+            return
+        yield address, peer.port, {"contexts": _move_contexts(refs)}
+        yield len(refs)
+        yield from self._sub_operations(event, refs)
+
+
+def _retrieve_error(exc: BaseException) -> Dataset:
+    if isinstance(exc, SafePacsError):
+        log.info("retrieve refused: %s", type(exc).__name__)
+        return st.retrieve_failure(exc)
+    log.info("retrieve identifier unreadable", extra={"error": type(exc).__name__})
+    return st.status(st.FIND_IDENTIFIER_MISMATCH, "the retrieve identifier cannot be decoded")
+
+
+def _single_address(peer: Peer | None) -> str | None:
+    """The one address a move destination is reached at (a host name, an IP, or a /32 or /128)."""
+    if peer is None:
+        return None
+    try:
+        net = ipaddress.ip_network(peer.host, strict=False)
+    except ValueError:
+        return peer.host  # a host name
+    if net.num_addresses == 1:
+        return str(net.network_address)
+    return None
+
+
+def _move_contexts(refs: list[Any]) -> list[Any]:
+    """Contexts for the C-MOVE sub-association: each SOP class, its stored and the uncompressed syntaxes."""
+    by_class: dict[str, list[str]] = {}
+    for ref in refs:
+        syntaxes = by_class.setdefault(ref.sop_class_uid, [])
+        if ref.transfer_syntax_uid not in syntaxes:
+            syntaxes.insert(0, ref.transfer_syntax_uid)
+    if not by_class:  # nothing to send; one context so the association can still be negotiated
+        by_class[str(Verification)] = []
+    out = []
+    for sop_class, syntaxes in list(by_class.items())[:_MAX_MOVE_CONTEXTS]:
+        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+        out.append(build_context(sop_class, syntaxes))
+    return out

@@ -1,0 +1,78 @@
+"""The one place where SafePACS errors become DIMSE status codes (PS3.7 Annex C, PS3.4 B.2.3, C.4)."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from safepacs.errors import (
+    AccessDenied,
+    InvalidObjectError,
+    QueryError,
+    QueryLimitError,
+    SafePacsError,
+    StorageError,
+)
+from safepacs.services.ingest import SopClassMismatch
+
+__all__ = ["SUCCESS", "find_failure", "retrieve_failure", "status", "store_failure"]
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+REFUSED_NOT_AUTHORIZED = 0x0124
+WARNING_ELEMENTS_DISCARDED = 0xB006
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+UNABLE_TO_PROCESS = 0xC001
+MOVE_DESTINATION_UNKNOWN = 0xA801
+RETRIEVE_OUT_OF_RESOURCES = 0xA701
+FIND_IDENTIFIER_MISMATCH = 0xA900
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A status data set; the Error Comment (0000,0902) is at most 64 characters (LO)."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _generic(exc: SafePacsError) -> Dataset | None:
+    if isinstance(exc, AccessDenied):
+        return status(REFUSED_NOT_AUTHORIZED, "refused: not authorized for this service")
+    return None
+
+
+def store_failure(exc: SafePacsError) -> Dataset:
+    """C-STORE failure for ``exc`` (PS3.4 B.2.3)."""
+    if (ds := _generic(exc)) is not None:
+        return ds
+    if isinstance(exc, SopClassMismatch):
+        return status(DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if isinstance(exc, InvalidObjectError):
+        return status(CANNOT_UNDERSTAND, str(exc))
+    if isinstance(exc, StorageError):
+        return status(OUT_OF_RESOURCES, "the archive could not store the object; try again later")
+    return status(OUT_OF_RESOURCES, "the archive could not index the object; try again later")
+
+
+def find_failure(exc: SafePacsError) -> Dataset:
+    """C-FIND failure for ``exc`` (PS3.4 C.4.1.1.4)."""
+    if (ds := _generic(exc)) is not None:
+        return ds
+    if isinstance(exc, QueryLimitError):
+        return status(OUT_OF_RESOURCES, "too many matches; narrow the query (add keys or a date range)")
+    if isinstance(exc, QueryError):
+        return status(FIND_IDENTIFIER_MISMATCH, str(exc))
+    return status(UNABLE_TO_PROCESS, "the archive could not run the query; try again later")
+
+
+def retrieve_failure(exc: SafePacsError) -> Dataset:
+    """C-GET/C-MOVE failure for ``exc`` (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    if (ds := _generic(exc)) is not None:
+        return ds
+    if isinstance(exc, QueryError):
+        return status(FIND_IDENTIFIER_MISMATCH, str(exc))
+    return status(RETRIEVE_OUT_OF_RESOURCES, "the archive could not retrieve the objects; try again later")

@@ -1,0 +1,549 @@
+"""The index: patients, studies, series and instances, peers and users, in one SQL database.
+
+SQLite (a file, WAL journal, ``synchronous=FULL``, foreign keys on, 30 s busy timeout) by default,
+PostgreSQL (psycopg 3) when ``index.url`` names it.  Several processes may write one SQLite file: write
+transactions start with ``BEGIN IMMEDIATE`` and are retried when the database stays locked; on PostgreSQL
+they are retried on serialization failures, deadlocks and the constraint races of concurrent inserts.
+
+The schema is created and upgraded by :func:`migrate` (Alembic, scripts shipped in the package);
+:class:`SqlIndex` never migrates by itself.  Matching rules are in :mod:`safepacs.index.matching`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from pydicom.dataset import Dataset
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+
+from safepacs.errors import ConflictError, IndexError_, InvalidObjectError, NotFoundError
+from safepacs.index import sql
+from safepacs.index.attributes import UNIQUE_KEYS
+from safepacs.index.matching import parse_identifier, retrieve_keys
+from safepacs.index.schema import instances, patients, peers, series, studies, users
+from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Service, StoredBlob
+
+__all__ = ["SqlIndex", "UserRecord", "migrate"]
+
+log = logging.getLogger(__name__)
+
+_BUSY_SECONDS = 30
+_RETRIES = 8
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x5AFE_9AC5  # pg_advisory_xact_lock key serializing concurrent migrations
+# PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock not available, and the
+# foreign key / unique races of two writers creating or removing the same study at once.
+_PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
+_PG_WRITE_RACES = frozenset({"23503", "23505"})
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user account of the web UI / DICOMweb (the password hash is opaque to the index)."""
+
+    name: str
+    password_hash: str
+    roles: frozenset[str]
+    disabled: bool
+    must_change_password: bool
+
+
+# Engines -------------------------------------------------------------------------------------------------
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _sqlite_begin)
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_SECONDS * 1000}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")  # a committed row survives a power cut
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA case_sensitive_like = ON")  # PS3.4 C.2.2.2.4: wild cards are case-sensitive
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # A writer takes the write lock up front, so it never fails half-way on a lock upgrade.
+    immediate = conn.get_execution_options().get("safepacs_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _make_engine(url: str) -> sa.Engine:
+    try:
+        parsed = sa.make_url(url)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite":
+            if parsed.database in (None, "", ":memory:"):
+                raise IndexError_("the index needs a SQLite file, not an in-memory database; set index.url")
+            engine = sa.create_engine(parsed, connect_args={"timeout": _BUSY_SECONDS})
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        if backend == "postgresql":
+            return sa.create_engine(parsed, pool_pre_ping=True)
+    except sa.exc.SQLAlchemyError as exc:
+        raise IndexError_("index.url is not a usable database URL; check its spelling and driver") from exc
+    raise IndexError_("index.url must name SQLite (sqlite:///file) or PostgreSQL (postgresql+psycopg://...)")
+
+
+def migrate(url: str) -> None:
+    """Create or upgrade the index schema to the newest revision (``alembic upgrade head``); idempotent.
+
+    Runs the migration scripts shipped in the package, in one transaction that holds the SQLite write
+    lock or a PostgreSQL advisory lock, so several processes may call it at once.
+    """
+    from alembic import command  # imported here: only migrations need Alembic
+    from alembic.config import Config
+    from alembic.util import CommandError
+
+    engine = _make_engine(url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with engine.execution_options(safepacs_write=True).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except (sa.exc.SQLAlchemyError, CommandError) as exc:
+        raise IndexError_(
+            f"the index schema could not be created or upgraded ({type(exc).__name__}); check index.url"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _services(text: str) -> frozenset[Service]:
+    try:
+        return frozenset(Service(part) for part in text.split(",") if part)
+    except ValueError as exc:
+        raise IndexError_("the peer table holds an unknown service name; re-add the peer") from exc
+
+
+def _join(values: frozenset[str] | frozenset[Service]) -> str:
+    return ",".join(sorted(str(v) for v in values))
+
+
+class SqlIndex:
+    """The index on one database (see the module docstring).  Thread-safe; one per process."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = _make_engine(url)
+        self._writer = self._engine.execution_options(safepacs_write=True)
+        self._sqlite = self._engine.dialect.name == "sqlite"
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # Transactions ---------------------------------------------------------------------------------------
+    def _transient(self, exc: sa.exc.DBAPIError, write: bool) -> bool:
+        if self._sqlite:
+            text = str(exc.orig).lower()
+            return isinstance(exc, sa.exc.OperationalError) and ("locked" in text or "busy" in text)
+        state = getattr(exc.orig, "sqlstate", None)
+        return state in _PG_TRANSIENT or (write and state in _PG_WRITE_RACES)
+
+    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:
+        """Run ``work`` in one transaction, committed (durably) on return, retried when transient."""
+        engine = self._writer if write else self._engine
+        delay = 0.02
+        for attempt in range(_RETRIES + 1):
+            try:
+                with engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt < _RETRIES and self._transient(exc, write):
+                    time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not security
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise IndexError_(
+                    f"the index database failed ({type(exc.orig).__name__}); check that it is reachable"
+                ) from exc
+            except sa.exc.SQLAlchemyError as exc:
+                raise IndexError_(f"the index database failed ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _insert(self, table: sa.Table) -> Any:
+        """INSERT ... ON CONFLICT DO NOTHING for the dialect in use."""
+        return (sqlite.insert(table) if self._sqlite else postgresql.insert(table)).on_conflict_do_nothing()
+
+    # Instances --------------------------------------------------------------------------------------------
+    def get_instance(self, sop_instance_uid: str) -> InstanceRef | None:
+        def work(conn: sa.Connection) -> InstanceRef | None:
+            stmt = (
+                sa.select(
+                    studies.c.study_instance_uid,
+                    series.c.series_instance_uid,
+                    instances.c.sop_class_uid,
+                    instances.c.sop_instance_uid,
+                    instances.c.transfer_syntax_uid,
+                    instances.c.blob_id,
+                    instances.c.key_id,
+                    instances.c.sha256,
+                    instances.c.size,
+                )
+                .select_from(instances.join(series).join(studies, series.c.study_pk == studies.c.pk))
+                .where(instances.c.sop_instance_uid == sop_instance_uid)
+            )
+            r = conn.execute(stmt).first()
+            if r is None:
+                return None
+            return InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8]))
+
+        return self._run(work, write=False)
+
+    def add_instance(
+        self, header: Dataset, blob: StoredBlob, transfer_syntax_uid: str, *, replace: bool = False
+    ) -> StoredBlob | None:
+        """Index one instance from its header (read with ``stop_before_pixels``; optional keys may lack).
+
+        Creates the patient, study and series rows as needed; a later instance updates the study and
+        series (and its patient) with the attributes it carries (latest non-empty value wins).  A study
+        stays with the patient it was first stored under.  ``replace=False`` and the SOP Instance UID
+        indexed already: :class:`ConflictError`.  ``replace=True``: the row is replaced and the old
+        blob returned (the caller deletes its bytes).  Committed durably before returning.
+        """
+        levels = {lv: sql.header_values(header, lv) for lv in QueryLevel}
+        present = {lv: sql.header_values(header, lv, only_present=True)[0] for lv in QueryLevel}
+        image = levels[QueryLevel.IMAGE][0]
+        study_uid = str(levels[QueryLevel.STUDY][0]["study_instance_uid"])
+        series_uid = str(levels[QueryLevel.SERIES][0]["series_instance_uid"])
+        sop_uid = str(image["sop_instance_uid"])
+        if not (study_uid and series_uid and sop_uid):
+            raise InvalidObjectError(
+                "the data set lacks a Study, Series or SOP Instance UID; it cannot be indexed"
+            )
+        patient_cols = levels[QueryLevel.PATIENT][0]
+        key = (str(patient_cols["patient_id"]), str(patient_cols["issuer_of_patient_id"]))
+        anon_key = "" if key[0] else study_uid
+
+        def work(conn: sa.Connection) -> StoredBlob | None:
+            now = _now()
+            old: StoredBlob | None = None
+            created = now
+            row = (
+                conn.execute(sa.select(instances).where(instances.c.sop_instance_uid == sop_uid))
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                if not replace:
+                    raise ConflictError("an instance with this SOP Instance UID is indexed already")
+                old = StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
+                created = row["created_at"]
+                self._remove(conn, row["pk"], row["series_pk"], row["study_pk"])
+            study_pk = self._upsert_study(conn, levels, present, (*key, anon_key), now)
+            series_pk = self._upsert_series(conn, study_pk, levels[QueryLevel.SERIES], present, now)
+            values = {
+                **image,
+                "series_pk": series_pk,
+                "study_pk": study_pk,
+                "transfer_syntax_uid": transfer_syntax_uid,
+                "blob_id": blob.blob_id,
+                "key_id": blob.key_id,
+                "sha256": blob.sha256,
+                "size": blob.size,
+                "created_at": created,
+                "updated_at": now,
+            }
+            pk = conn.execute(self._insert(instances).values(**values).returning(instances.c.pk)).scalar()
+            if pk is None:
+                raise ConflictError("an instance with this SOP Instance UID is indexed already")
+            sql.insert_sequence_items(conn, levels[QueryLevel.IMAGE][1], pk, replace=False)
+            return old
+
+        return self._run(work, write=True)
+
+    def _get_or_insert(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        where: list[sa.ColumnElement[bool]],
+        values: dict[str, Any],
+    ) -> tuple[int, bool]:
+        pk = conn.execute(sa.select(table.c.pk).where(*where)).scalar()
+        if pk is not None:
+            return pk, False
+        pk = conn.execute(self._insert(table).values(**values).returning(table.c.pk)).scalar()
+        if pk is not None:
+            return pk, True
+        return conn.execute(sa.select(table.c.pk).where(*where)).scalar_one(), False  # lost a race
+
+    def _upsert_study(
+        self,
+        conn: sa.Connection,
+        levels: dict[QueryLevel, tuple[dict[str, object], dict[str, list[dict[str, object]]]]],
+        present: dict[QueryLevel, dict[str, object]],
+        patient_key: tuple[str, str, str],
+        now: datetime,
+    ) -> int:
+        study_cols, study_seqs = levels[QueryLevel.STUDY]
+        patient_cols, patient_seqs = levels[QueryLevel.PATIENT]
+        uid = study_cols["study_instance_uid"]
+        found = conn.execute(
+            sa.select(studies.c.pk, studies.c.patient_pk).where(studies.c.study_instance_uid == uid)
+        ).first()
+        if found is None:
+            pid, issuer, anon = patient_key
+            where = [
+                patients.c.patient_id == pid,
+                patients.c.issuer_of_patient_id == issuer,
+                patients.c.anon_key == anon,
+            ]
+            values = {**patient_cols, "anon_key": anon, "created_at": now, "updated_at": now}
+            patient_pk, created = self._get_or_insert(conn, patients, where, values)
+            if not created:
+                self._update(conn, patients, patient_pk, present[QueryLevel.PATIENT], now)
+            sql.insert_sequence_items(conn, patient_seqs, patient_pk, replace=not created)
+            values = {**study_cols, "patient_pk": patient_pk, "created_at": now, "updated_at": now}
+            study_pk, created = self._get_or_insert(
+                conn, studies, [studies.c.study_instance_uid == uid], values
+            )
+            if created:
+                sql.insert_sequence_items(conn, study_seqs, study_pk, replace=False)
+                return study_pk
+            found = conn.execute(
+                sa.select(studies.c.pk, studies.c.patient_pk).where(studies.c.pk == study_pk)
+            ).one()
+        study_pk, patient_pk = found
+        stored_key = conn.execute(
+            sa.select(patients.c.patient_id, patients.c.issuer_of_patient_id, patients.c.anon_key).where(
+                patients.c.pk == patient_pk
+            )
+        ).one()
+        if tuple(stored_key) == patient_key:
+            self._update(conn, patients, patient_pk, present[QueryLevel.PATIENT], now)
+            sql.insert_sequence_items(conn, patient_seqs, patient_pk, replace=True)
+        else:
+            log.warning(
+                "an instance names another patient than its stored study; the study keeps its patient"
+            )
+        self._update(conn, studies, study_pk, present[QueryLevel.STUDY], now)
+        sql.insert_sequence_items(conn, study_seqs, study_pk, replace=True)
+        return int(study_pk)
+
+    def _upsert_series(
+        self,
+        conn: sa.Connection,
+        study_pk: int,
+        level: tuple[dict[str, object], dict[str, list[dict[str, object]]]],
+        present: dict[QueryLevel, dict[str, object]],
+        now: datetime,
+    ) -> int:
+        cols, seqs = level
+        where = [series.c.series_instance_uid == cols["series_instance_uid"]]
+        values = {**cols, "study_pk": study_pk, "created_at": now, "updated_at": now}
+        series_pk, created = self._get_or_insert(conn, series, where, values)
+        if created:
+            sql.insert_sequence_items(conn, seqs, series_pk, replace=False)
+            return series_pk
+        owner = conn.execute(sa.select(series.c.study_pk).where(series.c.pk == series_pk)).scalar_one()
+        if owner != study_pk:
+            raise InvalidObjectError(
+                "the instance's Series Instance UID belongs to another study already; it was not stored"
+            )
+        self._update(conn, series, series_pk, present[QueryLevel.SERIES], now)
+        sql.insert_sequence_items(conn, seqs, series_pk, replace=True)
+        return series_pk
+
+    @staticmethod
+    def _update(
+        conn: sa.Connection, table: sa.Table, pk: int, values: dict[str, object], now: datetime
+    ) -> None:
+        conn.execute(sa.update(table).where(table.c.pk == pk).values(**values, updated_at=now))
+
+    def _remove(self, conn: sa.Connection, pk: int, series_pk: int, study_pk: int) -> None:
+        """Delete one instance row and the series, study and patient rows it leaves empty."""
+        patient_pk = conn.execute(
+            sa.select(studies.c.patient_pk).where(studies.c.pk == study_pk)
+        ).scalar_one()
+        # Lock top-down (PostgreSQL; a no-op on SQLite, which holds the database lock) so that two
+        # removals in one series cannot both see the other's instance and leave an empty series behind.
+        for table, key in ((patients, patient_pk), (studies, study_pk), (series, series_pk)):
+            conn.execute(sa.select(table.c.pk).where(table.c.pk == key).with_for_update())
+        sql.delete_sequence_items(conn, QueryLevel.IMAGE, [pk])
+        conn.execute(sa.delete(instances).where(instances.c.pk == pk))
+        chain = (
+            (series, series_pk, instances.c.series_pk, QueryLevel.SERIES),
+            (studies, study_pk, series.c.study_pk, QueryLevel.STUDY),
+            (patients, patient_pk, studies.c.patient_pk, QueryLevel.PATIENT),
+        )
+        for table, key, child_fk, level in chain:
+            if conn.execute(sa.select(child_fk).where(child_fk == key).limit(1)).first() is not None:
+                return
+            sql.delete_sequence_items(conn, level, [key])
+            conn.execute(sa.delete(table).where(table.c.pk == key))
+
+    def delete_instance(self, sop_instance_uid: str) -> StoredBlob | None:
+        """Remove an instance (and the series/study/patient it leaves empty); its blob, or None if unknown."""
+
+        def work(conn: sa.Connection) -> StoredBlob | None:
+            row = (
+                conn.execute(sa.select(instances).where(instances.c.sop_instance_uid == sop_instance_uid))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            self._remove(conn, row["pk"], row["series_pk"], row["study_pk"])
+            return StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
+
+        return self._run(work, write=True)
+
+    def find(
+        self, model: QueryModel, level: QueryLevel, identifier: Dataset, limit: int | None
+    ) -> list[Dataset]:
+        """C-FIND (PS3.4 C.4.1): the response identifiers of the records matching ``identifier``.
+
+        Each holds the keys of the request (unknown ones empty), QueryRetrieveLevel and Specific
+        Character Set ``ISO_IR 192``.  More than ``limit`` matches (None or 0: no limit) raise
+        :class:`~safepacs.errors.QueryLimitError` before anything is returned; a malformed identifier
+        raises :class:`~safepacs.errors.QueryError`.
+        """
+        query = parse_identifier(model, level, identifier)
+        return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
+
+    def instances_for(self, model: QueryModel, level: QueryLevel, identifier: Dataset) -> list[InstanceRef]:
+        """C-GET/C-MOVE: the instances under the unique keys of the identifier (PS3.4 C.4.2.2.1, C.4.3).
+
+        The unique key of the retrieve level (a value or a list of UIDs) is required, the unique keys
+        above it restrict when given; a missing key raises :class:`~safepacs.errors.QueryError`.
+        """
+        keys = retrieve_keys(model, level, identifier)
+        return self._run(lambda conn: sql.run_retrieve(conn, keys, UNIQUE_KEYS[level]), write=False)
+
+    def count_instances(self) -> int:
+        return self._run(
+            lambda conn: int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one()),
+            write=False,
+        )
+
+    # Peers ------------------------------------------------------------------------------------------------
+    def add_peer(self, peer: Peer) -> None:
+        """Register a peer; :class:`ConflictError` when its AE title is registered already."""
+
+        def work(conn: sa.Connection) -> None:
+            if conn.execute(sa.select(peers.c.ae_title).where(peers.c.ae_title == peer.ae_title)).first():
+                raise ConflictError(f"the AE title {peer.ae_title!r} is registered already; remove it first")
+            conn.execute(
+                sa.insert(peers).values(
+                    ae_title=peer.ae_title,
+                    host=peer.host,
+                    port=peer.port,
+                    allow=_join(peer.allow),
+                    created_at=_now(),
+                )
+            )
+
+        self._run(work, write=True)
+
+    def remove_peer(self, ae_title: str) -> None:
+        """Unregister a peer; :class:`NotFoundError` when unknown."""
+
+        def work(conn: sa.Connection) -> None:
+            if conn.execute(sa.delete(peers).where(peers.c.ae_title == ae_title)).rowcount == 0:
+                raise NotFoundError(f"no peer with AE title {ae_title!r} is registered")
+
+        self._run(work, write=True)
+
+    def get_peer(self, ae_title: str) -> Peer | None:
+        def work(conn: sa.Connection) -> Peer | None:
+            row = conn.execute(sa.select(peers).where(peers.c.ae_title == ae_title)).mappings().first()
+            return (
+                None
+                if row is None
+                else Peer(row["ae_title"], row["host"], row["port"], _services(row["allow"]))
+            )
+
+        return self._run(work, write=False)
+
+    def list_peers(self) -> list[Peer]:
+        def work(conn: sa.Connection) -> list[Peer]:
+            rows = conn.execute(sa.select(peers).order_by(peers.c.ae_title)).mappings()
+            return [Peer(r["ae_title"], r["host"], r["port"], _services(r["allow"])) for r in rows]
+
+        return self._run(work, write=False)
+
+    # Users ------------------------------------------------------------------------------------------------
+    def add_user(
+        self, name: str, password_hash: str, roles: frozenset[str], *, must_change_password: bool = False
+    ) -> None:
+        """Create a user; :class:`ConflictError` when the name is taken."""
+
+        def work(conn: sa.Connection) -> None:
+            if conn.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+                raise ConflictError(f"a user named {name!r} exists already; pick another name")
+            conn.execute(
+                sa.insert(users).values(
+                    name=name,
+                    password_hash=password_hash,
+                    roles=_join(roles),
+                    disabled=False,
+                    must_change_password=must_change_password,
+                    created_at=_now(),
+                )
+            )
+
+        self._run(work, write=True)
+
+    def get_user(self, name: str) -> UserRecord | None:
+        def work(conn: sa.Connection) -> UserRecord | None:
+            row = conn.execute(sa.select(users).where(users.c.name == name)).mappings().first()
+            return None if row is None else _user(row)
+
+        return self._run(work, write=False)
+
+    def list_users(self) -> list[UserRecord]:
+        def work(conn: sa.Connection) -> list[UserRecord]:
+            return [_user(r) for r in conn.execute(sa.select(users).order_by(users.c.name)).mappings()]
+
+        return self._run(work, write=False)
+
+    def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        roles: frozenset[str] | None = None,
+        disabled: bool | None = None,
+        must_change_password: bool | None = None,
+    ) -> None:
+        """Change the given fields of a user; :class:`NotFoundError` when unknown."""
+        values: dict[str, object] = {}
+        if password_hash is not None:
+            values["password_hash"] = password_hash
+        if roles is not None:
+            values["roles"] = _join(roles)
+        if disabled is not None:
+            values["disabled"] = disabled
+        if must_change_password is not None:
+            values["must_change_password"] = must_change_password
+
+        def work(conn: sa.Connection) -> None:
+            stmt = sa.update(users).where(users.c.name == name)
+            done = conn.execute(stmt.values(**values) if values else stmt.values(name=name))
+            if done.rowcount == 0:
+                raise NotFoundError(f"no user named {name!r} exists")
+
+        self._run(work, write=True)
+
+
+def _user(row: Any) -> UserRecord:
+    roles = frozenset(part for part in row["roles"].split(",") if part)
+    return UserRecord(
+        row["name"], row["password_hash"], roles, bool(row["disabled"]), bool(row["must_change_password"])
+    )

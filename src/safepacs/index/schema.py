@@ -1,0 +1,185 @@
+"""The index tables (SQLAlchemy Core), built from :mod:`safepacs.index.attributes`.
+
+Migrations in ``migrations/versions`` are the frozen history of this schema; a test checks that the
+migrated database and this metadata agree.  Column layout per VR:
+
+* text VRs (AE, AS, CS, LO, LT, SH, ST, UC, UR, UT, UI): ``NOT NULL`` text, ``''`` when empty;
+* PN: the value as stored plus ``<column>_ci``, its case-folded copy for matching (PS3.4 C.2.2.2.1);
+* DA: ``YYYYMMDD``; TM and DT: the value as stored plus ``<column>_key``, the normalized comparable
+  form used by Range Matching (PS3.4 C.2.2.2.5);
+* IS/US: integers, ``NULL`` when empty.
+
+Counts (NumberOfStudyRelatedInstances...), ModalitiesInStudy and SOPClassesInStudy are not stored:
+they are computed in the query from the rows below, through the indexes declared here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from safepacs.index.attributes import (
+    ATTRIBUTES,
+    INTEGER_VRS,
+    SEQUENCES,
+    STRING_VRS,
+    TEMPORAL_VRS,
+    Attribute,
+    Sequence,
+)
+from safepacs.types import QueryLevel
+
+__all__ = [
+    "LEVEL_TABLES",
+    "SEQUENCE_TABLES",
+    "attribute_columns",
+    "instances",
+    "metadata",
+    "patients",
+    "peers",
+    "series",
+    "studies",
+    "users",
+]
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+_TS = sa.DateTime(timezone=True)
+
+
+def attribute_columns(attr: Attribute) -> list[sa.Column[object]]:
+    """The column(s) that keep one attribute (see the module docstring)."""
+    assert attr.column is not None
+    if attr.vr in INTEGER_VRS:
+        return [sa.Column(attr.column, sa.BigInteger, nullable=True)]
+    if attr.vr not in STRING_VRS | TEMPORAL_VRS | {"PN"}:
+        raise ValueError(f"no column layout for VR {attr.vr}")
+    columns: list[sa.Column[object]] = [sa.Column(attr.column, sa.String, nullable=False, server_default="")]
+    if attr.vr == "PN":
+        columns.append(sa.Column(attr.fold_column, sa.String, nullable=False, server_default=""))
+    elif attr.vr in {"TM", "DT"}:
+        columns.append(sa.Column(attr.key_column, sa.String, nullable=False, server_default=""))
+    return columns
+
+
+def _stored(level: QueryLevel) -> list[sa.Column[object]]:
+    out: list[sa.Column[object]] = []
+    for attr in ATTRIBUTES:
+        if attr.level is level and attr.column is not None:
+            out.extend(attribute_columns(attr))
+    return out
+
+
+def _timestamps() -> list[sa.Column[object]]:
+    return [sa.Column("created_at", _TS, nullable=False), sa.Column("updated_at", _TS, nullable=False)]
+
+
+patients = sa.Table(
+    "patients",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    # Patients are keyed by (PatientID, IssuerOfPatientID).  An empty PatientID identifies nobody: such a
+    # patient is private to one study, whose Study Instance UID is then kept in anon_key ('' otherwise).
+    sa.Column("anon_key", sa.String, nullable=False, server_default=""),
+    *_stored(QueryLevel.PATIENT),
+    *_timestamps(),
+    sa.UniqueConstraint("patient_id", "issuer_of_patient_id", "anon_key"),
+    sa.Index(None, "patient_name_ci"),
+)
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("patients.pk"), nullable=False),
+    *_stored(QueryLevel.STUDY),
+    *_timestamps(),
+    sa.UniqueConstraint("study_instance_uid"),
+    sa.Index(None, "patient_pk"),
+    sa.Index(None, "study_date"),
+    sa.Index(None, "accession_number"),
+)
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_pk", sa.Integer, sa.ForeignKey("studies.pk"), nullable=False),
+    *_stored(QueryLevel.SERIES),
+    *_timestamps(),
+    sa.UniqueConstraint("series_instance_uid"),
+    sa.Index(None, "study_pk", "modality"),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("series_pk", sa.Integer, sa.ForeignKey("series.pk"), nullable=False),
+    sa.Column("study_pk", sa.Integer, sa.ForeignKey("studies.pk"), nullable=False),
+    *_stored(QueryLevel.IMAGE),
+    sa.Column("transfer_syntax_uid", sa.String, nullable=False),
+    sa.Column("blob_id", sa.String, nullable=False),
+    sa.Column("key_id", sa.String, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    *_timestamps(),
+    sa.UniqueConstraint("sop_instance_uid"),
+    sa.Index(None, "series_pk", "instance_number"),
+    sa.Index(None, "study_pk", "sop_class_uid"),
+)
+
+LEVEL_TABLES: dict[QueryLevel, sa.Table] = {
+    QueryLevel.PATIENT: patients,
+    QueryLevel.STUDY: studies,
+    QueryLevel.SERIES: series,
+    QueryLevel.IMAGE: instances,
+}
+
+
+def _sequence_table(seq: Sequence) -> sa.Table:
+    owner = LEVEL_TABLES[seq.level]
+    columns: list[sa.Column[object]] = []
+    for attr in seq.items:
+        columns.extend(attribute_columns(attr))
+    return sa.Table(
+        seq.table,
+        metadata,
+        sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("owner_pk", sa.Integer, sa.ForeignKey(owner.c.pk, ondelete="CASCADE"), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),
+        *columns,
+        sa.Index(None, "owner_pk"),
+    )
+
+
+#: One table per sequence key, one row per item (PS3.4 C.2.2.2.6 Sequence Matching).
+SEQUENCE_TABLES: dict[str, sa.Table] = {seq.keyword: _sequence_table(seq) for seq in SEQUENCES}
+
+peers = sa.Table(
+    "peers",
+    metadata,
+    sa.Column("ae_title", sa.String(16), primary_key=True),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=True),
+    sa.Column("allow", sa.String, nullable=False, server_default=""),  # comma-separated Service values
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("password_hash", sa.String, nullable=False),
+    sa.Column("roles", sa.String, nullable=False, server_default=""),  # comma-separated
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("must_change_password", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", _TS, nullable=False),
+)

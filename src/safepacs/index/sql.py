@@ -1,0 +1,464 @@
+"""Matching conditions as SQL (SQLAlchemy Core), the C-FIND and retrieve queries, header extraction.
+
+Every value reaches the database as a bound parameter; wild cards become ``LIKE ... ESCAPE '!'`` with
+``%``, ``_`` and ``!`` of the value escaped (PS3.4 C.2.2.2.4), so a value can neither inject SQL nor act
+as an SQL wild card.  SQLite runs with ``PRAGMA case_sensitive_like = ON``, so LIKE is case-sensitive
+there as in PostgreSQL; PN is matched on its case-folded column.
+
+Counts, ModalitiesInStudy and SOPClassesInStudy are computed here from the rows below a record:
+correlated ``count(*)``/``EXISTS`` subqueries over indexed foreign keys for matching and the counts,
+and one batched ``SELECT DISTINCT`` per result page for the multi-valued attributes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from pydicom import config as dicom_config
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+
+from safepacs.errors import QueryLimitError
+from safepacs.index import attributes as A
+from safepacs.index.matching import Condition, MatchKind, Query, fold, matches, normalize_stored, to_int
+from safepacs.index.schema import LEVEL_TABLES, SEQUENCE_TABLES, instances, patients, series, studies
+from safepacs.types import InstanceRef, QueryLevel, StoredBlob
+
+__all__ = [
+    "ESCAPE",
+    "RESPONSE_CHARSET",
+    "condition_clause",
+    "header_values",
+    "like_pattern",
+    "run_find",
+    "run_retrieve",
+    "sequence_items",
+]
+
+ESCAPE = "!"
+RESPONSE_CHARSET = "ISO_IR 192"  # text is kept and returned as UTF-8 (PS3.3 C.12.1.1.2)
+_CHUNK = 500
+_MAX_ITEMS = 64  # sequence items kept per sequence and record
+_NOUNS = {
+    QueryLevel.PATIENT: "patients",
+    QueryLevel.STUDY: "studies",
+    QueryLevel.SERIES: "series",
+    QueryLevel.IMAGE: "instances",
+}
+_HINTS = {
+    QueryLevel.PATIENT: "add a PatientName or PatientID",
+    QueryLevel.STUDY: "add PatientID or a StudyDate range",
+    QueryLevel.SERIES: "add a StudyInstanceUID or Modality",
+    QueryLevel.IMAGE: "add a SeriesInstanceUID",
+}
+_T = TypeVar("_T")
+
+
+# Conditions -> WHERE -----------------------------------------------------------------------------------
+def like_pattern(pattern: str) -> str:
+    """A DICOM wild card pattern as a LIKE pattern with escape character ``!`` (PS3.4 C.2.2.2.4)."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_" + ESCAPE:
+            out.append(ESCAPE + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """The WHERE clause of a non-sequence condition on ``column`` (its matching column)."""
+    if cond.is_universal:
+        return sa.true()
+    if cond.vr in A.TEMPORAL_VRS:
+        alternatives = []
+        for low, high in cond.ranges:
+            parts = [column != ""]
+            if low:
+                parts.append(column >= low)
+            if high:
+                parts.append(column <= high)
+            alternatives.append(sa.and_(*parts))
+        return sa.or_(*alternatives)
+    if cond.vr in A.INTEGER_VRS:
+        numbers = sorted({int(v) for v in cond.values})
+        return column == numbers[0] if len(numbers) == 1 else column.in_(numbers)
+    if cond.kind is MatchKind.WILDCARD:
+        return sa.or_(*(column.like(like_pattern(p), escape=ESCAPE) for p in cond.values))
+    return column == cond.values[0] if len(cond.values) == 1 else column.in_(cond.values)
+
+
+def _match_column(attr: A.Attribute, table: sa.FromClause) -> sa.ColumnElement[Any]:
+    assert attr.column is not None
+    if attr.vr == "PN":
+        return table.c[attr.column]
+    if attr.vr in A.TEMPORAL_VRS:
+        return table.c[attr.key_column]
+    return table.c[attr.column]
+
+
+def _count(attr: A.Attribute) -> sa.ScalarSelect[int]:
+    st, se, im = studies.alias("c_st"), series.alias("c_se"), instances.alias("c_im")
+    count = sa.func.count()
+    match attr.derived:
+        case A.Derived.PATIENT_STUDIES:
+            stmt = sa.select(count).select_from(st).where(st.c.patient_pk == patients.c.pk)
+        case A.Derived.PATIENT_SERIES:
+            stmt = (
+                sa.select(count)
+                .select_from(se.join(st, se.c.study_pk == st.c.pk))
+                .where(st.c.patient_pk == patients.c.pk)
+            )
+        case A.Derived.PATIENT_INSTANCES:
+            stmt = (
+                sa.select(count)
+                .select_from(im.join(st, im.c.study_pk == st.c.pk))
+                .where(st.c.patient_pk == patients.c.pk)
+            )
+        case A.Derived.STUDY_SERIES:
+            stmt = sa.select(count).select_from(se).where(se.c.study_pk == studies.c.pk)
+        case A.Derived.STUDY_INSTANCES:
+            stmt = sa.select(count).select_from(im).where(im.c.study_pk == studies.c.pk)
+        case A.Derived.SERIES_INSTANCES:
+            stmt = sa.select(count).select_from(im).where(im.c.series_pk == series.c.pk)
+        case _:
+            raise AssertionError(attr.keyword)
+    return stmt.scalar_subquery()
+
+
+def _attribute_clause(cond: Condition, attr: A.Attribute) -> sa.ColumnElement[bool]:
+    if attr.derived is None:
+        return condition_clause(cond, _match_column(attr, LEVEL_TABLES[attr.level]))
+    if attr.derived is A.Derived.MODALITIES:
+        se = series.alias("m_se")
+        return sa.exists(
+            sa.select(1)
+            .select_from(se)
+            .where(se.c.study_pk == studies.c.pk, se.c.modality != "", condition_clause(cond, se.c.modality))
+        )
+    if attr.derived is A.Derived.SOP_CLASSES:
+        im = instances.alias("m_im")
+        return sa.exists(
+            sa.select(1)
+            .select_from(im)
+            .where(im.c.study_pk == studies.c.pk, condition_clause(cond, im.c.sop_class_uid))
+        )
+    if attr.derived is A.Derived.ONLINE:
+        return sa.true() if matches([cond], {}) else sa.false()
+    if attr.derived is A.Derived.TRANSFER_SYNTAX:
+        return condition_clause(cond, instances.c.transfer_syntax_uid)
+    return condition_clause(cond, _count(attr))
+
+
+def _sequence_clause(cond: Condition) -> sa.ColumnElement[bool]:
+    """PS3.4 C.2.2.2.6: some item of the stored sequence matches every key of the query's item."""
+    spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
+    table = SEQUENCE_TABLES[cond.keyword]
+    owner = LEVEL_TABLES[spec.level]
+    clauses = []
+    for item in cond.items:
+        attr = spec.item(item.keyword)
+        assert attr is not None
+        clauses.append(condition_clause(item, _match_column(attr, table)))
+    return sa.exists(sa.select(1).select_from(table).where(table.c.owner_pk == owner.c.pk, *clauses))
+
+
+def where_clauses(query: Query) -> list[sa.ColumnElement[bool]]:
+    """The WHERE clauses of every restricting condition of ``query``."""
+    out = []
+    for cond in query.filters:
+        if cond.kind is MatchKind.SEQUENCE:
+            out.append(_sequence_clause(cond))
+        else:
+            out.append(_attribute_clause(cond, A.BY_KEYWORD[cond.keyword]))
+    return out
+
+
+# C-FIND -------------------------------------------------------------------------------------------------
+def _levels_down_to(level: QueryLevel) -> list[QueryLevel]:
+    return [lv for lv in A.LEVEL_RANK if A.usable_at(level, lv)]
+
+
+def _from(level: QueryLevel) -> sa.FromClause:
+    joined: sa.FromClause = LEVEL_TABLES[level]
+    if level is QueryLevel.IMAGE:
+        joined = joined.join(series, instances.c.series_pk == series.c.pk)
+    if A.LEVEL_RANK[level] >= A.LEVEL_RANK[QueryLevel.SERIES]:
+        joined = joined.join(studies, series.c.study_pk == studies.c.pk)
+    if level is not QueryLevel.PATIENT:
+        joined = joined.join(patients, studies.c.patient_pk == patients.c.pk)
+    return joined
+
+
+def _pk_label(level: QueryLevel) -> str:
+    return f"_pk_{level.value.lower()}"
+
+
+def find_select(query: Query, limit: int | None) -> sa.Select[Any]:
+    """The SELECT of a C-FIND: one row per matching record of the query level, ``limit + 1`` at most."""
+    columns: list[sa.ColumnElement[Any]] = [
+        LEVEL_TABLES[lv].c.pk.label(_pk_label(lv)) for lv in _levels_down_to(query.level)
+    ]
+    for cond in query.conditions:
+        attr = A.BY_KEYWORD.get(cond.keyword)
+        if attr is None:
+            continue
+        if attr.column is not None:
+            columns.append(LEVEL_TABLES[attr.level].c[attr.column].label(attr.keyword))
+        elif attr.derived is A.Derived.TRANSFER_SYNTAX:
+            columns.append(instances.c.transfer_syntax_uid.label(attr.keyword))
+        elif attr.derived not in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES, A.Derived.ONLINE}:
+            columns.append(_count(attr).label(attr.keyword))
+    base = LEVEL_TABLES[query.level]
+    stmt = (
+        sa.select(*columns).select_from(_from(query.level)).where(*where_clauses(query)).order_by(base.c.pk)
+    )
+    return stmt.limit(limit + 1) if limit else stmt
+
+
+def _chunks(values: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _distinct_below(conn: sa.Connection, keyword: str, study_pks: list[int]) -> dict[int, list[str]]:
+    """ModalitiesInStudy / SOPClassesInStudy of each study (PS3.4 C.6.1.1.3)."""
+    col = series.c.modality if keyword == "ModalitiesInStudy" else instances.c.sop_class_uid
+    owner = series.c.study_pk if keyword == "ModalitiesInStudy" else instances.c.study_pk
+    found: dict[int, set[str]] = defaultdict(set)
+    for chunk in _chunks(study_pks):
+        stmt = sa.select(owner, col).where(owner.in_(chunk), col != "").distinct()
+        for pk, value in conn.execute(stmt):
+            found[pk].add(value)
+    return {pk: sorted(values) for pk, values in found.items()}
+
+
+def _item_record(spec: A.Sequence, row: sa.RowMapping) -> dict[str, object]:
+    return {attr.keyword: row[attr.column] for attr in spec.items if attr.column is not None}
+
+
+def sequence_items(
+    conn: sa.Connection, keyword: str, owner_pks: list[int]
+) -> dict[int, list[dict[str, object]]]:
+    """The stored items of sequence ``keyword`` per owner, as matching records, in their order."""
+    spec = A.SEQUENCE_BY_KEYWORD[keyword]
+    table = SEQUENCE_TABLES[keyword]
+    found: dict[int, list[dict[str, object]]] = defaultdict(list)
+    for chunk in _chunks(owner_pks):
+        stmt = (
+            sa.select(table).where(table.c.owner_pk.in_(chunk)).order_by(table.c.owner_pk, table.c.position)
+        )
+        for row in conn.execute(stmt).mappings():
+            found[row["owner_pk"]].append(_item_record(spec, row))
+    return found
+
+
+def _element(keyword: str, vr: str, value: object) -> DataElement:
+    if value is None or value == "" or value == []:
+        value = [] if vr == "SQ" else None
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    # Stored values are returned as they were received, even when not strictly valid for their VR.
+    return DataElement(tag, vr, value, validation_mode=dicom_config.IGNORE)
+
+
+def _item_dataset(cond: Condition, spec: A.Sequence, item: Mapping[str, object]) -> Dataset:
+    ds = Dataset()
+    asked = [c.keyword for c in cond.items] or [a.keyword for a in spec.items if item.get(a.keyword)]
+    for keyword in asked:
+        attr = spec.item(keyword)
+        assert attr is not None
+        ds.add(_element(keyword, attr.vr, item.get(keyword)))
+    for tag, vr in cond.unsupported:
+        if not (tag >> 16) & 1:
+            ds.add(DataElement(tag, vr, [] if vr == "SQ" else None))
+    return ds
+
+
+def run_find(conn: sa.Connection, query: Query, limit: int | None) -> list[Dataset]:
+    """The response identifiers of a C-FIND (PS3.4 C.4.1.1.3.2), or QueryLimitError past ``limit``."""
+    rows = conn.execute(find_select(query, limit)).mappings().all()
+    if limit and len(rows) > limit:
+        raise QueryLimitError(
+            f"the query matched more than {limit} {_NOUNS[query.level]}; narrow it "
+            f"(e.g. {_HINTS[query.level]})"
+        )
+    extra: dict[str, dict[int, Any]] = {}
+    for cond in query.conditions:
+        if cond.keyword in {"ModalitiesInStudy", "SOPClassesInStudy"}:
+            pks = [row[_pk_label(QueryLevel.STUDY)] for row in rows]
+            extra[cond.keyword] = _distinct_below(conn, cond.keyword, pks)
+        elif cond.kind is MatchKind.SEQUENCE:
+            level = A.SEQUENCE_BY_KEYWORD[cond.keyword].level
+            pks = [row[_pk_label(level)] for row in rows]
+            extra[cond.keyword] = sequence_items(conn, cond.keyword, sorted(set(pks)))
+    return [_response(query, row, extra) for row in rows]
+
+
+def _response(query: Query, row: sa.RowMapping, extra: Mapping[str, Mapping[int, Any]]) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = RESPONSE_CHARSET
+    ds.QueryRetrieveLevel = query.level.value
+    for cond in query.conditions:
+        if cond.kind is MatchKind.SEQUENCE:
+            spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
+            items = extra[cond.keyword].get(row[_pk_label(spec.level)], [])
+            chosen = [i for i in items if cond.is_universal or matches(cond.items, i)]
+            ds.add(
+                _element(cond.keyword, "SQ", DicomSequence([_item_dataset(cond, spec, i) for i in chosen]))
+            )
+            continue
+        attr = A.BY_KEYWORD[cond.keyword]
+        if attr.derived is A.Derived.ONLINE:
+            value: object = "ONLINE"
+        elif attr.derived in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES}:
+            value = extra[cond.keyword].get(row[_pk_label(QueryLevel.STUDY)], [])
+        else:
+            value = row[cond.keyword]
+        ds.add(_element(cond.keyword, attr.vr, value))
+    for tag, vr in query.unsupported:
+        if not (tag >> 16) & 1:  # private keys are not answered
+            ds.add(DataElement(tag, vr, [] if vr == "SQ" else None))
+    return ds
+
+
+# C-GET / C-MOVE ----------------------------------------------------------------------------------------
+_KEY_COLUMNS: dict[str, sa.Column[Any]] = {
+    "PatientID": patients.c.patient_id,
+    "IssuerOfPatientID": patients.c.issuer_of_patient_id,
+    "StudyInstanceUID": studies.c.study_instance_uid,
+    "SeriesInstanceUID": series.c.series_instance_uid,
+    "SOPInstanceUID": instances.c.sop_instance_uid,
+}
+
+
+def run_retrieve(conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main: str) -> list[InstanceRef]:
+    """The instances under the unique keys ``keys`` (PS3.4 C.4.2.2.1); ``main`` is the retrieve level's
+    key, whose (possibly long) list of values is queried in chunks."""
+    base = (
+        sa.select(
+            studies.c.study_instance_uid,
+            series.c.series_instance_uid,
+            instances.c.sop_class_uid,
+            instances.c.sop_instance_uid,
+            instances.c.transfer_syntax_uid,
+            instances.c.blob_id,
+            instances.c.key_id,
+            instances.c.sha256,
+            instances.c.size,
+            studies.c.pk,
+            series.c.pk,
+            instances.c.instance_number,
+            instances.c.pk,
+        )
+        .select_from(_from(QueryLevel.IMAGE))
+        .where(*(_KEY_COLUMNS[k].in_(v) for k, v in keys.items() if k != main))
+    )
+    found: dict[str, tuple[Any, ...]] = {}
+    for chunk in _chunks(sorted(set(keys[main]))):
+        for row in conn.execute(base.where(_KEY_COLUMNS[main].in_(chunk))):
+            found[row[3]] = tuple(row)
+    ordered = sorted(found.values(), key=lambda r: (r[9], r[10], r[11] is None, r[11] or 0, r[12]))
+    return [InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8])) for r in ordered]
+
+
+# Headers -> rows ---------------------------------------------------------------------------------------
+def _header_text(ds: Dataset, keyword: str) -> str | None:
+    """The value of ``keyword`` as text ("\\"-joined when multi-valued); None when absent or unreadable."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    try:
+        value = ds[tag].value
+    except Exception:  # noqa: BLE001 - a malformed optional value is indexed as empty, not fatal
+        return None
+    if value is None:
+        return None
+    parts = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    return "\\".join(str(p).strip(" \x00") for p in parts if not isinstance(p, bytes | Dataset))
+
+
+def attribute_values(attr: A.Attribute, text: str | None) -> dict[str, object]:
+    """The column values that keep ``text`` for ``attr`` (see :mod:`safepacs.index.schema`)."""
+    assert attr.column is not None
+    if attr.vr in A.INTEGER_VRS:
+        return {attr.column: to_int(text.split("\\")[0]) if text else None}
+    text = text or ""
+    if attr.vr == "DA":
+        return {attr.column: normalize_stored("DA", text)}
+    if attr.vr == "PN":
+        return {attr.column: text, attr.fold_column: fold(text)}
+    if attr.vr in A.TEMPORAL_VRS:
+        return {attr.column: text, attr.key_column: normalize_stored(attr.vr, text)}
+    return {attr.column: text}
+
+
+def _header_items(header: Dataset, keyword: str) -> list[Dataset]:
+    try:
+        return list(header[keyword].value or [])[:_MAX_ITEMS]
+    except Exception:  # noqa: BLE001 - a malformed optional sequence is indexed as empty, not fatal
+        return []
+
+
+def header_values(
+    header: Dataset, level: QueryLevel, *, only_present: bool = False
+) -> tuple[dict[str, object], dict[str, list[dict[str, object]]]]:
+    """The stored columns of ``level`` from an instance header, and the items of its sequences.
+
+    With ``only_present``, attributes absent or empty in the header are left out (used to update a
+    study or series with what a later instance brings).  Sequences absent from the header are left out.
+    """
+    columns: dict[str, object] = {}
+    for attr in A.ATTRIBUTES:
+        if attr.level is not level or attr.column is None:
+            continue
+        text = _header_text(header, attr.keyword)
+        if only_present and not text:
+            continue
+        columns.update(attribute_values(attr, text))
+    sequences: dict[str, list[dict[str, object]]] = {}
+    for spec in A.SEQUENCES:
+        if spec.level is not level or spec.keyword not in header:
+            continue
+        rows = []
+        items = _header_items(header, spec.keyword)
+        for item in items:
+            row: dict[str, object] = {}
+            for attr in spec.items:
+                row.update(attribute_values(attr, _header_text(item, attr.keyword)))
+            rows.append(row)
+        if rows:
+            sequences[spec.keyword] = rows
+    return columns, sequences
+
+
+def insert_sequence_items(
+    conn: sa.Connection, sequences: Mapping[str, list[dict[str, object]]], owner_pk: int, replace: bool
+) -> None:
+    """Store the items of each sequence for ``owner_pk``, replacing what was kept when ``replace``."""
+    for keyword, rows in sequences.items():
+        table = SEQUENCE_TABLES[keyword]
+        if replace:
+            conn.execute(sa.delete(table).where(table.c.owner_pk == owner_pk))
+        conn.execute(
+            sa.insert(table), [{**row, "owner_pk": owner_pk, "position": n} for n, row in enumerate(rows)]
+        )
+
+
+def delete_sequence_items(conn: sa.Connection, level: QueryLevel, owner_pks: Iterable[int]) -> None:
+    """Remove the sequence items of ``owner_pks`` at ``level`` (before the owner rows go)."""
+    pks = list(owner_pks)
+    for spec in A.SEQUENCES:
+        if spec.level is level:
+            table = SEQUENCE_TABLES[spec.keyword]
+            conn.execute(sa.delete(table).where(table.c.owner_pk.in_(pks)))

@@ -1,0 +1,1 @@
+"""The services every protocol shares: ingest, query, retrieve and transfer syntax conversion."""

@@ -1,0 +1,254 @@
+"""The one ingest path for every protocol (C-STORE, ``safepacs import``, later STOW-RS).
+
+validate -> authorize -> seal and write the blob (atomic, fsync) -> index (durable commit) -> acknowledge.
+A failure after the blob was written removes the blob again, so nothing half-stored remains,
+and nothing already stored is altered unless ``storage.overwrite`` is on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import data_element_generator
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from safepacs.services.transcode import dataset_bytes
+
+from safepacs.auth.policy import require
+from safepacs.errors import ConflictError, InvalidObjectError, SafePacsError, StorageError
+from safepacs.index import SqlIndex
+from safepacs.storage import BlobStore, EnvelopeCipher
+from safepacs.types import IngestOutcome, IngestResult, Principal, Service, StoredBlob
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "IngestService",
+    "SopClassMismatch",
+    "valid_uid",
+]
+
+log = logging.getLogger(__name__)
+
+#: Our Implementation Class UID (PS3.7 D.3.3.2), under the pydicom-registered prefix for SafePACS.
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1474.1"
+IMPLEMENTATION_VERSION_NAME = "SAFEPACS_010"
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_NESTING = 32  # sequence nesting deeper than this is refused (deep-nesting attacks)
+
+
+class SopClassMismatch(InvalidObjectError):
+    """The data set's SOP Class or Instance UID differs from the one the request announced (PS3.4 B.2.3)."""
+
+
+def valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, at most 64 characters; never a path separator."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    part10: bytes
+    header: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class IngestService:
+    """Store DICOM instances durably, encrypted, indexed, exactly once."""
+
+    def __init__(
+        self,
+        index: SqlIndex,
+        blobs: BlobStore,
+        cipher: EnvelopeCipher,
+        *,
+        overwrite: bool = False,
+        max_object_bytes: int = 2 * 1024**3,
+    ) -> None:
+        self._index = index
+        self._blobs = blobs
+        self._cipher = cipher
+        self._overwrite = overwrite
+        self._max_bytes = max_object_bytes
+
+    # Entry points ------------------------------------------------------------
+    def ingest_dataset(
+        self,
+        principal: Principal,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        encoded: bytes,
+    ) -> IngestResult:
+        """Store a data set received over the network (C-STORE), encoded in ``transfer_syntax_uid``."""
+        require(principal, Service.STORE)
+        if len(encoded) > self._max_bytes:
+            raise InvalidObjectError(
+                f"the object is larger than storage.max_object_bytes ({self._max_bytes})"
+            )
+        for name, uid in (("SOP Class", sop_class_uid), ("SOP Instance", sop_instance_uid)):
+            if not valid_uid(uid):
+                raise InvalidObjectError(f"the request's Affected {name} UID is not a valid UID")
+        part10 = _part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
+        _check_complete(encoded, transfer_syntax_uid)
+        candidate = self._validate(part10)
+        if candidate.sop_instance_uid != sop_instance_uid:
+            raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
+        if candidate.sop_class_uid != sop_class_uid:
+            raise SopClassMismatch("the data set's SOP Class UID differs from the request's")
+        return self._store(candidate)
+
+    def ingest_file(self, principal: Principal, data: bytes) -> IngestResult:
+        """Store a DICOM Part 10 file (``safepacs import``); the file meta is rebuilt by SafePACS."""
+        require(principal, Service.STORE)
+        if len(data) > self._max_bytes:
+            raise InvalidObjectError(f"the file is larger than storage.max_object_bytes ({self._max_bytes})")
+        if len(data) < 132 or data[128:132] != b"DICM":
+            raise InvalidObjectError(
+                "not a DICOM Part 10 file (no 'DICM' prefix after the preamble, PS3.10 7.1)"
+            )
+        try:
+            meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
+            ts, encoded = dataset_bytes(data)
+        except SafePacsError:
+            raise
+        except Exception as exc:
+            raise InvalidObjectError("the file meta information cannot be read (PS3.10 7.1)") from exc
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        if not (valid_uid(sop_class) and valid_uid(sop_instance) and valid_uid(ts)):
+            raise InvalidObjectError(
+                "the file meta lacks a valid SOP Class, SOP Instance or Transfer Syntax UID"
+            )
+        _check_complete(encoded, ts)
+        candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded))
+        if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
+            raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
+        return self._store(candidate)
+
+    # Steps -------------------------------------------------------------------
+    def _validate(self, part10: bytes) -> _Candidate:
+        try:
+            header = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
+            _touch(header, 0)
+        except SafePacsError:
+            raise
+        except Exception as exc:
+            raise InvalidObjectError(f"the data set cannot be parsed ({type(exc).__name__})") from exc
+        ts = str(header.file_meta.TransferSyntaxUID)
+        sop_class = str(header.get("SOPClassUID", ""))
+        sop_instance = str(header.get("SOPInstanceUID", ""))
+        for keyword, value in (
+            ("SOP Class UID", sop_class),
+            ("SOP Instance UID", sop_instance),
+            ("Study Instance UID", str(header.get("StudyInstanceUID", ""))),
+            ("Series Instance UID", str(header.get("SeriesInstanceUID", ""))),
+        ):
+            if not valid_uid(value):
+                raise InvalidObjectError(f"the data set has no valid {keyword}")
+        return _Candidate(part10, header, sop_class, sop_instance, ts)
+
+    def _store(self, c: _Candidate) -> IngestResult:
+        digest = hashlib.sha256(c.part10).hexdigest()
+        existing = self._index.get_instance(c.sop_instance_uid)
+        if existing is not None:
+            if existing.blob.sha256 == digest:
+                return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
+            if not self._overwrite:
+                return _conflict(c.sop_instance_uid)
+        sealed = self._cipher.seal(c.part10)
+        blob_id = self._blobs.put(sealed)
+        blob = StoredBlob(blob_id, self._cipher.key_id_of(sealed), digest, len(c.part10))
+        try:
+            old = self._index.add_instance(
+                c.header, blob, c.transfer_syntax_uid, replace=existing is not None and self._overwrite
+            )
+        except ConflictError:
+            # Another association stored the same instance between our check and our insert.
+            self._blobs.delete(blob_id)
+            again = self._index.get_instance(c.sop_instance_uid)
+            if again is not None and again.blob.sha256 == digest:
+                return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
+            return _conflict(c.sop_instance_uid)
+        except BaseException:
+            self._blobs.delete(blob_id)
+            raise
+        if old is not None:
+            try:
+                self._blobs.delete(old.blob_id)
+            except StorageError:
+                log.warning("replaced object could not be removed", extra={"blob_id": old.blob_id})
+            return IngestResult(IngestOutcome.REPLACED, c.sop_instance_uid)
+        return IngestResult(IngestOutcome.STORED, c.sop_instance_uid)
+
+
+def _conflict(sop_instance_uid: str) -> IngestResult:
+    return IngestResult(
+        IngestOutcome.CONFLICT,
+        sop_instance_uid,
+        (
+            "an instance with this SOP Instance UID is stored already with other content; "
+            "the stored one was kept",
+        ),
+    )
+
+
+def _part10(sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) -> bytes:
+    """A Part 10 file: zeroed preamble (CVE-2019-11687), 'DICM', our own file meta, the data set bytes.
+
+    The meta is built only from the three UIDs and our implementation identity, so the same data set
+    always yields the same bytes (and the same SHA-256), whoever sent it.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(ts)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    buf.write(encoded)
+    return buf.getvalue()
+
+
+def _check_complete(encoded: bytes, transfer_syntax_uid: str) -> None:
+    """Refuse a data set whose last elements are cut short (a truncated file or transfer).
+
+    pydicom reads a value shorter than its declared length without complaint, so walk the
+    top-level elements and compare (PS3.5 7.1).  Deflated data sets are checked by inflating.
+    """
+    ts = UID(transfer_syntax_uid)
+    if not ts.is_transfer_syntax:
+        raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
+    if ts.is_deflated:
+        return  # zlib detects truncation when the header is parsed
+    fp = BytesIO(encoded)
+    try:
+        for raw in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=None):
+            length = getattr(raw, "length", None)  # sequences come back parsed, without a length
+            if length is not None and length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != length:
+                raise InvalidObjectError("the data set is truncated (an element is shorter than its length)")
+    except SafePacsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed input
+        raise InvalidObjectError(f"the data set cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _touch(ds: Dataset, depth: int) -> None:
+    """Convert every element now so malformed values fail validation, not indexing; bound nesting depth."""
+    if depth > _MAX_NESTING:
+        raise InvalidObjectError(f"sequences are nested deeper than {_MAX_NESTING} levels")
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _touch(item, depth + 1)

@@ -1,0 +1,532 @@
+"""Transfer syntax conversion for C-STORE sub-operations of C-GET and C-MOVE (PS3.4 C.4.2.3.1, C.4.3.3.1).
+
+SafePACS keeps every instance as the Part 10 file it arrived as.  When the retrieving peer accepted the
+stored transfer syntax the stored data set bytes are sent unchanged; otherwise the data set is converted
+to Explicit or Implicit VR Little Endian (PS3.5 A.1, A.2), which every peer must accept for a storage
+SOP class it supports in any form:
+
+* Explicit <-> Implicit VR Little Endian and Deflated Explicit VR Little Endian (PS3.5 A.5, inflated
+  with a size limit): the element values are copied byte for byte; only element headers change.
+* Explicit VR Big Endian (retired, PS3.5 A.3): numeric values are byte-swapped by their VR.
+* Encapsulated syntaxes (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE; PS3.5 A.4): the pixel data is decoded
+  through pydicom's pixel data plugins, exactly as :func:`pydicom.pixels.decompress` does (colour is
+  converted to RGB where pydicom converts it), and the Image Pixel attributes are updated to match.
+
+Compressed pixel data is refused *before* decoding when the image header or a frame's codestream
+header promises more than ``max_pixel_bytes`` of decoded data (decompression bombs).  Every failure is a
+:class:`~safepacs.errors.RetrieveError` with a one-sentence reason; the sub-operation then fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import pack_bits
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
+
+from safepacs.errors import InvalidObjectError, RetrieveError
+
+__all__ = [
+    "MAX_PIXEL_BYTES",
+    "can_convert",
+    "choose_transfer_syntax",
+    "dataset_bytes",
+    "transcode",
+]
+
+#: Default limit on decoded pixel data (and on an inflated Deflated data set): 2 GiB.
+MAX_PIXEL_BYTES = 2 * 1024**3
+
+_NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
+_TARGETS = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+#: Syntaxes whose compression is always lossy (PS3.5 A.4.1; the retired lossy JPEG processes have no decoder).
+_LOSSY = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
+
+_UNDEFINED = 0xFFFFFFFF
+_MAX_VALUE_LENGTH = 0xFFFFFFFE  # PS3.5 7.1.1: largest defined value length
+_PIXEL_DATA = BaseTag(0x7FE00010)
+#: Encapsulation-only attributes (PS3.3 C.7.6.3): meaningless once the pixel data is native.
+_ENCAPSULATION_TAGS = (BaseTag(0x7FE00001), BaseTag(0x7FE00002), BaseTag(0x7FE00003))
+_ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
+_ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+#: VRs with a 4-byte length field in explicit VR encodings (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_VRS = _LONG_VRS | {
+    *("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS"),
+    *("ST", "TM", "UI", "UL", "US"),
+}
+#: Byte-swap width of each numeric VR (PS3.5 7.3); AT is a pair of 16-bit values.
+_SWAP_WIDTH = {
+    "AT": 2, "OW": 2, "SS": 2, "US": 2,
+    "FL": 4, "OF": 4, "OL": 4, "SL": 4, "UL": 4,
+    "FD": 8, "OD": 8, "OV": 8, "SV": 8, "UV": 8,
+}  # fmt: skip
+#: VRs whose values pydicom keeps as bytes; they are emitted without re-encoding.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+# Part 10 --------------------------------------------------------------------------------------------
+
+
+def dataset_bytes(part10: bytes) -> tuple[str, bytes]:
+    """(transfer syntax UID, the encoded data set after the file meta group) of a Part 10 file.
+
+    Only the File Meta Information (PS3.10 7.1: preamble, ``DICM``, group 0002 in Explicit VR Little
+    Endian) is parsed; the data set is returned undecoded.  Like pydicom, a meta group written in
+    implicit VR is tolerated.  Raises :class:`~safepacs.errors.InvalidObjectError` when the bytes are
+    not a Part 10 file or the meta group has no Transfer Syntax UID.
+    """
+    size = len(part10)
+    if size < 132 or part10[128:132] != b"DICM":
+        raise InvalidObjectError("not a DICOM Part 10 file (no 'DICM' prefix after the preamble, PS3.10 7.1)")
+    offset = 132
+    explicit: bool | None = None
+    ts_value: bytes | None = None
+    while offset + 8 <= size:
+        group, element = struct.unpack_from("<HH", part10, offset)
+        if group != 0x0002:
+            break
+        vr = part10[offset + 4 : offset + 6]
+        if explicit is None:
+            explicit = vr.isalpha() and vr.isupper()
+        if not explicit:
+            length, header = struct.unpack_from("<I", part10, offset + 4)[0], 8
+        elif vr.decode("latin-1") in _LONG_VRS:
+            if offset + 12 > size:
+                break
+            length, header = struct.unpack_from("<I", part10, offset + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", part10, offset + 6)[0], 8
+        end = offset + header + length
+        if length == _UNDEFINED or end > size:
+            raise InvalidObjectError("the file meta information is truncated or malformed (PS3.10 7.1)")
+        if element == 0x0010:
+            ts_value = part10[offset + header : end]
+        offset = end
+    ts = (ts_value or b"").decode("ascii", errors="replace").strip("\x00 ")
+    if not ts:
+        raise InvalidObjectError("the file meta information has no Transfer Syntax UID (0002,0010)")
+    return ts, part10[offset:]
+
+
+# Choosing ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def can_convert(stored_ts: str) -> bool:
+    """Whether data sets stored in ``stored_ts`` can be converted to Explicit/Implicit VR Little Endian."""
+    uid = UID(stored_ts)
+    if uid in _NATIVE or uid == DeflatedExplicitVRLittleEndian:
+        return True
+    if not (uid.is_transfer_syntax and uid.is_compressed):
+        return False
+    try:
+        return bool(get_decoder(uid).is_available)
+    except NotImplementedError:  # pydicom has no decoder for this syntax at all (e.g. MPEG)
+        return False
+
+
+def choose_transfer_syntax(stored_ts: str, accepted: Sequence[str]) -> str | None:
+    """The transfer syntax to send in (PS3.4 C.4.2.3.1).
+
+    ``stored_ts`` if the peer accepted it, else Explicit VR Little Endian, else Implicit VR Little
+    Endian, when accepted and the stored syntax can be converted; ``None`` when nothing fits.
+    """
+    offered = {str(ts).strip("\x00 ") for ts in accepted}
+    if stored_ts in offered:
+        return stored_ts
+    if not can_convert(stored_ts):
+        return None
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if target in offered:
+            return str(target)
+    return None
+
+
+# Converting -----------------------------------------------------------------------------------------
+
+
+def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL_BYTES) -> bytes:
+    """The data set of ``part10`` encoded in ``target_ts`` (no file meta).
+
+    ``target_ts`` equal to the stored syntax returns the stored bytes unchanged.  Otherwise the target
+    must be Explicit or Implicit VR Little Endian.  ``max_pixel_bytes`` bounds the decoded pixel data
+    (Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated / 8, checked before
+    decoding) and the inflated size of a Deflated data set.
+
+    Raises :class:`~safepacs.errors.RetrieveError` (one sentence) when the conversion is impossible:
+    no decoder for the stored syntax, corrupt or oversized pixel data, an unsupported target.
+    """
+    try:
+        stored, encoded = dataset_bytes(part10)
+    except InvalidObjectError as exc:
+        raise RetrieveError("the stored object is not a readable DICOM Part 10 file") from exc
+    target = str(target_ts).strip("\x00 ")
+    if target == stored:
+        return encoded
+    if target not in _TARGETS:
+        name = UID(target).name if UID(target).is_transfer_syntax else target
+        raise RetrieveError(
+            f"conversion to '{name}' is not supported, only to Explicit or Implicit VR Little Endian"
+        )
+    uid = UID(stored)
+    if not can_convert(uid):
+        name = uid.name if uid.is_transfer_syntax else stored
+        raise RetrieveError(f"no decoder is available to convert from the stored transfer syntax '{name}'")
+    try:
+        return _convert(
+            uid, encoded, implicit=target == ImplicitVRLittleEndian, max_pixel_bytes=max_pixel_bytes
+        )
+    except RetrieveError:
+        raise
+    except Exception as exc:  # pydicom and the codec plugins raise many types on corrupt data
+        raise RetrieveError(
+            f"the stored data set could not be converted from '{uid.name}' ({type(exc).__name__}); "
+            "it may be corrupt"
+        ) from exc
+
+
+def _convert(uid: UID, encoded: bytes, *, implicit: bool, max_pixel_bytes: int) -> bytes:
+    if uid == DeflatedExplicitVRLittleEndian:
+        inflated = _inflate(encoded, max_pixel_bytes)
+        if not implicit:
+            return inflated  # the inflated stream *is* the Explicit VR Little Endian encoding (PS3.5 A.5)
+        return _Encoder(implicit=True, swap=False).encode(
+            _parse(inflated, implicit=False, little_endian=True)
+        )
+    if uid in _NATIVE:
+        ds = _parse(encoded, implicit=uid.is_implicit_VR, little_endian=uid.is_little_endian)
+        return _Encoder(implicit=implicit, swap=not uid.is_little_endian).encode(ds)
+    ds = _parse(encoded, implicit=False, little_endian=True)  # PS3.5 A.4: encapsulated is explicit VR LE
+    _decompress_tree(ds, uid, max_pixel_bytes)
+    return _Encoder(implicit=implicit, swap=False).encode(ds)
+
+
+def _parse(encoded: bytes, *, implicit: bool, little_endian: bool) -> Dataset:
+    return read_dataset(BytesIO(encoded), is_implicit_VR=implicit, is_little_endian=little_endian)
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """Inflate a Deflated data set (raw deflate, RFC 1951) to at most ``limit`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise RetrieveError("the stored deflated data set cannot be inflated; it may be corrupt") from exc
+    if len(out) > limit:
+        raise RetrieveError(f"the stored deflated data set inflates to more than {limit} bytes")
+    return out
+
+
+# Decompressing --------------------------------------------------------------------------------------
+
+
+def _decompress_tree(ds: Dataset, uid: UID, limit: int) -> None:
+    """Decode encapsulated pixel data in ``ds`` and in nested items (icon images, PS3.5 A.4)."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if elem.VR == "SQ" or (elem.VR is None and ds[tag].VR == "SQ"):
+            for item in ds[tag].value:
+                _decompress_tree(item, uid, limit)
+    if _PIXEL_DATA in ds and _is_encapsulated(ds.get_item(_PIXEL_DATA)):
+        _decompress(ds, uid, limit)
+
+
+def _is_encapsulated(elem: DataElement | RawDataElement) -> bool:
+    if isinstance(elem, RawDataElement):
+        return bool(elem.length == _UNDEFINED)
+    return bool(elem.is_undefined_length)
+
+
+def _decompress(ds: Dataset, uid: UID, limit: int) -> None:
+    """Replace encapsulated Pixel Data with native data, as :func:`pydicom.pixels.decompress` does."""
+    rows, cols, spp, bits, frames = _geometry(ds)
+    itemsize = max(1, bits // 8)  # 1-bit data decodes to one byte per pixel, packed afterwards
+    frame_bytes = rows * cols * spp * itemsize
+    decoded = frame_bytes * frames  # Python integers: no overflow
+    if decoded > limit or decoded > _MAX_VALUE_LENGTH:
+        cap = min(limit, _MAX_VALUE_LENGTH)
+        raise RetrieveError(f"the image would decode to {decoded} bytes, more than the limit of {cap}")
+    _check_codestreams(ds, uid, rows, cols, spp, frames)
+
+    buffer = bytearray(decoded)
+    properties: dict[str, str | int] = {}
+    count = 0
+    decoder = get_decoder(uid)
+    for arr, frame_properties in decoder.iter_array(ds, as_rgb=True):
+        properties = frame_properties
+        if count >= frames:
+            raise RetrieveError("the compressed pixel data holds more frames than Number of Frames says")
+        frame = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        if frame.nbytes != frame_bytes:
+            raise RetrieveError("a decoded frame does not match the image's Rows, Columns and Bits Allocated")
+        buffer[count * frame_bytes : (count + 1) * frame_bytes] = frame.data.cast("B")
+        count += 1
+    if count != frames:
+        raise RetrieveError("the compressed pixel data holds fewer frames than Number of Frames says")
+
+    value: bytes | bytearray = buffer
+    if bits == 1:
+        value = pack_bits(np.frombuffer(buffer, dtype=np.uint8))
+    if len(value) % 2:
+        value = bytes(value) + b"\x00"  # PS3.5 7.1.1: even value length
+    ds[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB" if bits <= 8 else "OW", value)
+    for tag in _ENCAPSULATION_TAGS:
+        if tag in ds:
+            del ds[tag]
+    photometric = str(properties.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+    if photometric and ds.get("PhotometricInterpretation") != photometric:
+        ds.PhotometricInterpretation = photometric
+    if spp > 1 and ds.get("PlanarConfiguration") != 0:
+        ds.PlanarConfiguration = 0  # pydicom always yields colour-by-pixel frames
+    if "NumberOfFrames" in ds and _int_or_none(ds.get("NumberOfFrames")) != count:
+        ds.NumberOfFrames = count
+    if uid in _LOSSY and "LossyImageCompression" not in ds:
+        # PS3.3 C.7.6.1.1.5: once lossy compressed, always flagged, also after decompression.
+        ds.LossyImageCompression = "01"
+        if "LossyImageCompressionMethod" not in ds:
+            ds.LossyImageCompressionMethod = _LOSSY[uid]
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _geometry(ds: Dataset) -> tuple[int, int, int, int, int]:
+    """(Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames), validated (PS3.3 C.7.6.3)."""
+
+    def need(keyword: str, low: int, high: int, default: int | None = None) -> int:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            if default is None:
+                raise RetrieveError(f"the image has no {keyword}, so its pixel data cannot be decoded")
+            return default
+        number = _int_or_none(value)
+        if number is None or not low <= number <= high:
+            raise RetrieveError(
+                f"the image's {keyword} value is invalid, so its pixel data cannot be decoded"
+            )
+        return number
+
+    rows = need("Rows", 1, 0xFFFF)
+    cols = need("Columns", 1, 0xFFFF)
+    spp = need("SamplesPerPixel", 1, 4)
+    bits = need("BitsAllocated", 1, 64)
+    if bits != 1 and bits % 8:
+        raise RetrieveError("the image's BitsAllocated value is invalid, so its pixel data cannot be decoded")
+    frames = ds.get("NumberOfFrames")
+    count = 1 if frames in (None, "", 0, "0") else need("NumberOfFrames", 1, 2**31 - 1)
+    return rows, cols, spp, bits, count
+
+
+def _check_codestreams(ds: Dataset, uid: UID, rows: int, cols: int, spp: int, frames: int) -> None:
+    """Refuse frames whose JPEG/JPEG 2000 header promises a larger image than the DICOM header.
+
+    The codec plugins allocate what the codestream declares; a 16x16 image whose codestream says
+    65535x65535 would otherwise be decoded in full before pydicom notices the mismatch.
+    """
+    if uid in JPEG2000TransferSyntaxes:
+        size_of = _j2k_size
+    elif uid in JPEGTransferSyntaxes or uid in JPEGLSTransferSyntaxes:
+        size_of = _jpeg_size
+    else:
+        return  # RLE: the decoder works from the DICOM header's Rows and Columns
+    value = ds[_PIXEL_DATA].value
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    for frame in _frames(value, frames, extended):
+        size = size_of(frame)
+        if size is not None and size[0] * size[1] * size[2] > rows * cols * spp:
+            raise RetrieveError(
+                "a compressed frame declares a larger image than the data set's Rows and Columns"
+            )
+
+
+def _frames(value: bytes, frames: int, extended: tuple[bytes, bytes] | None) -> Iterator[bytes]:
+    yield from generate_frames(value, number_of_frames=frames, extended_offsets=extended)
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG or JPEG-LS SOF segment (ISO 10918-1 B.2.2, 14495-1 C.2.2)."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    offset, size = 2, len(frame)
+    while offset + 4 <= size:
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            offset += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if offset + 10 > size:
+                return None
+            height, width = struct.unpack_from(">HH", frame, offset + 5)
+            components = frame[offset + 9]
+            return (height, width, components) if height else None  # height 0: set later by DNL
+        if marker == 0xDA:  # SOS before SOF: not a valid codestream
+            return None
+        offset += 2 + struct.unpack_from(">H", frame, offset + 2)[0]
+    return None
+
+
+_SOF_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+)
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 SIZ segment (ISO 15444-1 A.5.1), JP2 box or bare."""
+    offset = 0
+    if frame[4:8] == b"jP  ":  # JP2 file format: find the contiguous codestream box
+        offset, size = 0, len(frame)
+        while offset + 8 <= size:
+            length, kind = struct.unpack_from(">I4s", frame, offset)
+            if kind == b"jp2c":
+                offset += 8
+                break
+            if length < 8:
+                return None
+            offset += length
+        else:
+            return None
+    if frame[offset : offset + 4] != b"\xff\x4f\xff\x51" or offset + 42 > len(frame):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", frame, offset + 8)
+    components = struct.unpack_from(">H", frame, offset + 40)[0]
+    return max(0, ysiz - yosiz), max(0, xsiz - xosiz), components
+
+
+# Encoding -------------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Write a parsed data set in Explicit or Implicit VR Little Endian.
+
+    Values that pydicom has not converted (raw elements) are copied byte for byte, so text is never
+    decoded and re-encoded; only converted or changed elements go through pydicom's writer.  Group
+    lengths (gggg,0000) are left out (retired, PS3.5 7.2; they would be wrong after re-encoding).
+    Sequences and items are written with undefined length (PS3.5 7.5).
+    """
+
+    def __init__(self, *, implicit: bool, swap: bool) -> None:
+        self._implicit = implicit
+        self._swap = swap  # the source is big endian
+        self._chunks: list[bytes | bytearray | memoryview] = []
+
+    def encode(self, ds: Dataset) -> bytes:
+        self._dataset(ds, [ds], "iso8859")
+        return b"".join(self._chunks)
+
+    def _header(self, tag: int, vr: str, length: int) -> None:
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if self._implicit:
+            head += struct.pack("<I", length)
+        elif vr in _LONG_VRS:
+            head += vr.encode("ascii") + struct.pack("<HI", 0, length)
+        else:
+            head += vr.encode("ascii") + struct.pack("<H", length)
+        self._chunks.append(head)
+
+    def _dataset(self, ds: Dataset, ancestors: list[Dataset], parent_charset: Any) -> None:
+        charset = ds.get("SpecificCharacterSet", parent_charset)
+        for tag in sorted(ds.keys()):
+            if tag.element == 0:
+                continue
+            elem = ds.get_item(tag)
+            if isinstance(elem, RawDataElement) and elem.VR != "SQ" and elem.length != _UNDEFINED:
+                vr = elem.VR or self._resolve_vr(ds, tag, ancestors)
+                if vr != "SQ":
+                    self._value(ds, tag, vr, elem.value or b"")
+                    continue
+            converted = ds[tag]
+            if converted.VR == "SQ":
+                self._sequence(tag, converted.value, ancestors, charset)
+            elif converted.is_undefined_length:
+                raise RetrieveError(f"the element {Tag(tag)} has an undefined length outside a sequence")
+            elif converted.VR in _BYTES_VRS and isinstance(converted.value, bytes | bytearray):
+                self._value(ds, tag, converted.VR, converted.value)
+            else:
+                self._element(ds, converted, ancestors, charset)
+
+    def _sequence(self, tag: int, items: Any, ancestors: list[Dataset], charset: Any) -> None:
+        self._header(tag, "SQ", _UNDEFINED)
+        for item in items:
+            self._chunks.append(_ITEM + struct.pack("<I", _UNDEFINED))
+            self._dataset(item, [item, *ancestors], charset)
+            self._chunks.append(_ITEM_END)
+        self._chunks.append(_SEQUENCE_END)
+
+    def _value(self, ds: Dataset, tag: int, vr: str, value: bytes | bytearray) -> None:
+        if self._swap and vr in _SWAP_WIDTH:
+            width = _SWAP_WIDTH[vr]
+            if tag == _PIXEL_DATA and vr == "OW":
+                bits = _int_or_none(ds.get("BitsAllocated")) or 16
+                width = max(2, bits // 8) if bits in (16, 32, 64) else 2
+            value = _byteswap(value, width)
+        if not self._implicit and vr not in _LONG_VRS and len(value) > 0xFFFF:
+            vr = "UN"  # PS3.5 6.2.2 Note: too long for a 16-bit length field
+        self._header(tag, vr, len(value))
+        self._chunks.append(value)
+
+    def _element(self, ds: Dataset, elem: DataElement, ancestors: list[Dataset], charset: Any) -> None:
+        if not self._implicit and elem.VR not in _VRS:
+            correct_ambiguous_vr_element(elem, ds, True, ancestors)
+            if elem.VR not in _VRS:
+                raise RetrieveError(f"the element {elem.tag} has an ambiguous VR that cannot be resolved")
+        fp = DicomBytesIO()
+        fp.is_little_endian = True
+        fp.is_implicit_VR = self._implicit
+        write_data_element(fp, elem, charset)
+        self._chunks.append(fp.getvalue())
+
+    @staticmethod
+    def _resolve_vr(ds: Dataset, tag: BaseTag, ancestors: list[Dataset]) -> str:
+        """The VR of an element read in implicit VR, as pydicom resolves it (dictionary, ambiguity rules)."""
+        try:
+            elem = ds[tag]
+            if elem.VR not in _VRS:
+                correct_ambiguous_vr_element(elem, ds, True, ancestors)
+            vr = str(elem.VR)
+        except Exception:  # noqa: BLE001 - an unparsable value keeps its bytes, sent as UN
+            return "UN"
+        return vr if vr in _VRS else "UN"
+
+
+def _byteswap(value: bytes | bytearray, width: int) -> bytes:
+    usable = len(value) - len(value) % width
+    swapped = np.frombuffer(value, dtype=f">u{width}", count=usable // width).astype(f"<u{width}")
+    return swapped.tobytes() + bytes(value[usable:])

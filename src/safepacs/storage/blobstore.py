@@ -1,0 +1,316 @@
+"""Object storage: opaque byte blobs under random ids.
+
+The store never sees plaintext (the ingest service seals objects with
+:class:`~safepacs.storage.crypto.EnvelopeCipher` first) and never builds a path
+from an untrusted string: every blob id is checked against ``[0-9a-f]{32}``
+before it is joined to the root (the DCMTK CVE-2022-2119/2120 class of path
+traversal cannot happen here).
+
+A write is durable when :meth:`FileBlobStore.put` returns: the bytes go to a
+temporary file in ``tmp_dir`` (same file system), the file is fsynced, renamed
+into place with :func:`os.replace` (atomic on POSIX), and the directory that now
+holds it is fsynced, as are directories created for it.  A crash at any point
+leaves either no object or the whole object, never a partial one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+from pathlib import Path
+from typing import Protocol, TypeGuard, runtime_checkable
+
+from safepacs.errors import NotFoundError, StorageError
+
+__all__ = ["BlobStore", "FileBlobStore", "MemoryBlobStore", "is_valid_blob_id", "new_blob_id"]
+
+_log = logging.getLogger(__name__)
+
+_BLOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Where sealed objects live.  Ids are chosen by the store, never by the caller."""
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` under a new random id and return it; the data is durable on return."""
+        ...
+
+    def get(self, blob_id: str) -> bytes:
+        """The bytes stored under ``blob_id``; :class:`NotFoundError` if there are none."""
+        ...
+
+    def delete(self, blob_id: str) -> None:
+        """Remove ``blob_id``; removing an absent blob is not an error."""
+        ...
+
+    def exists(self, blob_id: str) -> bool:
+        """Whether ``blob_id`` is stored."""
+        ...
+
+
+def new_blob_id() -> str:
+    """A fresh blob id: 128 random bits from :mod:`secrets` as 32 lowercase hex digits."""
+    return secrets.token_hex(16)
+
+
+def is_valid_blob_id(blob_id: object) -> TypeGuard[str]:
+    """Whether ``blob_id`` has the one shape a blob id may have (``[0-9a-f]{32}``, nothing else)."""
+    return isinstance(blob_id, str) and _BLOB_ID_RE.fullmatch(blob_id) is not None
+
+
+def _check_blob_id(blob_id: object) -> str:
+    if not is_valid_blob_id(blob_id):
+        # The value is not echoed: it is untrusted input.
+        raise StorageError("refused a malformed blob id (must be 32 lowercase hex digits)")
+    return blob_id
+
+
+class MemoryBlobStore:
+    """A :class:`BlobStore` in a dict, for tests.  Thread-safe; same id rules as the file store."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str:
+        payload = bytes(data)
+        with self._lock:
+            blob_id = new_blob_id()
+            while blob_id in self._blobs:  # pragma: no cover - 2**-128
+                blob_id = new_blob_id()
+            self._blobs[blob_id] = payload
+        return blob_id
+
+    def get(self, blob_id: str) -> bytes:
+        key = _check_blob_id(blob_id)
+        with self._lock:
+            try:
+                return self._blobs[key]
+            except KeyError:
+                raise NotFoundError("no stored object has this blob id") from None
+
+    def delete(self, blob_id: str) -> None:
+        key = _check_blob_id(blob_id)
+        with self._lock:
+            self._blobs.pop(key, None)
+
+    def exists(self, blob_id: str) -> bool:
+        key = _check_blob_id(blob_id)
+        with self._lock:
+            return key in self._blobs
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._blobs)
+
+
+class FileBlobStore:
+    """A :class:`BlobStore` on a POSIX file system: ``root/ab/cd/<blob_id>``.
+
+    Files are created 0600 and directories 0700.  ``tmp_dir`` must be on the
+    same file system as ``root`` so the final rename is atomic; both are
+    created (0700) if missing.  ``fsync=False`` skips every fsync and is only
+    for benchmarks (the settings refuse it otherwise).
+    """
+
+    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.tmp_dir = Path(tmp_dir)
+        self.fsync = fsync
+        for directory in (self.root, self.tmp_dir):
+            try:
+                _ensure_dir(directory, fsync=fsync)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot create or open the storage directory {directory}: {exc.strerror}; "
+                    "check that it exists and is writable by this user"
+                ) from exc
+        try:
+            same_fs = os.stat(self.root).st_dev == os.stat(self.tmp_dir).st_dev
+        except OSError as exc:  # pragma: no cover - created just above
+            raise StorageError(f"cannot stat the storage directories: {exc.strerror}") from exc
+        if not same_fs:
+            raise StorageError(
+                f"the staging directory {self.tmp_dir} is not on the same file system as {self.root}; "
+                "atomic writes need both on one file system"
+            )
+
+    # -- paths ----------------------------------------------------------------
+    def path_of(self, blob_id: str) -> Path:
+        """The file of ``blob_id`` (validated first: never a path from an unchecked string)."""
+        key = _check_blob_id(blob_id)
+        return self.root / key[0:2] / key[2:4] / key
+
+    # -- BlobStore ------------------------------------------------------------
+    def put(self, data: bytes) -> str:
+        payload = memoryview(data)
+        tmp_fd, tmp_name = self._mkstemp()
+        try:
+            try:
+                self._write_all(tmp_fd, payload)
+                if self.fsync:
+                    os.fsync(tmp_fd)
+            finally:
+                os.close(tmp_fd)
+            while True:
+                blob_id = new_blob_id()
+                target = self.path_of(blob_id)
+                self._make_parents(target.parent)
+                if not os.path.lexists(target):  # 2**-128 collision: never overwrite
+                    break
+            os.replace(tmp_name, target)
+        except OSError as exc:
+            _unlink_quietly(tmp_name)
+            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
+        except BaseException:
+            _unlink_quietly(tmp_name)
+            raise
+        if self.fsync:
+            try:
+                _fsync_dir(target.parent)
+            except OSError as exc:
+                # The object is in place but not known to be durable: undo, so nothing is acknowledged.
+                _unlink_quietly(str(target))
+                raise StorageError(
+                    f"could not make an object durable in {self.root}: {_describe(exc)}"
+                ) from exc
+        return blob_id
+
+    def get(self, blob_id: str) -> bytes:
+        path = self.path_of(blob_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFoundError("no stored object has this blob id") from None
+        except OSError as exc:
+            raise StorageError(f"could not read a stored object: {_describe(exc)}") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise StorageError("a stored object is not a regular file; the object store was altered")
+            return _read_all(fd)
+        except OSError as exc:
+            raise StorageError(f"could not read a stored object: {_describe(exc)}") from exc
+        finally:
+            os.close(fd)
+
+    def delete(self, blob_id: str) -> None:
+        path = self.path_of(blob_id)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"could not delete a stored object: {_describe(exc)}") from exc
+        if self.fsync:
+            try:
+                _fsync_dir(path.parent)
+            except OSError as exc:
+                raise StorageError(f"could not make a deletion durable: {_describe(exc)}") from exc
+        # Empty fan-out directories are kept: removing them would race with a concurrent put.
+
+    def exists(self, blob_id: str) -> bool:
+        path = self.path_of(blob_id)
+        try:
+            return stat.S_ISREG(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"could not look up a stored object: {_describe(exc)}") from exc
+
+    # -- internals (hooks a test subclass may override to inject failures) ----
+    def _mkstemp(self) -> tuple[int, str]:
+        """A new, empty 0600 file in ``tmp_dir``: ``(fd, path)``."""
+        try:
+            for _ in range(100):
+                name = os.path.join(self.tmp_dir, f".put-{secrets.token_hex(8)}.tmp")
+                try:
+                    fd = os.open(
+                        name,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                        _FILE_MODE,
+                    )
+                except FileExistsError:  # pragma: no cover - 2**-64
+                    continue
+                return fd, name
+            raise FileExistsError(errno.EEXIST, "no free temporary file name")  # pragma: no cover
+        except OSError as exc:
+            raise StorageError(
+                f"could not create a temporary file in {self.tmp_dir}: {_describe(exc)}; "
+                "check its permissions and free space"
+            ) from exc
+
+    def _write_all(self, fd: int, data: memoryview) -> None:
+        """Write every byte of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+        offset = 0
+        total = len(data)
+        while offset < total:
+            written = os.write(fd, data[offset : offset + (1 << 30)])
+            if written <= 0:  # pragma: no cover - POSIX raises instead
+                raise OSError(errno.EIO, "write made no progress")
+            offset += written
+
+    def _make_parents(self, directory: Path) -> None:
+        """Create ``root/ab`` and ``root/ab/cd`` as needed, 0700, each made durable in its parent."""
+        _ensure_dir(directory, fsync=self.fsync)
+
+
+def _ensure_dir(directory: Path, *, fsync: bool) -> None:
+    """Create ``directory`` (and missing parents) 0700; fsync the parent of each one created."""
+    missing: list[Path] = []
+    current = Path(directory)
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:  # pragma: no cover - the file system root exists
+            break
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            continue  # created concurrently by another writer: it made it durable
+        os.chmod(path, _DIR_MODE)  # the umask may have removed owner bits
+        if fsync:
+            _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename or unlink inside it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    """Every byte of ``fd`` (FileIO.readall sizes its buffer from fstat, so one copy at most)."""
+    with open(fd, "rb", buffering=0, closefd=False) as handle:
+        return handle.readall()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # pragma: no cover - best effort cleanup
+        _log.warning("could not remove temporary file %s: %s", path, exc.strerror)
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__

@@ -1,0 +1,1 @@
+"""SafePACS tests (a package so that ``from tests.corpus import ...`` works from the repo root)."""

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real ``safepacs serve`` on 127.0.0.1, an ephemeral port, real DCMTK peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from safepacs.app import initialize
+from safepacs.cli import main as safepacs_main
+
+DCMTK = ("echoscu", "storescu", "findscu", "getscu", "movescu", "storescp")
+POSTGRES_ENV = "SAFEPACS_TEST_POSTGRES"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = [tool for tool in DCMTK if shutil.which(tool) is None]
+    if missing:
+        skip = pytest.mark.skip(
+            reason=f"DCMTK tools not on PATH: {', '.join(missing)} (apt-get install dcmtk)"
+        )
+        for item in items:
+            if "dcmtk" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A freshly initialised data directory."""
+    d = tmp_path / "data"
+    initialize(d)
+    return d
+
+
+def run_cli(*args: str) -> int:
+    """Run the ``safepacs`` CLI in-process, as a user would type it."""
+    return safepacs_main(list(args))
+
+
+@dataclass
+class Server:
+    """A running ``safepacs serve`` subprocess."""
+
+    data: Path
+    host: str
+    port: int
+    proc: subprocess.Popen[str]
+    log: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def add_peer(self, ae: str, allow: str, host: str = "127.0.0.1", port: int | None = None) -> None:
+        args = ["peer", "add", ae, "--host", host, "--allow", allow, "--data", str(self.data)]
+        if port is not None:
+            args += ["--port", str(port)]
+        assert run_cli(*args) == 0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.log)
+
+
+def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """Start ``safepacs serve`` on 127.0.0.1 port 0 and wait until it listens."""
+    cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), "--dicom-port", "0", *extra]
+    full_env = {**os.environ, "SAFEPACS_SERVER__SHUTDOWN_GRACE": "5", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    assert proc.stdout is not None and proc.stderr is not None
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    line = proc.stdout.readline()
+    if "listening for DICOM on" not in line:
+        proc.kill()
+        proc.wait()
+        reader.join(10)
+        proc.stdout.close()
+        proc.stderr.close()
+        raise AssertionError(f"server did not start: {line!r} {''.join(log)}")
+    address = line.split(" on ", 1)[1].split(" ")[0]
+    host, port = address.rsplit(":", 1)
+    return Server(data, host, int(port), proc, log, reader)
+
+
+@pytest.fixture
+def server(data_dir: Path) -> Iterator[Server]:
+    """A running server with two DIMSE workers, on the fresh data directory."""
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "2"})
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool; never raises on a non-zero exit (tests assert on it)."""
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    return url

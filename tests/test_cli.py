@@ -1,0 +1,175 @@
+"""The command line as an administrator uses it: init, peer, import."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from safepacs.config import load_settings
+from safepacs.index import SqlIndex
+from tests.conftest import run_cli
+from tests.corpus import make_ct
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_creates_a_private_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d"
+    assert run_cli("init", "--data", str(data)) == 0
+    out = capsys.readouterr()
+    password = out.out.strip()
+    assert len(password) >= 16
+    assert _mode(data) == 0o700
+    for private in ("safepacs.toml", "admin-password.txt", "keys/ca.key", "keys/server.key"):
+        assert _mode(data / private) == 0o600, private
+    keks = list((data / "keys").glob("kek-*.key"))
+    assert len(keks) == 1 and _mode(keks[0]) == 0o600
+    assert (data / "admin-password.txt").read_text().strip() == password
+    toml = (data / "safepacs.toml").read_text()
+    for key in ("ae_title", "dicom_port", "max_results", "overwrite", "url"):
+        assert f"\n{key} = " in toml
+    index = SqlIndex(load_settings(data).index_url)
+    try:
+        admin = index.get_user("admin")
+        assert admin is not None and "admin" in admin.roles and password not in admin.password_hash
+    finally:
+        index.close()
+
+
+def test_init_refuses_an_existing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "keep").write_text("x")
+    assert run_cli("init", "--data", str(data)) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert [p.name for p in data.iterdir()] == ["keep"]
+
+
+def test_init_uses_the_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEPACS_DATA", str(tmp_path / "env-data"))
+    assert run_cli("init") == 0
+    assert (tmp_path / "env-data" / "safepacs.toml").is_file()
+
+
+def test_peer_add_list_remove(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(data_dir)
+    assert run_cli("peer", "add", "CT1", "--host", "10.1.2.3", "--allow", "echo,store", "--data", d) == 0
+    assert (
+        run_cli(
+            "peer",
+            "add",
+            "VIEWER",
+            "--host",
+            "192.168.0.0/24",
+            "--port",
+            "104",
+            "--allow",
+            "find,get,move",
+            "--data",
+            d,
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert run_cli("peer", "list", "--data", d) == 0
+    listing = capsys.readouterr().out
+    assert "CT1" in listing and "10.1.2.3/32" in listing and "echo,store" in listing
+    assert "VIEWER" in listing and "192.168.0.0/24" in listing and "104" in listing
+    assert run_cli("peer", "remove", "CT1", "--data", d) == 0
+    capsys.readouterr()
+    run_cli("peer", "list", "--data", d)
+    assert "CT1" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["BAD\\AE", "--host", "127.0.0.1", "--allow", "echo"], "not a valid AE title"),
+        (["THIS_AE_IS_TOO_LONG", "--host", "127.0.0.1", "--allow", "echo"], "not a valid AE title"),
+        (["CT", "--host", "127.0.0.1", "--allow", "echo,delete"], "unknown service 'delete'"),
+        (["CT", "--host", "not a host!", "--allow", "echo"], "neither an IP address"),
+        (["CT", "--host", "127.0.0.1", "--allow", "echo", "--port", "70000"], "--port must be"),
+    ],
+)
+def test_peer_add_refuses_bad_input(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert run_cli("peer", "add", *args, "--data", str(data_dir)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_peer_add_twice_and_remove_unknown_are_errors(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(data_dir)
+    assert run_cli("peer", "add", "CT1", "--host", "127.0.0.1", "--allow", "echo", "--data", d) == 0
+    assert run_cli("peer", "add", "CT1", "--host", "127.0.0.1", "--allow", "echo", "--data", d) == 2
+    assert run_cli("peer", "remove", "NOPE", "--data", d) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("safepacs: ") == 2
+
+
+def test_commands_on_a_missing_data_directory_explain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("peer", "list", "--data", str(tmp_path / "nope")) == 2
+    assert "safepacs init" in capsys.readouterr().err
+    assert run_cli("import", str(tmp_path), "--data", str(tmp_path / "nope")) == 2
+    assert "safepacs init" in capsys.readouterr().err
+
+
+def test_import_stores_files_and_reports_rejections(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in" / "nested"
+    src.mkdir(parents=True)
+    good = [make_ct(patient_id=f"P{i}") for i in range(3)]
+    for i, ds in enumerate(good):
+        ds.save_as(src / f"{i}.dcm", enforce_file_format=True)
+    (src / "garbage.dcm").write_bytes(b"\x00" * 200 + b"not dicom")
+    truncated = (src / "0.dcm").read_bytes()[:300]
+    (src.parent / "truncated.dcm").write_bytes(truncated)
+    assert run_cli("import", str(tmp_path / "in"), "--data", str(data_dir)) == 1
+    err = capsys.readouterr().err
+    assert "3 stored" in err and "2 rejected" in err
+    assert "garbage.dcm" in err and "truncated.dcm" in err
+    # Importing the same files again: already present, nothing changes.
+    assert run_cli("import", str(src / "0.dcm"), str(src / "1.dcm"), "--data", str(data_dir)) == 0
+    assert "2 already present" in capsys.readouterr().err
+    index = SqlIndex(load_settings(data_dir).index_url)
+    try:
+        assert index.count_instances() == 3
+    finally:
+        index.close()
+
+
+def test_stored_objects_are_encrypted_and_named_randomly(data_dir: Path, tmp_path: Path) -> None:
+    ds = make_ct(patient_id="PLAINTEXT-ID-4711")
+    ds.PatientName = "Sentinel^Plaintext"
+    ds.preamble = b"MZ" + b"\x90" * 126  # a polyglot preamble (CVE-2019-11687)
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert run_cli("import", str(path), "--data", str(data_dir)) == 0
+    objects = [p for p in (data_dir / "objects").rglob("*") if p.is_file()]
+    assert len(objects) == 1
+    blob = objects[0].read_bytes()
+    assert b"Sentinel" not in blob and b"PLAINTEXT-ID-4711" not in blob
+    assert str(ds.SOPInstanceUID) not in str(objects[0])
+    assert _mode(objects[0]) == 0o600
+    from safepacs.app import open_archive
+
+    archive = open_archive(load_settings(data_dir))
+    try:
+        ref = archive.index.get_instance(str(ds.SOPInstanceUID))
+        assert ref is not None
+        part10 = archive.retrieve.read(ref)
+    finally:
+        archive.close()
+    assert part10[:128] == b"\x00" * 128 and part10[128:132] == b"DICM"
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(part10))
+    assert back.PatientName == "Sentinel^Plaintext"

@@ -1,0 +1,373 @@
+"""Store, find and retrieve over DIMSE against a running server, with DCMTK and pynetdicom peers."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import build_context
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+from tests.conftest import Server, dcmtk, start_server
+from tests.corpus import make_ct
+from tests.dicom_client import associate, c_find, c_get, c_move, store_files
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _study(tmp_path: Path, n: int = 3, **kw: str) -> tuple[str, list[Path]]:
+    study = generate_uid()
+    series = generate_uid()
+    paths = [
+        _write(make_ct(study_uid=study, series_uid=series, **kw), tmp_path / f"{study[-6:]}-{i}.dcm")
+        for i in range(n)
+    ]
+    return study, paths
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    from safepacs.services.transcode import dataset_bytes
+
+    return dataset_bytes(path.read_bytes())[1]
+
+
+@pytest.mark.dcmtk
+def test_dcmtk_store_find_get_move_round_trip(server: Server, tmp_path: Path) -> None:
+    server.add_peer("CT1", "echo,store")
+    server.add_peer("VIEWER", "echo,find,get,move")
+    study, paths = _study(tmp_path, 3, patient_id="RT-1")
+    result = dcmtk(
+        "storescu", "-aet", "CT1", "-aec", "SAFEPACS", server.host, str(server.port), *map(str, paths)
+    )
+    assert result.returncode == 0, result.stderr
+
+    found = dcmtk(
+        "findscu",
+        "-S",
+        "-aet",
+        "VIEWER",
+        "-aec",
+        "SAFEPACS",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientID=RT-1",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "NumberOfStudyRelatedInstances",
+        server.host,
+        str(server.port),
+    )
+    assert found.returncode == 0, found.stderr
+    assert study in found.stdout + found.stderr
+
+    out = tmp_path / "get"
+    out.mkdir()
+    got = dcmtk(
+        "getscu",
+        "-S",
+        "-aet",
+        "VIEWER",
+        "-aec",
+        "SAFEPACS",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study}",
+        "-od",
+        str(out),
+        server.host,
+        str(server.port),
+    )
+    assert got.returncode == 0, got.stderr
+    received = sorted(out.iterdir())
+    assert len(received) == 3
+    assert {_dataset_bytes(p) for p in received} == {_dataset_bytes(p) for p in paths}
+
+    # C-MOVE to a registered storescp.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        scp_port = probe.getsockname()[1]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    server.add_peer("ARCHIVE2", "echo", port=scp_port)
+    scp = subprocess.Popen(["storescp", "-aet", "ARCHIVE2", "-od", str(moved), str(scp_port)])
+    try:
+        time.sleep(0.5)
+        mv = dcmtk(
+            "movescu",
+            "-S",
+            "-aet",
+            "VIEWER",
+            "-aec",
+            "SAFEPACS",
+            "-aem",
+            "ARCHIVE2",
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            f"SeriesInstanceUID={pydicom.dcmread(paths[0]).SeriesInstanceUID}",
+            server.host,
+            str(server.port),
+        )
+        assert mv.returncode == 0, mv.stderr
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    assert len(list(moved.iterdir())) == 3
+
+
+def test_move_to_an_unregistered_destination_is_refused(server: Server, tmp_path: Path) -> None:
+    server.add_peer("CT1", "store")
+    server.add_peer("VIEWER", "move")
+    study, paths = _study(tmp_path, 1)
+    assert set(store_files(server.port, paths, calling="CT1").values()) == {0}
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study
+    final = c_move(server.port, ds, "EVIL-SCP")
+    assert final.Status == 0xA801
+    # A registered peer without a port cannot be a destination either.
+    final = c_move(server.port, ds, "CT1")
+    assert final.Status == 0xA801
+
+
+def test_c_find_levels_keys_and_character_set(server: Server, tmp_path: Path) -> None:
+    server.add_peer("CT1", "store")
+    server.add_peer("VIEWER", "find")
+    study, paths = _study(tmp_path, 2, patient_id="FIND-1")
+    ds0 = pydicom.dcmread(paths[0])
+    ds0.PatientName = "Müller^Jürgen"
+    ds0.SpecificCharacterSet = "ISO_IR 192"
+    _write(ds0, paths[0])
+    ds1 = pydicom.dcmread(paths[1])
+    ds1.PatientName = "Müller^Jürgen"
+    ds1.SpecificCharacterSet = "ISO_IR 192"
+    _write(ds1, paths[1])
+    assert set(store_files(server.port, paths, calling="CT1").values()) == {0}
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = "FIND-*"
+    q.PatientName = ""
+    q.StudyInstanceUID = ""
+    q.NumberOfStudyRelatedInstances = ""
+    q.ModalitiesInStudy = ""
+    results, final = c_find(server.port, q)
+    assert final.Status == 0x0000
+    assert len(results) == 1
+    r = results[0]
+    assert r.StudyInstanceUID == study
+    assert int(r.NumberOfStudyRelatedInstances) == 2
+    assert "CT" in r.ModalitiesInStudy
+    assert str(r.PatientName) == "Müller^Jürgen"
+    assert "StudyDescription" not in r  # only the requested keys come back
+    assert "SpecificCharacterSet" in r
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study
+    q.SeriesInstanceUID = ds0.SeriesInstanceUID
+    q.SOPInstanceUID = ""
+    results, final = c_find(server.port, q)
+    assert final.Status == 0x0000
+    assert {str(r.SOPInstanceUID) for r in results} == {str(ds0.SOPInstanceUID), str(ds1.SOPInstanceUID)}
+
+    bad = Dataset()
+    bad.QueryRetrieveLevel = "PLANET"
+    results, final = c_find(server.port, bad)
+    assert results == [] and 0xA900 <= final.Status <= 0xCFFF and "ErrorComment" in final
+
+
+def test_c_find_limit_asks_to_narrow_the_query(data_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(data_dir, env={"SAFEPACS_QUERY__MAX_RESULTS": "2", "SAFEPACS_SERVER__WORKERS": "1"})
+    try:
+        srv.add_peer("CT1", "store")
+        srv.add_peer("VIEWER", "find")
+        paths = [_study(tmp_path, 1)[1][0] for _ in range(3)]
+        assert set(store_files(srv.port, paths, calling="CT1").values()) == {0}
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        results, final = c_find(srv.port, q)
+        assert final.Status == 0xA700
+        assert "narrow" in final.ErrorComment
+        assert results == []
+    finally:
+        srv.stop()
+
+
+def test_c_find_cancel(server: Server, tmp_path: Path) -> None:
+    server.add_peer("CT1", "store")
+    server.add_peer("VIEWER", "find")
+    study, series = generate_uid(), generate_uid()
+    with associate(server.port, [build_context(CTImageStorage, ExplicitVRLittleEndian)], calling="CT1") as assoc:
+        for _ in range(400):
+            ds = make_ct(rows=4, cols=4, study_uid=study, series_uid=series)
+            assert assoc.send_c_store(ds).Status == 0x0000
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study
+    q.SeriesInstanceUID = series
+    q.SOPInstanceUID = ""
+    statuses = []
+    with associate(server.port, [build_context(StudyRootQueryRetrieveInformationModelFind)]) as assoc:
+        responses = assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind, msg_id=7)
+        first, _ = next(responses)
+        statuses.append(first.Status)
+        # pynetdicom drops a C-CANCEL that arrives before the SCP started answering; cancel after the first.
+        assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelFind)
+        statuses += [s.Status for s, _ in responses if s is not None and "Status" in s]
+    assert statuses[0] == 0xFF00
+    assert statuses[-1] == 0xFE00
+    assert len(statuses) < 401
+
+
+def test_duplicate_and_conflicting_instances(server: Server, tmp_path: Path) -> None:
+    server.add_peer("CT1", "store")
+    server.add_peer("VIEWER", "get")
+    original = make_ct(patient_id="DUP-1")
+    with associate(
+        server.port, [build_context(CTImageStorage, ExplicitVRLittleEndian)], calling="CT1"
+    ) as assoc:
+        assert assoc.send_c_store(original).Status == 0x0000
+        assert assoc.send_c_store(original).Status == 0x0000  # same bytes: success, nothing changes
+        changed = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(original)))
+        changed.PatientName = "Someone^Else"
+        rsp = assoc.send_c_store(changed)
+        assert rsp.Status == 0xB006  # warning: stored one kept
+        assert "kept" in rsp.ErrorComment
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = original.StudyInstanceUID
+    q.SeriesInstanceUID = original.SeriesInstanceUID
+    q.SOPInstanceUID = original.SOPInstanceUID
+    received, final = c_get(server.port, q, [(str(CTImageStorage), [ExplicitVRLittleEndian])])
+    assert final.Status == 0x0000
+    _, data = received[str(original.SOPInstanceUID)]
+    assert b"Someone" not in data
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_malformed_c_store_data_sets_are_refused(server: Server) -> None:
+    server.add_peer("CT1", "store")
+    good = make_ct()
+    encoded = _to_bytes(good)
+    from safepacs.services.transcode import dataset_bytes
+
+    body = dataset_bytes(encoded)[1]
+    cases = {
+        "truncated": body[: len(body) // 3],
+        "garbage": b"\xff\xfe\x00\x01garbage" * 10,
+        "huge length": b"\x10\x00\x10\x00PN\xff\xff" + b"A" * 8,
+    }
+    with associate(
+        server.port, [build_context(CTImageStorage, ExplicitVRLittleEndian)], calling="CT1"
+    ) as assoc:
+        cx = assoc.accepted_contexts[0]
+        for name, payload in cases.items():
+            status = _raw_store(assoc, cx, str(good.SOPInstanceUID), payload)
+            assert 0xA700 <= status.Status <= 0xCFFF, name
+            assert "ErrorComment" in status, name
+        # A SOP Instance UID that tries to be a path.
+        evil = make_ct()
+        evil.SOPInstanceUID = "1.2.3/../../../etc/passwd"
+        status = _raw_store(assoc, cx, "1.2.3", dataset_bytes(_to_bytes(evil))[1])
+        assert 0xA700 <= status.Status <= 0xCFFF
+        # The association still works afterwards.
+        assert assoc.send_c_store(good).Status == 0x0000
+    assert not list(server.data.rglob("passwd"))
+
+
+def _raw_store(assoc: object, cx: object, sop_instance: str, payload: bytes) -> Dataset:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = 2
+    req.DataSet = BytesIO(payload)
+    assoc._reactor_checkpoint.clear()  # type: ignore[attr-defined]
+    while not assoc._is_paused:  # type: ignore[attr-defined]
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(req, cx.context_id)  # type: ignore[attr-defined]
+    _, rsp = assoc.dimse.get_msg(block=True)  # type: ignore[attr-defined]
+    assoc._reactor_checkpoint.set()  # type: ignore[attr-defined]
+    ds = Dataset()
+    ds.Status = rsp.Status
+    if getattr(rsp, "ErrorComment", None):
+        ds.ErrorComment = rsp.ErrorComment
+    return ds
+
+
+def test_peer_dropping_mid_transfer_leaves_nothing_behind(server: Server) -> None:
+    server.add_peer("CT1", "store")
+    big = make_ct(rows=512, cols=512)
+    with associate(
+        server.port, [build_context(CTImageStorage, ExplicitVRLittleEndian)], calling="CT1"
+    ) as assoc:
+        assoc.dimse_timeout = 0.5
+        # Send the first half of the data PDUs, then cut the connection.
+        sock = assoc.dul.socket.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        from threading import Thread
+
+        Thread(target=lambda: (time.sleep(0.05), sock.close()), daemon=True).start()
+        with contextlib.suppress(Exception):  # the client side breaks by design
+            assoc.send_c_store(big)
+    time.sleep(0.5)
+    server.add_peer("VIEWER", "find")
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = big.StudyInstanceUID
+    q.SeriesInstanceUID = big.SeriesInstanceUID
+    q.SOPInstanceUID = ""
+    results, final = c_find(server.port, q)
+    assert final.Status == 0x0000
+    # Either the instance arrived whole before the cut, or not at all; never a half object.
+    objects = [p for p in (server.data / "objects").rglob("*") if p.is_file()]
+    assert len(objects) == len(results)
+    assert not [p for p in (server.data / "tmp").iterdir()]
+
+
+def test_sigterm_stops_cleanly_and_acknowledged_data_survives(data_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(data_dir)
+    srv.add_peer("CT1", "store")
+    srv.add_peer("VIEWER", "find")
+    study, paths = _study(tmp_path, 2)
+    assert set(store_files(srv.port, paths, calling="CT1").values()) == {0}
+    assert srv.stop() == 0
+    again = start_server(data_dir)
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study
+        q.SeriesInstanceUID = pydicom.dcmread(paths[0]).SeriesInstanceUID
+        q.SOPInstanceUID = ""
+        results, final = c_find(again.port, q)
+        assert len(results) == 2 and final.Status == 0x0000
+    finally:
+        again.stop()

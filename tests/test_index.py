@@ -1,0 +1,719 @@
+"""The SQL index: schema, ingest bookkeeping, C-FIND matching, retrieval keys, peers and users.
+
+Every test runs on SQLite and, when SAFEPACS_TEST_POSTGRES names a server, on PostgreSQL too (each test
+in a fresh schema of its own, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import uuid
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydicom import config as dicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
+from pydicom.uid import generate_uid
+
+from safepacs.errors import (
+    ConflictError,
+    IndexError_,
+    InvalidObjectError,
+    NotFoundError,
+    QueryError,
+    QueryLimitError,
+)
+from safepacs.index import SqlIndex, UserRecord, migrate
+from safepacs.index.schema import metadata
+from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob
+
+PG_ENV = "SAFEPACS_TEST_POSTGRES"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+SR = "1.2.840.10008.5.1.4.1.1.88.11"
+ELE = "1.2.840.10008.1.2.1"
+PR, SR_ = QueryModel.PATIENT_ROOT, QueryModel.STUDY_ROOT
+PATIENT, STUDY, SERIES, IMAGE = QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE
+
+
+# Fixtures --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} is not set")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield (
+            sa.make_url(base)
+            .update_query_dict({"options": f"-csearch_path={schema}"})
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def index(db_url: str) -> Iterator[SqlIndex]:
+    migrate(db_url)
+    ix = SqlIndex(db_url)
+    yield ix
+    ix.close()
+
+
+def blob(n: int | str = 0) -> StoredBlob:
+    return StoredBlob(f"blob-{n}", "kek-1", hashlib.sha256(str(n).encode()).hexdigest(), 1000 + len(str(n)))
+
+
+def put(ds: Dataset, keyword: str, value: Any) -> None:
+    """Set a key without pydicom's value validation (query values such as 'C*' are not valid CS)."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    ds.add(DataElement(tag, dictionary_VR(tag), value, validation_mode=dicom_config.IGNORE))
+
+
+def instance(study: str, series: str, *, sop: str | None = None, sop_class: str = CT, **keys: Any) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.SOPClassUID = sop_class
+    for keyword, value in keys.items():
+        if isinstance(value, list) and value and isinstance(value[0], Dataset):
+            setattr(ds, keyword, value)
+        else:
+            put(ds, keyword, value)
+    return ds
+
+
+def query(level: QueryLevel, **keys: Any) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
+    for keyword, value in keys.items():
+        if (
+            (isinstance(value, list)
+            and value
+            and isinstance(value[0], Dataset))
+            or keyword.endswith("Sequence")
+        ):
+            setattr(ds, keyword, value)
+        else:
+            put(ds, keyword, value)
+    return ds
+
+
+def raw_query(level: QueryLevel, tag: int, vr: str, value: bytes) -> Dataset:
+    """An identifier holding one undecoded element, as received from the network."""
+    ds = query(level)
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    return ds
+
+
+def item(**keys: Any) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        put(ds, keyword, value)
+    return ds
+
+
+class Archive:
+    """A small archive: two named patients, one patient without an ID, five studies."""
+
+    def __init__(self, ix: SqlIndex) -> None:
+        self.ix = ix
+        u = generate_uid
+        self.a1, self.a2, self.b1, self.c1, self.c2 = u(), u(), u(), u(), u()
+        self.a1_ct, self.a1_sr, self.a2_mr, self.b1_ct, self.c1_ot, self.c2_ot = u(), u(), u(), u(), u(), u()
+        pa = dict(PatientID="PA", PatientName="Müller^Hans", PatientBirthDate="19700101", PatientSex="M")
+        pb = dict(PatientID="PB", IssuerOfPatientID="HOSP", PatientName="O'Brien^Pat", PatientSex="F")
+        a1 = dict(
+            StudyDate="20240105",
+            StudyTime="103000",
+            AccessionNumber="ACC_1",
+            StudyID="S1",
+            ReferringPhysicianName="House^Greg",
+            StudyDescription="Chest 100%",
+            ProcedureCodeSequence=[item(CodeValue="P1", CodingSchemeDesignator="LOCAL", CodeMeaning="Chest")],
+        )
+        a2 = dict(
+            StudyDate="20230610", StudyTime="0815", AccessionNumber="ACCX1", StudyDescription="Chest 1000"
+        )
+        b1 = dict(StudyDate="20240201", StudyTime="2300", AccessionNumber="a!b", StudyDescription="Knee_left")
+        self.sops: dict[str, list[str]] = {}
+        for n in range(3):
+            self._add(pa | a1, self.a1, self.a1_ct, Modality="CT", SeriesNumber=1, InstanceNumber=n + 1)
+        self._add(
+            pa | a1,
+            self.a1,
+            self.a1_sr,
+            sop_class=SR,
+            Modality="SR",
+            SeriesNumber=2,
+            InstanceNumber=1,
+            ContentDate="20240106",
+            ConceptNameCodeSequence=[
+                item(CodeValue="18748-4", CodingSchemeDesignator="LN", CodeMeaning="Report")
+            ],
+        )
+        for n in range(2):
+            self._add(
+                pa | a2, self.a2, self.a2_mr, sop_class=MR, Modality="MR", SeriesNumber=1, InstanceNumber=n
+            )
+        self._add(
+            pb | b1,
+            self.b1,
+            self.b1_ct,
+            Modality="CT",
+            SeriesNumber=7,
+            InstanceNumber=1,
+            RequestAttributesSequence=[
+                item(RequestedProcedureID="RP1", ScheduledProcedureStepID="SPS1"),
+                item(RequestedProcedureID="RP2", ScheduledProcedureStepID="SPS2"),
+            ],
+        )
+        anon = dict(PatientID="", PatientName="Anonymous")
+        self._add(anon | dict(StudyDate="20200101"), self.c1, self.c1_ot, Modality="OT")
+        self._add(anon | dict(StudyDate="20200102"), self.c2, self.c2_ot, Modality="OT")
+
+    def _add(self, keys: dict[str, Any], study: str, series: str, **more: Any) -> None:
+        ds = instance(study, series, **keys, **more)
+        self.ix.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
+        self.sops.setdefault(series, []).append(ds.SOPInstanceUID)
+
+
+@pytest.fixture
+def archive(index: SqlIndex) -> Archive:
+    return Archive(index)
+
+
+def uids(results: list[Dataset], keyword: str) -> set[str]:
+    return {str(r.get(keyword) or "") for r in results}
+
+
+def find(
+    ix: SqlIndex, model: QueryModel, level: QueryLevel, limit: int | None = None, **keys: Any
+) -> list[Dataset]:
+    return ix.find(model, level, query(level, **keys), limit)
+
+
+# Schema ------------------------------------------------------------------------------------------------
+def test_migrate_is_idempotent_and_matches_the_schema(db_url: str) -> None:
+    migrate(db_url)
+    migrate(db_url)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
+
+
+def test_sqlite_connections_are_durable_and_concurrent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
+    migrate(url)
+    ix = SqlIndex(url)
+    try:
+        with ix._engine.connect() as conn:
+            pragma = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        ix.close()
+    assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 30000}
+
+
+def test_unmigrated_database_and_bad_urls_raise_index_errors(tmp_path: Path) -> None:
+    ix = SqlIndex(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    try:
+        with pytest.raises(IndexError_):
+            ix.count_instances()
+    finally:
+        ix.close()
+    for url in ("nonsense", "mysql://x/y", "sqlite://"):
+        with pytest.raises(IndexError_):
+            SqlIndex(url)
+
+
+# Ingest bookkeeping ------------------------------------------------------------------------------------
+def test_counts_at_every_level(archive: Archive) -> None:
+    ix = archive.ix
+    assert ix.count_instances() == 9
+    (pa,) = find(
+        ix,
+        PR,
+        PATIENT,
+        PatientID="PA",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedSeries="",
+        NumberOfPatientRelatedInstances="",
+    )
+    assert (pa.NumberOfPatientRelatedStudies, pa.NumberOfPatientRelatedSeries) == (2, 3)
+    assert pa.NumberOfPatientRelatedInstances == 6
+    (a1,) = find(
+        ix,
+        SR_,
+        STUDY,
+        StudyInstanceUID=archive.a1,
+        NumberOfStudyRelatedSeries="",
+        NumberOfStudyRelatedInstances="",
+    )
+    assert (a1.NumberOfStudyRelatedSeries, a1.NumberOfStudyRelatedInstances) == (2, 4)
+    found = find(
+        ix, SR_, SERIES, StudyInstanceUID=archive.a1, SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""
+    )
+    assert {(r.SeriesInstanceUID, r.NumberOfSeriesRelatedInstances) for r in found} == {
+        (archive.a1_ct, 3),
+        (archive.a1_sr, 1),
+    }
+    # Counts are matchable keys too.
+    assert uids(
+        find(ix, SR_, STUDY, StudyInstanceUID="", NumberOfStudyRelatedInstances="2"), "StudyInstanceUID"
+    ) == {archive.a2}
+
+
+def test_modalities_and_sop_classes_in_study(archive: Archive) -> None:
+    ix = archive.ix
+    (a1,) = find(ix, SR_, STUDY, StudyInstanceUID=archive.a1, ModalitiesInStudy="", SOPClassesInStudy="")
+    assert list(a1.ModalitiesInStudy) == ["CT", "SR"]
+    assert set(a1.SOPClassesInStudy) == {CT, SR}
+    got = find(ix, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy="MR")
+    assert uids(got, "StudyInstanceUID") == {archive.a2}
+    got = find(ix, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy=["MR", "SR"])
+    assert uids(got, "StudyInstanceUID") == {archive.a1, archive.a2}
+    got = find(ix, SR_, STUDY, StudyInstanceUID="", SOPClassesInStudy=SR)
+    assert uids(got, "StudyInstanceUID") == {archive.a1}
+
+
+def test_patients_without_id_are_not_merged(archive: Archive) -> None:
+    found = find(
+        archive.ix, PR, PATIENT, PatientID="", PatientName="Anonymous", NumberOfPatientRelatedStudies=""
+    )
+    assert len(found) == 2
+    assert all(r.NumberOfPatientRelatedStudies == 1 for r in found)
+
+
+def test_replace_semantics(index: SqlIndex) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    first = instance(study, series, sop=sop, PatientID="P1", PatientName="Old^Name", Modality="CT")
+    assert index.add_instance(first, blob("one"), ELE) is None
+    with pytest.raises(ConflictError):
+        index.add_instance(first, blob("two"), ELE)
+    assert index.get_instance(sop).blob == blob("one")  # type: ignore[union-attr]
+    second = instance(study, series, sop=sop, PatientID="P1", PatientName="New^Name", Modality="MR")
+    assert index.add_instance(second, blob("two"), "1.2.840.10008.1.2.4.50", replace=True) == blob("one")
+    ref = index.get_instance(sop)
+    assert ref is not None
+    assert (ref.blob, ref.transfer_syntax_uid, ref.study_uid, ref.series_uid) == (
+        blob("two"),
+        "1.2.840.10008.1.2.4.50",
+        study,
+        series,
+    )
+    assert index.count_instances() == 1
+    (row,) = find(index, SR_, SERIES, SeriesInstanceUID=series, Modality="", PatientName="")
+    assert (row.Modality, str(row.PatientName)) == ("MR", "New^Name")
+    # Replacing the only instance of a study by one in another study leaves nothing empty behind.
+    other = instance(generate_uid(), generate_uid(), sop=sop, PatientID="P2")
+    assert index.add_instance(other, blob("three"), ELE, replace=True) == blob("two")
+    assert uids(find(index, SR_, STUDY, StudyInstanceUID=""), "StudyInstanceUID") == {other.StudyInstanceUID}
+    assert uids(find(index, PR, PATIENT, PatientID=""), "PatientID") == {"P2"}
+
+
+def test_delete_instance_removes_empty_parents(archive: Archive) -> None:
+    ix = archive.ix
+    (sop,) = archive.sops[archive.b1_ct]
+    assert ix.delete_instance(sop) == blob(sop)
+    assert ix.delete_instance(sop) is None
+    assert ix.get_instance(sop) is None
+    assert find(ix, PR, PATIENT, PatientID="PB") == []
+    assert find(ix, SR_, STUDY, StudyInstanceUID=archive.b1) == []
+    assert ix.count_instances() == 8
+
+
+def test_later_instances_update_study_and_series(index: SqlIndex) -> None:
+    study, series = generate_uid(), generate_uid()
+    index.add_instance(instance(study, series, PatientID="P", StudyDescription="first"), blob(1), ELE)
+    index.add_instance(instance(study, series, PatientID="P", StudyDescription="second"), blob(2), ELE)
+    index.add_instance(instance(study, series, PatientID="P"), blob(3), ELE)  # lacks it: kept
+    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, StudyDescription="")
+    assert row.StudyDescription == "second"
+    # An instance naming another patient does not move the study.
+    index.add_instance(instance(study, series, PatientID="Q"), blob(4), ELE)
+    assert uids(find(index, PR, PATIENT, PatientID=""), "PatientID") == {"P"}
+
+
+def test_series_under_another_study_is_refused(index: SqlIndex) -> None:
+    series = generate_uid()
+    index.add_instance(instance(generate_uid(), series), blob(1), ELE)
+    with pytest.raises(InvalidObjectError):
+        index.add_instance(instance(generate_uid(), series), blob(2), ELE)
+    assert index.count_instances() == 1
+
+
+def test_missing_uids_are_refused(index: SqlIndex) -> None:
+    ds = instance(generate_uid(), generate_uid())
+    del ds.SeriesInstanceUID
+    with pytest.raises(InvalidObjectError):
+        index.add_instance(ds, blob(1), ELE)
+
+
+# C-FIND matching ---------------------------------------------------------------------------------------
+SINGLE_CASES = [
+    (PR, PATIENT, "PatientID", "PB", "PatientID", {"PB"}),
+    (PR, PATIENT, "PatientSex", "F", "PatientID", {"PB"}),
+    (PR, PATIENT, "PatientBirthDate", "19700101", "PatientID", {"PA"}),
+    (PR, PATIENT, "IssuerOfPatientID", "HOSP", "PatientID", {"PB"}),
+    (PR, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1"}),
+    (SR_, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1"}),
+    (SR_, STUDY, "StudyID", "S1", "AccessionNumber", {"ACC_1"}),
+    (SR_, STUDY, "ReferringPhysicianName", "HOUSE^GREG", "StudyID", {"S1"}),
+    (SR_, STUDY, "PatientID", "PB", "AccessionNumber", {"a!b"}),
+    (PR, SERIES, "Modality", "SR", "SeriesNumber", {"2"}),
+    (SR_, SERIES, "SeriesNumber", "7", "Modality", {"CT"}),
+    (SR_, SERIES, "SeriesNumber", "007", "Modality", {"CT"}),
+    (PR, IMAGE, "InstanceNumber", "3", "InstanceNumber", {"3"}),
+    (SR_, IMAGE, "SOPClassUID", SR, "InstanceNumber", {"1"}),
+    (SR_, IMAGE, "ContentDate", "20240106", "SOPClassUID", {SR}),
+    (SR_, IMAGE, "AvailableTransferSyntaxUID", ELE, "InstanceAvailability", {"ONLINE"}),
+]
+
+
+@pytest.mark.parametrize(("model", "level", "key", "value", "shown", "expected"), SINGLE_CASES)
+def test_single_value_matching(
+    archive: Archive,
+    model: QueryModel,
+    level: QueryLevel,
+    key: str,
+    value: str,
+    shown: str,
+    expected: set[str],
+) -> None:
+    results = archive.ix.find(model, level, query(level, **{shown: "", key: value}), None)
+    assert {str(r[shown].value) for r in results} == expected
+    assert all(
+        r.QueryRetrieveLevel == level.value and r.SpecificCharacterSet == "ISO_IR 192" for r in results
+    )
+
+
+def test_non_pn_matching_is_case_sensitive(archive: Archive) -> None:
+    assert find(archive.ix, SR_, STUDY, AccessionNumber="acc_1") == []
+    assert find(archive.ix, SR_, STUDY, AccessionNumber="acc*") == []
+    assert len(find(archive.ix, SR_, STUDY, PatientName="müller^HANS")) == 2
+
+
+def test_uid_list_matching(archive: Archive) -> None:
+    got = find(archive.ix, SR_, STUDY, StudyInstanceUID=[archive.a1, archive.b1, generate_uid()])
+    assert uids(got, "StudyInstanceUID") == {archive.a1, archive.b1}
+    sops = archive.sops[archive.a1_ct][:2]
+    got = find(archive.ix, PR, IMAGE, PatientID="PA", StudyInstanceUID=archive.a1, SOPInstanceUID=sops)
+    assert uids(got, "SOPInstanceUID") == set(sops)
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"StudyDate": "20240101-20240131"}, {"ACC_1"}),
+        ({"StudyDate": "20240101-"}, {"ACC_1", "a!b"}),
+        ({"StudyDate": "-20231231"}, {"ACCX1", ""}),
+        ({"StudyDate": "20230610"}, {"ACCX1"}),
+        ({"StudyDate": "2023.06.10"}, {"ACCX1"}),
+        ({"StudyTime": "0800-1030"}, {"ACC_1", "ACCX1"}),
+        ({"StudyTime": "-08"}, {"ACCX1"}),
+        ({"StudyTime": "1030"}, {"ACC_1"}),
+        ({"StudyTime": "2200-"}, {"a!b"}),
+        ({"StudyDate": "20240101-", "StudyTime": "-1200"}, {"ACC_1"}),
+    ],
+)
+def test_date_and_time_ranges(archive: Archive, keys: dict[str, str], expected: set[str]) -> None:
+    results = find(archive.ix, SR_, STUDY, AccessionNumber="", **keys)
+    assert uids(results, "AccessionNumber") == expected
+
+
+def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
+    ix = archive.ix
+
+    def accessions(**keys: Any) -> set[str]:
+        return uids(find(ix, SR_, STUDY, **({"AccessionNumber": ""} | keys)), "AccessionNumber")
+
+    assert accessions(StudyDescription="Chest 100%") == {"ACC_1"}  # '%' is literal
+    assert accessions(StudyDescription="Chest 100*") == {"ACC_1", "ACCX1"}
+    assert accessions(StudyDescription="Chest 10?%") == {"ACC_1"}
+    assert accessions(AccessionNumber="ACC_1") == {"ACC_1"}  # '_' is literal
+    assert accessions(AccessionNumber="ACC_*") == {"ACC_1"}
+    assert accessions(AccessionNumber="ACC?1") == {"ACC_1", "ACCX1"}
+    assert accessions(AccessionNumber="a!*") == {"a!b"}  # the escape character itself
+    assert accessions(StudyDescription="Knee_*") == {"a!b"}
+    assert accessions(StudyDescription="%") == set()
+    assert accessions(PatientName="m?ller*") == {"ACC_1", "ACCX1"}
+    assert accessions(PatientName="*brien*") == {"a!b"}
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "x' OR '1'='1",
+        "'; DROP TABLE instances; --",
+        "\\' OR 1=1 --",
+        "PA' --",
+        "*' OR 'a'='a",
+        '" OR ""="',
+    ],
+)
+def test_sql_injection_values_are_plain_values(archive: Archive, evil: str) -> None:
+    for keyword in ("PatientID", "PatientName", "AccessionNumber"):
+        assert find(archive.ix, SR_, STUDY, **{keyword: evil}) == []
+    with pytest.raises(QueryError):
+        archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=""))
+    assert archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=evil)) == []
+    assert archive.ix.count_instances() == 9
+
+
+def test_universal_matching_and_response_keys(archive: Archive) -> None:
+    results = find(
+        archive.ix, SR_, STUDY, PatientName="", StudyDate="", AccessionNumber="*", RetrieveAETitle=""
+    )
+    assert len(results) == 5
+    for r in results:
+        keywords = {e.keyword for e in r}
+        assert keywords == {
+            "SpecificCharacterSet",
+            "QueryRetrieveLevel",
+            "PatientName",
+            "StudyDate",
+            "AccessionNumber",
+            "RetrieveAETitle",
+        }
+        assert r.RetrieveAETitle in (None, "", [])
+    # Keys the index does not keep are returned empty and do not restrict.
+    results = find(archive.ix, SR_, STUDY, StudyInstanceUID=archive.a1, PatientMotherBirthName="X*")
+    assert len(results) == 1 and results[0].PatientMotherBirthName in (None, "")
+    # Keys of a lower level are not matched at a higher one.
+    assert len(find(archive.ix, SR_, STUDY, SOPInstanceUID="nothing")) == 5
+
+
+def test_sequence_matching(archive: Archive) -> None:
+    ix = archive.ix
+    got = find(
+        ix,
+        SR_,
+        SERIES,
+        SeriesInstanceUID="",
+        RequestAttributesSequence=[item(ScheduledProcedureStepID="SPS2", RequestedProcedureID="")],
+    )
+    (row,) = got
+    assert row.SeriesInstanceUID == archive.b1_ct
+    assert [(i.ScheduledProcedureStepID, i.RequestedProcedureID) for i in row.RequestAttributesSequence] == [
+        ("SPS2", "RP2")
+    ]
+    # Both keys must match within one item.
+    seq = [item(ScheduledProcedureStepID="SPS1", RequestedProcedureID="RP2")]
+    assert find(ix, SR_, SERIES, RequestAttributesSequence=seq) == []
+    # An empty item is universal and returns every stored item.
+    rows = find(ix, SR_, SERIES, SeriesInstanceUID="", RequestAttributesSequence=[Dataset()])
+    assert len(rows) == 6
+    (b1,) = [r for r in rows if r.SeriesInstanceUID == archive.b1_ct]
+    assert [i.RequestedProcedureID for i in b1.RequestAttributesSequence] == ["RP1", "RP2"]
+    # Wild cards inside items; code sequences at study and image level.
+    got = find(ix, SR_, STUDY, ProcedureCodeSequence=[item(CodeValue="P?", CodeMeaning="")])
+    assert [i.CodeMeaning for r in got for i in r.ProcedureCodeSequence] == ["Chest"]
+    got = find(
+        ix, SR_, IMAGE, ConceptNameCodeSequence=[item(CodeValue="18748-4", CodingSchemeDesignator="LN")]
+    )
+    assert len(got) == 1
+    with pytest.raises(QueryError):
+        find(
+            ix,
+            SR_,
+            SERIES,
+            RequestAttributesSequence=[item(RequestedProcedureID="A"), item(RequestedProcedureID="B")],
+        )
+
+
+def test_limit(archive: Archive) -> None:
+    ix = archive.ix
+    assert len(find(ix, SR_, STUDY, limit=5, StudyInstanceUID="")) == 5
+    assert len(find(ix, SR_, STUDY, limit=0, StudyInstanceUID="")) == 5
+    with pytest.raises(QueryLimitError, match="more than 4 studies"):
+        find(ix, SR_, STUDY, limit=4, StudyInstanceUID="")
+    with pytest.raises(QueryLimitError, match="more than 8 instances"):
+        find(ix, SR_, IMAGE, limit=8, SOPInstanceUID="")
+
+
+def test_non_ascii_identifier_decoded_with_its_character_set(archive: Archive) -> None:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.QueryRetrieveLevel = "PATIENT"
+    ds.PatientName = "Müller*"
+    ds.PatientID = ""
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, False
+    write_dataset(raw, ds)
+    assert "Müller".encode("latin-1") in raw.getvalue()
+    decoded = read_dataset(BytesIO(raw.getvalue()), is_implicit_VR=False, is_little_endian=True)
+    (row,) = archive.ix.find(PR, PATIENT, decoded, None)
+    assert (row.PatientID, str(row.PatientName), row.SpecificCharacterSet) == (
+        "PA",
+        "Müller^Hans",
+        "ISO_IR 192",
+    )
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        Dataset(),  # no Query/Retrieve Level
+        query(SERIES, StudyInstanceUID=""),  # level differs from the request's
+        query(STUDY, StudyDate="yesterday"),
+        query(STUDY, StudyTime="2500"),
+        raw_query(STUDY, 0x00201208, "IS", b"many"),
+        raw_query(STUDY, 0x00100010, "PN", b"\xff\xfe" * 3000),
+        query(STUDY, StudyDate="-"),
+    ],
+)
+def test_malformed_identifiers(index: SqlIndex, identifier: Dataset) -> None:
+    with pytest.raises(QueryError):
+        index.find(SR_, STUDY, identifier, None)
+
+
+def test_wrong_vr_and_model_level(index: SqlIndex) -> None:
+    ds = query(STUDY)
+    ds.add_new(0x00080020, "LO", "20240101")  # StudyDate is DA
+    with pytest.raises(QueryError, match="VR"):
+        index.find(SR_, STUDY, ds, None)
+    with pytest.raises(QueryError, match="PATIENT"):
+        index.find(SR_, PATIENT, query(PATIENT, PatientID=""), None)
+
+
+# Retrieval ---------------------------------------------------------------------------------------------
+def test_instances_for(archive: Archive) -> None:
+    ix = archive.ix
+    a1 = archive.sops[archive.a1_ct] + archive.sops[archive.a1_sr]
+    a2 = archive.sops[archive.a2_mr]
+
+    def sops(model: QueryModel, level: QueryLevel, **keys: Any) -> list[str]:
+        return [ref.sop_instance_uid for ref in ix.instances_for(model, level, query(level, **keys))]
+
+    assert sops(SR_, STUDY, StudyInstanceUID=archive.a1) == a1  # ordered by series, instance number
+    assert sorted(sops(SR_, STUDY, StudyInstanceUID=[archive.a1, archive.a2])) == sorted(a1 + a2)
+    assert sops(PR, PATIENT, PatientID="PA") == a1 + a2
+    assert sops(PR, PATIENT, PatientID="PB", IssuerOfPatientID="OTHER") == []
+    assert sops(PR, STUDY, PatientID="PB", StudyInstanceUID=archive.a1) == []
+    assert (
+        sops(SR_, SERIES, StudyInstanceUID=archive.a1, SeriesInstanceUID=archive.a1_sr)
+        == archive.sops[archive.a1_sr]
+    )
+    assert sops(SR_, SERIES, StudyInstanceUID=archive.a2, SeriesInstanceUID=archive.a1_sr) == []
+    one = archive.sops[archive.a1_ct][1]
+    (ref,) = ix.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=one))
+    assert (ref.study_uid, ref.series_uid, ref.sop_class_uid, ref.transfer_syntax_uid) == (
+        archive.a1,
+        archive.a1_ct,
+        CT,
+        ELE,
+    )
+    assert ref.blob == blob(one)
+    assert sops(SR_, STUDY, StudyInstanceUID="1.2.*") == []  # no wild cards in a retrieve
+    for level, keys in (
+        (STUDY, {"PatientID": "PA"}),
+        (SERIES, {"StudyInstanceUID": archive.a1}),
+        (IMAGE, {}),
+    ):
+        with pytest.raises(QueryError):
+            ix.instances_for(SR_, level, query(level, **keys))
+    with pytest.raises(QueryError):
+        ix.instances_for(SR_, PATIENT, query(PATIENT, PatientID="PA"))
+
+
+def test_instances_for_long_uid_lists(index: SqlIndex) -> None:
+    study, series = generate_uid(), generate_uid()
+    ds_list = [instance(study, series, InstanceNumber=n) for n in range(3)]
+    for ds in ds_list:
+        index.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
+    wanted = [ds.SOPInstanceUID for ds in ds_list] + [generate_uid() for _ in range(1500)]
+    refs = index.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=wanted))
+    assert [r.sop_instance_uid for r in refs] == [ds.SOPInstanceUID for ds in ds_list]
+
+
+# Peers and users ---------------------------------------------------------------------------------------
+def test_peers(index: SqlIndex) -> None:
+    a = Peer("MODALITY", "10.0.0.0/8", None, frozenset({Service.STORE, Service.ECHO}))
+    b = Peer("VIEWER", "viewer.example", 104, frozenset({Service.FIND, Service.MOVE, Service.GET}))
+    index.add_peer(b)
+    index.add_peer(a)
+    with pytest.raises(ConflictError):
+        index.add_peer(a)
+    assert index.get_peer("MODALITY") == a
+    assert index.get_peer("NOBODY") is None
+    assert index.list_peers() == [a, b]
+    index.remove_peer("MODALITY")
+    with pytest.raises(NotFoundError):
+        index.remove_peer("MODALITY")
+    assert index.list_peers() == [b]
+
+
+def test_users(index: SqlIndex) -> None:
+    index.add_user("admin", "$argon2id$hash", frozenset({"admin", "viewer"}), must_change_password=True)
+    with pytest.raises(ConflictError):
+        index.add_user("admin", "x", frozenset())
+    assert index.get_user("admin") == UserRecord(
+        "admin", "$argon2id$hash", frozenset({"admin", "viewer"}), False, True
+    )
+    assert index.get_user("nobody") is None
+    index.update_user("admin", password_hash="new", must_change_password=False, disabled=True)
+    assert index.get_user("admin") == UserRecord("admin", "new", frozenset({"admin", "viewer"}), True, False)
+    index.add_user("bob", "h", frozenset())
+    assert [u.name for u in index.list_users()] == ["admin", "bob"]
+    with pytest.raises(NotFoundError):
+        index.update_user("nobody", disabled=True)
+
+
+# Concurrency -------------------------------------------------------------------------------------------
+def _writer(url: str, study: str, series: str, worker: int, count: int) -> None:
+    ix = SqlIndex(url)
+    try:
+        for n in range(count):
+            # Both workers create the same patient and study and their own series, interleaved.
+            ds = instance(study, series, PatientID="SHARED", PatientName=f"W{worker}", InstanceNumber=n)
+            ix.add_instance(ds, blob(f"{worker}-{n}"), ELE)
+    finally:
+        ix.close()
+
+
+def test_two_processes_write_concurrently(index: SqlIndex, db_url: str) -> None:
+    study = generate_uid()
+    count = 40
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(db_url, study, generate_uid(), w, count)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert index.count_instances() == 2 * count
+    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, NumberOfStudyRelatedSeries="")
+    assert row.NumberOfStudyRelatedSeries == 2
+    assert len(find(index, PR, PATIENT, PatientID="SHARED")) == 1
