@@ -208,7 +208,7 @@ def build_rows(
                 mbps = corpus.total_bytes / elapsed / 1e6
                 ratio = f"{medians['orthanc'] / elapsed:.2f}" if "orthanc" in medians else "-"
                 cpu = statistics.median(m.server_cpu for m in runs) / corpus.count * 1000
-                spread = ""
+                spread = "-"
                 if len(runs) > 1:
                     rates = sorted(corpus.count / m.elapsed for m in runs)
                     spread = f"{fmt_rate(rates[0])}-{fmt_rate(rates[-1])}"
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         console.print(f"corpora ready in {time.perf_counter() - t0:.1f} s")
 
+        load_before = os.getloadavg()[0]
         results: dict[tuple[str, str, int], list[Measurement]] = {}
         for run in range(args.runs):
             for corpus in corpora:
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         title = f"Ingest: storescu -> receiver, median of {args.runs} run(s)"
         context = (
             f"{dt.date.today().isoformat()}, {os.cpu_count()} CPUs ({platform.machine()}),"
+            f" load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after,"
             f" {versions(args.targets)}; corpora: "
             + ", ".join(f"{c.count:,} x {c.name} ({c.total_bytes / 1e6:,.1f} MB)" for c in corpora)
             + f"; `{command}`"

@@ -89,13 +89,15 @@ def _valid_uid(value: object) -> bool:
 def classify(path: Path) -> Kind:
     """``storable`` or ``unreadable`` (see the module docstring).
 
-    storable: ``dcmread`` without ``force`` reads it, and it has a file meta group with a Transfer
-    Syntax UID and SOP Class/Instance UIDs (from the meta, else from the data set) that are
-    syntactically valid UIDs: what a DICOM sender could C-STORE.  Anything else is unreadable.
+    storable: ``dcmread`` without ``force`` reads it without hitting the end of the file early, its
+    SOP class is a Storage SOP class, it has a file meta group with a Transfer Syntax UID and
+    SOP Class/Instance UIDs that are syntactically valid UIDs and agree with the data set's, the
+    data set has valid Study and Series Instance UIDs, and no element is shorter than its length:
+    what a DICOM sender could C-STORE and an archive can index.  Anything else is unreadable.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
             meta = ds.file_meta
             ts = meta.get("TransferSyntaxUID")
@@ -103,9 +105,52 @@ def classify(path: Path) -> Kind:
             sop_instance = meta.get("MediaStorageSOPInstanceUID") or ds.get("SOPInstanceUID")
     except Exception:  # pydicom raises many kinds (InvalidDicomError, ValueError, EOFError...); all mean no
         return "unreadable"
-    if all(_valid_uid(v) for v in (ts, sop_class, sop_instance)):
-        return "storable"
-    return "unreadable"
+    if any("End of file" in str(w.message) for w in caught):
+        return "unreadable"  # pydicom read a truncated file leniently; a PACS must not store half an object
+    if str(sop_class) not in _storage_classes():
+        return "unreadable"  # e.g. a DICOMDIR: not an instance anyone can C-STORE
+    if not all(_valid_uid(v) for v in (ts, sop_class, sop_instance)):
+        return "unreadable"
+    # A composite instance the archive can place in its patient/study/series hierarchy, whose file
+    # meta agrees with its data set (PS3.10 7.1) and whose elements are all as long as they say.
+    identity = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    if not all(_valid_uid(str(v)) if v is not None else False for v in identity):
+        return "unreadable"
+    if (str(identity[0]), str(identity[1])) != (str(sop_class), str(sop_instance)):
+        return "unreadable"
+    if _truncated(path, str(ts)):
+        return "unreadable"
+    return "storable"
+
+
+def _truncated(path: Path, ts: str) -> bool:
+    """Whether a top-level element's value is shorter than its declared length (pydicom reads those)."""
+    from pydicom.filereader import data_element_generator
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    if uid.is_deflated or not uid.is_transfer_syntax:
+        return False
+    from safepacs.services.transcode import dataset_bytes
+
+    try:
+        body = dataset_bytes(path.read_bytes())[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for raw in data_element_generator(BytesIO(body), uid.is_implicit_VR, uid.is_little_endian):
+                length = getattr(raw, "length", None)
+                if length not in (None, 0xFFFFFFFF) and raw.value is not None and len(raw.value) != length:
+                    return True
+    except Exception:  # noqa: BLE001 - unparsable is as bad as truncated here
+        return True
+    return False
+
+
+@functools.cache
+def _storage_classes() -> frozenset[str]:
+    from safepacs.dimse.contexts import storage_sop_classes
+
+    return frozenset(storage_sop_classes())
 
 
 def storable_files() -> list[Path]:

@@ -7,7 +7,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+from pydicom._uid_dict import UID_dictionary
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    build_context,
+    register_uid,
+    sop_class,
+)
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -25,9 +33,9 @@ __all__ = [
     "FIND_MODELS",
     "GET_MODELS",
     "MOVE_MODELS",
-    "STORAGE_SOP_CLASSES",
     "contexts_for",
     "negotiable_contexts",
+    "storage_sop_classes",
 ]
 
 FIND_MODELS = {
@@ -42,7 +50,33 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): QueryModel.PATIENT_ROOT,
     str(StudyRootQueryRetrieveInformationModelMove): QueryModel.STUDY_ROOT,
 }
-STORAGE_SOP_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+_IMAGE_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+
+
+@functools.cache
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every Storage SOP class pynetdicom knows, plus the retired and newer ones of PS3.4 Annex B it lacks.
+
+    Archives hold old studies: retired classes such as the original Ultrasound Image Storage
+    (1.2.840.10008.5.1.4.1.1.6) must still be accepted.  Missing ones are registered with
+    pynetdicom's Storage service class so their C-STORE requests reach our handler.
+    """
+    known = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    have = set(known)
+    for uid, (name, kind, _, _, keyword) in UID_dictionary.items():
+        if (
+            kind == "SOP Class"
+            and uid.startswith(_IMAGE_STORAGE_ROOT)
+            and "Storage" in name
+            and uid not in have
+        ):
+            if keyword.isidentifier() and not hasattr(sop_class, keyword):
+                register_uid(uid, keyword, StorageServiceClass)
+            known.append(uid)
+            have.add(uid)
+    return tuple(known)
+
+
 _UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 
 
@@ -74,7 +108,7 @@ def contexts_for(allow: frozenset[Service]) -> tuple[PresentationContext, ...]:
         out += [_cx(uid, _UNCOMPRESSED) for uid in GET_MODELS]
     if Service.STORE in allow or Service.GET in allow:
         roles = {"scu_role": True, "scp_role": True} if Service.GET in allow else {}
-        out += [_cx(uid, list(ALL_TRANSFER_SYNTAXES), **roles) for uid in STORAGE_SOP_CLASSES]
+        out += [_cx(uid, list(ALL_TRANSFER_SYNTAXES), **roles) for uid in storage_sop_classes()]
     return tuple(out)
 
 
@@ -100,5 +134,7 @@ def negotiable_contexts(allow: frozenset[Service], requested: Iterable[Any]) -> 
     out = []
     for ab, syntaxes in order.items():
         base = supported[ab]
-        out.append(_cx(ab, syntaxes or list(base.transfer_syntax), scu_role=base.scu_role, scp_role=base.scp_role))
+        out.append(
+            _cx(ab, syntaxes or list(base.transfer_syntax), scu_role=base.scu_role, scp_role=base.scp_role)
+        )
     return out

@@ -94,14 +94,14 @@ def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.Colum
         numbers = sorted({int(v) for v in cond.values})
         return column == numbers[0] if len(numbers) == 1 else column.in_(numbers)
     if cond.kind is MatchKind.WILDCARD:
-        return sa.or_(*(column.like(like_pattern(p), escape=ESCAPE) for p in cond.values))
+        return sa.or_(*(column.like(like_pattern(p)) for p in cond.values))
     return column == cond.values[0] if len(cond.values) == 1 else column.in_(cond.values)
 
 
 def _match_column(attr: A.Attribute, table: sa.FromClause) -> sa.ColumnElement[Any]:
     assert attr.column is not None
     if attr.vr == "PN":
-        return table.c[attr.column]
+        return table.c[attr.fold_column]
     if attr.vr in A.TEMPORAL_VRS:
         return table.c[attr.key_column]
     return table.c[attr.column]

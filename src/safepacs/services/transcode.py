@@ -291,11 +291,11 @@ def _decompress(ds: Dataset, uid: UID, limit: int) -> None:
     if count != frames:
         raise RetrieveError("the compressed pixel data holds fewer frames than Number of Frames says")
 
-    value: bytes | bytearray = buffer
-    if bits == 1:
-        value = pack_bits(np.frombuffer(buffer, dtype=np.uint8))
+    # pydicom takes a bytearray value for a list of numbers; hand it bytes (one transient copy)
+    value = pack_bits(np.frombuffer(buffer, dtype=np.uint8)) if bits == 1 else bytes(buffer)
+    del buffer
     if len(value) % 2:
-        value = bytes(value) + b"\x00"  # PS3.5 7.1.1: even value length
+        value += b"\x00"  # PS3.5 7.1.1: even value length
     ds[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB" if bits <= 8 else "OW", value)
     for tag in _ENCAPSULATION_TAGS:
         if tag in ds:
