@@ -141,7 +141,7 @@ def _truncated(path: Path, ts: str) -> bool:
                 length = getattr(raw, "length", None)
                 if length not in (None, 0xFFFFFFFF) and raw.value is not None and len(raw.value) != length:
                     return True
-    except Exception:  # noqa: BLE001 - unparsable is as bad as truncated here
+    except Exception:
         return True
     return False
 

@@ -76,7 +76,9 @@ def test_every_readable_file_round_trips_byte_for_byte(corpus_server: Server) ->
     assert not mismatched, mismatched
 
 
-def test_unreadable_files_are_refused_cleanly(corpus_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_files_are_refused_cleanly(
+    corpus_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
     files = unreadable_files()
     assert files
     for path in files:

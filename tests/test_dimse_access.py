@@ -122,7 +122,8 @@ def _associate_rq(calling: str, called: str, n_contexts: int) -> bytes:
         sub = _item(0x30, str(Verification).encode()) + _item(0x40, b"1.2.840.10008.1.2")
         items += _item(0x20, struct.pack(">BBBB", (2 * i + 1) % 256, 0, 0, 0) + sub)
     items += _item(0x50, _item(0x51, struct.pack(">I", 16384)))
-    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32 + items
+    aes = called.ljust(16).encode() + calling.ljust(16).encode()
+    body = struct.pack(">HH", 1, 0) + aes + b"\x00" * 32 + items
     return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
 

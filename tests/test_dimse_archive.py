@@ -214,7 +214,8 @@ def test_c_find_cancel(server: Server, tmp_path: Path) -> None:
     server.add_peer("CT1", "store")
     server.add_peer("VIEWER", "find")
     study, series = generate_uid(), generate_uid()
-    with associate(server.port, [build_context(CTImageStorage, ExplicitVRLittleEndian)], calling="CT1") as assoc:
+    contexts = [build_context(CTImageStorage, ExplicitVRLittleEndian)]
+    with associate(server.port, contexts, calling="CT1") as assoc:
         for _ in range(400):
             ds = make_ct(rows=4, cols=4, study_uid=study, series_uid=series)
             assert assoc.send_c_store(ds).Status == 0x0000

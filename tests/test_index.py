@@ -112,11 +112,8 @@ def query(level: QueryLevel, **keys: Any) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level.value
     for keyword, value in keys.items():
-        if (
-            (isinstance(value, list)
-            and value
-            and isinstance(value[0], Dataset))
-            or keyword.endswith("Sequence")
+        if (isinstance(value, list) and value and isinstance(value[0], Dataset)) or keyword.endswith(
+            "Sequence"
         ):
             setattr(ds, keyword, value)
         else:

@@ -456,6 +456,8 @@ _DATE_KEYS = {"PatientBirthDate", "StudyDate", "ContentDate"}
 def near(draw: st.DrawFn, keyword: str, stored: list[Any]) -> Any:
     """A key value built from a stored one, so that queries often match something."""
     values = [v for v in stored if v not in (None, "")]
+    if keyword in _DATE_KEYS | {"StudyTime"} and draw(st.booleans()):
+        return "-29991231" if keyword in _DATE_KEYS else "-2359"  # everything but empty values
     if not values:
         return draw(KEYS[keyword][1])
     value = draw(st.sampled_from(values))
@@ -478,6 +480,8 @@ def near(draw: st.DrawFn, keyword: str, stored: list[Any]) -> Any:
                     text[:cut] + "*",
                     "*" + text[cut:],
                     text[:cut] + "?" + text[cut + 1 :] if cut < len(text) else text + "?",
+                    text[:cut] + "_" + text[cut + 1 :] + "*",  # '_' and '%' are no wild cards
+                    text[:cut] + "%*",
                 ]
             )
         )
@@ -525,7 +529,7 @@ def test_sql_matching_agrees_with_the_reference(tmp_path: Path) -> None:
     migrate(f"sqlite:///{template}")
     counter = itertools.count()
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.data(), archive=archives())
     def check(data: st.DataObject, archive: list[dict[str, Any]]) -> None:
         path = tmp_path / f"db{next(counter)}.sqlite3"

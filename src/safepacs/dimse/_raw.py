@@ -94,7 +94,7 @@ def _send_raw(
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
-    return cast(Dataset, assoc._check_received_status(rsp))
+    return assoc._check_received_status(rsp)
 
 
 def enable_raw_store(assoc: Association) -> None:

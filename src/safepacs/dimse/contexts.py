@@ -6,8 +6,8 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
@@ -15,17 +15,8 @@ from pynetdicom import (
     register_uid,
     sop_class,
 )
-from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom.service_class import StorageServiceClass
 
 from safepacs.types import QueryModel, Service
 
@@ -33,10 +24,20 @@ __all__ = [
     "FIND_MODELS",
     "GET_MODELS",
     "MOVE_MODELS",
+    "Verification",
     "contexts_for",
     "negotiable_contexts",
     "storage_sop_classes",
 ]
+
+# PS3.4 Annex A (Verification) and C.6 (Query/Retrieve information models).
+Verification = "1.2.840.10008.1.1"
+PatientRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.1.1"
+PatientRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.1.2"
+PatientRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.1.3"
+StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
+StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
+StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
 
 FIND_MODELS = {
     str(PatientRootQueryRetrieveInformationModelFind): QueryModel.PATIENT_ROOT,
@@ -77,7 +78,7 @@ def storage_sop_classes() -> tuple[str, ...]:
     return tuple(known)
 
 
-_UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+_UNCOMPRESSED = [str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian)]
 
 
 def _cx(
@@ -108,7 +109,7 @@ def contexts_for(allow: frozenset[Service]) -> tuple[PresentationContext, ...]:
         out += [_cx(uid, _UNCOMPRESSED) for uid in GET_MODELS]
     if Service.STORE in allow or Service.GET in allow:
         roles = {"scu_role": True, "scp_role": True} if Service.GET in allow else {}
-        out += [_cx(uid, list(ALL_TRANSFER_SYNTAXES), **roles) for uid in storage_sop_classes()]
+        out += [_cx(uid, [str(ts) for ts in ALL_TRANSFER_SYNTAXES], **roles) for uid in storage_sop_classes()]
     return tuple(out)
 
 

@@ -148,7 +148,11 @@ class GateACSE(ACSE):
         self.acceptor.supported_contexts = negotiable_contexts(peer.allow, contexts)
         log.info(
             "association accepted",
-            extra={"calling_ae": peer.ae_title, "peer_address": address, "services": ",".join(sorted(s.value for s in peer.allow))},
+            extra={
+                "calling_ae": peer.ae_title,
+                "peer_address": address,
+                "services": ",".join(sorted(s.value for s in peer.allow)),
+            },
         )
         super()._negotiate_as_acceptor()
 

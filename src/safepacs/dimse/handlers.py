@@ -14,11 +14,10 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
-from pynetdicom.sop_class import Verification
 
 from safepacs.dimse import status as st
 from safepacs.dimse._raw import RawInstance
-from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from safepacs.dimse.gate import principal_of
 from safepacs.errors import QueryError, SafePacsError
 from safepacs.services.ingest import IngestService
@@ -180,7 +179,7 @@ def _move_contexts(refs: list[Any]) -> list[Any]:
         if ref.transfer_syntax_uid not in syntaxes:
             syntaxes.insert(0, ref.transfer_syntax_uid)
     if not by_class:  # nothing to send; one context so the association can still be negotiated
-        by_class[str(Verification)] = []
+        by_class[Verification] = []
     out = []
     for sop_class, syntaxes in list(by_class.items())[:_MAX_MOVE_CONTEXTS]:
         for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):

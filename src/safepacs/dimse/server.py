@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -39,7 +39,7 @@ __all__ = ["DimseServer", "bind_listener", "serve"]
 log = logging.getLogger(__name__)
 
 
-class _SafeAE(AE):  # type: ignore[misc]
+class _SafeAE(AE):
     """The AE of a worker: associations it requests (C-MOVE sub-operations) send raw and without Nagle."""
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
@@ -50,16 +50,16 @@ class _SafeAE(AE):  # type: ignore[misc]
         return assoc
 
 
-class _RequestHandler(RequestHandler):  # type: ignore[misc]
+class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        install_gate(assoc, self.server.gate)
+        install_gate(assoc, cast(_Server, self.server).gate)
         enable_raw_store(assoc)
         assoc.dul._run_loop_delay = 0.0005
         return assoc
 
 
-class _Server(ThreadedAssociationServer):  # type: ignore[misc]
+class _Server(ThreadedAssociationServer):
     """pynetdicom's server on a socket bound and listening already (inherited from the parent)."""
 
     daemon_threads = True
@@ -79,7 +79,8 @@ class _Server(ThreadedAssociationServer):  # type: ignore[misc]
         )
 
     def server_bind(self) -> None:
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._listener
         self.server_address = self.socket.getsockname()
 
@@ -87,9 +88,9 @@ class _Server(ThreadedAssociationServer):  # type: ignore[misc]
         return None
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = (
-            self.socket.accept()
-        )  # BlockingIOError when another worker won: socketserver skips it
+        assert self.socket is not None
+        # BlockingIOError when another worker won the race: socketserver skips it.
+        client, address = self.socket.accept()
         client.setblocking(True)
         set_nodelay(client)
         return client, address

@@ -83,7 +83,7 @@ def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.Colum
     if cond.vr in A.TEMPORAL_VRS:
         alternatives = []
         for low, high in cond.ranges:
-            parts = [column != ""]
+            parts = []
             if low:
                 parts.append(column >= low)
             if high:
@@ -94,7 +94,7 @@ def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.Colum
         numbers = sorted({int(v) for v in cond.values})
         return column == numbers[0] if len(numbers) == 1 else column.in_(numbers)
     if cond.kind is MatchKind.WILDCARD:
-        return sa.or_(*(column.like(like_pattern(p)) for p in cond.values))
+        return sa.or_(*(column.like(like_pattern(p), escape=ESCAPE) for p in cond.values))
     return column == cond.values[0] if len(cond.values) == 1 else column.in_(cond.values)
 
 

@@ -15,14 +15,14 @@ from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import data_element_generator
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from safepacs.services.transcode import dataset_bytes
 
 from safepacs.auth.policy import require
 from safepacs.errors import ConflictError, InvalidObjectError, SafePacsError, StorageError
 from safepacs.index import SqlIndex
+from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import IngestOutcome, IngestResult, Principal, Service, StoredBlob
 
@@ -41,7 +41,6 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1474.1"
 IMPLEMENTATION_VERSION_NAME = "SAFEPACS_010"
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_MAX_NESTING = 32  # sequence nesting deeper than this is refused (deep-nesting attacks)
 
 
 class SopClassMismatch(InvalidObjectError):
@@ -98,8 +97,9 @@ class IngestService:
         for name, uid in (("SOP Class", sop_class_uid), ("SOP Instance", sop_instance_uid)):
             if not valid_uid(uid):
                 raise InvalidObjectError(f"the request's Affected {name} UID is not a valid UID")
+        if not UID(transfer_syntax_uid).is_transfer_syntax:
+            raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
         part10 = _part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
-        _check_complete(encoded, transfer_syntax_uid)
         candidate = self._validate(part10)
         if candidate.sop_instance_uid != sop_instance_uid:
             raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
@@ -129,7 +129,8 @@ class IngestService:
             raise InvalidObjectError(
                 "the file meta lacks a valid SOP Class, SOP Instance or Transfer Syntax UID"
             )
-        _check_complete(encoded, ts)
+        if not UID(ts).is_transfer_syntax:
+            raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
         candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded))
         if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
             raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
@@ -138,8 +139,8 @@ class IngestService:
     # Steps -------------------------------------------------------------------
     def _validate(self, part10: bytes) -> _Candidate:
         try:
-            header = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
-            _touch(header, 0)
+            header = pydicom.dcmread(BytesIO(part10))
+            _check_complete(header)
         except SafePacsError:
             raise
         except Exception as exc:
@@ -179,6 +180,12 @@ class IngestService:
             if again is not None and again.blob.sha256 == digest:
                 return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
             return _conflict(c.sop_instance_uid)
+        except SafePacsError:
+            self._blobs.delete(blob_id)
+            raise
+        except Exception as exc:
+            self._blobs.delete(blob_id)
+            raise InvalidObjectError(f"an indexed attribute cannot be read ({type(exc).__name__})") from exc
         except BaseException:
             self._blobs.delete(blob_id)
             raise
@@ -214,41 +221,22 @@ def _part10(sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) 
     meta.TransferSyntaxUID = UID(ts)
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     buf.write(encoded)
     return buf.getvalue()
 
 
-def _check_complete(encoded: bytes, transfer_syntax_uid: str) -> None:
-    """Refuse a data set whose last elements are cut short (a truncated file or transfer).
+def _check_complete(ds: Dataset) -> None:
+    """Refuse a data set whose elements are cut short (a truncated file or transfer).
 
-    pydicom reads a value shorter than its declared length without complaint, so walk the
-    top-level elements and compare (PS3.5 7.1).  Deflated data sets are checked by inflating.
+    pydicom reads a value shorter than its declared length without complaint; compare each
+    top-level element's value with its length (PS3.5 7.1) without converting any value.
     """
-    ts = UID(transfer_syntax_uid)
-    if not ts.is_transfer_syntax:
-        raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
-    if ts.is_deflated:
-        return  # zlib detects truncation when the header is parsed
-    fp = BytesIO(encoded)
-    try:
-        for raw in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=None):
-            length = getattr(raw, "length", None)  # sequences come back parsed, without a length
-            if length is not None and length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != length:
-                raise InvalidObjectError("the data set is truncated (an element is shorter than its length)")
-    except SafePacsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed input
-        raise InvalidObjectError(f"the data set cannot be parsed ({type(exc).__name__})") from exc
-
-
-def _touch(ds: Dataset, depth: int) -> None:
-    """Convert every element now so malformed values fail validation, not indexing; bound nesting depth."""
-    if depth > _MAX_NESTING:
-        raise InvalidObjectError(f"sequences are nested deeper than {_MAX_NESTING} levels")
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _touch(item, depth + 1)
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)  # converted elements (and sequences) carry no length
+        value = getattr(raw, "value", None)
+        if length not in (None, 0xFFFFFFFF) and isinstance(value, bytes) and len(value) != length:
+            raise InvalidObjectError("the data set is truncated (an element is shorter than its length)")

@@ -9,8 +9,11 @@ SOP class it supports in any form:
   with a size limit): the element values are copied byte for byte; only element headers change.
 * Explicit VR Big Endian (retired, PS3.5 A.3): numeric values are byte-swapped by their VR.
 * Encapsulated syntaxes (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE; PS3.5 A.4): the pixel data is decoded
-  through pydicom's pixel data plugins, exactly as :func:`pydicom.pixels.decompress` does (colour is
-  converted to RGB where pydicom converts it), and the Image Pixel attributes are updated to match.
+  through pydicom's pixel data plugins as :func:`pydicom.pixels.decompress` does (YCbCr becomes RGB
+  where pydicom converts it; Photometric Interpretation, Planar Configuration and Number of Frames
+  follow), also in nested items such as icon images.  Unlike pydicom, the SOP Instance UID is kept (a
+  transfer syntax is not a new instance), the extended offset table attributes are removed, and Lossy
+  Image Compression "01" is added when an always-lossy JPEG process had left it out (PS3.3 C.7.6.1.1.5).
 
 Compressed pixel data is refused *before* decoding when the image header or a frame's codestream
 header promises more than ``max_pixel_bytes`` of decoded data (decompression bombs).  Every failure is a
@@ -22,7 +25,7 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from io import BytesIO
 from typing import Any
 
@@ -119,7 +122,7 @@ def dataset_bytes(part10: bytes) -> tuple[str, bytes]:
             length, header = struct.unpack_from("<I", part10, offset + 4)[0], 8
         elif vr.decode("latin-1") in _LONG_VRS:
             if offset + 12 > size:
-                break
+                raise InvalidObjectError("the file meta information is truncated (PS3.10 7.1)")
             length, header = struct.unpack_from("<I", part10, offset + 8)[0], 12
         else:
             length, header = struct.unpack_from("<H", part10, offset + 6)[0], 8
@@ -198,7 +201,9 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
     uid = UID(stored)
     if not can_convert(uid):
         name = uid.name if uid.is_transfer_syntax else stored
-        raise RetrieveError(f"no decoder is available to convert from the stored transfer syntax '{name}'")
+        raise RetrieveError(
+            f"no decoder is installed for the stored transfer syntax '{name}'; the peer must accept it as is"
+        )
     try:
         return _convert(
             uid, encoded, implicit=target == ImplicitVRLittleEndian, max_pixel_bytes=max_pixel_bytes
@@ -229,7 +234,12 @@ def _convert(uid: UID, encoded: bytes, *, implicit: bool, max_pixel_bytes: int) 
 
 
 def _parse(encoded: bytes, *, implicit: bool, little_endian: bool) -> Dataset:
-    return read_dataset(BytesIO(encoded), is_implicit_VR=implicit, is_little_endian=little_endian)
+    """The data set, parsed lazily; refused when pydicom stops before the end (a truncated object)."""
+    fp = BytesIO(encoded)
+    ds = read_dataset(fp, is_implicit_VR=implicit, is_little_endian=little_endian)
+    if fp.tell() < len(encoded):
+        raise RetrieveError("the stored data set is truncated or cannot be parsed to its end")
+    return ds
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -324,12 +334,10 @@ def _int_or_none(value: Any) -> int | None:
 def _geometry(ds: Dataset) -> tuple[int, int, int, int, int]:
     """(Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames), validated (PS3.3 C.7.6.3)."""
 
-    def need(keyword: str, low: int, high: int, default: int | None = None) -> int:
+    def need(keyword: str, low: int, high: int) -> int:
         value = ds.get(keyword)
         if value is None or value == "":
-            if default is None:
-                raise RetrieveError(f"the image has no {keyword}, so its pixel data cannot be decoded")
-            return default
+            raise RetrieveError(f"the image has no {keyword}, so its pixel data cannot be decoded")
         number = _int_or_none(value)
         if number is None or not low <= number <= high:
             raise RetrieveError(
@@ -364,16 +372,12 @@ def _check_codestreams(ds: Dataset, uid: UID, rows: int, cols: int, spp: int, fr
     extended = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-    for frame in _frames(value, frames, extended):
+    for frame in generate_frames(value, number_of_frames=frames, extended_offsets=extended):
         size = size_of(frame)
         if size is not None and size[0] * size[1] * size[2] > rows * cols * spp:
             raise RetrieveError(
                 "a compressed frame declares a larger image than the data set's Rows and Columns"
             )
-
-
-def _frames(value: bytes, frames: int, extended: tuple[bytes, bytes] | None) -> Iterator[bytes]:
-    yield from generate_frames(value, number_of_frames=frames, extended_offsets=extended)
 
 
 def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
@@ -468,6 +472,10 @@ class _Encoder:
                 continue
             elem = ds.get_item(tag)
             if isinstance(elem, RawDataElement) and elem.VR != "SQ" and elem.length != _UNDEFINED:
+                if len(elem.value or b"") != elem.length:
+                    raise RetrieveError(
+                        f"the element {Tag(tag)} is shorter than its length; the object is truncated"
+                    )
                 vr = elem.VR or self._resolve_vr(ds, tag, ancestors)
                 if vr != "SQ":
                     self._value(ds, tag, vr, elem.value or b"")
@@ -491,12 +499,14 @@ class _Encoder:
         self._chunks.append(_SEQUENCE_END)
 
     def _value(self, ds: Dataset, tag: int, vr: str, value: bytes | bytearray) -> None:
-        if self._swap and vr in _SWAP_WIDTH:
-            width = _SWAP_WIDTH[vr]
-            if tag == _PIXEL_DATA and vr == "OW":
-                bits = _int_or_none(ds.get("BitsAllocated")) or 16
-                width = max(2, bits // 8) if bits in (16, 32, 64) else 2
-            value = _byteswap(value, width)
+        if self._swap:
+            width = _SWAP_WIDTH.get(vr, 1)
+            if tag == _PIXEL_DATA:
+                # As pydicom reads big endian pixel data: by Bits Allocated; 8-bit data in OW words swapped
+                bits = _int_or_none(ds.get("BitsAllocated"))
+                width = bits // 8 if bits in (16, 32, 64) else 2 if bits == 8 and vr == "OW" else 1
+            if width > 1:
+                value = _byteswap(value, width)
         if not self._implicit and vr not in _LONG_VRS and len(value) > 0xFFFF:
             vr = "UN"  # PS3.5 6.2.2 Note: too long for a 16-bit length field
         self._header(tag, vr, len(value))
