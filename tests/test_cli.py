@@ -173,3 +173,34 @@ def test_stored_objects_are_encrypted_and_named_randomly(data_dir: Path, tmp_pat
     assert part10[:128] == b"\x00" * 128 and part10[128:132] == b"DICM"
     back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(part10))
     assert back.PatientName == "Sentinel^Plaintext"
+
+
+def test_import_of_other_content_keeps_or_replaces_per_setting(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_ct(patient_id="KEEP-1")
+    first.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    second = pydicom.dcmread(tmp_path / "a.dcm")
+    second.PatientName = "Changed^Name"
+    second.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    assert run_cli("import", str(tmp_path / "a.dcm"), "--data", str(data_dir)) == 0
+    assert run_cli("import", str(tmp_path / "b.dcm"), "--data", str(data_dir)) == 1
+    assert "1 kept (different content)" in capsys.readouterr().err
+
+    from safepacs.app import open_archive
+
+    def stored_name() -> str:
+        archive = open_archive(load_settings(data_dir))
+        try:
+            ref = archive.index.get_instance(str(first.SOPInstanceUID))
+            assert ref is not None
+            return str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(archive.retrieve.read(ref))).PatientName)
+        finally:
+            archive.close()
+
+    assert stored_name() != "Changed^Name"
+    monkeypatch.setenv("SAFEPACS_STORAGE__OVERWRITE", "true")
+    assert run_cli("import", str(tmp_path / "b.dcm"), "--data", str(data_dir)) == 0
+    assert "1 replaced" in capsys.readouterr().err
+    assert stored_name() == "Changed^Name"
+    assert len([p for p in (data_dir / "objects").rglob("*") if p.is_file()]) == 1

@@ -147,7 +147,7 @@ def test_file_layout_and_modes(tmp_path: Path, umask_zero: None) -> None:
     assert _mode(root) == 0o700
     assert _mode(tmp) == 0o700
     blob_id = store.put(b"sealed bytes")
-    path = root / blob_id[:2] / blob_id[2:4] / blob_id
+    path = root / blob_id[:2] / blob_id
     assert store.path_of(blob_id) == path
     assert path.read_bytes() == b"sealed bytes"
     assert _mode(path) == 0o600

@@ -159,43 +159,45 @@ class IngestService:
         return _Candidate(part10, header, sop_class, sop_instance, ts)
 
     def _store(self, c: _Candidate) -> IngestResult:
+        """Write, then index.  The index is asked first only when the instance turns out to exist.
+
+        New instances are the common case, so they cost one index transaction; a re-sent instance
+        costs a blob write that is undone.  Nothing stored is altered unless ``overwrite`` is on.
+        """
         digest = hashlib.sha256(c.part10).hexdigest()
-        existing = self._index.get_instance(c.sop_instance_uid)
-        if existing is not None:
-            if existing.blob.sha256 == digest:
-                return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
-            if not self._overwrite:
-                return _conflict(c.sop_instance_uid)
         sealed = self._cipher.seal(c.part10)
         blob_id = self._blobs.put(sealed)
         blob = StoredBlob(blob_id, self._cipher.key_id_of(sealed), digest, len(c.part10))
+        keep = False
         try:
-            old = self._index.add_instance(
-                c.header, blob, c.transfer_syntax_uid, replace=existing is not None and self._overwrite
-            )
-        except ConflictError:
-            # Another association stored the same instance between our check and our insert.
-            self._blobs.delete(blob_id)
-            again = self._index.get_instance(c.sop_instance_uid)
-            if again is not None and again.blob.sha256 == digest:
-                return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
-            return _conflict(c.sop_instance_uid)
+            try:
+                self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=False)
+            except ConflictError:
+                existing = self._index.get_instance(c.sop_instance_uid)
+                if existing is not None and existing.blob.sha256 == digest:
+                    return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
+                if not self._overwrite:
+                    return _conflict(c.sop_instance_uid)
+                old = self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=True)
+                keep = True
+                if old is not None:
+                    self._delete_quietly(old.blob_id)
+                return IngestResult(IngestOutcome.REPLACED, c.sop_instance_uid)
+            keep = True
+            return IngestResult(IngestOutcome.STORED, c.sop_instance_uid)
         except SafePacsError:
-            self._blobs.delete(blob_id)
             raise
         except Exception as exc:
-            self._blobs.delete(blob_id)
             raise InvalidObjectError(f"an indexed attribute cannot be read ({type(exc).__name__})") from exc
-        except BaseException:
+        finally:
+            if not keep:
+                self._delete_quietly(blob_id)
+
+    def _delete_quietly(self, blob_id: str) -> None:
+        try:
             self._blobs.delete(blob_id)
-            raise
-        if old is not None:
-            try:
-                self._blobs.delete(old.blob_id)
-            except StorageError:
-                log.warning("replaced object could not be removed", extra={"blob_id": old.blob_id})
-            return IngestResult(IngestOutcome.REPLACED, c.sop_instance_uid)
-        return IngestResult(IngestOutcome.STORED, c.sop_instance_uid)
+        except StorageError:
+            log.warning("an unreferenced object could not be removed", extra={"blob_id": blob_id})
 
 
 def _conflict(sop_instance_uid: str) -> IngestResult:

@@ -117,7 +117,7 @@ class MemoryBlobStore:
 
 
 class FileBlobStore:
-    """A :class:`BlobStore` on a POSIX file system: ``root/ab/cd/<blob_id>``.
+    """A :class:`BlobStore` on a POSIX file system: ``root/ab/<blob_id>``.
 
     Files are created 0600 and directories 0700.  ``tmp_dir`` must be on the
     same file system as ``root`` so the final rename is atomic; both are
@@ -126,6 +126,7 @@ class FileBlobStore:
     """
 
     def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True) -> None:
+        self._known_dirs: set[Path] = set()
         self.root = Path(root)
         self.tmp_dir = Path(tmp_dir)
         self.fsync = fsync
@@ -151,7 +152,7 @@ class FileBlobStore:
     def path_of(self, blob_id: str) -> Path:
         """The file of ``blob_id`` (validated first: never a path from an unchecked string)."""
         key = _check_blob_id(blob_id)
-        return self.root / key[0:2] / key[2:4] / key
+        return self.root / key[0:2] / key
 
     # -- BlobStore ------------------------------------------------------------
     def put(self, data: bytes) -> str:
@@ -263,8 +264,15 @@ class FileBlobStore:
             offset += written
 
     def _make_parents(self, directory: Path) -> None:
-        """Create ``root/ab`` and ``root/ab/cd`` as needed, 0700, each made durable in its parent."""
+        """Create ``root/ab`` as needed, 0700, made durable in its parent.
+
+        One level of 256 directories: a second level (65,536 directories) would cost two extra
+        directory fsyncs on nearly every write for the first tens of thousands of objects.
+        """
+        if directory in self._known_dirs:
+            return
         _ensure_dir(directory, fsync=self.fsync)
+        self._known_dirs.add(directory)
 
 
 def _ensure_dir(directory: Path, *, fsync: bool) -> None:
