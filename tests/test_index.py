@@ -446,7 +446,7 @@ def test_uid_list_matching(archive: Archive) -> None:
     ],
 )
 def test_date_and_time_ranges(archive: Archive, keys: dict[str, str], expected: set[str]) -> None:
-    results = find(archive.ix, SR_, STUDY, AccessionNumber="", **keys)
+    results = archive.ix.find(SR_, STUDY, query(STUDY, AccessionNumber="", **keys), None)
     assert uids(results, "AccessionNumber") == expected
 
 
@@ -482,7 +482,7 @@ def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
 )
 def test_sql_injection_values_are_plain_values(archive: Archive, evil: str) -> None:
     for keyword in ("PatientID", "PatientName", "AccessionNumber"):
-        assert find(archive.ix, SR_, STUDY, **{keyword: evil}) == []
+        assert archive.ix.find(SR_, STUDY, query(STUDY, **{keyword: evil}), None) == []
     with pytest.raises(QueryError):
         archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=""))
     assert archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=evil)) == []

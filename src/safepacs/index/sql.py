@@ -83,7 +83,7 @@ def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.Colum
     if cond.vr in A.TEMPORAL_VRS:
         alternatives = []
         for low, high in cond.ranges:
-            parts = []
+            parts = [column != ""]
             if low:
                 parts.append(column >= low)
             if high:
