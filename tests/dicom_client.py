@@ -132,9 +132,11 @@ def c_get(
         port, contexts, calling=calling, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]
     ) as assoc:
         assert assoc.is_established
-        for status, _ in assoc.send_c_get(identifier, model):
+        for status, ident in assoc.send_c_get(identifier, model):
             if status is not None and "Status" in status and status.Status != 0xFF00:
                 final = status
+                if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                    final.FailedSOPInstanceUIDList = ident.FailedSOPInstanceUIDList
     return received, final
 
 

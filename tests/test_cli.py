@@ -204,3 +204,23 @@ def test_import_of_other_content_keeps_or_replaces_per_setting(
     assert "1 replaced" in capsys.readouterr().err
     assert stored_name() == "Changed^Name"
     assert len([p for p in (data_dir / "objects").rglob("*") if p.is_file()]) == 1
+
+
+def test_serve_on_a_port_in_use_explains(data_dir: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "safepacs", "serve", "--data", str(data_dir), "--dicom-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr

@@ -372,3 +372,42 @@ def test_sigterm_stops_cleanly_and_acknowledged_data_survives(data_dir: Path, tm
         assert len(results) == 2 and final.Status == 0x0000
     finally:
         again.stop()
+
+
+def test_c_get_converts_for_a_peer_without_the_stored_syntax(server: Server) -> None:
+    """A JPEG-stored image goes to a viewer that accepts only Explicit VR LE decompressed (PS3.4 C.4.3)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000Lossless
+
+    server.add_peer("CT1", "store")
+    server.add_peer("VIEWER", "get")
+    path = Path(str(get_testdata_file("SC_rgb_jpeg_gdcm.dcm")))
+    header = pydicom.dcmread(path)
+    assert header.file_meta.TransferSyntaxUID.is_compressed
+    assert store_files(server.port, [path], calling="CT1") == {path: 0}
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = header.StudyInstanceUID
+    q.SeriesInstanceUID = header.SeriesInstanceUID
+    q.SOPInstanceUID = header.SOPInstanceUID
+    sop_class = str(header.SOPClassUID)
+
+    received, final = c_get(server.port, q, [(sop_class, [ExplicitVRLittleEndian])])
+    assert final.Status == 0x0000
+    ts, data = received[str(header.SOPInstanceUID)]
+    assert ts == ExplicitVRLittleEndian
+    from pydicom.filereader import read_dataset
+
+    got = read_dataset(pydicom.filebase.DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    got.file_meta = pydicom.dataset.FileMetaDataset()
+    got.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert got.SOPInstanceUID == header.SOPInstanceUID
+    assert (got.pixel_array == header.pixel_array).all()  # lossless JPEG: the same pixels
+
+    # Offered only a syntax SafePACS cannot produce: that sub-operation fails, and says which instance.
+    received, final = c_get(server.port, q, [(sop_class, [JPEG2000Lossless])])
+    assert received == {}
+    assert final.Status in (0xA702, 0xB000)
+    assert final.NumberOfFailedSuboperations == 1
+    failed = final.FailedSOPInstanceUIDList
+    assert str(header.SOPInstanceUID) in ([failed] if isinstance(failed, str) else list(failed))

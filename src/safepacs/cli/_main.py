@@ -126,7 +126,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     migrate(settings.index_url)
     open_archive(settings).close()  # fail here, once, with a clear message, not in every worker
-    if not ipaddress.ip_address(settings.server.bind).is_loopback:
+    if not _is_loopback(settings.server.bind):
         import logging
 
         logging.getLogger("safepacs.posture").warning(
@@ -141,7 +141,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    return serve(settings, open_archive, setup=lambda: configure_logging(args.log_level), ready=ready)
+    try:
+        return serve(settings, open_archive, setup=lambda: configure_logging(args.log_level), ready=ready)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {settings.server.bind}:{settings.server.dicom_port} ({exc.strerror}); "
+            "choose another --bind or --dicom-port"
+        ) from exc
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _parse_allow(text: str) -> frozenset[Any]:
@@ -283,3 +296,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a one-line message, never a traceback, for the user
+        _err(f"unexpected internal error ({type(exc).__name__}: {exc}); please report it")
+        return EXIT_ERROR
