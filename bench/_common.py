@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -241,9 +240,6 @@ class Receiver:
     def stored(self) -> int:
         raise NotImplementedError
 
-    def version(self) -> str:
-        return ""
-
     def cpu_seconds(self) -> float:
         return _process_group_cpu(self.proc.pid) if self.proc else 0.0
 
@@ -314,11 +310,6 @@ class StoreScp(Receiver):
     def stored(self) -> int:
         return count_files(self.workdir / "received")
 
-    def version(self) -> str:
-        out = subprocess.run([dcmtk("storescp"), "--version"], capture_output=True, text=True, check=False)
-        match = re.search(r"v(\d+\.\d+\.\d+)", out.stdout)
-        return f"DCMTK {match.group(1)}" if match else "DCMTK"
-
 
 class Orthanc(Receiver):
     """Orthanc as packaged by Debian, its own SQLite index, plugins off, everything in ``workdir``.
@@ -366,10 +357,6 @@ class Orthanc(Receiver):
         assert isinstance(stats, dict)
         return int(stats["CountInstances"])
 
-    def version(self) -> str:
-        system = self._get("/system") if self.proc else {}
-        return f"Orthanc {system.get('Version', '')}" if isinstance(system, dict) else "Orthanc"
-
 
 class OrthancNagle(Orthanc):
     """Orthanc as packaged: Nagle's algorithm on its sockets (storescu still sets TCP_NODELAY on its own)."""
@@ -406,11 +393,8 @@ class SafePacs(Receiver):
     def stored(self) -> int:
         return count_files(self.workdir / "data" / "objects")
 
-    def version(self) -> str:
-        out = subprocess.run([str(SAFEPACS), "--version"], capture_output=True, text=True, check=False)
-        return out.stdout.strip() or "SafePACS"
-
     def worker_pids(self) -> list[int]:
+        """The pool workers (processes of the server's group other than the leader), e.g. for py-spy."""
         if not self.proc:
             return []
         pids = []

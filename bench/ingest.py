@@ -30,6 +30,7 @@ from _common import (
     CALLING_AET,
     HOST,
     ORTHANC,
+    REPO,
     SAFEPACS,
     Corpus,
     Orthanc,
@@ -169,11 +170,32 @@ def versions(targets: list[str]) -> str:
 
     parts = []
     if "safepacs" in targets:
-        parts.append(first_line([str(SAFEPACS), "--version"]))
+        parts.append(first_line([str(SAFEPACS), "--version"]) + git_revision())
     if any(t.startswith("orthanc") for t in targets):
         parts.append(first_line([str(ORTHANC), "--version"]).replace(str(ORTHANC), "Orthanc"))
     parts.append(first_line([dcmtk("storescu"), "--version"]).strip("$ ").replace("dcmtk: ", "DCMTK "))
     return ", ".join(parts)
+
+
+def git_revision() -> str:
+    """`` (git abc1234)``, ``+changes`` when src/ differs from it; read-only (no index refresh)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            cwd=REPO, env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (git {rev}{'+changes' if changes else ''})"
 
 
 def fmt_rate(value: float) -> str:
