@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql, sqlite
 
-from safepacs.errors import ConflictError, IndexError_, InvalidObjectError, NotFoundError
+from safepacs.errors import ConflictError, IndexError_, NotFoundError
 from safepacs.index import sql
 from safepacs.index.attributes import UNIQUE_KEYS
 from safepacs.index.matching import parse_identifier, retrieve_keys
-from safepacs.index.schema import instances, patients, peers, series, studies, users
+from safepacs.index.schema import instances, peers, series, studies, users
+from safepacs.index.write import Writer, read_header
 from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Service, StoredBlob
 
 __all__ = ["SqlIndex", "UserRecord", "migrate"]
@@ -145,6 +145,7 @@ class SqlIndex:
         self._engine = _make_engine(url)
         self._writer = self._engine.execution_options(safepacs_write=True)
         self._sqlite = self._engine.dialect.name == "sqlite"
+        self._write = Writer(self._engine.dialect.name)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -176,10 +177,6 @@ class SqlIndex:
             except sa.exc.SQLAlchemyError as exc:
                 raise IndexError_(f"the index database failed ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _insert(self, table: sa.Table) -> Any:
-        """INSERT ... ON CONFLICT DO NOTHING for the dialect in use."""
-        return (sqlite.insert(table) if self._sqlite else postgresql.insert(table)).on_conflict_do_nothing()
 
     # Instances --------------------------------------------------------------------------------------------
     def get_instance(self, sop_instance_uid: str) -> InstanceRef | None:
@@ -217,176 +214,17 @@ class SqlIndex:
         indexed already: :class:`ConflictError`.  ``replace=True``: the row is replaced and the old
         blob returned (the caller deletes its bytes).  Committed durably before returning.
         """
-        levels = {lv: sql.header_values(header, lv) for lv in QueryLevel}
-        present = {lv: sql.header_values(header, lv, only_present=True)[0] for lv in QueryLevel}
-        image = levels[QueryLevel.IMAGE][0]
-        study_uid = str(levels[QueryLevel.STUDY][0]["study_instance_uid"])
-        series_uid = str(levels[QueryLevel.SERIES][0]["series_instance_uid"])
-        sop_uid = str(image["sop_instance_uid"])
-        if not (study_uid and series_uid and sop_uid):
-            raise InvalidObjectError(
-                "the data set lacks a Study, Series or SOP Instance UID; it cannot be indexed"
-            )
-        patient_cols = levels[QueryLevel.PATIENT][0]
-        key = (str(patient_cols["patient_id"]), str(patient_cols["issuer_of_patient_id"]))
-        anon_key = "" if key[0] else study_uid
-
-        def work(conn: sa.Connection) -> StoredBlob | None:
-            now = _now()
-            old: StoredBlob | None = None
-            created = now
-            row = (
-                conn.execute(sa.select(instances).where(instances.c.sop_instance_uid == sop_uid))
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                if not replace:
-                    raise ConflictError("an instance with this SOP Instance UID is indexed already")
-                old = StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
-                created = row["created_at"]
-                self._remove(conn, row["pk"], row["series_pk"], row["study_pk"])
-            study_pk = self._upsert_study(conn, levels, present, (*key, anon_key), now)
-            series_pk = self._upsert_series(conn, study_pk, levels[QueryLevel.SERIES], present, now)
-            values = {
-                **image,
-                "series_pk": series_pk,
-                "study_pk": study_pk,
-                "transfer_syntax_uid": transfer_syntax_uid,
-                "blob_id": blob.blob_id,
-                "key_id": blob.key_id,
-                "sha256": blob.sha256,
-                "size": blob.size,
-                "created_at": created,
-                "updated_at": now,
-            }
-            pk = conn.execute(self._insert(instances).values(**values).returning(instances.c.pk)).scalar()
-            if pk is None:
-                raise ConflictError("an instance with this SOP Instance UID is indexed already")
-            sql.insert_sequence_items(conn, levels[QueryLevel.IMAGE][1], pk, replace=False)
-            return old
-
-        return self._run(work, write=True)
-
-    def _get_or_insert(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        where: list[sa.ColumnElement[bool]],
-        values: dict[str, Any],
-    ) -> tuple[int, bool]:
-        pk = conn.execute(sa.select(table.c.pk).where(*where)).scalar()
-        if pk is not None:
-            return pk, False
-        pk = conn.execute(self._insert(table).values(**values).returning(table.c.pk)).scalar()
-        if pk is not None:
-            return pk, True
-        return conn.execute(sa.select(table.c.pk).where(*where)).scalar_one(), False  # lost a race
-
-    def _upsert_study(
-        self,
-        conn: sa.Connection,
-        levels: dict[QueryLevel, tuple[dict[str, object], dict[str, list[dict[str, object]]]]],
-        present: dict[QueryLevel, dict[str, object]],
-        patient_key: tuple[str, str, str],
-        now: datetime,
-    ) -> int:
-        study_cols, study_seqs = levels[QueryLevel.STUDY]
-        patient_cols, patient_seqs = levels[QueryLevel.PATIENT]
-        uid = study_cols["study_instance_uid"]
-        found = conn.execute(
-            sa.select(studies.c.pk, studies.c.patient_pk).where(studies.c.study_instance_uid == uid)
-        ).first()
-        if found is None:
-            pid, issuer, anon = patient_key
-            where = [
-                patients.c.patient_id == pid,
-                patients.c.issuer_of_patient_id == issuer,
-                patients.c.anon_key == anon,
-            ]
-            values = {**patient_cols, "anon_key": anon, "created_at": now, "updated_at": now}
-            patient_pk, created = self._get_or_insert(conn, patients, where, values)
-            if not created:
-                self._update(conn, patients, patient_pk, present[QueryLevel.PATIENT], now)
-            sql.insert_sequence_items(conn, patient_seqs, patient_pk, replace=not created)
-            values = {**study_cols, "patient_pk": patient_pk, "created_at": now, "updated_at": now}
-            study_pk, created = self._get_or_insert(
-                conn, studies, [studies.c.study_instance_uid == uid], values
-            )
-            if created:
-                sql.insert_sequence_items(conn, study_seqs, study_pk, replace=False)
-                return study_pk
-            found = conn.execute(
-                sa.select(studies.c.pk, studies.c.patient_pk).where(studies.c.pk == study_pk)
-            ).one()
-        study_pk, patient_pk = found
-        stored_key = conn.execute(
-            sa.select(patients.c.patient_id, patients.c.issuer_of_patient_id, patients.c.anon_key).where(
-                patients.c.pk == patient_pk
-            )
-        ).one()
-        if tuple(stored_key) == patient_key:
-            self._update(conn, patients, patient_pk, present[QueryLevel.PATIENT], now)
-            sql.insert_sequence_items(conn, patient_seqs, patient_pk, replace=True)
-        else:
-            log.warning(
-                "an instance names another patient than its stored study; the study keeps its patient"
-            )
-        self._update(conn, studies, study_pk, present[QueryLevel.STUDY], now)
-        sql.insert_sequence_items(conn, study_seqs, study_pk, replace=True)
-        return int(study_pk)
-
-    def _upsert_series(
-        self,
-        conn: sa.Connection,
-        study_pk: int,
-        level: tuple[dict[str, object], dict[str, list[dict[str, object]]]],
-        present: dict[QueryLevel, dict[str, object]],
-        now: datetime,
-    ) -> int:
-        cols, seqs = level
-        where = [series.c.series_instance_uid == cols["series_instance_uid"]]
-        values = {**cols, "study_pk": study_pk, "created_at": now, "updated_at": now}
-        series_pk, created = self._get_or_insert(conn, series, where, values)
-        if created:
-            sql.insert_sequence_items(conn, seqs, series_pk, replace=False)
-            return series_pk
-        owner = conn.execute(sa.select(series.c.study_pk).where(series.c.pk == series_pk)).scalar_one()
-        if owner != study_pk:
-            raise InvalidObjectError(
-                "the instance's Series Instance UID belongs to another study already; it was not stored"
-            )
-        self._update(conn, series, series_pk, present[QueryLevel.SERIES], now)
-        sql.insert_sequence_items(conn, seqs, series_pk, replace=True)
-        return series_pk
-
-    @staticmethod
-    def _update(
-        conn: sa.Connection, table: sa.Table, pk: int, values: dict[str, object], now: datetime
-    ) -> None:
-        conn.execute(sa.update(table).where(table.c.pk == pk).values(**values, updated_at=now))
-
-    def _remove(self, conn: sa.Connection, pk: int, series_pk: int, study_pk: int) -> None:
-        """Delete one instance row and the series, study and patient rows it leaves empty."""
-        patient_pk = conn.execute(
-            sa.select(studies.c.patient_pk).where(studies.c.pk == study_pk)
-        ).scalar_one()
-        # Lock top-down (PostgreSQL; a no-op on SQLite, which holds the database lock) so that two
-        # removals in one series cannot both see the other's instance and leave an empty series behind.
-        for table, key in ((patients, patient_pk), (studies, study_pk), (series, series_pk)):
-            conn.execute(sa.select(table.c.pk).where(table.c.pk == key).with_for_update())
-        sql.delete_sequence_items(conn, QueryLevel.IMAGE, [pk])
-        conn.execute(sa.delete(instances).where(instances.c.pk == pk))
-        chain = (
-            (series, series_pk, instances.c.series_pk, QueryLevel.SERIES),
-            (studies, study_pk, series.c.study_pk, QueryLevel.STUDY),
-            (patients, patient_pk, studies.c.patient_pk, QueryLevel.PATIENT),
+        rows = read_header(header)
+        values = {
+            "transfer_syntax_uid": transfer_syntax_uid,
+            "blob_id": blob.blob_id,
+            "key_id": blob.key_id,
+            "sha256": blob.sha256,
+            "size": blob.size,
+        }
+        return self._run(
+            lambda conn: self._write.add(conn, rows, values, _now(), replace=replace), write=True
         )
-        for table, key, child_fk, level in chain:
-            if conn.execute(sa.select(child_fk).where(child_fk == key).limit(1)).first() is not None:
-                return
-            sql.delete_sequence_items(conn, level, [key])
-            conn.execute(sa.delete(table).where(table.c.pk == key))
 
     def delete_instance(self, sop_instance_uid: str) -> StoredBlob | None:
         """Remove an instance (and the series/study/patient it leaves empty); its blob, or None if unknown."""
@@ -399,7 +237,7 @@ class SqlIndex:
             )
             if row is None:
                 return None
-            self._remove(conn, row["pk"], row["series_pk"], row["study_pk"])
+            self._write.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
             return StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
 
         return self._run(work, write=True)

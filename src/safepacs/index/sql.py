@@ -1,4 +1,4 @@
-"""Matching conditions as SQL (SQLAlchemy Core), the C-FIND and retrieve queries, header extraction.
+"""Matching conditions as SQL (SQLAlchemy Core), the C-FIND and retrieve queries.
 
 Every value reaches the database as a bound parameter; wild cards become ``LIKE ... ESCAPE '!'`` with
 ``%``, ``_`` and ``!`` of the value escaped (PS3.4 C.2.2.2.4), so a value can neither inject SQL nor act
@@ -13,7 +13,7 @@ and one batched ``SELECT DISTINCT`` per result page for the multi-valued attribu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -21,12 +21,11 @@ from pydicom import config as dicom_config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
 from safepacs.errors import QueryLimitError
 from safepacs.index import attributes as A
-from safepacs.index.matching import Condition, MatchKind, Query, fold, matches, normalize_stored, to_int
+from safepacs.index.matching import Condition, MatchKind, Query, matches
 from safepacs.index.schema import LEVEL_TABLES, SEQUENCE_TABLES, instances, patients, series, studies
 from safepacs.types import InstanceRef, QueryLevel, StoredBlob
 
@@ -34,7 +33,6 @@ __all__ = [
     "ESCAPE",
     "RESPONSE_CHARSET",
     "condition_clause",
-    "header_values",
     "like_pattern",
     "run_find",
     "run_retrieve",
@@ -44,7 +42,6 @@ __all__ = [
 ESCAPE = "!"
 RESPONSE_CHARSET = "ISO_IR 192"  # text is kept and returned as UTF-8 (PS3.3 C.12.1.1.2)
 _CHUNK = 500
-_MAX_ITEMS = 64  # sequence items kept per sequence and record
 _NOUNS = {
     QueryLevel.PATIENT: "patients",
     QueryLevel.STUDY: "studies",
@@ -370,95 +367,3 @@ def run_retrieve(conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main:
             found[row[3]] = tuple(row)
     ordered = sorted(found.values(), key=lambda r: (r[9], r[10], r[11] is None, r[11] or 0, r[12]))
     return [InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8])) for r in ordered]
-
-
-# Headers -> rows ---------------------------------------------------------------------------------------
-def _header_text(ds: Dataset, keyword: str) -> str | None:
-    """The value of ``keyword`` as text ("\\"-joined when multi-valued); None when absent or unreadable."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
-        return None
-    try:
-        value = ds[tag].value
-    except Exception:  # noqa: BLE001 - a malformed optional value is indexed as empty, not fatal
-        return None
-    if value is None:
-        return None
-    parts = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    return "\\".join(str(p).strip(" \x00") for p in parts if not isinstance(p, bytes | Dataset))
-
-
-def attribute_values(attr: A.Attribute, text: str | None) -> dict[str, object]:
-    """The column values that keep ``text`` for ``attr`` (see :mod:`safepacs.index.schema`)."""
-    assert attr.column is not None
-    if attr.vr in A.INTEGER_VRS:
-        return {attr.column: to_int(text.split("\\")[0]) if text else None}
-    text = text or ""
-    if attr.vr == "DA":
-        return {attr.column: normalize_stored("DA", text)}
-    if attr.vr == "PN":
-        return {attr.column: text, attr.fold_column: fold(text)}
-    if attr.vr in A.TEMPORAL_VRS:
-        return {attr.column: text, attr.key_column: normalize_stored(attr.vr, text)}
-    return {attr.column: text}
-
-
-def _header_items(header: Dataset, keyword: str) -> list[Dataset]:
-    try:
-        return list(header[keyword].value or [])[:_MAX_ITEMS]
-    except Exception:  # noqa: BLE001 - a malformed optional sequence is indexed as empty, not fatal
-        return []
-
-
-def header_values(
-    header: Dataset, level: QueryLevel, *, only_present: bool = False
-) -> tuple[dict[str, object], dict[str, list[dict[str, object]]]]:
-    """The stored columns of ``level`` from an instance header, and the items of its sequences.
-
-    With ``only_present``, attributes absent or empty in the header are left out (used to update a
-    study or series with what a later instance brings).  Sequences absent from the header are left out.
-    """
-    columns: dict[str, object] = {}
-    for attr in A.ATTRIBUTES:
-        if attr.level is not level or attr.column is None:
-            continue
-        text = _header_text(header, attr.keyword)
-        if only_present and not text:
-            continue
-        columns.update(attribute_values(attr, text))
-    sequences: dict[str, list[dict[str, object]]] = {}
-    for spec in A.SEQUENCES:
-        if spec.level is not level or spec.keyword not in header:
-            continue
-        rows = []
-        items = _header_items(header, spec.keyword)
-        for item in items:
-            row: dict[str, object] = {}
-            for attr in spec.items:
-                row.update(attribute_values(attr, _header_text(item, attr.keyword)))
-            rows.append(row)
-        if rows:
-            sequences[spec.keyword] = rows
-    return columns, sequences
-
-
-def insert_sequence_items(
-    conn: sa.Connection, sequences: Mapping[str, list[dict[str, object]]], owner_pk: int, replace: bool
-) -> None:
-    """Store the items of each sequence for ``owner_pk``, replacing what was kept when ``replace``."""
-    for keyword, rows in sequences.items():
-        table = SEQUENCE_TABLES[keyword]
-        if replace:
-            conn.execute(sa.delete(table).where(table.c.owner_pk == owner_pk))
-        conn.execute(
-            sa.insert(table), [{**row, "owner_pk": owner_pk, "position": n} for n, row in enumerate(rows)]
-        )
-
-
-def delete_sequence_items(conn: sa.Connection, level: QueryLevel, owner_pks: Iterable[int]) -> None:
-    """Remove the sequence items of ``owner_pks`` at ``level`` (before the owner rows go)."""
-    pks = list(owner_pks)
-    for spec in A.SEQUENCES:
-        if spec.level is level:
-            table = SEQUENCE_TABLES[spec.keyword]
-            conn.execute(sa.delete(table).where(table.c.owner_pk.in_(pks)))
