@@ -411,3 +411,44 @@ def test_c_get_converts_for_a_peer_without_the_stored_syntax(server: Server) -> 
     assert final.NumberOfFailedSuboperations == 1
     failed = final.FailedSOPInstanceUIDList
     assert str(header.SOPInstanceUID) in ([failed] if isinstance(failed, str) else list(failed))
+
+
+@pytest.mark.postgres
+def test_the_archive_on_postgresql(data_dir: Path, tmp_path: Path, postgres_url: str) -> None:
+    """The same store/find/get path with the index on PostgreSQL (index.url)."""
+    env = {"SAFEPACS_INDEX__URL": postgres_url, "SAFEPACS_SERVER__WORKERS": "2"}
+    srv = start_server(data_dir, env=env)
+    try:
+        import os
+
+        os.environ["SAFEPACS_INDEX__URL"] = postgres_url  # the in-process CLI (peer add) uses it too
+        try:
+            srv.add_peer("CT1", "store")
+            srv.add_peer("VIEWER", "find,get")
+        finally:
+            del os.environ["SAFEPACS_INDEX__URL"]
+        study, paths = _study(tmp_path, 3, patient_id="PG-1")
+        assert set(store_files(srv.port, paths, calling="CT1").values()) == {0}
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.PatientID = "PG-1"
+        q.StudyInstanceUID = ""
+        q.NumberOfStudyRelatedInstances = ""
+        results, final = c_find(srv.port, q)
+        assert final.Status == 0x0000
+        assert [(r.StudyInstanceUID, int(r.NumberOfStudyRelatedInstances)) for r in results] == [(study, 3)]
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study
+        received, final = c_get(srv.port, q, [(str(CTImageStorage), [ExplicitVRLittleEndian])])
+        assert final.Status == 0x0000
+        assert {data for _, data in received.values()} == {_dataset_bytes(p) for p in paths}
+    finally:
+        srv.stop()
+    from safepacs.index import SqlIndex
+
+    local = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    try:
+        assert local.count_instances() == 0  # everything went to PostgreSQL
+    finally:
+        local.close()

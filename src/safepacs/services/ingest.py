@@ -226,8 +226,7 @@ def _part10(sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) 
     buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
-    buf.write(encoded)
-    return buf.getvalue()
+    return b"".join((buf.getvalue(), encoded))  # one copy of the (possibly large) data set
 
 
 def _check_complete(ds: Dataset) -> None:
