@@ -378,6 +378,87 @@ def test_missing_uids_are_refused(index: SqlIndex) -> None:
         index.add_instance(ds, blob(1), ELE)
 
 
+def codes(*values: str) -> list[Dataset]:
+    return [item(CodeValue=v, CodingSchemeDesignator="LOCAL", CodeMeaning=f"Code {v}") for v in values]
+
+
+def test_later_instances_update_patient_and_sequences(index: SqlIndex) -> None:
+    study, series = generate_uid(), generate_uid()
+    requests = [item(RequestedProcedureID="RP1", ScheduledProcedureStepID="SPS1")]
+    first = dict(PatientID="P", PatientName="Old^Name", ProcedureCodeSequence=codes("A"))
+    index.add_instance(instance(study, series, **first, RequestAttributesSequence=requests), blob(1), ELE)
+    index.add_instance(instance(study, series, **first), blob(2), ELE)  # the same items: kept as they are
+    later = dict(PatientID="P", PatientName="New^Name", ProcedureCodeSequence=codes("B", "C"))
+    index.add_instance(instance(study, series, **later, SeriesDescription="axial"), blob(3), ELE)
+    index.add_instance(instance(study, series, PatientID="P"), blob(4), ELE)  # lacks them: kept
+    (row,) = find(
+        index,
+        SR_,
+        SERIES,
+        SeriesInstanceUID=series,
+        PatientName="",
+        SeriesDescription="",
+        RequestAttributesSequence=[Dataset()],
+    )
+    assert (str(row.PatientName), row.SeriesDescription) == ("New^Name", "axial")
+    assert [i.RequestedProcedureID for i in row.RequestAttributesSequence] == ["RP1"]
+    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, ProcedureCodeSequence=[Dataset()])
+    assert [i.CodeValue for i in row.ProcedureCodeSequence] == ["B", "C"]
+    assert len(find(index, PR, PATIENT, PatientName="new^name")) == 1  # the folded copy follows
+    assert find(index, PR, PATIENT, PatientName="old^name") == []
+
+
+def test_a_conflicting_instance_changes_nothing(index: SqlIndex) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    keys = dict(PatientID="P", PatientName="Old^Name", StudyDescription="first", Modality="CT")
+    index.add_instance(
+        instance(study, series, sop=sop, **keys, ProcedureCodeSequence=codes("A")), blob(1), ELE
+    )
+    newer = dict(PatientID="P", PatientName="New^Name", StudyDescription="second", Modality="MR")
+    with pytest.raises(ConflictError):
+        index.add_instance(
+            instance(study, series, sop=sop, **newer, ProcedureCodeSequence=codes("B")), blob(2), ELE
+        )
+    # Its series under another study would be refused, but the instance exists: a conflict first.
+    with pytest.raises(ConflictError):
+        index.add_instance(instance(generate_uid(), series, sop=sop), blob(3), ELE)
+    (row,) = find(
+        index,
+        SR_,
+        SERIES,
+        SeriesInstanceUID=series,
+        PatientName="",
+        StudyDescription="",
+        Modality="",
+        ProcedureCodeSequence=[Dataset()],
+    )
+    assert (str(row.PatientName), row.StudyDescription, row.Modality) == ("Old^Name", "first", "CT")
+    assert [i.CodeValue for i in row.ProcedureCodeSequence] == ["A"]
+    assert len(find(index, SR_, STUDY, StudyInstanceUID="")) == 1
+    assert index.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
+
+
+def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex) -> None:
+    study, series = generate_uid(), generate_uid()
+    keys = dict(PatientID="P", PatientName="A^B", StudyDescription="d", Modality="CT")
+    index.add_instance(instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(1), ELE)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement != "BEGIN IMMEDIATE":  # SQLite only; PostgreSQL begins implicitly
+            statements.append(statement.split()[0])
+
+    sa.event.listen(index._engine, "before_cursor_execute", record)
+    index.add_instance(instance(study, series, **keys), blob(2), ELE)
+    assert statements == ["SELECT", "INSERT"]
+    statements.clear()
+    index.add_instance(instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(3), ELE)
+    assert statements == ["SELECT", "SELECT", "INSERT"]  # the items, found unchanged
+    statements.clear()
+    index.add_instance(instance(study, series, **(keys | {"StudyDescription": "e"})), blob(4), ELE)
+    assert statements == ["SELECT", "UPDATE", "INSERT"]
+
+
 # C-FIND matching ---------------------------------------------------------------------------------------
 SINGLE_CASES = [
     (PR, PATIENT, "PatientID", "PB", "PatientID", {"PB"}),

@@ -6,7 +6,9 @@ transactions start with ``BEGIN IMMEDIATE`` and are retried when the database st
 they are retried on serialization failures, deadlocks and the constraint races of concurrent inserts.
 
 The schema is created and upgraded by :func:`migrate` (Alembic, scripts shipped in the package);
-:class:`SqlIndex` never migrates by itself.  Matching rules are in :mod:`safepacs.index.matching`.
+:class:`SqlIndex` never migrates by itself.  Matching rules are in :mod:`safepacs.index.matching`; how
+an instance is indexed (one read of its header, statements built once, two statements for another
+instance of a known series) in :mod:`safepacs.index.write`.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class SqlIndex:
         self._engine = _make_engine(url)
         self._writer = self._engine.execution_options(safepacs_write=True)
         self._sqlite = self._engine.dialect.name == "sqlite"
-        self._write = Writer(self._engine.dialect.name)
+        self._instance_writer = Writer(self._engine.dialect.name)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -223,7 +225,7 @@ class SqlIndex:
             "size": blob.size,
         }
         return self._run(
-            lambda conn: self._write.add(conn, rows, values, _now(), replace=replace), write=True
+            lambda conn: self._instance_writer.add(conn, rows, values, _now(), replace=replace), write=True
         )
 
     def delete_instance(self, sop_instance_uid: str) -> StoredBlob | None:
@@ -237,7 +239,7 @@ class SqlIndex:
             )
             if row is None:
                 return None
-            self._write.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
+            self._instance_writer.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
             return StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
 
         return self._run(work, write=True)
