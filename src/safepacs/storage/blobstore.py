@@ -147,6 +147,27 @@ class FileBlobStore:
                 f"the staging directory {self.tmp_dir} is not on the same file system as {self.root}; "
                 "atomic writes need both on one file system"
             )
+        self._create_fanout()
+
+    def _create_fanout(self) -> None:
+        """Create the 256 ``root/ab`` directories once, so a write never has to create (and fsync) one."""
+        created = False
+        for i in range(256):
+            directory = self.root / f"{i:02x}"
+            if directory.is_dir():
+                self._known_dirs.add(directory)
+                continue
+            try:
+                os.mkdir(directory, _DIR_MODE)
+                os.chmod(directory, _DIR_MODE)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StorageError(f"cannot create the storage directory {directory}: {exc.strerror}") from exc
+            self._known_dirs.add(directory)
+        if created and self.fsync:
+            _fsync_dir(self.root)
 
     # -- paths ----------------------------------------------------------------
     def path_of(self, blob_id: str) -> Path:
