@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
-import uuid
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -41,7 +39,6 @@ from safepacs.index import SqlIndex, UserRecord, migrate
 from safepacs.index.schema import metadata
 from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob
 
-PG_ENV = "SAFEPACS_TEST_POSTGRES"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -52,27 +49,11 @@ PATIENT, STUDY, SERIES, IMAGE = QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel
 
 # Fixtures --------------------------------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite in a temp file, or PostgreSQL in a fresh schema (conftest's ``postgres_url``)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
-        return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set")
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield (
-            sa.make_url(base)
-            .update_query_dict({"options": f"-csearch_path={schema}"})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -164,7 +164,7 @@ class FileBlobStore:
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise StorageError(f"cannot create the storage directory {directory}: {exc.strerror}") from exc
+                raise StorageError(f"cannot create storage directory {directory}: {exc.strerror}") from exc
             self._known_dirs.add(directory)
         if created and self.fsync:
             _fsync_dir(self.root)
