@@ -98,7 +98,7 @@ class Corpus:
         return len(self.files)
 
 
-def _ct_dataset(
+def ct_dataset(
     rng: np.random.Generator,
     *,
     rows: int,
@@ -185,7 +185,7 @@ def make_corpus(root: Path, name: str, *, count: int, rows: int, cols: int, per_
         if i % per_series == 0:
             study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
             (root / rel).parent.mkdir(exist_ok=True)
-        ds = _ct_dataset(
+        ds = ct_dataset(
             rng,
             rows=rows,
             cols=cols,

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import sqlalchemy as sa
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from _common import ct_dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
@@ -41,45 +42,21 @@ from safepacs.index import SqlIndex, migrate
 from safepacs.types import StoredBlob
 
 PG_ENV = "SAFEPACS_TEST_POSTGRES"
+_RNG = np.random.default_rng(1)
 
 
 def _header(patient: int, study: str, series: str, number: int) -> bytes:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240315"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
-    ds.AccessionNumber = f"ACC{patient:06d}"
-    ds.Modality = "CT"
-    ds.Manufacturer = "BENCH"
-    ds.InstitutionName = "SafePACS benchmark"
-    ds.ReferringPhysicianName = "Referrer^Bench"
-    ds.StudyDescription = "CT CHEST W/O CONTRAST"
-    ds.SeriesDescription = "AXIAL 1.0"
-    ds.PatientName = f"Bench^Patient{patient:05d}"
-    ds.PatientID = f"BENCH{patient:06d}"
-    ds.PatientBirthDate = "19600101"
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.StudyID = str(patient)
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = number
-    ds.SliceLocation = f"{-number * 1.0:.1f}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 64
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(64 * 64 * 2)
+    """A 64x64 CT instance as Part 10 bytes (the same header as the ingest benchmark's corpus)."""
+    ds = ct_dataset(
+        _RNG,
+        rows=64,
+        cols=64,
+        patient=patient,
+        study_uid=study,
+        series_uid=series,
+        frame_uid=study,
+        number=number,
+    )
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
