@@ -54,7 +54,7 @@ class _RequestHandler(RequestHandler):
         assoc = super()._create_association()
         install_gate(assoc, cast(_Server, self.server).gate)
         enable_raw_store(assoc)
-        assoc.dul._run_loop_delay = 0.0005
+        assoc.dul._run_loop_delay = 0.0005  # pynetdicom: 1 ms; halves the wait per PDU, +10% ingest
         return assoc
 
 
