@@ -279,6 +279,17 @@ def test_file_key_provider_rotate(tmp_path: Path) -> None:
     assert _mode(keys_dir / f"kek-{second}.key") == 0o600
 
 
+def test_running_provider_sees_a_rotation_by_another_process(tmp_path: Path) -> None:
+    """A serving worker caches the current key id; a rotation elsewhere must still take effect."""
+    keys_dir = tmp_path / "keys"
+    worker = FileKeyProvider.create(keys_dir)
+    first = worker.current_key_id()
+    assert worker.current_key_id() == first  # cached now
+    second = FileKeyProvider(keys_dir).rotate()  # e.g. an administrator's command
+    assert worker.current_key_id() == second
+    assert EnvelopeCipher.key_id_of(EnvelopeCipher(worker).seal(b"x")) == second
+
+
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o620, 0o644])
 def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     keys_dir = tmp_path / "keys"

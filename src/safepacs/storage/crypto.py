@@ -170,6 +170,7 @@ class FileKeyProvider:
         self.keys_dir = Path(keys_dir)
         self._lock = threading.Lock()
         self._cache: dict[str, bytes] = {}
+        self._current_cache: tuple[tuple[int, int, int], str] | None = None
         if not self.keys_dir.is_dir():
             raise KeyError_(
                 f"the key directory {self.keys_dir} does not exist; "
@@ -217,19 +218,33 @@ class FileKeyProvider:
 
     # -- KeyProvider ----------------------------------------------------------------------
     def current_key_id(self) -> str:
+        """The id in ``current-kek``, re-read whenever the file changes (a rotation by another process).
+
+        A ``stat`` per seal instead of an open and read: this sits on the ingest hot path.
+        """
         path = self.keys_dir / _CURRENT_FILE
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read(64)
+            info = os.stat(path)
         except FileNotFoundError:
             raise KeyError_(
                 f"{path} is missing; it names the current key-encryption key (restore it from backup)"
             ) from None
         except OSError as exc:
             raise KeyError_(f"cannot read {path}: {exc.strerror}") from exc
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        with self._lock:
+            if self._current_cache is not None and self._current_cache[0] == stamp:
+                return self._current_cache[1]
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read(64)
+        except OSError as exc:
+            raise KeyError_(f"cannot read {path}: {exc.strerror}") from exc
         key_id = raw.strip().decode("ascii", errors="replace")
         if not is_valid_key_id(key_id):
             raise KeyError_(f"{path} does not hold a key id (16 lowercase hex digits)")
+        with self._lock:
+            self._current_cache = (stamp, key_id)
         return key_id
 
     def get_key(self, key_id: str) -> bytes:
