@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -48,7 +48,7 @@ class DimseHandlers:
         ingest: IngestService,
         query: QueryService,
         retrieve: RetrieveService,
-        lookup_peer: Any,
+        lookup_peer: Callable[[str], Peer | None],
     ) -> None:
         self.ingest = ingest
         self.query = query
