@@ -63,13 +63,25 @@ class DimseHandlers:
 
     def on_store(self, event: Any) -> int | Dataset:
         req = event.request
+        return self.store(
+            event.assoc,
+            str(event.context.transfer_syntax),
+            str(req.AffectedSOPClassUID or ""),
+            str(req.AffectedSOPInstanceUID or ""),
+            req.DataSet.getvalue(),
+        )
+
+    def store(
+        self, assoc: Any, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, data: bytes
+    ) -> int | Dataset:
+        """One C-STORE, from pynetdicom's event or from the fast receive path (``fastpath.py``)."""
         try:
             result = self.ingest.ingest_dataset(
-                principal_of(event.assoc),  # type: ignore[arg-type]
-                str(req.AffectedSOPClassUID or ""),
-                str(req.AffectedSOPInstanceUID or ""),
-                str(event.context.transfer_syntax),
-                req.DataSet.getvalue(),
+                principal_of(assoc),  # type: ignore[arg-type]
+                sop_class_uid,
+                sop_instance_uid,
+                transfer_syntax,
+                data,
             )
         except SafePacsError as exc:
             log.warning("C-STORE refused: %s", exc, extra={"error": type(exc).__name__})

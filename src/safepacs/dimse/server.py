@@ -26,6 +26,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from safepacs.config import Settings
 from safepacs.dimse._raw import enable_raw_store, set_nodelay
+from safepacs.dimse.fastpath import StoreHandler, install_store_path
 from safepacs.dimse.gate import AssociationGate, install_gate
 from safepacs.dimse.handlers import DimseHandlers
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -52,9 +53,10 @@ class _SafeAE(AE):
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        install_gate(assoc, cast(_Server, self.server).gate)
+        server = cast(_Server, self.server)
+        install_gate(assoc, server.gate)
+        install_store_path(assoc, server.store, server.max_object_bytes)
         enable_raw_store(assoc)
-        assoc.dul._run_loop_delay = 0.0005  # pynetdicom: 1 ms; halves the wait per PDU, +10% ingest
         return assoc
 
 
@@ -64,10 +66,19 @@ class _Server(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(
-        self, ae: AE, listener: socket.socket, ae_title: str, handlers: list[Any], gate: AssociationGate
+        self,
+        ae: AE,
+        listener: socket.socket,
+        ae_title: str,
+        handlers: list[Any],
+        gate: AssociationGate,
+        store: StoreHandler,
+        max_object_bytes: int,
     ) -> None:
         self._listener = listener
         self.gate = gate
+        self.store = store
+        self.max_object_bytes = max_object_bytes
         super().__init__(
             ae,
             listener.getsockname()[:2],
@@ -133,7 +144,15 @@ class DimseServer:
             (evt.EVT_C_GET, h.on_get),
             (evt.EVT_C_MOVE, h.on_move),
         ]
-        self.server = _Server(self.ae, listener, s.ae_title, handlers, self.gate)
+        self.server = _Server(
+            self.ae,
+            listener,
+            s.ae_title,
+            handlers,
+            self.gate,
+            h.store,
+            archive.settings.storage.max_object_bytes,
+        )
         self.ae._servers.append(self.server)
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True

@@ -1,0 +1,399 @@
+"""The C-STORE receive path, without pynetdicom's queues, polls and threads in the way.
+
+pynetdicom hands every received PDU from its DUL thread through an event queue, a Python state
+machine and a message queue to the association thread, which polls that queue every millisecond;
+the response goes back through another queue the DUL thread polls.  Each instance waits for
+those polls and costs ~3 ms of CPU (PERFORMANCE-NOTES.md): more than Orthanc spends on the whole
+store.  A modality sends thousands of instances one after the other, so that is where the time goes.
+
+:class:`StoreDUL` is pynetdicom's DUL provider with two changes:
+
+* its reactor waits on the socket (``select``) instead of sleeping between polls, so a request is
+  read as soon as it arrives and an idle association costs almost nothing;
+* while the association is established (Sta6), it reads P-DATA-TF PDUs itself.  A complete
+  C-STORE-RQ on an accepted context whose abstract syntax is the request's SOP class is stored in
+  this thread, through the same handler pynetdicom would call, and its C-STORE-RSP is written to the
+  socket at once.  Every other message (C-ECHO, C-FIND, C-GET, C-MOVE, C-CANCEL, responses to our
+  own sub-operations, anything unusual) and every other PDU is handed to pynetdicom unchanged, in
+  order, as if it had read it itself.  All writes to the socket still happen in this one thread.
+
+It also bounds memory: a PDU longer than the maximum we announced, a command set over 64 KiB, or
+a data set over ``storage.max_object_bytes`` is not buffered (the first two abort the association,
+the last is drained and refused with a failure status).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from io import BytesIO
+from typing import TYPE_CHECKING, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
+    from pynetdicom.transport import AssociationSocket
+
+__all__ = ["StoreDUL", "StoreHandler", "encode_store_response", "install_store_path"]
+
+log = logging.getLogger(__name__)
+
+#: ``handler(assoc, transfer_syntax, sop_class_uid, sop_instance_uid, data)`` -> status (int or data set)
+StoreHandler = Callable[["Association", str, str, str, bytes], "int | Dataset"]
+
+_P_DATA_TF = 0x04
+_C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+_MAX_COMMAND_BYTES = 64 * 1024
+_STATUS_CANNOT_UNDERSTAND = 0xC000
+_HEADER = struct.Struct(">BxL")
+_ITEM = struct.Struct(">LB")
+_ELEMENT = struct.Struct("<HHL")
+
+# Waits between polls of the outgoing queue (pynetdicom's association thread puts responses there):
+# short while messages flow, longer once the association has been idle for a while.  Incoming data
+# wakes the reactor at once either way.
+_BUSY_WAIT = 0.0005
+_IDLE_WAIT = 0.01
+_IDLE_AFTER = 0.25
+
+
+class _ProtocolError(Exception):
+    """The peer broke PS3.8; the association is aborted."""
+
+
+def _element(group: int, elem: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(group, elem, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_store_response(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, comment: str | None = None
+) -> bytes:
+    """A C-STORE-RSP command set (PS3.7 9.3.1.2), Implicit VR Little Endian as PS3.7 6.3.1 requires.
+
+    Written here because pynetdicom's and pydicom's general encoders cost ~0.2-0.3 ms for these
+    seven elements, as much as storing a small instance; tests decode it with pynetdicom.
+    """
+    elements = [
+        _element(0x0000, 0x0002, _ui(sop_class_uid)),
+        _element(0x0000, 0x0100, struct.pack("<H", _C_STORE_RSP)),
+        _element(0x0000, 0x0120, struct.pack("<H", message_id)),
+        _element(0x0000, 0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _element(0x0000, 0x0900, struct.pack("<H", status)),
+    ]
+    if comment:  # (0000,0902) Error Comment, LO: before (0000,1000), elements ascend (PS3.5 7.1)
+        text = comment[:64].encode("ascii", "replace")
+        elements.append(_element(0x0000, 0x0902, text + b" " if len(text) % 2 else text))
+    elements.append(_element(0x0000, 0x1000, _ui(sop_instance_uid)))
+    body = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
+def _status_of(result: int | Dataset) -> tuple[int, str | None]:
+    if isinstance(result, Dataset):
+        comment = result.get("ErrorComment")
+        return int(result.Status), (str(comment) if comment else None)
+    return int(result), None
+
+
+class _Message:
+    """The DIMSE message being received: its command fragments, then (fast path) its data fragments."""
+
+    __slots__ = ("command", "context_id", "data", "data_size", "fast", "held", "size", "too_large")
+
+    def __init__(self) -> None:
+        self.context_id: int | None = None
+        self.command: list[bytes] = []
+        self.size = 0  # command bytes so far
+        self.held: list[bytes] = []  # raw PDV items not yet handed anywhere (undecided)
+        self.fast: Dataset | None = None  # the C-STORE-RQ command once it is ours
+        self.data: list[memoryview] = []
+        self.data_size = 0
+        self.too_large = False
+
+
+class StoreDUL(DULServiceProvider):
+    """pynetdicom's DUL provider with a select-based reactor and the C-STORE fast path (see the module)."""
+
+    def __init__(self, assoc: Association, handler: StoreHandler, max_object_bytes: int) -> None:
+        super().__init__(assoc)
+        self._store_handler = handler
+        self._max_object_bytes = max_object_bytes
+        self._message: _Message | None = None
+        self._slow_open = False  # a message handed to pynetdicom is not complete yet
+        self._last_activity = time.monotonic()
+
+    # Reactor -------------------------------------------------------------------------------------------
+    def run_reactor(self) -> None:
+        """pynetdicom's reactor loop, waiting on the socket instead of sleeping between polls."""
+        self._idle_timer.start()
+        while not self._kill_thread:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    self._last_activity = time.monotonic()
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+                    self._last_activity = time.monotonic()
+            except Exception:
+                log.exception("DICOM upper layer failed; aborting the association")
+                self._abort_now()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                self._wait()
+                continue
+            self.state_machine.do_action(event)
+
+    def _wait(self) -> None:
+        idle = time.monotonic() - self._last_activity > _IDLE_AFTER
+        delay = _IDLE_WAIT if idle else _BUSY_WAIT
+        sock = getattr(self.socket, "socket", None)
+        if sock is None or sock.fileno() < 0:
+            time.sleep(delay)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        try:
+            select.select([sock], [], [], delay)
+        except (OSError, ValueError):
+            time.sleep(delay)
+
+    def _abort_now(self) -> None:
+        """Bypass the state machine: send A-ABORT and stop both reactors (as pynetdicom does on errors)."""
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        try:
+            cast("AssociationSocket", self.socket).send(abort.encode())
+        except Exception:  # noqa: BLE001 - the connection may be gone already
+            log.debug("A-ABORT could not be sent")
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+    # Reading -------------------------------------------------------------------------------------------
+    def _read_pdu_data(self) -> None:
+        if self.state_machine.current_state != "Sta6":
+            super()._read_pdu_data()
+            return
+        sock = cast("AssociationSocket", self.socket).socket
+        assert sock is not None
+        try:
+            header = self._recv_exact(sock, 6)
+            pdu_type, length = _HEADER.unpack(header)
+            limit = self._pdu_limit()
+            if pdu_type == _P_DATA_TF and limit and length > limit:
+                raise _ProtocolError(f"P-DATA-TF of {length} bytes exceeds the maximum PDU length {limit}")
+            body = self._recv_exact(sock, length)
+        except (OSError, EOFError):
+            log.info("connection closed before the whole PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        except _ProtocolError as exc:
+            log.warning("aborting association: %s", exc)
+            self._abort_now()
+            return
+        if pdu_type != _P_DATA_TF:
+            self._hand_over(header + body)
+            return
+        try:
+            self._on_p_data(body)
+        except _ProtocolError as exc:
+            log.warning("aborting association: %s", exc)
+            self._abort_now()
+
+    def _pdu_limit(self) -> int:
+        ours = int(self.assoc.acceptor.maximum_length or 0)
+        return ours + 6 if ours else 0
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError
+            got += n
+        return buf
+
+    def _hand_over(self, pdu: bytes | bytearray) -> None:
+        """Give a PDU to pynetdicom exactly as its own reader would have."""
+        try:
+            decoded, event = self._decode_pdu(bytearray(pdu))
+        except Exception:  # noqa: BLE001 - undecodable: pynetdicom's answer is Evt19 (abort)
+            log.warning("undecodable PDU received; aborting the association")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _hand_over_items(self, items: list[bytes]) -> None:
+        if items:
+            body = b"".join(items)
+            self._hand_over(_HEADER.pack(_P_DATA_TF, len(body)) + body)
+
+    # P-DATA --------------------------------------------------------------------------------------------
+    def _on_p_data(self, body: bytearray) -> None:
+        view = memoryview(body)
+        slow: list[bytes] = []  # consecutive items for pynetdicom, sent as one PDU in order
+        offset = 0
+        while offset < len(body):
+            if len(body) - offset < 6:
+                raise _ProtocolError("a presentation data value item is cut short")
+            item_length, context_id = _ITEM.unpack_from(body, offset)
+            end = offset + 4 + item_length
+            if item_length < 2 or end > len(body):
+                raise _ProtocolError("a presentation data value item has an invalid length")
+            control = body[offset + 5]
+            fragment = view[offset + 6 : end]
+            item = view[offset:end]
+            offset = end
+            if self._slow_open and control & 1:
+                self._end_slow()  # a new message although the data set was due: pynetdicom judges it
+            if self._slow_open:  # the data set of a message pynetdicom is receiving
+                slow.append(bytes(item))
+                if control & 2:
+                    self._end_slow()
+                continue
+            msg = self._message or _Message()
+            self._message = msg
+            if msg.context_id is None:
+                msg.context_id = context_id
+            elif msg.context_id != context_id:
+                raise _ProtocolError("one message's fragments arrive on different presentation contexts")
+            if msg.fast is None:
+                if not control & 1:
+                    raise _ProtocolError("a data fragment arrived before its command was complete")
+                msg.held.append(bytes(item))
+                msg.command.append(bytes(fragment))
+                msg.size += len(fragment)
+                if msg.size > _MAX_COMMAND_BYTES:
+                    raise _ProtocolError("the command set is larger than 64 KiB")
+                if control & 2:
+                    self._decide(msg, slow)
+                continue
+            # data fragment of a C-STORE-RQ we are storing
+            if control & 1:
+                raise _ProtocolError("a command fragment arrived in the middle of a data set")
+            msg.data_size += len(fragment)
+            if msg.data_size > self._max_object_bytes:
+                msg.too_large = True
+                msg.data.clear()
+            elif not msg.too_large:
+                msg.data.append(fragment)
+            if control & 2:
+                self._message = None
+                self._hand_over_items(slow)
+                slow = []
+                self._store(msg)
+        self._hand_over_items(slow)
+
+    def _end_slow(self) -> None:
+        self._message = None
+        self._slow_open = False
+
+    def _decide(self, msg: _Message, slow: list[bytes]) -> None:
+        """The command is complete: keep a C-STORE-RQ we can store, hand anything else to pynetdicom."""
+        fast = has_data = False
+        try:
+            command = decode(BytesIO(b"".join(msg.command)), True, True)
+            has_data = int(command.get("CommandDataSetType", _NO_DATA_SET)) != _NO_DATA_SET
+            fast = (
+                has_data
+                and int(command.CommandField) == _C_STORE_RQ
+                and isinstance(command.MessageID, int)
+                and self._store_context(msg.context_id, str(command.AffectedSOPClassUID)) is not None
+            )
+        except Exception:  # noqa: BLE001 - pynetdicom answers malformed commands as it always has
+            log.debug("malformed command set; handed to pynetdicom")
+        if fast:
+            msg.fast = command
+            msg.held.clear()
+            return
+        slow.extend(msg.held)
+        msg.held.clear()
+        self._message = None
+        self._slow_open = has_data  # its data set follows: hand that over too
+
+    def _store_context(self, context_id: int | None, sop_class_uid: str) -> PresentationContext | None:
+        cx = self.assoc._accepted_cx.get(cast(int, context_id))
+        if cx is None or not cx.as_scp or cx.abstract_syntax != sop_class_uid:
+            return None
+        return cx
+
+    # Storing -------------------------------------------------------------------------------------------
+    def _store(self, msg: _Message) -> None:
+        command = cast(Dataset, msg.fast)
+        sop_class = str(command.AffectedSOPClassUID)
+        sop_instance = str(command.get("AffectedSOPInstanceUID", "") or "")
+        context = cast("PresentationContext", self._store_context(msg.context_id, sop_class))
+        if msg.too_large:
+            log.warning("C-STORE refused: the object is larger than storage.max_object_bytes")
+            result: int | Dataset = _STATUS_CANNOT_UNDERSTAND
+            comment: str | None = f"the object is larger than {self._max_object_bytes} bytes"
+            status = _STATUS_CANNOT_UNDERSTAND
+        else:
+            data = b"".join(msg.data)
+            msg.data.clear()
+            syntax = str(context.transfer_syntax[0])
+            result = self._store_handler(self.assoc, syntax, sop_class, sop_instance, data)
+            status, comment = _status_of(result)
+        rsp = encode_store_response(int(command.MessageID), sop_class, sop_instance, status, comment)
+        self._send_command(cast(int, msg.context_id), rsp)
+
+    def _send_command(self, context_id: int, command: bytes) -> None:
+        """Send a command set as P-DATA-TF PDUs no longer than the peer accepts (PS3.8 9.3.5)."""
+        peer_max = int(self.assoc.requestor.maximum_length or 0)
+        size = max(peer_max - 6, 1) if peer_max else len(command)
+        out = []
+        for start in range(0, len(command), size):
+            chunk = command[start : start + size]
+            last = start + size >= len(command)
+            item = _ITEM.pack(len(chunk) + 2, context_id) + bytes((0x03 if last else 0x01,)) + chunk
+            out.append(_HEADER.pack(_P_DATA_TF, len(item)) + item)
+        sock = cast("AssociationSocket", self.socket).socket
+        assert sock is not None
+        try:
+            sock.sendall(b"".join(out))
+        except OSError:
+            log.info("connection lost while sending a C-STORE response")
+            self.event_queue.put("Evt17")
+
+
+def install_store_path(assoc: Association, handler: StoreHandler, max_object_bytes: int) -> None:
+    """Give an accepted (not yet started) association the :class:`StoreDUL`."""
+    old = assoc.dul
+    dul = StoreDUL(assoc, handler, max_object_bytes)
+    dul.socket = old.socket
+    # the socket announced the connection (Evt5) on the old provider's queues already
+    dul.event_queue, dul.to_provider_queue = old.event_queue, old.to_provider_queue
+    dul.to_user_queue, dul._recv_pdu = old.to_user_queue, old._recv_pdu
+    assoc.dul = dul
+    # pynetdicom's timeout setters configure the DUL's timers; apply them to the new one
+    assoc.acse_timeout = assoc.acse_timeout
+    assoc.network_timeout = assoc.network_timeout

@@ -1,0 +1,209 @@
+"""The C-STORE receive path (dimse/fastpath.py) against real peers: fragmentation, mixing with other
+services on one association, size limits and protocol violations."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from safepacs.dimse.fastpath import encode_store_response
+from tests.conftest import Server, start_server
+from tests.corpus import make_ct
+from tests.dicom_client import associate, c_get
+
+STORE_CONTEXTS = [
+    build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    build_context(Verification),
+    build_context(StudyRootQueryRetrieveInformationModelFind),
+]
+
+
+def _pynetdicom_response(status: int, comment: str | None) -> bytes:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345"
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    return encode(msg.command_set, True, True)
+
+
+@pytest.mark.parametrize(
+    ("status", "comment"),
+    [(0x0000, None), (0xB006, "kept"), (0xC000, "the data set is truncated (an element is short)")],
+)
+def test_store_response_is_encoded_as_pynetdicom_encodes_it(status: int, comment: str | None) -> None:
+    ours = encode_store_response(7, CTImageStorage, "1.2.826.0.1.3680043.8.498.12345", status, comment)
+    assert ours == _pynetdicom_response(status, comment)
+    decoded = decode(__import__("io").BytesIO(ours), True, True)
+    assert decoded.CommandField == 0x8001
+    assert decoded.MessageIDBeingRespondedTo == 7
+    assert decoded.Status == status
+
+
+def _find_images(assoc: object, study_uid: str) -> list[str]:
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = ""
+    q.SOPInstanceUID = ""
+    found = []
+    for status, ds in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):  # type: ignore[attr-defined]
+        if status.Status in (0xFF00, 0xFF01):
+            found.append(str(ds.SOPInstanceUID))
+        else:
+            assert status.Status == 0x0000
+    return sorted(found)
+
+
+@pytest.fixture
+def small_pdu_server(data_dir: Path) -> object:
+    """A server announcing a 4 KiB maximum PDU, so every instance arrives in many fragments."""
+    srv = start_server(
+        data_dir,
+        env={
+            "SAFEPACS_SERVER__WORKERS": "1",
+            "SAFEPACS_SERVER__MAX_PDU_SIZE": "4096",
+            "SAFEPACS_STORAGE__MAX_OBJECT_BYTES": "200000",
+        },
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_fragmented_stores_mixed_with_echo_and_find_on_one_association(small_pdu_server: Server) -> None:
+    srv = small_pdu_server
+    srv.add_peer("CT1", "echo,store,find,get")
+    first = make_ct(rows=128, cols=128)  # ~33 KB: nine 4 KiB PDUs
+    second = make_ct(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    with associate(srv.port, STORE_CONTEXTS, calling="CT1") as assoc:
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == 4096
+        assert assoc.send_c_store(first).Status == 0x0000
+        assert assoc.send_c_echo().Status == 0x0000
+        assert _find_images(assoc, first.StudyInstanceUID) == [first.SOPInstanceUID]
+        assert assoc.send_c_store(second).Status == 0x0000
+        assert assoc.send_c_store(second).Status == 0x0000  # the same again: a duplicate, success
+        assert _find_images(assoc, first.StudyInstanceUID) == sorted(
+            [first.SOPInstanceUID, second.SOPInstanceUID]
+        )
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = first.StudyInstanceUID
+    received, final = c_get(srv.port, q, [(CTImageStorage, [ExplicitVRLittleEndian])], calling="CT1")
+    assert final.Status == 0x0000
+    assert received[first.SOPInstanceUID][1] == _encoded(first)
+
+
+def _encoded(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    from safepacs.services.transcode import dataset_bytes
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return dataset_bytes(buf.getvalue())[1]
+
+
+def test_response_respects_a_peer_with_a_tiny_maximum_pdu(server: Server) -> None:
+    """Our C-STORE-RSP is split into PDUs no longer than the peer announced (PS3.8 9.3.5)."""
+    server.add_peer("CT1", "store")
+    from pynetdicom import AE
+
+    ae = AE(ae_title="CT1")
+    ae.maximum_pdu_size = 64  # smaller than the ~170-byte response command
+    ae.network_timeout = ae.dimse_timeout = 20
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SAFEPACS")
+    try:
+        assert assoc.is_established
+        rsp = assoc.send_c_store(make_ct())
+        assert rsp.Status == 0x0000
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def test_object_over_the_size_limit_is_refused_and_the_association_goes_on(
+    small_pdu_server: Server,
+) -> None:
+    srv = small_pdu_server
+    srv.add_peer("CT1", "store,find")
+    big = make_ct(rows=512, cols=512)  # 0.5 MB > 200,000 bytes
+    small = make_ct()
+    with associate(srv.port, STORE_CONTEXTS, calling="CT1") as assoc:
+        rsp = assoc.send_c_store(big)
+        assert rsp.Status == 0xC000
+        assert "larger than" in rsp.ErrorComment
+        assert assoc.send_c_store(small).Status == 0x0000
+        assert _find_images(assoc, big.StudyInstanceUID) == []
+        assert _find_images(assoc, small.StudyInstanceUID) == [small.SOPInstanceUID]
+
+
+def _p_data(items: list[tuple[int, int, bytes]]) -> bytes:
+    body = b"".join(struct.pack(">LBB", len(frag) + 2, cx, ctl) + frag for cx, ctl, frag in items)
+    return struct.pack(">BxL", 0x04, len(body)) + body
+
+
+def _aborted(assoc: object, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if assoc.is_aborted or not assoc.is_established:  # type: ignore[attr-defined]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "pdu longer than announced",
+        "item length below 2",
+        "item past the end of the PDU",
+        "data before the command",
+        "command over 64 KiB",
+    ],
+)
+def test_protocol_violations_abort_the_association_only(small_pdu_server: Server, attack: str) -> None:
+    srv = small_pdu_server
+    srv.add_peer("CT1", "echo,store")
+    with associate(srv.port, STORE_CONTEXTS, calling="CT1") as assoc:
+        assert assoc.is_established
+        cx = assoc.accepted_contexts[0].context_id
+        sock: socket.socket = assoc.dul.socket.socket
+        if attack == "pdu longer than announced":
+            raw = struct.pack(">BxL", 0x04, 10 * 1024 * 1024)  # 10 MiB announced, never sent
+        elif attack == "item length below 2":
+            raw = struct.pack(">BxL", 0x04, 6) + struct.pack(">LBB", 1, cx, 3)
+        elif attack == "item past the end of the PDU":
+            raw = struct.pack(">BxL", 0x04, 8) + struct.pack(">LBB", 400, cx, 3) + b"ab"
+        elif attack == "data before the command":
+            raw = _p_data([(cx, 0x00, b"\x08\x00\x18\x00")])
+        else:
+            raw = b"".join(_p_data([(cx, 0x01, b"\x00" * 4000)]) for _ in range(17))
+        sock.sendall(raw)
+        assert _aborted(assoc), f"{attack}: the association was not aborted"
+    # The server is unharmed: a new association works.
+    with associate(srv.port, STORE_CONTEXTS, calling="CT1") as assoc:
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(make_ct()).Status == 0x0000
