@@ -1,7 +1,9 @@
-"""The command line as an administrator uses it: init, peer, import."""
+"""The command line as an administrator uses it: init, peer, user, token, import."""
 
 from __future__ import annotations
 
+import io
+import re
 import stat
 from pathlib import Path
 
@@ -224,3 +226,63 @@ def test_serve_on_a_port_in_use_explains(data_dir: Path) -> None:
         )
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_user_and_token_commands(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli("user", "add", "alice", "--role", "radiologist,referrer", "--data", str(data_dir)) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip()) >= 16  # the one-time password, alone on stdout
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery staple\n"))
+    assert (
+        run_cli("user", "add", "bob", "--role", "technologist", "--password-stdin", "--data", str(data_dir))
+        == 0
+    )
+    assert capsys.readouterr().out == ""
+    assert run_cli("user", "list", "--data", str(data_dir)) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and "radiologist,referrer" in listing and "bob" in listing
+
+    assert run_cli("token", "create", "--user", "alice", "--expires", "12h", "--data", str(data_dir)) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert re.fullmatch(r"spat_[0-9a-f]{16}_[A-Za-z0-9_-]{43}", token)  # the token alone on stdout
+    assert "shown only now" in out.err
+    token_id = token.split("_")[1]
+    assert run_cli("token", "list", "--data", str(data_dir)) == 0
+    listing = capsys.readouterr().out
+    assert token_id in listing and token.split("_", 2)[2] not in listing  # never the secret
+    assert run_cli("token", "revoke", token_id, "--data", str(data_dir)) == 0
+    assert run_cli("token", "list", "--user", "alice", "--data", str(data_dir)) == 0
+    assert "revoked" in capsys.readouterr().out
+
+    assert run_cli("user", "reset-password", "alice", "--data", str(data_dir)) == 0
+    assert len(capsys.readouterr().out.strip()) >= 16
+    assert run_cli("user", "disable", "alice", "--data", str(data_dir)) == 0
+    assert run_cli("user", "list", "--data", str(data_dir)) == 0
+    assert "disabled" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["user", "add", "carol", "--role", "overlord"], "unknown role"),
+        (["user", "add", "../etc", "--role", "referrer"], "user name"),
+        (["user", "add", "admin", "--role", "referrer"], "exists already"),
+        (["user", "disable", "nobody"], "no user named"),
+        (["token", "create", "--user", "nobody"], "no user named"),
+        (["token", "create", "--user", "admin", "--expires", "forever"], "--expires"),
+        (["token", "create", "--user", "admin", "--expires", "400d"], "at most 366 days"),
+        (["token", "create", "--user", "admin", "--scope", "root"], "unknown scope"),
+        (["token", "revoke", "0123456789abcdef"], "no token"),
+    ],
+)
+def test_user_and_token_commands_refuse_bad_input(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert run_cli(*args, "--data", str(data_dir)) == 2
+    out = capsys.readouterr()
+    assert message in out.err
+    assert out.out == ""
+    assert "Traceback" not in out.err

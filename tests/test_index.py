@@ -750,6 +750,33 @@ def test_users(index: SqlIndex) -> None:
         index.update_user("nobody", disabled=True)
 
 
+
+def test_tokens(index: SqlIndex) -> None:
+    import datetime as dt
+
+    from safepacs.auth.tokens import check_token, issue_token
+
+    index.add_user("alice", "h", frozenset({"radiologist"}))
+    issued = issue_token("alice", dt.timedelta(days=1), frozenset({"find"}))
+    index.add_token(issued.record)
+    assert index.get_token(issued.record.token_id) == issued.record
+    assert check_token(issued.token, index.get_token, index.get_user) is not None
+    assert [t.token_id for t in index.list_tokens("alice")] == [issued.record.token_id]
+    assert index.list_tokens("bob") == []
+    with pytest.raises(NotFoundError):
+        index.add_token(issue_token("bob", dt.timedelta(days=1)).record)
+    index.revoke_token(issued.record.token_id)
+    index.revoke_token(issued.record.token_id)  # revoking twice is harmless
+    revoked = index.get_token(issued.record.token_id)
+    assert revoked is not None and revoked.revoked_at is not None
+    assert check_token(issued.token, index.get_token, index.get_user) is None
+    with pytest.raises(NotFoundError):
+        index.revoke_token("0000000000000000")
+    later = issue_token("alice", dt.timedelta(hours=1))
+    index.add_token(later.record)
+    assert check_token(later.token, index.get_token, index.get_user, now=later.record.expires_at) is None
+
+
 # Concurrency -------------------------------------------------------------------------------------------
 def _writer(url: str, study: str, series: str, worker: int, count: int) -> None:
     ix = SqlIndex(url)

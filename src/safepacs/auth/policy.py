@@ -12,7 +12,26 @@ from dataclasses import dataclass
 from safepacs.errors import AccessDenied
 from safepacs.types import Principal, Service
 
-__all__ = ["Resource", "decide", "require"]
+__all__ = ["ROLES", "Resource", "decide", "require", "services_of_roles"]
+
+#: What each role may do (issue 3).  The services are the DIMSE ones; DICOMweb maps onto them
+#: (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants nothing.
+ROLES: dict[str, frozenset[Service]] = {
+    "admin": frozenset(Service),
+    "radiologist": frozenset({Service.ECHO, Service.FIND, Service.GET, Service.MOVE, Service.STORE}),
+    "technologist": frozenset({Service.ECHO, Service.FIND, Service.STORE}),
+    "referrer": frozenset({Service.FIND, Service.GET}),
+    "researcher": frozenset({Service.FIND, Service.GET}),
+    "auditor": frozenset(),
+}
+
+
+def services_of_roles(roles: frozenset[str]) -> frozenset[Service]:
+    """The union of what ``roles`` allow."""
+    out: set[Service] = set()
+    for role in roles:
+        out |= ROLES.get(role, frozenset())
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
@@ -27,7 +46,9 @@ def decide(principal: Principal | None, action: Service, resource: Resource | No
     """Whether ``principal`` may perform ``action`` on ``resource``.
 
     A DIMSE peer may use exactly the services listed for it in the peer table
-    (``safepacs peer add --allow``).  Anything unknown is denied.
+    (``safepacs peer add --allow``); a person (or their token) what their roles allow, narrowed to
+    the token's scopes, which the authenticating adapter has resolved into ``principal.allow``.
+    Anything unknown is denied.
     """
     if principal is None:
         return False
@@ -39,6 +60,5 @@ def decide(principal: Principal | None, action: Service, resource: Resource | No
 def require(principal: Principal | None, action: Service, resource: Resource | None = None) -> None:
     """Raise :class:`AccessDenied` unless :func:`decide` allows the action."""
     if not decide(principal, action, resource):
-        raise AccessDenied(
-            f"this peer is not allowed to use {action.value}; ask the administrator to allow it"
-        )
+        who = "this user" if principal is not None and principal.kind == "user" else "this peer"
+        raise AccessDenied(f"{who} is not allowed to use {action.value}; ask the administrator to allow it")

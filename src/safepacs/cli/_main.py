@@ -1,4 +1,4 @@
-"""``safepacs``: init, serve, peer, import.
+"""``safepacs``: init, serve, peer, user, token, import.
 
 Exit status: 0 success, 1 the command ran but something was refused (e.g. an import rejection),
 2 usage, configuration or runtime errors.  Errors are one sentence on standard error, never a traceback.
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from safepacs import __version__
+from safepacs.cli._accounts import add_parsers as add_account_parsers
+from safepacs.cli._accounts import cmd_token, cmd_user
 from safepacs.errors import SafePacsError
 
 __all__ = ["main"]
@@ -48,14 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("init", help="create a new data directory: settings, keys, CA, index, admin account")
     data_opt(sp)
 
-    sp = sub.add_parser("serve", help="run the archive (DICOM listener) until SIGTERM/SIGINT")
+    sp = sub.add_parser("serve", help="run the archive (DICOM and HTTPS listeners) until SIGTERM/SIGINT")
     data_opt(sp)
     sp.add_argument("--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     sp.add_argument(
         "--dicom-port", type=int, metavar="N", help="DICOM port (default 11112; 0 picks a free one)"
     )
     sp.add_argument(
-        "--http-port", type=int, metavar="N", help="HTTPS port (default 8443; DICOMweb is not served yet)"
+        "--http-port",
+        type=int,
+        metavar="N",
+        help="HTTPS port for DICOMweb (default 8443; 0 picks a free one)",
     )
     sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -79,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = peer.add_parser("remove", help="remove a registered peer")
     data_opt(sp)
     sp.add_argument("ae_title", metavar="AE_TITLE")
+
+    add_account_parsers(sub, data_opt)
 
     sp = sub.add_parser("import", help="store DICOM files and folders through the same path as C-STORE")
     data_opt(sp)
@@ -119,6 +126,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs.app import configure_logging, open_archive
     from safepacs.dimse.server import serve
     from safepacs.index import migrate
+    from safepacs.web.server import bind_https, run_https
 
     settings = _settings(
         args, {"server": {"bind": args.bind, "dicom_port": args.dicom_port, "http_port": args.http_port}}
@@ -135,14 +143,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             extra={"address": settings.server.bind},
         )
 
+    try:
+        https = bind_https(settings.server.bind, settings.server.http_port)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {settings.server.bind}:{settings.server.http_port} ({exc.strerror}); "
+            "choose another --bind or --http-port"
+        ) from exc
+    https_host, https_port = https.getsockname()[:2]
+
     def ready(host: str, port: int) -> None:
         print(
             f"SafePACS listening for DICOM on {host}:{port} as AE title {settings.server.ae_title}",
             flush=True,
         )
+        print(
+            f"SafePACS listening for HTTPS (DICOMweb at /dicomweb) on {https_host}:{https_port}", flush=True
+        )
+
+    def setup() -> None:
+        configure_logging(args.log_level)
+
+    def run_web() -> None:
+        run_https(settings, https, open_archive, setup)
 
     try:
-        return serve(settings, open_archive, setup=lambda: configure_logging(args.log_level), ready=ready)
+        return serve(
+            settings, open_archive, setup=setup, ready=ready, companions=[("safepacs-https", run_web)]
+        )
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {settings.server.bind}:{settings.server.dicom_port} ({exc.strerror}); "
@@ -226,6 +254,14 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_accounts(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    try:
+        return (cmd_user if args.command == "user" else cmd_token)(args, index)
+    finally:
+        index.close()
+
+
 def _iter_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
@@ -284,7 +320,14 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)  # everything SafePACS creates (index WAL files, objects, keys) is private to its user
     args = _parser().parse_args(argv)
-    handlers = {"init": _cmd_init, "serve": _cmd_serve, "peer": _cmd_peer, "import": _cmd_import}
+    handlers = {
+        "init": _cmd_init,
+        "serve": _cmd_serve,
+        "peer": _cmd_peer,
+        "user": _cmd_accounts,
+        "token": _cmd_accounts,
+        "import": _cmd_import,
+    }
     try:
         return handlers[args.command](args)
     except UsageError as exc:

@@ -30,11 +30,11 @@ from safepacs.errors import ConflictError, IndexError_, NotFoundError
 from safepacs.index import sql
 from safepacs.index.attributes import UNIQUE_KEYS
 from safepacs.index.matching import parse_identifier, retrieve_keys
-from safepacs.index.schema import instances, peers, series, studies, users
+from safepacs.index.schema import instances, peers, series, studies, tokens, users
 from safepacs.index.write import Writer, read_header
 from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Service, StoredBlob
 
-__all__ = ["SqlIndex", "UserRecord", "migrate"]
+__all__ = ["SqlIndex", "TokenRecord", "UserRecord", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,19 @@ class UserRecord:
     roles: frozenset[str]
     disabled: bool
     must_change_password: bool
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A personal access token as stored: never the token itself, only the SHA-256 of its secret."""
+
+    token_id: str
+    user_name: str
+    secret_sha256: str
+    scopes: frozenset[str]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
 
 
 # Engines -------------------------------------------------------------------------------------------------
@@ -257,6 +270,15 @@ class SqlIndex:
         query = parse_identifier(model, level, identifier)
         return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
 
+    def search(
+        self, level: QueryLevel, identifier: Dataset, limit: int, offset: int = 0
+    ) -> tuple[list[Dataset], bool]:
+        """QIDO-RS (PS3.18 10.6): a page of the Study Root records matching ``identifier`` at ``level``,
+        with the same matching as :meth:`find`, and whether more follow.  No Query/Retrieve Level is
+        required, and a search need not name the records above its level."""
+        query = parse_identifier(QueryModel.STUDY_ROOT, level, identifier, require_level=False)
+        return self._run(lambda conn: sql.run_search(conn, query, limit, offset), write=False)
+
     def instances_for(self, model: QueryModel, level: QueryLevel, identifier: Dataset) -> list[InstanceRef]:
         """C-GET/C-MOVE: the instances under the unique keys of the identifier (PS3.4 C.4.2.2.1, C.4.3).
 
@@ -381,9 +403,76 @@ class SqlIndex:
 
         self._run(work, write=True)
 
+    # Tokens -----------------------------------------------------------------------------------------------
+    def add_token(self, record: TokenRecord) -> None:
+        """Store a new token; :class:`NotFoundError` when its user does not exist."""
+
+        def work(conn: sa.Connection) -> None:
+            if not conn.execute(sa.select(users.c.name).where(users.c.name == record.user_name)).first():
+                raise NotFoundError(f"no user named {record.user_name!r} exists")
+            conn.execute(
+                sa.insert(tokens).values(
+                    token_id=record.token_id,
+                    user_name=record.user_name,
+                    secret_sha256=record.secret_sha256,
+                    scopes=_join(record.scopes),
+                    created_at=record.created_at,
+                    expires_at=record.expires_at,
+                    revoked_at=record.revoked_at,
+                )
+            )
+
+        self._run(work, write=True)
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        def work(conn: sa.Connection) -> TokenRecord | None:
+            row = conn.execute(sa.select(tokens).where(tokens.c.token_id == token_id)).mappings().first()
+            return None if row is None else _token(row)
+
+        return self._run(work, write=False)
+
+    def list_tokens(self, user_name: str | None = None) -> list[TokenRecord]:
+        def work(conn: sa.Connection) -> list[TokenRecord]:
+            stmt = sa.select(tokens).order_by(tokens.c.user_name, tokens.c.created_at)
+            if user_name is not None:
+                stmt = stmt.where(tokens.c.user_name == user_name)
+            return [_token(r) for r in conn.execute(stmt).mappings()]
+
+        return self._run(work, write=False)
+
+    def revoke_token(self, token_id: str) -> None:
+        """Mark a token revoked (kept for the record); :class:`NotFoundError` when unknown."""
+
+        def work(conn: sa.Connection) -> None:
+            stmt = sa.update(tokens).where(tokens.c.token_id == token_id, tokens.c.revoked_at.is_(None))
+            if conn.execute(stmt.values(revoked_at=_now())).rowcount == 0:
+                if not conn.execute(
+                    sa.select(tokens.c.token_id).where(tokens.c.token_id == token_id)
+                ).first():
+                    raise NotFoundError(f"no token with id {token_id!r} exists")
+
+        self._run(work, write=True)
+
 
 def _user(row: Any) -> UserRecord:
     roles = frozenset(part for part in row["roles"].split(",") if part)
     return UserRecord(
         row["name"], row["password_hash"], roles, bool(row["disabled"]), bool(row["must_change_password"])
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _token(row: Any) -> TokenRecord:
+    return TokenRecord(
+        row["token_id"],
+        row["user_name"],
+        row["secret_sha256"],
+        frozenset(part for part in row["scopes"].split(",") if part),
+        _aware(row["created_at"]),
+        _aware(row["expires_at"]),
+        None if row["revoked_at"] is None else _aware(row["revoked_at"]),
     )

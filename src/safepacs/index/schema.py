@@ -38,6 +38,7 @@ __all__ = [
     "peers",
     "series",
     "studies",
+    "tokens",
     "users",
 ]
 
@@ -182,4 +183,20 @@ users = sa.Table(
     sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("must_change_password", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", _TS, nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("token_id", sa.String(32), primary_key=True),  # the public part of the token
+    sa.Column(
+        "user_name", sa.String, sa.ForeignKey("users.name", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),  # of the secret part; never the token
+    sa.Column(
+        "scopes", sa.String, nullable=False, server_default=""
+    ),  # comma-separated; "" = the user's roles
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("expires_at", _TS, nullable=False),
+    sa.Column("revoked_at", _TS, nullable=True),
 )
