@@ -55,6 +55,15 @@ class Server:
     proc: subprocess.Popen[str]
     log: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
+    https_port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.host}:{self.https_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data / "keys" / "ca.pem"
 
     def add_peer(self, ae: str, allow: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         args = ["peer", "add", ae, "--host", host, "--allow", allow, "--data", str(self.data)]
@@ -83,7 +92,8 @@ class Server:
 
 def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     """Start ``safepacs serve`` on 127.0.0.1 port 0 and wait until it listens."""
-    cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), "--dicom-port", "0", *extra]
+    ports = ["--dicom-port", "0", "--http-port", "0"]
+    cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), *ports, *extra]
     full_env = {**os.environ, "SAFEPACS_SERVER__SHUTDOWN_GRACE": "5", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
     assert proc.stdout is not None and proc.stderr is not None
@@ -100,7 +110,10 @@ def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> 
         raise AssertionError(f"server did not start: {line!r} {''.join(log)}")
     address = line.split(" on ", 1)[1].split(" ")[0]
     host, port = address.rsplit(":", 1)
-    return Server(data, host, int(port), proc, log, reader)
+    https_line = proc.stdout.readline()
+    assert "listening for HTTPS" in https_line, https_line
+    https_port = int(https_line.strip().rsplit(":", 1)[1])
+    return Server(data, host, int(port), proc, log, reader, https_port)
 
 
 @pytest.fixture

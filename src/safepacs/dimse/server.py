@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
@@ -197,11 +197,13 @@ def serve(
     *,
     setup: Callable[[], None] = lambda: None,
     ready: Callable[[str, int], None] | None = None,
+    companions: Sequence[tuple[str, Callable[[], None]]] = (),
 ) -> int:
     """Run the DIMSE listener until SIGTERM/SIGINT; returns the exit status.
 
     ``open_archive`` builds a worker's backends (after the fork: no engine or file handle is shared);
-    ``setup`` configures logging in each worker.
+    ``setup`` configures logging in each worker.  ``companions`` are (name, function) pairs run each in
+    a process of its own beside the workers (the HTTPS listener), restarted and stopped with them.
     """
     s = settings.server
     listener = bind_listener(s.bind, s.dicom_port)
@@ -212,13 +214,14 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     ctx = multiprocessing.get_context("fork")
 
-    def spawn() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(
-            target=_worker,
-            args=(settings, listener, open_archive, setup),
-            name="safepacs-dimse",
-            daemon=False,
-        )
+    def dimse_worker() -> None:
+        _worker(settings, listener, open_archive, setup)
+
+    specs = [("safepacs-dimse", dimse_worker)] * workers + list(companions)
+
+    def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        name, target = specs[i]
+        proc = ctx.Process(target=target, name=name, daemon=False)
         proc.start()
         started[proc.pid] = time.monotonic()
         return proc
@@ -226,7 +229,7 @@ def serve(
     started: dict[int | None, float] = {}
     quick_deaths = 0
 
-    procs = [spawn() for _ in range(workers)]
+    procs = [spawn(i) for i in range(len(specs))]
     log.info(
         "DIMSE listening", extra={"address": host, "port": port, "ae_title": s.ae_title, "workers": workers}
     )
@@ -238,11 +241,14 @@ def serve(
                 if time.monotonic() - started.get(proc.pid, 0.0) < 5:
                     quick_deaths += 1
                 if quick_deaths > 3:
-                    log.error("DIMSE workers keep failing at start; stopping (see the errors above)")
+                    log.error("SafePACS processes keep failing at start; stopping (see the errors above)")
                     stop.set()
                     break
-                log.error("DIMSE worker exited; restarting", extra={"exitcode": proc.exitcode})
-                procs[i] = spawn()
+                log.error(
+                    "a SafePACS process exited; restarting",
+                    extra={"process": specs[i][0], "exitcode": proc.exitcode},
+                )
+                procs[i] = spawn(i)
     for proc in procs:
         if proc.pid is not None and proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)

@@ -201,8 +201,9 @@ def _pk_label(level: QueryLevel) -> str:
     return f"_pk_{level.value.lower()}"
 
 
-def find_select(query: Query, limit: int | None) -> sa.Select[Any]:
-    """The SELECT of a C-FIND: one row per matching record of the query level, ``limit + 1`` at most."""
+def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[Any]:
+    """The SELECT of a C-FIND: one row per matching record of the query level, ``limit + 1`` at most
+    (the extra row tells that there are more), after skipping ``offset`` rows."""
     columns: list[sa.ColumnElement[Any]] = [
         LEVEL_TABLES[lv].c.pk.label(_pk_label(lv)) for lv in _levels_down_to(query.level)
     ]
@@ -220,6 +221,8 @@ def find_select(query: Query, limit: int | None) -> sa.Select[Any]:
     stmt = (
         sa.select(*columns).select_from(_from(query.level)).where(*where_clauses(query)).order_by(base.c.pk)
     )
+    if offset:
+        stmt = stmt.offset(offset)
     return stmt.limit(limit + 1) if limit else stmt
 
 
@@ -290,6 +293,18 @@ def run_find(conn: sa.Connection, query: Query, limit: int | None) -> list[Datas
             f"the query matched more than {limit} {_NOUNS[query.level]}; narrow it "
             f"(e.g. {_HINTS[query.level]})"
         )
+    return _responses(conn, query, rows)
+
+
+def run_search(conn: sa.Connection, query: Query, limit: int, offset: int) -> tuple[list[Dataset], bool]:
+    """A page of a QIDO-RS search (PS3.18 8.3.4.4): at most ``limit`` responses after ``offset``, and
+    whether more follow."""
+    rows = conn.execute(find_select(query, limit, offset)).mappings().all()
+    more = len(rows) > limit
+    return _responses(conn, query, rows[:limit]), more
+
+
+def _responses(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> list[Dataset]:
     extra: dict[str, dict[int, Any]] = {}
     for cond in query.conditions:
         if cond.keyword in {"ModalitiesInStudy", "SOPClassesInStudy"}:

@@ -1,4 +1,4 @@
-"""The one query path (C-FIND now, QIDO-RS later): policy, then the index's matching."""
+"""The one query path (C-FIND and QIDO-RS): policy, then the index's matching."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ class QueryService:
             for ds in results:
                 ds.RetrieveAETitle = self._ae_title
         return results
+
+    def search(
+        self, principal: Principal, level: QueryLevel, identifier: Dataset, *, limit: int | None, offset: int
+    ) -> tuple[list[Dataset], bool]:
+        """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``) responses after
+        ``offset``, and whether more follow; raises QueryError / AccessDenied."""
+        require(principal, Service.FIND)
+        cap = self._max_results or 10_000
+        page = cap if limit is None else max(0, min(limit, cap))
+        if page == 0:
+            return [], False
+        return self._index.search(level, identifier, page, offset)

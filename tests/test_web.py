@@ -1,0 +1,263 @@
+"""DICOMweb over HTTPS against a running ``safepacs serve``: tokens, QIDO-RS, one policy with C-FIND."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.sop_class import CTImageStorage
+
+from safepacs.auth.tokens import issue_token
+from safepacs.index import SqlIndex
+from tests.conftest import Server, run_cli, start_server
+from tests.corpus import make_ct
+from tests.dicom_client import associate, c_find
+
+SECURITY_HEADERS = {
+    "strict-transport-security",
+    "content-security-policy",
+    "x-content-type-options",
+    "cache-control",
+}
+
+
+def _token(data: Path, user: str, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    assert run_cli("token", "create", "--user", user, "--data", str(data), *extra) == 0
+    return capsys.readouterr().out.strip()
+
+
+def _user(data: Path, name: str, role: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("user", "add", name, "--role", role, "--data", str(data)) == 0
+    capsys.readouterr()
+
+
+@pytest.fixture
+def web(data_dir: Path) -> Iterator[Server]:
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _client(srv: Server, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    verify = ssl.create_default_context(cafile=str(srv.ca_file))
+    return httpx.Client(base_url=srv.base_url, verify=verify, headers=headers, timeout=20)
+
+
+def _store(srv: Server, datasets: list[Dataset]) -> None:
+    srv.add_peer("CT1", "store")
+    with associate(srv.port, [build_context(CTImageStorage)], calling="CT1") as assoc:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+
+
+def _studies(n: int) -> list[Dataset]:
+    out = []
+    for i in range(n):
+        out.append(
+            make_ct(
+                patient_id=f"P{i:03d}",
+                patient_name=f"Doe^{'Jane' if i % 2 else 'John'}{i}",
+                StudyDate=f"2024010{i + 1}",
+                Modality="CT" if i % 3 else "MR",
+            )
+        )
+    return out
+
+
+def test_no_or_bad_credentials_answer_401_with_www_authenticate(
+    web: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _user(web.data, "alice", "radiologist", capsys)
+    good = _token(web.data, "alice", capsys)
+    token_id = good.split("_")[1]
+    index = SqlIndex(f"sqlite:///{web.data / 'index.sqlite3'}")
+    try:
+        expired = issue_token(
+            "alice", dt.timedelta(hours=1), now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+        )
+        index.add_token(expired.record)
+    finally:
+        index.close()
+    revoked = _token(web.data, "alice", capsys)
+    assert run_cli("token", "revoke", revoked.split("_")[1], "--data", str(web.data)) == 0
+    with _client(web) as client:
+        r = client.get("/dicomweb/studies")
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.headers["content-type"] == "application/problem+json"
+        assert SECURITY_HEADERS <= set(r.headers)
+        for bad in (
+            "garbage",
+            f"spat_{token_id}_{'A' * 43}",  # the right id, the wrong secret
+            expired.token,
+            revoked,
+        ):
+            r = client.get("/dicomweb/studies", headers={"Authorization": f"Bearer {bad}"})
+            assert r.status_code == 401, bad
+            assert 'error="invalid_token"' in r.headers["www-authenticate"]
+        r = client.get("/dicomweb/studies", headers={"Authorization": f"Basic {good}"})
+        assert r.status_code == 401
+        assert client.get("/dicomweb/studies", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+    # A disabled user's tokens stop working at once.
+    assert run_cli("user", "disable", "alice", "--data", str(web.data)) == 0
+    with _client(web, good) as client:
+        assert client.get("/dicomweb/studies").status_code == 401
+
+
+def test_qido_and_c_find_give_the_same_studies(web: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    studies = _studies(6)
+    _store(web, studies)
+    web.add_peer("VIEWER", "find")
+    _user(web.data, "rad", "radiologist", capsys)
+    token = _token(web.data, "rad", capsys)
+    queries: list[dict[str, str]] = [
+        {},
+        {"PatientName": "Doe^Jane*"},
+        {"StudyDate": "20240102-20240104"},
+        {"ModalitiesInStudy": "MR"},
+        {"PatientID": "P00?"},
+    ]
+    with _client(web, token) as client:
+        for params in queries:
+            r = client.get("/dicomweb/studies", params=params)
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "application/dicom+json"
+            qido = sorted(item["0020000D"]["Value"][0] for item in r.json())
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = ""
+            for key, value in params.items():
+                setattr(identifier, key, value)
+            found, final = c_find(web.port, identifier)
+            assert final.Status == 0x0000
+            assert qido == sorted(str(ds.StudyInstanceUID) for ds in found), params
+            assert qido, params
+
+
+def test_qido_levels_paging_and_includefield(web: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    first = make_ct(patient_name="Roe^Richard", instance_number=1)
+    second = make_ct(
+        patient_name="Roe^Richard",
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+        instance_number=2,
+    )
+    _store(web, [first, second, *_studies(3)])
+    _user(web.data, "rad", "radiologist", capsys)
+    token = _token(web.data, "rad", capsys)
+    study, series = first.StudyInstanceUID, first.SeriesInstanceUID
+    with _client(web, token) as client:
+        r = client.get(f"/dicomweb/studies/{study}/series")
+        assert [s["0020000E"]["Value"][0] for s in r.json()] == [series]
+        r = client.get(f"/dicomweb/studies/{study}/series/{series}/instances")
+        assert sorted(i["00080018"]["Value"][0] for i in r.json()) == sorted(
+            [first.SOPInstanceUID, second.SOPInstanceUID]
+        )
+        assert all("00080052" not in i for i in r.json())  # no Query/Retrieve Level in QIDO answers
+        page1 = client.get("/dicomweb/instances", params={"limit": 2})
+        page2 = client.get("/dicomweb/instances", params={"limit": 2, "offset": 2})
+        page3 = client.get("/dicomweb/instances", params={"limit": 2, "offset": 4})
+        assert "additional results" in page1.headers["warning"]
+        assert "warning" not in page3.headers
+        uids = [i["00080018"]["Value"][0] for p in (page1, page2, page3) for i in p.json()]
+        assert len(uids) == len(set(uids)) == 5
+        r = client.get(
+            "/dicomweb/studies", params={"StudyInstanceUID": study, "includefield": "PatientComments"}
+        )
+        assert "00104000" in r.json()[0]
+        r = client.get("/dicomweb/studies", params={"00100010": "Roe^*"})
+        assert [s["0020000D"]["Value"][0] for s in r.json()] == [study]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/dicomweb/studies", {"NoSuchKeyword": "x"}, 400),
+        ("/dicomweb/studies", {"fuzzymatching": "true"}, 400),
+        ("/dicomweb/studies", {"limit": "lots"}, 400),
+        ("/dicomweb/studies/1.2.3..4/series", {}, 400),
+        ("/dicomweb/studies/not-a-uid/series", {}, 400),
+        ("/dicomweb/nothing-here", {}, 404),
+    ],
+)
+def test_bad_requests_get_problem_details(
+    web: Server, capsys: pytest.CaptureFixture[str], path: str, params: dict[str, str], status: int
+) -> None:
+    _user(web.data, "rad", "radiologist", capsys)
+    with _client(web, _token(web.data, "rad", capsys)) as client:
+        r = client.get(path, params=params)
+        assert r.status_code == status
+        body = r.json()
+        assert body["status"] == status and body["detail"]
+        assert "Traceback" not in r.text
+        assert client.get("/dicomweb/studies", headers={"Accept": "application/xml"}).status_code == 406
+
+
+def test_a_principal_without_search_rights_sees_404(web: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    _store(web, _studies(1))
+    _user(web.data, "aud", "auditor", capsys)
+    _user(web.data, "rad", "radiologist", capsys)
+    for token in (_token(web.data, "aud", capsys), _token(web.data, "rad", capsys, "--scope", "store")):
+        with _client(web, token) as client:
+            r = client.get("/dicomweb/studies")
+            assert r.status_code == 404
+            assert r.json()["detail"] == "no such resource"
+
+
+def test_tls_is_1_2_or_newer_and_verifies_with_the_local_ca(web: Server) -> None:
+    ctx = ssl.create_default_context(cafile=str(web.ca_file))
+    with socket.create_connection((web.host, web.https_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(str(web.ca_file))
+    with warnings.catch_warnings():  # a client stuck at TLS 1.1 is the point of the test
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("ALL:@SECLEVEL=0")
+    with socket.create_connection((web.host, web.https_port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            old.wrap_socket(raw, server_hostname="localhost").do_handshake()
+
+
+def test_dicomweb_client_searches(web: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    studies = _studies(2)
+    _store(web, studies)
+    _user(web.data, "rad", "radiologist", capsys)
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would replace our CA
+    session.verify = str(web.ca_file)
+    client = DICOMwebClient(
+        url=f"{web.base_url}/dicomweb",
+        session=session,
+        headers={"Authorization": f"Bearer {_token(web.data, 'rad', capsys)}"},
+    )
+    found = client.search_for_studies(search_filters={"PatientID": "P001"})
+    assert [s["0020000D"]["Value"][0] for s in found] == [studies[1].StudyInstanceUID]
+    series = client.search_for_series(study_instance_uid=studies[0].StudyInstanceUID)
+    assert [s["0020000E"]["Value"][0] for s in series] == [studies[0].SeriesInstanceUID]
+
+
+def test_the_https_port_in_use_is_explained(data_dir: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(AssertionError, match="http-port"):
+            start_server(data_dir, "--http-port", str(busy.getsockname()[1]))
+    finally:
+        busy.close()
