@@ -7,6 +7,7 @@ import socket
 import ssl
 import warnings
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -261,3 +262,112 @@ def test_the_https_port_in_use_is_explained(data_dir: Path) -> None:
             start_server(data_dir, "--http-port", str(busy.getsockname()[1]))
     finally:
         busy.close()
+
+
+def _parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """(Content-Type, body) of each part of a multipart/related answer."""
+    media = response.headers["content-type"]
+    assert media.startswith("multipart/related")
+    boundary = media.split("boundary=")[1].strip('"').encode()
+    out = []
+    for chunk in response.content.split(b"--" + boundary)[1:-1]:
+        head, _, body = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        ctype = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-type")
+        )
+        out.append((ctype, body[:-2] if body.endswith(b"\r\n") else body))
+    return out
+
+
+def test_wado_rs_retrieves_studies_series_instances_and_metadata(
+    web: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    first = make_ct(rows=32, cols=32)
+    second = make_ct(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2)
+    other = make_ct()
+    _store(web, [first, second, other])
+    _user(web.data, "rad", "radiologist", capsys)
+    _user(web.data, "aud", "auditor", capsys)
+    study, series = first.StudyInstanceUID, first.SeriesInstanceUID
+    with _client(web, _token(web.data, "rad", capsys)) as client:
+        r = client.get(
+            f"/dicomweb/studies/{study}",
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
+        assert r.status_code == 200
+        parts = _parts(r)
+        got = {str(pydicom.dcmread(BytesIO(body)).SOPInstanceUID) for _, body in parts}
+        assert got == {first.SOPInstanceUID, second.SOPInstanceUID}
+        for ctype, body in parts:  # as stored, and labelled with the syntax it is in
+            assert ctype.endswith(
+                f"transfer-syntax={pydicom.dcmread(BytesIO(body)).file_meta.TransferSyntaxUID}"
+            )
+        one = _parts(
+            client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{first.SOPInstanceUID}")
+        )
+        assert len(one) == 1
+        ds = pydicom.dcmread(BytesIO(one[0][1]))
+        assert ds.PixelData == first.PixelData and ds.PatientName == first.PatientName
+        assert len(_parts(client.get(f"/dicomweb/studies/{study}/series/{series}"))) == 2
+        meta = client.get(f"/dicomweb/studies/{study}/series/{series}/metadata")
+        assert meta.headers["content-type"] == "application/dicom+json"
+        items = meta.json()
+        assert {i["00080018"]["Value"][0] for i in items} == {first.SOPInstanceUID, second.SOPInstanceUID}
+        uri = items[0]["7FE00010"]["BulkDataURI"]
+        assert "InlineBinary" not in items[0]["7FE00010"]
+        bulk = client.get(uri)
+        assert bulk.status_code == 200
+        pixels = _parts(bulk)[0][1]
+        assert pixels in (first.PixelData, second.PixelData)
+        # Refusals: a syntax SafePACS cannot convert to, a non-multipart Accept, unknown and malformed UIDs.
+        r = client.get(
+            f"/dicomweb/studies/{study}",
+            headers={
+                "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={JPEG2000Lossless}'
+            },
+        )
+        assert r.status_code == 406
+        assert (
+            client.get(f"/dicomweb/studies/{study}", headers={"Accept": "application/json"}).status_code
+            == 406
+        )
+        assert client.get("/dicomweb/studies/1.2.3.4.5").status_code == 404
+        assert client.get("/dicomweb/studies/1.2.3/../4").status_code in (400, 404)
+    # A principal who may not retrieve sees the same 404 as for a study that does not exist.
+    with _client(web, _token(web.data, "aud", capsys)) as client:
+        r = client.get(f"/dicomweb/studies/{study}")
+        assert r.status_code == 404 and r.json()["detail"] == "no such resource"
+        assert client.get(f"/dicomweb/studies/{study}/metadata").status_code == 404
+
+
+def test_wado_rs_decodes_compressed_instances_by_default(
+    web: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    path = Path(str(get_testdata_file("JPEG2000.dcm")))
+    original = pydicom.dcmread(path)
+    web.add_peer("CT1", "store")
+    from tests.dicom_client import store_files
+
+    assert set(store_files(web.port, [path], calling="CT1").values()) == {0}
+    _user(web.data, "rad", "radiologist", capsys)
+    with _client(web, _token(web.data, "rad", capsys)) as client:
+        url = f"/dicomweb/studies/{original.StudyInstanceUID}"
+        decoded = _parts(client.get(url))
+        assert "transfer-syntax=1.2.840.10008.1.2.1" in decoded[0][0]
+        ds = pydicom.dcmread(BytesIO(decoded[0][1]))
+        assert (ds.pixel_array == original.pixel_array).all()
+        as_stored = _parts(
+            client.get(
+                url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+            )
+        )
+        assert f"transfer-syntax={original.file_meta.TransferSyntaxUID}" in as_stored[0][0]
+        assert pydicom.dcmread(BytesIO(as_stored[0][1])).PixelData == original.PixelData

@@ -10,6 +10,7 @@ from safepacs import __version__
 from safepacs.web.problems import install_problem_handlers
 from safepacs.web.qido import make_router
 from safepacs.web.security import SecurityHeaders, authenticate
+from safepacs.web.wado import make_router as make_wado_router
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -33,4 +34,5 @@ def create_app(archive: Archive) -> FastAPI:
         return authenticate(request, archive.index)
 
     app.include_router(make_router(principal_of, archive.query.search), prefix="/dicomweb", tags=["QIDO-RS"])
+    app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
     return app

@@ -22,7 +22,7 @@ from safepacs.index import attributes as A
 from safepacs.types import Principal, QueryLevel
 from safepacs.web.problems import Problem
 
-__all__ = ["DICOM_JSON", "build_identifier", "make_router"]
+__all__ = ["DICOM_JSON", "build_identifier", "checked_uid", "make_router"]
 
 DICOM_JSON = "application/dicom+json"
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
@@ -181,7 +181,7 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
 
     @router.get("/studies/{study}/series")
     def study_series(request: Request, study: str) -> JSONResponse:
-        return answer(request, QueryLevel.SERIES, {"StudyInstanceUID": _uid(study)})
+        return answer(request, QueryLevel.SERIES, {"StudyInstanceUID": checked_uid(study)})
 
     @router.get("/instances")
     def all_instances(request: Request) -> JSONResponse:
@@ -189,18 +189,20 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
 
     @router.get("/studies/{study}/instances")
     def study_instances(request: Request, study: str) -> JSONResponse:
-        return answer(request, QueryLevel.IMAGE, {"StudyInstanceUID": _uid(study)})
+        return answer(request, QueryLevel.IMAGE, {"StudyInstanceUID": checked_uid(study)})
 
     @router.get("/studies/{study}/series/{series}/instances")
     def series_instances(request: Request, study: str, series: str) -> JSONResponse:
         return answer(
-            request, QueryLevel.IMAGE, {"StudyInstanceUID": _uid(study), "SeriesInstanceUID": _uid(series)}
+            request,
+            QueryLevel.IMAGE,
+            {"StudyInstanceUID": checked_uid(study), "SeriesInstanceUID": checked_uid(series)},
         )
 
     return router
 
 
-def _uid(value: str) -> str:
+def checked_uid(value: str) -> str:
     from safepacs.services.ingest import valid_uid
 
     if not valid_uid(value):
