@@ -371,3 +371,98 @@ def test_wado_rs_decodes_compressed_instances_by_default(
         )
         assert f"transfer-syntax={original.file_meta.TransferSyntaxUID}" in as_stored[0][0]
         assert pydicom.dcmread(BytesIO(as_stored[0][1])).PixelData == original.PixelData
+
+
+def _multipart_body(files: list[bytes], boundary: str = "safepacs-test-boundary") -> tuple[bytes, str]:
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f + b"\r\n"
+        for f in files
+    )
+    return (
+        body + b"--" + boundary.encode() + b"--\r\n",
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
+
+
+def _file(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_stow_rs_stores_through_the_ingest_path(web: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    import pydicom
+
+    _user(web.data, "tech", "technologist", capsys)
+    _user(web.data, "ref", "referrer", capsys)
+    a, b = make_ct(), make_ct()
+    with _client(web, _token(web.data, "tech", capsys)) as client:
+        body, ctype = _multipart_body([_file(a), _file(b)])
+        r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 200, r.text
+        stored = r.json()["00081199"]["Value"]
+        assert {i["00081155"]["Value"][0] for i in stored} == {a.SOPInstanceUID, b.SOPInstanceUID}
+        # One good part, one garbage part: 202 with a Failure Reason; all garbage: 409.
+        c = make_ct()
+        body, ctype = _multipart_body([_file(c), b"\x00" * 128 + b"DICMgarbage"])
+        r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 202
+        assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        body, ctype = _multipart_body([b"not dicom at all"])
+        assert (
+            client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 409
+        )
+        # The study in the path must be the instances' study.
+        body, ctype = _multipart_body([_file(make_ct())])
+        r = client.post(
+            f"/dicomweb/studies/{a.StudyInstanceUID}", content=body, headers={"Content-Type": ctype}
+        )
+        assert r.status_code == 409
+        # Not multipart, no boundary, a broken body.
+        assert (
+            client.post(
+                "/dicomweb/studies", content=_file(a), headers={"Content-Type": "application/dicom"}
+            ).status_code
+            == 415
+        )
+        assert (
+            client.post(
+                "/dicomweb/studies",
+                content=b"x",
+                headers={"Content-Type": 'multipart/related; type="application/dicom"'},
+            ).status_code
+            == 400
+        )
+        assert (
+            client.post("/dicomweb/studies", content=b"--nope", headers={"Content-Type": ctype}).status_code
+            == 400
+        )
+    # The instances are there, byte for byte, for C-FIND and WADO-RS alike.
+    with _client(web, _token(web.data, "ref", capsys)) as client:
+        parts = _parts(
+            client.get(
+                f"/dicomweb/studies/{a.StudyInstanceUID}",
+                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+            )
+        )
+        assert pydicom.dcmread(BytesIO(parts[0][1])).PixelData == a.PixelData
+        # A referrer may not store: the endpoint answers as if it did not exist.
+        body, ctype = _multipart_body([_file(make_ct())])
+        assert (
+            client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 404
+        )
+
+
+def test_stow_rs_refuses_a_body_over_the_limit(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = start_server(
+        data_dir, env={"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_SERVER__MAX_REQUEST_BYTES": "100000"}
+    )
+    try:
+        _user(srv.data, "tech", "technologist", capsys)
+        with _client(srv, _token(srv.data, "tech", capsys)) as client:
+            body, ctype = _multipart_body([_file(make_ct(rows=512, cols=512))])
+            r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 413
+            assert r.json()["title"] == "Content Too Large"
+    finally:
+        srv.stop()

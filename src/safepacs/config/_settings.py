@@ -58,6 +58,9 @@ class ServerSettings(_Section):
     )
     acse_timeout: float = Field(30.0, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for DIMSE messages.")
+    max_request_bytes: int = Field(
+        512 * 1024**2, ge=1024, description="Largest HTTPS request body (a STOW-RS upload), in bytes."
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds associations may take to finish on shutdown before they are aborted."
     )

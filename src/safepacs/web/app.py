@@ -10,6 +10,7 @@ from safepacs import __version__
 from safepacs.web.problems import install_problem_handlers
 from safepacs.web.qido import make_router
 from safepacs.web.security import SecurityHeaders, authenticate
+from safepacs.web.stow import make_router as make_stow_router
 from safepacs.web.wado import make_router as make_wado_router
 
 if TYPE_CHECKING:
@@ -35,4 +36,6 @@ def create_app(archive: Archive) -> FastAPI:
 
     app.include_router(make_router(principal_of, archive.query.search), prefix="/dicomweb", tags=["QIDO-RS"])
     app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
+    stow = make_stow_router(principal_of, archive.ingest, archive.settings.server.max_request_bytes)
+    app.include_router(stow, prefix="/dicomweb", tags=["STOW-RS"])
     return app

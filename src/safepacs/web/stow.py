@@ -1,0 +1,199 @@
+"""STOW-RS (PS3.18 10.5): store instances sent as ``multipart/related; type="application/dicom"``.
+
+Every part goes through the same ingest service as C-STORE and ``safepacs import`` (validation,
+encryption, durable write, index).  The answer lists what was stored (ReferencedSOPSequence) and
+what was not with a Failure Reason (FailedSOPSequence): 200 when everything was stored, 202 when
+some parts failed, 409 when none was stored (PS3.18 10.5.3.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from starlette.concurrency import run_in_threadpool
+
+from safepacs.auth.policy import decide
+from safepacs.errors import AccessDenied, InvalidObjectError, SafePacsError
+from safepacs.services.ingest import IngestService, SopClassMismatch
+from safepacs.types import IngestOutcome, Principal, Service
+from safepacs.web.problems import Problem
+from safepacs.web.qido import DICOM_JSON, checked_uid
+
+__all__ = ["make_router", "split_multipart"]
+
+log = logging.getLogger(__name__)
+
+_BOUNDARY_RE = re.compile(r'boundary\s*=\s*("([^"]+)"|[^;\s]+)', re.IGNORECASE)
+_TYPE_RE = re.compile(r'type\s*=\s*"?([^";\s]+)"?', re.IGNORECASE)
+
+# PS3.18 Table 10.5.3-2 and PS3.4 B.2.3 status codes used as Failure/Warning Reason
+_PROCESSING_FAILURE = 0x0110
+_OUT_OF_RESOURCES = 0xA700
+_SOP_CLASS_MISMATCH = 0xA900
+_CANNOT_UNDERSTAND = 0xC000
+_ELEMENTS_DISCARDED = 0xB006
+
+
+def split_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """The (headers, content) of each part of a multipart body (RFC 2046 5.1.1); ValueError if malformed."""
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter):
+        start = body.find(b"\r\n" + delimiter)
+        if start < 0:
+            raise ValueError("the body does not contain the boundary of its Content-Type")
+        body = body[start + 2 :]
+    parts: list[tuple[dict[str, str], bytes]] = []
+    position = len(delimiter)
+    while True:
+        if body[position : position + 2] == b"--":
+            return parts
+        if body[position : position + 2] != b"\r\n":
+            raise ValueError("a multipart delimiter is not followed by a line break")
+        header_end = body.find(b"\r\n\r\n", position + 2)
+        if header_end < 0:
+            raise ValueError("a part has no end of headers")
+        headers: dict[str, str] = {}
+        for line in body[position + 2 : header_end].split(b"\r\n"):
+            if line:
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        next_delimiter = body.find(b"\r\n" + delimiter, header_end + 4)
+        if next_delimiter < 0:
+            raise ValueError("the last part is not closed by the boundary")
+        parts.append((headers, body[header_end + 4 : next_delimiter]))
+        position = next_delimiter + 2 + len(delimiter)
+
+
+def _item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    for keyword, value in extra.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _uids(data: bytes) -> tuple[str, str, str, str]:
+    """(SOP Class, SOP Instance, Study, Series Instance UID) of a part, best effort, for the response."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        keys = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        a, b, c, d = (str(ds.get(k, "")) for k in keys)
+        return a, b, c, d
+    except Exception:  # noqa: BLE001 - unreadable: the failure item carries no UIDs
+        return "", "", "", ""
+
+
+def _reason(exc: SafePacsError) -> int:
+    if isinstance(exc, SopClassMismatch):
+        return _SOP_CLASS_MISMATCH
+    if isinstance(exc, InvalidObjectError):
+        return _CANNOT_UNDERSTAND
+    if isinstance(exc, AccessDenied):
+        return _PROCESSING_FAILURE
+    return _OUT_OF_RESOURCES
+
+
+def make_router(
+    principal_of: Callable[[Request], Principal], ingest: IngestService, max_request_bytes: int
+) -> APIRouter:
+    router = APIRouter()
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+            raise Problem(413, "Content Too Large", f"a request may carry at most {max_request_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_request_bytes:
+                raise Problem(
+                    413, "Content Too Large", f"a request may carry at most {max_request_bytes} bytes"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def store(
+        principal: Principal, parts: list[tuple[dict[str, str], bytes]], study: str | None, base: str
+    ) -> JSONResponse:
+        stored = Sequence()
+        failed = Sequence()
+        for headers, data in parts:
+            media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+            sop_class, sop_instance, study_uid, series_uid = _uids(data)
+            if media != "application/dicom":
+                failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
+                continue
+            if study is not None and study_uid != study:
+                failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
+                continue
+            try:
+                result = ingest.ingest_file(principal, data)
+            except SafePacsError as exc:
+                log.info("STOW-RS part refused: %s", exc)
+                failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
+                continue
+            url = f"{base}/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_instance}"
+            if result.outcome is IngestOutcome.CONFLICT:
+                stored.append(
+                    _item(sop_class, sop_instance, RetrieveURL=url, WarningReason=_ELEMENTS_DISCARDED)
+                )
+            else:
+                stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
+        answer = Dataset()
+        if study is not None:
+            answer.RetrieveURL = f"{base}/dicomweb/studies/{study}"
+        if failed:
+            answer.FailedSOPSequence = failed
+        if stored:
+            answer.ReferencedSOPSequence = stored
+        status = 200 if not failed else 202 if stored else 409
+        return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+
+    async def stow(request: Request, study: str | None) -> JSONResponse:
+        principal = await run_in_threadpool(principal_of, request)
+        if not decide(principal, Service.STORE):
+            raise Problem(404, "Not Found", "no such resource")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/related"):
+            raise Problem(
+                415, "Unsupported Media Type", 'send instances as multipart/related; type="application/dicom"'
+            )
+        kind = _TYPE_RE.search(content_type)
+        if kind is None or kind.group(1).lower() != "application/dicom":
+            raise Problem(
+                415, "Unsupported Media Type", 'SafePACS stores type="application/dicom" parts only'
+            )
+        match = _BOUNDARY_RE.search(content_type)
+        if match is None:
+            raise Problem(400, "Bad Request", "the Content-Type has no boundary")
+        boundary = (match.group(2) or match.group(1)).encode("latin-1")
+        body = await read_body(request)
+        try:
+            parts = split_multipart(body, boundary)
+        except ValueError as exc:
+            raise Problem(400, "Bad Request", f"the multipart body is malformed: {exc}") from None
+        if not parts:
+            raise Problem(400, "Bad Request", "the request holds no instance")
+        base = str(request.base_url).rstrip("/")
+        return await run_in_threadpool(store, principal, parts, study, base)
+
+    @router.post("/studies")
+    async def stow_any(request: Request) -> JSONResponse:
+        return await stow(request, None)
+
+    @router.post("/studies/{study}")
+    async def stow_study(request: Request, study: str) -> JSONResponse:
+        return await stow(request, checked_uid(study))
+
+    return router
