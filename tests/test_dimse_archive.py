@@ -384,6 +384,20 @@ def test_sigterm_stops_cleanly_and_acknowledged_data_survives(data_dir: Path, tm
         again.stop()
 
 
+def test_stop_signals_during_start_up_and_twice_in_a_row_stop_every_process(data_dir: Path) -> None:
+    """A SIGTERM that arrives while the workers and the HTTPS process are still starting is not lost,
+    and a second one while the first is handled does not hang the server."""
+    import signal
+
+    for repeat in (1, 2):
+        srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "2"})
+        for _ in range(repeat):
+            srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0
+        srv.stop()
+        assert "did not stop in time" not in srv.stderr_text()
+
+
 def test_c_get_converts_for_a_peer_without_the_stored_syntax(server: Server) -> None:
     """A JPEG-stored image goes to a viewer that accepts only Explicit VR LE decompressed (PS3.4 C.4.3)."""
     from pydicom.data import get_testdata_file

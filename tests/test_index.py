@@ -750,7 +750,6 @@ def test_users(index: SqlIndex) -> None:
         index.update_user("nobody", disabled=True)
 
 
-
 def test_tokens(index: SqlIndex) -> None:
     import datetime as dt
 

@@ -123,10 +123,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from safepacs._net import bind_listener
     from safepacs.app import configure_logging, open_archive
     from safepacs.dimse.server import serve
     from safepacs.index import migrate
-    from safepacs.web.server import bind_https, run_https
+    from safepacs.web.server import run_https
 
     settings = _settings(
         args, {"server": {"bind": args.bind, "dicom_port": args.dicom_port, "http_port": args.http_port}}
@@ -144,7 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        https = bind_https(settings.server.bind, settings.server.http_port)
+        https = bind_listener(settings.server.bind, settings.server.http_port)
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {settings.server.bind}:{settings.server.http_port} ({exc.strerror}); "

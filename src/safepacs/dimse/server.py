@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from safepacs._net import bind_listener
 from safepacs.config import Settings
 from safepacs.dimse._raw import enable_raw_store, set_nodelay
 from safepacs.dimse.fastpath import StoreHandler, install_store_path
@@ -34,7 +35,7 @@ from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VE
 if TYPE_CHECKING:
     from safepacs.app import Archive
 
-__all__ = ["DimseServer", "bind_listener", "serve"]
+__all__ = ["DimseServer", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,6 @@ class _Server(ThreadedAssociationServer):
         return None
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The listening socket, bound in the parent so every worker shares it (port 0 picks a free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
 class DimseServer:
     """One worker: an AE, its handlers and the association server on the shared socket."""
 
@@ -174,19 +164,47 @@ class DimseServer:
 OpenArchive = Callable[[Settings], "Archive"]
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT.  The handler only flips a flag: an ``Event.set`` in a signal handler
+    can deadlock when a second signal arrives while the first handler holds the event's lock."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        """Handle the stop signals in this process, then let through any that arrived meanwhile
+        (children start with them blocked, so one sent during start-up is not lost)."""
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _handle(self, *_: Any) -> None:
+        self.requested = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds in short steps; whether a stop was requested."""
+        deadline = time.monotonic() + timeout
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.requested
+
+
 def _worker(
     settings: Settings, listener: socket.socket, open_archive: OpenArchive, setup: Callable[[], None]
 ) -> None:
+    stop = StopRequest()
+    stop.install()
     setup()
     # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (PERFORMANCE-NOTES) measured no better here,
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     archive = open_archive(settings)
     server = DimseServer(archive, listener)
     server.start()
-    stop.wait()
+    while not stop.wait(3600):
+        pass
     server.stop(settings.server.shutdown_grace)
     archive.close()
 
@@ -209,9 +227,8 @@ def serve(
     listener = bind_listener(s.bind, s.dicom_port)
     host, port = listener.getsockname()[:2]
     workers = s.workers or (os.cpu_count() or 1)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopRequest()
+    stop.install()
     ctx = multiprocessing.get_context("fork")
 
     def dimse_worker() -> None:
@@ -222,7 +239,12 @@ def serve(
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         name, target = specs[i]
         proc = ctx.Process(target=target, name=name, daemon=False)
-        proc.start()
+        # The child starts with the stop signals blocked until it has its own handlers (StopRequest).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         started[proc.pid] = time.monotonic()
         return proc
 
@@ -242,7 +264,7 @@ def serve(
                     quick_deaths += 1
                 if quick_deaths > 3:
                     log.error("SafePACS processes keep failing at start; stopping (see the errors above)")
-                    stop.set()
+                    stop.requested = True
                     break
                 log.error(
                     "a SafePACS process exited; restarting",
@@ -256,6 +278,7 @@ def serve(
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
+            log.warning("a SafePACS process did not stop in time; killed", extra={"process": proc.name})
             proc.kill()
             proc.join()
     listener.close()

@@ -3,10 +3,12 @@ with the server certificate ``safepacs init`` issued."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -16,18 +18,9 @@ from safepacs.config import Settings
 if TYPE_CHECKING:
     from safepacs.app import Archive
 
-__all__ = ["bind_https", "run_https"]
+__all__ = ["run_https"]
 
 log = logging.getLogger(__name__)
-
-
-def bind_https(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
 
 
 def run_https(
@@ -58,6 +51,17 @@ def run_https(
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config).run(sockets=[sock])
     finally:
         archive.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, letting the stop signals through only once its own handlers are in place (the
+    process starts with them blocked, so a SIGTERM during start-up waits instead of being lost)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            yield
