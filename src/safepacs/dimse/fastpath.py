@@ -116,14 +116,14 @@ def _status_of(result: int | Dataset) -> tuple[int, str | None]:
 class _Message:
     """The DIMSE message being received: its command fragments, then (fast path) its data fragments."""
 
-    __slots__ = ("command", "context_id", "data", "data_size", "fast", "held", "size", "too_large")
+    __slots__ = ("context", "context_id", "data", "data_size", "fast", "held", "size", "too_large")
 
     def __init__(self) -> None:
         self.context_id: int | None = None
-        self.command: list[bytes] = []
         self.size = 0  # command bytes so far
-        self.held: list[bytes] = []  # raw PDV items not yet handed anywhere (undecided)
+        self.held: list[bytes] = []  # the command's raw PDV items, until we know whose they are
         self.fast: Dataset | None = None  # the C-STORE-RQ command once it is ours
+        self.context: PresentationContext | None = None  # and its accepted presentation context
         self.data: list[memoryview] = []
         self.data_size = 0
         self.too_large = False
@@ -290,7 +290,6 @@ class StoreDUL(DULServiceProvider):
                 if not control & 1:
                     raise _ProtocolError("a data fragment arrived before its command was complete")
                 msg.held.append(bytes(item))
-                msg.command.append(bytes(fragment))
                 msg.size += len(fragment)
                 if msg.size > _MAX_COMMAND_BYTES:
                     raise _ProtocolError("the command set is larger than 64 KiB")
@@ -319,20 +318,18 @@ class StoreDUL(DULServiceProvider):
 
     def _decide(self, msg: _Message, slow: list[bytes]) -> None:
         """The command is complete: keep a C-STORE-RQ we can store, hand anything else to pynetdicom."""
-        fast = has_data = False
+        has_data = False
+        context = None
         try:
-            command = decode(BytesIO(b"".join(msg.command)), True, True)
+            # each held item: length (4), context ID (1), message control header (1), fragment
+            command = decode(BytesIO(b"".join(item[6:] for item in msg.held)), True, True)
             has_data = int(command.get("CommandDataSetType", _NO_DATA_SET)) != _NO_DATA_SET
-            fast = (
-                has_data
-                and int(command.CommandField) == _C_STORE_RQ
-                and isinstance(command.MessageID, int)
-                and self._store_context(msg.context_id, str(command.AffectedSOPClassUID)) is not None
-            )
+            if has_data and int(command.CommandField) == _C_STORE_RQ and isinstance(command.MessageID, int):
+                context = self._store_context(msg.context_id, str(command.AffectedSOPClassUID))
         except Exception:  # noqa: BLE001 - pynetdicom answers malformed commands as it always has
             log.debug("malformed command set; handed to pynetdicom")
-        if fast:
-            msg.fast = command
+        if context is not None:
+            msg.fast, msg.context = command, context
             msg.held.clear()
             return
         slow.extend(msg.held)
@@ -351,18 +348,18 @@ class StoreDUL(DULServiceProvider):
         command = cast(Dataset, msg.fast)
         sop_class = str(command.AffectedSOPClassUID)
         sop_instance = str(command.get("AffectedSOPInstanceUID", "") or "")
-        context = cast("PresentationContext", self._store_context(msg.context_id, sop_class))
+        context = cast("PresentationContext", msg.context)
         if msg.too_large:
             log.warning("C-STORE refused: the object is larger than storage.max_object_bytes")
-            result: int | Dataset = _STATUS_CANNOT_UNDERSTAND
-            comment: str | None = f"the object is larger than {self._max_object_bytes} bytes"
             status = _STATUS_CANNOT_UNDERSTAND
+            comment: str | None = f"the object is larger than {self._max_object_bytes} bytes"
         else:
             data = b"".join(msg.data)
             msg.data.clear()
             syntax = str(context.transfer_syntax[0])
-            result = self._store_handler(self.assoc, syntax, sop_class, sop_instance, data)
-            status, comment = _status_of(result)
+            status, comment = _status_of(
+                self._store_handler(self.assoc, syntax, sop_class, sop_instance, data)
+            )
         rsp = encode_store_response(int(command.MessageID), sop_class, sop_instance, status, comment)
         self._send_command(cast(int, msg.context_id), rsp)
 
