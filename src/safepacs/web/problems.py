@@ -10,11 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["Problem", "install_problem_handlers", "problem_response"]
+__all__ = ["NOT_FOUND", "Problem", "install_problem_handlers", "not_found", "problem_response"]
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+#: The one answer for "not there" and "not for you" alike: nothing confirms that a resource exists.
+NOT_FOUND = "no such resource"
 
 
 class Problem(Exception):
@@ -26,6 +28,10 @@ class Problem(Exception):
         self.title = title
         self.detail = detail
         self.headers = headers or {}
+
+
+def not_found() -> Problem:
+    return Problem(404, "Not Found", NOT_FOUND)
 
 
 def problem_response(
@@ -43,7 +49,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         titles = {404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable"}
-        detail = "no such resource" if exc.status_code == 404 else str(exc.detail)
+        detail = NOT_FOUND if exc.status_code == 404 else str(exc.detail)
         return problem_response(exc.status_code, titles.get(exc.status_code, "Error"), detail)
 
     @app.exception_handler(RequestValidationError)

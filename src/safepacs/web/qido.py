@@ -20,11 +20,11 @@ from pydicom.sequence import Sequence
 from safepacs.errors import AccessDenied, QueryError
 from safepacs.index import attributes as A
 from safepacs.types import Principal, QueryLevel
-from safepacs.web.problems import Problem
+from safepacs.web.problems import Problem, not_found
+from safepacs.web.requests import DICOM_JSON, checked_uid, media_ranges
 
-__all__ = ["DICOM_JSON", "build_identifier", "checked_uid", "make_router"]
+__all__ = ["build_identifier", "make_router"]
 
-DICOM_JSON = "application/dicom+json"
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
 _MAX_OFFSET = 1_000_000
 
@@ -52,7 +52,7 @@ def _accepts_json(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     if not accept:
         return True
-    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    types = {media for media, _ in media_ranges(accept)}
     return bool(types & {DICOM_JSON, "application/json", "application/*", "*/*"})
 
 
@@ -163,7 +163,7 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
         try:
             results, more = search(principal, level, identifier, limit=limit, offset=offset)
         except AccessDenied:
-            raise Problem(404, "Not Found", "no such resource") from None  # never confirm it exists
+            raise not_found() from None  # never confirm it exists
         except QueryError as exc:
             raise Problem(400, "Bad Request", str(exc)) from None
         headers = {}
@@ -200,13 +200,3 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
         )
 
     return router
-
-
-def checked_uid(value: str) -> str:
-    from safepacs.services.ingest import valid_uid
-
-    if not valid_uid(value):
-        raise Problem(
-            400, "Bad Request", "a UID in the path is not a valid UID (digits and dots, 64 at most)"
-        )
-    return value

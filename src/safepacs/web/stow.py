@@ -25,8 +25,8 @@ from safepacs.auth.policy import decide
 from safepacs.errors import AccessDenied, InvalidObjectError, SafePacsError
 from safepacs.services.ingest import IngestService, SopClassMismatch
 from safepacs.types import IngestOutcome, Principal, Service
-from safepacs.web.problems import Problem
-from safepacs.web.qido import DICOM_JSON, checked_uid
+from safepacs.web.problems import Problem, not_found
+from safepacs.web.requests import DICOM_JSON, checked_uid
 
 __all__ = ["make_router", "split_multipart"]
 
@@ -163,7 +163,7 @@ def make_router(
     async def stow(request: Request, study: str | None) -> JSONResponse:
         principal = await run_in_threadpool(principal_of, request)
         if not decide(principal, Service.STORE):
-            raise Problem(404, "Not Found", "no such resource")
+            raise not_found()
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/related"):
             raise Problem(

@@ -11,7 +11,6 @@ default).  The multipart body is streamed, one instance in memory at a time.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -28,8 +27,8 @@ from safepacs.services.ingest import file_meta
 from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import can_convert, transcode
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
-from safepacs.web.problems import Problem
-from safepacs.web.qido import DICOM_JSON, checked_uid
+from safepacs.web.problems import Problem, not_found
+from safepacs.web.requests import DICOM_JSON, checked_uid, media_ranges
 
 __all__ = ["make_router"]
 
@@ -39,19 +38,6 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 _AS_STORED = "*"
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _PIXEL_DATA = 0x7FE00010
-_PARAM_RE = re.compile(r';\s*([A-Za-z-]+)\s*=\s*("([^"]*)"|[^;,\s]*)')
-
-
-def _media_ranges(accept: str) -> list[tuple[str, dict[str, str]]]:
-    out = []
-    for part in accept.split(","):
-        media = part.split(";")[0].strip().lower()
-        params = {
-            m.group(1).lower(): (m.group(3) if m.group(3) is not None else m.group(2))
-            for m in _PARAM_RE.finditer(part)
-        }
-        out.append((media, params))
-    return out
 
 
 def _requested_syntax(request: Request) -> str:
@@ -59,7 +45,7 @@ def _requested_syntax(request: Request) -> str:
     accept = request.headers.get("accept", "")
     if not accept.strip():
         return ExplicitVRLittleEndian
-    for media, params in _media_ranges(accept):
+    for media, params in media_ranges(accept):
         if media == "*/*":
             return ExplicitVRLittleEndian
         if (
@@ -104,9 +90,7 @@ def _multipart(
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
 
-    def locate(
-        request: Request, path: dict[str, str], level: QueryLevel
-    ) -> tuple[Principal, list[InstanceRef]]:
+    def locate(request: Request, path: dict[str, str], level: QueryLevel) -> list[InstanceRef]:
         principal = principal_of(request)
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level.value
@@ -117,12 +101,12 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         except (AccessDenied, QueryError):
             refs = []
         if not refs:  # nothing there, or nothing this principal may see: the same answer
-            raise Problem(404, "Not Found", "no such resource")
-        return principal, refs
+            raise not_found()
+        return refs
 
     def instances(request: Request, path: dict[str, str], level: QueryLevel) -> StreamingResponse:
         target = _requested_syntax(request)
-        _, refs = locate(request, path, level)
+        refs = locate(request, path, level)
         if target != _AS_STORED and target not in _UNCOMPRESSED:
             if any(ref.transfer_syntax_uid != target for ref in refs):
                 raise Problem(
@@ -147,7 +131,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         return StreamingResponse(_multipart(refs, retrieve.read, target, boundary), media_type=media)
 
     def metadata(request: Request, path: dict[str, str], level: QueryLevel) -> JSONResponse:
-        _, refs = locate(request, path, level)
+        refs = locate(request, path, level)
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
         for ref in refs:
@@ -205,9 +189,9 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
     @router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}")
     def bulkdata(request: Request, study: str, series: str, instance: str, tag: str) -> StreamingResponse:
         if tag.upper() != "7FE00010":
-            raise Problem(404, "Not Found", "no such resource")
+            raise not_found()
         path = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
-        _, refs = locate(request, path, QueryLevel.IMAGE)
+        refs = locate(request, path, QueryLevel.IMAGE)
         ref = refs[0]
         if _encapsulated(ref):
             raise Problem(
@@ -217,7 +201,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
             )
         value = pydicom.dcmread(BytesIO(retrieve.read(ref))).get(_PIXEL_DATA)
         if value is None:
-            raise Problem(404, "Not Found", "no such resource")
+            raise not_found()
         boundary = secrets.token_hex(16)
         body = [
             f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode("ascii"),
