@@ -184,8 +184,9 @@ class StopRequest:
     def _handle(self, *_: Any) -> None:
         self.requested = True
 
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds in short steps; whether a stop was requested."""
+    def wait(self, timeout: float = float("inf")) -> bool:
+        """Sleep up to ``timeout`` seconds (default: until asked) in short steps; whether a stop was
+        requested."""
         deadline = time.monotonic() + timeout
         while not self.requested and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -203,8 +204,7 @@ def _worker(
     archive = open_archive(settings)
     server = DimseServer(archive, listener)
     server.start()
-    while not stop.wait(3600):
-        pass
+    stop.wait()
     server.stop(settings.server.shutdown_grace)
     archive.close()
 
