@@ -8,11 +8,15 @@ only what it was explicitly granted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from safepacs.errors import AccessDenied
 from safepacs.types import Principal, Service
 
-__all__ = ["ROLES", "Resource", "decide", "require", "services_of_roles"]
+if TYPE_CHECKING:
+    from safepacs.index import UserRecord
+
+__all__ = ["ROLES", "Resource", "decide", "require", "services_of_roles", "user_principal"]
 
 #: What each role may do (issue 3).  The services are the DIMSE ones; DICOMweb maps onto them
 #: (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants nothing.
@@ -32,6 +36,21 @@ def services_of_roles(roles: frozenset[str]) -> frozenset[Service]:
     for role in roles:
         out |= ROLES.get(role, frozenset())
     return frozenset(out)
+
+
+def user_principal(
+    user: UserRecord, *, address: str | None, scopes: frozenset[str] | None = None
+) -> Principal:
+    """The principal of an authenticated person, whichever backend authenticated them.
+
+    Every authentication backend (personal access token, OIDC bearer token, login session) ends
+    here, so a person has the same rights whatever way they prove who they are.  ``scopes`` (the
+    service names a token was limited to) can only narrow what the user's roles allow.
+    """
+    allow = services_of_roles(user.roles)
+    if scopes:
+        allow &= frozenset(Service(s) for s in scopes if s in Service._value2member_map_)
+    return Principal(kind="user", name=user.name, roles=user.roles, allow=allow, address=address)
 
 
 @dataclass(frozen=True)

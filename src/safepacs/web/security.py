@@ -8,10 +8,10 @@ from fastapi import Request
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import Response
 
-from safepacs.auth.policy import services_of_roles
+from safepacs.auth.policy import user_principal
 from safepacs.auth.tokens import check_token
 from safepacs.index import SqlIndex
-from safepacs.types import Principal, Service
+from safepacs.types import Principal
 from safepacs.web.problems import Problem
 
 __all__ = ["SecurityHeaders", "authenticate"]
@@ -63,8 +63,5 @@ def authenticate(request: Request, index: SqlIndex) -> Principal:
             {"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
         )
     record, user = found
-    allow = services_of_roles(user.roles)
-    if record.scopes:
-        allow &= frozenset(Service(s) for s in record.scopes)
     client = request.client.host if request.client else None
-    return Principal(kind="user", name=user.name, roles=user.roles, allow=allow, address=client)
+    return user_principal(user, address=client, scopes=record.scopes)
