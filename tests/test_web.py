@@ -437,7 +437,8 @@ def test_stow_rs_stores_through_the_ingest_path(web: Server, capsys: pytest.Capt
             client.post("/dicomweb/studies", content=b"--nope", headers={"Content-Type": ctype}).status_code
             == 400
         )
-    # The instances are there, byte for byte, for C-FIND and WADO-RS alike.
+    # The instances are there, byte for byte, for WADO-RS - here for a referrer granted the study.
+    assert run_cli("access", "grant", a.StudyInstanceUID, "--user", "ref", "--data", str(web.data)) == 0
     with _client(web, _token(web.data, "ref", capsys)) as client:
         parts = _parts(
             client.get(

@@ -9,16 +9,20 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import structlog
 
+from safepacs.auth.login import LoginService
+from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
 from safepacs.errors import DataDirError
 from safepacs.index import SqlIndex, migrate
+from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.retrieve import RetrieveService
@@ -38,6 +42,9 @@ class Archive:
     ingest: IngestService
     query: QueryService
     retrieve: RetrieveService
+    delete: DeleteService
+    logins: LoginService  # local password login, TOTP, browser sessions
+    oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
 
     def close(self) -> None:
         self.index.close()
@@ -74,6 +81,9 @@ def open_archive(settings: Settings) -> Archive:
         ),
         query=QueryService(index, max_results=settings.query.max_results, ae_title=settings.server.ae_title),
         retrieve=RetrieveService(index, blobs, cipher),
+        delete=DeleteService(index, blobs, retention=timedelta(days=settings.storage.retention_days)),
+        logins=LoginService(index, cipher, settings.auth),
+        oidc=OidcVerifier(settings.auth.oidc),
     )
 
 

@@ -20,16 +20,22 @@ for DIMSE status codes, the CLI's ``main`` for exit codes).
     ├── QueryError               a C-FIND identifier that cannot be answered
     │   └── QueryLimitError      more matches than the per-query limit allows
     ├── AccessDenied             the policy refused the action
+    ├── AuthenticationError      a credential is missing, wrong, expired or refused (``code`` says which)
+    │   └── IdentityProviderError   an OIDC provider's signing keys could not be fetched
     └── RetrieveError            a sub-operation of C-GET/C-MOVE could not be done
+        └── RenderError          an image cannot be rendered (no pixels, no decoder, too large)
+            └── RenderRequestError   the rendering asked for does not fit the image (frame, region)
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "AuthenticationError",
     "ConfigError",
     "ConflictError",
     "DataDirError",
+    "IdentityProviderError",
     "IndexError_",
     "IntegrityError",
     "InvalidObjectError",
@@ -37,6 +43,8 @@ __all__ = [
     "NotFoundError",
     "QueryError",
     "QueryLimitError",
+    "RenderError",
+    "RenderRequestError",
     "RetrieveError",
     "SafePacsError",
     "StorageError",
@@ -95,5 +103,29 @@ class AccessDenied(SafePacsError):
     """The access policy refused the action."""
 
 
+class AuthenticationError(SafePacsError):
+    """A credential (password, one-time code, token, session) is missing, wrong, expired or refused.
+
+    ``code`` is a short machine-readable reason for the protocol adapter (e.g. ``invalid_token``);
+    the message is one sentence for the user, which never tells which part of a login was wrong.
+    """
+
+    def __init__(self, message: str, code: str = "invalid_credentials") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IdentityProviderError(AuthenticationError):
+    """An OIDC identity provider's signing keys (JWKS) could not be fetched in time."""
+
+
 class RetrieveError(SafePacsError):
     """An instance could not be sent to the retrieving peer."""
+
+
+class RenderError(RetrieveError):
+    """An instance cannot be rendered as an image (no pixel data, no decoder, too large to render)."""
+
+
+class RenderRequestError(RenderError):
+    """The rendering asked for does not fit the image: a frame it does not have, a region outside it."""

@@ -14,6 +14,7 @@ __all__ = [
     "Principal",
     "QueryLevel",
     "QueryModel",
+    "Scope",
     "Service",
     "StoredBlob",
 ]
@@ -27,6 +28,11 @@ class Service(enum.StrEnum):
     FIND = "find"
     GET = "get"
     MOVE = "move"
+    DELETE = "delete"  # DICOMweb only: no DIMSE service deletes; never granted to a peer
+
+
+#: The services a DIMSE peer can be allowed (``safepacs peer add --allow``).
+DIMSE_SERVICES = frozenset({Service.ECHO, Service.STORE, Service.FIND, Service.GET, Service.MOVE})
 
 
 class QueryLevel(enum.StrEnum):
@@ -50,13 +56,15 @@ class Peer:
     """A registered DICOM application entity.
 
     ``host`` is an IP address, a CIDR network or a host name; ``port`` is where
-    it listens for C-MOVE sub-operations (``None``: it cannot be a move destination).
+    it listens for C-MOVE sub-operations (``None``: it cannot be a move destination).  A peer bound
+    to a ``user`` acts for that person: the user's roles and scope narrow what the peer is allowed.
     """
 
     ae_title: str
     host: str
     port: int | None
     allow: frozenset[Service]
+    user: str | None = None  # the person this AE acts for: it sees what that user sees
 
     def matches_address(self, address: str, resolved: frozenset[str] = frozenset()) -> bool:
         """Whether a connection from ``address`` may act as this peer.
@@ -77,14 +85,41 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Which studies a restricted principal may see (issue 3).
+
+    A study is visible when it satisfies *every* attribute constraint (an institution among
+    ``institutions`` in one of its series, a modality among ``modalities`` in one of its series, its
+    Referring Physician's Name equal to ``referring_physician``) - if any attribute constraint is
+    set - *or* it carries one of the access ``groups``, *or* it was granted to ``grantee``.  An empty
+    scope sees nothing.
+    """
+
+    institutions: frozenset[str] = frozenset()
+    modalities: frozenset[str] = frozenset()
+    referring_physician: str | None = None
+    groups: frozenset[str] = frozenset()
+    grantee: str | None = None
+
+    @property
+    def has_attributes(self) -> bool:
+        return bool(self.institutions or self.modalities or self.referring_physician)
+
+
+@dataclass(frozen=True)
 class Principal:
-    """Who is acting: a DIMSE peer or (later) a person or token."""
+    """Who is acting: a DIMSE peer, a person (by token, OIDC or session), or the system itself.
+
+    ``scope`` None means unrestricted: every study the services in ``allow`` reach.
+    """
 
     kind: str  # "peer", "user", "system"
     name: str
     roles: frozenset[str] = frozenset()
     allow: frozenset[Service] = frozenset()
     address: str | None = None
+    scope: Scope | None = None
+    user: str | None = None  # the person a peer acts for (``peer add --user``), or the user's own name
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,26 @@ only what it was explicitly granted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from safepacs.errors import AccessDenied
-from safepacs.types import Principal, Service
+from safepacs.types import DIMSE_SERVICES, Peer, Principal, Scope, Service
 
 if TYPE_CHECKING:
     from safepacs.index import UserRecord
 
-__all__ = ["ROLES", "Resource", "decide", "require", "services_of_roles", "user_principal"]
+__all__ = [
+    "RESTRICTED_ROLES",
+    "ROLES",
+    "Resource",
+    "decide",
+    "peer_principal",
+    "require",
+    "scope_of",
+    "services_of_roles",
+    "user_principal",
+]
 
 #: What each role may do (issue 3).  The services are the DIMSE ones; DICOMweb maps onto them
 #: (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants nothing.
@@ -28,6 +38,11 @@ ROLES: dict[str, frozenset[Service]] = {
     "researcher": frozenset({Service.FIND, Service.GET}),
     "auditor": frozenset(),
 }
+
+
+#: Roles that never see the whole archive by themselves: a user holding only these roles sees what their
+#: scope allows (their referred studies, their groups, their grants) and nothing else, even unconfigured.
+RESTRICTED_ROLES = frozenset({"referrer", "researcher"})
 
 
 def services_of_roles(roles: frozenset[str]) -> frozenset[Service]:
@@ -50,7 +65,43 @@ def user_principal(
     allow = services_of_roles(user.roles)
     if scopes:
         allow &= frozenset(Service(s) for s in scopes if s in Service._value2member_map_)
-    return Principal(kind="user", name=user.name, roles=user.roles, allow=allow, address=address)
+    return Principal(
+        kind="user",
+        name=user.name,
+        roles=user.roles,
+        allow=allow,
+        address=address,
+        scope=scope_of(user),
+        user=user.name,
+    )
+
+
+def scope_of(user: UserRecord) -> Scope | None:
+    """Which studies ``user`` sees: None (all) or a :class:`Scope`.
+
+    A user is restricted when an administrator gave them a scope (``safepacs user scope``) or when
+    every role they hold is a restricted one (referrer, researcher).  A restricted user also sees
+    the studies explicitly granted to them (``safepacs access grant``).
+    """
+    if user.scope is None and not (user.roles and user.roles <= RESTRICTED_ROLES):
+        return None
+    return replace(user.scope or Scope(), grantee=user.name)
+
+
+def peer_principal(peer: Peer, user: UserRecord | None, address: str | None) -> Principal | None:
+    """The principal of an association from ``peer``; None when the peer must be refused.
+
+    A peer bound to a user (``safepacs peer add --user``) acts for that person: its services are
+    those of the peer table narrowed to what the user's roles allow, and it sees what the user
+    sees, so C-FIND and QIDO-RS answer the same person alike.  A peer bound to a user who is
+    unknown or disabled is refused.
+    """
+    if peer.user is None:
+        return Principal(kind="peer", name=peer.ae_title, allow=peer.allow & DIMSE_SERVICES, address=address)
+    if user is None or user.disabled or user.name != peer.user:
+        return None
+    person = user_principal(user, address=address)
+    return replace(person, kind="peer", name=peer.ae_title, allow=peer.allow & person.allow & DIMSE_SERVICES)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """``safepacs user`` and ``safepacs token``: the people of DICOMweb and their access tokens.
 
-``token create`` prints the token alone on standard output (scripts capture it); everything
+``token create``, ``user add``/``reset-password`` (the one-time password) and ``user totp-enroll``
+(the otpauth:// URI) print their secret alone on standard output (scripts capture it); everything
 else is said on standard error.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from safepacs.errors import SafePacsError
@@ -49,6 +51,19 @@ def add_parsers(sub: Any, data_opt: Any) -> None:
     sp = user.add_parser("reset-password", help="set a new one-time password, printed once")
     data_opt(sp)
     sp.add_argument("name", metavar="NAME")
+    sp = user.add_parser(
+        "totp-enroll",
+        help="give a user a new TOTP secret (second factor); prints its otpauth:// URI once on stdout",
+    )
+    data_opt(sp)
+    sp.add_argument("name", metavar="NAME")
+    for action, text in (
+        ("totp-remove", "remove a user's TOTP secret (a lost phone); enrol again before the next login"),
+        ("unlock", "lift the lockout that failed logins put on a user"),
+    ):
+        sp = user.add_parser(action, help=text)
+        data_opt(sp)
+        sp.add_argument("name", metavar="NAME")
 
     token = sub.add_parser("token", help="create, list and revoke personal access tokens").add_subparsers(
         dest="token_action", required=True, metavar="ACTION"
@@ -114,12 +129,47 @@ def cmd_user(args: argparse.Namespace, index: Any) -> int:
             print(f"{u.name:<24}  {','.join(sorted(u.roles)):<32}  {state}")
     elif args.user_command in ("disable", "enable"):
         index.update_user(args.name, disabled=args.user_command == "disable")
+        if args.user_command == "disable":
+            index.revoke_user_sessions(args.name, datetime.now(UTC))
         print(f"User {args.name} {args.user_command}d", file=sys.stderr)
+    elif args.user_command == "totp-enroll":
+        return _totp_enroll(args, index)
+    elif args.user_command == "totp-remove":
+        index.set_totp_secret(args.name, None)
+        print(
+            f"TOTP removed for {args.name}; enrol again with 'safepacs user totp-enroll {args.name}'",
+            file=sys.stderr,
+        )
+    elif args.user_command == "unlock":
+        index.unlock_user(args.name)
+        print(f"User {args.name} unlocked", file=sys.stderr)
     else:
         password = generate_password()
         index.update_user(args.name, password_hash=hash_password(password), must_change_password=True)
+        index.revoke_user_sessions(args.name, datetime.now(UTC))
         print(f"New one-time password of {args.name}:", file=sys.stderr)
         print(password)
+    return 0
+
+
+def _totp_enroll(args: argparse.Namespace, index: Any) -> int:
+    """A new TOTP secret, sealed with the archive's key; the URI goes to standard output, once."""
+    from safepacs.app import open_archive
+    from safepacs.config import data_dir_from, load_settings
+
+    if index.get_user(args.name) is None:
+        raise AccountUsageError(f"no user named {args.name!r}; add one with 'safepacs user add'")
+    archive = open_archive(load_settings(data_dir_from(args.data)))
+    try:
+        uri = archive.logins.enrol_totp(args.name)
+    finally:
+        archive.close()
+    print(
+        f"TOTP enrolled for {args.name}. Add this URI to their authenticator app now (e.g. as a QR code); "
+        "it is shown only once and replaces any earlier secret:",
+        file=sys.stderr,
+    )
+    print(uri)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``safepacs``: init, serve, peer, user, token, import.
+"""``safepacs``: init, serve, peer, user, token, access, import, trash, purge.
 
 Exit status: 0 success, 1 the command ran but something was refused (e.g. an import rejection),
 2 usage, configuration or runtime errors.  Errors are one sentence on standard error, never a traceback.
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from safepacs import __version__
+from safepacs.cli._access import add_parsers as add_access_parsers
+from safepacs.cli._access import cmd_access, cmd_purge, cmd_trash
 from safepacs.cli._accounts import add_parsers as add_account_parsers
 from safepacs.cli._accounts import cmd_token, cmd_user
 from safepacs.errors import SafePacsError
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--allow", required=True, metavar="SERVICES", help="comma list of echo,store,find,get,move"
     )
+    sp.add_argument(
+        "--user",
+        metavar="NAME",
+        help="the user this AE acts for: it gets no more than that user's rights and sees what they see",
+    )
     sp = peer.add_parser("list", help="list registered peers")
     data_opt(sp)
     sp = peer.add_parser("remove", help="remove a registered peer")
@@ -86,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("ae_title", metavar="AE_TITLE")
 
     add_account_parsers(sub, data_opt)
+    add_access_parsers(sub, data_opt)
 
     sp = sub.add_parser("import", help="store DICOM files and folders through the same path as C-STORE")
     data_opt(sp)
@@ -187,16 +195,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def _parse_allow(text: str) -> frozenset[Any]:
-    from safepacs.types import Service
+    from safepacs.types import DIMSE_SERVICES
 
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise UsageError("--allow needs at least one of echo,store,find,get,move")
-    try:
-        return frozenset(Service(n) for n in names)
-    except ValueError:
-        bad = [n for n in names if n not in {s.value for s in Service}]
-        raise UsageError(f"unknown service {bad[0]!r} in --allow; use echo,store,find,get,move") from None
+    known = {s.value: s for s in DIMSE_SERVICES}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UsageError(f"unknown service {bad[0]!r} in --allow; use echo,store,find,get,move")
+    return frozenset(known[n] for n in names)
 
 
 def _check_host(host: str) -> str:
@@ -228,13 +236,17 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         if args.port is not None and not 0 < args.port < 65536:
             raise UsageError("--port must be between 1 and 65535")
-        peer = Peer(ae_title, _check_host(args.host), args.port, _parse_allow(args.allow))
+        peer = Peer(ae_title, _check_host(args.host), args.port, _parse_allow(args.allow), args.user)
     index = _open_index(args)
     try:
         if args.peer_command == "add":
+            if peer.user is not None and index.get_user(peer.user) is None:
+                raise UsageError(f"no user named {peer.user!r}; add one with 'safepacs user add'")
             index.add_peer(peer)
+            acting = f", acting for user {peer.user}" if peer.user else ""
             print(
-                f"Peer {peer.ae_title} registered: host {peer.host}, allowed {','.join(sorted(peer.allow))}",
+                f"Peer {peer.ae_title} registered: host {peer.host}, "
+                f"allowed {','.join(sorted(peer.allow))}{acting}",
                 file=sys.stderr,
             )
         elif args.peer_command == "remove":
@@ -249,10 +261,32 @@ def _cmd_peer(args: argparse.Namespace) -> int:
                 )
             for p in peers:
                 port = p.port if p.port is not None else "-"
-                print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {','.join(sorted(p.allow))}")
+                user = f"  user {p.user}" if p.user else ""
+                print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {','.join(sorted(p.allow))}{user}")
     finally:
         index.close()
     return EXIT_OK
+
+
+def _cmd_access(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    try:
+        return (cmd_access if args.command == "access" else cmd_trash)(args, index)
+    finally:
+        index.close()
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from safepacs.app import open_archive
+    from safepacs.index import migrate
+
+    settings = _settings(args)
+    migrate(settings.index_url)
+    archive = open_archive(settings)
+    try:
+        return cmd_purge(args, archive)
+    finally:
+        archive.close()
 
 
 def _cmd_accounts(args: argparse.Namespace) -> int:
@@ -328,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "user": _cmd_accounts,
         "token": _cmd_accounts,
         "import": _cmd_import,
+        "access": _cmd_access,
+        "trash": _cmd_access,
+        "purge": _cmd_purge,
     }
     try:
         return handlers[args.command](args)

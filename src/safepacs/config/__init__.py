@@ -9,7 +9,10 @@ from __future__ import annotations
 from safepacs.config._settings import (
     DATA_ENV,
     DEFAULT_DATA_DIR,
+    OIDC_ALGORITHMS,
+    AuthSettings,
     IndexSettings,
+    OidcIssuerSettings,
     QuerySettings,
     ServerSettings,
     Settings,
@@ -22,7 +25,10 @@ from safepacs.config._settings import (
 __all__ = [
     "DATA_ENV",
     "DEFAULT_DATA_DIR",
+    "OIDC_ALGORITHMS",
+    "AuthSettings",
     "IndexSettings",
+    "OidcIssuerSettings",
     "QuerySettings",
     "ServerSettings",
     "Settings",

@@ -90,6 +90,13 @@ class StorageSettings(_Section):
         2 * 1024**3, ge=1024, description="Largest single DICOM object accepted, in bytes."
     )
     fsync: bool = Field(True, description="fsync objects and directories before acknowledging (keep on).")
+    retention_days: float = Field(
+        30.0,
+        ge=0,
+        le=3650,
+        description="Days a deleted instance's bytes are kept (restorable by an administrator) before "
+        "they are destroyed; 'safepacs purge --now' destroys them earlier.",
+    )
 
 
 class QuerySettings(_Section):
@@ -97,6 +104,84 @@ class QuerySettings(_Section):
         500,
         ge=0,
         description="Most C-FIND results per query; past it the query must be narrowed (0: no limit).",
+    )
+
+
+#: JWS algorithms an OIDC provider may sign with: asymmetric only.  ``none`` and the HMAC family (HS*)
+#: are never accepted - with HS256 anyone holding the provider's *public* key could forge tokens.
+OIDC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class OidcIssuerSettings(_Section):
+    """One OpenID Connect provider whose bearer JWTs DICOMweb accepts (``[[auth.oidc]]``)."""
+
+    issuer: str = Field(description="The provider's issuer ('iss' claim) exactly as it writes it; https.")
+    audience: str = Field(description="The audience ('aud') tokens must name: SafePACS's client id there.")
+    jwks_uri: str = Field(description="https URL of the provider's JSON Web Key Set (its signing keys).")
+    ca_file: str = Field("", description="PEM file of the CAs trusted for jwks_uri; empty: the system CAs.")
+    algorithms: tuple[str, ...] = Field(
+        ("RS256", "ES256", "PS256"), description="Accepted signature algorithms (asymmetric only)."
+    )
+    username_claim: str = Field(
+        "sub", description="Claim naming the person ('sub' is stable; 'preferred_username' is not unique)."
+    )
+    roles_claim: str = Field(
+        "roles", description="Claim with the person's roles or groups; a dotted path like realm_access.roles."
+    )
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="Claim value -> SafePACS role; values not listed grant nothing."
+    )
+    leeway_seconds: int = Field(30, ge=0, le=60, description="Clock skew allowed on exp and nbf (seconds).")
+    jwks_timeout: float = Field(5.0, gt=0, le=30, description="Seconds a JWKS fetch may take.")
+    jwks_cache_seconds: int = Field(300, ge=10, le=86400, description="Seconds the JWKS is cached.")
+    jwks_refresh_cooldown: float = Field(
+        30.0, ge=0, le=3600, description="Least seconds between JWKS re-fetches caused by an unknown key id."
+    )
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://") or len(value) <= len("https://"):
+            raise ValueError("must be an https:// URL (tokens and keys are never trusted over plain HTTP)")
+        return value
+
+    @field_validator("audience", "username_claim", "roles_claim")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in value if a not in OIDC_ALGORITHMS]
+        if bad:
+            allowed = ", ".join(sorted(OIDC_ALGORITHMS))
+            raise ValueError(f"{bad[0]!r} is not accepted; use asymmetric algorithms ({allowed})")
+        if not value:
+            raise ValueError("name at least one algorithm")
+        return value
+
+
+class AuthSettings(_Section):
+    max_failed_logins: int = Field(
+        5, ge=1, le=100, description="Consecutive failed logins after which an account is locked."
+    )
+    lockout_minutes: float = Field(15.0, gt=0, le=1440, description="Minutes a locked account stays locked.")
+    totp_required_roles: tuple[str, ...] = Field(
+        ("admin",), description="Roles that must log in with a TOTP code (safepacs user totp-enroll)."
+    )
+    session_idle_minutes: float = Field(
+        30.0, gt=0, le=1440, description="Minutes without a request after which a browser session ends."
+    )
+    session_max_hours: float = Field(
+        12.0, gt=0, le=168, description="Hours after login at which a browser session ends in any case."
+    )
+    oidc: tuple[OidcIssuerSettings, ...] = Field(
+        (), description="OpenID Connect providers whose bearer JWTs are accepted ([[auth.oidc]] tables)."
     )
 
 
@@ -114,6 +199,7 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)  # type: ignore[arg-type]
     storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
     query: QuerySettings = Field(default_factory=QuerySettings)  # type: ignore[arg-type]
+    auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
 
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), exclude=True)
 
@@ -186,7 +272,23 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_TOML_EXAMPLES: dict[str, dict[str, list[str]]] = {
+    "auth": {
+        "oidc": [
+            "# [[auth.oidc]]",
+            '# issuer = "https://login.example.org/realms/hospital"',
+            '# audience = "safepacs"',
+            '# jwks_uri = "https://login.example.org/realms/hospital/protocol/openid-connect/certs"',
+            '# roles_claim = "realm_access.roles"',
+            '# role_map = { "pacs-radiologists" = "radiologist", "pacs-admins" = "admin" }',
+        ]
+    }
+}
 
 
 def render_default_toml() -> str:
@@ -203,6 +305,10 @@ def render_default_toml() -> str:
             continue
         lines.append(f"[{name}]")
         for key, sub in annotation.model_fields.items():
+            if key in _TOML_EXAMPLES.get(name, {}):  # a list of tables: shown as a commented example
+                lines.append(f"# {sub.description}")
+                lines.extend(_TOML_EXAMPLES[name][key])
+                continue
             lines.append(f"# {sub.description}")
             lines.append(f"{key} = {_toml_value(sub.default)}")
         lines.append("")

@@ -23,12 +23,15 @@ from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from safepacs.auth.policy import peer_principal
 from safepacs.dimse.contexts import negotiable_contexts
 from safepacs.errors import SafePacsError
 from safepacs.types import Peer, Principal
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
+
+    from safepacs.index import UserRecord
 
 __all__ = ["AssociationGate", "GateACSE", "principal_of"]
 
@@ -51,9 +54,17 @@ def principal_of(assoc: Association) -> Principal | None:
 class AssociationGate:
     """Decides admission from the peer table; counts refusals (per reason) in this process."""
 
-    def __init__(self, ae_title: str, lookup: Callable[[str], Peer | None], *, dns_ttl: float = 60.0) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        lookup: Callable[[str], Peer | None],
+        lookup_user: Callable[[str], UserRecord | None] | None = None,
+        *,
+        dns_ttl: float = 60.0,
+    ) -> None:
         self.ae_title = ae_title
         self._lookup = lookup
+        self._lookup_user = lookup_user
         self._dns: dict[str, tuple[float, frozenset[str]]] = {}
         self._dns_ttl = dns_ttl
         self._lock = threading.Lock()
@@ -76,14 +87,19 @@ class AssociationGate:
 
     def admit(
         self, calling: str, called: str, address: str, n_contexts: int
-    ) -> tuple[Peer | None, tuple[int, int, int] | None, str]:
-        """(peer, rejection, reason text): rejection is None when the association may proceed."""
+    ) -> tuple[Principal | None, tuple[int, int, int] | None, str]:
+        """(principal, rejection, reason text): rejection is None when the association may proceed."""
         if n_contexts > MAX_PRESENTATION_CONTEXTS:
             return None, REJECT_NO_REASON, "more than 128 presentation contexts proposed"
         if called.strip() != self.ae_title:
             return None, REJECT_CALLED_AE, "called AE title not recognized"
         try:
             peer = self._lookup(calling.strip())
+            user = (
+                self._lookup_user(peer.user)
+                if peer is not None and peer.user and self._lookup_user is not None
+                else None
+            )
         except SafePacsError:
             log.exception("peer lookup failed; refusing the association")
             return None, (0x02, 0x01, 0x01), "peer table unavailable"
@@ -93,7 +109,10 @@ class AssociationGate:
             address, self._resolve(peer.host) if _is_name(peer.host) else frozenset()
         ):
             return None, REJECT_CALLING_AE, "calling AE title registered for another address"
-        return peer, None, "accepted"
+        principal = peer_principal(peer, user, address)
+        if principal is None:  # acts for a user who is disabled or gone: the same answer as a stranger
+            return None, REJECT_CALLING_AE, "calling AE title acts for a disabled or unknown user"
+        return principal, None, "accepted"
 
     def count(self, reason: str) -> int:
         with self._lock:
@@ -121,7 +140,7 @@ class GateACSE(ACSE):
         called = str(rq.called_ae_title or "")
         address = str(self.requestor.address_info.address) if self.requestor.address_info else ""
         contexts = rq.presentation_context_definition_list or []
-        peer, rejection, reason = self.gate.admit(calling, called, address, len(contexts))
+        principal, rejection, reason = self.gate.admit(calling, called, address, len(contexts))
         if rejection is not None:
             total = self.gate.count(reason)
             log.warning(
@@ -139,19 +158,16 @@ class GateACSE(ACSE):
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
             return
-        assert peer is not None
-        setattr(
-            assoc,
-            _PRINCIPAL_ATTR,
-            Principal(kind="peer", name=peer.ae_title, allow=peer.allow, address=address),
-        )
-        self.acceptor.supported_contexts = negotiable_contexts(peer.allow, contexts)
+        assert principal is not None
+        setattr(assoc, _PRINCIPAL_ATTR, principal)
+        self.acceptor.supported_contexts = negotiable_contexts(principal.allow, contexts)
         log.info(
             "association accepted",
             extra={
-                "calling_ae": peer.ae_title,
+                "calling_ae": principal.name,
                 "peer_address": address,
-                "services": ",".join(sorted(s.value for s in peer.allow)),
+                "acting_for": principal.user or "",
+                "services": ",".join(sorted(s.value for s in principal.allow)),
             },
         )
         super()._negotiate_as_acceptor()

@@ -125,7 +125,7 @@ class DimseServer:
         self.ae.acse_timeout = s.acse_timeout
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.require_called_aet = False  # the gate checks it, with the right rejection reason
-        self.gate = AssociationGate(s.ae_title, archive.index.get_peer)
+        self.gate = AssociationGate(s.ae_title, archive.index.get_peer, archive.index.get_user)
         h = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.index.get_peer)
         handlers = [
             (evt.EVT_C_ECHO, h.on_echo),

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,13 +28,15 @@ from sqlalchemy import event
 
 from safepacs.errors import ConflictError, IndexError_, NotFoundError
 from safepacs.index import sql
+from safepacs.index.access import AccessMixin, scope_from_json
 from safepacs.index.attributes import UNIQUE_KEYS
+from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
-from safepacs.index.schema import instances, peers, series, studies, tokens, users
+from safepacs.index.schema import instances, peers, series, studies, tokens, user_scopes, users
 from safepacs.index.write import Writer, read_header
-from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Service, StoredBlob
+from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Scope, Service, StoredBlob
 
-__all__ = ["SqlIndex", "TokenRecord", "UserRecord", "migrate"]
+__all__ = ["LoginState", "SessionRecord", "SqlIndex", "TokenRecord", "UserRecord", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class UserRecord:
     roles: frozenset[str]
     disabled: bool
     must_change_password: bool
+    scope: Scope | None = None  # what an administrator restricted the user to (``safepacs user scope``)
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def _join(values: frozenset[str] | frozenset[Service]) -> str:
     return ",".join(sorted(str(v) for v in values))
 
 
-class SqlIndex:
+class SqlIndex(AccessMixin, LoginMixin):
     """The index on one database (see the module docstring).  Thread-safe; one per process."""
 
     def __init__(self, url: str) -> None:
@@ -258,7 +261,12 @@ class SqlIndex:
         return self._run(work, write=True)
 
     def find(
-        self, model: QueryModel, level: QueryLevel, identifier: Dataset, limit: int | None
+        self,
+        model: QueryModel,
+        level: QueryLevel,
+        identifier: Dataset,
+        limit: int | None,
+        scope: Scope | None = None,
     ) -> list[Dataset]:
         """C-FIND (PS3.4 C.4.1): the response identifiers of the records matching ``identifier``.
 
@@ -267,26 +275,29 @@ class SqlIndex:
         :class:`~safepacs.errors.QueryLimitError` before anything is returned; a malformed identifier
         raises :class:`~safepacs.errors.QueryError`.
         """
-        query = parse_identifier(model, level, identifier)
+        query = replace(parse_identifier(model, level, identifier), scope=scope)
         return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
 
     def search(
-        self, level: QueryLevel, identifier: Dataset, limit: int, offset: int = 0
+        self, level: QueryLevel, identifier: Dataset, limit: int, offset: int = 0, scope: Scope | None = None
     ) -> tuple[list[Dataset], bool]:
         """QIDO-RS (PS3.18 10.6): a page of the Study Root records matching ``identifier`` at ``level``,
         with the same matching as :meth:`find`, and whether more follow.  No Query/Retrieve Level is
         required, and a search need not name the records above its level."""
         query = parse_identifier(QueryModel.STUDY_ROOT, level, identifier, require_level=False)
+        query = replace(query, scope=scope)
         return self._run(lambda conn: sql.run_search(conn, query, limit, offset), write=False)
 
-    def instances_for(self, model: QueryModel, level: QueryLevel, identifier: Dataset) -> list[InstanceRef]:
+    def instances_for(
+        self, model: QueryModel, level: QueryLevel, identifier: Dataset, scope: Scope | None = None
+    ) -> list[InstanceRef]:
         """C-GET/C-MOVE: the instances under the unique keys of the identifier (PS3.4 C.4.2.2.1, C.4.3).
 
         The unique key of the retrieve level (a value or a list of UIDs) is required, the unique keys
         above it restrict when given; a missing key raises :class:`~safepacs.errors.QueryError`.
         """
         keys = retrieve_keys(model, level, identifier)
-        return self._run(lambda conn: sql.run_retrieve(conn, keys, UNIQUE_KEYS[level]), write=False)
+        return self._run(lambda conn: sql.run_retrieve(conn, keys, UNIQUE_KEYS[level], scope), write=False)
 
     def count_instances(self) -> int:
         return self._run(
@@ -308,6 +319,7 @@ class SqlIndex:
                     port=peer.port,
                     allow=_join(peer.allow),
                     created_at=_now(),
+                    user_name=peer.user,
                 )
             )
 
@@ -325,18 +337,14 @@ class SqlIndex:
     def get_peer(self, ae_title: str) -> Peer | None:
         def work(conn: sa.Connection) -> Peer | None:
             row = conn.execute(sa.select(peers).where(peers.c.ae_title == ae_title)).mappings().first()
-            return (
-                None
-                if row is None
-                else Peer(row["ae_title"], row["host"], row["port"], _services(row["allow"]))
-            )
+            return None if row is None else _peer(row)
 
         return self._run(work, write=False)
 
     def list_peers(self) -> list[Peer]:
         def work(conn: sa.Connection) -> list[Peer]:
             rows = conn.execute(sa.select(peers).order_by(peers.c.ae_title)).mappings()
-            return [Peer(r["ae_title"], r["host"], r["port"], _services(r["allow"])) for r in rows]
+            return [_peer(r) for r in rows]
 
         return self._run(work, write=False)
 
@@ -364,14 +372,15 @@ class SqlIndex:
 
     def get_user(self, name: str) -> UserRecord | None:
         def work(conn: sa.Connection) -> UserRecord | None:
-            row = conn.execute(sa.select(users).where(users.c.name == name)).mappings().first()
-            return None if row is None else _user(row)
+            row = conn.execute(_USERS.where(users.c.name == name)).mappings().first()
+            return None if row is None else _scoped(_user(row), row["scope"])
 
         return self._run(work, write=False)
 
     def list_users(self) -> list[UserRecord]:
         def work(conn: sa.Connection) -> list[UserRecord]:
-            return [_user(r) for r in conn.execute(sa.select(users).order_by(users.c.name)).mappings()]
+            rows = conn.execute(_USERS.order_by(users.c.name)).mappings()
+            return [_scoped(_user(r), r["scope"]) for r in rows]
 
         return self._run(work, write=False)
 
@@ -459,6 +468,19 @@ def _user(row: Any) -> UserRecord:
     return UserRecord(
         row["name"], row["password_hash"], roles, bool(row["disabled"]), bool(row["must_change_password"])
     )
+
+
+_USERS = sa.select(users, user_scopes.c.scope).select_from(
+    users.outerjoin(user_scopes, user_scopes.c.user_name == users.c.name)
+)
+
+
+def _scoped(user: UserRecord, stored: Any) -> UserRecord:
+    return user if stored is None else replace(user, scope=scope_from_json(stored))
+
+
+def _peer(row: Any) -> Peer:
+    return Peer(row["ae_title"], row["host"], row["port"], _services(row["allow"]), row["user_name"])
 
 
 def _aware(value: datetime) -> datetime:

@@ -52,7 +52,7 @@ from safepacs.index.attributes import (
     Sequence,
     usable_at,
 )
-from safepacs.types import QueryLevel, QueryModel
+from safepacs.types import QueryLevel, QueryModel, Scope
 
 __all__ = [
     "MAX_VALUES",
@@ -126,6 +126,7 @@ class Query:
     level: QueryLevel
     conditions: tuple[Condition, ...]
     unsupported: tuple[tuple[int, str], ...] = ()
+    scope: Scope | None = None  # the asking principal's; None = every study
 
     @property
     def filters(self) -> tuple[Condition, ...]:

@@ -37,8 +37,13 @@ __all__ = [
     "patients",
     "peers",
     "series",
+    "sessions",
     "studies",
+    "study_grants",
+    "study_groups",
     "tokens",
+    "trash",
+    "user_scopes",
     "users",
 ]
 
@@ -172,6 +177,8 @@ peers = sa.Table(
     sa.Column("port", sa.Integer, nullable=True),
     sa.Column("allow", sa.String, nullable=False, server_default=""),  # comma-separated Service values
     sa.Column("created_at", _TS, nullable=False),
+    # The user this AE acts for (migration 0004): its C-FIND/C-GET/C-MOVE see what that user sees.
+    sa.Column("user_name", sa.String, nullable=True),
 )
 
 users = sa.Table(
@@ -183,6 +190,12 @@ users = sa.Table(
     sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("must_change_password", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", _TS, nullable=False),
+    # Local login (migration 0003): consecutive failures, lockout end, TOTP (RFC 6238) secret sealed with
+    # the server's key, and the last accepted TOTP time step (a code is accepted once: replay protection).
+    sa.Column("failed_logins", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("locked_until", _TS, nullable=True),
+    sa.Column("totp_secret", sa.String, nullable=True),
+    sa.Column("totp_last_step", sa.BigInteger, nullable=True),
 )
 
 tokens = sa.Table(
@@ -199,4 +212,72 @@ tokens = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("expires_at", _TS, nullable=False),
     sa.Column("revoked_at", _TS, nullable=True),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id_sha256", sa.String(64), primary_key=True),  # of the cookie value; never the cookie
+    sa.Column(
+        "user_name", sa.String, sa.ForeignKey("users.name", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("csrf_sha256", sa.String(64), nullable=False),  # of the X-CSRF-Token bound to this session
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("last_seen_at", _TS, nullable=False),  # idle expiry counts from here
+    sa.Column("expires_at", _TS, nullable=False),  # absolute expiry
+    sa.Column("revoked_at", _TS, nullable=True),
+)
+
+# Access scopes (migration 0004, issue 3) -----------------------------------------------------------------
+# What a restricted user sees (see safepacs.types.Scope): JSON {"referring_physician": str,
+# "institutions": [...], "modalities": [...], "groups": [...]}.  Without a row: restricted only by role.
+user_scopes = sa.Table(
+    "user_scopes",
+    metadata,
+    sa.Column("user_name", sa.String, sa.ForeignKey("users.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("scope", sa.JSON, nullable=False),
+)
+
+# Access groups attached to studies, by Study Instance UID so that a study can be put in a group before
+# its images arrive and stays in it when they are re-sent.
+study_groups = sa.Table(
+    "study_groups",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("group_name", sa.String, primary_key=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index(None, "group_name", "study_instance_uid"),
+)
+
+# Explicit per-study grants to one user, optionally until a time.
+study_grants = sa.Table(
+    "study_grants",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("user_name", sa.String, sa.ForeignKey("users.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("expires_at", _TS, nullable=True),
+    sa.Index(None, "user_name", "study_instance_uid"),
+)
+
+# Deleted instances (soft delete, issue 3): out of the index at once, their bytes kept until purge_after
+# (the retention period), then destroyed by `safepacs purge` (or the server's daily purge).
+trash = sa.Table(
+    "trash",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("blob_id", sa.String, nullable=False),
+    sa.Column("key_id", sa.String, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("deleted_by", sa.String, nullable=False),
+    sa.Column("deleted_at", _TS, nullable=False),
+    sa.Column("purge_after", _TS, nullable=False),
+    sa.Index(None, "purge_after"),
+    sa.Index(None, "study_instance_uid"),
 )

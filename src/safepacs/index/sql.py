@@ -25,9 +25,18 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from safepacs.errors import QueryLimitError
 from safepacs.index import attributes as A
-from safepacs.index.matching import Condition, MatchKind, Query, matches
-from safepacs.index.schema import LEVEL_TABLES, SEQUENCE_TABLES, instances, patients, series, studies
-from safepacs.types import InstanceRef, QueryLevel, StoredBlob
+from safepacs.index.matching import Condition, MatchKind, Query, fold, matches
+from safepacs.index.schema import (
+    LEVEL_TABLES,
+    SEQUENCE_TABLES,
+    instances,
+    patients,
+    series,
+    studies,
+    study_grants,
+    study_groups,
+)
+from safepacs.types import InstanceRef, QueryLevel, Scope, StoredBlob
 
 __all__ = [
     "ESCAPE",
@@ -37,6 +46,7 @@ __all__ = [
     "run_find",
     "run_retrieve",
     "sequence_items",
+    "visible_clause",
 ]
 
 ESCAPE = "!"
@@ -104,23 +114,89 @@ def _match_column(attr: A.Attribute, table: sa.FromClause) -> sa.ColumnElement[A
     return table.c[attr.column]
 
 
-def _count(attr: A.Attribute) -> sa.ScalarSelect[int]:
+# Access scopes ------------------------------------------------------------------------------------------
+def visible_clause(scope: Scope | None, st: sa.FromClause = studies) -> sa.ColumnElement[bool]:
+    """Whether the study row ``st`` is visible within ``scope`` (None: unrestricted), as SQL.
+
+    Applied inside every query (C-FIND, QIDO-RS, retrieve), so limits, offsets and counts only ever
+    see visible studies; an invisible study is indistinguishable from one that does not exist.
+    """
+    if scope is None:
+        return sa.true()
+    options: list[sa.ColumnElement[bool]] = []
+    if scope.has_attributes:
+        parts: list[sa.ColumnElement[bool]] = []
+        for values, column in ((scope.institutions, "institution_name"), (scope.modalities, "modality")):
+            if values:
+                se = series.alias(f"v_{column}")
+                parts.append(
+                    sa.exists(
+                        sa.select(1)
+                        .select_from(se)
+                        .where(se.c.study_pk == st.c.pk, se.c[column].in_(sorted(values)))
+                    )
+                )
+        if scope.referring_physician:
+            parts.append(st.c.referring_physician_name_ci == fold(scope.referring_physician))
+        options.append(sa.and_(*parts))
+    if scope.groups:
+        options.append(
+            sa.exists(
+                sa.select(1)
+                .select_from(study_groups)
+                .where(
+                    study_groups.c.study_instance_uid == st.c.study_instance_uid,
+                    study_groups.c.group_name.in_(sorted(scope.groups)),
+                )
+            )
+        )
+    if scope.grantee:
+        options.append(
+            sa.exists(
+                sa.select(1)
+                .select_from(study_grants)
+                .where(
+                    study_grants.c.study_instance_uid == st.c.study_instance_uid,
+                    study_grants.c.user_name == scope.grantee,
+                    sa.or_(study_grants.c.expires_at.is_(None), study_grants.c.expires_at > sa.func.now()),
+                )
+            )
+        )
+    return sa.or_(*options) if options else sa.false()
+
+
+def _visible(query: Query) -> sa.ColumnElement[bool]:
+    """The scope restriction of a query at its level: the study's, or for patients, some visible study."""
+    if query.scope is None:
+        return sa.true()
+    if query.level is QueryLevel.PATIENT:
+        st = studies.alias("v_st")
+        return sa.exists(
+            sa.select(1)
+            .select_from(st)
+            .where(st.c.patient_pk == patients.c.pk, visible_clause(query.scope, st))
+        )
+    return visible_clause(query.scope)
+
+
+def _count(attr: A.Attribute, scope: Scope | None = None) -> sa.ScalarSelect[int]:
     st, se, im = studies.alias("c_st"), series.alias("c_se"), instances.alias("c_im")
     count = sa.func.count()
+    shown = visible_clause(scope, st)  # the patient-level counts count visible studies only
     match attr.derived:
         case A.Derived.PATIENT_STUDIES:
-            stmt = sa.select(count).select_from(st).where(st.c.patient_pk == patients.c.pk)
+            stmt = sa.select(count).select_from(st).where(st.c.patient_pk == patients.c.pk, shown)
         case A.Derived.PATIENT_SERIES:
             stmt = (
                 sa.select(count)
                 .select_from(se.join(st, se.c.study_pk == st.c.pk))
-                .where(st.c.patient_pk == patients.c.pk)
+                .where(st.c.patient_pk == patients.c.pk, shown)
             )
         case A.Derived.PATIENT_INSTANCES:
             stmt = (
                 sa.select(count)
                 .select_from(im.join(st, im.c.study_pk == st.c.pk))
-                .where(st.c.patient_pk == patients.c.pk)
+                .where(st.c.patient_pk == patients.c.pk, shown)
             )
         case A.Derived.STUDY_SERIES:
             stmt = sa.select(count).select_from(se).where(se.c.study_pk == studies.c.pk)
@@ -133,7 +209,9 @@ def _count(attr: A.Attribute) -> sa.ScalarSelect[int]:
     return stmt.scalar_subquery()
 
 
-def _attribute_clause(cond: Condition, attr: A.Attribute) -> sa.ColumnElement[bool]:
+def _attribute_clause(
+    cond: Condition, attr: A.Attribute, scope: Scope | None = None
+) -> sa.ColumnElement[bool]:
     if attr.derived is None:
         return condition_clause(cond, _match_column(attr, LEVEL_TABLES[attr.level]))
     if attr.derived is A.Derived.MODALITIES:
@@ -154,7 +232,7 @@ def _attribute_clause(cond: Condition, attr: A.Attribute) -> sa.ColumnElement[bo
         return sa.true() if matches([cond], {}) else sa.false()
     if attr.derived is A.Derived.TRANSFER_SYNTAX:
         return condition_clause(cond, instances.c.transfer_syntax_uid)
-    return condition_clause(cond, _count(attr))
+    return condition_clause(cond, _count(attr, scope))
 
 
 def _sequence_clause(cond: Condition) -> sa.ColumnElement[bool]:
@@ -177,7 +255,8 @@ def where_clauses(query: Query) -> list[sa.ColumnElement[bool]]:
         if cond.kind is MatchKind.SEQUENCE:
             out.append(_sequence_clause(cond))
         else:
-            out.append(_attribute_clause(cond, A.BY_KEYWORD[cond.keyword]))
+            out.append(_attribute_clause(cond, A.BY_KEYWORD[cond.keyword], query.scope))
+    out.append(_visible(query))
     return out
 
 
@@ -216,7 +295,7 @@ def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[A
         elif attr.derived is A.Derived.TRANSFER_SYNTAX:
             columns.append(instances.c.transfer_syntax_uid.label(attr.keyword))
         elif attr.derived not in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES, A.Derived.ONLINE}:
-            columns.append(_count(attr).label(attr.keyword))
+            columns.append(_count(attr, query.scope).label(attr.keyword))
     base = LEVEL_TABLES[query.level]
     stmt = (
         sa.select(*columns).select_from(_from(query.level)).where(*where_clauses(query)).order_by(base.c.pk)
@@ -354,9 +433,11 @@ _KEY_COLUMNS: dict[str, sa.Column[Any]] = {
 }
 
 
-def run_retrieve(conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main: str) -> list[InstanceRef]:
-    """The instances under the unique keys ``keys`` (PS3.4 C.4.2.2.1); ``main`` is the retrieve level's
-    key, whose (possibly long) list of values is queried in chunks."""
+def run_retrieve(
+    conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main: str, scope: Scope | None = None
+) -> list[InstanceRef]:
+    """The instances under the unique keys ``keys`` (PS3.4 C.4.2.2.1) in studies visible within ``scope``;
+    ``main`` is the retrieve level's key, whose (possibly long) list of values is queried in chunks."""
     base = (
         sa.select(
             studies.c.study_instance_uid,
@@ -374,7 +455,7 @@ def run_retrieve(conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main:
             instances.c.pk,
         )
         .select_from(_from(QueryLevel.IMAGE))
-        .where(*(_KEY_COLUMNS[k].in_(v) for k, v in keys.items() if k != main))
+        .where(*(_KEY_COLUMNS[k].in_(v) for k, v in keys.items() if k != main), visible_clause(scope))
     )
     found: dict[str, tuple[Any, ...]] = {}
     for chunk in _chunks(sorted(set(keys[main]))):

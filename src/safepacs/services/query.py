@@ -24,7 +24,7 @@ class QueryService:
     ) -> list[Dataset]:
         """The response identifiers; raises QueryError / QueryLimitError / AccessDenied."""
         require(principal, Service.FIND)
-        results = self._index.find(model, level, identifier, self._max_results)
+        results = self._index.find(model, level, identifier, self._max_results, principal.scope)
         if "RetrieveAETitle" in identifier:
             for ds in results:
                 ds.RetrieveAETitle = self._ae_title
@@ -40,4 +40,4 @@ class QueryService:
         page = cap if limit is None else max(0, min(limit, cap))
         if page == 0:
             return [], False
-        return self._index.search(level, identifier, page, offset)
+        return self._index.search(level, identifier, page, offset, principal.scope)

@@ -26,9 +26,10 @@ class RetrieveService:
     def locate(
         self, principal: Principal, action: Service, model: QueryModel, level: QueryLevel, identifier: Dataset
     ) -> list[InstanceRef]:
-        """The instances under the identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1)."""
+        """The instances under the identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1) that the
+        principal may see: others are treated as if they did not exist."""
         require(principal, action)
-        return self._index.instances_for(model, level, identifier)
+        return self._index.instances_for(model, level, identifier, principal.scope)
 
     def read(self, ref: InstanceRef) -> bytes:
         """The stored Part 10 bytes, decrypted and checked against the SHA-256 kept in the index."""

@@ -57,6 +57,7 @@ from safepacs.errors import InvalidObjectError, RetrieveError
 __all__ = [
     "MAX_PIXEL_BYTES",
     "can_convert",
+    "check_pixel_header",
     "choose_transfer_syntax",
     "dataset_bytes",
     "transcode",
@@ -322,6 +323,27 @@ def _decompress(ds: Dataset, uid: UID, limit: int) -> None:
         ds.LossyImageCompression = "01"
         if "LossyImageCompressionMethod" not in ds:
             ds.LossyImageCompressionMethod = _LOSSY[uid]
+
+
+def check_pixel_header(ds: Dataset, transfer_syntax: str) -> tuple[int, int, int, int, int]:
+    """(Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames) of ``ds``, checked as before
+    decoding: the values valid (PS3.3 C.7.6.3) and, for encapsulated pixel data, no frame's JPEG or
+    JPEG 2000 header promising a larger image than they say (decompression bombs).
+
+    For callers that decode one frame at a time (WADO-RS frames, rendering).  Raises
+    :class:`~safepacs.errors.RetrieveError` with a one-sentence reason.
+    """
+    geometry = _geometry(ds)
+    uid = UID(str(transfer_syntax).strip("\x00 "))
+    if _PIXEL_DATA in ds and _is_encapsulated(ds.get_item(_PIXEL_DATA)):
+        rows, cols, spp, _, frames = geometry
+        try:
+            _check_codestreams(ds, uid, rows, cols, spp, frames)
+        except RetrieveError:
+            raise
+        except Exception as exc:  # pydicom raises ValueError and others on broken encapsulation
+            raise RetrieveError("the compressed pixel data is not validly encapsulated (PS3.5 A.4)") from exc
+    return geometry
 
 
 def _int_or_none(value: Any) -> int | None:

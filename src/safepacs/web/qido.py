@@ -148,6 +148,41 @@ def _json(ds: Dataset) -> dict[str, Any]:
     return ds.to_json_dict()
 
 
+def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+#: The query parameters of every QIDO-RS route (PS3.18 8.3.4), declared for the OpenAPI document and
+#: the capabilities (WADL); any other matching key (a keyword or tag, PS3.18 8.3.4.1) is accepted too.
+_QIDO_PARAMETERS = [
+    _query(
+        "limit", "at most this many results (capped by query.max_results)", {"type": "integer", "minimum": 1}
+    ),
+    _query("offset", "skip this many results", {"type": "integer", "minimum": 0}),
+    _query("includefield", "more attributes to return (keywords or tags, comma-separated), or 'all'"),
+    _query(
+        "fuzzymatching",
+        "fuzzy matching of person names (not supported: true answers 400)",
+        {"type": "boolean"},
+    ),
+    _query("PatientName", "person name, wildcards * and ? allowed, case-insensitive"),
+    _query("PatientID", "patient ID, wildcards * and ? allowed"),
+    _query("StudyDate", "a date (YYYYMMDD) or a range (YYYYMMDD-YYYYMMDD)"),
+    _query("AccessionNumber", "accession number, wildcards * and ? allowed"),
+    _query("ModalitiesInStudy", "a modality among the study's (e.g. CT)"),
+    _query("StudyInstanceUID", "one UID or a comma-separated list of UIDs"),
+]
+
+
+_EXTRA = {"parameters": _QIDO_PARAMETERS}
+
+
 def make_router(principal_of: Any, search: Any) -> APIRouter:
     """The QIDO-RS routes; ``principal_of(request)`` authenticates, ``search(...)`` is QueryService.search."""
     router = APIRouter()
@@ -171,27 +206,37 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
             headers["Warning"] = '299 SafePACS "There are additional results that can be requested"'
         return JSONResponse([_json(ds) for ds in results], media_type=DICOM_JSON, headers=headers)
 
-    @router.get("/studies")
+    @router.get("/studies", summary="Search for studies (QIDO-RS)", openapi_extra=_EXTRA)
     def studies(request: Request) -> JSONResponse:
         return answer(request, QueryLevel.STUDY, {})
 
-    @router.get("/series")
+    @router.get("/series", summary="Search for series (QIDO-RS)", openapi_extra=_EXTRA)
     def all_series(request: Request) -> JSONResponse:
         return answer(request, QueryLevel.SERIES, {})
 
-    @router.get("/studies/{study}/series")
+    @router.get(
+        "/studies/{study}/series", summary="Search for the series of a study (QIDO-RS)", openapi_extra=_EXTRA
+    )
     def study_series(request: Request, study: str) -> JSONResponse:
         return answer(request, QueryLevel.SERIES, {"StudyInstanceUID": checked_uid(study)})
 
-    @router.get("/instances")
+    @router.get("/instances", summary="Search for instances (QIDO-RS)", openapi_extra=_EXTRA)
     def all_instances(request: Request) -> JSONResponse:
         return answer(request, QueryLevel.IMAGE, {})
 
-    @router.get("/studies/{study}/instances")
+    @router.get(
+        "/studies/{study}/instances",
+        summary="Search for the instances of a study (QIDO-RS)",
+        openapi_extra=_EXTRA,
+    )
     def study_instances(request: Request, study: str) -> JSONResponse:
         return answer(request, QueryLevel.IMAGE, {"StudyInstanceUID": checked_uid(study)})
 
-    @router.get("/studies/{study}/series/{series}/instances")
+    @router.get(
+        "/studies/{study}/series/{series}/instances",
+        summary="Search for the instances of a series (QIDO-RS)",
+        openapi_extra=_EXTRA,
+    )
     def series_instances(request: Request, study: str, series: str) -> JSONResponse:
         return answer(
             request,

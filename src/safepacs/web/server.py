@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["run_https"]
 
 log = logging.getLogger(__name__)
+
+PURGE_INTERVAL = 3600.0  # seconds between purges of the trash whose retention has ended
 
 
 def run_https(
@@ -50,10 +53,25 @@ def run_https(
     config.load()
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    stop = threading.Event()
+    purger = threading.Thread(target=_purge_loop, args=(archive, stop), name="safepacs-purge", daemon=True)
+    purger.start()
     try:
         _Server(config).run(sockets=[sock])
     finally:
+        stop.set()
+        purger.join(30)
         archive.close()
+
+
+def _purge_loop(archive: Archive, stop: threading.Event) -> None:
+    """Destroy deleted instances once their retention has ended: at start and then hourly."""
+    while not stop.is_set():
+        try:
+            archive.delete.purge()
+        except Exception:  # a failed purge is retried next hour; serving goes on
+            log.exception("purging the trash failed; retrying in an hour")
+        stop.wait(PURGE_INTERVAL)
 
 
 class _Server(uvicorn.Server):

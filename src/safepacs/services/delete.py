@@ -1,0 +1,77 @@
+"""The one delete path (DICOMweb DELETE now): policy and scope, then soft delete; purge after retention.
+
+A deletion takes the instances out of the index at once (no query or retrieve finds them), and
+moves their encrypted blobs to the trash, kept for ``storage.retention_days``.  Purging destroys
+the bytes of trash entries whose retention has passed (or all of them when asked), blob first,
+then the trash row, so an interrupted purge is simply run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from pydicom.dataset import Dataset
+
+from safepacs.auth.policy import require
+from safepacs.errors import NotFoundError
+from safepacs.index import SqlIndex
+from safepacs.storage import BlobStore
+from safepacs.types import Principal, QueryLevel, QueryModel, Service
+
+__all__ = ["DeleteService", "PurgeReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    instances: int
+    bytes: int
+
+
+class DeleteService:
+    """Soft-delete studies, series and instances; destroy them once their retention has passed."""
+
+    def __init__(self, index: SqlIndex, blobs: BlobStore, *, retention: timedelta) -> None:
+        self._index = index
+        self._blobs = blobs
+        self._retention = retention
+
+    def delete(
+        self, principal: Principal, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> int:
+        """Move what the UIDs name (a study, a series of it, or an instance of that) to the trash; how
+        many instances.  :class:`NotFoundError` when the principal sees nothing there."""
+        require(principal, Service.DELETE)
+        identifier = Dataset()
+        identifier.StudyInstanceUID = study_uid
+        level = QueryLevel.STUDY
+        if series_uid is not None:
+            identifier.SeriesInstanceUID = series_uid
+            level = QueryLevel.SERIES
+        if sop_uid is not None:
+            identifier.SOPInstanceUID = sop_uid
+            level = QueryLevel.IMAGE
+        identifier.QueryRetrieveLevel = level.value
+        refs = self._index.instances_for(QueryModel.STUDY_ROOT, level, identifier, principal.scope)
+        if not refs:
+            raise NotFoundError("no such resource")
+        purge_after = datetime.now(UTC) + self._retention
+        done = self._index.trash_instances((r.sop_instance_uid for r in refs), principal.name, purge_after)
+        log.info("instances deleted", extra={"instances": done, "by": principal.name})
+        return done
+
+    def purge(self, *, everything: bool = False, now: datetime | None = None) -> PurgeReport:
+        """Destroy the bytes of the trash entries due (all of them with ``everything``)."""
+        due = None if everything else (now or datetime.now(UTC))
+        count = size = 0
+        for record in self._index.list_trash(due_before=due):
+            self._blobs.delete(record.blob.blob_id)
+            self._index.forget_trash(record.pk)
+            count += 1
+            size += record.blob.size
+        if count:
+            log.info("trash purged", extra={"instances": count, "bytes": size})
+        return PurgeReport(count, size)

@@ -1,0 +1,102 @@
+"""What every retrieve route shares (WADO-RS, its frames, bulk data and rendered resources, WADO-URI):
+finding the instances a path names through the retrieve service, re-encoding a stored instance,
+and writing ``multipart/related`` bodies (PS3.18 8.6.1, RFC 2387).
+
+:func:`locate` is the one place a retrieve route reaches the archive: the retrieve service asks the
+policy for :attr:`~safepacs.types.Service.GET` and the index for what the principal may see; "not
+there" and "not for you" both answer ``404 no such resource``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from safepacs.errors import AccessDenied, QueryError
+from safepacs.services.ingest import file_meta
+from safepacs.services.retrieve import RetrieveService
+from safepacs.services.transcode import transcode
+from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
+from safepacs.web.problems import not_found
+from safepacs.web.requests import checked_uid
+
+__all__ = [
+    "AS_STORED",
+    "UNCOMPRESSED",
+    "Part",
+    "boundary",
+    "locate",
+    "multipart",
+    "multipart_media",
+    "part10_as",
+]
+
+#: ``transfer-syntax=*``: as stored (PS3.18 8.7.3.5.2).
+AS_STORED = "*"
+UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_LEVEL_KEYS = {
+    QueryLevel.STUDY: ("StudyInstanceUID",),
+    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    QueryLevel.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+#: One part of a multipart body: its Content-Type and its content (bytes, or chunks streamed in turn).
+Part = tuple[str, bytes | Iterable[bytes]]
+
+
+def locate(retrieve: RetrieveService, principal: Principal, uids: Iterable[str]) -> list[InstanceRef]:
+    """The instances under a study, series or instance (the UIDs of the path, in that order) that
+    ``principal`` may retrieve; 400 for a malformed UID, 404 when there are none."""
+    values = [checked_uid(uid) for uid in uids]
+    level = {1: QueryLevel.STUDY, 2: QueryLevel.SERIES, 3: QueryLevel.IMAGE}[len(values)]
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level.value
+    for keyword, uid in zip(_LEVEL_KEYS[level], values, strict=True):
+        setattr(identifier, keyword, uid)
+    try:
+        refs = retrieve.locate(principal, Service.GET, QueryModel.STUDY_ROOT, level, identifier)
+    except (AccessDenied, QueryError):
+        refs = []
+    if not refs:  # nothing there, or nothing this principal may see: the same answer
+        raise not_found()
+    return refs
+
+
+def part10_as(ref: InstanceRef, stored: bytes, target: str) -> tuple[str, bytes]:
+    """(transfer syntax, Part 10 bytes) of a stored instance in ``target`` (``*``: as stored).
+
+    Raises :class:`~safepacs.errors.RetrieveError` when the conversion is impossible.
+    """
+    if target in (AS_STORED, ref.transfer_syntax_uid):
+        return ref.transfer_syntax_uid, stored
+    encoded = transcode(stored, target)
+    return target, b"".join((_PREAMBLE, file_meta(ref.sop_class_uid, ref.sop_instance_uid, target), encoded))
+
+
+def boundary() -> str:
+    return secrets.token_hex(16)
+
+
+def multipart_media(part_type: str, mark: str) -> str:
+    return f'multipart/related; type="{part_type}"; boundary={mark}'
+
+
+def multipart(parts: Iterable[Part], mark: str) -> Iterator[bytes]:
+    """A ``multipart/related`` body, streamed part by part (RFC 2046 5.1.1).
+
+    A part given as bytes gets a Content-Length; a part given as chunks is streamed without one.
+    """
+    for content_type, content in parts:
+        head = f"--{mark}\r\nContent-Type: {content_type}\r\n"
+        if isinstance(content, bytes):
+            yield f"{head}Content-Length: {len(content)}\r\n\r\n".encode("ascii")
+            yield content
+        else:
+            yield f"{head}\r\n".encode("ascii")
+            yield from content
+        yield b"\r\n"
+    yield f"--{mark}--\r\n".encode("ascii")
