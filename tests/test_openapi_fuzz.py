@@ -1,0 +1,86 @@
+"""schemathesis against the published OpenAPI document of a running server (real TLS, real index).
+
+Every operation is called with generated parameters and bodies by an administrator's token; no
+answer may be a server error, and every error must be a problem document without a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+
+from tests.conftest import Server, run_cli, start_server
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+    from safepacs.app import initialize
+    from safepacs.auth.tokens import issue_token
+    from safepacs.index import SqlIndex
+
+    data = tmp_path_factory.mktemp("fuzz") / "data"
+    initialize(data)
+    assert run_cli("user", "add", "fuzz", "--role", "admin", "--data", str(data)) == 0
+    index = SqlIndex(f"sqlite:///{data / 'index.sqlite3'}")
+    try:
+        import datetime as dt
+
+        issued = issue_token("fuzz", dt.timedelta(hours=1))
+        index.add_token(issued.record)
+    finally:
+        index.close()
+    srv = start_server(data, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    try:
+        yield srv, issued.token
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server: tuple[Server, str]) -> Any:
+    srv, _ = fuzz_server
+    return schemathesis.openapi.from_url(f"{srv.base_url}/api/openapi.json", verify=str(srv.ca_file))
+
+
+def _problem_without_traceback(ctx: Any, response: Any, case: Any) -> bool | None:
+    if response.status_code >= 400:
+        ctype = " ".join(response.headers.get("content-type", []))  # schemathesis: header -> values
+        assert ctype.startswith("application/problem+json"), f"{response.status_code} answered as {ctype}"
+        assert b"Traceback" not in response.content
+    return None
+
+
+def test_no_operation_fails_on_generated_input(fuzz_server: tuple[Server, str], api_schema: Any) -> None:
+    srv, token = fuzz_server
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 20
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case: Any) -> None:
+            case.call_and_validate(
+                base_url=srv.base_url,
+                headers={"Authorization": f"Bearer {token}"},
+                verify=str(srv.ca_file),
+                timeout=30,
+                checks=[not_a_server_error, _problem_without_traceback],
+            )
+
+        call()
+
+
+def test_the_openapi_document_is_served(fuzz_server: tuple[Server, str], api_schema: Any) -> None:
+    srv, _ = fuzz_server
+    paths = set(api_schema.raw_schema["paths"])
+    assert {"/dicomweb/studies", "/api/session"} <= paths
+    assert Path(srv.ca_file).is_file()
