@@ -3,7 +3,6 @@ user, DELETE, the trash and purge."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.index import SqlIndex
-from tests.conftest import Server, run_cli, start_server
+from tests import test_web
+from tests.conftest import Server, run_cli
 from tests.corpus import make_ct
 from tests.dicom_client import FIND_CONTEXTS, associate, c_find, c_get
 from tests.test_web import _client, _store, _token, _user
@@ -19,13 +19,7 @@ from tests.test_web import _client, _store, _token, _user
 ELE = "1.2.840.10008.1.2.1"
 
 
-@pytest.fixture
-def web(data_dir: Path) -> Iterator[Server]:
-    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
-    try:
-        yield srv
-    finally:
-        srv.stop()
+web = test_web.web  # one DICOM worker and the HTTPS listener, on a fresh data directory
 
 
 def _cli(data: Path, *args: str) -> None:
