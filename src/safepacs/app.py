@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import structlog
 
+from safepacs.audit import AuditTrail, Signer
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
@@ -45,6 +46,7 @@ class Archive:
     delete: DeleteService
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
+    audit: AuditTrail  # the tamper-evident audit trail (issue 5)
 
     def close(self) -> None:
         self.index.close()
@@ -84,6 +86,7 @@ def open_archive(settings: Settings) -> Archive:
         delete=DeleteService(index, blobs, retention=timedelta(days=settings.storage.retention_days)),
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
+        audit=AuditTrail(index, Signer.load_or_create(settings.keys_dir)),
     )
 
 
@@ -107,6 +110,7 @@ def initialize(data_dir: Path) -> str:
     (data_dir / "tmp").mkdir(mode=0o700)
     (data_dir / "objects").mkdir(mode=0o700)
     FileKeyProvider.create(keys)
+    Signer.load_or_create(keys)  # the Ed25519 key that signs the audit trail's checkpoints
     ca_cert, ca_key = create_ca()
     (keys / "ca.pem").write_bytes(ca_cert)
     write_private(keys / "ca.key", ca_key)

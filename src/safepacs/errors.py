@@ -20,6 +20,7 @@ for DIMSE status codes, the CLI's ``main`` for exit codes).
     ├── QueryError               a C-FIND identifier that cannot be answered
     │   └── QueryLimitError      more matches than the per-query limit allows
     ├── AccessDenied             the policy refused the action
+    ├── AuditError               the audit trail cannot be written (the access is refused: fail closed)
     ├── AuthenticationError      a credential is missing, wrong, expired or refused (``code`` says which)
     │   └── IdentityProviderError   an OIDC provider's signing keys could not be fetched
     └── RetrieveError            a sub-operation of C-GET/C-MOVE could not be done
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "AuditError",
     "AuthenticationError",
     "ConfigError",
     "ConflictError",
@@ -101,6 +103,10 @@ class QueryLimitError(QueryError):
 
 class AccessDenied(SafePacsError):
     """The access policy refused the action."""
+
+
+class AuditError(SafePacsError):
+    """The audit trail cannot be written; what it would have described is refused (fail closed)."""
 
 
 class AuthenticationError(SafePacsError):

@@ -29,6 +29,7 @@ class Service(enum.StrEnum):
     GET = "get"
     MOVE = "move"
     DELETE = "delete"  # DICOMweb only: no DIMSE service deletes; never granted to a peer
+    AUDIT = "audit"  # reading the audit trail over HTTPS (auditors, administrators)
 
 
 #: The services a DIMSE peer can be allowed (``safepacs peer add --allow``).

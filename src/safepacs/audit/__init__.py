@@ -1,1 +1,98 @@
-"""The audit trail (issue: tamper-evident audit).  Nothing is recorded here yet."""
+"""The audit trail: who touched which patient's data, when, from where, on what device (issue 5).
+
+:class:`AuditTrail` records :class:`~safepacs.audit.events.AuditEvent` values durably in the index
+database, hash-chained and checkpointed (``audit/chain.py``), *before* the response they describe
+is sent; when it cannot, it raises :class:`~safepacs.errors.AuditError` and the caller refuses the
+access.  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from safepacs.audit.chain import Signer, Verification, verify_chain
+from safepacs.audit.events import (
+    Action,
+    AuditEvent,
+    AuditObject,
+    EventID,
+    ObjectKind,
+    Outcome,
+    Participant,
+    canonical,
+    from_canonical,
+)
+from safepacs.errors import AuditError, SafePacsError
+
+if TYPE_CHECKING:
+    from safepacs.index import SqlIndex
+
+__all__ = [
+    "Action",
+    "AuditEvent",
+    "AuditObject",
+    "AuditSink",
+    "AuditTrail",
+    "EventID",
+    "MemoryAuditSink",
+    "ObjectKind",
+    "Outcome",
+    "Participant",
+    "Signer",
+    "canonical",
+    "from_canonical",
+    "verify_trail",
+]
+
+
+class AuditSink(Protocol):
+    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+        """Record durably before returning; :class:`AuditError` when that is impossible."""
+
+
+class AuditTrail:
+    """The audit trail in the index database."""
+
+    def __init__(self, index: SqlIndex, signer: Signer) -> None:
+        self._index = index
+        self.signer = signer
+
+    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+        if not events:
+            return
+        try:
+            self._index.append_audit(events, self.signer, checkpoint=checkpoint)
+        except SafePacsError as exc:
+            raise AuditError("the audit trail cannot be written; the request is refused") from exc
+
+
+class MemoryAuditSink:
+    """Keeps events in a list (``events``): the test double of :class:`AuditTrail`."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self._lock = threading.Lock()
+        self.fail = False  # set to make every record() fail, as a broken audit store would
+
+    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+        if self.fail:
+            raise AuditError("the audit trail cannot be written; the request is refused")
+        with self._lock:
+            self.events.extend(events)
+
+
+def _all_records(index: SqlIndex, batch: int = 5000) -> Iterator[object]:
+    after = 0
+    while True:
+        chunk = index.audit_records(after, batch)
+        if not chunk:
+            return
+        yield from chunk
+        after = chunk[-1].seq
+
+
+def verify_trail(index: SqlIndex, signer: Signer) -> Verification:
+    """Check the whole chain and its checkpoints (streamed in batches)."""
+    return verify_chain(_all_records(index), index.audit_checkpoints(), signer.public_key)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ ROLES: dict[str, frozenset[Service]] = {
     "technologist": frozenset({Service.ECHO, Service.FIND, Service.STORE}),
     "referrer": frozenset({Service.FIND, Service.GET}),
     "researcher": frozenset({Service.FIND, Service.GET}),
-    "auditor": frozenset(),
+    "auditor": frozenset({Service.AUDIT}),
 }
 
 

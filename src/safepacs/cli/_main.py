@@ -20,6 +20,8 @@ from safepacs.cli._access import add_parsers as add_access_parsers
 from safepacs.cli._access import cmd_access, cmd_purge, cmd_trash
 from safepacs.cli._accounts import add_parsers as add_account_parsers
 from safepacs.cli._accounts import cmd_token, cmd_user
+from safepacs.cli._audit import add_parsers as add_audit_parsers
+from safepacs.cli._audit import cmd_audit
 from safepacs.errors import SafePacsError
 
 __all__ = ["main"]
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_account_parsers(sub, data_opt)
     add_access_parsers(sub, data_opt)
+    add_audit_parsers(sub, data_opt)
 
     sp = sub.add_parser("import", help="store DICOM files and folders through the same path as C-STORE")
     data_opt(sp)
@@ -276,6 +279,15 @@ def _cmd_access(args: argparse.Namespace) -> int:
         index.close()
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    index = _open_index(args)
+    try:
+        return cmd_audit(args, index, settings.keys_dir)
+    finally:
+        index.close()
+
+
 def _cmd_purge(args: argparse.Namespace) -> int:
     from safepacs.app import open_archive
     from safepacs.index import migrate
@@ -365,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "access": _cmd_access,
         "trash": _cmd_access,
         "purge": _cmd_purge,
+        "audit": _cmd_audit,
     }
     try:
         return handlers[args.command](args)

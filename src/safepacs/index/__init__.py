@@ -30,6 +30,7 @@ from safepacs.errors import ConflictError, IndexError_, NotFoundError
 from safepacs.index import sql
 from safepacs.index.access import AccessMixin, scope_from_json
 from safepacs.index.attributes import UNIQUE_KEYS
+from safepacs.index.auditlog import AuditLogMixin
 from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
 from safepacs.index.schema import instances, peers, series, studies, tokens, user_scopes, users
@@ -156,7 +157,7 @@ def _join(values: frozenset[str] | frozenset[Service]) -> str:
     return ",".join(sorted(str(v) for v in values))
 
 
-class SqlIndex(AccessMixin, LoginMixin):
+class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin):
     """The index on one database (see the module docstring).  Thread-safe; one per process."""
 
     def __init__(self, url: str) -> None:

@@ -32,6 +32,10 @@ __all__ = [
     "LEVEL_TABLES",
     "SEQUENCE_TABLES",
     "attribute_columns",
+    "audit_checkpoints",
+    "audit_cursors",
+    "audit_log",
+    "audit_refs",
     "instances",
     "metadata",
     "patients",
@@ -280,4 +284,48 @@ trash = sa.Table(
     sa.Column("purge_after", _TS, nullable=False),
     sa.Index(None, "purge_after"),
     sa.Index(None, "study_instance_uid"),
+)
+
+# The audit trail (migration 0005, issue 5) -----------------------------------------------------------------
+# Append-only, hash-chained (safepacs.audit.chain); the body is the event's canonical JSON.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("recorded_at", _TS, nullable=False),
+    sa.Column("event_id", sa.String(6), nullable=False),
+    sa.Column("outcome", sa.Integer, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index(None, "recorded_at"),
+)
+
+# What a privacy officer searches by: patient IDs, study UIDs and acting users of each record.
+audit_refs = sa.Table(
+    "audit_refs",
+    metadata,
+    sa.Column("seq", sa.BigInteger, sa.ForeignKey("audit_log.seq"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # patient | study | user
+    sa.Column("value", sa.String, nullable=False),
+    sa.Index(None, "kind", "value", "seq"),
+)
+
+# Ed25519-signed (seq, hash) checkpoints of the chain.
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("signature", sa.String, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+# How far each syslog collector has received the trail (the trail itself is the durable spool).
+audit_cursors = sa.Table(
+    "audit_cursors",
+    metadata,
+    sa.Column("collector", sa.String, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
 )

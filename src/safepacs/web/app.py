@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 
 from safepacs import __version__
+from safepacs.web.audit import make_router as make_audit_router
 from safepacs.web.capabilities import install_capabilities
 from safepacs.web.delete import make_router as make_delete_router
 from safepacs.web.problems import install_problem_handlers
@@ -50,5 +51,8 @@ def create_app(archive: Archive) -> FastAPI:
     idle = int(archive.settings.auth.session_idle_minutes * 60)
     sessions = make_session_router(principal_of, archive.logins, idle)
     app.include_router(sessions, prefix="/api", tags=["Session"])
+    app.include_router(
+        make_audit_router(principal_of, archive.index, archive.audit), prefix="/api", tags=["Audit"]
+    )
     install_capabilities(app, principal_of)  # last: it describes the routes above
     return app

@@ -1,0 +1,49 @@
+"""Audit records as the rows a privacy officer reads (CLI ``audit query|report`` and ``/api/audit``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from safepacs.audit.events import AuditEvent
+
+__all__ = ["FIELDS", "summary_row"]
+
+FIELDS = (
+    "seq",
+    "time",
+    "event",
+    "type",
+    "action",
+    "outcome",
+    "who",
+    "from",
+    "device",
+    "patients",
+    "studies",
+    "why",
+)
+
+
+def summary_row(seq: int, event: AuditEvent) -> dict[str, Any]:
+    requestors = [p for p in event.participants if p.requestor]
+    who = ", ".join(
+        p.user_id + (f" (for {p.user_name})" if p.user_name and p.user_name != p.user_id else "")
+        for p in requestors
+    )
+    device = ", ".join(
+        filter(None, [p.ae_title or "" for p in requestors] + [p.user_agent or "" for p in requestors])
+    )
+    return {
+        "seq": seq,
+        "time": event.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "event": f"{event.event_id.code} {event.event_id.display}",
+        "type": event.type_code[1] if event.type_code else "",
+        "action": event.action.value,
+        "outcome": int(event.outcome),
+        "who": who,
+        "from": ", ".join(p.address for p in requestors if p.address),
+        "device": device,
+        "patients": " ".join(event.patient_ids),
+        "studies": " ".join(event.study_uids),
+        "why": event.outcome_description or "",
+    }

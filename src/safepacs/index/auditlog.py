@@ -1,0 +1,162 @@
+"""The audit trail's tables: append (hash chain, checkpoints), read, search, collector cursors.
+
+A mixin of :class:`safepacs.index.SqlIndex`.  :func:`append_events` also runs inside another
+write transaction (the index row of a stored instance and its audit record commit together, so
+recording costs no extra sync and neither exists without the other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from safepacs.audit.chain import CHECKPOINT_EVERY, GENESIS, Checkpoint, Signer, StoredRecord, chain_hash
+from safepacs.audit.events import AuditEvent, canonical
+from safepacs.index.schema import audit_checkpoints, audit_cursors, audit_log, audit_refs
+
+__all__ = ["AuditFilter", "AuditLogMixin", "append_events"]
+
+_T = TypeVar("_T")
+_AUDIT_LOCK = 0x5AFE_A0D1  # pg_advisory_xact_lock key: one appender at a time keeps the chain linear
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    patient_id: str | None = None
+    study_uid: str | None = None
+    user: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def append_events(
+    conn: sa.Connection, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False
+) -> int:
+    """Append ``events`` to the chain in this transaction; the last sequence number.  ``checkpoint``
+    signs the new head whatever its number (application start and stop)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_AUDIT_LOCK)))
+    head = conn.execute(
+        sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+    ).first()
+    seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, GENESIS)
+    now = datetime.now(UTC)
+    for event in events:
+        seq += 1
+        body = canonical(event)
+        digest = chain_hash(prev, seq, body)
+        conn.execute(
+            sa.insert(audit_log).values(
+                seq=seq,
+                recorded_at=now,
+                event_id=event.event_id.code,
+                outcome=int(event.outcome),
+                body=body,
+                prev_hash=prev,
+                hash=digest,
+            )
+        )
+        refs = [("patient", v) for v in set(event.patient_ids)]
+        refs += [("study", v) for v in set(event.study_uids)]
+        refs += [("user", v) for v in set(event.user_ids)]
+        if refs:
+            conn.execute(sa.insert(audit_refs), [{"seq": seq, "kind": k, "value": v} for k, v in refs])
+        if seq % CHECKPOINT_EVERY == 0 or (checkpoint and event is events[-1]):
+            cp = signer.checkpoint(seq, digest)
+            conn.execute(
+                sa.insert(audit_checkpoints).values(
+                    seq=cp.seq, hash=cp.hash, signature=cp.signature, created_at=now
+                )
+            )
+        prev = digest
+    return seq
+
+
+class AuditLogMixin:
+    """Reading and writing the audit trail (see the module docstring)."""
+
+    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
+        raise NotImplementedError
+
+    def append_audit(self, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False) -> int:
+        """Append events durably (committed before returning); the last sequence number."""
+        return self._run(lambda conn: append_events(conn, events, signer, checkpoint=checkpoint), write=True)
+
+    def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]:
+        """The records after ``after_seq`` in order, at most ``limit``."""
+
+        def work(conn: sa.Connection) -> list[StoredRecord]:
+            stmt = (
+                sa.select(audit_log.c.seq, audit_log.c.body, audit_log.c.prev_hash, audit_log.c.hash)
+                .where(audit_log.c.seq > after_seq)
+                .order_by(audit_log.c.seq)
+                .limit(limit)
+            )
+            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+
+        return self._run(work, write=False)
+
+    def audit_checkpoints(self) -> list[Checkpoint]:
+        def work(conn: sa.Connection) -> list[Checkpoint]:
+            stmt = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.seq)
+            return [
+                Checkpoint(int(r["seq"]), r["hash"], r["signature"]) for r in conn.execute(stmt).mappings()
+            ]
+
+        return self._run(work, write=False)
+
+    def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]:
+        """Records matching every given filter, oldest first."""
+
+        def work(conn: sa.Connection) -> list[StoredRecord]:
+            stmt = sa.select(audit_log.c.seq, audit_log.c.body, audit_log.c.prev_hash, audit_log.c.hash)
+            for kind, value in (
+                ("patient", where.patient_id),
+                ("study", where.study_uid),
+                ("user", where.user),
+            ):
+                if value is not None:
+                    ref = audit_refs.alias(f"r_{kind}")
+                    stmt = stmt.where(
+                        sa.exists(
+                            sa.select(1)
+                            .select_from(ref)
+                            .where(ref.c.seq == audit_log.c.seq, ref.c.kind == kind, ref.c.value == value)
+                        )
+                    )
+            if where.since is not None:
+                stmt = stmt.where(audit_log.c.recorded_at >= where.since)
+            if where.until is not None:
+                stmt = stmt.where(audit_log.c.recorded_at <= where.until)
+            stmt = stmt.order_by(audit_log.c.seq)
+            if limit:
+                stmt = stmt.limit(limit)
+            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+
+        return self._run(work, write=False)
+
+    def get_audit_cursor(self, collector: str) -> int:
+        def work(conn: sa.Connection) -> int:
+            row = conn.execute(
+                sa.select(audit_cursors.c.seq).where(audit_cursors.c.collector == collector)
+            ).first()
+            return 0 if row is None else int(row[0])
+
+        return self._run(work, write=False)
+
+    def set_audit_cursor(self, collector: str, seq: int) -> None:
+        def work(conn: sa.Connection) -> None:
+            now = datetime.now(UTC)
+            done = conn.execute(
+                sa.update(audit_cursors)
+                .where(audit_cursors.c.collector == collector)
+                .values(seq=seq, updated_at=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(sa.insert(audit_cursors).values(collector=collector, seq=seq, updated_at=now))
+
+        self._run(work, write=True)
