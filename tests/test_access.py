@@ -149,3 +149,30 @@ def test_trash_takes_instances_out_of_the_index_and_keeps_their_blobs(archive: A
     assert len(a.ix.list_trash(due_before=due + timedelta(seconds=1))) == 4
     a.ix.forget_trash(trash[0].pk)
     assert len(a.ix.list_trash()) == 3
+
+
+def test_restore_puts_instances_back_unless_stored_again(archive: Archive) -> None:
+    from pydicom.dataset import Dataset
+
+    a = archive
+    due = datetime.now(UTC) + timedelta(days=30)
+    sops = a.sops[a.a2_mr]
+    a.ix.trash_instances(sops, "admin", due)
+    assert a.a2 not in studies_seen(a, None)
+    first, second = sorted(a.ix.list_trash(), key=lambda t: t.sop_instance_uid)
+    # The second instance is stored again (new bytes) after its deletion.
+    again = ti.instance(
+        a.a2, a.a2_mr, sop=second.sop_instance_uid, sop_class=ti.MR, Modality="MR", PatientID="PA"
+    )
+    a.ix.add_instance(again, ti.blob("new"), ti.ELE)
+
+    def header(uid: str) -> Dataset:
+        return ti.instance(a.a2, a.a2_mr, sop=uid, sop_class=ti.MR, Modality="MR", PatientID="PA")
+
+    assert a.ix.restore_from_trash(first.pk, header(first.sop_instance_uid)) is True
+    assert a.ix.restore_from_trash(second.pk, header(second.sop_instance_uid)) is False
+    assert [t.sop_instance_uid for t in a.ix.list_trash()] == [second.sop_instance_uid]
+    restored = a.ix.get_instance(first.sop_instance_uid)
+    assert restored is not None and restored.blob == first.blob
+    assert a.ix.blob_in_use(first.blob.blob_id) and not a.ix.blob_in_use(second.blob.blob_id)
+    assert a.a2 in studies_seen(a, None)

@@ -164,6 +164,14 @@ def test_delete_is_soft_until_purged_and_only_for_those_allowed(
     listed = capsys.readouterr().out
     assert first.SOPInstanceUID in listed and second_b.SOPInstanceUID in listed
     assert second_a.SOPInstanceUID not in listed
+    # While the retention lasts, an administrator can undo a deletion.
+    _cli(web.data, "restore", first.StudyInstanceUID)
+    assert "Restored 1 instances" in capsys.readouterr().err
+    assert _qido(web, rad_token) == {first.StudyInstanceUID, second_a.StudyInstanceUID}
+    assert run_cli("restore", first.StudyInstanceUID, "--data", str(web.data)) == 2  # nothing left to restore
+    assert "no deleted instance" in capsys.readouterr().err
+    with _client(web, admin_token) as client:
+        assert client.delete(f"/dicomweb/studies/{first.StudyInstanceUID}").status_code == 204
     _cli(web.data, "purge")
     assert "Purged 0 " in capsys.readouterr().err
     assert _objects(web.data) == stored

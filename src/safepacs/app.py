@@ -26,6 +26,7 @@ from safepacs.index import SqlIndex, migrate
 from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
+from safepacs.services.restore import RestoreService
 from safepacs.services.retrieve import RetrieveService
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 
@@ -44,6 +45,7 @@ class Archive:
     query: QueryService
     retrieve: RetrieveService
     delete: DeleteService
+    restore: RestoreService  # undo a deletion while its retention lasts
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     audit: AuditTrail  # the tamper-evident audit trail (issue 5)
@@ -84,6 +86,7 @@ def open_archive(settings: Settings) -> Archive:
         query=QueryService(index, max_results=settings.query.max_results, ae_title=settings.server.ae_title),
         retrieve=RetrieveService(index, blobs, cipher),
         delete=DeleteService(index, blobs, retention=timedelta(days=settings.storage.retention_days)),
+        restore=RestoreService(index, blobs, cipher),
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
         audit=AuditTrail(index, Signer.load_or_create(settings.keys_dir)),

@@ -4,7 +4,8 @@
   access groups (``--clear`` lifts the restriction; referrers and researchers stay restricted by role).
 * ``access group add|remove|list``: put studies in access groups.
 * ``access grant|revoke|grants``: explicit per-study grants to one user, optionally expiring.
-* ``trash``: what was deleted and when its bytes will be destroyed; ``purge``: destroy them.
+* ``trash``: what was deleted and when its bytes will be destroyed; ``restore``: undo a deletion;
+  ``purge``: destroy them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from safepacs.errors import SafePacsError
 
-__all__ = ["add_parsers", "cmd_access", "cmd_purge", "cmd_trash"]
+__all__ = ["add_parsers", "cmd_access", "cmd_purge", "cmd_restore", "cmd_trash"]
 
 
 class AccessUsageError(SafePacsError):
@@ -69,6 +70,9 @@ def add_parsers(sub: Any, data_opt: Any) -> None:
 
     sp = sub.add_parser("trash", help="list deleted instances whose bytes are still kept")
     data_opt(sp)
+    sp = sub.add_parser("restore", help="put a deleted study back while its retention period lasts")
+    data_opt(sp)
+    sp.add_argument("study_uid", metavar="STUDY_UID")
     sp = sub.add_parser("purge", help="destroy deleted instances whose retention period has ended")
     data_opt(sp)
     sp.add_argument("--now", action="store_true", help="destroy every deleted instance now, retention or not")
@@ -196,4 +200,11 @@ def cmd_purge(args: argparse.Namespace, archive: Any) -> int:
         f"Purged {report.instances} deleted instances ({report.bytes / 1e6:.1f} MB destroyed)",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, archive: Any) -> int:
+    report = archive.restore.restore(_uid(args.study_uid))
+    kept = f"; {report.kept} kept in the trash (stored again since)" if report.kept else ""
+    print(f"Restored {report.restored} instances of study {args.study_uid}{kept}", file=sys.stderr)
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from safepacs import __version__
 from safepacs.cli._access import add_parsers as add_access_parsers
-from safepacs.cli._access import cmd_access, cmd_purge, cmd_trash
+from safepacs.cli._access import cmd_access, cmd_purge, cmd_restore, cmd_trash
 from safepacs.cli._accounts import add_parsers as add_account_parsers
 from safepacs.cli._accounts import cmd_token, cmd_user
 from safepacs.cli._audit import add_parsers as add_audit_parsers
@@ -288,7 +288,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         index.close()
 
 
-def _cmd_purge(args: argparse.Namespace) -> int:
+def _cmd_with_archive(args: argparse.Namespace) -> int:
     from safepacs.app import open_archive
     from safepacs.index import migrate
 
@@ -296,7 +296,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     migrate(settings.index_url)
     archive = open_archive(settings)
     try:
-        return cmd_purge(args, archive)
+        return (cmd_purge if args.command == "purge" else cmd_restore)(args, archive)
     finally:
         archive.close()
 
@@ -376,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "import": _cmd_import,
         "access": _cmd_access,
         "trash": _cmd_access,
-        "purge": _cmd_purge,
+        "purge": _cmd_with_archive,
+        "restore": _cmd_with_archive,
         "audit": _cmd_audit,
     }
     try:

@@ -27,6 +27,8 @@ from safepacs.index.schema import (
 from safepacs.types import Scope, StoredBlob
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from safepacs.index.write import Writer
 
 __all__ = ["AccessMixin", "GrantRecord", "TrashRecord", "scope_from_json", "scope_to_json"]
@@ -258,6 +260,43 @@ class AccessMixin:
                 )
                 for r in conn.execute(stmt).mappings()
             ]
+
+        return self._run(work, write=False)
+
+    def restore_from_trash(self, pk: int, header: Dataset) -> bool:
+        """Put a trashed instance back in the index (its blob as it was) and drop its trash row, in one
+        transaction; False when an instance with its SOP Instance UID was stored since (it stays in
+        the trash).  ``header`` is the stored object's header."""
+        from safepacs.index.write import read_header
+
+        rows = read_header(header)
+
+        def work(conn: sa.Connection) -> bool:
+            r = conn.execute(sa.select(trash).where(trash.c.pk == pk)).mappings().first()
+            if r is None:
+                raise NotFoundError("this instance is not in the trash (purged or restored already)")
+            values = {
+                "transfer_syntax_uid": r["transfer_syntax_uid"],
+                "blob_id": r["blob_id"],
+                "key_id": r["key_id"],
+                "sha256": r["sha256"],
+                "size": r["size"],
+            }
+            taken = sa.select(instances.c.pk).where(instances.c.sop_instance_uid == r["sop_instance_uid"])
+            if conn.execute(taken).first() is not None:
+                return False  # checked first: a failed add would leave its parent updates behind
+            self._instance_writer.add(conn, rows, values, datetime.now(UTC), replace=False)
+            conn.execute(sa.delete(trash).where(trash.c.pk == pk))
+            return True
+
+        return self._run(work, write=True)
+
+    def blob_in_use(self, blob_id: str) -> bool:
+        """Whether an indexed instance refers to ``blob_id`` (purge never destroys such bytes)."""
+
+        def work(conn: sa.Connection) -> bool:
+            stmt = sa.select(instances.c.pk).where(instances.c.blob_id == blob_id).limit(1)
+            return conn.execute(stmt).first() is not None
 
         return self._run(work, write=False)
 

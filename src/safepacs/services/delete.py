@@ -68,7 +68,8 @@ class DeleteService:
         due = None if everything else (now or datetime.now(UTC))
         count = size = 0
         for record in self._index.list_trash(due_before=due):
-            self._blobs.delete(record.blob.blob_id)
+            if not self._index.blob_in_use(record.blob.blob_id):  # never the bytes of a live instance
+                self._blobs.delete(record.blob.blob_id)
             self._index.forget_trash(record.pk)
             count += 1
             size += record.blob.size

@@ -1,0 +1,52 @@
+"""Undo a deletion while its retention lasts: put trashed instances back in the index, bytes as kept.
+
+Each restored object is decrypted and checked against its recorded SHA-256 first; the index row
+is added and the trash row dropped in one transaction, so a blob is never both live and due for
+purging.  An instance whose SOP Instance UID was stored again since its deletion stays in the trash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+
+from safepacs.errors import IntegrityError, NotFoundError
+from safepacs.index import SqlIndex
+from safepacs.storage import BlobStore, EnvelopeCipher
+
+__all__ = ["RestoreReport", "RestoreService"]
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    restored: int
+    kept: int  # stored again since the deletion: left in the trash
+
+
+class RestoreService:
+    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher) -> None:
+        self._index = index
+        self._blobs = blobs
+        self._cipher = cipher
+
+    def restore(self, study_uid: str) -> RestoreReport:
+        """Restore every trashed instance of a study; :class:`NotFoundError` when none is in the trash."""
+        records = [r for r in self._index.list_trash() if r.study_instance_uid == study_uid]
+        if not records:
+            raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
+        restored = kept = 0
+        for record in records:
+            part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))
+            if hashlib.sha256(part10).hexdigest() != record.blob.sha256:
+                raise IntegrityError(
+                    "a deleted object does not match its recorded SHA-256; it was not restored"
+                )
+            header = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
+            if self._index.restore_from_trash(record.pk, header):
+                restored += 1
+            else:
+                kept += 1
+        return RestoreReport(restored, kept)
