@@ -322,10 +322,19 @@ class Orthanc(Receiver):
 
     http_port: int = 0
     nodelay: bool = True
+    start_timeout: float = 60.0
 
     def start(self) -> None:
         self.port, self.http_port = free_port(), free_port()
-        config = {
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(self.config(), indent=2))
+        env = nodelay_env() if self.nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+        self._spawn([str(ORTHANC), str(cfg)], env=env)
+        self._wait_ready(self.start_timeout)
+
+    def config(self) -> dict[str, object]:
+        """The configuration file's content; subclasses add to it (e.g. plugins)."""
+        return {
             "Name": "SafePACS-bench",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
@@ -341,11 +350,6 @@ class Orthanc(Receiver):
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
         }
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        env = nodelay_env() if self.nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
-        self._spawn([str(ORTHANC), str(cfg)], env=env)
-        self._wait_ready(60)
 
     def _get(self, path: str) -> object:
         url = f"http://{HOST}:{self.http_port}{path}"
@@ -418,3 +422,37 @@ def running(receiver: Receiver) -> Iterator[Receiver]:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+
+def version_line(argv: list[str]) -> str:
+    """The first line a tool prints for ``argv`` (e.g. ``--version``), ``?`` when it cannot be run."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def git_revision() -> str:
+    """`` (git abc1234)``, ``+changes`` when src/ differs from it; read-only (no index refresh)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            cwd=REPO, env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (git {rev}{'+changes' if changes else ''})"

@@ -30,7 +30,6 @@ from _common import (
     CALLING_AET,
     HOST,
     ORTHANC,
-    REPO,
     SAFEPACS,
     Corpus,
     Orthanc,
@@ -39,10 +38,12 @@ from _common import (
     SafePacs,
     StoreScp,
     dcmtk,
+    git_revision,
     make_corpus,
     nodelay_env,
     remove_tree,
     running,
+    version_line,
 )
 from rich.console import Console
 from rich.table import Table
@@ -160,42 +161,13 @@ def measure(
 
 
 def versions(targets: list[str]) -> str:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-        lines = (out.stdout or out.stderr).strip().splitlines()
-        return lines[0].strip() if lines else "?"
-
     parts = []
     if "safepacs" in targets:
-        parts.append(first_line([str(SAFEPACS), "--version"]) + git_revision())
+        parts.append(version_line([str(SAFEPACS), "--version"]) + git_revision())
     if any(t.startswith("orthanc") for t in targets):
-        parts.append(first_line([str(ORTHANC), "--version"]).replace(str(ORTHANC), "Orthanc"))
-    parts.append(first_line([dcmtk("storescu"), "--version"]).strip("$ ").replace("dcmtk: ", "DCMTK "))
+        parts.append(version_line([str(ORTHANC), "--version"]).replace(str(ORTHANC), "Orthanc"))
+    parts.append(version_line([dcmtk("storescu"), "--version"]).strip("$ ").replace("dcmtk: ", "DCMTK "))
     return ", ".join(parts)
-
-
-def git_revision() -> str:
-    """`` (git abc1234)``, ``+changes`` when src/ differs from it; read-only (no index refresh)."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
-            cwd=REPO, env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return f" (git {rev}{'+changes' if changes else ''})"
 
 
 def fmt_rate(value: float) -> str:
