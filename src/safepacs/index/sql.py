@@ -297,12 +297,21 @@ def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[A
         elif attr.derived not in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES, A.Derived.ONLINE}:
             columns.append(_count(attr, query.scope).label(attr.keyword))
     base = LEVEL_TABLES[query.level]
-    stmt = (
-        sa.select(*columns).select_from(_from(query.level)).where(*where_clauses(query)).order_by(base.c.pk)
+    stmt = sa.select(*columns).select_from(_from(query.level))
+    if not limit:
+        return stmt.where(*where_clauses(query)).order_by(base.c.pk)
+    # The page's keys first, from the WHERE alone (an index answers it), then the columns and the
+    # correlated counts of those rows only: a deep page costs no counts of the rows before it.
+    page = (
+        sa.select(base.c.pk)
+        .select_from(_from(query.level))
+        .where(*where_clauses(query))
+        .order_by(base.c.pk)
+        .limit(limit + 1)
     )
     if offset:
-        stmt = stmt.offset(offset)
-    return stmt.limit(limit + 1) if limit else stmt
+        page = page.offset(offset)
+    return stmt.where(base.c.pk.in_(page)).order_by(base.c.pk)
 
 
 def _chunks(values: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
