@@ -12,7 +12,7 @@ import pytest
 from safepacs.auth.policy import peer_principal, scope_of, user_principal
 from safepacs.errors import QueryLimitError
 from safepacs.index import SqlIndex, UserRecord
-from safepacs.types import Peer, Scope, Service
+from safepacs.types import Peer, QueryLevel, Scope, Service
 from tests import test_index as ti
 from tests.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, query, uids
 
@@ -176,3 +176,39 @@ def test_restore_puts_instances_back_unless_stored_again(archive: Archive) -> No
     assert restored is not None and restored.blob == first.blob
     assert a.ix.blob_in_use(first.blob.blob_id) and not a.ix.blob_in_use(second.blob.blob_id)
     assert a.a2 in studies_seen(a, None)
+
+
+@pytest.mark.parametrize("level", [STUDY, SERIES, IMAGE])
+def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLevel) -> None:
+    """The direct row -> DICOM JSON path answers exactly what converting the data sets gives."""
+    from safepacs.index import attributes as A
+
+    a = archive
+    a._add(
+        dict(
+            PatientID="PX",
+            PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう",
+            StudyDescription="two\\parts",
+            AccessionNumber="",
+            ReferringPhysicianName="A^B\\C^D",
+        ),
+        ti.generate_uid(),
+        ti.generate_uid(),
+        Modality="CT",
+        SeriesNumber=3,
+    )
+    keys = {
+        attr.keyword: ""
+        for attr in A.ATTRIBUTES
+        if A.usable_at(level, attr.level) and (attr.column is not None or attr.derived is not None)
+    }
+    ident = query(level, **keys)
+    ident.ProcedureCodeSequence = []
+    as_json, more = a.ix.search(level, ident, 50, 0, None, as_json=True)
+    datasets, more2 = a.ix.search(level, ident, 50, 0, None)
+    expected = []
+    for ds in datasets:
+        del ds.QueryRetrieveLevel
+        expected.append(ds.to_json_dict())
+    assert (as_json, more) == (expected, more2)
+    assert len(as_json) >= 3

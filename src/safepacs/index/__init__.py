@@ -280,14 +280,23 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin):
         return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
 
     def search(
-        self, level: QueryLevel, identifier: Dataset, limit: int, offset: int = 0, scope: Scope | None = None
-    ) -> tuple[list[Dataset], bool]:
+        self,
+        level: QueryLevel,
+        identifier: Dataset,
+        limit: int,
+        offset: int = 0,
+        scope: Scope | None = None,
+        *,
+        as_json: bool = False,
+    ) -> tuple[list[Any], bool]:
         """QIDO-RS (PS3.18 10.6): a page of the Study Root records matching ``identifier`` at ``level``,
         with the same matching as :meth:`find`, and whether more follow.  No Query/Retrieve Level is
-        required, and a search need not name the records above its level."""
+        required, and a search need not name the records above its level.  ``as_json``: the records
+        as DICOM JSON objects without Query/Retrieve Level (what QIDO-RS answers), not data sets."""
         query = parse_identifier(QueryModel.STUDY_ROOT, level, identifier, require_level=False)
         query = replace(query, scope=scope)
-        return self._run(lambda conn: sql.run_search(conn, query, limit, offset), write=False)
+        run = sql.run_search_json if as_json else sql.run_search
+        return self._run(lambda conn: run(conn, query, limit, offset), write=False)
 
     def instances_for(
         self, model: QueryModel, level: QueryLevel, identifier: Dataset, scope: Scope | None = None

@@ -25,6 +25,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from safepacs.errors import QueryLimitError
 from safepacs.index import attributes as A
+from safepacs.index.dicomjson import element_json, tag_key
 from safepacs.index.matching import Condition, MatchKind, Query, fold, matches
 from safepacs.index.schema import (
     LEVEL_TABLES,
@@ -265,15 +266,30 @@ def _levels_down_to(level: QueryLevel) -> list[QueryLevel]:
     return [lv for lv in A.LEVEL_RANK if A.usable_at(level, lv)]
 
 
-def _from(level: QueryLevel) -> sa.FromClause:
+def _from(level: QueryLevel, top: QueryLevel = QueryLevel.PATIENT) -> sa.FromClause:
+    """The tables of ``level`` and the levels above it, up to ``top``, joined."""
+    rank = A.LEVEL_RANK
     joined: sa.FromClause = LEVEL_TABLES[level]
-    if level is QueryLevel.IMAGE:
+    if level is QueryLevel.IMAGE and rank[top] <= rank[QueryLevel.SERIES]:
         joined = joined.join(series, instances.c.series_pk == series.c.pk)
-    if A.LEVEL_RANK[level] >= A.LEVEL_RANK[QueryLevel.SERIES]:
+    if rank[level] >= rank[QueryLevel.SERIES] and rank[top] <= rank[QueryLevel.STUDY]:
         joined = joined.join(studies, series.c.study_pk == studies.c.pk)
-    if level is not QueryLevel.PATIENT:
+    if level is not QueryLevel.PATIENT and top is QueryLevel.PATIENT:
         joined = joined.join(patients, studies.c.patient_pk == patients.c.pk)
     return joined
+
+
+def _top_level(query: Query) -> QueryLevel:
+    """The highest level whose table the query's conditions (and scope) refer to."""
+    levels = {query.level}
+    for cond in query.filters:
+        if cond.kind is MatchKind.SEQUENCE:
+            levels.add(A.SEQUENCE_BY_KEYWORD[cond.keyword].level)
+        else:
+            levels.add(A.BY_KEYWORD[cond.keyword].level)
+    if query.scope is not None and query.level is not QueryLevel.PATIENT:
+        levels.add(QueryLevel.STUDY)
+    return min(levels, key=lambda lv: A.LEVEL_RANK[lv])
 
 
 def _pk_label(level: QueryLevel) -> str:
@@ -304,7 +320,7 @@ def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[A
     # correlated counts of those rows only: a deep page costs no counts of the rows before it.
     page = (
         sa.select(base.c.pk)
-        .select_from(_from(query.level))
+        .select_from(_from(query.level, _top_level(query)))  # only the tables the WHERE needs
         .where(*where_clauses(query))
         .order_by(base.c.pk)
         .limit(limit + 1)
@@ -392,7 +408,44 @@ def run_search(conn: sa.Connection, query: Query, limit: int, offset: int) -> tu
     return _responses(conn, query, rows[:limit]), more
 
 
-def _responses(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> list[Dataset]:
+def run_search_json(
+    conn: sa.Connection, query: Query, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """:func:`run_search` answering DICOM JSON objects (without Query/Retrieve Level) directly."""
+    rows = conn.execute(find_select(query, limit, offset)).mappings().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    extra = _extra(conn, query, rows)
+    return [_response_json(query, row, extra) for row in rows], more
+
+
+def _response_json(
+    query: Query, row: sa.RowMapping, extra: Mapping[str, Mapping[int, Any]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": [RESPONSE_CHARSET]}}
+    for cond in query.conditions:
+        if cond.kind is MatchKind.SEQUENCE:
+            spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
+            items = extra[cond.keyword].get(row[_pk_label(spec.level)], [])
+            chosen = [i for i in items if cond.is_universal or matches(cond.items, i)]
+            sequence = DicomSequence([_item_dataset(cond, spec, i) for i in chosen])
+            out[tag_key(cond.keyword)] = _element(cond.keyword, "SQ", sequence).to_json_dict(None, 1024)
+            continue
+        attr = A.BY_KEYWORD[cond.keyword]
+        if attr.derived is A.Derived.ONLINE:
+            value: object = "ONLINE"
+        elif attr.derived in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES}:
+            value = extra[cond.keyword].get(row[_pk_label(QueryLevel.STUDY)], [])
+        else:
+            value = row[cond.keyword]
+        out[tag_key(cond.keyword)] = element_json(cond.keyword, attr.vr, value)
+    for tag, vr in query.unsupported:
+        if not (tag >> 16) & 1:
+            out[f"{tag:08X}"] = {"vr": vr, "Value": []} if vr == "SQ" else {"vr": vr}
+    return dict(sorted(out.items()))
+
+
+def _extra(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> dict[str, dict[int, Any]]:
     extra: dict[str, dict[int, Any]] = {}
     for cond in query.conditions:
         if cond.keyword in {"ModalitiesInStudy", "SOPClassesInStudy"}:
@@ -402,6 +455,11 @@ def _responses(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping])
             level = A.SEQUENCE_BY_KEYWORD[cond.keyword].level
             pks = [row[_pk_label(level)] for row in rows]
             extra[cond.keyword] = sequence_items(conn, cond.keyword, sorted(set(pks)))
+    return extra
+
+
+def _responses(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> list[Dataset]:
+    extra = _extra(conn, query, rows)
     return [_response(query, row, extra) for row in rows]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom.dataset import Dataset
 
 from safepacs.auth.policy import require
@@ -31,8 +33,15 @@ class QueryService:
         return results
 
     def search(
-        self, principal: Principal, level: QueryLevel, identifier: Dataset, *, limit: int | None, offset: int
-    ) -> tuple[list[Dataset], bool]:
+        self,
+        principal: Principal,
+        level: QueryLevel,
+        identifier: Dataset,
+        *,
+        limit: int | None,
+        offset: int,
+        as_json: bool = False,
+    ) -> tuple[list[Any], bool]:
         """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``) responses after
         ``offset``, and whether more follow; raises QueryError / AccessDenied."""
         require(principal, Service.FIND)
@@ -40,4 +49,4 @@ class QueryService:
         page = cap if limit is None else max(0, min(limit, cap))
         if page == 0:
             return [], False
-        return self._index.search(level, identifier, page, offset, principal.scope)
+        return self._index.search(level, identifier, page, offset, principal.scope, as_json=as_json)

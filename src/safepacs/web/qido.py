@@ -142,12 +142,6 @@ def build_identifier(level: QueryLevel, params: Any, path: dict[str, str]) -> Da
     return identifier
 
 
-def _json(ds: Dataset) -> dict[str, Any]:
-    if "QueryRetrieveLevel" in ds:
-        del ds.QueryRetrieveLevel
-    return ds.to_json_dict()
-
-
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "name": name,
@@ -196,7 +190,7 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
         offset = _int(params, "offset", 0, _MAX_OFFSET) or 0
         identifier = build_identifier(level, params, path)
         try:
-            results, more = search(principal, level, identifier, limit=limit, offset=offset)
+            results, more = search(principal, level, identifier, limit=limit, offset=offset, as_json=True)
         except AccessDenied:
             raise not_found() from None  # never confirm it exists
         except QueryError as exc:
@@ -204,7 +198,7 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
         headers = {}
         if more:
             headers["Warning"] = '299 SafePACS "There are additional results that can be requested"'
-        return JSONResponse([_json(ds) for ds in results], media_type=DICOM_JSON, headers=headers)
+        return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
 
     @router.get("/studies", summary="Search for studies (QIDO-RS)", openapi_extra=_EXTRA)
     def studies(request: Request) -> JSONResponse:
