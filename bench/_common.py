@@ -378,7 +378,7 @@ class SafePacs(Receiver):
             [str(SAFEPACS), "init", "--data", str(data)],
             [
                 str(SAFEPACS), "peer", "add", CALLING_AET, "--host", HOST,
-                "--allow", "echo,store", "--data", str(data),
+                "--allow", "echo,store", "--tls", "off", "--data", str(data),
             ],
         ):  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -389,7 +389,7 @@ class SafePacs(Receiver):
         self.port = free_port()
         argv = [
             str(SAFEPACS), "serve", "--data", str(data), "--dicom-port", str(self.port),
-            "--http-port", str(free_port()),
+            "--http-port", str(free_port()), "--dicom-tls-port", str(free_port()),
         ]  # fmt: skip
         self._spawn(argv, env=env)
         self._wait_ready(120, ready="SafePACS listening for DICOM on")

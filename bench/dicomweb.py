@@ -261,6 +261,7 @@ class SafePacsWeb(Receiver):
         argv = [
             str(SAFEPACS), "serve", "--data", str(self.data),
             "--dicom-port", str(self.port), "--http-port", str(self.http_port),
+            "--dicom-tls-port", str(free_port()),
         ]  # fmt: skip
         self._spawn(argv, env={**os.environ, **self.env})
         deadline = time.monotonic() + 120

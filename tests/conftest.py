@@ -56,6 +56,7 @@ class Server:
     log: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
     https_port: int = 0
+    tls_port: int = 0  # DICOM TLS
 
     @property
     def base_url(self) -> str:
@@ -65,11 +66,21 @@ class Server:
     def ca_file(self) -> Path:
         return self.data / "keys" / "ca.pem"
 
-    def add_peer(self, ae: str, allow: str, host: str = "127.0.0.1", port: int | None = None) -> None:
-        args = ["peer", "add", ae, "--host", host, "--allow", allow, "--data", str(self.data)]
+    def add_peer(
+        self,
+        ae: str,
+        allow: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        tls: str = "off",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        """Register a peer: plain DICOM (``--tls off``) unless ``tls="required"``; ``extra`` options."""
+        args = ["peer", "add", ae, "--host", host, "--allow", allow, "--tls", tls, "--data", str(self.data)]
         if port is not None:
             args += ["--port", str(port)]
-        assert run_cli(*args) == 0
+        assert run_cli(*args, *extra) == 0
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -92,7 +103,7 @@ class Server:
 
 def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     """Start ``safepacs serve`` on 127.0.0.1 port 0 and wait until it listens."""
-    ports = ["--dicom-port", "0", "--http-port", "0"]
+    ports = ["--dicom-port", "0", "--http-port", "0", "--dicom-tls-port", "0"]
     cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), *ports, *extra]
     full_env = {**os.environ, "SAFEPACS_SERVER__SHUTDOWN_GRACE": "5", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
@@ -113,7 +124,10 @@ def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> 
     https_line = proc.stdout.readline()
     assert "listening for HTTPS" in https_line, https_line
     https_port = int(https_line.strip().rsplit(":", 1)[1])
-    return Server(data, host, int(port), proc, log, reader, https_port)
+    tls_line = proc.stdout.readline()
+    assert "listening for DICOM TLS on" in tls_line, tls_line
+    tls_port = int(tls_line.strip().rsplit(":", 1)[1])
+    return Server(data, host, int(port), proc, log, reader, https_port, tls_port)
 
 
 @pytest.fixture

@@ -43,11 +43,17 @@ def associate(
     bind_address: tuple[str, int] | None = None,
     ext_neg: list[Any] | None = None,
     handlers: list[Any] | None = None,
+    tls_args: tuple[Any, str | None] | None = None,
 ) -> Iterator[Any]:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.requested_contexts = list(contexts)
-    kwargs: dict[str, Any] = {"ae_title": called, "ext_neg": ext_neg, "evt_handlers": handlers}
+    kwargs: dict[str, Any] = {
+        "ae_title": called,
+        "ext_neg": ext_neg,
+        "evt_handlers": handlers,
+        "tls_args": tls_args,
+    }
     if bind_address is not None:
         kwargs["bind_address"] = bind_address
     assoc = ae.associate(host, port, **kwargs)

@@ -63,9 +63,7 @@ def test_a_referrer_sees_the_same_studies_over_qido_and_c_find(
     house_token = _token(web.data, "house", capsys)
     rad_token = _token(web.data, "rad", capsys)
     cuddy_token = _token(web.data, "cuddy", capsys)
-    _cli(
-        web.data, "peer", "add", "HOUSEVIEW", "--host", "127.0.0.1", "--allow", "find,get", "--user", "house"
-    )
+    web.add_peer("HOUSEVIEW", "find,get", extra=("--user", "house"))
     everything = {house.StudyInstanceUID, wilson.StudyInstanceUID, house_mr.StudyInstanceUID}
 
     # A referrer without a scope sees nothing - by QIDO-RS and by C-FIND from the AE that acts for them.

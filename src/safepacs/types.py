@@ -17,6 +17,8 @@ __all__ = [
     "Scope",
     "Service",
     "StoredBlob",
+    "TlsMode",
+    "UserIdentityMode",
 ]
 
 
@@ -52,6 +54,21 @@ class QueryModel(enum.StrEnum):
     STUDY_ROOT = "STUDY"
 
 
+class TlsMode(enum.StrEnum):
+    """How a peer must connect (``safepacs peer add --tls``)."""
+
+    REQUIRED = "required"  # DICOM TLS with a client certificate that matches the peer; never plain
+    OFF = "off"  # a legacy device: plain DICOM from its registered address (a posture finding)
+
+
+class UserIdentityMode(enum.StrEnum):
+    """Whether a peer's associations must name a person (PS3.7 D.3.3.7, ``--user-identity``)."""
+
+    NONE = "none"  # user identity items are ignored; the association acts as the peer
+    OPTIONAL = "optional"  # checked when sent; then the association acts as that person
+    REQUIRED = "required"  # an association without a valid user identity is refused
+
+
 @dataclass(frozen=True)
 class Peer:
     """A registered DICOM application entity.
@@ -66,6 +83,9 @@ class Peer:
     port: int | None
     allow: frozenset[Service]
     user: str | None = None  # the person this AE acts for: it sees what that user sees
+    tls: TlsMode = TlsMode.REQUIRED  # peers registered before migration 0006 were set to OFF
+    cert_sha256: str | None = None  # a pinned client certificate (SHA-256 of its DER, lowercase hex)
+    user_identity: UserIdentityMode = UserIdentityMode.NONE
 
     def matches_address(self, address: str, resolved: frozenset[str] = frozenset()) -> bool:
         """Whether a connection from ``address`` may act as this peer.
@@ -121,6 +141,11 @@ class Principal:
     address: str | None = None
     scope: Scope | None = None
     user: str | None = None  # the person a peer acts for (``peer add --user``), or the user's own name
+    # How a DIMSE association came in, for the audit trail (None: not over DICOM TLS / not applicable).
+    tls: str | None = None  # the negotiated protocol version, e.g. "TLSv1.3"
+    tls_cipher: str | None = None  # the negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384"
+    certificate_sha256: str | None = None  # SHA-256 of the peer's client certificate (DER), lowercase hex
+    user_identity: str | None = None  # how ``user`` proved who they are over DIMSE: "password" or "jwt"
 
 
 @dataclass(frozen=True)

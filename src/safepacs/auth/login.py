@@ -157,6 +157,19 @@ class LoginService:
             )
         return self._open(user, now)
 
+    def authenticate(self, name: str, password: str, code: str | None = None) -> UserRecord:
+        """The user these credentials prove, checked exactly as a login is (constant cost, lockout,
+        TOTP, every failure answered alike) but opening no session: DIMSE User Identity Negotiation
+        (PS3.7 D.3.3.7, type 2).  :class:`AuthenticationError` otherwise."""
+        user = self._check(name, password, code, _now())
+        if user.must_change_password:
+            raise AuthenticationError(
+                "the password must be changed before the first login (POST /api/session/password)",
+                code="password_change_required",
+            )
+        log.info("a user authenticated", extra={"user": user.name})
+        return user
+
     def change_password(self, name: str, password: str, code: str | None, new_password: str) -> NewSession:
         """Set a new password (every factor checked as for a login), end the user's other sessions
         and open a new one."""

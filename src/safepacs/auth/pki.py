@@ -24,6 +24,7 @@ import socket
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -34,9 +35,13 @@ __all__ = [
     "CA_VALIDITY_DAYS",
     "DEFAULT_CERT_DAYS",
     "certificate_fingerprint",
+    "certificate_names",
     "create_ca",
     "default_server_names",
     "issue_certificate",
+    "issued_by",
+    "load_certificate",
+    "normalize_fingerprint",
     "write_private",
 ]
 
@@ -47,6 +52,7 @@ _CN_MAX = 64  # RFC 5280 ub-common-name
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _now() -> dt.datetime:
@@ -271,14 +277,55 @@ def certificate_fingerprint(cert_pem: bytes) -> str:
     Accepts PEM or DER (``ssl.SSLSocket.getpeercert(binary_form=True)`` gives DER), so the
     fingerprint of a connected peer and of its PEM file compare equal.
     """
+    return load_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    """A certificate from PEM or DER bytes; :class:`KeyError_` when it is neither."""
     try:
-        if cert_pem.lstrip().startswith(b"-----BEGIN"):
-            cert = x509.load_pem_x509_certificate(cert_pem)
-        else:
-            cert = x509.load_der_x509_certificate(cert_pem)
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise KeyError_("not an X.509 certificate (PEM or DER)") from exc
-    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as :func:`certificate_fingerprint` writes it (lowercase hex, no colons),
+    from the forms tools print (``AB:CD:...``, upper case, ``SHA256:`` / ``sha256=`` prefixes);
+    :class:`ValueError` when it is not 32 bytes of hex."""
+    value = text.strip().lower()
+    for prefix in ("sha256:", "sha256=", "sha256 fingerprint="):
+        if value.startswith(prefix):
+            value = value[len(prefix) :]
+    value = value.replace(":", "").replace(" ", "")
+    if not _FINGERPRINT_RE.fullmatch(value):
+        raise ValueError("a certificate fingerprint is the SHA-256 of the certificate: 64 hex digits")
+    return value
+
+
+def certificate_names(cert: x509.Certificate) -> frozenset[str]:
+    """The names a certificate carries: its subject common names and its subject alternative names
+    (DNS names, URIs and IP addresses), as written - what a peer's AE title is matched against."""
+    names = {str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        names |= set(san.get_values_for_type(x509.DNSName))
+        names |= set(san.get_values_for_type(x509.UniformResourceIdentifier))
+        names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return frozenset(names)
+
+
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """Whether ``ca_cert`` signed ``cert`` (issuer name and signature; validity is the TLS layer's)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "ROLES",
     "Resource",
     "decide",
+    "identified_principal",
     "peer_principal",
     "require",
     "scope_of",
@@ -102,6 +103,23 @@ def peer_principal(peer: Peer, user: UserRecord | None, address: str | None) -> 
         return None
     person = user_principal(user, address=address)
     return replace(person, kind="peer", name=peer.ae_title, allow=peer.allow & person.allow & DIMSE_SERVICES)
+
+
+def identified_principal(peer: Peer, person: Principal, how: str) -> Principal:
+    """The principal of an association from ``peer`` on which ``person`` proved who they are
+    (DIMSE User Identity Negotiation, PS3.7 D.3.3.7; ``how``: "password" or "jwt").
+
+    The association acts for that person: their roles and scope, their services narrowed to those
+    the peer table allows the AE - so a person sees the same studies over C-FIND as over QIDO-RS.
+    """
+    return replace(
+        person,
+        kind="peer",
+        name=peer.ae_title,
+        allow=peer.allow & person.allow & DIMSE_SERVICES,
+        user=person.user or person.name,
+        user_identity=how,
+    )
 
 
 @dataclass(frozen=True)

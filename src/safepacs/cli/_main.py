@@ -22,6 +22,18 @@ from safepacs.cli._accounts import add_parsers as add_account_parsers
 from safepacs.cli._accounts import cmd_token, cmd_user
 from safepacs.cli._audit import add_parsers as add_audit_parsers
 from safepacs.cli._audit import cmd_audit
+from safepacs.cli._peers import (
+    add_cert_parsers,
+    add_security_options,
+    cmd_peer_cert,
+    cmd_peer_revoke,
+    describe_security,
+    peer_security,
+    plain_peer_warning,
+    record_pinned,
+)
+from safepacs.cli._scan import add_parsers as add_scan_parsers
+from safepacs.cli._scan import cmd_doctor, cmd_scan
 from safepacs.errors import SafePacsError
 
 __all__ = ["main"]
@@ -61,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dicom-port", type=int, metavar="N", help="DICOM port (default 11112; 0 picks a free one)"
     )
     sp.add_argument(
+        "--dicom-tls-port", type=int, metavar="N", help="DICOM TLS port (default 2762; 0 picks a free one)"
+    )
+    sp.add_argument(
         "--http-port",
         type=int,
         metavar="N",
@@ -88,15 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the user this AE acts for: it gets no more than that user's rights and sees what they see",
     )
+    add_security_options(sp)
     sp = peer.add_parser("list", help="list registered peers")
     data_opt(sp)
     sp = peer.add_parser("remove", help="remove a registered peer")
     data_opt(sp)
     sp.add_argument("ae_title", metavar="AE_TITLE")
+    add_cert_parsers(peer, data_opt)
 
     add_account_parsers(sub, data_opt)
     add_access_parsers(sub, data_opt)
     add_audit_parsers(sub, data_opt)
+    add_scan_parsers(sub, data_opt)
 
     sp = sub.add_parser("import", help="store DICOM files and folders through the same path as C-STORE")
     data_opt(sp)
@@ -136,24 +154,32 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs._net import bind_listener
     from safepacs.app import configure_logging, open_archive
+    from safepacs.audit.syslog import check_collectors
     from safepacs.dimse.server import serve
+    from safepacs.dimse.tls import ensure_client_certificate
     from safepacs.index import migrate
     from safepacs.web.server import run_https
 
-    settings = _settings(
-        args, {"server": {"bind": args.bind, "dicom_port": args.dicom_port, "http_port": args.http_port}}
-    )
+    ports = {
+        "dicom_port": args.dicom_port,
+        "dicom_tls_port": args.dicom_tls_port,
+        "http_port": args.http_port,
+    }
+    settings = _settings(args, {"server": {"bind": args.bind, **ports}})
     configure_logging(args.log_level)
     migrate(settings.index_url)
-    open_archive(settings).close()  # fail here, once, with a clear message, not in every worker
-    if not _is_loopback(settings.server.bind):
+    archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
+    try:
+        peers = archive.index.list_peers()
+    finally:
+        archive.close()
+    ensure_client_certificate(settings.keys_dir, settings.server.ae_title)  # for C-MOVE to TLS peers
+    check_collectors(settings)  # the audit collectors' CA and client certificate files
+    plain_warning = plain_peer_warning(peers)
+    if not _is_loopback(settings.server.bind) and plain_warning:
         import logging
 
-        logging.getLogger("safepacs.posture").warning(
-            "DICOM listener on a non-loopback address without TLS: only registered peers from their own "
-            "addresses are admitted, but traffic is not encrypted",
-            extra={"address": settings.server.bind},
-        )
+        logging.getLogger("safepacs.posture").warning(plain_warning, extra={"address": settings.server.bind})
 
     try:
         https = bind_listener(settings.server.bind, settings.server.http_port)
@@ -164,14 +190,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ) from exc
     https_host, https_port = https.getsockname()[:2]
 
-    def ready(host: str, port: int) -> None:
+    def ready(plain: tuple[str, int], tls: tuple[str, int]) -> None:
         print(
-            f"SafePACS listening for DICOM on {host}:{port} as AE title {settings.server.ae_title}",
+            f"SafePACS listening for DICOM on {plain[0]}:{plain[1]} as AE title {settings.server.ae_title}",
             flush=True,
         )
         print(
             f"SafePACS listening for HTTPS (DICOMweb at /dicomweb) on {https_host}:{https_port}", flush=True
         )
+        print(f"SafePACS listening for DICOM TLS on {tls[0]}:{tls[1]}", flush=True)
 
     def setup() -> None:
         configure_logging(args.log_level)
@@ -239,19 +266,27 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         if args.port is not None and not 0 < args.port < 65536:
             raise UsageError("--port must be between 1 and 65535")
-        peer = Peer(ae_title, _check_host(args.host), args.port, _parse_allow(args.allow), args.user)
+        security, pinned_pem = peer_security(args)
+        peer = Peer(
+            ae_title, _check_host(args.host), args.port, _parse_allow(args.allow), args.user, **security
+        )
     index = _open_index(args)
     try:
         if args.peer_command == "add":
             if peer.user is not None and index.get_user(peer.user) is None:
                 raise UsageError(f"no user named {peer.user!r}; add one with 'safepacs user add'")
             index.add_peer(peer)
+            record_pinned(index, peer, pinned_pem)
             acting = f", acting for user {peer.user}" if peer.user else ""
             print(
                 f"Peer {peer.ae_title} registered: host {peer.host}, "
-                f"allowed {','.join(sorted(peer.allow))}{acting}",
+                f"allowed {','.join(sorted(peer.allow))}{acting}{describe_security(peer, ', ')}",
                 file=sys.stderr,
             )
+        elif args.peer_command == "cert":
+            return cmd_peer_cert(args, index, _settings(args).keys_dir)
+        elif args.peer_command == "revoke-cert":
+            return cmd_peer_revoke(args, index)
         elif args.peer_command == "remove":
             index.remove_peer(args.ae_title.strip())
             print(f"Peer {args.ae_title.strip()} removed", file=sys.stderr)
@@ -265,7 +300,8 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             for p in peers:
                 port = p.port if p.port is not None else "-"
                 user = f"  user {p.user}" if p.user else ""
-                print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {','.join(sorted(p.allow))}{user}")
+                allow = ",".join(sorted(p.allow))
+                print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {allow}{user}{describe_security(p)}")
     finally:
         index.close()
     return EXIT_OK
@@ -379,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "purge": _cmd_with_archive,
         "restore": _cmd_with_archive,
         "audit": _cmd_audit,
+        "scan": cmd_scan,
+        "doctor": cmd_doctor,
     }
     try:
         return handlers[args.command](args)

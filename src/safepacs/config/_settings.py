@@ -43,6 +43,9 @@ class ServerSettings(_Section):
     ae_title: str = Field("SAFEPACS", description="AE title this archive answers to (called AE title).")
     bind: str = Field("127.0.0.1", description="Address the listeners bind to; loopback unless you mean it.")
     dicom_port: int = Field(11112, ge=0, le=65535, description="Plain DICOM (DIMSE) port.")
+    dicom_tls_port: int = Field(
+        2762, ge=0, le=65535, description="DICOM TLS port (PS3.15 B.12 BCP 195 profile, mutual TLS)."
+    )
     http_port: int = Field(8443, ge=0, le=65535, description="HTTPS port for DICOMweb and the web UI.")
     workers: int = Field(
         0, ge=0, le=64, description="DIMSE worker processes sharing the port (0: one per CPU core)."
@@ -185,6 +188,48 @@ class AuthSettings(_Section):
     )
 
 
+class AuditCollectorSettings(_Section):
+    """An audit record repository the trail is forwarded to, syslog over TLS (``[[audit.collectors]]``)."""
+
+    name: str = Field(description="A name for this collector; its forwarding position is kept under it.")
+    host: str = Field(description="Host name or IP address of the collector; its certificate must name it.")
+    port: int = Field(6514, ge=1, le=65535, description="TCP port of syslog over TLS (6514, RFC 5425).")
+    ca_file: str = Field(description="PEM file of the CA(s) that issued the collector's certificate.")
+    client_cert: str = Field("", description="PEM certificate to present to the collector (mutual TLS).")
+    client_key: str = Field("", description="PEM private key of client_cert.")
+
+    @field_validator("name", "host", "ca_file")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+class AuditSettings(_Section):
+    forward_interval: float = Field(
+        1.0, gt=0, le=3600, description="Seconds between looks for new audit records to forward."
+    )
+    source_id: str = Field("", description="AuditSourceID of forwarded messages; empty: server.ae_title.")
+    site_id: str = Field("", description="AuditEnterpriseSiteID of forwarded messages (e.g. the hospital).")
+    # Last, so that the [[audit.collectors]] example ends the [audit] table in safepacs.toml.
+    collectors: tuple[AuditCollectorSettings, ...] = Field(
+        (), description="Audit record repositories the trail is forwarded to ([[audit.collectors]] tables)."
+    )
+
+    @field_validator("collectors")
+    @classmethod
+    def _complete(cls, value: tuple[AuditCollectorSettings, ...]) -> tuple[AuditCollectorSettings, ...]:
+        names = [c.name for c in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"collector name {twice[0]!r} is used twice; give each collector its own name")
+        for c in value:
+            if bool(c.client_cert) != bool(c.client_key):
+                raise ValueError(f"collector {c.name!r}: set client_cert and client_key together")
+        return value
+
+
 class Settings(BaseSettings):
     """All settings.  Sections map to TOML tables and to ``SAFEPACS_<SECTION>__<KEY>``."""
 
@@ -200,6 +245,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
     query: QuerySettings = Field(default_factory=QuerySettings)  # type: ignore[arg-type]
     auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
+    audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
 
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), exclude=True)
 
@@ -287,7 +333,18 @@ _TOML_EXAMPLES: dict[str, dict[str, list[str]]] = {
             '# roles_claim = "realm_access.roles"',
             '# role_map = { "pacs-radiologists" = "radiologist", "pacs-admins" = "admin" }',
         ]
-    }
+    },
+    "audit": {
+        "collectors": [
+            "# [[audit.collectors]]",
+            '# name = "siem"',
+            '# host = "audit.example.org"',
+            "# port = 6514",
+            '# ca_file = "/etc/safepacs/audit-ca.pem"',
+            '# client_cert = ""',
+            '# client_key = ""',
+        ]
+    },
 }
 
 

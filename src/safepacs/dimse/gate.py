@@ -5,7 +5,8 @@ registered peer, and the connection comes from that peer's host.  Otherwise A-AS
 rejected-permanent, source "DICOM UL service-user", reason "called AE title not recognized" (7)
 or "calling AE title not recognized" (3) - a known AE from the wrong address gets the same
 answer as an unknown one, so a stranger learns nothing.  The accepted presentation contexts are
-exactly those of the services the peer is allowed (``contexts_for``).
+exactly those of the services the peer is allowed (``contexts_for``).  DICOM TLS certificates and
+User Identity Negotiation are checked next, by :class:`~safepacs.dimse.admission.SecureAdmission`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import TYPE_CHECKING, cast
 
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 
 from safepacs.auth.policy import peer_principal
+from safepacs.dimse.admission import Credentials, SecureAdmission
 from safepacs.dimse.contexts import negotiable_contexts
+from safepacs.dimse.tls import TlsSession, session_of
 from safepacs.errors import SafePacsError
 from safepacs.types import Peer, Principal
 
@@ -61,8 +64,10 @@ class AssociationGate:
         lookup_user: Callable[[str], UserRecord | None] | None = None,
         *,
         dns_ttl: float = 60.0,
+        secure: SecureAdmission | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self._secure = secure or SecureAdmission()  # without one: no TLS, no credentials accepted
         self._lookup = lookup
         self._lookup_user = lookup_user
         self._dns: dict[str, tuple[float, frozenset[str]]] = {}
@@ -86,7 +91,14 @@ class AssociationGate:
         return addrs
 
     def admit(
-        self, calling: str, called: str, address: str, n_contexts: int
+        self,
+        calling: str,
+        called: str,
+        address: str,
+        n_contexts: int,
+        *,
+        session: TlsSession | None = None,
+        credentials: Credentials | None = None,
     ) -> tuple[Principal | None, tuple[int, int, int] | None, str]:
         """(principal, rejection, reason text): rejection is None when the association may proceed."""
         if n_contexts > MAX_PRESENTATION_CONTEXTS:
@@ -112,7 +124,7 @@ class AssociationGate:
         principal = peer_principal(peer, user, address)
         if principal is None:  # acts for a user who is disabled or gone: the same answer as a stranger
             return None, REJECT_CALLING_AE, "calling AE title acts for a disabled or unknown user"
-        return principal, None, "accepted"
+        return self._secure.admit(peer, principal, address, session, credentials)
 
     def count(self, reason: str) -> int:
         with self._lock:
@@ -140,7 +152,15 @@ class GateACSE(ACSE):
         called = str(rq.called_ae_title or "")
         address = str(self.requestor.address_info.address) if self.requestor.address_info else ""
         contexts = rq.presentation_context_definition_list or []
-        principal, rejection, reason = self.gate.admit(calling, called, address, len(contexts))
+        identity = self.requestor.user_identity
+        principal, rejection, reason = self.gate.admit(
+            calling,
+            called,
+            address,
+            len(contexts),
+            session=session_of(getattr(self.assoc.dul.socket, "socket", None)),
+            credentials=Credentials.of(identity),
+        )
         if rejection is not None:
             total = self.gate.count(reason)
             log.warning(
@@ -160,6 +180,11 @@ class GateACSE(ACSE):
             return
         assert principal is not None
         setattr(assoc, _PRINCIPAL_ATTR, principal)
+        if principal.user_identity and identity is not None and identity.positive_response_requested:
+            # PS3.7 D.3.3.7.2: zero-length server response (we hand out no Kerberos/SAML/JWT in return)
+            response = UserIdentityNegotiation()
+            response.server_response = b""
+            self.acceptor.add_negotiation_item(response)
         self.acceptor.supported_contexts = negotiable_contexts(principal.allow, contexts)
         log.info(
             "association accepted",
@@ -168,6 +193,9 @@ class GateACSE(ACSE):
                 "peer_address": address,
                 "acting_for": principal.user or "",
                 "services": ",".join(sorted(s.value for s in principal.allow)),
+                "tls": f"{principal.tls} {principal.tls_cipher}" if principal.tls else "off",
+                "certificate_sha256": principal.certificate_sha256 or "",
+                "user_identity": principal.user_identity or "",
             },
         )
         super()._negotiate_as_acceptor()

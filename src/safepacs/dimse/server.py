@@ -1,9 +1,12 @@
-"""The DIMSE listener: a pre-forked pool of worker processes sharing one listening socket.
+"""The DIMSE listeners: a pre-forked pool of worker processes sharing the listening sockets.
 
 pynetdicom spends its time in Python (a state machine, queues, 1 ms polls) and holds the GIL,
 so more associations in one process do not add throughput; more processes do
 (PERFORMANCE-NOTES.md).  The parent binds the port once, forks ``server.workers`` workers, each
-accepting on the shared socket, and restarts a worker that dies.  SIGTERM/SIGINT: workers stop
+accepting on the shared socket, and restarts a worker that dies.  Each worker serves the plain DICOM
+port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same handlers and the same gate: the
+TLS handshake runs in the connection's own thread, so a slow or failed one holds up nobody, and the
+association knows what the handshake proved.  SIGTERM/SIGINT: workers stop
 accepting, let running associations finish for ``server.shutdown_grace`` seconds, then abort the
 rest.  Every acknowledgement was sent only after the object and its index row were durable, so
 nothing acknowledged is lost.
@@ -16,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +29,17 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from safepacs._net import bind_listener
+from safepacs.auth.oidc import oidc_principal
 from safepacs.config import Settings
 from safepacs.dimse._raw import enable_raw_store, set_nodelay
+from safepacs.dimse.admission import SecureAdmission
 from safepacs.dimse.fastpath import StoreHandler, install_store_path
 from safepacs.dimse.gate import AssociationGate, install_gate
 from safepacs.dimse.handlers import DimseHandlers
+from safepacs.dimse.tls import DicomTls, certificate_refusal, session_of
+from safepacs.errors import ConfigError
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from safepacs.types import Peer, Principal, TlsMode
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -41,17 +50,84 @@ log = logging.getLogger(__name__)
 
 
 class _SafeAE(AE):
-    """The AE of a worker: associations it requests (C-MOVE sub-operations) send raw and without Nagle."""
+    """The AE of a worker: associations it requests (C-MOVE sub-operations) send raw and without Nagle,
+    and go over DICOM TLS, with SafePACS's client certificate, to a peer registered ``--tls required``
+    - whose certificate must then prove it as at admission (``tls.certificate_refusal``)."""
+
+    lookup_peer: Callable[[str], Peer | None] | None = None
+    tls: DicomTls | None = None
+    revoked: Callable[[str], bool] | None = None
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
+        peer = self._tls_peer(kwargs.get("ae_title"))
+        if peer is not None and self.tls is not None and kwargs.get("tls_args") is None:
+            kwargs["tls_args"] = (self.tls.client_context(), None)
         assoc = super().associate(*args, **kwargs)
-        enable_raw_store(assoc)
         sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        if peer is not None and assoc.is_established:
+            session = session_of(sock)
+            refusal = (
+                certificate_refusal(peer, session, self.tls.ca, self.revoked or _never_revoked)
+                if session is not None and self.tls is not None
+                else "the connection is not DICOM TLS"
+            )
+            if refusal is not None:
+                log.warning(
+                    "C-MOVE destination refused: %s", refusal, extra={"move_destination": peer.ae_title}
+                )
+                assoc.abort()
+                return assoc
+        enable_raw_store(assoc)
         set_nodelay(sock)
         return assoc
 
+    def _tls_peer(self, title: Any) -> Peer | None:
+        """The registered peer ``title`` names when it must be reached over DICOM TLS."""
+        if self.lookup_peer is None or not title:
+            return None
+        name = (title.decode("ascii", "replace") if isinstance(title, bytes) else str(title)).strip()
+        peer = self.lookup_peer(name)
+        return peer if peer is not None and peer.tls is TlsMode.REQUIRED else None
+
+
+def _never_revoked(_sha256: str) -> bool:
+    return False
+
 
 class _RequestHandler(RequestHandler):
+    def handle(self) -> None:
+        server = cast(_Server, self.server)
+        if server.tls is not None and not self._handshake(server.tls, server):
+            return
+        super().handle()
+
+    def _handshake(self, tls: DicomTls, server: _Server) -> bool:
+        """Complete the TLS handshake in this connection's thread; False (logged, counted, closed) when
+        it fails: no certificate we trust, TLS older than 1.2, no BCP 195 cipher suite in common."""
+        raw = cast(socket.socket, self.request)
+        address = str(self.client_address[0]) if isinstance(self.client_address, tuple) else ""
+        try:
+            conn = tls.server_context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError):
+            log.exception("cannot start DICOM TLS on a connection")
+            raw.close()
+            return False
+        try:
+            conn.settimeout(server.handshake_timeout)
+            conn.do_handshake()
+            conn.settimeout(None)
+        except (ssl.SSLError, OSError) as exc:
+            reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or type(exc).__name__})"
+            total = server.gate.count("TLS handshake failed")
+            log.warning(
+                "association rejected",
+                extra={"peer_address": address, "reason": reason, "rejections_total": total},
+            )
+            conn.close()
+            return False
+        self.request = conn
+        return True
+
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         server = cast(_Server, self.server)
@@ -75,11 +151,15 @@ class _Server(ThreadedAssociationServer):
         gate: AssociationGate,
         store: StoreHandler,
         max_object_bytes: int,
+        tls: DicomTls | None = None,
+        handshake_timeout: float = 30.0,
     ) -> None:
         self._listener = listener
         self.gate = gate
         self.store = store
         self.max_object_bytes = max_object_bytes
+        self.tls = tls  # DICOM TLS on this listener
+        self.handshake_timeout = handshake_timeout
         super().__init__(
             ae,
             listener.getsockname()[:2],
@@ -111,9 +191,12 @@ class _Server(ThreadedAssociationServer):
 
 
 class DimseServer:
-    """One worker: an AE, its handlers and the association server on the shared socket."""
+    """One worker: an AE, its handlers and an association server on each shared socket (plain DICOM,
+    and DICOM TLS when ``tls_listener`` is given)."""
 
-    def __init__(self, archive: Archive, listener: socket.socket) -> None:
+    def __init__(
+        self, archive: Archive, listener: socket.socket, tls_listener: socket.socket | None = None
+    ) -> None:
         s = archive.settings.server
         self.archive = archive
         self.ae = _SafeAE(ae_title=s.ae_title)
@@ -125,7 +208,26 @@ class DimseServer:
         self.ae.acse_timeout = s.acse_timeout
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.require_called_aet = False  # the gate checks it, with the right rejection reason
-        self.gate = AssociationGate(s.ae_title, archive.index.get_peer, archive.index.get_user)
+        index = archive.index
+        self.tls = DicomTls(archive.settings.keys_dir, index.pinned_certificates) if tls_listener else None
+        if self.tls is not None:
+            self.tls.server_context()  # unreadable keys fail the worker now, not every connection
+        oidc = archive.oidc
+
+        def verify_jwt(token: str, address: str | None) -> Principal:
+            person = oidc.verify(token)
+            return oidc_principal(person, index.get_user(person.name), address=address)
+
+        secure = SecureAdmission(
+            tls=self.tls,
+            revoked=index.certificate_revoked,
+            authenticate=archive.logins.authenticate,
+            verify_jwt=verify_jwt if oidc else None,
+        )
+        self.ae.lookup_peer = index.get_peer  # C-MOVE destinations registered --tls required get TLS
+        self.ae.tls = self.tls
+        self.ae.revoked = index.certificate_revoked
+        self.gate = AssociationGate(s.ae_title, index.get_peer, index.get_user, secure=secure)
         h = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.index.get_peer)
         handlers = [
             (evt.EVT_C_ECHO, h.on_echo),
@@ -134,31 +236,43 @@ class DimseServer:
             (evt.EVT_C_GET, h.on_get),
             (evt.EVT_C_MOVE, h.on_move),
         ]
-        self.server = _Server(
-            self.ae,
-            listener,
-            s.ae_title,
-            handlers,
-            self.gate,
-            h.store,
-            archive.settings.storage.max_object_bytes,
-        )
-        self.ae._servers.append(self.server)
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
+        max_bytes = archive.settings.storage.max_object_bytes
+        self.servers = [_Server(self.ae, listener, s.ae_title, handlers, self.gate, h.store, max_bytes)]
+        if tls_listener is not None:
+            self.servers.append(
+                _Server(
+                    self.ae,
+                    tls_listener,
+                    s.ae_title,
+                    handlers,
+                    self.gate,
+                    h.store,
+                    max_bytes,
+                    tls=self.tls,
+                    handshake_timeout=s.acse_timeout,
+                )
+            )
+        self.server = self.servers[0]
+        self.ae._servers.extend(self.servers)
+        self._threads = [
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+            for server in self.servers
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, grace: float) -> None:
         """Stop accepting; give running associations ``grace`` seconds, then abort them."""
-        self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
         deadline = time.monotonic() + grace
-        while self.server.active_associations and time.monotonic() < deadline:
+        while any(server.active_associations for server in self.servers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in self.server.active_associations:
-            assoc.abort()
+        for server in self.servers:
+            for assoc in server.active_associations:
+                assoc.abort()
 
 
 OpenArchive = Callable[[Settings], "Archive"]
@@ -194,7 +308,11 @@ class StopRequest:
 
 
 def _worker(
-    settings: Settings, listener: socket.socket, open_archive: OpenArchive, setup: Callable[[], None]
+    settings: Settings,
+    listener: socket.socket,
+    tls_listener: socket.socket | None,
+    open_archive: OpenArchive,
+    setup: Callable[[], None],
 ) -> None:
     stop = StopRequest()
     stop.install()
@@ -202,7 +320,7 @@ def _worker(
     # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (PERFORMANCE-NOTES) measured no better here,
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
     archive = open_archive(settings)
-    server = DimseServer(archive, listener)
+    server = DimseServer(archive, listener, tls_listener)
     server.start()
     stop.wait()
     server.stop(settings.server.shutdown_grace)
@@ -214,25 +332,35 @@ def serve(
     open_archive: OpenArchive,
     *,
     setup: Callable[[], None] = lambda: None,
-    ready: Callable[[str, int], None] | None = None,
+    ready: Callable[[tuple[str, int], tuple[str, int]], None] | None = None,
     companions: Sequence[tuple[str, Callable[[], None]]] = (),
 ) -> int:
-    """Run the DIMSE listener until SIGTERM/SIGINT; returns the exit status.
+    """Run the DIMSE listeners (plain and DICOM TLS) until SIGTERM/SIGINT; returns the exit status.
 
     ``open_archive`` builds a worker's backends (after the fork: no engine or file handle is shared);
     ``setup`` configures logging in each worker.  ``companions`` are (name, function) pairs run each in
     a process of its own beside the workers (the HTTPS listener), restarted and stopped with them.
+    ``ready`` is called with the plain and the TLS listener's (host, port) once they listen.
     """
     s = settings.server
     listener = bind_listener(s.bind, s.dicom_port)
+    try:
+        tls_listener = bind_listener(s.bind, s.dicom_tls_port)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            f"cannot listen on {s.bind}:{s.dicom_tls_port} ({exc.strerror}); "
+            "choose another --bind or --dicom-tls-port"
+        ) from exc
     host, port = listener.getsockname()[:2]
+    tls_host, tls_port = tls_listener.getsockname()[:2]
     workers = s.workers or (os.cpu_count() or 1)
     stop = StopRequest()
     stop.install()
     ctx = multiprocessing.get_context("fork")
 
     def dimse_worker() -> None:
-        _worker(settings, listener, open_archive, setup)
+        _worker(settings, listener, tls_listener, open_archive, setup)
 
     specs = [("safepacs-dimse", dimse_worker)] * workers + list(companions)
 
@@ -253,10 +381,17 @@ def serve(
 
     procs = [spawn(i) for i in range(len(specs))]
     log.info(
-        "DIMSE listening", extra={"address": host, "port": port, "ae_title": s.ae_title, "workers": workers}
+        "DIMSE listening",
+        extra={
+            "address": host,
+            "port": port,
+            "tls_port": tls_port,
+            "ae_title": s.ae_title,
+            "workers": workers,
+        },
     )
     if ready is not None:
-        ready(host, port)
+        ready((host, port), (tls_host, tls_port))
     while not stop.wait(0.5):
         for i, proc in enumerate(procs):
             if not proc.is_alive():
@@ -282,5 +417,6 @@ def serve(
             proc.kill()
             proc.join()
     listener.close()
+    tls_listener.close()
     log.info("DIMSE stopped")
     return 1 if quick_deaths > 3 else 0

@@ -31,13 +31,32 @@ from safepacs.index import sql
 from safepacs.index.access import AccessMixin, scope_from_json
 from safepacs.index.attributes import UNIQUE_KEYS
 from safepacs.index.auditlog import AuditLogMixin
+from safepacs.index.certificates import CertificateMixin, CertificateRecord
 from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
 from safepacs.index.schema import instances, peers, series, studies, tokens, user_scopes, users
 from safepacs.index.write import Writer, read_header
-from safepacs.types import InstanceRef, Peer, QueryLevel, QueryModel, Scope, Service, StoredBlob
+from safepacs.types import (
+    InstanceRef,
+    Peer,
+    QueryLevel,
+    QueryModel,
+    Scope,
+    Service,
+    StoredBlob,
+    TlsMode,
+    UserIdentityMode,
+)
 
-__all__ = ["LoginState", "SessionRecord", "SqlIndex", "TokenRecord", "UserRecord", "migrate"]
+__all__ = [
+    "CertificateRecord",
+    "LoginState",
+    "SessionRecord",
+    "SqlIndex",
+    "TokenRecord",
+    "UserRecord",
+    "migrate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +176,7 @@ def _join(values: frozenset[str] | frozenset[Service]) -> str:
     return ",".join(sorted(str(v) for v in values))
 
 
-class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin):
+class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
     """The index on one database (see the module docstring).  Thread-safe; one per process."""
 
     def __init__(self, url: str) -> None:
@@ -330,6 +349,9 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin):
                     allow=_join(peer.allow),
                     created_at=_now(),
                     user_name=peer.user,
+                    tls=peer.tls.value,
+                    cert_sha256=peer.cert_sha256,
+                    user_identity=peer.user_identity.value,
                 )
             )
 
@@ -490,7 +512,22 @@ def _scoped(user: UserRecord, stored: Any) -> UserRecord:
 
 
 def _peer(row: Any) -> Peer:
-    return Peer(row["ae_title"], row["host"], row["port"], _services(row["allow"]), row["user_name"])
+    try:
+        tls, identity = TlsMode(row["tls"]), UserIdentityMode(row["user_identity"])
+    except ValueError as exc:
+        raise IndexError_(
+            "the peer table holds an unknown TLS or user identity mode; re-add the peer"
+        ) from exc
+    return Peer(
+        row["ae_title"],
+        row["host"],
+        row["port"],
+        _services(row["allow"]),
+        row["user_name"],
+        tls=tls,
+        cert_sha256=row["cert_sha256"],
+        user_identity=identity,
+    )
 
 
 def _aware(value: datetime) -> datetime:

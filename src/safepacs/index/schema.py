@@ -39,6 +39,7 @@ __all__ = [
     "instances",
     "metadata",
     "patients",
+    "peer_certificates",
     "peers",
     "series",
     "sessions",
@@ -183,6 +184,27 @@ peers = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     # The user this AE acts for (migration 0004): its C-FIND/C-GET/C-MOVE see what that user sees.
     sa.Column("user_name", sa.String, nullable=True),
+    # DICOM TLS and user identity (migration 0006; peers registered before it were set to 'off'):
+    # 'required' or 'off'; a pinned client certificate's SHA-256; 'none', 'optional' or 'required'.
+    sa.Column("tls", sa.String(8), nullable=False, server_default="required"),
+    sa.Column("cert_sha256", sa.String(64), nullable=True),
+    sa.Column("user_identity", sa.String(8), nullable=False, server_default="none"),
+)
+
+# Client certificates of peers (migration 0006): those 'safepacs peer cert' issued, those pinned with
+# 'peer add --cert' (kept with their PEM: they are trust anchors of the DICOM TLS listener), and the
+# revoked ones ('peer revoke-cert').  Not tied to the peers table: a revocation outlives the peer.
+peer_certificates = sa.Table(
+    "peer_certificates",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("ae_title", sa.String(16), nullable=False, index=True),
+    sa.Column("source", sa.String(8), nullable=False),  # 'issued' or 'pinned'
+    sa.Column("serial", sa.String(40), nullable=False, server_default=""),  # hex
+    sa.Column("not_after", _TS, nullable=True),
+    sa.Column("pem", sa.Text, nullable=True),  # pinned certificates only
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("revoked_at", _TS, nullable=True),
 )
 
 users = sa.Table(

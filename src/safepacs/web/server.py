@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from safepacs.audit.syslog import start_forwarders
 from safepacs.config import Settings
 
 if TYPE_CHECKING:
@@ -53,7 +54,10 @@ def run_https(
     config.load()
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    config.ssl.set_ciphers("ECDHE+AESGCM")  # TLS 1.2: the BCP 195 / PS3.15 B.12 suites only
     stop = threading.Event()
+    # The audit trail goes to the configured collectors from this process only (one thread each).
+    forwarders = start_forwarders(archive.index, settings, stop)
     purger = threading.Thread(target=_purge_loop, args=(archive, stop), name="safepacs-purge", daemon=True)
     purger.start()
     try:
@@ -61,6 +65,8 @@ def run_https(
     finally:
         stop.set()
         purger.join(30)
+        for forwarder in forwarders:
+            forwarder.join(15)
         archive.close()
 
 

@@ -1,0 +1,311 @@
+"""Low-level probing: the global rate limit, TLS contexts, and telling DICOM, HTTP and TLS apart.
+
+The DICOM sniff is a minimal A-ASSOCIATE-RQ for Verification (PS3.8 9.3.2); an A-ASSOCIATE-AC is
+followed by an A-RELEASE-RQ and the wait for its A-RELEASE-RP (PS3.8 9.3.6/9.3.7), so no association
+is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "DicomAnswer",
+    "RateLimiter",
+    "connect",
+    "permissive_context",
+    "sniff",
+    "sniff_dicom",
+    "sniff_http",
+    "sniff_tls",
+]
+
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1474.2"  # SafePACS scanner (under the SafePACS root)
+IMPLEMENTATION_VERSION_NAME = "SAFEPACS_SCAN"
+
+
+class RateLimiter:
+    """A global limit on new connections and requests per second, shared by threads and coroutines.
+
+    Each caller reserves the next free slot and waits for it; ``rate`` 0 means no limit.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def _reserve(self) -> float:
+        if not self._interval:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self._interval
+            return slot - now
+
+    def wait(self) -> None:
+        delay = self._reserve()
+        if delay > 0:
+            time.sleep(delay)
+
+    async def wait_async(self) -> None:
+        delay = self._reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def permissive_context(
+    *,
+    minimum: ssl.TLSVersion | None = None,
+    maximum: ssl.TLSVersion | None = None,
+    ciphers: str | None = None,
+) -> ssl.SSLContext:
+    """A client context that verifies nothing: for observing what a server offers, never for trusting it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    if minimum is not None:
+        ctx.minimum_version = minimum
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    return ctx
+
+
+def connect(address: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((address, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _wrap(
+    sock: socket.socket, ctx: ssl.SSLContext | None, server_name: str | None
+) -> socket.socket | ssl.SSLSocket:
+    if ctx is None:
+        return sock
+    return ctx.wrap_socket(sock, server_hostname=server_name)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def sniff_http(
+    address: str, port: int, timeout: float, ctx: ssl.SSLContext | None = None, server_name: str | None = None
+) -> bool:
+    """Whether ``HEAD /`` is answered with an HTTP status line."""
+    try:
+        with connect(address, port, timeout) as raw, _wrap(raw, ctx, server_name) as sock:
+            host = f"[{address}]" if ":" in address else address
+            sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: safepacs-scan\r\n\r\n".encode())
+            return _recv_exact(sock, 5) == b"HTTP/"
+    except (OSError, ValueError):
+        return False
+
+
+def sniff_tls(address: str, port: int, timeout: float) -> bool:
+    """Whether a TLS handshake completes (any version, any certificate)."""
+    ctx = permissive_context()
+    with contextlib.suppress(ssl.SSLError, ValueError):
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    try:
+        with connect(address, port, timeout) as raw, ctx.wrap_socket(raw) as sock:
+            return bool(sock.version())
+    except (OSError, ValueError):
+        return False
+
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(payload)) + payload
+
+
+def _associate_rq(calling: str, called: str) -> bytes:
+    ctx = struct.pack(">BBBB", 1, 0, 0, 0)
+    ctx += _item(0x30, VERIFICATION.encode()) + _item(0x40, IMPLICIT_LE.encode())
+    user = _item(0x51, struct.pack(">I", 16384))
+    user += _item(0x52, IMPLEMENTATION_CLASS_UID.encode()) + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode())
+    body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+    body += _item(0x10, APPLICATION_CONTEXT.encode()) + _item(0x20, ctx) + _item(0x50, user)
+    return struct.pack(">BxI", 0x01, len(body)) + body
+
+
+@dataclass(frozen=True)
+class DicomAnswer:
+    """What a peer answered to an A-ASSOCIATE-RQ: ``pdu`` 2 (AC), 3 (RJ with result/source/reason),
+    7 (A-ABORT); 0 when it is not a DICOM answer."""
+
+    pdu: int
+    result: int = 0
+    source: int = 0
+    reason: int = 0
+    called_echo: str = ""  # the called AE title the AC carries (some servers put their own there)
+    implementation_class_uid: str = ""
+    implementation_version_name: str = ""
+
+
+def _parse_ac(body: bytes) -> DicomAnswer:
+    """The called AE title and the implementation identification of an A-ASSOCIATE-AC (PS3.8 9.3.3)."""
+    called = body[4:20].decode("ascii", "replace").strip()
+    uid = name = ""
+    pos = 68
+    while pos + 4 <= len(body):
+        item_type, length = body[pos], struct.unpack(">H", body[pos + 2 : pos + 4])[0]
+        payload = body[pos + 4 : pos + 4 + length]
+        if item_type == 0x50:
+            sub = 0
+            while sub + 4 <= len(payload):
+                sub_type, sub_len = payload[sub], struct.unpack(">H", payload[sub + 2 : sub + 4])[0]
+                value = payload[sub + 4 : sub + 4 + sub_len].decode("ascii", "replace").strip("\0 ")
+                if sub_type == 0x52:
+                    uid = value
+                elif sub_type == 0x55:
+                    name = value
+                sub += 4 + sub_len
+        pos += 4 + length
+    return DicomAnswer(2, called_echo=called, implementation_class_uid=uid, implementation_version_name=name)
+
+
+def _finish_dicom(sock: socket.socket, head: bytes) -> DicomAnswer:
+    """The rest of an A-ASSOCIATE-AC/RJ or A-ABORT whose 6-byte header is ``head``; an AC is released."""
+    if len(head) < 6 or head[0] not in (2, 3, 7) or head[1] != 0:
+        return DicomAnswer(0)
+    pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
+    if length > 65536:
+        return DicomAnswer(0)
+    body = _recv_exact(sock, length)
+    if pdu_type == 3 and len(body) >= 4:
+        return DicomAnswer(3, body[1], body[2], body[3])
+    if pdu_type == 2:
+        sock.sendall(struct.pack(">BxI", 0x05, 4) + bytes(4))  # A-RELEASE-RQ
+        with contextlib.suppress(OSError):
+            _recv_exact(sock, 10)  # A-RELEASE-RP
+        return _parse_ac(body)
+    return DicomAnswer(pdu_type)
+
+
+def sniff_dicom(
+    address: str,
+    port: int,
+    timeout: float,
+    *,
+    calling: str,
+    called: str,
+    ctx: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> DicomAnswer:
+    """Send a Verification A-ASSOCIATE-RQ and classify the answer; an accepted association is released."""
+    try:
+        with connect(address, port, timeout) as raw, _wrap(raw, ctx, server_name) as sock:
+            sock.sendall(_associate_rq(calling, called))
+            return _finish_dicom(sock, _recv_exact(sock, 6))
+    except (OSError, ValueError):
+        return DicomAnswer(0)
+
+
+def sniff(
+    address: str,
+    port: int,
+    timeout: float,
+    *,
+    calling: str,
+    called: str,
+    ctx: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+    prefer: str = "http",
+    stagger: float = 0.25,
+) -> tuple[str, DicomAnswer | None]:
+    """Which protocol answers: ``("http", None)``, ``("dicom", answer)`` or ``("", None)``.
+
+    The ``prefer``-red probe (``HEAD /`` or a Verification A-ASSOCIATE-RQ) goes out first, the other
+    ``stagger`` seconds later on a second connection unless the first was answered, and the first
+    meaningful answer wins.  Both are needed: a DICOM peer may sit silently on an HTTP request until its
+    ARTIM timer expires (pynetdicom does), an HTTP server on the binary RQ until its request timeout.
+    """
+    host = f"[{address}]" if ":" in address else address
+    payloads = {
+        "http": f"HEAD / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: safepacs-scan\r\n\r\n".encode(),
+        "dicom": _associate_rq(calling, called),
+    }
+    order = [prefer, "dicom" if prefer == "http" else "http"]
+    opened: dict[socket.socket, str] = {}
+    buffers: dict[socket.socket, bytes] = {}
+    waiting: set[socket.socket] = set()
+
+    def launch(kind: str) -> None:
+        try:
+            raw = connect(address, port, timeout)
+        except OSError:
+            return
+        try:
+            sock = _wrap(raw, ctx, server_name)
+            sock.sendall(payloads[kind])
+        except (OSError, ValueError):
+            raw.close()
+            return
+        opened[sock] = kind
+        buffers[sock] = b""
+        waiting.add(sock)
+
+    try:
+        launch(order.pop(0))
+        second_at = time.monotonic() + stagger
+        deadline = time.monotonic() + timeout
+        while waiting or order:
+            now = time.monotonic()
+            if order and (now >= second_at or not waiting):
+                launch(order.pop(0))
+                deadline = max(deadline, time.monotonic() + timeout)
+                continue
+            remaining = (min(deadline, second_at) if order else deadline) - now
+            if remaining <= 0:
+                if order:
+                    continue
+                break
+            ready: list[socket.socket] = [s for s in waiting if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready = select.select(list(waiting), [], [], remaining)[0]
+            for sock in ready:
+                try:
+                    chunk = sock.recv(6 - len(buffers[sock]))
+                except (OSError, ValueError):
+                    chunk = b""
+                if not chunk:
+                    waiting.discard(sock)
+                    continue
+                buffers[sock] += chunk
+                if len(buffers[sock]) < 5 or (opened[sock] == "dicom" and len(buffers[sock]) < 6):
+                    continue
+                waiting.discard(sock)
+                if opened[sock] == "http" and buffers[sock].startswith(b"HTTP/"):
+                    return "http", None
+                if opened[sock] == "dicom":
+                    try:
+                        answer = _finish_dicom(sock, buffers[sock])
+                    except (OSError, ValueError):
+                        answer = DicomAnswer(0)
+                    if answer.pdu:
+                        return "dicom", answer
+        return "", None
+    finally:
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.close()
