@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v storescu >/dev/null || ! command -v Orthanc >/dev/null; then
-  echo "Installing DCMTK and Orthanc from Debian..." >&2
+if ! command -v storescu >/dev/null || ! command -v Orthanc >/dev/null \
+  || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  echo "Installing DCMTK and Orthanc (with its DICOMweb plugin) from Debian..." >&2
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc orthanc-dicomweb >/dev/null
 fi
 bash scripts/install.sh test
 .venv/bin/ruff check src tests bench
