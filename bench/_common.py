@@ -456,3 +456,32 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return f" (git {rev}{'+changes' if changes else ''})"
+
+
+#: storescu -v lines that acknowledge an instance as stored.
+GOOD_RESPONSE = ("I: Received Store Response (Success", "I: Received Store Response (Warning")
+
+
+@dataclass
+class Measurement:
+    elapsed: float
+    sent: int
+    stored: int
+    errors: list[str] = field(default_factory=list)
+    server_cpu: float = 0.0
+    acked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.stored == self.sent == self.acked
+
+
+def split(files: list[str], groups: int) -> list[list[str]]:
+    """Contiguous groups of nearly equal size (each association sends whole runs of a series)."""
+    size, extra = divmod(len(files), groups)
+    out, start = [], 0
+    for k in range(groups):
+        end = start + size + (1 if k < extra else 0)
+        out.append(files[start:end])
+        start = end
+    return [g for g in out if g]

@@ -23,15 +23,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
     CALLING_AET,
+    GOOD_RESPONSE,
     HOST,
     ORTHANC,
     SAFEPACS,
     Corpus,
+    Measurement,
     Orthanc,
     OrthancNagle,
     Receiver,
@@ -43,6 +44,7 @@ from _common import (
     nodelay_env,
     remove_tree,
     running,
+    split,
     version_line,
 )
 from rich.console import Console
@@ -62,34 +64,8 @@ LABELS = {
     "storescp": "DCMTK storescp",
 }
 
-GOOD_RESPONSE = ("I: Received Store Response (Success", "I: Received Store Response (Warning")
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
-
-
-@dataclass
-class Measurement:
-    elapsed: float
-    sent: int
-    stored: int
-    errors: list[str] = field(default_factory=list)
-    server_cpu: float = 0.0
-    acked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and self.stored == self.sent == self.acked
-
-
-def split(files: list[str], groups: int) -> list[list[str]]:
-    """Contiguous groups of nearly equal size (each association sends whole runs of a series)."""
-    size, extra = divmod(len(files), groups)
-    out, start = [], 0
-    for k in range(groups):
-        end = start + size + (1 if k < extra else 0)
-        out.append(files[start:end])
-        start = end
-    return [g for g in out if g]
 
 
 def send(corpus: Corpus, receiver: Receiver, associations: int, timeout: float) -> Measurement:

@@ -23,13 +23,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
+    GOOD_RESPONSE,
     HOST,
     SAFEPACS,
     Corpus,
+    Measurement,
     Receiver,
     count_files,
     dcmtk,
@@ -39,6 +40,7 @@ from _common import (
     nodelay_env,
     remove_tree,
     running,
+    split,
     version_line,
 )
 from rich.console import Console
@@ -46,7 +48,6 @@ from rich.table import Table
 
 PLAIN_AET, TLS_AET = "BENCH", "BENCHTLS"
 TARGET_COST = 0.15
-GOOD_RESPONSE = ("I: Received Store Response (Success", "I: Received Store Response (Warning")
 MODES = ("plain", "tls")
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -91,30 +92,6 @@ class SafePacsTls(Receiver):
 
     def stored(self) -> int:
         return count_files(self.data / "objects")
-
-
-@dataclass
-class Measurement:
-    elapsed: float
-    sent: int
-    stored: int
-    errors: list[str] = field(default_factory=list)
-    server_cpu: float = 0.0
-    acked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and self.stored == self.sent == self.acked
-
-
-def split(files: list[str], groups: int) -> list[list[str]]:
-    size, extra = divmod(len(files), groups)
-    out, start = [], 0
-    for k in range(groups):
-        end = start + size + (1 if k < extra else 0)
-        out.append(files[start:end])
-        start = end
-    return [g for g in out if g]
 
 
 def send(corpus: Corpus, receiver: SafePacsTls, mode: str, associations: int, timeout: float) -> Measurement:
