@@ -371,6 +371,8 @@ class OrthancNagle(Orthanc):
 class SafePacs(Receiver):
     """``safepacs init`` + ``peer add BENCH`` + ``safepacs serve`` in ``workdir/data`` (encrypted at rest)."""
 
+    allow: str = "echo,store"  # the services peer BENCH may use
+
     def start(self) -> None:
         data = self.workdir / "data"
         env = {**os.environ, **self.env}
@@ -378,7 +380,7 @@ class SafePacs(Receiver):
             [str(SAFEPACS), "init", "--data", str(data)],
             [
                 str(SAFEPACS), "peer", "add", CALLING_AET, "--host", HOST,
-                "--allow", "echo,store", "--tls", "off", "--data", str(data),
+                "--allow", self.allow, "--tls", "off", "--data", str(data),
             ],
         ):  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)

@@ -44,7 +44,9 @@ def test_find_handler_stops_at_cancel(data_dir: Path, tmp_path: Path) -> None:
     assert run_cli("import", str(folder), "--data", str(data_dir)) == 0
     archive = open_archive(load_settings(data_dir))
     try:
-        handlers = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.index.get_peer)
+        handlers = DimseHandlers(
+            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
+        )
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"
         q.StudyInstanceUID = study

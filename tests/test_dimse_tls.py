@@ -26,6 +26,8 @@ from pynetdicom import build_context, build_role, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from safepacs.audit import EventID, Outcome
+from safepacs.audit.capture import AuditCapture
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certificate
 from safepacs.cli._peers import plain_peer_warning
@@ -493,6 +495,28 @@ def test_dcmtk_storescu_with_username_and_password(srv: Server, tmp_path: Path) 
     assert none.returncode != 0 and "Rejected Permanent" in none.stdout + none.stderr
     log = wait_for_log(srv, "this peer must send a user identity")
     assert "user_identity=password" in log and "acting_for=tech" in log
+
+    # The audit trail has what the handshake and the user identity proved, for each association.
+    fingerprint = certificate_fingerprint((ct1 / "cert.pem").read_bytes())
+    index = SqlIndex(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
+    try:
+        capture = AuditCapture(index)
+        capture.start = 0
+        nodes = capture.events(EventID.SECURITY_ALERT, "110126")
+        stored = capture.events(EventID.INSTANCES_ACCESSED)
+    finally:
+        index.close()
+    accepted, wrong_password, anonymous = nodes
+    assert [e.outcome for e in nodes] == [Outcome.SUCCESS, Outcome.MINOR_FAILURE, Outcome.MINOR_FAILURE]
+    for event in nodes:
+        (who,) = [p for p in event.participants if p.requestor]
+        assert (who.user_id, who.address, who.certificate_sha256) == ("CT1", "127.0.0.1", fingerprint)
+    detail = dict(accepted.objects[0].detail)
+    assert detail["Transport"].startswith("DICOM TLS TLSv1.") and detail["User Identity"] == "tech (password)"
+    assert dict(wrong_password.objects[0].detail)["User Identity"] == "offered, not accepted"
+    assert "User Identity" not in dict(anonymous.objects[0].detail)
+    (store,) = stored
+    assert store.user_ids == ("CT1", "tech")  # the peer, and the person it acted for
 
 
 def test_user_identity_refusals_and_lockout(data_dir: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pydicom
 import structlog
 
 from safepacs.audit import AuditTrail, Signer
+from safepacs.audit.recorder import Auditor
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
@@ -49,6 +50,7 @@ class Archive:
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     audit: AuditTrail  # the tamper-evident audit trail (issue 5)
+    auditor: Auditor  # what every access path records into it
 
     def close(self) -> None:
         self.index.close()
@@ -73,6 +75,8 @@ def open_archive(settings: Settings) -> Archive:
     index = SqlIndex(settings.index_url)
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
+    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir))
+    auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,
         index=index,
@@ -80,16 +84,22 @@ def open_archive(settings: Settings) -> Archive:
             index,
             blobs,
             cipher,
+            auditor,
             overwrite=settings.storage.overwrite,
             max_object_bytes=settings.storage.max_object_bytes,
         ),
-        query=QueryService(index, max_results=settings.query.max_results, ae_title=settings.server.ae_title),
-        retrieve=RetrieveService(index, blobs, cipher),
-        delete=DeleteService(index, blobs, retention=timedelta(days=settings.storage.retention_days)),
-        restore=RestoreService(index, blobs, cipher),
+        query=QueryService(
+            index, auditor, max_results=settings.query.max_results, ae_title=settings.server.ae_title
+        ),
+        retrieve=RetrieveService(index, blobs, cipher, auditor),
+        delete=DeleteService(
+            index, blobs, auditor, retention=timedelta(days=settings.storage.retention_days)
+        ),
+        restore=RestoreService(index, blobs, cipher, auditor),
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
-        audit=AuditTrail(index, Signer.load_or_create(settings.keys_dir)),
+        audit=trail,
+        auditor=auditor,
     )
 
 

@@ -146,6 +146,7 @@ class Principal:
     tls_cipher: str | None = None  # the negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384"
     certificate_sha256: str | None = None  # SHA-256 of the peer's client certificate (DER), lowercase hex
     user_identity: str | None = None  # how ``user`` proved who they are over DIMSE: "password" or "jwt"
+    user_agent: str | None = None  # the HTTP User-Agent of a DICOMweb or API request, for the audit trail
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ access.  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from safepacs.audit.chain import Signer, Verification, verify_chain
 from safepacs.audit.events import (
@@ -25,7 +25,6 @@ from safepacs.audit.events import (
     from_canonical,
 )
 from safepacs.errors import AuditError, SafePacsError
-
 if TYPE_CHECKING:
     from safepacs.index import SqlIndex
 
@@ -51,6 +50,10 @@ class AuditSink(Protocol):
     def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
         """Record durably before returning; :class:`AuditError` when that is impossible."""
 
+    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
+        """A function that records ``events`` inside an index write transaction it is given (the
+        instance row and its audit record commit together, or neither does)."""
+
 
 class AuditTrail:
     """The audit trail in the index database."""
@@ -67,6 +70,16 @@ class AuditTrail:
         except SafePacsError as exc:
             raise AuditError("the audit trail cannot be written; the request is refused") from exc
 
+    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
+        from safepacs.index.auditlog import append_events  # the index imports audit.chain: not at the top
+
+        signer = self.signer
+
+        def write(conn: Any) -> None:
+            append_events(conn, events, signer)
+
+        return write
+
 
 class MemoryAuditSink:
     """Keeps events in a list (``events``): the test double of :class:`AuditTrail`."""
@@ -81,6 +94,9 @@ class MemoryAuditSink:
             raise AuditError("the audit trail cannot be written; the request is refused")
         with self._lock:
             self.events.extend(events)
+
+    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
+        return lambda _conn: self.record(*events)
 
 
 def _all_records(index: SqlIndex, batch: int = 5000) -> Iterator[object]:

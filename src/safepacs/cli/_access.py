@@ -15,6 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from safepacs.audit.recorder import operator
 from safepacs.errors import SafePacsError
 
 __all__ = ["add_parsers", "cmd_access", "cmd_purge", "cmd_restore", "cmd_trash"]
@@ -195,7 +196,7 @@ def cmd_trash(args: argparse.Namespace, index: Any) -> int:
 
 
 def cmd_purge(args: argparse.Namespace, archive: Any) -> int:
-    report = archive.delete.purge(everything=args.now)
+    report = archive.delete.purge(everything=args.now, who=operator("purge"))
     print(
         f"Purged {report.instances} deleted instances ({report.bytes / 1e6:.1f} MB destroyed)",
         file=sys.stderr,
@@ -204,7 +205,7 @@ def cmd_purge(args: argparse.Namespace, archive: Any) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, archive: Any) -> int:
-    report = archive.restore.restore(_uid(args.study_uid))
+    report = archive.restore.restore(_uid(args.study_uid), operator("restore"))
     kept = f"; {report.kept} kept in the trash (stored again since)" if report.kept else ""
     print(f"Restored {report.restored} instances of study {args.study_uid}{kept}", file=sys.stderr)
     return 0

@@ -22,6 +22,7 @@ from safepacs.cli._accounts import add_parsers as add_account_parsers
 from safepacs.cli._accounts import cmd_token, cmd_user
 from safepacs.cli._audit import add_parsers as add_audit_parsers
 from safepacs.cli._audit import cmd_audit
+from safepacs.cli._changes import change_of, record_change
 from safepacs.cli._peers import (
     add_cert_parsers,
     add_security_options,
@@ -154,6 +155,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs._net import bind_listener
     from safepacs.app import configure_logging, open_archive
+    from safepacs.audit.recorder import operator
     from safepacs.audit.syslog import check_collectors
     from safepacs.dimse.server import serve
     from safepacs.dimse.tls import ensure_client_certificate
@@ -169,8 +171,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
+    launcher = operator("serve")
     try:
         peers = archive.index.list_peers()
+        archive.auditor.application(launcher, start=True)  # nothing is served unless this is recorded
     finally:
         archive.close()
     ensure_client_certificate(settings.keys_dir, settings.server.ae_title)  # for C-MOVE to TLS peers
@@ -215,6 +219,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"cannot listen on {settings.server.bind}:{settings.server.dicom_port} ({exc.strerror}); "
             "choose another --bind or --dicom-port"
         ) from exc
+    finally:
+        _record_stop(settings, launcher)
+
+
+def _record_stop(settings: Any, launcher: Any) -> None:
+    """Application Stop (110121), checkpointed; a failure is logged (the archive has stopped anyway)."""
+    import logging
+
+    from safepacs.app import open_archive
+
+    try:
+        archive = open_archive(settings)
+        try:
+            archive.auditor.application(launcher, start=False)
+        finally:
+            archive.close()
+    except SafePacsError:
+        logging.getLogger("safepacs.audit").exception("the application stop could not be recorded")
 
 
 def _is_loopback(host: str) -> bool:
@@ -362,6 +384,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from safepacs.app import open_archive
+    from safepacs.audit.recorder import operator
     from safepacs.index import migrate
     from safepacs.types import IngestOutcome, Principal
 
@@ -369,7 +392,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     files = _iter_files(args.paths)
     migrate(settings.index_url)
     archive = open_archive(settings)
-    principal = Principal(kind="system", name="import")
+    principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)
     counts = {"stored": 0, "already present": 0, "replaced": 0, "kept (different content)": 0}
     rejected: list[tuple[Path, str]] = []
     try:
@@ -419,7 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": cmd_doctor,
     }
     try:
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        if status == EXIT_OK and change_of(args) is not None:
+            try:
+                record_change(args, list(sys.argv[1:] if argv is None else argv), _settings(args))
+            except SafePacsError as exc:
+                _err(f"the change was made but could not be recorded on the audit trail: {exc}")
+                return EXIT_ERROR
+        return status
     except UsageError as exc:
         _err(str(exc))
         return EXIT_ERROR

@@ -207,6 +207,13 @@ class AuditCollectorSettings(_Section):
 
 
 class AuditSettings(_Section):
+    record: bool = Field(
+        True,
+        description=(
+            "Record every access to patient data; false only to measure what auditing costs "
+            "(start-up then records 'Audit Recording Stopped')."
+        ),
+    )
     forward_interval: float = Field(
         1.0, gt=0, le=3600, description="Seconds between looks for new audit records to forward."
     )

@@ -24,11 +24,13 @@ from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 
+from safepacs.audit.events import Participant
+from safepacs.audit.recorder import Auditor, actor
 from safepacs.auth.policy import peer_principal
 from safepacs.dimse.admission import Credentials, SecureAdmission
 from safepacs.dimse.contexts import negotiable_contexts
 from safepacs.dimse.tls import TlsSession, session_of
-from safepacs.errors import SafePacsError
+from safepacs.errors import AuditError, SafePacsError
 from safepacs.types import Peer, Principal
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 
 _PRINCIPAL_ATTR = "_safepacs_principal"
@@ -65,8 +68,10 @@ class AssociationGate:
         *,
         dns_ttl: float = 60.0,
         secure: SecureAdmission | None = None,
+        audit: Auditor | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.audit = audit  # None: nothing recorded (unit tests of the decision alone)
         self._secure = secure or SecureAdmission()  # without one: no TLS, no credentials accepted
         self._lookup = lookup
         self._lookup_user = lookup_user
@@ -126,6 +131,42 @@ class AssociationGate:
             return None, REJECT_CALLING_AE, "calling AE title acts for a disabled or unknown user"
         return self._secure.admit(peer, principal, address, session, credentials)
 
+    def record(
+        self,
+        principal: Principal | None,
+        calling: str,
+        address: str,
+        session: TlsSession | None,
+        reason: str | None,
+        credentials: Credentials | None = None,
+    ) -> bool:
+        """Record an association accepted (``reason`` None) or rejected (110113 Node Authentication) with
+        what its TLS handshake and User Identity Negotiation proved; False when the trail cannot be
+        written (an accepted association is then refused: fail closed)."""
+        if self.audit is None:
+            return True
+        if principal is not None:
+            who = actor(principal)
+        else:
+            who = Participant(
+                calling.strip()[:16] or "(no AE title)",
+                requestor=True,
+                address=address or None,
+                ae_title=calling.strip()[:16] or None,
+                certificate_sha256=session.sha256 if session is not None else None,
+            )
+        detail = [("Transport", f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP")]
+        if principal is not None and principal.user_identity:
+            detail.append(("User Identity", f"{principal.user} ({principal.user_identity})"))
+        elif credentials is not None:
+            detail.append(("User Identity", "offered, not accepted"))
+        try:
+            self.audit.node_authentication(who, reason, detail)
+        except AuditError:
+            log.error("the audit trail cannot be written; associations are refused until it can")
+            return False
+        return True
+
     def count(self, reason: str) -> int:
         with self._lock:
             self.rejections[reason] += 1
@@ -153,14 +194,15 @@ class GateACSE(ACSE):
         address = str(self.requestor.address_info.address) if self.requestor.address_info else ""
         contexts = rq.presentation_context_definition_list or []
         identity = self.requestor.user_identity
+        session = session_of(getattr(self.assoc.dul.socket, "socket", None))
+        credentials = Credentials.of(identity)
         principal, rejection, reason = self.gate.admit(
-            calling,
-            called,
-            address,
-            len(contexts),
-            session=session_of(getattr(self.assoc.dul.socket, "socket", None)),
-            credentials=Credentials.of(identity),
+            calling, called, address, len(contexts), session=session, credentials=credentials
         )
+        if not self.gate.record(
+            principal, calling, address, session, reason if rejection is not None else None, credentials
+        ):
+            principal, rejection, reason = None, REJECT_TRANSIENT, "the audit trail cannot be written"
         if rejection is not None:
             total = self.gate.count(reason)
             log.warning(

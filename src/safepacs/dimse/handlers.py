@@ -15,11 +15,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
+from safepacs.audit.events import AuditObject, EventID, ObjectKind, Participant
+from safepacs.audit.recorder import DESTINATION, Auditor
 from safepacs.dimse import status as st
 from safepacs.dimse._raw import RawInstance
 from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from safepacs.dimse.gate import principal_of
-from safepacs.errors import QueryError, SafePacsError
+from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.retrieve import RetrieveService
@@ -49,16 +51,21 @@ class DimseHandlers:
         query: QueryService,
         retrieve: RetrieveService,
         lookup_peer: Callable[[str], Peer | None],
+        audit: Auditor,
     ) -> None:
+        self.audit = audit
         self.ingest = ingest
         self.query = query
         self.retrieve = retrieve
         self.lookup_peer = lookup_peer
 
     def on_echo(self, event: Any) -> int | Dataset:
-        principal = principal_of(event.assoc)
-        if principal is None or Service.ECHO not in principal.allow:
+        try:
+            self.audit.require(principal_of(event.assoc), Service.ECHO)
+        except AccessDenied:
             return st.status(st.REFUSED_NOT_AUTHORIZED, "refused: not authorized for verification")
+        except AuditError:
+            return st.status(st.OUT_OF_RESOURCES, st.AUDIT_DOWN)
         return st.SUCCESS
 
     def on_store(self, event: Any) -> int | Dataset:
@@ -115,10 +122,20 @@ class DimseHandlers:
             yield st.PENDING, ds
         yield st.SUCCESS, None
 
-    def _locate(self, event: Any, action: Service, models: dict[str, Any]) -> list[Any]:
+    def _locate(
+        self, event: Any, action: Service, models: dict[str, Any], destination: Participant | None = None
+    ) -> list[Any]:
         model = models[str(event.request.AffectedSOPClassUID)]
         identifier = event.identifier
-        return self.retrieve.locate(principal_of(event.assoc), action, model, _level(identifier), identifier)  # type: ignore[arg-type]
+        return self.retrieve.locate(
+            principal_of(event.assoc),  # type: ignore[arg-type]
+            action,
+            model,
+            _level(identifier),
+            identifier,
+            event=EventID.INSTANCES_TRANSFERRED if destination is None else EventID.BEGIN_TRANSFERRING,
+            destination=destination,
+        )
 
     def _sub_operations(self, event: Any, refs: list[Any]) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         for ref in refs:
@@ -148,10 +165,23 @@ class DimseHandlers:
                 "C-MOVE to an unregistered or unreachable destination refused",
                 extra={"move_destination": destination[:16]},
             )
+            principal = principal_of(event.assoc)
+            try:
+                if principal is not None:
+                    self.audit.refused(
+                        principal,
+                        "C-MOVE destination is not a registered peer with one address and a port",
+                        (AuditObject(ObjectKind.NODE, destination[:16] or "(none)"),),
+                    )
+            except AuditError:
+                log.error("the audit trail cannot be written; C-MOVE refused")
             yield None, None  # -> 0xA801 Refused: Move Destination unknown
             return
+        target = Participant(
+            peer.ae_title, requestor=False, role=DESTINATION, address=address, ae_title=peer.ae_title
+        )
         try:
-            refs = self._locate(event, Service.MOVE, MOVE_MODELS)
+            refs = self._locate(event, Service.MOVE, MOVE_MODELS, target)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             yield address, peer.port, {"contexts": _move_contexts([])}
             yield 1

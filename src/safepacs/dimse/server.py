@@ -119,6 +119,7 @@ class _RequestHandler(RequestHandler):
         except (ssl.SSLError, OSError) as exc:
             reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or type(exc).__name__})"
             total = server.gate.count("TLS handshake failed")
+            server.gate.record(None, "", address, None, reason)
             log.warning(
                 "association rejected",
                 extra={"peer_address": address, "reason": reason, "rejections_total": total},
@@ -227,8 +228,12 @@ class DimseServer:
         self.ae.lookup_peer = index.get_peer  # C-MOVE destinations registered --tls required get TLS
         self.ae.tls = self.tls
         self.ae.revoked = index.certificate_revoked
-        self.gate = AssociationGate(s.ae_title, index.get_peer, index.get_user, secure=secure)
-        h = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.index.get_peer)
+        self.gate = AssociationGate(
+            s.ae_title, index.get_peer, index.get_user, secure=secure, audit=archive.auditor
+        )
+        h = DimseHandlers(
+            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
+        )
         handlers = [
             (evt.EVT_C_ECHO, h.on_echo),
             (evt.EVT_C_STORE, h.on_store),

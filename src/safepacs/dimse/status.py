@@ -6,6 +6,7 @@ from pydicom.dataset import Dataset
 
 from safepacs.errors import (
     AccessDenied,
+    AuditError,
     InvalidObjectError,
     QueryError,
     QueryLimitError,
@@ -27,6 +28,7 @@ CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001
 RETRIEVE_OUT_OF_RESOURCES = 0xA701
 FIND_IDENTIFIER_MISMATCH = 0xA900
+AUDIT_DOWN = "refused: the audit trail cannot be written; try again later"
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -38,9 +40,11 @@ def status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def _generic(exc: SafePacsError) -> Dataset | None:
+def _generic(exc: SafePacsError, *, retrieve: bool = False) -> Dataset | None:
     if isinstance(exc, AccessDenied):
         return status(REFUSED_NOT_AUTHORIZED, "refused: not authorized for this service")
+    if isinstance(exc, AuditError):  # fail closed: no access that cannot be recorded
+        return status(RETRIEVE_OUT_OF_RESOURCES if retrieve else OUT_OF_RESOURCES, AUDIT_DOWN)
     return None
 
 
@@ -70,7 +74,7 @@ def find_failure(exc: SafePacsError) -> Dataset:
 
 def retrieve_failure(exc: SafePacsError) -> Dataset:
     """C-GET/C-MOVE failure for ``exc`` (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
-    if (ds := _generic(exc)) is not None:
+    if (ds := _generic(exc, retrieve=True)) is not None:
         return ds
     if isinstance(exc, QueryError):
         return status(FIND_IDENTIFIER_MISMATCH, str(exc))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from safepacs.index.auditlog import AuditLogMixin
 from safepacs.index.certificates import CertificateMixin, CertificateRecord
 from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
-from safepacs.index.schema import instances, peers, series, studies, tokens, user_scopes, users
+from safepacs.index.schema import instances, patients, peers, series, studies, tokens, user_scopes, users
 from safepacs.index.write import Writer, read_header
 from safepacs.types import (
     InstanceRef,
@@ -242,7 +242,13 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         return self._run(work, write=False)
 
     def add_instance(
-        self, header: Dataset, blob: StoredBlob, transfer_syntax_uid: str, *, replace: bool = False
+        self,
+        header: Dataset,
+        blob: StoredBlob,
+        transfer_syntax_uid: str,
+        *,
+        replace: bool = False,
+        also: Callable[[sa.Connection], object] | None = None,
     ) -> StoredBlob | None:
         """Index one instance from its header (read with ``stop_before_pixels``; optional keys may lack).
 
@@ -250,7 +256,9 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         series (and its patient) with the attributes it carries (latest non-empty value wins).  A study
         stays with the patient it was first stored under.  ``replace=False`` and the SOP Instance UID
         indexed already: :class:`ConflictError`.  ``replace=True``: the row is replaced and the old
-        blob returned (the caller deletes its bytes).  Committed durably before returning.
+        blob returned (the caller deletes its bytes).  ``also`` runs in the same transaction once the row
+        is written (the instance's audit record: both commit or neither).  Committed durably before
+        returning.
         """
         rows = read_header(header)
         values = {
@@ -260,9 +268,32 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             "sha256": blob.sha256,
             "size": blob.size,
         }
-        return self._run(
-            lambda conn: self._instance_writer.add(conn, rows, values, _now(), replace=replace), write=True
-        )
+
+        def work(conn: sa.Connection) -> StoredBlob | None:
+            old = self._instance_writer.add(conn, rows, values, _now(), replace=replace)
+            if also is not None:
+                also(conn)
+            return old
+
+        return self._run(work, write=True)
+
+    def study_patients(self, study_uids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """(PatientID, PatientName) of each study that is indexed, by Study Instance UID."""
+        uids = sorted(set(study_uids))
+
+        def work(conn: sa.Connection) -> dict[str, tuple[str, str]]:
+            out: dict[str, tuple[str, str]] = {}
+            for start in range(0, len(uids), 500):
+                stmt = (
+                    sa.select(studies.c.study_instance_uid, patients.c.patient_id, patients.c.patient_name)
+                    .select_from(studies.join(patients, studies.c.patient_pk == patients.c.pk))
+                    .where(studies.c.study_instance_uid.in_(uids[start : start + 500]))
+                )
+                for uid, pid, name in conn.execute(stmt):
+                    out[str(uid)] = (str(pid or ""), str(name or ""))
+            return out
+
+        return self._run(work, write=False) if uids else {}
 
     def delete_instance(self, sop_instance_uid: str) -> StoredBlob | None:
         """Remove an instance (and the series/study/patient it leaves empty); its blob, or None if unknown."""

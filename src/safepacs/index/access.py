@@ -189,10 +189,16 @@ class AccessMixin:
 
     # Trash ------------------------------------------------------------------------------------------------
     def trash_instances(
-        self, sop_instance_uids: Iterable[str], deleted_by: str, purge_after: datetime
+        self,
+        sop_instance_uids: Iterable[str],
+        deleted_by: str,
+        purge_after: datetime,
+        *,
+        also: Callable[[sa.Connection], object] | None = None,
     ) -> int:
         """Take instances out of the index (with the series, study and patient rows they leave empty) and
-        keep their blobs in the trash until ``purge_after``; all or nothing.  Returns how many."""
+        keep their blobs in the trash until ``purge_after``; all or nothing.  Returns how many.
+        ``also`` runs in the same transaction (the deletion's audit record)."""
         uids = sorted(set(sop_instance_uids))
 
         def work(conn: sa.Connection) -> int:
@@ -236,6 +242,8 @@ class AccessMixin:
                 )
                 self._instance_writer.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
                 done += 1
+            if also is not None:
+                also(conn)
             return done
 
         return self._run(work, write=True)

@@ -298,11 +298,19 @@ def _settings(inp: DoctorInput) -> list[Finding]:
                 "Set query.max_results (default 500).",
             )
         )
-    audit = getattr(s, "audit", None)
-    forwarding = any(
-        getattr(audit, name, None) for name in ("collectors", "syslog", "forward", "syslog_collectors")
-    )
-    if not forwarding:
+    if not s.audit.record:
+        out.append(
+            _f(
+                "config.audit-off",
+                Severity.HIGH,
+                "safepacs.toml [audit] record",
+                "Access to patient data is not audited",
+                "audit.record is false: queries, retrievals, stores and refusals leave no audit event, "
+                "so nobody can tell who looked at which patient's images.",
+                "Set audit.record = true (the default); false is meant for benchmarks only.",
+            )
+        )
+    if not s.audit.collectors:
         out.append(
             _f(
                 "config.audit-local-only",
@@ -311,8 +319,8 @@ def _settings(inp: DoctorInput) -> list[Finding]:
                 "Audit trail not forwarded",
                 "The trail is tamper-evident locally, but no copy goes to a collector (syslog over TLS, "
                 "RFC 5425): whoever owns this machine owns its only copy.",
-                "Forward the audit trail to your SIEM / ATNA audit record repository when SafePACS supports "
-                "it in your version; meanwhile export it regularly ('safepacs audit query --format json').",
+                "Forward the audit trail to your SIEM / ATNA audit record repository: add an "
+                "[[audit.collectors]] table (syslog over TLS) to safepacs.toml.",
             )
         )
     if s.storage.overwrite:

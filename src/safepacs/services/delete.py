@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
 
-from safepacs.auth.policy import require
+from safepacs.audit.events import Participant
+from safepacs.audit.recorder import Auditor, StudyFacts, actor
 from safepacs.errors import NotFoundError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore
@@ -34,17 +35,19 @@ class PurgeReport:
 class DeleteService:
     """Soft-delete studies, series and instances; destroy them once their retention has passed."""
 
-    def __init__(self, index: SqlIndex, blobs: BlobStore, *, retention: timedelta) -> None:
+    def __init__(self, index: SqlIndex, blobs: BlobStore, audit: Auditor, *, retention: timedelta) -> None:
         self._index = index
         self._blobs = blobs
+        self._audit = audit
         self._retention = retention
 
     def delete(
         self, principal: Principal, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
     ) -> int:
         """Move what the UIDs name (a study, a series of it, or an instance of that) to the trash; how
-        many instances.  :class:`NotFoundError` when the principal sees nothing there."""
-        require(principal, Service.DELETE)
+        many instances.  :class:`NotFoundError` when the principal sees nothing there.  The deletion and
+        its audit record (110105) commit together."""
+        self._audit.require(principal, Service.DELETE)
         identifier = Dataset()
         identifier.StudyInstanceUID = study_uid
         level = QueryLevel.STUDY
@@ -59,15 +62,37 @@ class DeleteService:
         if not refs:
             raise NotFoundError("no such resource")
         purge_after = datetime.now(UTC) + self._retention
-        done = self._index.trash_instances((r.sop_instance_uid for r in refs), principal.name, purge_after)
+        facts: dict[str, StudyFacts] = {}
+        for ref in refs:
+            facts.setdefault(ref.study_uid, StudyFacts(ref.study_uid)).add(ref.sop_class_uid)
+        for uid, (pid, name) in self._index.study_patients(facts).items():
+            facts[uid].patient_id, facts[uid].patient_name = pid, name
+        event = self._audit.deletion(
+            actor(principal),
+            list(facts.values()),
+            f"moved to the trash; destroyed after {purge_after:%Y-%m-%d}",
+        )
+        done = self._index.trash_instances(
+            (r.sop_instance_uid for r in refs), principal.name, purge_after, also=self._audit.writer(event)
+        )
         log.info("instances deleted", extra={"instances": done, "by": principal.name})
         return done
 
-    def purge(self, *, everything: bool = False, now: datetime | None = None) -> PurgeReport:
-        """Destroy the bytes of the trash entries due (all of them with ``everything``)."""
+    def purge(
+        self, *, everything: bool = False, now: datetime | None = None, who: Participant | None = None
+    ) -> PurgeReport:
+        """Destroy the bytes of the trash entries due (all of them with ``everything``); ``who`` asked for
+        it (None: the archive's hourly purge)."""
         due = None if everything else (now or datetime.now(UTC))
         count = size = 0
-        for record in self._index.list_trash(due_before=due):
+        records = self._index.list_trash(due_before=due)
+        if records:  # recorded first: bytes are never destroyed without a trace
+            studies = [StudyFacts(uid) for uid in dict.fromkeys(r.study_instance_uid for r in records)]
+            why = f"{len(records)} instances destroyed from the trash" + (
+                "" if everything else " after the retention period"
+            )
+            self._audit.record(self._audit.deletion(who, studies, why))
+        for record in records:
             if not self._index.blob_in_use(record.blob.blob_id):  # never the bytes of a live instance
                 self._blobs.delete(record.blob.blob_id)
             self._index.forget_trash(record.pk)

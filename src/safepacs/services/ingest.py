@@ -1,8 +1,9 @@
 """The one ingest path for every protocol (C-STORE, ``safepacs import``, later STOW-RS).
 
-validate -> authorize -> seal and write the blob (atomic, fsync) -> index (durable commit) -> acknowledge.
-A failure after the blob was written removes the blob again, so nothing half-stored remains,
-and nothing already stored is altered unless ``storage.overwrite`` is on.
+authorize -> validate -> seal and write the blob (atomic, fsync) -> index and audit record (one durable
+commit) -> acknowledge.  A failure after the blob was written removes the blob again, so nothing
+half-stored remains, and nothing already stored is altered unless ``storage.overwrite`` is on.  Every
+attempt leaves an audit event: stored, stored already, kept against different bytes, or refused and why.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import logging
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -18,8 +20,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from safepacs.auth.policy import require
-from safepacs.errors import ConflictError, InvalidObjectError, SafePacsError, StorageError
+from safepacs.audit.recorder import Auditor, StudyFacts
+from safepacs.errors import AuditError, ConflictError, InvalidObjectError, SafePacsError, StorageError
 from safepacs.index import SqlIndex
 from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher
@@ -68,11 +70,13 @@ class IngestService:
         index: SqlIndex,
         blobs: BlobStore,
         cipher: EnvelopeCipher,
+        audit: Auditor,
         *,
         overwrite: bool = False,
         max_object_bytes: int = 2 * 1024**3,
     ) -> None:
         self._index = index
+        self._audit = audit
         self._blobs = blobs
         self._cipher = cipher
         self._overwrite = overwrite
@@ -88,7 +92,37 @@ class IngestService:
         encoded: bytes,
     ) -> IngestResult:
         """Store a data set received over the network (C-STORE), encoded in ``transfer_syntax_uid``."""
-        require(principal, Service.STORE)
+        self._audit.require(principal, Service.STORE)
+        return self._audited(
+            principal,
+            lambda: self._network_candidate(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded),
+            imported=False,
+        )
+
+    def ingest_file(self, principal: Principal, data: bytes, *, imported: bool = True) -> IngestResult:
+        """Store a DICOM Part 10 file (``safepacs import``; STOW-RS with ``imported=False``); the file meta
+        is rebuilt by SafePACS."""
+        self._audit.require(principal, Service.STORE)
+        return self._audited(principal, lambda: self._file_candidate(data), imported=imported)
+
+    def _audited(
+        self, principal: Principal, build: Callable[[], _Candidate], *, imported: bool
+    ) -> IngestResult:
+        """Validate and store, recording the outcome; a refusal is recorded with its reason."""
+        candidate: _Candidate | None = None
+        try:
+            candidate = build()
+            return self._store(principal, candidate, imported=imported)
+        except AuditError:
+            raise
+        except SafePacsError as exc:
+            facts = _facts(candidate.header) if candidate is not None else None
+            self._audit.store_failed(principal, facts, str(exc), imported=imported)
+            raise
+
+    def _network_candidate(
+        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, encoded: bytes
+    ) -> _Candidate:
         if len(encoded) > self._max_bytes:
             raise InvalidObjectError(
                 f"the object is larger than storage.max_object_bytes ({self._max_bytes})"
@@ -104,11 +138,9 @@ class IngestService:
             raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
         if candidate.sop_class_uid != sop_class_uid:
             raise SopClassMismatch("the data set's SOP Class UID differs from the request's")
-        return self._store(candidate)
+        return candidate
 
-    def ingest_file(self, principal: Principal, data: bytes) -> IngestResult:
-        """Store a DICOM Part 10 file (``safepacs import``); the file meta is rebuilt by SafePACS."""
-        require(principal, Service.STORE)
+    def _file_candidate(self, data: bytes) -> _Candidate:
         if len(data) > self._max_bytes:
             raise InvalidObjectError(f"the file is larger than storage.max_object_bytes ({self._max_bytes})")
         if len(data) < 132 or data[128:132] != b"DICM":
@@ -133,7 +165,7 @@ class IngestService:
         candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded))
         if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
             raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
-        return self._store(candidate)
+        return candidate
 
     # Steps -------------------------------------------------------------------
     def _validate(self, part10: bytes) -> _Candidate:
@@ -157,12 +189,15 @@ class IngestService:
                 raise InvalidObjectError(f"the data set has no valid {keyword}")
         return _Candidate(part10, header, sop_class, sop_instance, ts)
 
-    def _store(self, c: _Candidate) -> IngestResult:
+    def _store(self, principal: Principal, c: _Candidate, *, imported: bool) -> IngestResult:
         """Write, then index.  The index is asked first only when the instance turns out to exist.
 
-        New instances are the common case, so they cost one index transaction; a re-sent instance
-        costs a blob write that is undone.  Nothing stored is altered unless ``overwrite`` is on.
+        New instances are the common case, so they cost one index transaction, which also appends
+        their audit record; a re-sent instance costs a blob write that is undone, and an audit record
+        of its own.  Nothing stored is altered unless ``overwrite`` is on.
         """
+        facts = _facts(c.header)
+        stored = self._audit.writer(self._audit.stored(principal, facts, imported=imported))
         digest = hashlib.sha256(c.part10).hexdigest()
         sealed = self._cipher.seal(c.part10)
         blob_id = self._blobs.put(sealed)
@@ -170,14 +205,20 @@ class IngestService:
         keep = False
         try:
             try:
-                self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=False)
+                self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=False, also=stored)
             except ConflictError:
                 existing = self._index.get_instance(c.sop_instance_uid)
                 if existing is not None and existing.blob.sha256 == digest:
+                    self._audit.record(self._audit.stored(principal, facts, imported=imported))
                     return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
                 if not self._overwrite:
-                    return _conflict(c.sop_instance_uid)
-                old = self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=True)
+                    result = _conflict(c.sop_instance_uid)
+                    why = result.warnings[0]
+                    self._audit.record(self._audit.stored(principal, facts, imported=imported, why=why))
+                    return result
+                old = self._index.add_instance(
+                    c.header, blob, c.transfer_syntax_uid, replace=True, also=stored
+                )
                 keep = True
                 if old is not None:
                     self._delete_quietly(old.blob_id)
@@ -197,6 +238,17 @@ class IngestService:
             self._blobs.delete(blob_id)
         except StorageError:
             log.warning("an unreferenced object could not be removed", extra={"blob_id": blob_id})
+
+
+def _facts(header: Dataset) -> StudyFacts:
+    """What the audit record of an instance names: its study, patient and SOP class."""
+    facts = StudyFacts(
+        str(header.get("StudyInstanceUID", "")),
+        str(header.get("PatientID", "") or "").strip(),
+        str(header.get("PatientName", "") or "").strip(),
+    )
+    facts.add(str(header.get("SOPClassUID", "")))
+    return facts
 
 
 def _conflict(sop_instance_uid: str) -> IngestResult:

@@ -1,4 +1,4 @@
-"""The one query path (C-FIND and QIDO-RS): policy, then the index's matching."""
+"""The one query path (C-FIND and QIDO-RS): policy, then the index's matching, then the audit record."""
 
 from __future__ import annotations
 
@@ -6,27 +6,66 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from safepacs.auth.policy import require
+from safepacs.audit.recorder import Auditor, query_text
+from safepacs.errors import AuditError, SafePacsError
 from safepacs.index import SqlIndex
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 
-__all__ = ["QueryService"]
+__all__ = ["QIDO_RS", "QueryService"]
+
+#: What the audit record of a QIDO-RS search names in place of a C-FIND SOP Class UID.
+QIDO_RS = "QIDO-RS"
+
+_FIND_CLASSES = {
+    QueryModel.PATIENT_ROOT: "1.2.840.10008.5.1.4.1.2.1.1",
+    QueryModel.STUDY_ROOT: "1.2.840.10008.5.1.4.1.2.2.1",
+}
+
+
+def _patient_key(identifier: Dataset) -> str | None:
+    """The patient a query names by a single PatientID (no wildcard, no list), for the audit record."""
+    value = str(identifier.get("PatientID", "") or "").strip()
+    return value if value and not any(c in value for c in "*?\\") else None
 
 
 class QueryService:
-    """Answer hierarchical queries (PS3.4 C.4.1) within the per-query result limit."""
+    """Answer hierarchical queries (PS3.4 C.4.1) within the per-query result limit.
 
-    def __init__(self, index: SqlIndex, *, max_results: int, ae_title: str) -> None:
+    Every query is recorded (110112, with its keys and how many answers it had) before any answer is
+    returned; a refused or failed one too, with the reason.
+    """
+
+    def __init__(self, index: SqlIndex, audit: Auditor, *, max_results: int, ae_title: str) -> None:
         self._index = index
+        self._audit = audit
         self._max_results = max_results or None
         self._ae_title = ae_title
+
+    def _record(
+        self, principal: Principal, model: str, identifier: Dataset, results: int | None, why: str | None
+    ) -> None:
+        self._audit.queried(
+            principal,
+            model,
+            query_text(identifier),
+            results=results,
+            patient_id=_patient_key(identifier),
+            why=why,
+        )
 
     def find(
         self, principal: Principal, model: QueryModel, level: QueryLevel, identifier: Dataset
     ) -> list[Dataset]:
-        """The response identifiers; raises QueryError / QueryLimitError / AccessDenied."""
-        require(principal, Service.FIND)
-        results = self._index.find(model, level, identifier, self._max_results, principal.scope)
+        """The response identifiers; raises QueryError / QueryLimitError / AccessDenied / AuditError."""
+        self._audit.require(principal, Service.FIND)
+        try:
+            results = self._index.find(model, level, identifier, self._max_results, principal.scope)
+        except AuditError:
+            raise
+        except SafePacsError as exc:
+            self._record(principal, _FIND_CLASSES[model], identifier, None, str(exc))
+            raise
+        self._record(principal, _FIND_CLASSES[model], identifier, len(results), None)
         if "RetrieveAETitle" in identifier:
             for ds in results:
                 ds.RetrieveAETitle = self._ae_title
@@ -43,10 +82,19 @@ class QueryService:
         as_json: bool = False,
     ) -> tuple[list[Any], bool]:
         """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``) responses after
-        ``offset``, and whether more follow; raises QueryError / AccessDenied."""
-        require(principal, Service.FIND)
+        ``offset``, and whether more follow; raises QueryError / AccessDenied / AuditError."""
+        self._audit.require(principal, Service.FIND)
         cap = self._max_results or 10_000
         page = cap if limit is None else max(0, min(limit, cap))
         if page == 0:
+            self._record(principal, QIDO_RS, identifier, 0, None)
             return [], False
-        return self._index.search(level, identifier, page, offset, principal.scope, as_json=as_json)
+        try:
+            found = self._index.search(level, identifier, page, offset, principal.scope, as_json=as_json)
+        except AuditError:
+            raise
+        except SafePacsError as exc:
+            self._record(principal, QIDO_RS, identifier, None, str(exc))
+            raise
+        self._record(principal, QIDO_RS, identifier, len(found[0]), None)
+        return found

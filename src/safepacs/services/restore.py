@@ -13,6 +13,8 @@ from io import BytesIO
 
 import pydicom
 
+from safepacs.audit.events import Participant
+from safepacs.audit.recorder import Auditor, StudyFacts
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
@@ -27,16 +29,19 @@ class RestoreReport:
 
 
 class RestoreService:
-    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher) -> None:
+    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor) -> None:
         self._index = index
         self._blobs = blobs
         self._cipher = cipher
+        self._audit = audit
 
-    def restore(self, study_uid: str) -> RestoreReport:
-        """Restore every trashed instance of a study; :class:`NotFoundError` when none is in the trash."""
+    def restore(self, study_uid: str, who: Participant) -> RestoreReport:
+        """Restore every trashed instance of a study for ``who`` (recorded first);
+        :class:`NotFoundError` when none is in the trash."""
         records = [r for r in self._index.list_trash() if r.study_instance_uid == study_uid]
         if not records:
             raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
+        self._audit.restored(who, [StudyFacts(study_uid)])
         restored = kept = 0
         for record in records:
             part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))

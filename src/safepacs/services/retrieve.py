@@ -1,35 +1,78 @@
-"""The one retrieve path (C-GET, C-MOVE now; WADO later): locate, authorize, read and verify."""
+"""The one retrieve path (C-GET, C-MOVE, WADO-RS, WADO-URI): locate, authorize, audit, read and verify."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
-from safepacs.auth.policy import require
-from safepacs.errors import IntegrityError
+from safepacs.audit.events import EventID, Participant
+from safepacs.audit.recorder import Auditor, StudyFacts
+from safepacs.errors import AuditError, IntegrityError, SafePacsError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
 
 __all__ = ["RetrieveService"]
 
+NOTHING_FOUND = "no instance matched that the requestor may retrieve"
+
 
 class RetrieveService:
     """Find the instances a retrieve names and hand out their verified bytes."""
 
-    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher) -> None:
+    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor) -> None:
         self._index = index
         self._blobs = blobs
         self._cipher = cipher
+        self._audit = audit
 
     def locate(
-        self, principal: Principal, action: Service, model: QueryModel, level: QueryLevel, identifier: Dataset
+        self,
+        principal: Principal,
+        action: Service,
+        model: QueryModel,
+        level: QueryLevel,
+        identifier: Dataset,
+        *,
+        event: EventID = EventID.INSTANCES_TRANSFERRED,
+        destination: Participant | None = None,
     ) -> list[InstanceRef]:
         """The instances under the identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1) that the
-        principal may see: others are treated as if they did not exist."""
-        require(principal, action)
-        return self._index.instances_for(model, level, identifier, principal.scope)
+        principal may see: others are treated as if they did not exist.
+
+        Recorded as ``event`` (110104 Transferred, 110102 Begin Transferring, 110103 Accessed) per study,
+        with its patient and instance counts, before the caller hands anything out; a retrieve that finds
+        nothing is recorded too (a minor failure naming the study asked for)."""
+        self._audit.require(principal, action)
+        try:
+            refs = self._index.instances_for(model, level, identifier, principal.scope)
+        except AuditError:
+            raise
+        except SafePacsError as exc:
+            self._audit.retrieved(principal, _asked(identifier), event, destination=destination, why=str(exc))
+            raise
+        if not refs:
+            self._audit.retrieved(
+                principal, _asked(identifier), event, destination=destination, why=NOTHING_FOUND
+            )
+            return refs
+        self._audit.retrieved(principal, self.facts(refs), event, destination=destination)
+        return refs
+
+    def facts(self, refs: Sequence[InstanceRef]) -> list[StudyFacts]:
+        """The studies of ``refs`` with their patients and instance counts per SOP class."""
+        by_study: dict[str, StudyFacts] = {}
+        for ref in refs:
+            facts = by_study.get(ref.study_uid)
+            if facts is None:
+                facts = by_study[ref.study_uid] = StudyFacts(ref.study_uid)
+            facts.add(ref.sop_class_uid)
+        if self._audit.enabled:
+            for uid, (pid, name) in self._index.study_patients(by_study).items():
+                by_study[uid].patient_id, by_study[uid].patient_name = pid, name
+        return list(by_study.values())
 
     def read(self, ref: InstanceRef) -> bytes:
         """The stored Part 10 bytes, decrypted and checked against the SHA-256 kept in the index."""
@@ -39,3 +82,12 @@ class RetrieveService:
                 "a stored object does not match its recorded SHA-256; restore it from backup"
             )
         return part10
+
+
+def _asked(identifier: Dataset) -> list[StudyFacts]:
+    """The study a retrieve named, when it named one plain UID (for the record of a retrieve that failed)."""
+    value = identifier.get("StudyInstanceUID")
+    uid = value.strip() if isinstance(value, str) else ""  # a list of UIDs is a MultiValue, not a str
+    if not uid or "\\" in uid or len(uid) > 64:
+        return []
+    return [StudyFacts(uid)]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 
 from safepacs import __version__
+from safepacs.audit.events import Participant
 from safepacs.web.audit import make_router as make_audit_router
 from safepacs.web.capabilities import install_capabilities
 from safepacs.web.delete import make_router as make_delete_router
-from safepacs.web.problems import install_problem_handlers
+from safepacs.web.problems import Problem, install_problem_handlers
 from safepacs.web.qido import make_router
-from safepacs.web.security import Backends, SecurityHeaders, authenticate
+from safepacs.web.security import Backends, SecurityHeaders, authenticate, client_address, user_agent
 from safepacs.web.session import make_router as make_session_router
 from safepacs.web.stow import make_router as make_stow_router
 from safepacs.web.wado import make_router as make_wado_router
@@ -37,9 +39,20 @@ def create_app(archive: Archive) -> FastAPI:
     app.add_middleware(SecurityHeaders)
 
     backends = Backends(logins=archive.logins, oidc=archive.oidc)
+    auditor = archive.auditor
 
     def principal_of(request: Request) -> Principal:
-        return authenticate(request, archive.index, backends)
+        agent = user_agent(request)
+        try:
+            principal = authenticate(request, archive.index, backends)
+        except Problem as exc:
+            if exc.status in (401, 403):  # refused before anyone is known: recorded as a failed login
+                who = Participant(
+                    "(unauthenticated)", True, address=client_address(request), user_agent=agent
+                )
+                auditor.authenticated(who, why=exc.detail)
+            raise
+        return replace(principal, user_agent=agent)
 
     app.include_router(make_router(principal_of, archive.query.search), prefix="/dicomweb", tags=["QIDO-RS"])
     app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
@@ -49,10 +62,8 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(stow, prefix="/dicomweb", tags=["STOW-RS"])
     app.include_router(make_delete_router(principal_of, archive.delete), prefix="/dicomweb", tags=["Delete"])
     idle = int(archive.settings.auth.session_idle_minutes * 60)
-    sessions = make_session_router(principal_of, archive.logins, idle)
+    sessions = make_session_router(principal_of, archive.logins, idle, auditor)
     app.include_router(sessions, prefix="/api", tags=["Session"])
-    app.include_router(
-        make_audit_router(principal_of, archive.index, archive.audit), prefix="/api", tags=["Audit"]
-    )
+    app.include_router(make_audit_router(principal_of, archive.index, auditor), prefix="/api", tags=["Audit"])
     install_capabilities(app, principal_of)  # last: it describes the routes above
     return app

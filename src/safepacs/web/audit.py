@@ -12,20 +12,10 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from safepacs.audit import (
-    Action,
-    AuditEvent,
-    AuditObject,
-    AuditSink,
-    EventID,
-    ObjectKind,
-    Outcome,
-    Participant,
-    from_canonical,
-)
+from safepacs.audit import from_canonical
+from safepacs.audit.recorder import Auditor, actor
 from safepacs.audit.report import summary_row
 from safepacs.auth.policy import decide
-from safepacs.errors import AuditError
 from safepacs.index import SqlIndex
 from safepacs.index.auditlog import AuditFilter
 from safepacs.types import Principal, Service
@@ -46,7 +36,7 @@ def _when(text: str | None, name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, audit: AuditSink) -> APIRouter:
+def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, audit: Auditor) -> APIRouter:
     router = APIRouter()
 
     @router.get("/audit", summary="Search the audit trail (auditors)")
@@ -61,27 +51,11 @@ def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, a
     ) -> JSONResponse:
         principal = principal_of(request)
         if not decide(principal, Service.AUDIT):
+            audit.refused(principal, "reading the audit trail needs the auditor or admin role")
             raise not_found()
         where = AuditFilter(patient, study, user, _when(since, "since"), _when(until, "until"))
         asked = " ".join(f"{k}={v}" for k, v in request.query_params.items())
-        used = AuditEvent(
-            EventID.AUDIT_LOG_USED,
-            Action.READ,
-            Outcome.SUCCESS,
-            (
-                Participant(
-                    principal.name,
-                    True,
-                    address=principal.address,
-                    user_agent=request.headers.get("user-agent", "")[:200] or None,
-                ),
-            ),
-            (AuditObject(ObjectKind.AUDIT_LOG, "safepacs-audit-trail", query=asked or None),),
-        )
-        try:
-            audit.record(used)
-        except AuditError as exc:
-            raise Problem(503, "Service Unavailable", str(exc)) from None
+        audit.audit_used(actor(principal), asked)
         rows = [summary_row(r.seq, from_canonical(r.body)) for r in index.search_audit(where, limit)]
         return JSONResponse(rows)
 

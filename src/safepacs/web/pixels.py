@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
+from safepacs.audit.events import EventID
 from safepacs.errors import RetrieveError
 from safepacs.services import bulkdata
 from safepacs.services.bulkdata import NATIVE_MEDIA_TYPE, Geometry
@@ -82,7 +83,7 @@ def _choose(accept: str, ts: str) -> Choice:
 
 def load_instance(retrieve: RetrieveService, principal: Principal, uids: tuple[str, str, str]) -> Dataset:
     """The data set of one instance the principal may retrieve (404 otherwise)."""
-    ref = locate(retrieve, principal, uids)[0]
+    ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0]
     return bulkdata.load(retrieve.read(ref))
 
 

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from safepacs.errors import AuditError
+
 __all__ = ["NOT_FOUND", "Problem", "install_problem_handlers", "not_found", "problem_response"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path"))
         return problem_response(400, "Bad Request", f"invalid parameter {where}: {first.get('msg', '')}")
+
+    @app.exception_handler(AuditError)
+    async def _audit_down(_: Request, exc: AuditError) -> JSONResponse:
+        log.error("the audit trail cannot be written; the request was refused")
+        return problem_response(503, "Service Unavailable", str(exc), {"Retry-After": "30"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

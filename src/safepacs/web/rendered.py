@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from safepacs.audit.events import EventID
 from safepacs.errors import RenderRequestError, RetrieveError, SafePacsError
 from safepacs.services import bulkdata
 from safepacs.services.render import (
@@ -248,7 +249,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         principal = principal_of(request)
         media, _ = _media(request, many=True)
         options = _options(request, media)
-        refs = locate(retrieve, principal, uids)
+        refs = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)
         if len(refs) > MAX_RENDERED_INSTANCES:
             raise _bad(
                 f"more than {MAX_RENDERED_INSTANCES} instances to render in one answer; "
@@ -263,7 +264,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
             raise _bad(f"more than {MAX_RENDERED_INSTANCES} frames to render in one answer; ask for fewer")
         media, as_parts = _media(request, many=len(numbers) > 1)
         options = _options(request, media)
-        ds = renderer.load(locate(retrieve, principal, uids)[0])
+        ds = renderer.load(locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0])
         if not bulkdata.has_pixels(ds):
             raise Problem(
                 406, "Not Acceptable", "this instance has no pixel data, so it has no rendered image"
@@ -288,11 +289,12 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
             if len(numbers) != 1:
                 raise _bad("a thumbnail is of one frame; name a single frame number")
             try:
-                image = renderer.instance(locate(retrieve, principal, uids)[0], numbers[0] - 1, options)
+                ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0]
+                image = renderer.instance(ref, numbers[0] - 1, options)
             except RetrieveError as exc:
                 raise problem(exc) from exc
             return Response(image, media_type=media)
-        for ref in _representatives(locate(retrieve, principal, uids)):
+        for ref in _representatives(locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)):
             try:
                 return Response(renderer.instance(ref, 0, options), media_type=media)
             except SafePacsError as exc:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from safepacs.audit.events import EventID
 from safepacs.errors import AccessDenied, QueryError
 from safepacs.services.ingest import file_meta
 from safepacs.services.retrieve import RetrieveService
@@ -48,9 +49,17 @@ _LEVEL_KEYS = {
 Part = tuple[str, bytes | Iterable[bytes]]
 
 
-def locate(retrieve: RetrieveService, principal: Principal, uids: Iterable[str]) -> list[InstanceRef]:
+def locate(
+    retrieve: RetrieveService,
+    principal: Principal,
+    uids: Iterable[str],
+    *,
+    event: EventID = EventID.INSTANCES_TRANSFERRED,
+) -> list[InstanceRef]:
     """The instances under a study, series or instance (the UIDs of the path, in that order) that
-    ``principal`` may retrieve; 400 for a malformed UID, 404 when there are none."""
+    ``principal`` may retrieve; 400 for a malformed UID, 404 when there are none.  Recorded as
+    ``event``: 110104 when the instances themselves go out, 110103 for what is derived from them
+    (metadata, frames, bulk data, rendered images)."""
     values = [checked_uid(uid) for uid in uids]
     level = {1: QueryLevel.STUDY, 2: QueryLevel.SERIES, 3: QueryLevel.IMAGE}[len(values)]
     identifier = Dataset()
@@ -58,7 +67,7 @@ def locate(retrieve: RetrieveService, principal: Principal, uids: Iterable[str])
     for keyword, uid in zip(_LEVEL_KEYS[level], values, strict=True):
         setattr(identifier, keyword, uid)
     try:
-        refs = retrieve.locate(principal, Service.GET, QueryModel.STUDY_ROOT, level, identifier)
+        refs = retrieve.locate(principal, Service.GET, QueryModel.STUDY_ROOT, level, identifier, event=event)
     except (AccessDenied, QueryError):
         refs = []
     if not refs:  # nothing there, or nothing this principal may see: the same answer

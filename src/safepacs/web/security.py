@@ -39,7 +39,9 @@ __all__ = [
     "Backends",
     "SecurityHeaders",
     "authenticate",
+    "client_address",
     "session_of",
+    "user_agent",
 ]
 
 SESSION_COOKIE = "__Host-safepacs_session"
@@ -127,6 +129,15 @@ def session_of(request: Request, logins: LoginService) -> tuple[SessionRecord, U
     return record, user
 
 
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def user_agent(request: Request) -> str | None:
+    """The request's User-Agent for the audit trail (at most 200 characters)."""
+    return request.headers.get("user-agent", "")[:200] or None
+
+
 def authenticate(request: Request, index: SqlIndex, backends: Backends | None = None) -> Principal:
     """The principal of a request (see the module docstring); 401 with ``WWW-Authenticate`` otherwise.
 
@@ -134,7 +145,7 @@ def authenticate(request: Request, index: SqlIndex, backends: Backends | None = 
     which FastAPI runs in its thread pool, or through ``run_in_threadpool``.
     """
     backends = backends or Backends()
-    client = request.client.host if request.client else None
+    client = client_address(request)
     header = request.headers.get("authorization", "")
     if header:
         scheme, _, credentials = header.partition(" ")

@@ -26,11 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from safepacs.audit.events import Participant
+from safepacs.audit.recorder import Auditor, Types
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
 from safepacs.errors import AuthenticationError
 from safepacs.types import Principal
 from safepacs.web.problems import Problem
-from safepacs.web.security import REALM, SESSION_COOKIE, session_of
+from safepacs.web.security import REALM, SESSION_COOKIE, client_address, session_of, user_agent
 
 __all__ = ["make_router"]
 
@@ -92,31 +94,44 @@ def _opened(session: NewSession, idle_seconds: int) -> JSONResponse:
 
 
 def make_router(
-    principal_of: Callable[[Request], Principal], logins: LoginService, idle_seconds: int
+    principal_of: Callable[[Request], Principal], logins: LoginService, idle_seconds: int, audit: Auditor
 ) -> APIRouter:
-    """The ``/api/session`` routes (mount under ``/api``)."""
+    """The ``/api/session`` routes (mount under ``/api``).  Every login, failed login and logout is
+    recorded (110114) before it is answered."""
     router = APIRouter()
+
+    def person(request: Request, name: str) -> Participant:
+        return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
 
     # The POSTs are async only to read the body; the blocking work (Argon2id, the database) runs in
     # the thread pool, as the synchronous routes do.
     @router.post("/session", summary="Log in with a local user name, password and TOTP code")
     async def login(request: Request) -> JSONResponse:
         form = _parse(await request.body(), request.headers.get("content-type", ""), _Login)
+        who = person(request, form.username)
         try:
             session = await run_in_threadpool(logins.login, form.username, form.password, form.totp)
         except AuthenticationError as exc:
+            await run_in_threadpool(audit.authenticated, who, why=str(exc))
             raise _refused(exc) from None
+        await run_in_threadpool(audit.authenticated, who)
         return _opened(session, idle_seconds)
 
     @router.post("/session/password", summary="Change the password (required at first login)")
     async def change_password(request: Request) -> JSONResponse:
         form = _parse(await request.body(), request.headers.get("content-type", ""), _ChangePassword)
+        who = person(request, form.username)
         try:
             session = await run_in_threadpool(
                 logins.change_password, form.username, form.password, form.totp, form.new_password
             )
         except AuthenticationError as exc:
+            await run_in_threadpool(audit.authenticated, who, why=str(exc))
             raise _refused(exc) from None
+        await run_in_threadpool(
+            audit.changed, who, Types.USER_ATTRIBUTES_CHANGED, form.username[:256], "password changed"
+        )
+        await run_in_threadpool(audit.authenticated, who)
         return _opened(session, idle_seconds)
 
     @router.get("/session", summary="Who is asking")
@@ -130,7 +145,8 @@ def make_router(
 
     @router.delete("/session", status_code=204, summary="Log out (the session ends on the server)")
     def logout(request: Request) -> Response:
-        record, _ = session_of(request, logins)
+        record, user = session_of(request, logins)
+        audit.authenticated(person(request, user.name), logout=True)
         logins.logout(record)
         response = Response(status_code=204)
         response.headers.append("Set-Cookie", f"{SESSION_COOKIE}=; {_COOKIE_ATTRIBUTES}; Max-Age=0")

@@ -138,7 +138,7 @@ def make_router(
                 failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
                 continue
             try:
-                result = ingest.ingest_file(principal, data)
+                result = ingest.ingest_file(principal, data, imported=False)
             except SafePacsError as exc:
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))

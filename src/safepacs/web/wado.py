@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom.uid import ExplicitVRLittleEndian
 
+from safepacs.audit.events import EventID
 from safepacs.errors import SafePacsError
 from safepacs.services import bulkdata
 from safepacs.services.retrieve import RetrieveService
@@ -115,7 +116,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         return StreamingResponse(body, media_type=multipart_media("application/dicom", mark))
 
     def metadata(request: Request, *uids: str) -> JSONResponse:
-        refs = locate(retrieve, principal_of(request), uids)
+        refs = locate(retrieve, principal_of(request), uids, event=EventID.INSTANCES_ACCESSED)
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
         for ref in refs:

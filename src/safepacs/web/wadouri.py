@@ -31,6 +31,7 @@ from fastapi import APIRouter, Request, Response
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from safepacs.audit.events import EventID
 from safepacs.errors import RetrieveError
 from safepacs.services import bulkdata
 from safepacs.services.ingest import valid_uid
@@ -168,6 +169,11 @@ def _part10(ref: InstanceRef, stored: bytes, syntax: str) -> Response:
         raise Problem(406, "Not Acceptable", str(exc)) from exc
 
 
+def _event(media: str | None) -> EventID:
+    """The instance itself goes out (110104), or an image rendered from it (110103)."""
+    return EventID.INSTANCES_TRANSFERRED if media == DICOM else EventID.INSTANCES_ACCESSED
+
+
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
     renderer = Renderer(retrieve)
@@ -181,7 +187,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         if media == DICOM and image_params:
             raise _bad(f"{', '.join(image_params)} apply to image content types only")
         frame, options = _image_options(params)
-        ref = locate(retrieve, principal, uids)[0]
+        ref = locate(retrieve, principal, uids, event=_event(media))[0]
         stored = retrieve.read(ref)
         if media == DICOM:
             return _part10(ref, stored, syntax)

@@ -1,0 +1,261 @@
+"""What the audit trail costs: ingest and C-FIND with audit recording on vs off, same corpus, same run.
+
+    .venv/bin/python bench/audit.py --quick          # 500 small instances, 200 C-FINDs, 1 run
+    .venv/bin/python bench/audit.py --runs 3         # 2,000 small + 200 CT, 1,000 C-FINDs, median of 3
+
+Each measurement starts SafePACS fresh (``init``; peer BENCH allowed echo,store,find; ``serve`` with
+``SAFEPACS_AUDIT__RECORD=true`` or ``false``) on an empty store, sends the corpus with DCMTK ``storescu``
+over one association (TCP_NODELAY=1), then sends C-FINDs over one pynetdicom association: STUDY level,
+PatientID of a stored patient (one match each), Study Root.  With recording on, every instance stored
+appends its audit record in the index transaction that stores it, the association one record, and
+every query one record (its own durable commit) before the first answer.  On and off alternate
+within each run, so drift of the machine hits both alike.  Target (issue 5): auditing costs under
+10% of the throughput without it.  All traffic is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _common import (
+    HOST,
+    SAFEPACS,
+    Corpus,
+    Measurement,
+    SafePacs,
+    git_revision,
+    make_corpus,
+    remove_tree,
+    running,
+    version_line,
+)
+from ingest import send
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from rich.console import Console
+from rich.table import Table
+
+TARGET_COST = 0.10
+MODES = ("on", "off")
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+@dataclass
+class Finds:
+    elapsed: float
+    count: int
+    latencies: list[float]
+    errors: list[str]
+
+
+def run_finds(port: int, patients: list[str], count: int) -> Finds:
+    """``count`` C-FINDs over one association, cycling through ``patients``; each must match once."""
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, port, ae_title="SAFEPACS")
+    errors: list[str] = []
+    latencies: list[float] = []
+    if not assoc.is_established:
+        return Finds(0.0, count, [], ["the C-FIND association was not accepted"])
+    start = time.perf_counter()
+    try:
+        for i in range(count):
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            ident.PatientID = patients[i % len(patients)]
+            ident.StudyInstanceUID = ""
+            ident.PatientName = ""
+            t0 = time.perf_counter()
+            matches, final = 0, -1
+            for status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+                if status is None or "Status" not in status:
+                    final = -2
+                    break
+                if status.Status in (0xFF00, 0xFF01):
+                    matches += 1
+                else:
+                    final = int(status.Status)
+            latencies.append(time.perf_counter() - t0)
+            if final != 0 or matches != 1:
+                errors.append(f"C-FIND {i}: status {final:#06x}, {matches} matches (expected 1)")
+                if len(errors) > 5:
+                    break
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return Finds(time.perf_counter() - start, count, latencies, errors)
+
+
+def patients_of(corpus: Corpus) -> list[str]:
+    """The PatientIDs the corpus holds (one study and patient per series, see _common.make_corpus)."""
+    series = max(1, len({Path(f).parent for f in corpus.files}))
+    return [f"BENCH{p:06d}" for p in range(series)]
+
+
+def measure(
+    corpus: Corpus, mode: str, workdir: Path, finds: int, timeout: float
+) -> tuple[Measurement, Finds | None]:
+    rundir = Path(tempfile.mkdtemp(prefix=f"audit-{mode}-{corpus.name}-", dir=workdir))
+    receiver = SafePacs(
+        name="safepacs",
+        aet="SAFEPACS",
+        workdir=rundir,
+        env={"SAFEPACS_AUDIT__RECORD": "true" if mode == "on" else "false"},
+    )
+    receiver.allow = "echo,store,find"
+    try:
+        with running(receiver):
+            ingest = send(corpus, receiver, 1, timeout)
+            queried = run_finds(receiver.port, patients_of(corpus), finds) if finds and ingest.ok else None
+        if not ingest.ok and receiver.log_tail(8):
+            ingest.errors.append(f"safepacs log tail:\n{receiver.log_tail(8)}")
+        return ingest, queried
+    except Exception as exc:  # a failed measurement is reported, not raised
+        return Measurement(0.0, corpus.count, 0, [f"{type(exc).__name__}: {exc}"]), None
+    finally:
+        remove_tree(rundir)
+
+
+HEADERS = ["measure", "audit on", "audit off", "audit cost", "target <10%"]
+
+
+def _row(name: str, on: list[float], off: list[float], unit: str, higher_is_better: bool) -> list[str]:
+    if not on or not off:
+        return [name, "-", "-", "FAILED", "-"]
+    a, b = statistics.median(on), statistics.median(off)
+    cost = (1 - a / b) if higher_is_better else (a / b - 1)
+    return [
+        name,
+        f"{a:,.1f} {unit}",
+        f"{b:,.1f} {unit}",
+        f"{cost:+.1%}",
+        "yes" if cost < TARGET_COST else "NO",
+    ]
+
+
+def build_rows(
+    ingests: dict[tuple[str, str], list[Measurement]],
+    finds: dict[str, list[Finds]],
+    corpora: list[Corpus],
+) -> list[list[str]]:
+    rows = []
+    for corpus in corpora:
+        rates = {
+            mode: [corpus.count / m.elapsed for m in ingests.get((mode, corpus.name), []) if m.ok]
+            for mode in MODES
+        }
+        runs = len(ingests.get(("on", corpus.name), []))
+        if any(len(r) != runs for r in rates.values()):
+            rows.append([f"ingest {corpus.name}", "-", "-", "FAILED", "-"])
+        else:
+            rows.append(
+                _row(f"ingest {corpus.name}, 1 association", rates["on"], rates["off"], "inst/s", True)
+            )
+    qps = {mode: [f.count / f.elapsed for f in finds.get(mode, []) if not f.errors] for mode in MODES}
+    median_ms = {
+        mode: [statistics.median(f.latencies) * 1000 for f in finds.get(mode, []) if not f.errors]
+        for mode in MODES
+    }
+    if finds:
+        rows.append(_row("C-FIND, 1 association", qps["on"], qps["off"], "queries/s", True))
+        rows.append(_row("C-FIND median latency", median_ms["on"], median_ms["off"], "ms", False))
+    return rows
+
+
+def print_table(rows: list[list[str]], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def markdown(rows: list[list[str]], title: str) -> str:
+    lines = [title, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ct", type=int, default=200, help="CT slices of 512x512x16 bit (default 200)")
+    p.add_argument("--small", type=int, default=2000, help="small 64x64x16 bit instances (default 2000)")
+    p.add_argument("--finds", type=int, default=1000, help="C-FINDs after the small corpus (default 1000)")
+    p.add_argument("--quick", action="store_true", help="no CT, 500 small instances, 200 C-FINDs")
+    p.add_argument("--runs", type=int, default=1, help="runs per measurement; the median is reported")
+    p.add_argument("--workdir", type=Path, help="where corpora and servers live (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per send (default 1800)")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
+    p.add_argument("--verbose", action="store_true", help="print every error line of failed runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.ct, args.small, args.finds = 0, 500, 200
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    owned = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="safepacs-audit-bench-")) if owned else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        corpora = []
+        if args.small:
+            corpora.append(
+                make_corpus(
+                    workdir / "corpus-small", "small 64", count=args.small, rows=64, cols=64, per_series=100
+                )
+            )
+        if args.ct:
+            corpora.append(
+                make_corpus(
+                    workdir / "corpus-ct", "CT 512", count=args.ct, rows=512, cols=512, per_series=100
+                )
+            )
+        ingests: dict[tuple[str, str], list[Measurement]] = {}
+        finds: dict[str, list[Finds]] = {}
+        failed = False
+        for run in range(args.runs):
+            for k, corpus in enumerate(corpora):
+                order = MODES if run % 2 == 0 else MODES[::-1]
+                for mode in order:
+                    count = args.finds if k == 0 else 0  # queries once per run, after the small corpus
+                    m, f = measure(corpus, mode, workdir, count, args.timeout)
+                    ingests.setdefault((mode, corpus.name), []).append(m)
+                    if f is not None:
+                        finds.setdefault(mode, []).append(f)
+                    state = f"{corpus.count / m.elapsed:,.0f} inst/s" if m.ok else "FAILED"
+                    if f is not None:
+                        state += (
+                            f", {f.count / f.elapsed:,.0f} C-FIND/s" if not f.errors else ", C-FIND FAILED"
+                        )
+                    console.print(f"run {run + 1}: {corpus.name} audit {mode}: {state}")
+                    problems = m.errors + (f.errors if f is not None else [])
+                    failed = failed or bool(problems) or (count > 0 and f is None)
+                    if problems and args.verbose:
+                        for error in problems:
+                            console.print(f"  {error}")
+        version = version_line([str(SAFEPACS), "--version"]) + git_revision()
+        title = f"Audit recording on vs off ({version}, median of {args.runs} run(s))"
+        rows = build_rows(ingests, finds, corpora)
+        print_table(rows, title)
+        if args.markdown:
+            args.markdown.write_text(markdown(rows, title))
+        return 1 if failed else 0
+    finally:
+        if owned:
+            remove_tree(workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Catching the events an action records: for tests, and for anyone checking what a path audits.
+
+>>> capture = AuditCapture(index)          # remembers where the trail ends now
+>>> ...                                    # do something against the archive
+>>> [e.event_id for e in capture.events()] # what was recorded since, oldest first
+
+It reads the trail in the index (any process may have written it), so it sees exactly what
+``safepacs audit query`` would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from safepacs.audit.events import AuditEvent, EventID, from_canonical
+
+if TYPE_CHECKING:
+    from safepacs.index import SqlIndex
+
+__all__ = ["AuditCapture"]
+
+
+class AuditCapture:
+    """The events appended to an index's audit trail since the capture was made (or last ``reset``)."""
+
+    def __init__(self, index: SqlIndex) -> None:
+        self._index = index
+        self.start = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was recorded so far: later calls see only newer events."""
+        seq = self.start
+        while chunk := self._index.audit_records(seq, 5000):
+            seq = chunk[-1].seq
+        self.start = seq
+
+    def events(self, event_id: EventID | None = None, type_code: str | None = None) -> list[AuditEvent]:
+        """The events since the start, oldest first; only those of ``event_id`` / EventTypeCode if given."""
+        out: list[AuditEvent] = []
+        seq = self.start
+        while chunk := self._index.audit_records(seq, 5000):
+            out += [from_canonical(r.body) for r in chunk]
+            seq = chunk[-1].seq
+        return [
+            e
+            for e in out
+            if (event_id is None or e.event_id is event_id)
+            and (type_code is None or (e.type_code is not None and e.type_code[0] == type_code))
+        ]

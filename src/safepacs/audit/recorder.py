@@ -1,0 +1,369 @@
+"""What each access path records: the services' and adapters' one way into the audit trail (issue 5).
+
+:class:`Auditor` has one method per kind of access.  Each builds the PS3.15 A.5.3 event from the
+:class:`~safepacs.types.Principal` that acted (who, from which address, on what device: AE title, TLS
+certificate, user agent) and what it touched (patients, studies with their SOP classes and instance
+counts, the query), and records it through the sink *before* the caller answers.  When the sink cannot
+write, :class:`~safepacs.errors.AuditError` propagates and the caller refuses the access (fail closed:
+a DIMSE failure status, HTTP 503).
+
+The event IDs, type codes and participant roles follow PS3.15 A.5.3 and PS3.16 CID 400-403:
+
+=====================================  ===========================================================
+what happened                          event
+=====================================  ===========================================================
+application start / stop               110100 Application Activity, 110120 / 110121
+association accepted / rejected,       110113 Security Alert, 110126 Node Authentication
+TLS handshake failed
+request refused (role, service)        110113 Security Alert, 110132 Use of Restricted Function
+user, peer, token, access changes      110113 Security Alert, 110136 Security Roles Changed /
+                                       110137 User Security Attributes Changed / 110129 Security
+                                       Configuration
+C-STORE, STOW-RS                       110103 DICOM Instances Accessed, action C (Create)
+``safepacs import``                    110107 Import, action C
+C-FIND, QIDO-RS                        110112 Query, action E, with the query keys
+C-GET, WADO-RS and WADO-URI instances  110104 DICOM Instances Transferred, action R
+C-MOVE                                 110102 Begin Transferring DICOM Instances, action R
+metadata, frames, bulk data, rendered  110103 DICOM Instances Accessed, action R
+delete / purge / restore               110105 DICOM Study Deleted, action D / 110103 action U
+login, logout, failed login            110114 User Authentication, 110122 Login / 110123 Logout
+reading the audit trail                110101 Audit Log Used, action R
+=====================================  ===========================================================
+
+An Auditor with ``enabled=False`` records nothing on the access paths (``audit.record = false``, for
+measuring what auditing costs); start-up then records 110133 "Audit Recording Stopped", so the gap
+itself is on the trail.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
+from safepacs.auth.policy import require
+from safepacs.errors import AccessDenied
+from safepacs.types import Principal, Service
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from safepacs.audit import AuditSink
+
+__all__ = ["Auditor", "StudyFacts", "Types", "actor", "operator", "query_text"]
+
+SOURCE = "Source Role ID"
+DESTINATION = "Destination Role ID"
+APPLICATION = "Application"
+LAUNCHER = "Application Launcher"
+
+
+class Types:
+    """EventTypeCodes (PS3.16 CID 401-403) as (code, display)."""
+
+    APPLICATION_START = ("110120", "Application Start")
+    APPLICATION_STOP = ("110121", "Application Stop")
+    LOGIN = ("110122", "Login")
+    LOGOUT = ("110123", "Logout")
+    NODE_AUTHENTICATION = ("110126", "Node Authentication")
+    SECURITY_CONFIGURATION = ("110129", "Security Configuration")
+    RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
+    AUDIT_STOPPED = ("110133", "Audit Recording Stopped")
+    AUDIT_STARTED = ("110134", "Audit Recording Started")
+    ROLES_CHANGED = ("110136", "Security Roles Changed")
+    USER_ATTRIBUTES_CHANGED = ("110137", "User Security Attributes Changed")
+
+
+@dataclass
+class StudyFacts:
+    """One study an event is about: its patient and the instances touched, per SOP class."""
+
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    sop_classes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sop_class_uid: str, count: int = 1) -> None:
+        self.sop_classes[sop_class_uid] = self.sop_classes.get(sop_class_uid, 0) + count
+
+
+def actor(principal: Principal, role: str | None = None) -> Participant:
+    """The requesting participant: a peer's AE title (and the person it acts for), a user, or a process."""
+    peer = principal.kind == "peer"
+    return Participant(
+        user_id=principal.name,
+        requestor=True,
+        role=role,
+        address=principal.address,
+        ae_title=principal.name if peer else None,
+        user_name=principal.user if principal.user != principal.name else None,
+        certificate_sha256=principal.certificate_sha256,
+        user_agent=principal.user_agent,
+    )
+
+
+def operator(command: str) -> Participant:
+    """Whoever runs a ``safepacs`` command on this machine: the operating-system account (the CLI needs
+    access to the data directory, so that account is the administrator)."""
+    try:
+        account = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary UID)
+        account = f"uid {os.getuid()}"
+    return Participant(account, requestor=True, role=LAUNCHER, user_agent=f"safepacs {command}")
+
+
+def query_text(identifier: Dataset) -> str:
+    """The query keys as compact DICOM JSON (their keywords when a value cannot be encoded)."""
+    try:
+        return json.dumps(identifier.to_json_dict(), sort_keys=True, separators=(",", ":"))
+    except Exception:  # noqa: BLE001 - an undecodable value: the keys still say what was asked
+        return json.dumps(sorted(elem.keyword or str(elem.tag) for elem in identifier))
+
+
+def _study_objects(studies: Iterable[StudyFacts]) -> tuple[AuditObject, ...]:
+    out: list[AuditObject] = []
+    patients: set[str] = set()
+    for s in studies:
+        if s.patient_id and s.patient_id not in patients:
+            patients.add(s.patient_id)
+            out.append(AuditObject(ObjectKind.PATIENT, s.patient_id, name=s.patient_name or None))
+        out.append(
+            AuditObject(ObjectKind.STUDY, s.study_uid, sop_classes=tuple(sorted(s.sop_classes.items())))
+        )
+    return tuple(out)
+
+
+def _outcome(why: str | None, failure: Outcome = Outcome.MINOR_FAILURE) -> Outcome:
+    return Outcome.SUCCESS if why is None else failure
+
+
+class Auditor:
+    """Builds and records the events of every access path (see the module docstring)."""
+
+    def __init__(self, sink: AuditSink, ae_title: str, *, enabled: bool = True) -> None:
+        self.sink = sink
+        self.ae_title = ae_title
+        self.enabled = enabled  # False: the access paths record nothing (``audit.record = false``)
+
+    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+        """Record durably now; :class:`~safepacs.errors.AuditError` when the trail cannot be written."""
+        if self.enabled:
+            self.sink.record(*events, checkpoint=checkpoint)
+
+    def writer(self, *events: AuditEvent) -> Callable[[Any], None] | None:
+        """Record ``events`` inside an index write transaction (None when recording is off)."""
+        return self.sink.writer(events) if self.enabled else None
+
+    def archive(self, role: str | None = None, address: str | None = None) -> Participant:
+        """The archive itself as a participant (the non-requesting side)."""
+        return Participant(self.ae_title, requestor=False, role=role, address=address, ae_title=self.ae_title)
+
+    # Decisions ----------------------------------------------------------------------------------------
+    def require(self, principal: Principal | None, service: Service) -> None:
+        """The policy's :func:`~safepacs.auth.policy.require`; a refusal is recorded before it is raised."""
+        try:
+            require(principal, service)
+        except AccessDenied as exc:
+            if principal is not None:
+                self.refused(principal, f"{service.value}: {exc}")
+            raise
+
+    def refused(self, principal: Principal, why: str, objects: Sequence[AuditObject] = ()) -> None:
+        self.record(
+            AuditEvent(
+                EventID.SECURITY_ALERT,
+                Action.EXECUTE,
+                Outcome.MINOR_FAILURE,
+                (actor(principal), self.archive()),
+                tuple(objects),
+                type_code=Types.RESTRICTED_FUNCTION,
+                outcome_description=why,
+            )
+        )
+
+    def node_authentication(
+        self, who: Participant, why: str | None, detail: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """An association accepted (``why`` None) or rejected, a TLS handshake that failed."""
+        objects = (
+            AuditObject(ObjectKind.NODE, who.ae_title or who.address or "unknown", detail=tuple(detail)),
+        )
+        self.record(
+            AuditEvent(
+                EventID.SECURITY_ALERT,
+                Action.EXECUTE,
+                _outcome(why),
+                (who, self.archive(DESTINATION)),
+                objects,
+                type_code=Types.NODE_AUTHENTICATION,
+                outcome_description=why,
+            )
+        )
+
+    # Data ---------------------------------------------------------------------------------------------
+    def stored(
+        self, principal: Principal, study: StudyFacts, *, imported: bool, why: str | None = None
+    ) -> AuditEvent:
+        """The event of one instance stored (C-STORE, STOW-RS) or imported; the caller records it,
+        usually in the index transaction that stores the instance (:meth:`writer`)."""
+        return AuditEvent(
+            EventID.IMPORT if imported else EventID.INSTANCES_ACCESSED,
+            Action.CREATE,
+            _outcome(why),
+            (actor(principal, SOURCE), self.archive(DESTINATION)),
+            _study_objects([study]) if study.study_uid else (),
+            outcome_description=why,
+        )
+
+    def store_failed(
+        self, principal: Principal, study: StudyFacts | None, why: str, *, imported: bool
+    ) -> None:
+        facts = study or StudyFacts("")
+        self.record(self.stored(principal, facts, imported=imported, why=why))
+
+    def queried(
+        self,
+        principal: Principal,
+        model: str,
+        query: str,
+        *,
+        results: int | None,
+        patient_id: str | None = None,
+        why: str | None = None,
+    ) -> None:
+        """A C-FIND or QIDO-RS query (``model``: the SOP Class UID of the C-FIND model or "QIDO-RS")."""
+        detail = (("Results", str(results)),) if results is not None else ()
+        objects = [AuditObject(ObjectKind.QUERY, model, query=query, detail=detail)]
+        if patient_id:
+            objects.append(AuditObject(ObjectKind.PATIENT, patient_id))
+        self.record(
+            AuditEvent(
+                EventID.QUERY,
+                Action.EXECUTE,
+                _outcome(why),
+                (actor(principal, SOURCE), self.archive(DESTINATION)),
+                tuple(objects),
+                outcome_description=why,
+            )
+        )
+
+    def retrieved(
+        self,
+        principal: Principal,
+        studies: Sequence[StudyFacts],
+        event_id: EventID,
+        *,
+        destination: Participant | None = None,
+        why: str | None = None,
+    ) -> None:
+        """Instances handed out: to the requestor, or (C-MOVE) to ``destination``."""
+        participants: tuple[Participant, ...] = (
+            (self.archive(SOURCE), actor(principal, DESTINATION))
+            if destination is None
+            else (self.archive(SOURCE), actor(principal), destination)
+        )
+        self.record(
+            AuditEvent(
+                event_id,
+                Action.READ,
+                _outcome(why),
+                participants,
+                _study_objects(studies),
+                outcome_description=why,
+            )
+        )
+
+    def deletion(self, who: Participant | None, studies: Sequence[StudyFacts], detail: str) -> AuditEvent:
+        """The event of a deletion by ``who`` (None: the archive's own purge after retention)."""
+        return AuditEvent(
+            EventID.STUDY_DELETED,
+            Action.DELETE,
+            Outcome.SUCCESS,
+            (*((who,) if who is not None else ()), self.archive(APPLICATION)),
+            _study_objects(studies),
+            outcome_description=detail,
+        )
+
+    def restored(self, who: Participant, studies: Sequence[StudyFacts]) -> None:
+        self.record(
+            AuditEvent(
+                EventID.INSTANCES_ACCESSED,
+                Action.UPDATE,
+                Outcome.SUCCESS,
+                (who, self.archive(APPLICATION)),
+                _study_objects(studies),
+                outcome_description="restored from the trash",
+            )
+        )
+
+    # People, configuration, the trail itself ----------------------------------------------------------
+    def authenticated(self, who: Participant, *, logout: bool = False, why: str | None = None) -> None:
+        """A login (or logout) by ``who``; ``why`` says why a login failed."""
+        self.record(
+            AuditEvent(
+                EventID.USER_AUTHENTICATION,
+                Action.EXECUTE,
+                _outcome(why),
+                (who, self.archive()),
+                type_code=Types.LOGOUT if logout else Types.LOGIN,
+                outcome_description=why,
+            )
+        )
+
+    def changed(self, who: Participant, type_code: tuple[str, str], target: str, description: str) -> None:
+        """An administrator changed a user, a peer, a token or an access rule."""
+        self.record(
+            AuditEvent(
+                EventID.SECURITY_ALERT,
+                Action.EXECUTE,
+                Outcome.SUCCESS,
+                (who, self.archive()),
+                (AuditObject(ObjectKind.ACCOUNT, target, detail=(("Alert Description", description),)),),
+                type_code=type_code,
+                outcome_description=description,
+            )
+        )
+
+    def audit_used(self, who: Participant, query: str) -> None:
+        self.record(
+            AuditEvent(
+                EventID.AUDIT_LOG_USED,
+                Action.READ,
+                Outcome.SUCCESS,
+                (who, self.archive()),
+                (
+                    AuditObject(
+                        ObjectKind.AUDIT_LOG, "safepacs-audit-trail", name="Security Audit Log", query=query
+                    ),
+                ),
+            )
+        )
+
+    def application(self, who: Participant, *, start: bool) -> None:
+        """Start or stop of the archive, checkpointed (a signed head at each boundary).  Recorded even
+        when the access paths are not: a start with recording off adds 110133 "Audit Recording Stopped"."""
+        events = [
+            AuditEvent(
+                EventID.APPLICATION_ACTIVITY,
+                Action.EXECUTE,
+                Outcome.SUCCESS,
+                (self.archive(APPLICATION), who),
+                type_code=Types.APPLICATION_START if start else Types.APPLICATION_STOP,
+            )
+        ]
+        if start and not self.enabled:
+            events.append(
+                AuditEvent(
+                    EventID.SECURITY_ALERT,
+                    Action.EXECUTE,
+                    Outcome.SUCCESS,
+                    (self.archive(APPLICATION), who),
+                    type_code=Types.AUDIT_STOPPED,
+                    outcome_description="audit.record is false: access to patient data is not recorded",
+                )
+            )
+        self.sink.record(*events, checkpoint=True)

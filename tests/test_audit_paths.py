@@ -1,0 +1,329 @@
+"""Every access path records the events it should, before it answers, with who, from where and what.
+
+DIMSE paths against a running ``safepacs serve`` with pynetdicom and DCMTK peers; DICOMweb and the
+session API in-process on a real data directory; the CLI as a user types it.  Events are read back
+from the trail with :class:`safepacs.audit.capture.AuditCapture`, as ``safepacs audit query`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
+from safepacs.audit.capture import AuditCapture
+from safepacs.index import SqlIndex
+from tests.conftest import Server, run_cli, start_server
+from tests.corpus import make_ct
+from tests.dicom_client import associate, c_find, c_get, c_move, rejection
+from tests.webapp import PASSWORD, add_user, execute, inprocess, multipart, part10
+
+pytestmark = pytest.mark.dcmtk
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+AGENT = "pytest-viewer/1.0"
+DENY_AUDIT = sa.text(
+    "CREATE TRIGGER deny_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+)
+
+
+@pytest.fixture
+def index(data_dir: Path) -> Iterator[SqlIndex]:
+    idx = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    try:
+        yield idx
+    finally:
+        idx.close()
+
+
+@pytest.fixture
+def srv(data_dir: Path) -> Iterator[Server]:
+    server = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _one(events: list[AuditEvent], event_id: EventID, type_code: str | None = None) -> AuditEvent:
+    found = [
+        e for e in events if e.event_id is event_id and (type_code is None or e.type_code[0] == type_code)
+    ]  # type: ignore[index]
+    assert len(found) == 1, [(e.event_id, e.type_code, e.outcome_description) for e in events]
+    return found[0]
+
+
+def _requestor(event: AuditEvent) -> tuple[str, str | None]:
+    (who,) = [p for p in event.participants if p.requestor]
+    return who.user_id, who.address
+
+
+def _objects(event: AuditEvent, kind: ObjectKind) -> list[str]:
+    return [o.id for o in event.objects if o.kind is kind]
+
+
+def _find(patient_id: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = ""
+    return ds
+
+
+def test_dimse_paths_record_who_did_what_to_which_patient_from_where(
+    srv: Server, index: SqlIndex, tmp_path: Path
+) -> None:
+    started = AuditCapture(index)
+    started.start = 0
+    start = _one(started.events(), EventID.APPLICATION_ACTIVITY)
+    assert start.type_code == ("110120", "Application Start")
+
+    srv.add_peer("MOD", "echo,store,find,get,move")
+    capture = AuditCapture(index)
+    ct = make_ct(patient_id="AUD-1", patient_name="Audit^Alice")
+    with associate(srv.port, [build_context(CTImageStorage)], calling="MOD") as assoc:
+        assert assoc.send_c_store(ct).Status == 0x0000
+        assert assoc.send_c_store(ct).Status == 0x0000  # the same again: stored already, recorded again
+    events = capture.events()
+    accepted = _one(events, EventID.SECURITY_ALERT, "110126")
+    assert accepted.outcome is Outcome.SUCCESS and _requestor(accepted) == ("MOD", "127.0.0.1")
+    assert ("Transport", "plain TCP") in accepted.objects[0].detail
+    stores = [e for e in events if e.event_id is EventID.INSTANCES_ACCESSED]
+    assert len(stores) == 2 and {e.action for e in stores} == {Action.CREATE}
+    assert all(e.outcome is Outcome.SUCCESS for e in stores)
+    assert _requestor(stores[0]) == ("MOD", "127.0.0.1")
+    assert _objects(stores[0], ObjectKind.PATIENT) == ["AUD-1"]
+    assert _objects(stores[0], ObjectKind.STUDY) == [str(ct.StudyInstanceUID)]
+    study = next(o for o in stores[0].objects if o.kind is ObjectKind.STUDY)
+    assert study.sop_classes == ((CT, 1),)
+    assert [o.name for o in stores[0].objects if o.kind is ObjectKind.PATIENT] == ["Audit^Alice"]
+
+    capture.reset()
+    results, final = c_find(srv.port, _find("AUD-1"), calling="MOD")
+    assert len(results) == 1 and final.Status == 0
+    query = _one(capture.events(), EventID.QUERY)
+    assert query.action is Action.EXECUTE and _requestor(query) == ("MOD", "127.0.0.1")
+    (asked,) = [o for o in query.objects if o.kind is ObjectKind.QUERY]
+    assert asked.id == STUDY_FIND and ("Results", "1") in asked.detail
+    assert json.loads(asked.query or "")["00100020"]["Value"] == ["AUD-1"]
+    assert _objects(query, ObjectKind.PATIENT) == ["AUD-1"]
+
+    capture.reset()
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = ct.StudyInstanceUID
+    received, final = c_get(srv.port, ident, [(CT, ["1.2.840.10008.1.2.1"])], calling="MOD")
+    assert len(received) == 1 and final.Status == 0
+    got = _one(capture.events(), EventID.INSTANCES_TRANSFERRED)
+    assert got.action is Action.READ and _objects(got, ObjectKind.PATIENT) == ["AUD-1"]
+    roles = {p.user_id: (p.role, p.requestor) for p in got.participants}
+    assert roles == {"SAFEPACS": ("Source Role ID", False), "MOD": ("Destination Role ID", True)}
+
+    # C-MOVE to a registered storescp: Begin Transferring, naming the destination node.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        scp_port = probe.getsockname()[1]
+    srv.add_peer("DEST", "echo", port=scp_port)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(moved), str(scp_port)])
+    try:
+        time.sleep(0.5)
+        capture.reset()
+        assert c_move(srv.port, ident, "DEST", calling="MOD").Status == 0
+        move = _one(capture.events(), EventID.BEGIN_TRANSFERRING)
+        assert {p.user_id for p in move.participants} == {"SAFEPACS", "MOD", "DEST"}
+        assert [p.address for p in move.participants if p.user_id == "DEST"] == ["127.0.0.1"]
+        capture.reset()
+        assert c_move(srv.port, ident, "NOWHERE", calling="MOD").Status == 0xA801
+        refused = _one(capture.events(), EventID.SECURITY_ALERT, "110132")
+        assert refused.outcome is Outcome.MINOR_FAILURE and _objects(refused, ObjectKind.NODE) == ["NOWHERE"]
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+    # A stranger's association: rejected, and the rejection is on the trail.
+    capture.reset()
+    with associate(srv.port, [build_context(CTImageStorage)], calling="STRANGER") as assoc:
+        assert not assoc.is_established and rejection(assoc) == (1, 1, 3)
+    rejected = _one(capture.events(), EventID.SECURITY_ALERT, "110126")
+    assert rejected.outcome is Outcome.MINOR_FAILURE and _requestor(rejected) == ("STRANGER", "127.0.0.1")
+    assert rejected.outcome_description == "calling AE title not registered"
+
+    assert srv.stop() == 0
+    stop = started.events(EventID.APPLICATION_ACTIVITY)[-1]
+    assert stop.type_code == ("110121", "Application Stop")
+    assert index.audit_checkpoints()[-1].seq == index.audit_records(0, 10**6)[-1].seq  # signed at stop
+    assert run_cli("audit", "verify", "--data", str(srv.data)) == 0
+
+
+def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlIndex, data_dir: Path) -> None:
+    srv.add_peer("MOD", "echo,store,find")
+    contexts = [build_context(CTImageStorage), build_context(StudyRootQueryRetrieveInformationModelFind)]
+    stored = make_ct(patient_id="AUD-2")
+    with associate(srv.port, contexts, calling="MOD") as assoc:
+        assert assoc.send_c_store(stored).Status == 0x0000
+        execute(data_dir, DENY_AUDIT)  # the audit store can no longer write
+        found = list(assoc.send_c_find(_find("AUD-2"), StudyRootQueryRetrieveInformationModelFind))
+        assert [int(s.Status) for s, _ in found] == [0xA700]  # no match was sent
+        assert "audit trail" in str(found[0][0].ErrorComment)
+        assert assoc.send_c_store(make_ct(patient_id="AUD-3")).Status == 0xA700
+    assert index.count_instances() == 1  # the refused instance was not kept
+    with associate(srv.port, contexts, calling="MOD") as refused:
+        assert not refused.is_established and rejection(refused) == (2, 1, 1)  # rejected-transient
+
+    execute(data_dir, sa.text("DROP TRIGGER deny_audit"))
+    results, final = c_find(srv.port, _find("AUD-2"), calling="MOD")
+    assert len(results) == 1 and final.Status == 0
+
+
+def test_dicomweb_and_sessions_record_user_address_and_user_agent(
+    data_dir: Path, index: SqlIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ct = make_ct(patient_id="WEB-1", patient_name="Web^Wendy")
+    study = str(ct.StudyInstanceUID)
+    with inprocess(data_dir) as (client, archive):
+        add_user(archive, "rad", "radiologist")
+        add_user(archive, "boss", "admin")
+        add_user(archive, "aud", "auditor")
+        tokens = {name: _token(data_dir, name, capsys) for name in ("rad", "boss", "aud")}
+
+        def call(method: str, url: str, user: str | None, **kwargs: object) -> httpx.Response:
+            headers = {"User-Agent": AGENT, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+            if user is not None:
+                headers["Authorization"] = f"Bearer {tokens.get(user, user)}"
+            return client.request(method, url, headers=headers, **kwargs)  # type: ignore[arg-type]
+
+        capture = AuditCapture(index)
+        body, content_type = multipart([part10(ct)])
+        assert (
+            call(
+                "POST", "/dicomweb/studies", "rad", content=body, headers={"Content-Type": content_type}
+            ).status_code
+            == 200
+        )
+        stow = _one(capture.events(), EventID.INSTANCES_ACCESSED)
+        assert stow.action is Action.CREATE and _objects(stow, ObjectKind.PATIENT) == ["WEB-1"]
+        (who,) = [p for p in stow.participants if p.requestor]
+        assert (who.user_id, who.address, who.user_agent) == ("rad", "127.0.0.1", AGENT)
+
+        capture.reset()
+        assert call("GET", "/dicomweb/studies?PatientID=WEB-1", "rad").status_code == 200
+        qido = _one(capture.events(), EventID.QUERY)
+        (asked,) = [o for o in qido.objects if o.kind is ObjectKind.QUERY]
+        assert asked.id == "QIDO-RS" and ("Results", "1") in asked.detail
+        assert _objects(qido, ObjectKind.PATIENT) == ["WEB-1"]
+
+        capture.reset()
+        assert call("GET", f"/dicomweb/studies/{study}", "rad").status_code == 200
+        assert call("GET", f"/dicomweb/studies/{study}/metadata", "rad").status_code == 200
+        transferred, accessed = capture.events()
+        assert (transferred.event_id, transferred.action) == (EventID.INSTANCES_TRANSFERRED, Action.READ)
+        assert (accessed.event_id, accessed.action) == (EventID.INSTANCES_ACCESSED, Action.READ)
+        assert _objects(transferred, ObjectKind.STUDY) == [study] == _objects(accessed, ObjectKind.STUDY)
+
+        capture.reset()
+        assert call("GET", "/dicomweb/studies/1.2.3.999", "rad").status_code == 404
+        missed = _one(capture.events(), EventID.INSTANCES_TRANSFERRED)
+        assert missed.outcome is Outcome.MINOR_FAILURE and _objects(missed, ObjectKind.STUDY) == ["1.2.3.999"]
+
+        capture.reset()
+        assert call("DELETE", f"/dicomweb/studies/{study}", "rad").status_code == 404  # not allowed
+        assert _one(capture.events(), EventID.SECURITY_ALERT, "110132").outcome is Outcome.MINOR_FAILURE
+        capture.reset()
+        assert call("DELETE", f"/dicomweb/studies/{study}", "boss").status_code == 204
+        deleted = _one(capture.events(), EventID.STUDY_DELETED)
+        assert deleted.action is Action.DELETE and _objects(deleted, ObjectKind.PATIENT) == ["WEB-1"]
+
+        capture.reset()
+        assert call("GET", "/dicomweb/studies", "spat_not-a-real-token").status_code == 401
+        failed = _one(capture.events(), EventID.USER_AUTHENTICATION)
+        assert failed.outcome is Outcome.MINOR_FAILURE and failed.type_code == ("110122", "Login")
+
+        capture.reset()
+        assert client.post("/api/session", json={"username": "rad", "password": "wrong"}).status_code == 401
+        login = client.post(
+            "/api/session", json={"username": "rad", "password": PASSWORD}, headers={"User-Agent": AGENT}
+        )
+        assert login.status_code == 200
+        cookie = login.headers["set-cookie"].split(";")[0]
+        headers = {"Cookie": cookie, "X-CSRF-Token": login.json()["csrf_token"]}
+        assert client.delete("/api/session", headers=headers).status_code == 204
+        bad, good, out = capture.events(EventID.USER_AUTHENTICATION)
+        assert (bad.outcome, good.outcome, out.outcome) == (
+            Outcome.MINOR_FAILURE,
+            Outcome.SUCCESS,
+            Outcome.SUCCESS,
+        )
+        assert [_requestor(e)[0] for e in (bad, good, out)] == ["rad"] * 3
+        assert out.type_code == ("110123", "Logout")
+
+        capture.reset()
+        rows = call("GET", "/api/audit?patient=WEB-1", "aud")
+        assert rows.status_code == 200 and {r["event"][:6] for r in rows.json()} >= {
+            "110103",
+            "110112",
+            "110105",
+        }
+        assert _one(capture.events(), EventID.AUDIT_LOG_USED).action is Action.READ
+
+        execute(data_dir, DENY_AUDIT)
+        refused = call("GET", "/dicomweb/studies", "rad")
+        assert refused.status_code == 503 and "audit" in refused.json()["detail"]
+
+
+def _token(data: Path, user: str, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert run_cli("token", "create", "--user", user, "--data", str(data)) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_administrative_changes_on_the_command_line_are_recorded(data_dir: Path, index: SqlIndex) -> None:
+    capture = AuditCapture(index)
+    data = ("--data", str(data_dir))
+    assert (
+        run_cli("peer", "add", "CT1", "--host", "127.0.0.1", "--allow", "store", "--tls", "off", *data) == 0
+    )
+    assert run_cli("user", "add", "eve", "--role", "radiologist", *data) == 0
+    assert run_cli("access", "grant", "1.2.3.4", "--user", "eve", *data) == 0
+    assert run_cli("user", "disable", "eve", *data) == 0
+    assert run_cli("peer", "list", *data) == 0  # reading changes nothing: no event
+    assert run_cli("peer", "remove", "CT1", *data) == 0
+    events = capture.events(EventID.SECURITY_ALERT)
+    assert [(e.type_code[0], e.objects[0].id) for e in events] == [  # type: ignore[index]
+        ("110129", "CT1"),
+        ("110136", "eve"),
+        ("110137", "eve"),
+        ("110137", "eve"),
+        ("110129", "CT1"),
+    ]
+    assert all(
+        e.participants[0].requestor and e.participants[0].role == "Application Launcher" for e in events
+    )
+    assert events[0].outcome_description is not None and "peer add CT1" in events[0].outcome_description
+
+
+def test_with_recording_off_only_the_gap_is_recorded(data_dir: Path, index: SqlIndex) -> None:
+    server = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_AUDIT__RECORD": "false"})
+    try:
+        server.add_peer("MOD", "echo,find")
+        capture = AuditCapture(index)
+        assert c_find(server.port, _find("X"), calling="MOD")[1].Status == 0
+        assert capture.events() == []
+    finally:
+        server.stop()
+    capture.start = 0
+    types = [e.type_code[0] for e in capture.events() if e.type_code]
+    assert types[:1] == ["110120"] and "110133" in types and types[-1] == "110121"
