@@ -206,7 +206,7 @@ def worst(report: dict[str, Any]) -> str | None:
 
 
 def _no_probe_errors(report: dict[str, Any]) -> None:
-    assert [e for e in report["endpoints"] if e["error"]] == []
+    assert [(e["service"], e["error"]) for e in report["endpoints"] if e["error"]] == []
 
 
 # ------------------------------------------------------------------------------------- parsing (no I/O)

@@ -180,8 +180,11 @@ def _check_certificate(result: TlsResult, der: bytes) -> None:
     result.days_left = (cert.not_valid_after_utc - now).days
     result.self_signed = cert.issuer == cert.subject
     key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey) and key.key_size < 2048:
-        result.weak_key = f"{'RSA' if isinstance(key, rsa.RSAPublicKey) else 'DSA'} {key.key_size} bits"
+    with warnings.catch_warnings():  # newer cryptography releases deprecate DSA; targets may still use it
+        warnings.simplefilter("ignore")
+        dsa_key = isinstance(key, dsa.DSAPublicKey)
+    if (isinstance(key, rsa.RSAPublicKey) or dsa_key) and key.key_size < 2048:  # type: ignore[union-attr]
+        result.weak_key = f"{'DSA' if dsa_key else 'RSA'} {key.key_size} bits"  # type: ignore[union-attr]
     algorithm = cert.signature_hash_algorithm
     if algorithm is not None and algorithm.name in ("md5", "sha1"):
         result.weak_signature = algorithm.name.upper()
