@@ -479,7 +479,9 @@ def test_c_move_to_a_tls_peer_uses_tls_and_our_client_certificate(srv: Server, t
 
 # User identity ---------------------------------------------------------------------------------------
 @pytest.mark.dcmtk
-def test_dcmtk_storescu_with_username_and_password(srv: Server, tmp_path: Path) -> None:
+def test_dcmtk_storescu_with_username_and_password(
+    srv: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     add_user(srv, "tech", "technologist")
     srv.add_peer("CT1", "store", tls="required", extra=("--user-identity", "required"))
     ct1 = issue(srv, "CT1", tmp_path / "ct1")
@@ -517,6 +519,10 @@ def test_dcmtk_storescu_with_username_and_password(srv: Server, tmp_path: Path) 
     assert "User Identity" not in dict(anonymous.objects[0].detail)
     (store,) = stored
     assert store.user_ids == ("CT1", "tech")  # the peer, and the person it acted for
+    capsys.readouterr()
+    assert run_cli("audit", "query", "--user", "tech", "--format", "json", "--data", str(srv.data)) == 0
+    (row,) = [r for r in json.loads(capsys.readouterr().out) if r["event"].startswith("110103")]
+    assert row["who"] == "CT1 (for tech)" and f"certificate SHA-256 {fingerprint}" in row["device"]
 
 
 def test_user_identity_refusals_and_lockout(data_dir: Path, tmp_path: Path) -> None:

@@ -31,7 +31,12 @@ def summary_row(seq: int, event: AuditEvent) -> dict[str, Any]:
         for p in requestors
     )
     device = ", ".join(
-        filter(None, [p.ae_title or "" for p in requestors] + [p.user_agent or "" for p in requestors])
+        filter(
+            None,
+            [p.ae_title or "" for p in requestors]
+            + [f"certificate SHA-256 {p.certificate_sha256}" for p in requestors if p.certificate_sha256]
+            + [p.user_agent or "" for p in requestors],
+        )
     )
     return {
         "seq": seq,
