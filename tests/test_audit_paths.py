@@ -65,6 +65,15 @@ def _one(events: list[AuditEvent], event_id: EventID, type_code: str | None = No
     return found[0]
 
 
+def _wait(capture: AuditCapture, event_id: EventID, timeout: float = 10.0) -> AuditEvent:
+    """The one event of ``event_id`` once it is recorded (by a thread that runs after the answer)."""
+    deadline = time.monotonic() + timeout
+    while not (found := capture.events(event_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(found) == 1, found
+    return found[0]
+
+
 def _requestor(event: AuditEvent) -> tuple[str, str | None]:
     (who,) = [p for p in event.participants if p.requestor]
     return who.user_id, who.address
@@ -96,19 +105,24 @@ def test_dimse_paths_record_who_did_what_to_which_patient_from_where(
     with associate(srv.port, [build_context(CTImageStorage)], calling="MOD") as assoc:
         assert assoc.send_c_store(ct).Status == 0x0000
         assert assoc.send_c_store(ct).Status == 0x0000  # the same again: stored already, recorded again
+    summary = _wait(capture, EventID.INSTANCES_TRANSFERRED)  # recorded when the association closes
     events = capture.events()
     accepted = _one(events, EventID.SECURITY_ALERT, "110126")
     assert accepted.outcome is Outcome.SUCCESS and _requestor(accepted) == ("MOD", "127.0.0.1")
     assert ("Transport", "plain TCP") in accepted.objects[0].detail
-    stores = [e for e in events if e.event_id is EventID.INSTANCES_ACCESSED]
-    assert len(stores) == 2 and {e.action for e in stores} == {Action.CREATE}
-    assert all(e.outcome is Outcome.SUCCESS for e in stores)
-    assert _requestor(stores[0]) == ("MOD", "127.0.0.1")
-    assert _objects(stores[0], ObjectKind.PATIENT) == ["AUD-1"]
-    assert _objects(stores[0], ObjectKind.STUDY) == [str(ct.StudyInstanceUID)]
-    study = next(o for o in stores[0].objects if o.kind is ObjectKind.STUDY)
+    # The first instance of the study is recorded as it is stored; the association's end sums up.
+    stored = _one(events, EventID.INSTANCES_ACCESSED)
+    assert (stored.action, stored.outcome) == (Action.CREATE, Outcome.SUCCESS)
+    assert _requestor(stored) == ("MOD", "127.0.0.1")
+    assert _objects(stored, ObjectKind.PATIENT) == ["AUD-1"]
+    assert _objects(stored, ObjectKind.STUDY) == [str(ct.StudyInstanceUID)]
+    study = next(o for o in stored.objects if o.kind is ObjectKind.STUDY)
     assert study.sop_classes == ((CT, 1),)
-    assert [o.name for o in stores[0].objects if o.kind is ObjectKind.PATIENT] == ["Audit^Alice"]
+    assert [o.name for o in stored.objects if o.kind is ObjectKind.PATIENT] == ["Audit^Alice"]
+    assert (summary.action, summary.outcome) == (Action.CREATE, Outcome.SUCCESS)
+    total = next(o for o in summary.objects if o.kind is ObjectKind.STUDY)
+    assert total.sop_classes == ((CT, 2),) and _objects(summary, ObjectKind.PATIENT) == ["AUD-1"]
+    assert summary.outcome_description == "instances received: 1 duplicate, 1 stored"
 
     capture.reset()
     results, final = c_find(srv.port, _find("AUD-1"), calling="MOD")
@@ -216,6 +230,8 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
         )
         stow = _one(capture.events(), EventID.INSTANCES_ACCESSED)
         assert stow.action is Action.CREATE and _objects(stow, ObjectKind.PATIENT) == ["WEB-1"]
+        request = _one(capture.events(), EventID.INSTANCES_TRANSFERRED)  # the request's summary
+        assert request.outcome_description == "instances received: 1 stored"
         (who,) = [p for p in stow.participants if p.requestor]
         assert (who.user_id, who.address, who.user_agent) == ("rad", "127.0.0.1", AGENT)
 

@@ -251,3 +251,16 @@ def test_auditors_read_the_trail_over_https(data_dir: Path, capsys: pytest.Captu
             assert client.get("/dicomweb/studies").status_code == 404
     finally:
         srv.stop()
+
+
+def test_reads_recorded_without_waiting_for_the_sync_join_the_same_chain(
+    index: SqlIndex, tmp_path: Path
+) -> None:
+    trail = AuditTrail(index, Signer.load_or_create(tmp_path))
+    for k in range(1, 7):
+        trail.record(event(k), durable=k % 2 == 1)  # a store, a query, a store, ...
+    result = verify_trail(index, trail.signer)
+    assert result.ok and result.records == 6
+    assert [from_canonical(r.body).study_uids for r in index.audit_records()] == [
+        (f"1.2.3.{k}",) for k in range(1, 7)
+    ]

@@ -25,6 +25,7 @@ from safepacs.audit.events import (
     from_canonical,
 )
 from safepacs.errors import AuditError, SafePacsError
+
 if TYPE_CHECKING:
     from safepacs.index import SqlIndex
 
@@ -47,8 +48,9 @@ __all__ = [
 
 
 class AuditSink(Protocol):
-    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
-        """Record durably before returning; :class:`AuditError` when that is impossible."""
+    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
+        """Record before returning (synced to disk unless ``durable`` is False: then within a second);
+        :class:`AuditError` when that is impossible."""
 
     def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
         """A function that records ``events`` inside an index write transaction it is given (the
@@ -62,11 +64,11 @@ class AuditTrail:
         self._index = index
         self.signer = signer
 
-    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if not events:
             return
         try:
-            self._index.append_audit(events, self.signer, checkpoint=checkpoint)
+            self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
         except SafePacsError as exc:
             raise AuditError("the audit trail cannot be written; the request is refused") from exc
 
@@ -89,7 +91,7 @@ class MemoryAuditSink:
         self._lock = threading.Lock()
         self.fail = False  # set to make every record() fail, as a broken audit store would
 
-    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
+    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if self.fail:
             raise AuditError("the audit trail cannot be written; the request is refused")
         with self._lock:

@@ -19,8 +19,11 @@ request refused (role, service)        110113 Security Alert, 110132 Use of Rest
 user, peer, token, access changes      110113 Security Alert, 110136 Security Roles Changed /
                                        110137 User Security Attributes Changed / 110129 Security
                                        Configuration
-C-STORE, STOW-RS                       110103 DICOM Instances Accessed, action C (Create)
-``safepacs import``                    110107 Import, action C
+C-STORE, STOW-RS                       110103 DICOM Instances Accessed, action C (Create), at the
+                                       first instance of each study; at the end of the association
+                                       or request 110104 DICOM Instances Transferred, action C, with
+                                       the counts (:class:`StoreBatch`)
+``safepacs import``                    110107 Import, action C (the same way, per run)
 C-FIND, QIDO-RS                        110112 Query, action E, with the query keys
 C-GET, WADO-RS and WADO-URI instances  110104 DICOM Instances Transferred, action R
 C-MOVE                                 110102 Begin Transferring DICOM Instances, action R
@@ -54,7 +57,7 @@ if TYPE_CHECKING:
 
     from safepacs.audit import AuditSink
 
-__all__ = ["Auditor", "StudyFacts", "Types", "actor", "operator", "query_text"]
+__all__ = ["Auditor", "StoreBatch", "StudyFacts", "Types", "actor", "operator", "query_text"]
 
 SOURCE = "Source Role ID"
 DESTINATION = "Destination Role ID"
@@ -89,6 +92,34 @@ class StudyFacts:
 
     def add(self, sop_class_uid: str, count: int = 1) -> None:
         self.sop_classes[sop_class_uid] = self.sop_classes.get(sop_class_uid, 0) + count
+
+
+class StoreBatch:
+    """What one requestor stored in one go: an association, a STOW-RS request, an ``import`` run.
+
+    The first instance of each study in a batch is recorded as it is stored (110103, in the index
+    transaction that stores it); the others of that study are counted here, and
+    :meth:`Auditor.stored_batch` records the whole (110104, per study and SOP class, with how many were
+    stored, stored already or kept against other bytes) when the batch ends.  IHE ATNA aggregates
+    C-STORE the same way: per study and association, not per instance.
+    """
+
+    def __init__(self) -> None:
+        self.studies: dict[str, StudyFacts] = {}
+        self.outcomes: dict[str, int] = {}
+
+    def first(self, facts: StudyFacts) -> bool:
+        """Whether this is the first instance of its study in the batch (then its event is recorded)."""
+        return facts.study_uid not in self.studies
+
+    def count(self, facts: StudyFacts, outcome: str) -> None:
+        known = self.studies.get(facts.study_uid)
+        if known is None:
+            known = StudyFacts(facts.study_uid, facts.patient_id, facts.patient_name)
+            self.studies[facts.study_uid] = known
+        for sop_class, n in facts.sop_classes.items():
+            known.add(sop_class, n)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 def actor(principal: Principal, role: str | None = None) -> Participant:
@@ -149,10 +180,16 @@ class Auditor:
         self.ae_title = ae_title
         self.enabled = enabled  # False: the access paths record nothing (``audit.record = false``)
 
-    def record(self, *events: AuditEvent, checkpoint: bool = False) -> None:
-        """Record durably now; :class:`~safepacs.errors.AuditError` when the trail cannot be written."""
+    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
+        """Record now; :class:`~safepacs.errors.AuditError` when the trail cannot be written.
+
+        ``durable=False`` (reads: queries, retrievals, accepted associations): committed before the
+        answer, synced to disk within a second rather than before it (a crash of SafePACS loses
+        nothing; a power cut may lose the last second of them).  Everything that changes data or
+        security (stores, deletions, logins, refusals, administration) is synced before the answer.
+        """
         if self.enabled:
-            self.sink.record(*events, checkpoint=checkpoint)
+            self.sink.record(*events, checkpoint=checkpoint, durable=durable)
 
     def writer(self, *events: AuditEvent) -> Callable[[Any], None] | None:
         """Record ``events`` inside an index write transaction (None when recording is off)."""
@@ -201,7 +238,8 @@ class Auditor:
                 objects,
                 type_code=Types.NODE_AUTHENTICATION,
                 outcome_description=why,
-            )
+            ),
+            durable=why is not None,  # an accepted association is recorded like a read
         )
 
     # Data ---------------------------------------------------------------------------------------------
@@ -217,6 +255,23 @@ class Auditor:
             (actor(principal, SOURCE), self.archive(DESTINATION)),
             _study_objects([study]) if study.study_uid else (),
             outcome_description=why,
+        )
+
+    def stored_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool) -> None:
+        """The end of a batch of stores (see :class:`StoreBatch`); nothing when nothing was stored."""
+        if not batch.studies:
+            return
+        kept = batch.outcomes.get("conflict", 0)
+        detail = ", ".join(f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items()))
+        self.record(
+            AuditEvent(
+                EventID.IMPORT if imported else EventID.INSTANCES_TRANSFERRED,
+                Action.CREATE,
+                Outcome.MINOR_FAILURE if kept else Outcome.SUCCESS,
+                (actor(principal, SOURCE), self.archive(DESTINATION)),
+                _study_objects(batch.studies.values()),
+                outcome_description=f"instances received: {detail}",
+            )
         )
 
     def store_failed(
@@ -248,7 +303,8 @@ class Auditor:
                 (actor(principal, SOURCE), self.archive(DESTINATION)),
                 tuple(objects),
                 outcome_description=why,
-            )
+            ),
+            durable=False,
         )
 
     def retrieved(
@@ -274,7 +330,8 @@ class Auditor:
                 participants,
                 _study_objects(studies),
                 outcome_description=why,
-            )
+            ),
+            durable=False,
         )
 
     def deletion(self, who: Participant | None, studies: Sequence[StudyFacts], detail: str) -> AuditEvent:

@@ -384,7 +384,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from safepacs.app import open_archive
-    from safepacs.audit.recorder import operator
+    from safepacs.audit.recorder import StoreBatch, operator
     from safepacs.index import migrate
     from safepacs.types import IngestOutcome, Principal
 
@@ -393,6 +393,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     migrate(settings.index_url)
     archive = open_archive(settings)
     principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)
+    batch = StoreBatch()
     counts = {"stored": 0, "already present": 0, "replaced": 0, "kept (different content)": 0}
     rejected: list[tuple[Path, str]] = []
     try:
@@ -400,7 +401,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
             task = progress.add_task("Importing", total=len(files))
             for path in files:
                 try:
-                    result = archive.ingest.ingest_file(principal, path.read_bytes())
+                    result = archive.ingest.ingest_file(principal, path.read_bytes(), batch=batch)
                 except SafePacsError as exc:
                     rejected.append((path, str(exc)))
                 except OSError as exc:
@@ -414,6 +415,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
                     }[result.outcome]
                     counts[key] += 1
                 progress.advance(task)
+        archive.ingest.end_batch(principal, batch, imported=True)
     finally:
         archive.close()
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
 from safepacs.audit.events import AuditObject, EventID, ObjectKind, Participant
-from safepacs.audit.recorder import DESTINATION, Auditor
+from safepacs.audit.recorder import DESTINATION, Auditor, StoreBatch
 from safepacs.dimse import status as st
 from safepacs.dimse._raw import RawInstance
 from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
@@ -32,6 +32,7 @@ __all__ = ["DimseHandlers"]
 log = logging.getLogger(__name__)
 
 _MAX_MOVE_CONTEXTS = 128
+_BATCH_ATTR = "_safepacs_stores"
 
 
 def _level(identifier: Dataset) -> QueryLevel:
@@ -89,6 +90,7 @@ class DimseHandlers:
                 sop_instance_uid,
                 transfer_syntax,
                 data,
+                batch=_batch(assoc),
             )
         except SafePacsError as exc:
             log.warning("C-STORE refused: %s", exc, extra={"error": type(exc).__name__})
@@ -101,6 +103,17 @@ class DimseHandlers:
                 st.WARNING_ELEMENTS_DISCARDED, "SOP Instance UID stored already with other content; kept"
             )
         return st.SUCCESS
+
+    def on_close(self, event: Any) -> None:
+        """The association ended: record what it stored (110104, per study, with the counts)."""
+        batch = getattr(event.assoc, _BATCH_ATTR, None)
+        principal = principal_of(event.assoc)
+        if batch is None or principal is None:
+            return
+        try:
+            self.ingest.end_batch(principal, batch)
+        except AuditError:
+            log.error("the audit trail cannot be written; an association's summary of stores is missing")
 
     def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         try:
@@ -190,6 +203,15 @@ class DimseHandlers:
         yield address, peer.port, {"contexts": _move_contexts(refs)}
         yield len(refs)
         yield from self._sub_operations(event, refs)
+
+
+def _batch(assoc: Any) -> StoreBatch:
+    """The association's batch of stores (one association runs its C-STOREs one after another)."""
+    batch = getattr(assoc, _BATCH_ATTR, None)
+    if batch is None:
+        batch = StoreBatch()
+        setattr(assoc, _BATCH_ATTR, batch)
+    return batch
 
 
 def _retrieve_error(exc: BaseException) -> Dataset:

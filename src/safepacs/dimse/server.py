@@ -240,6 +240,7 @@ class DimseServer:
             (evt.EVT_C_FIND, h.on_find),
             (evt.EVT_C_GET, h.on_get),
             (evt.EVT_C_MOVE, h.on_move),
+            (evt.EVT_CONN_CLOSE, h.on_close),
         ]
         max_bytes = archive.settings.storage.max_object_bytes
         self.servers = [_Server(self.ae, listener, s.ae_title, handlers, self.gate, h.store, max_bytes)]

@@ -14,13 +14,15 @@ instance of a known series) in :mod:`safepacs.index.write`.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
@@ -97,13 +99,15 @@ class TokenRecord:
 
 
 # Engines -------------------------------------------------------------------------------------------------
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") -> None:
     dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _sqlite_begin)
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_SECONDS * 1000}")
         cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = FULL")  # a committed row survives a power cut
+        # FULL: a committed row survives a power cut.  NORMAL (the relaxed writer of audit records of
+        # reads): it survives a crash of SafePACS, and a power cut once the WAL is synced (RelaxedSync).
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute("PRAGMA case_sensitive_like = ON")  # PS3.4 C.2.2.2.4: wild cards are case-sensitive
     finally:
@@ -116,7 +120,11 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _make_engine(url: str) -> sa.Engine:
+def _sqlite_connect_relaxed(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_connect(dbapi_conn, record, "NORMAL")
+
+
+def _make_engine(url: str, *, relaxed: bool = False) -> sa.Engine:
     try:
         parsed = sa.make_url(url)
         backend = parsed.get_backend_name()
@@ -124,7 +132,7 @@ def _make_engine(url: str) -> sa.Engine:
             if parsed.database in (None, "", ":memory:"):
                 raise IndexError_("the index needs a SQLite file, not an in-memory database; set index.url")
             engine = sa.create_engine(parsed, connect_args={"timeout": _BUSY_SECONDS})
-            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "connect", _sqlite_connect_relaxed if relaxed else _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
             return engine
         if backend == "postgresql":
@@ -176,17 +184,80 @@ def _join(values: frozenset[str] | frozenset[Service]) -> str:
     return ",".join(sorted(str(v) for v in values))
 
 
+class RelaxedSync:
+    """The relaxed SQLite writer and the thread that syncs its commits to disk within a second.
+
+    A commit on the relaxed writer is in the WAL (visible, and kept if SafePACS crashes) but not synced;
+    any later commit of the normal writer syncs the WAL file, and so does this thread, at most
+    ``interval`` seconds after a relaxed commit, with ``fsync`` of the WAL file.
+    """
+
+    def __init__(self, writer: sa.Engine, wal: Path, interval: float = 0.5) -> None:
+        self.writer = writer.execution_options(safepacs_write=True)
+        self._engine = writer
+        self._wal = wal
+        self._pending = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval,), name="safepacs-wal-sync", daemon=True
+        )
+        self._thread.start()
+
+    def dirty(self) -> None:
+        self._pending.set()
+
+    def sync(self) -> None:
+        if not self._pending.is_set():
+            return
+        self._pending.clear()
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:  # checkpointed and removed: what it held is in the database file
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.sync()
+            except OSError:
+                log.exception("the index's write-ahead log could not be synced; retrying")
+                self._pending.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sync()
+        self._engine.dispose()
+
+
 class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
     """The index on one database (see the module docstring).  Thread-safe; one per process."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
         self._engine = _make_engine(url)
         self._writer = self._engine.execution_options(safepacs_write=True)
         self._sqlite = self._engine.dialect.name == "sqlite"
         self._instance_writer = Writer(self._engine.dialect.name)
+        self._relaxed: RelaxedSync | None = None
+        self._relaxed_lock = threading.Lock()
 
     def close(self) -> None:
+        if self._relaxed is not None:
+            self._relaxed.close()
         self._engine.dispose()
+
+    def _relaxed_writer(self) -> sa.Engine:
+        """The writer whose commits skip the sync (SQLite ``synchronous=NORMAL``), made on first use."""
+        with self._relaxed_lock:
+            if self._relaxed is None:
+                database = sa.make_url(self._url).database or ""
+                self._relaxed = RelaxedSync(_make_engine(self._url, relaxed=True), Path(database + "-wal"))
+            return self._relaxed.writer
 
     # Transactions ---------------------------------------------------------------------------------------
     def _transient(self, exc: sa.exc.DBAPIError, write: bool) -> bool:
@@ -196,9 +267,27 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         state = getattr(exc.orig, "sqlstate", None)
         return state in _PG_TRANSIENT or (write and state in _PG_WRITE_RACES)
 
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:
-        """Run ``work`` in one transaction, committed (durably) on return, retried when transient."""
-        engine = self._writer if write else self._engine
+    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool, relaxed: bool = False) -> _T:
+        """Run ``work`` in one transaction, committed (durably) on return, retried when transient.
+
+        ``relaxed`` (a write): committed before returning, synced to disk within a second, not before
+        (SQLite: the relaxed writer; PostgreSQL: ``synchronous_commit = off`` for this transaction).
+        """
+        if relaxed and write:
+            if self._sqlite:
+                engine = self._relaxed_writer()
+                result = self._run_on(engine, work, write)
+                cast(RelaxedSync, self._relaxed).dirty()
+                return result
+            inner = work
+
+            def work(conn: sa.Connection) -> _T:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                return inner(conn)
+
+        return self._run_on(self._writer if write else self._engine, work, write)
+
+    def _run_on(self, engine: sa.Engine, work: Callable[[sa.Connection], _T], write: bool) -> _T:
         delay = 0.02
         for attempt in range(_RETRIES + 1):
             try:

@@ -33,58 +33,81 @@ class AuditFilter:
     until: datetime | None = None
 
 
+# Built once: SQLAlchemy then finds their compiled forms in its cache (an instance's record is appended
+# on every C-STORE, so building statements per call would cost more than the record itself).
+_HEAD = sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_RECORD = sa.insert(audit_log)
+_INSERT_REFS = sa.insert(audit_refs)
+_INSERT_CHECKPOINT = sa.insert(audit_checkpoints)
+_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_AUDIT_LOCK))
+
+
 def append_events(
     conn: sa.Connection, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False
 ) -> int:
     """Append ``events`` to the chain in this transaction; the last sequence number.  ``checkpoint``
     signs the new head whatever its number (application start and stop)."""
+    if not events:
+        raise ValueError("no events to append")
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_AUDIT_LOCK)))
-    head = conn.execute(
-        sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
-    ).first()
+        conn.execute(_LOCK)
+    head = conn.execute(_HEAD).first()
     seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, GENESIS)
     now = datetime.now(UTC)
+    records: list[dict[str, object]] = []
+    refs: list[dict[str, object]] = []
+    checkpoints: list[dict[str, object]] = []
     for event in events:
         seq += 1
         body = canonical(event)
         digest = chain_hash(prev, seq, body)
-        conn.execute(
-            sa.insert(audit_log).values(
-                seq=seq,
-                recorded_at=now,
-                event_id=event.event_id.code,
-                outcome=int(event.outcome),
-                body=body,
-                prev_hash=prev,
-                hash=digest,
-            )
+        records.append(
+            {
+                "seq": seq,
+                "recorded_at": now,
+                "event_id": event.event_id.code,
+                "outcome": int(event.outcome),
+                "body": body,
+                "prev_hash": prev,
+                "hash": digest,
+            }
         )
-        refs = [("patient", v) for v in set(event.patient_ids)]
-        refs += [("study", v) for v in set(event.study_uids)]
-        refs += [("user", v) for v in set(event.user_ids)]
-        if refs:
-            conn.execute(sa.insert(audit_refs), [{"seq": seq, "kind": k, "value": v} for k, v in refs])
+        for kind, values in (
+            ("patient", event.patient_ids),
+            ("study", event.study_uids),
+            ("user", event.user_ids),
+        ):
+            refs += [{"seq": seq, "kind": kind, "value": v} for v in dict.fromkeys(values)]
         if seq % CHECKPOINT_EVERY == 0 or (checkpoint and event is events[-1]):
             cp = signer.checkpoint(seq, digest)
-            conn.execute(
-                sa.insert(audit_checkpoints).values(
-                    seq=cp.seq, hash=cp.hash, signature=cp.signature, created_at=now
-                )
-            )
+            checkpoints.append({"seq": cp.seq, "hash": cp.hash, "signature": cp.signature, "created_at": now})
         prev = digest
+    conn.execute(_INSERT_RECORD, records)
+    if refs:
+        conn.execute(_INSERT_REFS, refs)
+    if checkpoints:
+        conn.execute(_INSERT_CHECKPOINT, checkpoints)
     return seq
 
 
 class AuditLogMixin:
     """Reading and writing the audit trail (see the module docstring)."""
 
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
+    def _run(
+        self, work: Callable[[sa.Connection], _T], *, write: bool, relaxed: bool = False
+    ) -> _T:  # pragma: no cover
         raise NotImplementedError
 
-    def append_audit(self, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False) -> int:
-        """Append events durably (committed before returning); the last sequence number."""
-        return self._run(lambda conn: append_events(conn, events, signer, checkpoint=checkpoint), write=True)
+    def append_audit(
+        self, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False, durable: bool = True
+    ) -> int:
+        """Append events, committed before returning (and synced, unless ``durable`` is False: then
+        within a second); the last sequence number."""
+        return self._run(
+            lambda conn: append_events(conn, events, signer, checkpoint=checkpoint),
+            write=True,
+            relaxed=not durable,
+        )
 
     def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]:
         """The records after ``after_seq`` in order, at most ``limit``."""

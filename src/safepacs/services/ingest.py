@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from safepacs.audit.recorder import Auditor, StudyFacts
+from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
 from safepacs.errors import AuditError, ConflictError, InvalidObjectError, SafePacsError, StorageError
 from safepacs.index import SqlIndex
 from safepacs.services.transcode import dataset_bytes
@@ -90,34 +90,53 @@ class IngestService:
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         encoded: bytes,
+        *,
+        batch: StoreBatch | None = None,
     ) -> IngestResult:
-        """Store a data set received over the network (C-STORE), encoded in ``transfer_syntax_uid``."""
+        """Store a data set received over the network (C-STORE), encoded in ``transfer_syntax_uid``;
+        ``batch`` is the association's (:class:`~safepacs.audit.recorder.StoreBatch`)."""
         self._audit.require(principal, Service.STORE)
         return self._audited(
             principal,
             lambda: self._network_candidate(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded),
             imported=False,
+            batch=batch,
         )
 
-    def ingest_file(self, principal: Principal, data: bytes, *, imported: bool = True) -> IngestResult:
+    def ingest_file(
+        self, principal: Principal, data: bytes, *, imported: bool = True, batch: StoreBatch | None = None
+    ) -> IngestResult:
         """Store a DICOM Part 10 file (``safepacs import``; STOW-RS with ``imported=False``); the file meta
-        is rebuilt by SafePACS."""
+        is rebuilt by SafePACS.  ``batch``: the import run's or the STOW-RS request's."""
         self._audit.require(principal, Service.STORE)
-        return self._audited(principal, lambda: self._file_candidate(data), imported=imported)
+        return self._audited(principal, lambda: self._file_candidate(data), imported=imported, batch=batch)
+
+    def end_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool = False) -> None:
+        """Record what a batch stored (the end of an association, a STOW-RS request, an import run)."""
+        self._audit.stored_batch(principal, batch, imported=imported)
 
     def _audited(
-        self, principal: Principal, build: Callable[[], _Candidate], *, imported: bool
+        self,
+        principal: Principal,
+        build: Callable[[], _Candidate],
+        *,
+        imported: bool,
+        batch: StoreBatch | None,
     ) -> IngestResult:
         """Validate and store, recording the outcome; a refusal is recorded with its reason."""
         candidate: _Candidate | None = None
         try:
             candidate = build()
-            return self._store(principal, candidate, imported=imported)
+            facts = _facts(candidate.header)
+            result = self._store(principal, candidate, facts, imported=imported, batch=batch)
+            if batch is not None:
+                batch.count(facts, result.outcome.value)
+            return result
         except AuditError:
             raise
         except SafePacsError as exc:
-            facts = _facts(candidate.header) if candidate is not None else None
-            self._audit.store_failed(principal, facts, str(exc), imported=imported)
+            known = _facts(candidate.header) if candidate is not None else None
+            self._audit.store_failed(principal, known, str(exc), imported=imported)
             raise
 
     def _network_candidate(
@@ -189,15 +208,25 @@ class IngestService:
                 raise InvalidObjectError(f"the data set has no valid {keyword}")
         return _Candidate(part10, header, sop_class, sop_instance, ts)
 
-    def _store(self, principal: Principal, c: _Candidate, *, imported: bool) -> IngestResult:
+    def _store(
+        self,
+        principal: Principal,
+        c: _Candidate,
+        facts: StudyFacts,
+        *,
+        imported: bool,
+        batch: StoreBatch | None,
+    ) -> IngestResult:
         """Write, then index.  The index is asked first only when the instance turns out to exist.
 
-        New instances are the common case, so they cost one index transaction, which also appends
-        their audit record; a re-sent instance costs a blob write that is undone, and an audit record
-        of its own.  Nothing stored is altered unless ``overwrite`` is on.
+        New instances are the common case, so they cost one index transaction, which also appends the
+        audit record when the instance is the first of its study in ``batch`` (or there is no batch);
+        a re-sent instance costs a blob write that is undone.  Nothing stored is altered unless
+        ``overwrite`` is on.
         """
-        facts = _facts(c.header)
-        stored = self._audit.writer(self._audit.stored(principal, facts, imported=imported))
+        first = batch is None or batch.first(facts)
+        event = self._audit.stored(principal, facts, imported=imported)
+        stored = self._audit.writer(event) if first else None
         digest = hashlib.sha256(c.part10).hexdigest()
         sealed = self._cipher.seal(c.part10)
         blob_id = self._blobs.put(sealed)
@@ -209,7 +238,8 @@ class IngestService:
             except ConflictError:
                 existing = self._index.get_instance(c.sop_instance_uid)
                 if existing is not None and existing.blob.sha256 == digest:
-                    self._audit.record(self._audit.stored(principal, facts, imported=imported))
+                    if first:
+                        self._audit.record(event)
                     return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
                 if not self._overwrite:
                     result = _conflict(c.sop_instance_uid)

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
 
+from safepacs.audit.recorder import StoreBatch
 from safepacs.auth.policy import decide
 from safepacs.errors import AccessDenied, InvalidObjectError, SafePacsError
 from safepacs.services.ingest import IngestService, SopClassMismatch
@@ -128,6 +129,7 @@ def make_router(
     ) -> JSONResponse:
         stored = Sequence()
         failed = Sequence()
+        batch = StoreBatch()
         for headers, data in parts:
             media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
             sop_class, sop_instance, study_uid, series_uid = _uids(data)
@@ -138,7 +140,7 @@ def make_router(
                 failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
                 continue
             try:
-                result = ingest.ingest_file(principal, data, imported=False)
+                result = ingest.ingest_file(principal, data, imported=False, batch=batch)
             except SafePacsError as exc:
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
@@ -150,6 +152,7 @@ def make_router(
                 )
             else:
                 stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
+        ingest.end_batch(principal, batch)
         answer = Dataset()
         if study is not None:
             answer.RetrieveURL = f"{base}/dicomweb/studies/{study}"
