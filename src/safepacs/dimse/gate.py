@@ -139,6 +139,7 @@ class AssociationGate:
         session: TlsSession | None,
         reason: str | None,
         credentials: Credentials | None = None,
+        called: str | None = None,
     ) -> bool:
         """Record an association accepted (``reason`` None) or rejected (110113 Node Authentication) with
         what its TLS handshake and User Identity Negotiation proved; False when the trail cannot be
@@ -156,6 +157,8 @@ class AssociationGate:
                 certificate_sha256=session.sha256 if session is not None else None,
             )
         detail = [("Transport", f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP")]
+        if called is not None:
+            detail.append(("Called AE Title", called.strip()[:16]))
         if principal is not None and principal.user_identity:
             detail.append(("User Identity", f"{principal.user} ({principal.user_identity})"))
         elif credentials is not None:
@@ -200,7 +203,13 @@ class GateACSE(ACSE):
             calling, called, address, len(contexts), session=session, credentials=credentials
         )
         if not self.gate.record(
-            principal, calling, address, session, reason if rejection is not None else None, credentials
+            principal,
+            calling,
+            address,
+            session,
+            reason if rejection is not None else None,
+            credentials,
+            called,
         ):
             principal, rejection, reason = None, REJECT_TRANSIENT, "the audit trail cannot be written"
         if rejection is not None:
