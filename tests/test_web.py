@@ -467,3 +467,74 @@ def test_stow_rs_refuses_a_body_over_the_limit(data_dir: Path, capsys: pytest.Ca
             assert r.json()["title"] == "Content Too Large"
     finally:
         srv.stop()
+
+
+def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
+    import asyncio
+
+    from safepacs.web.retrieval import Part, multipart, multipart_stream
+
+    def parts(fail_after: int | None = None) -> Iterator[Part]:
+        for n in range(7):
+            if n == fail_after:
+                raise RuntimeError("read failed")
+            size = 200_000 if n % 2 else 100
+            yield f"application/dicom; n={n}", bytes([n]) * size
+        yield "application/octet-stream", iter([b"a" * 70_000, b"b", b"c"])  # streamed, no length
+
+    async def collect(fail_after: int | None, batch: int) -> tuple[list[bytes], Exception | None]:
+        got: list[bytes] = []
+        try:
+            async for chunk in multipart_stream(parts(fail_after), "mark", batch):
+                got.append(chunk)
+        except RuntimeError as exc:
+            return got, exc
+        return got, None
+
+    expected = b"".join(multipart(parts(), "mark"))
+    for batch in (1, 300_000, 10_000_000):
+        got, failure = asyncio.run(collect(None, batch))
+        assert failure is None and b"".join(got) == expected
+    # Contents of 64 KiB or more go as they are; what lies between them goes joined, one chunk each.
+    got, _ = asyncio.run(collect(None, 10_000_000))
+    assert sorted(len(chunk) for chunk in got if len(chunk) >= 64 * 1024) == [70_000, *[200_000] * 3]
+    assert len(got) == 9
+    # A failure ends the body where it happened: what came before it is sent, then the error.
+    before: list[bytes] = []
+    with pytest.raises(RuntimeError):
+        for chunk in multipart(parts(3), "mark"):
+            before.append(chunk)
+    got, failure = asyncio.run(collect(3, 10_000_000))
+    assert isinstance(failure, RuntimeError) and b"".join(got) == b"".join(before)
+
+
+def test_security_headers_are_added_unless_the_answer_set_them() -> None:
+    import asyncio
+
+    from starlette.types import Message, Receive, Scope, Send
+
+    from safepacs.web.security import SecurityHeaders
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"cache-control", b"private")]}
+        await send(start)
+        await send({"type": "http.response.body", "body": b"x", "more_body": False})
+
+    async def call() -> list[Message]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await SecurityHeaders(app)({"type": "http", "method": "GET", "path": "/"}, receive, send)
+        return sent
+
+    start, body = asyncio.run(call())
+    headers = dict(start["headers"])
+    assert headers[b"cache-control"] == b"private"  # the answer's own value is kept
+    assert {name.encode() for name in SECURITY_HEADERS} <= set(headers)
+    assert headers[b"x-frame-options"] == b"DENY"
+    assert body == {"type": "http.response.body", "body": b"x", "more_body": False}

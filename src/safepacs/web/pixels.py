@@ -36,7 +36,7 @@ from safepacs.services.transcode import can_convert
 from safepacs.types import Principal
 from safepacs.web.problems import Problem, not_found
 from safepacs.web.requests import acceptable, frame_numbers, media_ranges
-from safepacs.web.retrieval import UNCOMPRESSED, Part, boundary, locate, multipart, multipart_media
+from safepacs.web.retrieval import UNCOMPRESSED, Part, boundary, locate, multipart_media, multipart_stream
 
 __all__ = ["check_frames", "load_instance", "make_router", "pixel_geometry"]
 
@@ -159,7 +159,7 @@ def _element_bulk(ds: Dataset, path: str, accept: str) -> Iterator[Part]:
 
 def _response(parts: Iterator[Part], part_type: str) -> StreamingResponse:
     mark = boundary()
-    return StreamingResponse(multipart(parts, mark), media_type=multipart_media(part_type, mark))
+    return StreamingResponse(multipart_stream(parts, mark), media_type=multipart_media(part_type, mark))
 
 
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:

@@ -45,7 +45,7 @@ from safepacs.types import InstanceRef, Principal
 from safepacs.web.pixels import check_frames, pixel_geometry
 from safepacs.web.problems import Problem
 from safepacs.web.requests import acceptable, frame_numbers, media_ranges
-from safepacs.web.retrieval import Part, boundary, locate, multipart, multipart_media
+from safepacs.web.retrieval import Part, boundary, locate, multipart_media, multipart_stream
 
 __all__ = [
     "Renderer",
@@ -183,7 +183,7 @@ def _respond_many(jobs: Iterable[Callable[[], bytes]], media: str) -> StreamingR
         raise Problem(406, "Not Acceptable", "nothing here can be rendered as an image")
     mark = boundary()
     return StreamingResponse(
-        multipart(itertools.chain([first], parts), mark), media_type=multipart_media(media, mark)
+        multipart_stream(itertools.chain([first], parts), mark), media_type=multipart_media(media, mark)
     )
 
 

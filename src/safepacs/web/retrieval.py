@@ -10,10 +10,11 @@ there" and "not for you" both answer ``404 no such resource``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.events import EventID
 from safepacs.errors import AccessDenied, QueryError
@@ -32,6 +33,7 @@ __all__ = [
     "locate",
     "multipart",
     "multipart_media",
+    "multipart_stream",
     "part10_as",
 ]
 
@@ -109,3 +111,59 @@ def multipart(parts: Iterable[Part], mark: str) -> Iterator[bytes]:
             yield from content
         yield b"\r\n"
     yield f"--{mark}--\r\n".encode("ascii")
+
+
+#: About how many bytes of a multipart body :func:`multipart_stream` makes per trip to the thread pool.
+BATCH_BYTES = 1024 * 1024
+#: Pieces smaller than this (boundaries, part headers, small parts) are joined into one chunk.
+_SMALL = 64 * 1024
+
+
+def _next_batch(chunks: Iterator[bytes], limit: int) -> tuple[list[bytes], bool, Exception | None]:
+    """The next chunks of ``chunks``, about ``limit`` bytes, with runs of small ones joined (a large
+    one is passed on as it is, not copied); whether ``chunks`` is exhausted; the exception it raised,
+    if it did, after the chunks it gave before."""
+    out: list[bytes] = []
+    small: list[bytes] = []
+    size = 0
+
+    def join_small() -> None:
+        if small:
+            out.append(small[0] if len(small) == 1 else b"".join(small))
+            small.clear()
+
+    try:
+        for chunk in chunks:
+            if len(chunk) < _SMALL:
+                small.append(chunk)
+            else:
+                join_small()
+                out.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                join_small()
+                return out, False, None
+    except Exception as exc:  # noqa: BLE001 - raised again by multipart_stream, after what came before
+        join_small()
+        return out, False, exc
+    join_small()
+    return out, True, None
+
+
+async def multipart_stream(
+    parts: Iterable[Part], mark: str, batch: int = BATCH_BYTES
+) -> AsyncIterator[bytes]:
+    """:func:`multipart` for a :class:`~starlette.responses.StreamingResponse`, which would otherwise
+    pull each boundary, part header and content through the thread pool on its own: here ``parts``
+    are made (read, decrypted, checked) in the thread pool about ``batch`` bytes at a time, and the
+    small pieces between contents go out joined.  At most about ``batch`` bytes plus one part are
+    held at a time; a failure of ``parts`` ends the body where it happened, as with :func:`multipart`.
+    """
+    chunks = multipart(parts, mark)
+    done = False
+    while not done:
+        block, done, failure = await run_in_threadpool(_next_batch, chunks, batch)
+        for chunk in block:
+            yield chunk
+        if failure is not None:
+            raise failure

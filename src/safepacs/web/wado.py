@@ -6,9 +6,9 @@ Instances come from the same retrieve service as C-GET and C-MOVE (policy, then 
 the decrypted bytes checked against their SHA-256).  ``transfer-syntax=*`` sends each instance as
 stored; without it, or with Explicit/Implicit VR Little Endian, compressed instances are decoded
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
-default).  The multipart body is streamed, one instance in memory at a time.  In metadata, Pixel
-Data and every binary value over 1 KiB is a ``BulkDataURI`` (PS3.18 F.2) that the bulkdata
-resource answers.
+default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
+whole series in memory.  In metadata, Pixel Data and every binary value over 1 KiB is a
+``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from safepacs.web.retrieval import (
     Part,
     boundary,
     locate,
-    multipart,
     multipart_media,
+    multipart_stream,
     part10_as,
 )
 
@@ -112,7 +112,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
                     "transfer-syntax=* to get them as stored",
                 )
         mark = boundary()
-        body = multipart(_instances(refs, retrieve.read, target), mark)
+        body = multipart_stream(_instances(refs, retrieve.read, target), mark)
         return StreamingResponse(body, media_type=multipart_media("application/dicom", mark))
 
     def metadata(request: Request, *uids: str) -> JSONResponse:
