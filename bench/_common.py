@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -487,3 +488,22 @@ def split(files: list[str], groups: int) -> list[list[str]]:
         out.append(files[start:end])
         start = end
     return [g for g in out if g]
+
+
+def markdown_table(rows: list[list[str]], title: str, headers: Sequence[str]) -> str:
+    """``rows`` under ``headers`` as a Markdown table after ``title``."""
+    lines = [title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(rows: list[list[str]], title: str, headers: Sequence[str]) -> Any:
+    """``rows`` as a rich Table: the first column left-aligned, the others right."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -32,7 +32,9 @@ from _common import (
     SafePacs,
     git_revision,
     make_corpus,
+    markdown_table,
     remove_tree,
+    rich_table,
     running,
     version_line,
 )
@@ -41,7 +43,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from rich.console import Console
-from rich.table import Table
 
 TARGET_COST = 0.10
 MODES = ("on", "off")
@@ -181,18 +182,11 @@ def build_rows(
 
 
 def print_table(rows: list[list[str]], title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(rows, title, HEADERS))
 
 
 def markdown(rows: list[list[str]], title: str) -> str:
-    lines = [title, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, title, HEADERS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -41,6 +41,7 @@ from _common import (
     dcmtk,
     git_revision,
     make_corpus,
+    markdown_table,
     nodelay_env,
     remove_tree,
     running,
@@ -203,9 +204,7 @@ def print_table(rows: list[list[str]], title: str) -> None:
 
 
 def markdown(rows: list[list[str]], title: str) -> str:
-    lines = [title, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, title, HEADERS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -37,14 +37,15 @@ from _common import (
     free_port,
     git_revision,
     make_corpus,
+    markdown_table,
     nodelay_env,
     remove_tree,
+    rich_table,
     running,
     split,
     version_line,
 )
 from rich.console import Console
-from rich.table import Table
 
 PLAIN_AET, TLS_AET = "BENCH", "BENCHTLS"
 TARGET_COST = 0.15
@@ -199,18 +200,11 @@ def build_rows(
 
 
 def print_table(rows: list[list[str]], title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(rows, title, HEADERS))
 
 
 def markdown(rows: list[list[str]], title: str) -> str:
-    lines = [title, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, title, HEADERS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
