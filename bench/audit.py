@@ -3,19 +3,22 @@
     .venv/bin/python bench/audit.py --quick          # 500 small instances, 200 C-FINDs, 1 run
     .venv/bin/python bench/audit.py --runs 3         # 2,000 small + 200 CT, 1,000 C-FINDs, median of 3
 
-Each measurement starts SafePACS fresh (``init``; peer BENCH allowed echo,store,find; ``serve`` with
-``SAFEPACS_AUDIT__RECORD=true`` or ``false``) on an empty store, sends the corpus with DCMTK ``storescu``
-over one association (TCP_NODELAY=1), then sends C-FINDs over one pynetdicom association: STUDY level,
-PatientID of a stored patient (one match each), Study Root.  With recording on, every instance stored
-appends its audit record in the index transaction that stores it, the association one record, and
-every query one record (its own durable commit) before the first answer.  On and off alternate
-within each run, so drift of the machine hits both alike.  Target (issue 5): auditing costs under
-10% of the throughput without it.  All traffic is on 127.0.0.1.
+Each measurement starts two SafePACS fresh (``init``; peer BENCH allowed echo,store,find; ``serve``,
+one with ``SAFEPACS_AUDIT__RECORD=true``, one with ``false``) on empty stores, sends the corpus with
+DCMTK ``storescu`` over one association (TCP_NODELAY=1) to one and then the other (the order swaps
+from run to run), then sends C-FINDs over one pynetdicom association to each: STUDY level, PatientID
+of a stored patient (one match each), Study Root, alternating between the two servers in blocks of
+25 so that whatever else the machine does hits both alike.  With recording on, the first instance
+of each study in the association is recorded in the index transaction that stores it and the
+association's end sums up the rest; each association and each query is recorded (committed before
+the answer, synced within a second).  Target (issue 5): auditing costs under 10% of the throughput
+without it.  All traffic is on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import statistics
 import sys
@@ -58,46 +61,69 @@ class Finds:
     errors: list[str]
 
 
-def run_finds(port: int, patients: list[str], count: int) -> Finds:
-    """``count`` C-FINDs over one association, cycling through ``patients``; each must match once."""
-    ae = AE(ae_title="BENCH")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate(HOST, port, ae_title="SAFEPACS")
-    errors: list[str] = []
-    latencies: list[float] = []
-    if not assoc.is_established:
-        return Finds(0.0, count, [], ["the C-FIND association was not accepted"])
-    sock = getattr(assoc.dul.socket, "socket", None)
-    if sock is not None:  # else each query waits for a delayed ACK (40 ms) on loopback
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    start = time.perf_counter()
+class FindClient:
+    """One association for C-FINDs (STUDY level by PatientID, Study Root), Nagle off."""
+
+    def __init__(self, port: int) -> None:
+        self.ae = AE(ae_title="BENCH")
+        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
+        self.assoc = self.ae.associate(HOST, port, ae_title="SAFEPACS")
+        if not self.assoc.is_established:
+            raise RuntimeError("the C-FIND association was not accepted")
+        sock = getattr(self.assoc.dul.socket, "socket", None)
+        if sock is not None:  # else each query waits for a delayed ACK (40 ms) on loopback
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def query(self, patient: str) -> tuple[float, str | None]:
+        """(seconds, error or None) of one C-FIND that must match exactly one study."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.PatientID = patient
+        ident.StudyInstanceUID = ""
+        ident.PatientName = ""
+        t0 = time.perf_counter()
+        matches, final = 0, -1
+        for status, _ in self.assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+            if status is None or "Status" not in status:
+                final = -2
+                break
+            if status.Status in (0xFF00, 0xFF01):
+                matches += 1
+            else:
+                final = int(status.Status)
+        elapsed = time.perf_counter() - t0
+        if final != 0 or matches != 1:
+            return elapsed, f"C-FIND of {patient}: status {final:#06x}, {matches} matches (expected 1)"
+        return elapsed, None
+
+    def close(self) -> None:
+        self.assoc.release()
+        self.ae.shutdown()
+
+
+def interleaved_finds(
+    ports: dict[str, int], patients: list[str], count: int, block: int = 25
+) -> dict[str, Finds]:
+    """``count`` C-FINDs to each server, in alternating blocks of ``block``, so that whatever else the
+    machine does hits both alike."""
+    clients = {mode: FindClient(port) for mode, port in ports.items()}
+    out = {mode: Finds(0.0, 0, [], []) for mode in ports}
     try:
-        for i in range(count):
-            ident = Dataset()
-            ident.QueryRetrieveLevel = "STUDY"
-            ident.PatientID = patients[i % len(patients)]
-            ident.StudyInstanceUID = ""
-            ident.PatientName = ""
-            t0 = time.perf_counter()
-            matches, final = 0, -1
-            for status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
-                if status is None or "Status" not in status:
-                    final = -2
-                    break
-                if status.Status in (0xFF00, 0xFF01):
-                    matches += 1
-                else:
-                    final = int(status.Status)
-            latencies.append(time.perf_counter() - t0)
-            if final != 0 or matches != 1:
-                errors.append(f"C-FIND {i}: status {final:#06x}, {matches} matches (expected 1)")
-                if len(errors) > 5:
-                    break
+        for start in range(0, count, block):
+            for mode, client in clients.items():
+                found = out[mode]
+                for i in range(start, min(count, start + block)):
+                    seconds, error = client.query(patients[i % len(patients)])
+                    found.latencies.append(seconds)
+                    found.elapsed += seconds
+                    found.count += 1
+                    if error is not None and len(found.errors) < 5:
+                        found.errors.append(error)
     finally:
-        assoc.release()
-        ae.shutdown()
-    return Finds(time.perf_counter() - start, count, latencies, errors)
+        for client in clients.values():
+            client.close()
+    return out
 
 
 def patients_of(corpus: Corpus) -> list[str]:
@@ -106,28 +132,57 @@ def patients_of(corpus: Corpus) -> list[str]:
     return [f"BENCH{p:06d}" for p in range(series)]
 
 
-def measure(
-    corpus: Corpus, mode: str, workdir: Path, finds: int, timeout: float
-) -> tuple[Measurement, Finds | None]:
-    rundir = Path(tempfile.mkdtemp(prefix=f"audit-{mode}-{corpus.name}-", dir=workdir))
-    receiver = SafePacs(
-        name="safepacs",
-        aet="SAFEPACS",
-        workdir=rundir,
-        env={"SAFEPACS_AUDIT__RECORD": "true" if mode == "on" else "false"},
-    )
-    receiver.allow = "echo,store,find"
+def settle(receivers: list[SafePacs], timeout: float = 15.0) -> None:
+    """Wait until the servers are idle: each answers DICOM before its HTTPS process has finished
+    starting, and that start-up would otherwise slow down whichever is measured first."""
+    deadline = time.monotonic() + timeout
+    before = sum(r.cpu_seconds() for r in receivers)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sum(r.cpu_seconds() for r in receivers)
+        if now - before < 0.025:  # under 5% of a core over half a second
+            return
+        before = now
+
+
+def measure_pair(
+    corpus: Corpus, order: tuple[str, ...], workdir: Path, finds: int, timeout: float
+) -> dict[str, tuple[Measurement, Finds | None]]:
+    """Two servers, recording on and off, both running: the corpus sent to each in ``order``, then
+    ``finds`` C-FINDs to each, interleaved."""
+    receivers = {}
+    for mode in order:
+        rundir = Path(tempfile.mkdtemp(prefix=f"audit-{mode}-{corpus.name}-", dir=workdir))
+        receiver = SafePacs(
+            name="safepacs",
+            aet="SAFEPACS",
+            workdir=rundir,
+            env={"SAFEPACS_AUDIT__RECORD": "true" if mode == "on" else "false"},
+        )
+        receiver.allow = "echo,store,find"
+        receivers[mode] = receiver
+    out: dict[str, tuple[Measurement, Finds | None]] = {}
     try:
-        with running(receiver):
-            ingest = send(corpus, receiver, 1, timeout)
-            queried = run_finds(receiver.port, patients_of(corpus), finds) if finds and ingest.ok else None
-        if not ingest.ok and receiver.log_tail(8):
-            ingest.errors.append(f"safepacs log tail:\n{receiver.log_tail(8)}")
-        return ingest, queried
+        with contextlib.ExitStack() as stack:
+            for receiver in receivers.values():
+                stack.enter_context(running(receiver))
+            settle(list(receivers.values()))
+            ingests = {mode: send(corpus, receivers[mode], 1, timeout) for mode in order}
+            queried: dict[str, Finds] = {}
+            if finds and all(m.ok for m in ingests.values()):
+                ports = {mode: receivers[mode].port for mode in order}
+                queried = interleaved_finds(ports, patients_of(corpus), finds)
+            for mode in order:
+                if not ingests[mode].ok and receivers[mode].log_tail(8):
+                    ingests[mode].errors.append(f"safepacs log tail:\n{receivers[mode].log_tail(8)}")
+                out[mode] = (ingests[mode], queried.get(mode))
+        return out
     except Exception as exc:  # a failed measurement is reported, not raised
-        return Measurement(0.0, corpus.count, 0, [f"{type(exc).__name__}: {exc}"]), None
+        failed = Measurement(0.0, corpus.count, 0, [f"{type(exc).__name__}: {exc}"])
+        return {mode: (failed, None) for mode in order}
     finally:
-        remove_tree(rundir)
+        for receiver in receivers.values():
+            remove_tree(receiver.workdir)
 
 
 HEADERS = ["measure", "audit on", "audit off", "audit cost", "target <10%"]
@@ -231,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             for k, corpus in enumerate(corpora):
                 order = MODES if run % 2 == 0 else MODES[::-1]
-                for mode in order:
-                    count = args.finds if k == 0 else 0  # queries once per run, after the small corpus
-                    m, f = measure(corpus, mode, workdir, count, args.timeout)
+                count = args.finds if k == 0 else 0  # queries once per run, after the small corpus
+                for mode, (m, f) in measure_pair(corpus, order, workdir, count, args.timeout).items():
                     ingests.setdefault((mode, corpus.name), []).append(m)
                     if f is not None:
                         finds.setdefault(mode, []).append(f)
