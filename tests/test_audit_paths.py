@@ -17,16 +17,19 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from lxml import etree
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.capture import AuditCapture
+from safepacs.audit.xml import AuditSource, to_xml
 from safepacs.index import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find, c_get, c_move, rejection
+from tests.test_audit_xml import _assert_valid, schema  # noqa: F401 - the schema fixture
 from tests.webapp import PASSWORD, add_user, execute, inprocess, multipart, part10
 
 pytestmark = pytest.mark.dcmtk
@@ -204,7 +207,10 @@ def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlInd
 
 
 def test_dicomweb_and_sessions_record_user_address_and_user_agent(
-    data_dir: Path, index: SqlIndex, capsys: pytest.CaptureFixture[str]
+    data_dir: Path,
+    index: SqlIndex,
+    capsys: pytest.CaptureFixture[str],
+    schema: etree.RelaxNG,  # noqa: F811 - the fixture
 ) -> None:
     ct = make_ct(patient_id="WEB-1", patient_name="Web^Wendy")
     study = str(ct.StudyInstanceUID)
@@ -294,6 +300,13 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
             "110105",
         }
         assert _one(capture.events(), EventID.AUDIT_LOG_USED).action is Action.READ
+
+        # Every event of every path is a valid DICOM PS3.15 A.5.1 audit message.
+        capture.start = 0
+        every = capture.events()
+        assert len({e.event_id for e in every}) >= 6
+        for event in every:
+            _assert_valid(schema, to_xml(event, AuditSource("SAFEPACS")))
 
         execute(data_dir, DENY_AUDIT)
         refused = call("GET", "/dicomweb/studies", "rad")
