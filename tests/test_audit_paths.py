@@ -107,7 +107,7 @@ def test_dimse_paths_record_who_did_what_to_which_patient_from_where(
     ct = make_ct(patient_id="AUD-1", patient_name="Audit^Alice")
     with associate(srv.port, [build_context(CTImageStorage)], calling="MOD") as assoc:
         assert assoc.send_c_store(ct).Status == 0x0000
-        assert assoc.send_c_store(ct).Status == 0x0000  # the same again: stored already, recorded again
+        assert assoc.send_c_store(ct).Status == 0x0000  # again: stored already, counted in the summary
     summary = _wait(capture, EventID.INSTANCES_TRANSFERRED)  # recorded when the association closes
     events = capture.events()
     accepted = _one(events, EventID.SECURITY_ALERT, "110126")
@@ -196,7 +196,8 @@ def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlInd
         found = list(assoc.send_c_find(_find("AUD-2"), StudyRootQueryRetrieveInformationModelFind))
         assert [int(s.Status) for s, _ in found] == [0xA700]  # no match was sent
         assert "audit trail" in str(found[0][0].ErrorComment)
-        assert assoc.send_c_store(make_ct(patient_id="AUD-3")).Status == 0xA700
+        refused_store = assoc.send_c_store(make_ct(patient_id="AUD-3"))
+        assert refused_store.Status == 0xA700 and "audit trail" in str(refused_store.ErrorComment)
     assert index.count_instances() == 1  # the refused instance was not kept
     with associate(srv.port, contexts, calling="MOD") as refused:
         assert not refused.is_established and rejection(refused) == (2, 1, 1)  # rejected-transient
@@ -308,9 +309,36 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
         for event in every:
             _assert_valid(schema, to_xml(event, AuditSource("SAFEPACS")))
 
+        # Fail closed on every path: nothing is answered, stored, deleted or changed unrecorded.
+        kept = make_ct(patient_id="WEB-2")
+        body, content_type = multipart([part10(kept)])
+        headers = {"Content-Type": content_type}
+        assert call("POST", "/dicomweb/studies", "rad", content=body, headers=headers).status_code == 200
+        add_user(archive, "newbie", "radiologist", must_change=True)
+        login = client.post("/api/session", json={"username": "rad", "password": PASSWORD})
+        session = {
+            "Cookie": login.headers["set-cookie"].split(";")[0],
+            "X-CSRF-Token": login.json()["csrf_token"],
+        }
         execute(data_dir, DENY_AUDIT)
         refused = call("GET", "/dicomweb/studies", "rad")
         assert refused.status_code == 503 and "audit" in refused.json()["detail"]
+        assert refused.headers["retry-after"]
+        other = make_ct(patient_id="WEB-3")
+        body, content_type = multipart([part10(other)])
+        headers = {"Content-Type": content_type}
+        assert call("POST", "/dicomweb/studies", "rad", content=body, headers=headers).status_code == 503
+        assert archive.index.get_instance(str(other.SOPInstanceUID)) is None
+        assert call("DELETE", f"/dicomweb/studies/{kept.StudyInstanceUID}", "boss").status_code == 503
+        assert archive.index.get_instance(str(kept.SOPInstanceUID)) is not None
+        change = {"username": "newbie", "password": PASSWORD, "new_password": "a brand new passphrase"}
+        assert client.post("/api/session/password", json=change).status_code == 503
+        assert client.delete("/api/session", headers=session).status_code == 204  # a session still ends
+        assert client.get("/api/session", headers=session).status_code in (401, 503)
+        execute(data_dir, sa.text("DROP TRIGGER deny_audit"))
+        assert client.get("/api/session", headers=session).status_code == 401  # it did end
+        still = {"username": "newbie", "password": "a brand new passphrase"}
+        assert client.post("/api/session", json=still).status_code == 401  # the change was not made
 
 
 def _token(data: Path, user: str, capsys: pytest.CaptureFixture[str]) -> str:

@@ -78,7 +78,10 @@ class AuditTrail:
         signer = self.signer
 
         def write(conn: Any) -> None:
-            append_events(conn, events, signer)
+            try:
+                append_events(conn, events, signer)
+            except Exception as exc:  # the caller's transaction rolls back; the access is refused
+                raise AuditError("the audit trail cannot be written; the request is refused") from exc
 
         return write
 

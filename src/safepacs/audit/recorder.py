@@ -244,13 +244,20 @@ class Auditor:
 
     # Data ---------------------------------------------------------------------------------------------
     def stored(
-        self, principal: Principal, study: StudyFacts, *, imported: bool, why: str | None = None
+        self,
+        principal: Principal,
+        study: StudyFacts,
+        *,
+        imported: bool,
+        why: str | None = None,
+        replaced: bool = False,
     ) -> AuditEvent:
-        """The event of one instance stored (C-STORE, STOW-RS) or imported; the caller records it,
-        usually in the index transaction that stores the instance (:meth:`writer`)."""
+        """The event of one instance stored (C-STORE, STOW-RS) or imported - ``replaced``: over one
+        stored with other content (``storage.overwrite``), action U; the caller records it, usually
+        in the index transaction that stores the instance (:meth:`writer`)."""
         return AuditEvent(
             EventID.IMPORT if imported else EventID.INSTANCES_ACCESSED,
-            Action.CREATE,
+            Action.UPDATE if replaced else Action.CREATE,
             _outcome(why),
             (actor(principal, SOURCE), self.archive(DESTINATION)),
             _study_objects([study]) if study.study_uid else (),

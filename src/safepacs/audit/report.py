@@ -6,7 +6,7 @@ from typing import Any
 
 from safepacs.audit.events import AuditEvent
 
-__all__ = ["FIELDS", "summary_row"]
+__all__ = ["FIELDS", "for_csv", "for_terminal", "summary_row"]
 
 FIELDS = (
     "seq",
@@ -22,6 +22,25 @@ FIELDS = (
     "studies",
     "why",
 )
+
+
+def for_terminal(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with every character that is not printable escaped (``\\uXXXX``): a recorded value is
+    anything a stranger typed (a user name at a failed login), and must not forge lines or send
+    terminal escape sequences to the auditor reading it."""
+    return {
+        k: "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in v) if isinstance(v, str) else v
+        for k, v in row.items()
+    }
+
+
+def for_csv(row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`for_terminal`, and a cell that a spreadsheet would run as a formula (``= + - @``) quoted
+    with a leading apostrophe (OWASP CSV injection)."""
+    return {
+        k: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v
+        for k, v in for_terminal(row).items()
+    }
 
 
 def summary_row(seq: int, event: AuditEvent) -> dict[str, Any]:

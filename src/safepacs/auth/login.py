@@ -28,6 +28,7 @@ import logging
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -170,9 +171,17 @@ class LoginService:
         log.info("a user authenticated", extra={"user": user.name})
         return user
 
-    def change_password(self, name: str, password: str, code: str | None, new_password: str) -> NewSession:
+    def change_password(
+        self,
+        name: str,
+        password: str,
+        code: str | None,
+        new_password: str,
+        before_change: Callable[[], None] | None = None,
+    ) -> NewSession:
         """Set a new password (every factor checked as for a login), end the user's other sessions
-        and open a new one."""
+        and open a new one.  ``before_change`` runs once every check has passed and before anything
+        changes (the audit record: when it raises, nothing is changed)."""
         if not MIN_PASSWORD_LENGTH <= len(new_password) <= MAX_PASSWORD_LENGTH:
             raise AuthenticationError(
                 f"the new password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters",
@@ -182,6 +191,8 @@ class LoginService:
         user = self._check(name, password, code, now)
         if hmac.compare_digest(new_password.encode(), password.encode()):
             raise AuthenticationError("the new password must differ from the old one", code="weak_password")
+        if before_change is not None:
+            before_change()
         self._index.update_user(name, password_hash=hash_password(new_password), must_change_password=False)
         self._index.revoke_user_sessions(name, now)
         log.info("a user changed their password", extra={"user": name})

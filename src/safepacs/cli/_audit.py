@@ -76,7 +76,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, keys_dir: Any) -> int:
         from_canonical,
         verify_trail,
     )
-    from safepacs.audit.report import FIELDS, summary_row
+    from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
     from safepacs.index.auditlog import AuditFilter
 
     signer = Signer.load_or_create(keys_dir)
@@ -142,10 +142,10 @@ def cmd_audit(args: argparse.Namespace, index: Any, keys_dir: Any) -> int:
     elif args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(FIELDS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(for_csv(row) for row in rows)
     elif action == "report":
         print(f"Accesses to the data of patient {args.patient}: {len(rows)} events")
-        for row in rows:
+        for row in map(for_terminal, rows):
             outcome = _OUTCOMES.get(row["outcome"], str(row["outcome"]))
             parts = [
                 f"{row['time'][:19]}Z",
@@ -159,7 +159,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, keys_dir: Any) -> int:
                 parts.append(f"studies {row['studies']}")
             print("  ".join(parts))
     else:
-        for row in rows:
+        for row in map(for_terminal, rows):
             parts = [
                 f"{row['seq']:>8}",
                 f"{row['time'][:19]}Z",

@@ -174,7 +174,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     launcher = operator("serve")
     try:
         peers = archive.index.list_peers()
-        archive.auditor.application(launcher, start=True)  # nothing is served unless this is recorded
     finally:
         archive.close()
     ensure_client_certificate(settings.keys_dir, settings.server.ae_title)  # for C-MOVE to TLS peers
@@ -210,6 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def run_web() -> None:
         run_https(settings, https, open_archive, setup)
 
+    _record_activity(settings, launcher, start=True)  # nothing is served unless this is recorded
     try:
         return serve(
             settings, open_archive, setup=setup, ready=ready, companions=[("safepacs-https", run_web)]
@@ -220,11 +220,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "choose another --bind or --dicom-port"
         ) from exc
     finally:
-        _record_stop(settings, launcher)
+        _record_activity(settings, launcher, start=False)
 
 
-def _record_stop(settings: Any, launcher: Any) -> None:
-    """Application Stop (110121), checkpointed; a failure is logged (the archive has stopped anyway)."""
+def _record_activity(settings: Any, launcher: Any, *, start: bool) -> None:
+    """Application Start or Stop (110100), checkpointed.  A start that cannot be recorded stops
+    ``serve`` (SafePacsError); a stop that cannot be recorded is logged (it has stopped anyway)."""
     import logging
 
     from safepacs.app import open_archive
@@ -232,11 +233,15 @@ def _record_stop(settings: Any, launcher: Any) -> None:
     try:
         archive = open_archive(settings)
         try:
-            archive.auditor.application(launcher, start=False)
+            archive.auditor.application(launcher, start=start)
         finally:
             archive.close()
-    except SafePacsError:
-        logging.getLogger("safepacs.audit").exception("the application stop could not be recorded")
+    except SafePacsError as exc:
+        if start:
+            raise
+        logging.getLogger("safepacs.audit").error(
+            "the application stop could not be recorded", extra={"error": type(exc).__name__}
+        )
 
 
 def _is_loopback(host: str) -> bool:

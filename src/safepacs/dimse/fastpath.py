@@ -36,6 +36,7 @@ from io import BytesIO
 from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -193,6 +194,10 @@ class StoreDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+        # What the state machine's abort actions announce; the handlers record the association's
+        # stores when it ends (handlers.DimseHandlers.on_close), however it ends.
+        info = self.assoc.requestor.address_info
+        evt.trigger(self.assoc, evt.EVT_CONN_CLOSE, {"address": info.as_tuple if info else ("", 0)})
 
     # Reading -------------------------------------------------------------------------------------------
     def _read_pdu_data(self) -> None:

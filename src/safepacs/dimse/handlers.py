@@ -110,6 +110,7 @@ class DimseHandlers:
         principal = principal_of(event.assoc)
         if batch is None or principal is None:
             return
+        setattr(event.assoc, _BATCH_ATTR, None)  # once, however many ways the association ends
         try:
             self.ingest.end_batch(principal, batch)
         except AuditError:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
@@ -131,12 +131,14 @@ def _make_engine(url: str, *, relaxed: bool = False) -> sa.Engine:
         if backend == "sqlite":
             if parsed.database in (None, "", ":memory:"):
                 raise IndexError_("the index needs a SQLite file, not an in-memory database; set index.url")
-            engine = sa.create_engine(parsed, connect_args={"timeout": _BUSY_SECONDS})
+            # hide_parameters: an error's message never carries the values of a statement (patient
+            # names and IDs, audit records) into a log or a traceback.
+            engine = sa.create_engine(parsed, connect_args={"timeout": _BUSY_SECONDS}, hide_parameters=True)
             event.listen(engine, "connect", _sqlite_connect_relaxed if relaxed else _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
             return engine
         if backend == "postgresql":
-            return sa.create_engine(parsed, pool_pre_ping=True)
+            return sa.create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
     except sa.exc.SQLAlchemyError as exc:
         raise IndexError_("index.url is not a usable database URL; check its spelling and driver") from exc
     raise IndexError_("index.url must name SQLite (sqlite:///file) or PostgreSQL (postgresql+psycopg://...)")
@@ -230,8 +232,10 @@ class RelaxedSync:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self.sync()
-        self._engine.dispose()
+        try:
+            self.sync()
+        finally:
+            self._engine.dispose()
 
 
 class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
@@ -245,19 +249,28 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         self._instance_writer = Writer(self._engine.dialect.name)
         self._relaxed: RelaxedSync | None = None
         self._relaxed_lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
-        if self._relaxed is not None:
-            self._relaxed.close()
-        self._engine.dispose()
-
-    def _relaxed_writer(self) -> sa.Engine:
-        """The writer whose commits skip the sync (SQLite ``synchronous=NORMAL``), made on first use."""
+        """Release the connections; the within-a-second writer is synced and closed first, and a
+        relaxed write after this (a thread still finishing) is synced before it returns instead."""
         with self._relaxed_lock:
-            if self._relaxed is None:
+            self._closed = True
+            relaxed, self._relaxed = self._relaxed, None
+        try:
+            if relaxed is not None:
+                relaxed.close()
+        finally:
+            self._engine.dispose()
+
+    def _relaxed_sync(self) -> RelaxedSync | None:
+        """The writer whose commits skip the sync (SQLite ``synchronous=NORMAL``), made on first use;
+        None once the index is closed."""
+        with self._relaxed_lock:
+            if self._relaxed is None and not self._closed:
                 database = sa.make_url(self._url).database or ""
                 self._relaxed = RelaxedSync(_make_engine(self._url, relaxed=True), Path(database + "-wal"))
-            return self._relaxed.writer
+            return self._relaxed
 
     # Transactions ---------------------------------------------------------------------------------------
     def _transient(self, exc: sa.exc.DBAPIError, write: bool) -> bool:
@@ -275,9 +288,11 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         """
         if relaxed and write:
             if self._sqlite:
-                engine = self._relaxed_writer()
-                result = self._run_on(engine, work, write)
-                cast(RelaxedSync, self._relaxed).dirty()
+                sync = self._relaxed_sync()
+                if sync is None:  # closed: the normal, synced writer
+                    return self._run_on(self._writer, work, write)
+                result = self._run_on(sync.writer, work, write)
+                sync.dirty()
                 return result
             inner = work
 

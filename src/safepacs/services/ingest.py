@@ -111,6 +111,10 @@ class IngestService:
         self._audit.require(principal, Service.STORE)
         return self._audited(principal, lambda: self._file_candidate(data), imported=imported, batch=batch)
 
+    def require(self, principal: Principal) -> None:
+        """Whether ``principal`` may store at all (:class:`AccessDenied`, recorded, when not)."""
+        self._audit.require(principal, Service.STORE)
+
     def end_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool = False) -> None:
         """Record what a batch stored (the end of an association, a STOW-RS request, an import run)."""
         self._audit.stored_batch(principal, batch, imported=imported)
@@ -246,8 +250,10 @@ class IngestService:
                     why = result.warnings[0]
                     self._audit.record(self._audit.stored(principal, facts, imported=imported, why=why))
                     return result
+                # Always recorded, first of its study or not: stored content was replaced.
+                replaced = self._audit.stored(principal, facts, imported=imported, replaced=True)
                 old = self._index.add_instance(
-                    c.header, blob, c.transfer_syntax_uid, replace=True, also=stored
+                    c.header, blob, c.transfer_syntax_uid, replace=True, also=self._audit.writer(replaced)
                 )
                 keep = True
                 if old is not None:

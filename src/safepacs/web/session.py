@@ -18,6 +18,7 @@ that without a CORS preflight SafePACS never grants, so a foreign page cannot lo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,10 +30,12 @@ from starlette.concurrency import run_in_threadpool
 from safepacs.audit.events import Participant
 from safepacs.audit.recorder import Auditor, Types
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
-from safepacs.errors import AuthenticationError
+from safepacs.errors import AuditError, AuthenticationError
 from safepacs.types import Principal
 from safepacs.web.problems import Problem
 from safepacs.web.security import REALM, SESSION_COOKIE, client_address, session_of, user_agent
+
+log = logging.getLogger(__name__)
 
 __all__ = ["make_router"]
 
@@ -121,17 +124,23 @@ def make_router(
     async def change_password(request: Request) -> JSONResponse:
         form = _parse(await request.body(), request.headers.get("content-type", ""), _ChangePassword)
         who = person(request, form.username)
+
+        def record_change() -> None:  # before the change: no new password without its record
+            audit.changed(who, Types.USER_ATTRIBUTES_CHANGED, form.username[:256], "password changed")
+            audit.authenticated(who)
+
         try:
             session = await run_in_threadpool(
-                logins.change_password, form.username, form.password, form.totp, form.new_password
+                logins.change_password,
+                form.username,
+                form.password,
+                form.totp,
+                form.new_password,
+                record_change,
             )
         except AuthenticationError as exc:
             await run_in_threadpool(audit.authenticated, who, why=str(exc))
             raise _refused(exc) from None
-        await run_in_threadpool(
-            audit.changed, who, Types.USER_ATTRIBUTES_CHANGED, form.username[:256], "password changed"
-        )
-        await run_in_threadpool(audit.authenticated, who)
         return _opened(session, idle_seconds)
 
     @router.get("/session", summary="Who is asking")
@@ -146,8 +155,11 @@ def make_router(
     @router.delete("/session", status_code=204, summary="Log out (the session ends on the server)")
     def logout(request: Request) -> Response:
         record, user = session_of(request, logins)
-        audit.authenticated(person(request, user.name), logout=True)
-        logins.logout(record)
+        logins.logout(record)  # first: a session must end even when its end cannot be recorded
+        try:
+            audit.authenticated(person(request, user.name), logout=True)
+        except AuditError:
+            log.error("the audit trail cannot be written; a logout was not recorded")
         response = Response(status_code=204)
         response.headers.append("Set-Cookie", f"{SESSION_COOKIE}=; {_COOKIE_ATTRIBUTES}; Max-Age=0")
         return response

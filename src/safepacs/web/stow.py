@@ -22,10 +22,9 @@ from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.recorder import StoreBatch
-from safepacs.auth.policy import decide
-from safepacs.errors import AccessDenied, InvalidObjectError, SafePacsError
+from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError
 from safepacs.services.ingest import IngestService, SopClassMismatch
-from safepacs.types import IngestOutcome, Principal, Service
+from safepacs.types import IngestOutcome, Principal
 from safepacs.web.problems import Problem, not_found
 from safepacs.web.requests import DICOM_JSON, checked_uid
 
@@ -141,6 +140,8 @@ def make_router(
                 continue
             try:
                 result = ingest.ingest_file(principal, data, imported=False, batch=batch)
+            except AuditError:  # fail closed: the whole request is refused (503), not one part
+                raise
             except SafePacsError as exc:
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
@@ -165,8 +166,10 @@ def make_router(
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         principal = await run_in_threadpool(principal_of, request)
-        if not decide(principal, Service.STORE):
-            raise not_found()
+        try:
+            await run_in_threadpool(ingest.require, principal)  # a refusal is recorded
+        except AccessDenied:
+            raise not_found() from None
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/related"):
             raise Problem(
