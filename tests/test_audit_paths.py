@@ -258,6 +258,11 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
         assert _objects(transferred, ObjectKind.STUDY) == [study] == _objects(accessed, ObjectKind.STUDY)
 
         capture.reset()
+        jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+        assert call("GET", f"/dicomweb/studies/{study}", "rad", headers={"Accept": jpeg}).status_code == 406
+        assert capture.events() == []  # refused before anything went out: no transfer recorded
+
+        capture.reset()
         assert call("GET", "/dicomweb/studies/1.2.3.999", "rad").status_code == 404
         missed = _one(capture.events(), EventID.INSTANCES_TRANSFERRED)
         assert missed.outcome is Outcome.MINOR_FAILURE and _objects(missed, ObjectKind.STUDY) == ["1.2.3.999"]
@@ -269,6 +274,11 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
         assert call("DELETE", f"/dicomweb/studies/{study}", "boss").status_code == 204
         deleted = _one(capture.events(), EventID.STUDY_DELETED)
         assert deleted.action is Action.DELETE and _objects(deleted, ObjectKind.PATIENT) == ["WEB-1"]
+        capture.reset()
+        assert run_cli("restore", study, "--data", str(data_dir)) == 0
+        restored = _one(capture.events(), EventID.INSTANCES_ACCESSED)
+        assert restored.action is Action.UPDATE and _objects(restored, ObjectKind.PATIENT) == ["WEB-1"]
+        assert restored.participants[0].role == "Application Launcher"  # the operator who ran it
 
         capture.reset()
         assert call("GET", "/dicomweb/studies", "spat_not-a-real-token").status_code == 401

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
 from safepacs.audit.recorder import Auditor, StudyFacts
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.index import SqlIndex
+from safepacs.index.access import TrashRecord
 from safepacs.storage import BlobStore, EnvelopeCipher
 
 __all__ = ["RestoreReport", "RestoreService"]
@@ -41,17 +43,27 @@ class RestoreService:
         records = [r for r in self._index.list_trash() if r.study_instance_uid == study_uid]
         if not records:
             raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
-        self._audit.restored(who, [StudyFacts(study_uid)])
+        headers = [(record, self._header(record)) for record in records]  # all checked before any change
+        first = headers[0][1]
+        facts = StudyFacts(
+            study_uid,
+            str(first.get("PatientID", "") or "").strip(),
+            str(first.get("PatientName", "") or "").strip(),
+        )
+        for _, header in headers:
+            facts.add(str(header.get("SOPClassUID", "")))
+        self._audit.restored(who, [facts])
         restored = kept = 0
-        for record in records:
-            part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))
-            if hashlib.sha256(part10).hexdigest() != record.blob.sha256:
-                raise IntegrityError(
-                    "a deleted object does not match its recorded SHA-256; it was not restored"
-                )
-            header = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
+        for record, header in headers:
             if self._index.restore_from_trash(record.pk, header):
                 restored += 1
             else:
                 kept += 1
         return RestoreReport(restored, kept)
+
+    def _header(self, record: TrashRecord) -> Dataset:
+        """The header of a trashed object, decrypted and checked against its recorded SHA-256."""
+        part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))
+        if hashlib.sha256(part10).hexdigest() != record.blob.sha256:
+            raise IntegrityError("a deleted object does not match its recorded SHA-256; it was not restored")
+        return pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)

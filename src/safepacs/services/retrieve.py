@@ -38,13 +38,15 @@ class RetrieveService:
         *,
         event: EventID = EventID.INSTANCES_TRANSFERRED,
         destination: Participant | None = None,
+        record: bool = True,
     ) -> list[InstanceRef]:
         """The instances under the identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1) that the
         principal may see: others are treated as if they did not exist.
 
         Recorded as ``event`` (110104 Transferred, 110102 Begin Transferring, 110103 Accessed) per study,
         with its patient and instance counts, before the caller hands anything out; a retrieve that finds
-        nothing is recorded too (a minor failure naming the study asked for)."""
+        nothing is recorded too (a minor failure naming the study asked for).  ``record=False``: the
+        caller still has checks to make and calls :meth:`record` once they pass."""
         self._audit.require(principal, action)
         try:
             refs = self._index.instances_for(model, level, identifier, principal.scope)
@@ -58,8 +60,20 @@ class RetrieveService:
                 principal, _asked(identifier), event, destination=destination, why=NOTHING_FOUND
             )
             return refs
-        self._audit.retrieved(principal, self.facts(refs), event, destination=destination)
+        if record:
+            self.record(principal, refs, event, destination=destination)
         return refs
+
+    def record(
+        self,
+        principal: Principal,
+        refs: Sequence[InstanceRef],
+        event: EventID,
+        *,
+        destination: Participant | None = None,
+    ) -> None:
+        """Record that ``refs`` are handed out (see :meth:`locate`)."""
+        self._audit.retrieved(principal, self.facts(refs), event, destination=destination)
 
     def facts(self, refs: Sequence[InstanceRef]) -> list[StudyFacts]:
         """The studies of ``refs`` with their patients and instance counts per SOP class."""

@@ -249,12 +249,13 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         principal = principal_of(request)
         media, _ = _media(request, many=True)
         options = _options(request, media)
-        refs = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)
+        refs = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED, record=False)
         if len(refs) > MAX_RENDERED_INSTANCES:
             raise _bad(
                 f"more than {MAX_RENDERED_INSTANCES} instances to render in one answer; "
                 "ask for a series or for the instances one by one"
             )
+        retrieve.record(principal, refs, EventID.INSTANCES_ACCESSED)
         return _respond_many((partial(renderer.instance, ref, 0, options) for ref in refs), media)
 
     def frames(request: Request, uids: tuple[str, str, str], frame_list: str) -> Response:

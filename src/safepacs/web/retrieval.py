@@ -57,11 +57,13 @@ def locate(
     uids: Iterable[str],
     *,
     event: EventID = EventID.INSTANCES_TRANSFERRED,
+    record: bool = True,
 ) -> list[InstanceRef]:
     """The instances under a study, series or instance (the UIDs of the path, in that order) that
     ``principal`` may retrieve; 400 for a malformed UID, 404 when there are none.  Recorded as
     ``event``: 110104 when the instances themselves go out, 110103 for what is derived from them
-    (metadata, frames, bulk data, rendered images)."""
+    (metadata, frames, bulk data, rendered images).  ``record=False``: the route records with
+    :meth:`RetrieveService.record` once its own checks pass (a 406 is not a transfer)."""
     values = [checked_uid(uid) for uid in uids]
     level = {1: QueryLevel.STUDY, 2: QueryLevel.SERIES, 3: QueryLevel.IMAGE}[len(values)]
     identifier = Dataset()
@@ -69,7 +71,9 @@ def locate(
     for keyword, uid in zip(_LEVEL_KEYS[level], values, strict=True):
         setattr(identifier, keyword, uid)
     try:
-        refs = retrieve.locate(principal, Service.GET, QueryModel.STUDY_ROOT, level, identifier, event=event)
+        refs = retrieve.locate(
+            principal, Service.GET, QueryModel.STUDY_ROOT, level, identifier, event=event, record=record
+        )
     except (AccessDenied, QueryError):
         refs = []
     if not refs:  # nothing there, or nothing this principal may see: the same answer

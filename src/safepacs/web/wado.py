@@ -91,7 +91,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
     def instances(request: Request, *uids: str) -> StreamingResponse:
         principal = principal_of(request)
         target = _requested_syntax(request)
-        refs = locate(retrieve, principal, uids)
+        refs = locate(retrieve, principal, uids, record=False)
         if target != AS_STORED and target not in UNCOMPRESSED:
             if any(ref.transfer_syntax_uid != target for ref in refs):
                 raise Problem(
@@ -111,6 +111,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
                     "some instances are stored in a transfer syntax SafePACS cannot decode; ask for "
                     "transfer-syntax=* to get them as stored",
                 )
+        retrieve.record(principal, refs, EventID.INSTANCES_TRANSFERRED)
         mark = boundary()
         body = multipart_stream(_instances(refs, retrieve.read, target), mark)
         return StreamingResponse(body, media_type=multipart_media("application/dicom", mark))
