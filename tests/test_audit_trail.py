@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -264,3 +265,24 @@ def test_reads_recorded_without_waiting_for_the_sync_join_the_same_chain(
     assert [from_canonical(r.body).study_uids for r in index.audit_records()] == [
         (f"1.2.3.{k}",) for k in range(1, 7)
     ]
+
+
+def test_a_read_record_is_synced_to_disk_within_a_second(data_dir: Path) -> None:
+    from safepacs.config import load_settings
+
+    settings = load_settings(data_dir)
+    ix = SqlIndex(settings.index_url)
+    try:
+        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir))
+        trail.record(event(1), durable=False)
+        sync = ix._relaxed  # the SQLite writer without a sync per commit, and its WAL-sync thread
+        assert sync is not None and sync._pending.is_set()
+        deadline = time.monotonic() + 1.5
+        while sync._pending.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sync._pending.is_set()  # the thread fsynced the WAL
+        trail.record(event(2))  # a synced record: the normal writer
+        assert [r.seq for r in ix.audit_records()] == [1, 2]
+    finally:
+        ix.close()
+    assert ix._relaxed is None
