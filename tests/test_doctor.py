@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -123,3 +124,25 @@ def test_doctor_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert run_cli("doctor", "--data", str(tmp_path / "nothing")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("safepacs: ") and "safepacs init" in err and "\n" not in err
+
+
+def test_doctor_reads_the_index_without_changing_it(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+    import sqlite3
+
+    index = data_dir / "index.sqlite3"
+    before = hashlib.sha256(index.read_bytes()).hexdigest()
+    code, _ = doctor(tmp_path, data_dir, "--no-network")
+    assert code == 0
+    assert hashlib.sha256(index.read_bytes()).hexdigest() == before
+    # An index whose schema is older than this SafePACS: said so, and left as it is (no migration).
+    with contextlib.closing(sqlite3.connect(index)) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = '0005'")
+    capsys.readouterr()
+    assert run_cli("doctor", "--data", str(data_dir), "--no-network") == 2
+    err = capsys.readouterr().err
+    assert "schema" in err and "does not change it" in err
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]

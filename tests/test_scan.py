@@ -431,7 +431,7 @@ def test_dcmqrscp_with_an_any_peer_is_critical(tmp_path: Path, corpus: Corpus) -
     assert find["severity"] == "critical"
     assert (find["evidence"]["studies"], find["evidence"]["images"]) == (len(STUDY_SIZES), sum(STUDY_SIZES))
     assert "AETable" in find["remediation"]
-    assert findings(report, "dicom.move-open")[0]["severity"] == "high"
+    assert findings(report, "dicom.move-open")[0]["severity"] == "critical"  # retrieval by a stranger
 
 
 # -------------------------------------------------------------------------------------------- SafePACS
@@ -608,3 +608,283 @@ def test_a_loopback_slash_24_is_scanned_quickly_and_associations_are_released(tm
     assert (endpoint["address"], endpoint["port"], endpoint["product"]) == (host, port, "pynetdicom")
     assert code == 1 and findings(report, "dicom.associate-open")[0]["target"] == f"{host}:{port}"
     assert events["accepted"] >= 2 and events["released"] == events["accepted"] and events["aborted"] == 0
+
+
+# ------------------------------------------------------------------------ peers that stall or dribble
+
+
+class _Dribbler:
+    """A loopback server that starts an answer at once and then sends one byte every ``pace`` seconds
+    for up to ``limit`` seconds: a DICOM one (an A-ASSOCIATE-AC header claiming 64 KB) or an HTTP one
+    (a 200 claiming 32 MB).  Requests of the other protocol get the connection closed."""
+
+    def __init__(self, kind: str, pace: float = 0.2, limit: float = 30.0) -> None:
+        import threading
+
+        self.kind, self.pace, self.limit = kind, pace, limit
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._one, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(2)
+            try:
+                first = conn.recv(4096)
+            except OSError:
+                return
+            if self.kind == "dicom" and first[:1] == b"\x01":
+                conn.sendall(b"\x02\x00\x00\x00\xff\xff")
+            elif self.kind == "http" and first[:4] in (b"HEAD", b"GET "):
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 33554432\r\n\r\n"
+                )
+                if first.startswith(b"HEAD"):
+                    return
+            elif self.kind == "http-headers" and first[:4] in (b"HEAD", b"GET "):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")  # then one byte of header after the other
+                if first.startswith(b"HEAD"):
+                    return
+            else:
+                return
+            ends = time.monotonic() + self.limit
+            while not self.stop.wait(self.pace) and time.monotonic() < ends:
+                try:
+                    conn.sendall(b"a" if self.kind == "http-headers" else b"\0")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_a_peer_that_dribbles_its_answer_is_a_probe_error_not_a_hang(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom, http, headers = _Dribbler("dicom"), _Dribbler("http"), _Dribbler("http-headers")
+    ports = f"{dicom.port},{http.port},{headers.port}"
+    try:
+        started = time.monotonic()
+        out = tmp_path / "dribble.json"
+        code = run_cli(
+            "scan", "127.0.0.1", "--ports", ports, "--timeout", "1", "--format", "json", "--out", str(out)
+        )
+        elapsed = time.monotonic() - started
+        report = json.loads(out.read_text())
+        sarif_out = tmp_path / "dribble.sarif"
+        run_cli(
+            "scan",
+            "127.0.0.1",
+            "--ports",
+            ports,
+            "--timeout",
+            "1",
+            "--format",
+            "sarif",
+            "--out",
+            str(sarif_out),
+        )
+        assert "not scanned completely: 127.0.0.1:" in capsys.readouterr().err
+        assert run_cli("scan", "127.0.0.1", "--ports", ports, "--timeout", "1", "--fail-on", "none") == 2
+        table = capsys.readouterr().out
+    finally:
+        dicom.close()
+        http.close()
+        headers.close()
+    # Without one deadline per step, each byte restarts the timeout: 30 s of dribbling per probe.
+    assert elapsed < 15, elapsed
+    assert code == 2  # nothing at or above high was found, but three probes failed
+    errors = {e["port"]: e["error"] for e in report["endpoints"]}
+    assert set(errors) == {dicom.port, http.port, headers.port}
+    assert all("timed out" in text for text in errors.values()), errors
+    assert report["summary"]["errors"] == 3
+    assert "probe error" in table and f"127.0.0.1:{dicom.port}" in table
+    (invocation,) = json.loads(sarif_out.read_text())["runs"][0]["invocations"]
+    assert invocation["executionSuccessful"] is False
+    assert len(invocation["toolExecutionNotifications"]) == 3
+
+
+def test_a_closed_port_is_not_a_runtime_error(tmp_path: Path) -> None:
+    code, report = scan_json(tmp_path, f"127.0.0.1:{_free_port()}")
+    assert code == 0 and report["endpoints"] == [] and report["errors"] == []
+    assert report["summary"]["errors"] == 0
+
+
+def test_a_find_that_stalls_partway_is_still_critical_and_caps_read_at_least(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from pynetdicom.sop_class import (
+        ModalityWorklistInformationFind,
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    phi = ["Stallwood^Persephone", "Stallwood", "Persephone", "STALLPID77", "19610405"]
+    uids = [generate_uid() for _ in range(5)]
+
+    def match(i: int) -> Dataset:
+        ds = Dataset()
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = phi[0], phi[3], phi[4]
+        ds.StudyInstanceUID = uids[i]
+        return ds
+
+    stall = {"studies": 2, "patients": 1}  # matches sent before stopping partway (cleared: no stall)
+
+    def on_find(event: Any) -> Any:
+        model = event.request.AffectedSOPClassUID
+        level = {
+            StudyRootQueryRetrieveInformationModelFind: "studies",
+            PatientRootQueryRetrieveInformationModelFind: "patients",
+        }.get(model, "")
+        if level in stall:
+            for i in range(stall[level]):
+                yield 0xFF00, match(i)
+            time.sleep(2.5)  # past the scanner's DIMSE timeout: the answer stops partway
+            return
+        for i in range(5):  # more than --find-cap
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, match(i)
+        yield 0x0000, None
+
+    def on_get(event: Any) -> Any:
+        yield 0  # no sub-operations: the patient asked for does not exist
+        yield 0x0000, None
+
+    def on_move(event: Any) -> Any:
+        time.sleep(2.5)  # no answer within the scanner's timeout
+        yield None, None
+
+    port = _free_port()
+    ae = AE(ae_title="STALLSCP")
+    ae.acse_timeout = 2
+    for uid in (
+        Verification,
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelFind,
+        ModalityWorklistInformationFind,
+    ):
+        ae.add_supported_context(uid)
+    ae.add_supported_context(PatientRootQueryRetrieveInformationModelGet)  # Patient Root only
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    handlers = [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get), (evt.EVT_C_MOVE, on_move)]
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        out = tmp_path / "stall.json"
+        args = ("scan", f"127.0.0.1:{port}", "--timeout", "1", "--find-cap", "3")
+        code = run_cli(*args, "--format", "json", "--out", str(out))
+        assert run_cli(*args) == 1  # the table on stdout
+        report = json.loads(out.read_text())
+        outputs = [out.read_text()]
+        stall.clear()
+        capped_code, capped = scan_json(tmp_path, *args[1:])
+        outputs.append(json.dumps(capped))
+    finally:
+        scp.shutdown()
+    outputs += [*capsys.readouterr(), caplog.text]
+    # Both C-FINDs stopped partway: what arrived before is a stranger listing patient data.
+    assert code == 1
+    (find,) = findings(report, "dicom.find-open")
+    assert find["severity"] == "critical"
+    assert find["evidence"]["studies"] == 2 and find["evidence"]["patients"] == 1
+    assert find["evidence"]["incomplete"] is True
+    assert "at least 2 studies" in find["detail"] and "at least 1 patients" in find["detail"]
+    (worklist,) = findings(report, "dicom.worklist-open")
+    assert "at least 3 scheduled steps" in worklist["detail"]  # capped by --find-cap 3
+    (get,) = findings(report, "dicom.get-open")
+    assert get["severity"] == "critical"  # through the Patient Root model, the only one offered
+    (move,) = findings(report, "dicom.move-open")
+    assert move["severity"] == "medium" and move["evidence"] == {"move": "unknown"}  # not "refused"
+    # No stall, five of everything: counts that hit the cap read "at least".
+    assert capped_code == 1
+    (find,) = findings(capped, "dicom.find-open")
+    assert find["evidence"]["incomplete"] is False and find["evidence"]["patients_capped"] is True
+    assert "at least 3 studies" in find["detail"] and "at least 3 patients" in find["detail"]
+    for text in outputs:
+        leaked = [v for v in [*phi, *uids] if v.lower() in text.lower()]
+        assert not leaked, f"patient data in the output: {leaked[:3]}"
+
+
+def test_severities_of_retrieval_and_plain_dicom() -> None:
+    from safepacs.scan._dicom import DicomResult
+    from safepacs.scan._findings import dicom_findings, http_findings
+    from safepacs.scan._http import HttpResult
+    from safepacs.scan._model import Endpoint
+    from safepacs.scan._wire import DicomAnswer
+
+    def severity(found: list[Any], check: str) -> str:
+        (only,) = [f for f in found if f.check == check]
+        return str(only.severity.label)
+
+    ep = Endpoint("192.0.2.10", 104, service="dicom")
+    refused = DicomResult(attempts=[("ANY-SCP", DicomAnswer(3, 1, 1, 3))])
+    # A port that refuses strangers still serves patient data to its peers: in clear, off loopback.
+    assert severity(dicom_findings(ep, refused, loopback=False, intrusive=False), "dicom.no-tls") == "high"
+    assert severity(dicom_findings(ep, refused, loopback=True, intrusive=False), "dicom.no-tls") == "info"
+    # Retrieval a stranger may ask for is critical, whether anything was listed or not.
+    retrieve = DicomResult(attempts=[], accepted_called="ANY-SCP", get="processed", move="processed")
+    found = dicom_findings(ep, retrieve, loopback=True, intrusive=False)
+    assert (
+        severity(found, "dicom.get-open") == "critical" and severity(found, "dicom.move-open") == "critical"
+    )
+    web = Endpoint("192.0.2.10", 8080, service="http")
+    wado = HttpResult("http", answered=True, wado_uri="open", wado_uri_path="/wado")
+    assert severity(http_findings(web, wado, loopback=False), "http.wado-uri-open") == "critical"
+
+
+def test_the_ae_title_a_server_echoes_is_tried_on_its_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that puts its own title in the A-ASSOCIATE-AC (pynetdicom echoes the called AE title it
+    # was asked for; some archives answer with their own): one of its ports accepts any called AE title,
+    # the other only its own, which no common title matches.
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
+    original = A_ASSOCIATE_AC.from_primitive
+
+    def own_title(self: Any, primitive: Any) -> None:
+        original(self, primitive)
+        self.reserved_aet = "HIDDEN7"
+
+    monkeypatch.setattr(A_ASSOCIATE_AC, "from_primitive", own_title)
+    host = "127.0.3.7"
+    open_port, strict_port = _free_port(host), _free_port(host)
+    servers = []
+    for port, strict in ((open_port, False), (strict_port, True)):
+        ae = AE(ae_title="HIDDEN7")
+        ae.acse_timeout = 2
+        ae.require_called_aet = strict
+        ae.add_supported_context(Verification)
+        servers.append(ae.start_server((host, port), block=False))
+    try:
+        code, report = scan_json(tmp_path, host, "--ports", f"{open_port},{strict_port}")
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert code == 1
+    _no_probe_errors(report)
+    accepted = {f["target"]: f["evidence"]["called_ae"] for f in findings(report, "dicom.associate-open")}
+    assert accepted == {f"{host}:{open_port}": "ANY-SCP", f"{host}:{strict_port}": "HIDDEN7"}

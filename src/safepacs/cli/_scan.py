@@ -6,7 +6,8 @@
 
 Both print a table on the terminal (``--format text``) or write ``--format json|sarif|html`` to
 standard output or ``--out FILE``.  Exit status: 0 nothing at or above ``--fail-on`` (default high),
-1 something is, 2 usage or runtime errors.
+1 something is (this wins), 2 usage or runtime errors (an unresolvable target, a probe of an open
+endpoint that failed or timed out; a closed port is none).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safepacs.errors import SafePacsError
 
 __all__ = ["add_parsers", "cmd_doctor", "cmd_scan"]
 
-EXIT_OK, EXIT_FOUND = 0, 1
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 # Kept here so that building the parser does not import the scanner (pynetdicom, httpx: 0.6 s);
 # tests/test_scan.py checks they equal safepacs.scan's.
@@ -171,10 +172,15 @@ def _emit(args: argparse.Namespace, report: Any) -> int:
     else:
         sys.stdout.write(render(report, args.format))
         sys.stdout.flush()
-    if args.fail_on == "none":
-        return EXIT_OK
+    errors = report.runtime_errors()
+    if errors and (args.out or args.format != "text"):  # the table lists them itself
+        more = f" (and {len(errors) - 1} more, listed in the report)" if len(errors) > 1 else ""
+        print(f"safepacs: not scanned completely: {errors[0]}{more}", file=sys.stderr)
+    # 1 wins over 2: what was found matters more than what could not be looked at.
     worst = report.worst()
-    return EXIT_FOUND if worst is not None and worst >= Severity.parse(args.fail_on) else EXIT_OK
+    if args.fail_on != "none" and worst is not None and worst >= Severity.parse(args.fail_on):
+        return EXIT_FOUND
+    return EXIT_ERROR if errors else EXIT_OK
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -213,10 +219,49 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return _emit(args, report)
 
 
+def _read_only_index(url: str) -> Any:
+    """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
+    changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``."""
+    from urllib.parse import quote
+
+    import sqlalchemy as sa
+    from alembic.script import ScriptDirectory
+
+    import safepacs.index
+    from safepacs.errors import IndexError_
+    from safepacs.index import SqlIndex
+
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = Path(parsed.database).resolve()
+        if not path.is_file():
+            raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
+        query = {**parsed.query, "mode": "ro", "uri": "true"}
+        parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
+    url = parsed.render_as_string(hide_password=False)
+    head = ScriptDirectory(str(Path(safepacs.index.__file__).parent / "migrations")).get_current_head()
+    engine = sa.create_engine(url, hide_parameters=True)
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.SQLAlchemyError as exc:
+        raise IndexError_(
+            f"the index cannot be read ({type(exc).__name__}): no schema, or index.url is wrong; "
+            "'safepacs doctor' does not create or change it"
+        ) from exc
+    finally:
+        engine.dispose()
+    if version != head:
+        raise IndexError_(
+            f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
+            "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
+        )
+    return SqlIndex(url)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from safepacs.config import data_dir_from, load_settings
     from safepacs.errors import DataDirError
-    from safepacs.index import SqlIndex, migrate
     from safepacs.scan.doctor import AccountInfo, DoctorInput, run_doctor
 
     data = data_dir_from(args.data)
@@ -228,8 +273,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if port is not None and not 0 < port < 65536:
             raise ScanUsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
-    migrate(settings.index_url)
-    index = SqlIndex(settings.index_url)
+    index = _read_only_index(settings.index_url)
     try:
         peers = index.list_peers()
         accounts = []

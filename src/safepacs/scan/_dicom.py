@@ -36,6 +36,7 @@ from safepacs.scan._wire import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     DicomAnswer,
+    ProbeTimeout,
     RateLimiter,
     sniff_dicom,
 )
@@ -115,12 +116,15 @@ class DicomResult:
     studies: int | None = None
     images: int | None = None
     images_complete: bool = False
-    studies_capped: bool = False
+    studies_capped: bool = False  # "at least": the cap was reached or the answer stopped partway
     patients: int | None = None
+    patients_capped: bool = False
     worklist: int | None = None
+    worklist_capped: bool = False
+    find_incomplete: bool = False  # a C-FIND stopped partway (timeout, abort): its counts are minimums
     find_refused: str = ""
-    get: str = ""  # "processed", "refused", "" (not tried)
-    move: str = ""  # "processed", "destination-refused", "refused", ""
+    get: str = ""  # "processed", "refused", "unknown" (no answer), "" (no context accepted)
+    move: str = ""  # "processed", "destination-refused", "refused", "unknown", ""
     store: str = ""  # "stored", "refused", ""
     storage_contexts: int = 0
     bogus_identity_accepted: bool | None = None
@@ -226,16 +230,19 @@ def _count_find(
     cap: int,
     count_key: str | None = None,
     collect: Callable[[Dataset], None] | None = None,
-) -> tuple[int | None, int, int, str]:
-    """(matches or None when refused, sum of ``count_key``, matches carrying it, refusal text).
+) -> tuple[int | None, int, int, str, bool]:
+    """(matches or None when refused, sum of ``count_key``, matches carrying it, refusal text, whether
+    the matches are all there were).
 
     C-CANCEL (PS3.7 9.3.2.3) once ``cap`` matches arrived; matches after it are not counted, and a peer
-    that ignores the cancel has its association aborted after another ``cap`` responses.  ``collect``
+    that ignores the cancel has its association aborted after another ``cap`` responses.  A peer that
+    stops answering partway (DIMSE timeout, abort) after some matches: those matches count, marked
+    incomplete (at least that many), for they are already a stranger listing patient data.  ``collect``
     sees each counted identifier (to take one key out of it); nothing else keeps them.
     """
     assoc = session.get()
     if assoc is None:
-        return None, 0, 0, "association refused"
+        return None, 0, 0, "association refused", False
     matches = total = with_key = extra = 0
     cancelled = False
     final: int | None = None
@@ -266,10 +273,12 @@ def _count_find(
             cancelled = True
             assoc.send_c_cancel(msg_id, query_model=model)
     if final is None and not cancelled:
-        return None, 0, 0, "association aborted by the peer"
+        if matches:
+            return matches, total, with_key, "", False
+        return None, 0, 0, "association aborted by the peer", False
     if final is not None and final not in (0x0000, 0xFE00) and final & 0xF000 != 0xB000 and not matches:
-        return None, 0, 0, f"status 0x{final:04X}"
-    return matches, total, with_key, ""
+        return None, 0, 0, f"status 0x{final:04X}", False
+    return matches, total, with_key, "", not cancelled
 
 
 def _count_images(session: _Session, probe: DicomProbe) -> int | None:
@@ -288,8 +297,9 @@ def _count_images(session: _Session, probe: DicomProbe) -> int | None:
         q.QueryRetrieveLevel = level
         for keyword, value in keys.items():
             setattr(q, keyword, value)
-        matches, _, _, refused = _count_find(session, model, q, cap, collect=collect)
-        return None if refused else matches
+        probe.limiter.wait()  # one request each: the global rate limit holds for these too
+        matches, _, _, refused, complete = _count_find(session, model, q, cap, collect=collect)
+        return None if refused or not complete else matches
 
     studies: list[str] = []
     series: list[str] = []
@@ -316,19 +326,41 @@ def _count_images(session: _Session, probe: DicomProbe) -> int | None:
         series.clear()
 
 
+#: How telling a retrieval answer is: the most permissive one of the two information models counts.
+_RETRIEVE_RANK = {"": 0, "unknown": 1, "refused": 2, "destination-refused": 3, "processed": 4}
+
+
 def _bogus_retrieve(session: _Session, kind: str) -> str:
-    """C-GET or C-MOVE of a study UID that exists nowhere: processed, refused or destination-refused."""
-    model = (
-        StudyRootQueryRetrieveInformationModelGet
+    """C-GET or C-MOVE of something that exists nowhere, in the Study Root and the Patient Root models
+    (a server may restrict one only): processed, destination-refused, refused, unknown (no answer), or
+    "" when neither context was accepted."""
+    models = (
+        (StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet)
         if kind == "get"
-        else StudyRootQueryRetrieveInformationModelMove
+        else (StudyRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelMove)
     )
+    best = ""
+    for model in models:
+        outcome = _bogus_retrieve_one(session, kind, model)
+        if _RETRIEVE_RANK[outcome] > _RETRIEVE_RANK[best]:
+            best = outcome
+        if best == "processed":
+            break
+    return best
+
+
+def _bogus_retrieve_one(session: _Session, kind: str, model: str) -> str:
     if not session.accepted(model):
         return ""
     assoc = session.get()
     q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.StudyInstanceUID = f"2.25.{uuid.uuid4().int}"
+    if model in (StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove):
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = f"2.25.{uuid.uuid4().int}"
+    else:
+        q.QueryRetrieveLevel = "PATIENT"
+        q.PatientID = f"SAFEPACS-SCAN-{secrets.token_hex(8).upper()}"  # an ID nobody was given
+    session.probe.limiter.wait()
     if kind == "get":
         responses = assoc.send_c_get(q, model)
     else:
@@ -341,7 +373,9 @@ def _bogus_retrieve(session: _Session, kind: str) -> str:
             break
         if code not in _PENDING:
             final = code
-    if final is None or final in _REFUSED - {0xA801}:
+    if final is None:
+        return "unknown"  # no final answer (timeout, abort): neither processed nor refused
+    if final in _REFUSED - {0xA801}:
         return "refused"
     if final == 0xA801:
         return "destination-refused"
@@ -454,7 +488,7 @@ def _probe_accepted(address: str, port: int, probe: DicomProbe, result: DicomRes
             q.QueryRetrieveLevel = "STUDY"
             q.StudyInstanceUID = ""
             q.NumberOfStudyRelatedInstances = ""
-            studies, images, with_key, refused = _count_find(
+            studies, images, with_key, refused, complete = _count_find(
                 session,
                 StudyRootQueryRetrieveInformationModelFind,
                 q,
@@ -463,10 +497,14 @@ def _probe_accepted(address: str, port: int, probe: DicomProbe, result: DicomRes
             )
             result.find_refused = refused
             result.studies = studies
+            stalled = studies is not None and 0 < studies < probe.find_cap and not complete
+            result.find_incomplete = stalled
             if studies:
-                result.studies_capped = studies >= probe.find_cap
-                if with_key == studies:
-                    result.images, result.images_complete = images, not result.studies_capped
+                result.studies_capped = studies >= probe.find_cap or stalled
+                if with_key == studies or stalled:
+                    # A peer that stalled would stall the counting queries as well: take what came.
+                    result.images = images if with_key == studies else None
+                    result.images_complete = not result.studies_capped
                 else:
                     result.images = _count_images(session, probe)
                     result.images_complete = result.images is not None and not result.studies_capped
@@ -477,18 +515,26 @@ def _probe_accepted(address: str, port: int, probe: DicomProbe, result: DicomRes
             q.QueryRetrieveLevel = "PATIENT"
             q.PatientID = ""
             q.NumberOfPatientRelatedStudies = ""
-            patients, _, _, refused = _count_find(
+            patients, _, _, refused, complete = _count_find(
                 session, PatientRootQueryRetrieveInformationModelFind, q, probe.find_cap
             )
             result.patients = patients
+            result.patients_capped = bool(patients) and not complete
+            result.find_incomplete = result.find_incomplete or (
+                bool(patients) and not complete and (patients or 0) < probe.find_cap
+            )
             result.find_refused = result.find_refused or refused
         if session.accepted(ModalityWorklistInformationFind):
             q = Dataset()
             step = Dataset()
             step.Modality = ""
             q.ScheduledProcedureStepSequence = [step]
-            result.worklist, _, _, _ = _count_find(
+            result.worklist, _, _, _, complete = _count_find(
                 session, ModalityWorklistInformationFind, q, probe.find_cap
+            )
+            result.worklist_capped = bool(result.worklist) and not complete
+            result.find_incomplete = result.find_incomplete or (
+                bool(result.worklist) and not complete and (result.worklist or 0) < probe.find_cap
             )
         result.get = _bogus_retrieve(session, "get")
         result.move = _bogus_retrieve(session, "move")
@@ -508,7 +554,11 @@ def probe_dicom(
     answer the first called AE title got already (while telling the protocol)."""
     _quiet_pynetdicom()
     result = DicomResult()
-    _associate(address, port, probe, result, known)
+    try:
+        _associate(address, port, probe, result, known)
+    except ProbeTimeout as exc:
+        result.error = f"probe timed out ({exc})"
+        return result
     if result.accepted_called is not None:
         _probe_accepted(address, port, probe, result)
     elif result.attempts and any(

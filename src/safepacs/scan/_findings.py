@@ -1,9 +1,10 @@
 """From what the probes saw to findings: severity, one-line title, detail with counts, remediation.
 
 Severity, as the issue defines it: critical when a stranger can list (C-FIND, QIDO, REST) or retrieve
-(C-GET, C-MOVE, WADO) patient data; high when a stranger can associate or store, or patient data and
-credentials travel without TLS to another host.  Transport findings on loopback addresses are lowered:
-that traffic never leaves the machine.
+(C-GET, C-MOVE, WADO accepted) patient data, whether anything is listed now or not; high when a stranger
+can associate or store, or a port that serves patient data (plain DICOM, even one that refuses
+strangers: it serves its peers) or credentials has no TLS.  Transport findings on loopback addresses are
+lowered: that traffic never leaves the machine.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def dicom_findings(
                     "username and passcode (PS3.7 D.3.3.7) was accepted: the credentials are not checked.",
                 )
             )
-        sev = Severity.INFO if loopback else Severity.MEDIUM
+        # High: the port serves patient data to its legitimate peers, in clear (off loopback).
+        sev = Severity.INFO if loopback else Severity.HIGH
         if tls:
             return out
         out.append(
@@ -146,9 +148,12 @@ def dicom_findings(
         )
         if r.patients is not None:
             detail += (
-                f"; Patient Root C-FIND at patient level returned {_count(r.patients, False, 'patients')}"
+                "; Patient Root C-FIND at patient level returned "
+                f"{_count(r.patients, r.patients_capped, 'patients')}"
             )
         detail += "."
+        if r.find_incomplete:
+            detail += " The peer stopped answering partway: the counts are minimums."
         if listed:
             out.append(
                 _finding(
@@ -161,6 +166,8 @@ def dicom_findings(
                     images=r.images,
                     patients=r.patients,
                     capped=r.studies_capped,
+                    patients_capped=r.patients_capped,
+                    incomplete=r.find_incomplete,
                 )
             )
         else:
@@ -182,8 +189,10 @@ def dicom_findings(
                 "dicom.worklist-open",
                 Severity.CRITICAL,
                 "A stranger can read the Modality Worklist",
-                f"Modality Worklist C-FIND returned {_count(r.worklist, False, 'scheduled steps')}.",
+                "Modality Worklist C-FIND returned "
+                f"{_count(r.worklist, r.worklist_capped, 'scheduled steps')}.",
                 worklist_items=r.worklist,
+                capped=r.worklist_capped,
             )
         )
     elif r.worklist == 0:
@@ -197,13 +206,13 @@ def dicom_findings(
                 worklist_items=0,
             )
         )
+    # Retrieval a stranger may ask for is critical, listed or not: the UIDs are easy to come by.
     if r.get == "processed":
-        sev = Severity.CRITICAL if listed else Severity.HIGH
         out.append(
             _finding(
                 ep,
                 "dicom.get-open",
-                sev,
+                Severity.CRITICAL,
                 "A stranger can retrieve images (C-GET)",
                 "The C-GET context was accepted and a C-GET (of a study that does not exist, so nothing "
                 "was retrieved) was processed rather than refused.",
@@ -215,10 +224,11 @@ def dicom_findings(
             _finding(
                 ep,
                 "dicom.move-open",
-                Severity.HIGH,
-                "C-MOVE to an unknown destination is not refused",
+                Severity.CRITICAL,
+                "A stranger can retrieve images (C-MOVE), to an unknown destination too",
                 "A C-MOVE naming a destination AE title that no one registered was processed (for a "
-                "study that does not exist); the destination is not checked before matching.",
+                "study that does not exist, so nothing was sent); the destination is not checked before "
+                "matching.",
                 move="processed",
             )
         )
@@ -234,6 +244,31 @@ def dicom_findings(
                 move="destination-refused",
             )
         )
+    for kind, state, label in (("get", r.get, "C-GET"), ("move", r.move, "C-MOVE")):
+        if state == "refused":
+            out.append(
+                _finding(
+                    ep,
+                    f"dicom.{kind}-open",
+                    Severity.INFO,
+                    f"{label} context accepted; requests refused",
+                    f"A stranger may propose {label} (the presentation context was accepted), but a {label} "
+                    "of something that does not exist was refused: retrieval is checked per request.",
+                    **{kind: "refused"},
+                )
+            )
+        elif state == "unknown":
+            out.append(
+                _finding(
+                    ep,
+                    f"dicom.{kind}-open",
+                    Severity.MEDIUM,
+                    f"{label} context accepted; request not answered",
+                    f"A stranger's {label} context was accepted, and a {label} of something that does not "
+                    "exist got no final answer in time: whether retrieval is open could not be told.",
+                    **{kind: "unknown"},
+                )
+            )
     if r.store == "stored":
         out.append(
             _finding(
@@ -398,7 +433,7 @@ def http_findings(ep: Endpoint, h: HttpResult, *, loopback: bool) -> list[Findin
                 )
             )
         else:
-            sev = Severity.CRITICAL if q.wado_rs == "open" and h.lists_data else Severity.HIGH
+            sev = Severity.CRITICAL if q.wado_rs == "open" else Severity.HIGH
             out.append(
                 _finding(
                     ep,
@@ -412,12 +447,11 @@ def http_findings(ep: Endpoint, h: HttpResult, *, loopback: bool) -> list[Findin
                 )
             )
     if h.wado_uri == "open":
-        sev = Severity.CRITICAL if h.lists_data else Severity.MEDIUM
         out.append(
             _finding(
                 ep,
                 "http.wado-uri-open",
-                sev,
+                Severity.CRITICAL,
                 "WADO-URI answers without authentication",
                 f"{h.wado_uri_path} answered a request without a login (an image needs its UIDs, which "
                 "open query services give away).",

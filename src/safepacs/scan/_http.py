@@ -7,9 +7,14 @@ WADO-RS is asked for the metadata of a study UID that exists nowhere, so nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import secrets
+import socket
 import ssl
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +23,7 @@ import httpx
 
 from safepacs import __version__
 from safepacs.scan._model import safe_text
-from safepacs.scan._wire import RateLimiter, permissive_context
+from safepacs.scan._wire import ProbeTimeout, RateLimiter, permissive_context
 from safepacs.scan.fingerprint import match_http
 
 __all__ = ["DICOMWEB_ROOTS", "HttpResult", "QidoRoot", "probe_http"]
@@ -49,6 +54,7 @@ ORIGIN = "https://safepacs-scan.invalid"
 _READ_LIMIT = 32 * 1024 * 1024
 _OPEN = frozenset({200, 204, 206})
 _AUTH = frozenset({401, 403})
+_RANDOM_UID = re.compile(r"2\.25\.\d+")
 
 
 @dataclass
@@ -84,6 +90,7 @@ class HttpResult:
     dcm_listed: bool = False
     cors: str = ""  # "reflect-credentials", "wildcard" or ""
     missing_headers: list[str] = field(default_factory=list)
+    error: str = ""  # why the checks stopped early (an answer that did not finish in time)
 
     @property
     def data_api(self) -> bool:
@@ -114,6 +121,8 @@ class _Answer:
 class _Client:
     def __init__(self, base: str, timeout: float, limiter: RateLimiter, verify: ssl.SSLContext) -> None:
         self.limiter = limiter
+        self.timeout = timeout
+        self._sock: socket.socket | None = None  # of the connection in use (requests are sequential)
         self.http = httpx.Client(
             base_url=base,
             verify=verify,
@@ -125,17 +134,53 @@ class _Client:
     def get(
         self, path: str, *, headers: dict[str, str] | None = None, auth: tuple[str, str] | None = None
     ) -> _Answer | None:
+        """One GET, its body read up to the limit; :class:`ProbeTimeout` when the whole answer takes
+        longer than the timeout.  httpx's timeouts bound each read only (a body dribbled byte by byte up
+        to the limit would take a year, headers a day): the body loop checks the deadline, and a timer
+        shuts the connection's socket down at twice it, which ends a read blocked on dribbled headers
+        (a silent server meets httpx's own connect and read timeouts before: no answer, not an error)."""
         self.limiter.wait()
+        deadline = time.monotonic() + self.timeout
+        expired = threading.Event()
+        timer = threading.Timer(2 * self.timeout, self._expire, (expired,))
+        timer.daemon = True
+        timer.start()
+        shown = _RANDOM_UID.sub("2.25.(random)", path.split("?", 1)[0])  # made up, kept out all the same
+        late = f"GET {shown}: the answer did not finish in {self.timeout:g} s"
         try:
-            with self.http.stream("GET", path, headers=headers, auth=auth) as rsp:
+            extensions = {"trace": self._trace}
+            with self.http.stream("GET", path, headers=headers, auth=auth, extensions=extensions) as rsp:
                 body = bytearray()
                 for chunk in rsp.iter_bytes():
                     body += chunk
                     if len(body) > _READ_LIMIT:
                         break
+                    if expired.is_set() or time.monotonic() > deadline:
+                        raise ProbeTimeout(late)
                 return _Answer(rsp.status_code, {k.lower(): v for k, v in rsp.headers.items()}, bytes(body))
         except (httpx.HTTPError, OSError, ValueError):
+            if expired.is_set():
+                raise ProbeTimeout(late) from None
             return None
+        finally:
+            timer.cancel()
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace extension: remember the socket of each new connection (plain, then TLS)."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                self._sock = sock
+
+    def _expire(self, expired: threading.Event) -> None:
+        expired.set()
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                # The plain socket's shutdown, also under TLS: the read blocked in the other thread
+                # returns; SSLSocket.shutdown would first drop its SSL object under that read.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.http.close()
@@ -254,45 +299,53 @@ def probe_http(
     result = HttpResult(scheme)
     client = _Client(f"{scheme}://{name}:{port}", timeout, limiter, permissive_context())
     try:
-        root = client.get("/", headers={"Origin": ORIGIN})
-        if root is None:
-            return result
-        result.answered = True
-        result.server = safe_text(root.headers.get("server", ""), 48)
-        location = root.headers.get("location", "")
-        result.redirects_to_https = 300 <= root.status < 400 and location.lower().startswith("https://")
-        body = root.text() if root.status == 200 else ""
-        result.product = match_http(root.headers, body) or ""
-        lowered = body.lower()
-        if "<title>index of /" in lowered or "directory listing for" in lowered:
-            result.dir_listing = True
-            result.dcm_listed = ".dcm" in lowered
-        _cors(root, result)
-        wanted = SECURITY_HEADERS + (("strict-transport-security",) if tls else ())
-        result.missing_headers = [h for h in wanted if h not in root.headers]
-        if "x-frame-options" not in root.headers and "frame-ancestors" not in root.headers.get(
-            "content-security-policy", ""
-        ):
-            result.missing_headers.append("x-frame-options")
-        # What a path that exists nowhere gets: a server that asks for a login everywhere (or answers
-        # 200 everywhere) tells nothing by asking for one on a DICOMweb root or a viewer.
-        catch_all = client.get(f"/{secrets.token_hex(8)}")
-        baseline = catch_all.status if catch_all is not None else None
-        _orthanc(client, result, try_default_credentials)
-        _dicomweb(client, result, find_cap, baseline)
-        for path in WADO_URI_PATHS:
-            rsp = client.get(f"{path}?requestType=WADO")
-            if rsp is not None and rsp.status in _AUTH and rsp.status != baseline:
-                result.wado_uri, result.wado_uri_path = "auth", path
-                break
-            if rsp is not None and rsp.status in (400, 406, 422) and "wado" in rsp.text().lower():
-                result.wado_uri, result.wado_uri_path = "open", path
-                break
-        if baseline is not None and baseline != 200:
-            for path, label in VIEWERS:
-                rsp = client.get(path)
-                if rsp is not None and rsp.status == 200:
-                    result.viewers.append(label)
+        _http_checks(client, result, tls, find_cap, try_default_credentials)
+    except ProbeTimeout as exc:
+        result.error = f"probe timed out ({exc})"
     finally:
         client.close()
     return result
+
+
+def _http_checks(
+    client: _Client, result: HttpResult, tls: bool, find_cap: int, try_default_credentials: bool
+) -> None:
+    root = client.get("/", headers={"Origin": ORIGIN})
+    if root is None:
+        return
+    result.answered = True
+    result.server = safe_text(root.headers.get("server", ""), 48)
+    location = root.headers.get("location", "")
+    result.redirects_to_https = 300 <= root.status < 400 and location.lower().startswith("https://")
+    body = root.text() if root.status == 200 else ""
+    result.product = match_http(root.headers, body) or ""
+    lowered = body.lower()
+    if "<title>index of /" in lowered or "directory listing for" in lowered:
+        result.dir_listing = True
+        result.dcm_listed = ".dcm" in lowered
+    _cors(root, result)
+    wanted = SECURITY_HEADERS + (("strict-transport-security",) if tls else ())
+    result.missing_headers = [h for h in wanted if h not in root.headers]
+    if "x-frame-options" not in root.headers and "frame-ancestors" not in root.headers.get(
+        "content-security-policy", ""
+    ):
+        result.missing_headers.append("x-frame-options")
+    # What a path that exists nowhere gets: a server that asks for a login everywhere (or answers
+    # 200 everywhere) tells nothing by asking for one on a DICOMweb root or a viewer.
+    catch_all = client.get(f"/{secrets.token_hex(8)}")
+    baseline = catch_all.status if catch_all is not None else None
+    _orthanc(client, result, try_default_credentials)
+    _dicomweb(client, result, find_cap, baseline)
+    for path in WADO_URI_PATHS:
+        rsp = client.get(f"{path}?requestType=WADO")
+        if rsp is not None and rsp.status in _AUTH and rsp.status != baseline:
+            result.wado_uri, result.wado_uri_path = "auth", path
+            break
+        if rsp is not None and rsp.status in (400, 406, 422) and "wado" in rsp.text().lower():
+            result.wado_uri, result.wado_uri_path = "open", path
+            break
+    if baseline is not None and baseline != 200:
+        for path, label in VIEWERS:
+            rsp = client.get(path)
+            if rsp is not None and rsp.status == 200:
+                result.viewers.append(label)

@@ -153,6 +153,11 @@ class ScanReport:
     def duration(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
 
+    def runtime_errors(self) -> list[str]:
+        """What went wrong while scanning, one line each: targets that could not be scanned and probes
+        of open endpoints that failed or timed out (a closed or refusing port is no error)."""
+        return [*self.errors, *(f"{ep.label}: {ep.error}" for ep in self.endpoints if ep.error)]
+
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), default=None)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "DicomAnswer",
+    "ProbeTimeout",
     "RateLimiter",
     "connect",
     "permissive_context",
@@ -99,13 +100,47 @@ def _wrap(
     return ctx.wrap_socket(sock, server_hostname=server_name)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+class ProbeTimeout(Exception):
+    """A probe step did not finish within its overall deadline (a peer that answers byte by byte).
+
+    Not an :class:`OSError`, so that it is never mistaken for "not this protocol": it ends the probe of
+    the endpoint, which is then reported with an error.
+    """
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, fewer when the peer closes; past ``deadline`` (monotonic) :class:`TimeoutError` when
+    nothing came (a silent peer, as before) and :class:`ProbeTimeout` when part of it did.
+
+    The socket's own timeout bounds each read only: a peer that sends one byte a second would keep a
+    64 KB PDU coming for 18 hours, hence one deadline for the whole step.
+    """
     buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
+    previous = sock.gettimeout()
+
+    def late() -> Exception:
+        if not buf:
+            return TimeoutError("no answer by the deadline")
+        return ProbeTimeout(f"{len(buf)} of {n} bytes by the deadline")
+
+    try:
+        while len(buf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise late()
+            sock.settimeout(remaining if previous is None else min(previous, remaining))
+            try:
+                chunk = sock.recv(n - len(buf))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise late() from None
+                raise
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
     return buf
 
 
@@ -117,7 +152,7 @@ def sniff_http(
         with connect(address, port, timeout) as raw, _wrap(raw, ctx, server_name) as sock:
             host = f"[{address}]" if ":" in address else address
             sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: safepacs-scan\r\n\r\n".encode())
-            return _recv_exact(sock, 5) == b"HTTP/"
+            return _recv_exact(sock, 5, time.monotonic() + timeout) == b"HTTP/"
     except (OSError, ValueError):
         return False
 
@@ -184,20 +219,26 @@ def _parse_ac(body: bytes) -> DicomAnswer:
     return DicomAnswer(2, called_echo=called, implementation_class_uid=uid, implementation_version_name=name)
 
 
-def _finish_dicom(sock: socket.socket, head: bytes) -> DicomAnswer:
-    """The rest of an A-ASSOCIATE-AC/RJ or A-ABORT whose 6-byte header is ``head``; an AC is released."""
+def _finish_dicom(sock: socket.socket, head: bytes, deadline: float) -> DicomAnswer:
+    """The rest of an A-ASSOCIATE-AC/RJ or A-ABORT whose 6-byte header is ``head``; an AC is released.
+
+    :class:`ProbeTimeout` when the PDU is not complete by ``deadline``."""
     if len(head) < 6 or head[0] not in (2, 3, 7) or head[1] != 0:
         return DicomAnswer(0)
     pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
     if length > 65536:
         return DicomAnswer(0)
-    body = _recv_exact(sock, length)
+    try:
+        body = _recv_exact(sock, length, deadline)
+    except ProbeTimeout as exc:
+        raise ProbeTimeout(f"DICOM answer (PDU type {pdu_type}): {exc}") from None
     if pdu_type == 3 and len(body) >= 4:
         return DicomAnswer(3, body[1], body[2], body[3])
     if pdu_type == 2:
         sock.sendall(struct.pack(">BxI", 0x05, 4) + bytes(4))  # A-RELEASE-RQ
-        with contextlib.suppress(OSError):
-            _recv_exact(sock, 10)  # A-RELEASE-RP
+        release_by = max(deadline, time.monotonic() + 1.0)
+        with contextlib.suppress(OSError, ProbeTimeout):
+            _recv_exact(sock, 10, release_by)  # A-RELEASE-RP: waited for, but its absence is no error
         return _parse_ac(body)
     return DicomAnswer(pdu_type)
 
@@ -215,8 +256,9 @@ def sniff_dicom(
     """Send a Verification A-ASSOCIATE-RQ and classify the answer; an accepted association is released."""
     try:
         with connect(address, port, timeout) as raw, _wrap(raw, ctx, server_name) as sock:
+            deadline = time.monotonic() + timeout
             sock.sendall(_associate_rq(calling, called))
-            return _finish_dicom(sock, _recv_exact(sock, 6))
+            return _finish_dicom(sock, _recv_exact(sock, 6, deadline), deadline)
     except (OSError, ValueError):
         return DicomAnswer(0)
 
@@ -299,7 +341,7 @@ def sniff(
                     return "http", None
                 if opened[sock] == "dicom":
                     try:
-                        answer = _finish_dicom(sock, buffers[sock])
+                        answer = _finish_dicom(sock, buffers[sock], time.monotonic() + timeout)
                     except (OSError, ValueError):
                         answer = DicomAnswer(0)
                     if answer.pdu:

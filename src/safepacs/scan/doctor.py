@@ -409,6 +409,7 @@ def run_doctor(
             scanned.probes,
         )
         findings += scanned.findings
+        report.errors = list(scanned.errors)
         if not scanned.endpoints:
             findings.append(
                 Finding(

@@ -29,7 +29,7 @@ from safepacs.scan._http import HttpResult, probe_http
 from safepacs.scan._model import Endpoint, Finding, ScanError, ScanReport, Severity
 from safepacs.scan._remedies import remedy
 from safepacs.scan._tls import TlsResult, check_tls
-from safepacs.scan._wire import RateLimiter, permissive_context, sniff, sniff_tls
+from safepacs.scan._wire import ProbeTimeout, RateLimiter, permissive_context, sniff, sniff_tls
 from safepacs.scan.fingerprint import Product, match_implementation
 from safepacs.scan.targets import (
     DEFAULT_DICOM_PORTS,
@@ -192,6 +192,8 @@ def _probe_endpoint(
                 # Last: each of its handshakes ends without a PDU, and a pynetdicom peer keeps such a
                 # connection (and an association slot) until its ARTIM timer expires.
                 state.tls = check_tls(address, port, t, limiter, server_name=name, ca_file=options.ca_file)
+    except ProbeTimeout as exc:
+        ep.error = f"probe timed out ({exc})"
     except Exception as exc:  # one endpoint's surprise must not end the scan of the others
         ep.error = f"probe failed ({type(exc).__name__})"
         log.debug("probe of %s failed", ep.label, exc_info=True)
@@ -266,30 +268,43 @@ async def _follow_up(
     loop: asyncio.AbstractEventLoop,
     executor: ThreadPoolExecutor,
 ) -> None:
-    """Retry DICOM ports that refused every common called AE title with the title the host's Orthanc
-    REST API gave away (``/system`` DicomAet)."""
+    """Retry DICOM ports that refused every common called AE title with the titles the host gave away:
+    its Orthanc REST API (``/system`` DicomAet, for this DICOM port) and the called AE title another of
+    its DICOM ports put in an A-ASSOCIATE-AC when it differs from the one asked for (the server's own).
+    """
     for s in states:
         if s.dicom is None or s.dicom.accepted_called is not None or not s.dicom.attempts:
             continue
         if not all(a.pdu == 3 and a.source == 1 and a.reason == 7 for _, a in s.dicom.attempts):
             continue
         tried = {c for c, _ in s.dicom.attempts}
-        for other in states:
-            h = other.http
-            if other.ep.address != s.ep.address or h is None or not h.orthanc_dicom_aet:
-                continue
-            if h.orthanc_dicom_aet in tried or h.orthanc_dicom_port not in (None, s.ep.port):
-                continue
-            probe = replace(
-                _dicom_probe(
-                    options, limiter, calling, s.ep.service == "dicom-tls", s.ep.host or s.ep.address
-                ),
-                called_aes=(h.orthanc_dicom_aet,),
-            )
-            again = await loop.run_in_executor(executor, probe_dicom, s.ep.address, s.ep.port, probe, None)
-            again.attempts = s.dicom.attempts + again.attempts
-            s.dicom = again
-            break
+        revealed = list(dict.fromkeys(t for t in _revealed_titles(s, states) if t not in tried))
+        if not revealed:
+            continue
+        probe = replace(
+            _dicom_probe(options, limiter, calling, s.ep.service == "dicom-tls", s.ep.host or s.ep.address),
+            called_aes=tuple(revealed),
+        )
+        again = await loop.run_in_executor(executor, probe_dicom, s.ep.address, s.ep.port, probe, None)
+        again.attempts = s.dicom.attempts + again.attempts
+        s.dicom = again
+
+
+def _valid_ae(title: str) -> bool:
+    return 0 < len(title) <= 16 and title.isascii() and title.isprintable() and "\\" not in title
+
+
+def _revealed_titles(s: _State, states: list[_State]) -> Iterator[str]:
+    for other in states:
+        if other.ep.address != s.ep.address:
+            continue
+        h, d = other.http, other.dicom
+        if h is not None and h.orthanc_dicom_aet and h.orthanc_dicom_port in (None, s.ep.port):
+            if _valid_ae(h.orthanc_dicom_aet):
+                yield h.orthanc_dicom_aet
+        if other is not s and d is not None and d.accepted_called and d.echoed_called:
+            if d.echoed_called != d.accepted_called and _valid_ae(d.echoed_called):
+                yield d.echoed_called
 
 
 def _correlate(states: list[_State], assume_product: str) -> None:
@@ -355,6 +370,9 @@ def _facts(s: _State) -> None:
                 "images": d.images,
                 "patients": d.patients,
                 "worklist_items": d.worklist,
+                "contexts_accepted": ", ".join(k for k, v in d.contexts.items() if v) or None,
+                "get": d.get or None,
+                "move": d.move or None,
             }
         )
     if h is not None:
@@ -413,6 +431,11 @@ def run_scan(targets: list[Target], options: ScanOptions, progress: ProgressHook
     states = asyncio.run(_scan(pairs, options, hook, report))
     _correlate(states, options.assume_product)
     for s in states:
+        # A probe that stopped early (a peer answering byte by byte past the deadline, an association
+        # accepted once and then refused) is a runtime error of the scan, shown with the endpoint.
+        stopped = [r.error for r in (s.dicom, s.http) if r is not None and r.error]
+        if stopped and not s.ep.error:
+            s.ep.error = "; ".join(stopped)
         _facts(s)
         s.ep.findings = _findings(s, options)
     states.sort(key=lambda s: (_sort_key(s.ep.address), s.ep.port))

@@ -78,6 +78,7 @@ def as_dict(report: ScanReport) -> dict[str, Any]:
             "endpoints": len(report.endpoints),
             "findings": report.counts(),
             "worst": (w.label if (w := report.worst()) is not None else None),
+            "errors": len(report.runtime_errors()),
         },
         "endpoints": [e.as_dict() for e in report.endpoints],
         "findings": [f.as_dict() for f in report.sorted_findings()],
@@ -141,11 +142,12 @@ def _sarif(report: ScanReport) -> dict[str, Any]:
                 },
                 "invocations": [
                     {
-                        "executionSuccessful": True,
+                        # Some targets or probes failed: the run finished, its results are incomplete.
+                        "executionSuccessful": not report.runtime_errors(),
                         "startTimeUtc": report.started_at.isoformat().replace("+00:00", "Z"),
                         "endTimeUtc": report.finished_at.isoformat().replace("+00:00", "Z"),
                         "toolExecutionNotifications": [
-                            {"level": "warning", "message": {"text": e}} for e in report.errors
+                            {"level": "error", "message": {"text": e}} for e in report.runtime_errors()
                         ],
                     }
                 ],
@@ -173,7 +175,7 @@ def _html(report: ScanReport) -> str:
         f"<td>{len(ep.findings)}</td></tr>"
         for ep in report.endpoints
     )
-    errors = "".join(f"<li>{e(x)}</li>" for x in report.errors)
+    errors = "".join(f"<li>{e(x)}</li>" for x in report.runtime_errors())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -192,7 +194,7 @@ td,th{{border:1px solid #ccc;padding:.4em;vertical-align:top;text-align:left}} t
 <h2>Endpoints</h2>
 <table><thead><tr><th>Endpoint</th><th>Service</th><th>Product</th><th>Findings</th></tr></thead>
 <tbody>{endpoints}</tbody></table>
-{f"<h2>Not scanned</h2><ul>{errors}</ul>" if errors else ""}
+{f"<h2>Errors: not scanned or not completely</h2><ul>{errors}</ul>" if errors else ""}
 </body></html>
 """
 
@@ -230,6 +232,11 @@ def print_table(report: ScanReport, console: Console, *, minimum: Severity = Sev
         console.print(table)
     for error in report.errors:
         console.print(f"[yellow]not scanned:[/] {_escape(error)}", highlight=False)
+    for ep in report.endpoints:
+        if ep.error:
+            console.print(
+                f"[yellow]probe error:[/] {_escape(ep.label)}: {_escape(ep.error)}", highlight=False
+            )
     hidden = len(report.findings) - len(shown)
     more = f"; {hidden} below {minimum.label} not shown" if hidden else ""
     console.print(_escape(f"{_summary(report)}{more}. Took {report.duration:.1f} s."), highlight=False)
