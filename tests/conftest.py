@@ -130,14 +130,25 @@ def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> 
     return Server(data, host, int(port), proc, log, reader, https_port, tls_port)
 
 
-@pytest.fixture
-def server(data_dir: Path) -> Iterator[Server]:
-    """A running server with two DIMSE workers, on the fresh data directory."""
-    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "2"})
+def _running(data_dir: Path, workers: int) -> Iterator[Server]:
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": str(workers)})
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def server(data_dir: Path) -> Iterator[Server]:
+    """A running server with two DIMSE workers, on the fresh data directory."""
+    yield from _running(data_dir, 2)
+
+
+@pytest.fixture
+def srv(data_dir: Path) -> Iterator[Server]:
+    """A running server with one DIMSE worker (every association in one process), on the fresh data
+    directory."""
+    yield from _running(data_dir, 1)
 
 
 def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

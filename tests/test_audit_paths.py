@@ -51,15 +51,6 @@ def index(data_dir: Path) -> Iterator[SqlIndex]:
         idx.close()
 
 
-@pytest.fixture
-def srv(data_dir: Path) -> Iterator[Server]:
-    server = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _one(events: list[AuditEvent], event_id: EventID, type_code: str | None = None) -> AuditEvent:
     found = [
         e for e in events if e.event_id is event_id and (type_code is None or e.type_code[0] == type_code)

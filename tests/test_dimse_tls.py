@@ -14,7 +14,6 @@ import stat
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +53,6 @@ PASSWORD = "correct horse battery staple"  # a test user's
 
 
 # Helpers -----------------------------------------------------------------------------------------------
-@pytest.fixture
-def srv(data_dir: Path) -> Iterator[Server]:
-    server = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def issue(srv: Server, ae: str, out: Path) -> Path:
     """``safepacs peer cert AE --out DIR``."""
     assert run_cli("peer", "cert", ae, "--out", str(out), "--data", str(srv.data)) == 0
