@@ -888,3 +888,145 @@ def test_the_ae_title_a_server_echoes_is_tried_on_its_other_ports(
     _no_probe_errors(report)
     accepted = {f["target"]: f["evidence"]["called_ae"] for f in findings(report, "dicom.associate-open")}
     assert accepted == {f"{host}:{open_port}": "ANY-SCP", f"{host}:{strict_port}": "HIDDEN7"}
+
+
+def test_a_bogus_user_identity_that_opens_the_door_is_followed_through(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An SCP that rejects (rejected-permanent) every association without User Identity but accepts any
+    # username and passcode, and then answers C-FIND and C-GET for anyone: a stranger lists patient data.
+    from pynetdicom.acse import ACSE
+    from pynetdicom.sop_class import (
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    caplog.set_level("INFO")
+    phi = ["Idworth^Cornelius", "Idworth", "Cornelius", "IDPID4471", "19580922"]
+    uids = [generate_uid() for _ in range(2)]
+    users: list[bytes] = []
+    ae = AE(ae_title="IDSCP")
+    ae.acse_timeout = 2
+    original = ACSE._negotiate_as_acceptor
+
+    def identity_required(self: Any) -> None:
+        if self.assoc.ae is ae and self.requestor.user_identity is None:
+            self.send_reject(0x01, 0x01, 0x01)  # rejected-permanent, service-user, no reason given
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        original(self)
+
+    monkeypatch.setattr(ACSE, "_negotiate_as_acceptor", identity_required)
+
+    def on_user_id(event: Any) -> tuple[bool, None]:
+        users.append(event.primary_field)
+        return True, None  # any username and passcode will do
+
+    def on_find(event: Any) -> Any:
+        for uid in uids:
+            ds = Dataset()
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate = phi[0], phi[3], phi[4]
+            ds.StudyInstanceUID, ds.NumberOfStudyRelatedInstances = uid, 3
+            yield 0xFF00, ds
+        yield 0x0000, None
+
+    def on_get(event: Any) -> Any:
+        yield 0  # nothing matches the study asked for
+        yield 0x0000, None
+
+    for uid in (
+        Verification,
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    ):
+        ae.add_supported_context(uid)
+    port = _free_port()
+    handlers = [(evt.EVT_USER_ID, on_user_id), (evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)]
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        code, report = scan_json(tmp_path, f"127.0.0.1:{port}")
+        assert run_cli("scan", f"127.0.0.1:{port}", "--timeout", "5") == 1  # the table on stdout
+    finally:
+        scp.shutdown()
+    assert code == 1
+    _no_probe_errors(report)
+    assert users and set(users) == {b"safepacs-scan"}
+    assert worst(report) == "critical"
+    (identity,) = findings(report, "dicom.identity-not-enforced")
+    assert identity["severity"] == "high"
+    assert findings(report, "dicom.associate-open") == []  # without the identity nobody gets in
+    (find,) = findings(report, "dicom.find-open")
+    assert find["severity"] == "critical" and "made-up username" in find["detail"]
+    assert (find["evidence"]["studies"], find["evidence"]["images"]) == (2, 6)
+    assert find["evidence"]["patients"] == 2
+    (get,) = findings(report, "dicom.get-open")
+    assert get["severity"] == "critical"
+    outputs = [json.dumps(report), *capsys.readouterr(), caplog.text]
+    for text in outputs:
+        leaked = [v for v in [*phi, *uids] if v.lower() in text.lower()]
+        assert not leaked, f"patient data in the output: {leaked[:3]}"
+
+
+def test_mutual_tls_servers_still_get_their_certificate_version_and_cipher_checks(tmp_path: Path) -> None:
+    # DICOM TLS archives that require a client certificate (the scanner has none), TLS 1.2 at most: every
+    # handshake fails after the server's ServerHello, Certificate and CertificateRequest.  One still
+    # accepts TLS 1.0 and 1.1 (and weak suites), the other refuses them with a protocol_version alert.
+    import ssl
+    import warnings
+
+    cert, key = _expired_self_signed(tmp_path)
+
+    def mutual(minimum: ssl.TLSVersion) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(cert))
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # certificate-authenticated suites only, SHA-1 CBC ones too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = minimum
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    host = "127.0.2.10"
+    old_port, strict_port = _free_port(host), _free_port(host)
+    accepted: list[Any] = []
+    ae = AE(ae_title="MTLSSCP")
+    ae.acse_timeout = 2
+    ae.add_supported_context(Verification)
+    handlers = [(evt.EVT_ACCEPTED, lambda event: accepted.append(event))]
+    servers = [
+        ae.start_server((host, port), block=False, ssl_context=mutual(minimum), evt_handlers=handlers)
+        for port, minimum in ((old_port, ssl.TLSVersion.TLSv1), (strict_port, ssl.TLSVersion.TLSv1_2))
+    ]
+    try:
+        code, report = scan_json(tmp_path, host, "--ports", f"{old_port},{strict_port}")
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert accepted == []  # no association without a client certificate
+    assert code == 1
+    _no_probe_errors(report)
+    endpoints = {e["port"]: e for e in report["endpoints"]}
+    assert {port: e["service"] for port, e in endpoints.items()} == {old_port: "tls", strict_port: "tls"}
+    for port in (old_port, strict_port):
+        facts = endpoints[port]["facts"]
+        assert facts["tls_version"] == "TLSv1.2" and facts["tls_client_certificate_required"] is True
+        assert facts["certificate_days_left"] < 0
+    by_target: dict[tuple[int, str], dict[str, Any]] = {
+        (int(f["target"].rsplit(":", 1)[1]), f["check"]): f for f in report["findings"]
+    }
+    for port in (old_port, strict_port):
+        certificate = by_target[(port, "tls.certificate")]
+        assert certificate["severity"] == "high" and "expired" in certificate["title"]
+        assert "requires a client certificate" in by_target[(port, "port.unknown")]["detail"]
+    old = by_target[(old_port, "tls.old-version")]
+    assert old["severity"] == "high" and old["evidence"]["versions"] == "TLS 1.0, TLS 1.1"
+    assert by_target[(old_port, "tls.weak-cipher")]["severity"] == "medium"  # e.g. static RSA, SHA-1 CBC
+    assert (strict_port, "tls.old-version") not in by_target  # refused: protocol_version alert

@@ -11,7 +11,8 @@ In order, each bounded by the per-probe timeout and the global rate limit:
    retrieved), C-MOVE to an unknown destination; Storage contexts; a C-STORE of a synthetic test object
    only with ``intrusive``.
 3. When every attempt was rejected for something else than the called AE: the same association with a
-   bogus User Identity (PS3.7 D.3.3.7); accepted means the identity is not checked.
+   bogus User Identity (PS3.7 D.3.3.7); accepted means the identity is not checked, and the checks of 2.
+   then run through associations carrying that identity.
 
 Responses are counted and dropped at once: no value of an identifier outlives the loop that counts it.
 """
@@ -128,6 +129,7 @@ class DicomResult:
     store: str = ""  # "stored", "refused", ""
     storage_contexts: int = 0
     bogus_identity_accepted: bool | None = None
+    identity_called: str | None = None  # the called AE title the checks of 2. ran with, bogus identity
     error: str = ""
 
 
@@ -168,8 +170,16 @@ def _contexts() -> dict[str, list[Any]]:
 class _Session:
     """One association with every context proposed; re-established after the peer aborts it."""
 
-    def __init__(self, address: str, port: int, called: str, probe: DicomProbe) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        called: str,
+        probe: DicomProbe,
+        identity: UserIdentityNegotiation | None = None,
+    ) -> None:
         self.address, self.port, self.called, self.probe = address, port, called, probe
+        self.identity = identity  # sent with every association (re-established ones too)
         self.ae = AE(ae_title=probe.calling)
         self.ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         self.ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -193,7 +203,12 @@ class _Session:
         # No SNI for an address (None): pynetdicom passes it to wrap_socket, which accepts None.
         tls_args: Any = (self.probe.tls, self.probe.server_name) if self.probe.tls else None
         self.assoc = self.ae.associate(
-            self.address, self.port, self.contexts, ae_title=self.called, tls_args=tls_args
+            self.address,
+            self.port,
+            self.contexts,
+            ae_title=self.called,
+            ext_neg=[self.identity] if self.identity is not None else None,
+            tls_args=tls_args,
         )
         return self.assoc if self.assoc.is_established else None
 
@@ -412,15 +427,22 @@ def _test_object() -> Dataset:
     return ds
 
 
-def _try_identity(address: str, port: int, called: str, probe: DicomProbe) -> bool | None:
-    """Whether an association carrying a bogus username and passcode is accepted."""
-    ae = AE(ae_title=probe.calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = probe.timeout
+def _bogus_identity() -> UserIdentityNegotiation:
+    """A made-up username and passcode (PS3.7 D.3.3.7, type 2) that no server should accept."""
     identity = UserIdentityNegotiation()
     identity.user_identity_type = 2
     identity.primary_field = b"safepacs-scan"
     identity.secondary_field = secrets.token_urlsafe(12).encode()
     identity.positive_response_requested = False
+    return identity
+
+
+def _try_identity(
+    address: str, port: int, called: str, probe: DicomProbe, identity: UserIdentityNegotiation
+) -> bool | None:
+    """Whether an association carrying ``identity`` (a bogus username and passcode) is accepted."""
+    ae = AE(ae_title=probe.calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = probe.timeout
     probe.limiter.wait()
     tls_args: Any = (probe.tls, probe.server_name) if probe.tls else None
     try:
@@ -470,9 +492,16 @@ def _associate(
             return  # aborted or silent: more titles will not change it
 
 
-def _probe_accepted(address: str, port: int, probe: DicomProbe, result: DicomResult) -> None:
-    assert result.accepted_called is not None
-    session = _Session(address, port, result.accepted_called, probe)
+def _probe_accepted(
+    address: str,
+    port: int,
+    probe: DicomProbe,
+    result: DicomResult,
+    called: str,
+    identity: UserIdentityNegotiation | None = None,
+) -> None:
+    """What a stranger may do on an association to ``called`` (carrying ``identity`` when given)."""
+    session = _Session(address, port, called, probe, identity)
     try:
         assoc = session.get()
         if assoc is None:
@@ -560,10 +589,15 @@ def probe_dicom(
         result.error = f"probe timed out ({exc})"
         return result
     if result.accepted_called is not None:
-        _probe_accepted(address, port, probe, result)
+        _probe_accepted(address, port, probe, result, result.accepted_called)
     elif result.attempts and any(
         a.pdu == 3 and not (a.source == 1 and a.reason == 7) for _, a in result.attempts
     ):
         called = next(c for c, a in result.attempts if a.pdu == 3 and not (a.source == 1 and a.reason == 7))
-        result.bogus_identity_accepted = _try_identity(address, port, called, probe)
+        identity = _bogus_identity()
+        result.bogus_identity_accepted = _try_identity(address, port, called, probe, identity)
+        if result.bogus_identity_accepted:
+            # The made-up credentials open the door: look at what a stranger may do through it.
+            result.identity_called = called
+            _probe_accepted(address, port, probe, result, called, identity)
     return result

@@ -9,6 +9,8 @@ lowered: that traffic never leaves the machine.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from safepacs.scan._dicom import DicomResult
 from safepacs.scan._http import HttpResult
 from safepacs.scan._model import Endpoint, Finding, Severity
@@ -103,8 +105,16 @@ def dicom_findings(
                     "An association with a bogus username and password is accepted",
                     "Associations without User Identity were refused, but one carrying a made-up "
                     "username and passcode (PS3.7 D.3.3.7) was accepted: the credentials are not checked.",
+                    called_ae=r.identity_called,
                 )
             )
+            if r.identity_called is not None:
+                out += _access_findings(
+                    ep,
+                    r,
+                    intrusive=intrusive,
+                    through="(Through an association carrying a made-up username and passcode.)",
+                )
         # High: the port serves patient data to its legitimate peers, in clear (off loopback).
         sev = Severity.INFO if loopback else Severity.HIGH
         if tls:
@@ -135,6 +145,28 @@ def dicom_findings(
             echo=r.echo,
         )
     )
+    out += _access_findings(ep, r, intrusive=intrusive)
+    if tls:
+        return out
+    sev = Severity.LOW if loopback else Severity.HIGH
+    out.append(
+        _finding(
+            ep,
+            "dicom.no-tls",
+            sev,
+            "DICOM without TLS on a port that serves strangers",
+            "Associations, identifiers and images travel in clear.",
+            loopback=loopback,
+        )
+    )
+    return out
+
+
+def _access_findings(ep: Endpoint, r: DicomResult, *, intrusive: bool, through: str = "") -> list[Finding]:
+    """What a stranger could do on an accepted association: list, read the worklist, retrieve, store.
+
+    ``through`` is said after each detail (how the association was had, when not by any AE title)."""
+    out: list[Finding] = []
     listed = bool(r.studies or r.patients)
     if r.studies is not None or r.patients is not None:
         images = (
@@ -293,19 +325,8 @@ def dicom_findings(
                 storage_contexts=r.storage_contexts,
             )
         )
-    if tls:
-        return out
-    sev = Severity.LOW if loopback else Severity.HIGH
-    out.append(
-        _finding(
-            ep,
-            "dicom.no-tls",
-            sev,
-            "DICOM without TLS on a port that serves strangers",
-            "Associations, identifiers and images travel in clear.",
-            loopback=loopback,
-        )
-    )
+    if through:
+        out = [replace(f, detail=f"{f.detail} {through}") for f in out]
     return out
 
 

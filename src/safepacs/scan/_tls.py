@@ -1,6 +1,12 @@
 """TLS checks of one endpoint with the ``ssl`` module: versions below 1.2, cipher suites outside the
 PS3.15 B.12 profile ("BCP 195 RFC 8996, 9325"), and the certificate (trusted, valid now, for this host,
-not self-signed, strong key and signature)."""
+not self-signed, strong key and signature).
+
+A server that requires a client certificate fails every handshake of ours (we have none to give), but
+with TLS 1.2 and older only after its ServerHello, Certificate and CertificateRequest, sent in clear:
+the version and cipher suite it agreed to and its certificate are taken from those (``observe_tls``).
+An old version is accepted when the server's ServerHello agreed to it, refused when it answered with an
+alert (protocol_version) or closed the connection."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
-from safepacs.scan._wire import RateLimiter, connect, permissive_context
+from safepacs.scan._wire import RateLimiter, connect, observe_tls, permissive_context
 
 __all__ = ["PROFILE_CIPHERS", "TlsResult", "check_tls", "is_broken_cipher", "is_weak_cipher"]
 
@@ -32,6 +38,7 @@ PROFILE_CIPHERS = (
 )
 _BROKEN = ("RC4", "DES", "NULL", "EXP", "MD5", "ADH", "AECDH", "anon", "PSK", "SRP", "IDEA", "SEED")
 _OLD = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
+_OLD_NAMES = {"TLS 1.0": "TLSv1", "TLS 1.1": "TLSv1.1"}  # as ``SSLSocket.version()`` names them
 #: OpenSSL names of what is worse than "outside the profile": no forward secrecy, SHA-1 CBC, broken ciphers.
 WEAK_SPEC = "kRSA:aNULL:eNULL:EXP:LOW:3DES:RC4:MD5:SHA1:PSK:SRP"
 _MAX_WEAK, _MAX_OTHER = 4, 3  # suites enumerated at most, of each kind
@@ -66,6 +73,7 @@ class TlsResult:
     untrusted: str = ""  # why the chain or the name did not verify, "" when it did
     weak_key: str = ""
     weak_signature: str = ""
+    client_cert_required: bool | None = None  # True: handshakes without one fail after a CertificateRequest
     error: str = ""
 
 
@@ -112,23 +120,29 @@ def check_tls(
     sni = server_name if server_name and not server_name[0].isdigit() and ":" not in server_name else None
     limiter.wait()
     try:
-        result.version, result.cipher, der = _handshake(address, port, timeout, permissive_context(), sni)
+        first = observe_tls(address, port, timeout, permissive_context(), sni)
     except (OSError, ValueError) as exc:
         result.error = f"TLS handshake failed ({_reason(exc)})"
         return result
+    if not first.answered:
+        result.error = f"TLS handshake failed ({first.error or 'no ServerHello'})"
+        return result
+    result.version, result.cipher, der = first.version, first.cipher, first.certificate
+    if not first.completed and first.asked_client_cert:
+        result.client_cert_required = True
     for label, ctx in _old_contexts():
         if ctx is None:
             result.untested_versions.append(label)
             continue
         limiter.wait()
         try:
-            _handshake(address, port, timeout, ctx, sni)
-        except ssl.SSLError as exc:
-            if "NO_PROTOCOLS_AVAILABLE" in _reason(exc) or "NO_CIPHERS_AVAILABLE" in _reason(exc):
-                result.untested_versions.append(label)
+            hello = observe_tls(address, port, timeout, ctx, sni)
         except (OSError, ValueError):
-            pass
-        else:
+            continue  # closed or reset: refused
+        if "NO_PROTOCOLS_AVAILABLE" in hello.error or "NO_CIPHERS_AVAILABLE" in hello.error:
+            result.untested_versions.append(label)
+        elif hello.completed or (hello.version == _OLD_NAMES[label] and hello.alert != 70):
+            # Completed, or agreed to in the ServerHello and then failed for want of a client certificate.
             result.old_versions.append(label)
     # Weak suites first (so that they are not hidden behind strong ones outside the profile), then the rest.
     seen: list[str] = []
@@ -144,7 +158,7 @@ def check_tls(
                 break  # nothing left to offer
             limiter.wait()
             try:
-                _, cipher, _ = _handshake(address, port, timeout, ctx, sni)
+                cipher = observe_tls(address, port, timeout, ctx, sni).cipher  # the ServerHello's choice
             except (OSError, ValueError):
                 break
             if not cipher or cipher in seen or cipher in PROFILE_CIPHERS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import select
 import socket
 import ssl
@@ -21,7 +22,9 @@ __all__ = [
     "DicomAnswer",
     "ProbeTimeout",
     "RateLimiter",
+    "ServerHello",
     "connect",
+    "observe_tls",
     "permissive_context",
     "sniff",
     "sniff_dicom",
@@ -157,14 +160,166 @@ def sniff_http(
         return False
 
 
+_TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+_MAX_FLIGHT = 256 * 1024  # bytes of the server's first flight looked at, at most
+
+
+@dataclass
+class ServerHello:
+    """What a TLS server showed during one handshake attempt.
+
+    When the handshake completes, what the client saw; when it does not (a server that asks for a client
+    certificate and then fails the handshake without one, TLS 1.2 and older), what the server sent in
+    clear before: the version and cipher suite of its ServerHello, its certificate, its
+    CertificateRequest, and the alert it ended with."""
+
+    completed: bool = False
+    version: str = ""  # as ``SSLSocket.version()`` names it: TLSv1, TLSv1.1, TLSv1.2, TLSv1.3
+    cipher: str = ""  # OpenSSL name
+    certificate: bytes | None = None  # the server's own certificate, DER
+    asked_client_cert: bool = False
+    alert: int | None = None  # the description of an alert the server sent in clear (70: protocol_version)
+    error: str = ""  # why our side ended the handshake
+
+    @property
+    def answered(self) -> bool:
+        """The server speaks TLS and took the handshake as far as its ServerHello."""
+        return self.completed or bool(self.version)
+
+
+@functools.cache
+def _cipher_names() -> dict[int, str]:
+    ctx = permissive_context()
+    with contextlib.suppress(ssl.SSLError, ValueError):
+        ctx.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    return {int(c["id"]) & 0xFFFF: str(c["name"]) for c in ctx.get_ciphers()}
+
+
+class _ServerFlight:
+    """The server's records up to its ChangeCipherSpec (after it everything is encrypted), parsed."""
+
+    def __init__(self, seen: ServerHello) -> None:
+        self.seen = seen
+        self.records = b""
+        self.handshake = b""
+        self.clear = True
+        self.size = 0
+
+    def feed(self, data: bytes) -> None:
+        if not self.clear:
+            return
+        self.size += len(data)
+        if self.size > _MAX_FLIGHT:
+            self.clear = False
+            return
+        self.records += data
+        while self.clear and len(self.records) >= 5:
+            kind, major, length = self.records[0], self.records[1], struct.unpack(">H", self.records[3:5])[0]
+            if kind not in (20, 21, 22) or major != 3:
+                self.clear = False  # application data (encrypted) or not TLS at all
+                break
+            if len(self.records) < 5 + length:
+                break
+            fragment, self.records = self.records[5 : 5 + length], self.records[5 + length :]
+            if kind == 20:
+                self.clear = False
+            elif kind == 21 and len(fragment) >= 2:
+                self.seen.alert = fragment[1]
+            elif kind == 22:
+                self.handshake += fragment
+                self._messages()
+
+    def _messages(self) -> None:
+        while len(self.handshake) >= 4:
+            kind, length = self.handshake[0], int.from_bytes(self.handshake[1:4], "big")
+            if len(self.handshake) < 4 + length:
+                return
+            body, self.handshake = self.handshake[4 : 4 + length], self.handshake[4 + length :]
+            if kind == 2:
+                self._server_hello(body)
+            elif kind == 11 and len(body) >= 6 and not self.seen.certificate:
+                size = int.from_bytes(body[3:6], "big")  # TLS 1.2 and older: no context, no extensions
+                if 0 < size <= len(body) - 6:
+                    self.seen.certificate = body[6 : 6 + size]
+            elif kind == 13:
+                self.seen.asked_client_cert = True
+
+    def _server_hello(self, body: bytes) -> None:
+        if len(body) < 38:
+            return
+        version = struct.unpack(">H", body[0:2])[0]
+        pos = 35 + body[34]
+        if len(body) < pos + 3:
+            return
+        code = struct.unpack(">H", body[pos : pos + 2])[0]
+        pos += 3
+        if len(body) >= pos + 2:  # extensions: supported_versions (43) names TLS 1.3
+            end = min(len(body), pos + 2 + struct.unpack(">H", body[pos : pos + 2])[0])
+            pos += 2
+            while pos + 4 <= end:
+                ext, size = struct.unpack(">HH", body[pos : pos + 4])
+                if ext == 43 and size == 2:
+                    version = struct.unpack(">H", body[pos + 4 : pos + 6])[0]
+                pos += 4 + size
+        self.seen.version = _TLS_VERSIONS.get(version, f"0x{version:04X}")
+        self.seen.cipher = _cipher_names().get(code, f"0x{code:04X}")
+
+
+def observe_tls(
+    address: str, port: int, timeout: float, ctx: ssl.SSLContext, server_name: str | None = None
+) -> ServerHello:
+    """One TLS handshake with ``ctx`` through memory BIOs, so that what the server sent in clear is kept
+    even when the handshake then fails (a server that requires a client certificate).
+
+    :class:`OSError` when the connection fails or the handshake is not over by ``timeout``."""
+    seen = ServerHello()
+    flight = _ServerFlight(seen)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    deadline = time.monotonic() + timeout
+    with connect(address, port, timeout) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                with contextlib.suppress(OSError):
+                    sock.sendall(outgoing.read())  # our alert, if any
+                seen.error = str(getattr(exc, "reason", "") or type(exc).__name__)
+                return seen
+            else:
+                with contextlib.suppress(OSError):
+                    sock.sendall(outgoing.read())
+                seen.completed = True
+                cipher = tls.cipher()
+                seen.version = tls.version() or seen.version
+                seen.cipher = cipher[0] if cipher else seen.cipher
+                seen.certificate = tls.getpeercert(binary_form=True) or seen.certificate
+                return seen
+            pending = outgoing.read()
+            if pending:
+                sock.sendall(pending)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the TLS handshake did not finish by the deadline")
+            sock.settimeout(remaining)
+            chunk = sock.recv(16384)
+            if chunk:
+                flight.feed(chunk)
+                incoming.write(chunk)
+            else:
+                incoming.write_eof()
+
+
 def sniff_tls(address: str, port: int, timeout: float) -> bool:
-    """Whether a TLS handshake completes (any version, any certificate)."""
+    """Whether the peer speaks TLS: a handshake completes (any version, any certificate), or the server
+    answers with its ServerHello before failing it (it requires a client certificate)."""
     ctx = permissive_context()
     with contextlib.suppress(ssl.SSLError, ValueError):
         ctx.set_ciphers("ALL:@SECLEVEL=0")
     try:
-        with connect(address, port, timeout) as raw, ctx.wrap_socket(raw) as sock:
-            return bool(sock.version())
+        return observe_tls(address, port, timeout, ctx).answered
     except (OSError, ValueError):
         return False
 

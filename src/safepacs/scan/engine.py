@@ -381,7 +381,12 @@ def _facts(s: _State) -> None:
         )
     if t is not None and not t.error:
         s.ep.facts.update(
-            {"tls_version": t.version, "tls_cipher": t.cipher, "certificate_days_left": t.days_left}
+            {
+                "tls_version": t.version,
+                "tls_cipher": t.cipher,
+                "certificate_days_left": t.days_left,
+                "tls_client_certificate_required": t.client_cert_required,
+            }
         )
 
 
@@ -403,14 +408,21 @@ def _findings(s: _State, options: ScanOptions) -> list[Finding]:
         if s.http.product and s.http.version:
             out += cve_findings(s.ep, Product(s.http.product, s.http.version))
     if s.ep.service in ("unknown", "tls") and not s.ep.error:
+        inside = ""
+        if s.ep.service == "tls":
+            required = s.tls is not None and s.tls.client_cert_required
+            inside = (
+                " inside TLS: the server requires a client certificate"
+                if required
+                else " inside TLS (a client certificate may be required)"
+            )
         out.append(
             Finding(
                 "port.unknown",
                 Severity.INFO,
                 s.ep.label,
                 "Open port, service not recognised",
-                "Neither DICOM nor HTTP answered"
-                + (" inside TLS (a client certificate may be required)." if s.ep.service == "tls" else "."),
+                f"Neither DICOM nor HTTP answered{inside}.",
                 "",
                 s.ep.service,
             )
