@@ -853,6 +853,38 @@ def test_severities_of_retrieval_and_plain_dicom() -> None:
     web = Endpoint("192.0.2.10", 8080, service="http")
     wado = HttpResult("http", answered=True, wado_uri="open", wado_uri_path="/wado")
     assert severity(http_findings(web, wado, loopback=False), "http.wado-uri-open") == "critical"
+    # A plain-HTTP service that asks for a login on every path: the credentials travel in clear.
+    guarded = HttpResult("http", answered=True, login_everywhere=True)
+    assert severity(http_findings(web, guarded, loopback=False), "http.plain") == "high"
+    assert (
+        severity(http_findings(web, HttpResult("http", answered=True), loopback=False), "http.plain") == "low"
+    )
+
+
+def test_a_plain_http_service_that_asks_everyone_to_log_in_is_recognised(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Guarded(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="test"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        _, report = scan_json(tmp_path, f"127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    (plain,) = findings(report, "http.plain")
+    assert plain["title"] == "Login-protected service over plain HTTP"  # low here only: loopback
 
 
 def test_the_ae_title_a_server_echoes_is_tried_on_its_other_ports(

@@ -520,15 +520,18 @@ def http_findings(ep: Endpoint, h: HttpResult, *, loopback: bool) -> list[Findin
     if h.scheme == "http":
         if h.redirects_to_https and not h.data_api:
             pass
-        elif h.data_api:
+        elif h.data_api or h.login_everywhere:
+            # A service that asks for credentials on every path guards something: over plain HTTP
+            # those credentials (and whatever they open) travel in clear.
             sev = Severity.LOW if loopback else Severity.HIGH
+            what = "Patient data API" if h.data_api else "Login-protected service"
             out.append(
                 _finding(
                     ep,
                     "http.plain",
                     sev,
-                    "Patient data API over plain HTTP",
-                    "The API answers over HTTP: logins, tokens and patient data travel in clear.",
+                    f"{what} over plain HTTP",
+                    "The service answers over HTTP: logins, tokens and patient data travel in clear.",
                     loopback=loopback,
                 )
             )

@@ -90,6 +90,7 @@ class HttpResult:
     dcm_listed: bool = False
     cors: str = ""  # "reflect-credentials", "wildcard" or ""
     missing_headers: list[str] = field(default_factory=list)
+    login_everywhere: bool = False  # every path, one that exists nowhere too, asks for credentials
     error: str = ""  # why the checks stopped early (an answer that did not finish in time)
 
     @property
@@ -334,6 +335,7 @@ def _http_checks(
     # 200 everywhere) tells nothing by asking for one on a DICOMweb root or a viewer.
     catch_all = client.get(f"/{secrets.token_hex(8)}")
     baseline = catch_all.status if catch_all is not None else None
+    result.login_everywhere = baseline in _AUTH
     _orthanc(client, result, try_default_credentials)
     _dicomweb(client, result, find_cap, baseline)
     for path in WADO_URI_PATHS:
