@@ -50,14 +50,27 @@ from typing import TYPE_CHECKING, Any
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
 from safepacs.auth.policy import require
 from safepacs.errors import AccessDenied
-from safepacs.types import Principal, Service
+from safepacs.types import InstanceRef, Principal, Service
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from safepacs.audit import AuditSink
 
-__all__ = ["Auditor", "StoreBatch", "StudyFacts", "Types", "actor", "operator", "query_text"]
+__all__ = [
+    "Auditor",
+    "StoreBatch",
+    "StudyFacts",
+    "Types",
+    "actor",
+    "facts_of",
+    "operator",
+    "query_text",
+    "study_facts",
+]
+
+#: The index's lookup of the (PatientID, PatientName) of studies by Study Instance UID.
+StudyPatients = Callable[[Iterable[str]], dict[str, tuple[str, str]]]
 
 SOURCE = "Source Role ID"
 DESTINATION = "Destination Role ID"
@@ -120,6 +133,29 @@ class StoreBatch:
         for sop_class, n in facts.sop_classes.items():
             known.add(sop_class, n)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def facts_of(header: Dataset) -> StudyFacts:
+    """What the audit record of an instance names: its study, patient and SOP class."""
+    facts = StudyFacts(
+        str(header.get("StudyInstanceUID", "")),
+        str(header.get("PatientID", "") or "").strip(),
+        str(header.get("PatientName", "") or "").strip(),
+    )
+    facts.add(str(header.get("SOPClassUID", "")))
+    return facts
+
+
+def study_facts(refs: Iterable[InstanceRef], patients: StudyPatients | None = None) -> list[StudyFacts]:
+    """The studies of ``refs`` with their instance counts per SOP class, and their patients when
+    ``patients`` (the index's :meth:`~safepacs.index.SqlIndex.study_patients`) is given."""
+    by_study: dict[str, StudyFacts] = {}
+    for ref in refs:
+        by_study.setdefault(ref.study_uid, StudyFacts(ref.study_uid)).add(ref.sop_class_uid)
+    if patients is not None:
+        for uid, (pid, name) in patients(by_study).items():
+            by_study[uid].patient_id, by_study[uid].patient_name = pid, name
+    return list(by_study.values())
 
 
 def actor(principal: Principal, role: str | None = None) -> Participant:

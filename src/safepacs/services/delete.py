@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, StudyFacts, actor
+from safepacs.audit.recorder import Auditor, StudyFacts, actor, study_facts
 from safepacs.errors import NotFoundError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore
@@ -62,14 +62,10 @@ class DeleteService:
         if not refs:
             raise NotFoundError("no such resource")
         purge_after = datetime.now(UTC) + self._retention
-        facts: dict[str, StudyFacts] = {}
-        for ref in refs:
-            facts.setdefault(ref.study_uid, StudyFacts(ref.study_uid)).add(ref.sop_class_uid)
-        for uid, (pid, name) in self._index.study_patients(facts).items():
-            facts[uid].patient_id, facts[uid].patient_name = pid, name
+        patients = self._index.study_patients if self._audit.enabled else None
         event = self._audit.deletion(
             actor(principal),
-            list(facts.values()),
+            study_facts(refs, patients),
             f"moved to the trash; destroyed after {purge_after:%Y-%m-%d}",
         )
         done = self._index.trash_instances(

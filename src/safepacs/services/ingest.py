@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
+from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts, facts_of
 from safepacs.errors import AuditError, ConflictError, InvalidObjectError, SafePacsError, StorageError
 from safepacs.index import SqlIndex
 from safepacs.services.transcode import dataset_bytes
@@ -128,10 +128,10 @@ class IngestService:
         batch: StoreBatch | None,
     ) -> IngestResult:
         """Validate and store, recording the outcome; a refusal is recorded with its reason."""
-        candidate: _Candidate | None = None
+        facts: StudyFacts | None = None
         try:
             candidate = build()
-            facts = _facts(candidate.header)
+            facts = facts_of(candidate.header)
             result = self._store(principal, candidate, facts, imported=imported, batch=batch)
             if batch is not None:
                 batch.count(facts, result.outcome.value)
@@ -139,8 +139,7 @@ class IngestService:
         except AuditError:
             raise
         except SafePacsError as exc:
-            known = _facts(candidate.header) if candidate is not None else None
-            self._audit.store_failed(principal, known, str(exc), imported=imported)
+            self._audit.store_failed(principal, facts, str(exc), imported=imported)
             raise
 
     def _network_candidate(
@@ -274,17 +273,6 @@ class IngestService:
             self._blobs.delete(blob_id)
         except StorageError:
             log.warning("an unreferenced object could not be removed", extra={"blob_id": blob_id})
-
-
-def _facts(header: Dataset) -> StudyFacts:
-    """What the audit record of an instance names: its study, patient and SOP class."""
-    facts = StudyFacts(
-        str(header.get("StudyInstanceUID", "")),
-        str(header.get("PatientID", "") or "").strip(),
-        str(header.get("PatientName", "") or "").strip(),
-    )
-    facts.add(str(header.get("SOPClassUID", "")))
-    return facts
 
 
 def _conflict(sop_instance_uid: str) -> IngestResult:

@@ -15,7 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, StudyFacts
+from safepacs.audit.recorder import Auditor, facts_of
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.index import SqlIndex
 from safepacs.index.access import TrashRecord
@@ -44,13 +44,8 @@ class RestoreService:
         if not records:
             raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
         headers = [(record, self._header(record)) for record in records]  # all checked before any change
-        first = headers[0][1]
-        facts = StudyFacts(
-            study_uid,
-            str(first.get("PatientID", "") or "").strip(),
-            str(first.get("PatientName", "") or "").strip(),
-        )
-        for _, header in headers:
+        facts = facts_of(headers[0][1])
+        for _, header in headers[1:]:
             facts.add(str(header.get("SOPClassUID", "")))
         self._audit.restored(who, [facts])
         restored = kept = 0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
-from safepacs.audit.recorder import Auditor, StudyFacts
+from safepacs.audit.recorder import Auditor, StudyFacts, study_facts
 from safepacs.errors import AuditError, IntegrityError, SafePacsError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
@@ -73,20 +73,8 @@ class RetrieveService:
         destination: Participant | None = None,
     ) -> None:
         """Record that ``refs`` are handed out (see :meth:`locate`)."""
-        self._audit.retrieved(principal, self.facts(refs), event, destination=destination)
-
-    def facts(self, refs: Sequence[InstanceRef]) -> list[StudyFacts]:
-        """The studies of ``refs`` with their patients and instance counts per SOP class."""
-        by_study: dict[str, StudyFacts] = {}
-        for ref in refs:
-            facts = by_study.get(ref.study_uid)
-            if facts is None:
-                facts = by_study[ref.study_uid] = StudyFacts(ref.study_uid)
-            facts.add(ref.sop_class_uid)
-        if self._audit.enabled:
-            for uid, (pid, name) in self._index.study_patients(by_study).items():
-                by_study[uid].patient_id, by_study[uid].patient_name = pid, name
-        return list(by_study.values())
+        patients = self._index.study_patients if self._audit.enabled else None
+        self._audit.retrieved(principal, study_facts(refs, patients), event, destination=destination)
 
     def read(self, ref: InstanceRef) -> bytes:
         """The stored Part 10 bytes, decrypted and checked against the SHA-256 kept in the index."""
