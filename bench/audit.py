@@ -236,14 +236,6 @@ def build_rows(
     return rows
 
 
-def print_table(rows: list[list[str]], title: str) -> None:
-    console.print(rich_table(rows, title, HEADERS))
-
-
-def markdown(rows: list[list[str]], title: str) -> str:
-    return markdown_table(rows, title, HEADERS)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ct", type=int, default=200, help="CT slices of 512x512x16 bit (default 200)")
@@ -308,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         version = version_line([str(SAFEPACS), "--version"]) + git_revision()
         title = f"Audit recording on vs off ({version}, median of {args.runs} run(s))"
         rows = build_rows(ingests, finds, corpora)
-        print_table(rows, title)
+        console.print(rich_table(rows, title, HEADERS))
         if args.markdown:
-            args.markdown.write_text(markdown(rows, title))
+            args.markdown.write_text(markdown_table(rows, title, HEADERS))
         return 1 if failed else 0
     finally:
         if owned:

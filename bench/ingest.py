@@ -203,10 +203,6 @@ def print_table(rows: list[list[str]], title: str) -> None:
     console.print(table)
 
 
-def markdown(rows: list[list[str]], title: str) -> str:
-    return markdown_table(rows, title, HEADERS)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ct", type=int, default=1000, help="CT slices of 512x512x16 bit (default 1000)")
@@ -307,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(context, markup=False)
         print_table(rows, title)
         if args.markdown:
-            args.markdown.write_text(markdown(rows, f"{title}. {context}"))
+            args.markdown.write_text(markdown_table(rows, f"{title}. {context}", HEADERS))
         return 0
     finally:
         if own_workdir and not args.keep:
