@@ -49,8 +49,7 @@ class Archive:
     restore: RestoreService  # undo a deletion while its retention lasts
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
-    audit: AuditTrail  # the tamper-evident audit trail (issue 5)
-    auditor: Auditor  # what every access path records into it
+    auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
 
     def close(self) -> None:
         self.index.close()
@@ -98,7 +97,6 @@ def open_archive(settings: Settings) -> Archive:
         restore=RestoreService(index, blobs, cipher, auditor),
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
-        audit=trail,
         auditor=auditor,
     )
 
