@@ -582,3 +582,18 @@ def test_memory_key_provider_validates_keys() -> None:
         MemoryKeyProvider({"not-an-id": os.urandom(32)})
     with pytest.raises(KeyError_):
         MemoryKeyProvider({"0123456789abcdef": os.urandom(32)}, current="fedcba9876543210")
+
+
+def test_an_expected_tag_refuses_another_intact_object_and_survives_rewrapping() -> None:
+    keys = MemoryKeyProvider()
+    cipher = EnvelopeCipher(keys)
+    mine, other = cipher.seal(b"mine" * 100), cipher.seal(b"other" * 100)
+    tag = EnvelopeCipher.tag_of(mine)
+    assert len(tag) == 32 and tag == mine[-16:].hex()
+    assert cipher.open(mine, expect_tag=tag) == b"mine" * 100
+    with pytest.raises(IntegrityError, match="not the one"):
+        cipher.open(other, expect_tag=tag)  # authentic on its own, but not this record's object
+    keys.rotate()
+    rewrapped = cipher.rewrap(mine)
+    assert rewrapped != mine and EnvelopeCipher.tag_of(rewrapped) == tag
+    assert cipher.open(rewrapped, expect_tag=tag) == b"mine" * 100

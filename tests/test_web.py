@@ -538,3 +538,43 @@ def test_security_headers_are_added_unless_the_answer_set_them() -> None:
     assert {name.encode() for name in SECURITY_HEADERS} <= set(headers)
     assert headers[b"x-frame-options"] == b"DENY"
     assert body == {"type": "http.response.body", "body": b"x", "more_body": False}
+
+
+def test_an_object_swapped_in_the_store_is_refused_not_served(
+    web: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone who can write the object store (not the keys) puts one intact object in another's place:
+    SafePACS refuses to serve it, whether the index recorded the object's GCM tag (rows written since
+    migration 0007) or only its SHA-256 (rows from before)."""
+    import sqlite3
+
+    first, other = make_ct(rows=32, cols=32), make_ct(rows=32, cols=32)
+    _store(web, [first, other])
+    _user(web.data, "rad", "radiologist", capsys)
+    db = sqlite3.connect(web.data / "index.sqlite3")
+    rows = dict(db.execute("SELECT sop_instance_uid, blob_id FROM instances").fetchall())
+    tags = [t for (t,) in db.execute("SELECT seal_tag FROM instances")]
+    assert len(tags) == 2 and all(t and len(t) == 32 for t in tags)
+    path = {uid: web.data / "objects" / b[:2] / b for uid, b in rows.items()}
+    original = path[first.SOPInstanceUID].read_bytes()
+    path[first.SOPInstanceUID].write_bytes(path[other.SOPInstanceUID].read_bytes())
+    url = f"/dicomweb/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}/instances/"
+    with _client(web, _token(web.data, "rad", capsys)) as client:
+        for legacy in (False, True):
+            if legacy:
+                db.execute("UPDATE instances SET seal_tag = NULL")
+                db.commit()
+            # The answer has begun (200) when the object is read; it ends without the part.
+            assert served(client.get(url + first.SOPInstanceUID)) == [], legacy
+        path[first.SOPInstanceUID].write_bytes(original)  # put back: served again (SHA-256 path)
+        assert served(client.get(url + first.SOPInstanceUID)) == [first.SOPInstanceUID]
+    db.close()
+
+
+def served(r: httpx.Response) -> list[str]:
+    """The SOP Instance UIDs of the parts of a WADO-RS answer (none when it failed)."""
+    import pydicom
+
+    if not r.is_success:
+        return []
+    return [str(pydicom.dcmread(BytesIO(body)).SOPInstanceUID) for _, body in _parts(r)]

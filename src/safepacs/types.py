@@ -155,8 +155,11 @@ class StoredBlob:
 
     blob_id: str
     key_id: str
-    sha256: str
+    sha256: str  # of the plaintext (the Part 10 bytes)
     size: int
+    #: The AES-GCM tag of the sealed object, hex; binds the index row to that exact ciphertext, so a
+    #: read need not hash the plaintext again (None for objects indexed before it was recorded).
+    seal_tag: str | None = None
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                     instances.c.key_id,
                     instances.c.sha256,
                     instances.c.size,
+                    instances.c.seal_tag,
                 )
                 .select_from(instances.join(series).join(studies, series.c.study_pk == studies.c.pk))
                 .where(instances.c.sop_instance_uid == sop_instance_uid)
@@ -341,7 +342,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             r = conn.execute(stmt).first()
             if r is None:
                 return None
-            return InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8]))
+            return InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8], r[9]))
 
         return self._run(work, write=False)
 
@@ -371,6 +372,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             "key_id": blob.key_id,
             "sha256": blob.sha256,
             "size": blob.size,
+            "seal_tag": blob.seal_tag,
         }
 
         def work(conn: sa.Connection) -> StoredBlob | None:
@@ -411,7 +413,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             if row is None:
                 return None
             self._instance_writer.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
-            return StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"])
+            return StoredBlob(row["blob_id"], row["key_id"], row["sha256"], row["size"], row["seal_tag"])
 
         return self._run(work, write=True)
 

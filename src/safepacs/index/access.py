@@ -235,6 +235,7 @@ class AccessMixin:
                         key_id=row["key_id"],
                         sha256=row["sha256"],
                         size=row["size"],
+                        seal_tag=row["seal_tag"],
                         deleted_by=deleted_by,
                         deleted_at=now,
                         purge_after=purge_after,
@@ -261,7 +262,7 @@ class AccessMixin:
                     r["sop_instance_uid"],
                     r["series_instance_uid"],
                     r["study_instance_uid"],
-                    StoredBlob(r["blob_id"], r["key_id"], r["sha256"], r["size"]),
+                    StoredBlob(r["blob_id"], r["key_id"], r["sha256"], r["size"], r["seal_tag"]),
                     r["deleted_by"],
                     _aware(r["deleted_at"]),
                     _aware(r["purge_after"]),
@@ -289,6 +290,7 @@ class AccessMixin:
                 "key_id": r["key_id"],
                 "sha256": r["sha256"],
                 "size": r["size"],
+                "seal_tag": r["seal_tag"],
             }
             taken = sa.select(instances.c.pk).where(instances.c.sop_instance_uid == r["sop_instance_uid"])
             if conn.execute(taken).first() is not None:

@@ -141,6 +141,7 @@ instances = sa.Table(
     sa.Column("key_id", sa.String, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("seal_tag", sa.String(32), nullable=True),  # GCM tag of the sealed object (0007)
     *_timestamps(),
     sa.UniqueConstraint("sop_instance_uid"),
     sa.Index(None, "series_pk", "instance_number"),
@@ -301,6 +302,7 @@ trash = sa.Table(
     sa.Column("key_id", sa.String, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("seal_tag", sa.String(32), nullable=True),
     sa.Column("deleted_by", sa.String, nullable=False),
     sa.Column("deleted_at", _TS, nullable=False),
     sa.Column("purge_after", _TS, nullable=False),

@@ -520,6 +520,7 @@ def run_retrieve(
             series.c.pk,
             instances.c.instance_number,
             instances.c.pk,
+            instances.c.seal_tag,
         )
         .select_from(_from(QueryLevel.IMAGE))
         .where(*(_KEY_COLUMNS[k].in_(v) for k, v in keys.items() if k != main), visible_clause(scope))
@@ -529,4 +530,6 @@ def run_retrieve(
         for row in conn.execute(base.where(_KEY_COLUMNS[main].in_(chunk))):
             found[row[3]] = tuple(row)
     ordered = sorted(found.values(), key=lambda r: (r[9], r[10], r[11] is None, r[11] or 0, r[12]))
-    return [InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8])) for r in ordered]
+    return [
+        InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8], r[13])) for r in ordered
+    ]

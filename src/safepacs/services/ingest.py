@@ -233,7 +233,9 @@ class IngestService:
         digest = hashlib.sha256(c.part10).hexdigest()
         sealed = self._cipher.seal(c.part10)
         blob_id = self._blobs.put(sealed)
-        blob = StoredBlob(blob_id, self._cipher.key_id_of(sealed), digest, len(c.part10))
+        blob = StoredBlob(
+            blob_id, self._cipher.key_id_of(sealed), digest, len(c.part10), self._cipher.tag_of(sealed)
+        )
         keep = False
         try:
             try:

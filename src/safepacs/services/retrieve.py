@@ -77,8 +77,16 @@ class RetrieveService:
         self._audit.retrieved(principal, study_facts(refs, patients), event, destination=destination)
 
     def read(self, ref: InstanceRef) -> bytes:
-        """The stored Part 10 bytes, decrypted and checked against the SHA-256 kept in the index."""
-        part10 = self._cipher.open(self._blobs.get(ref.blob.blob_id))
+        """The stored Part 10 bytes, decrypted and checked against what the index recorded at ingest.
+
+        The check is the GCM tag recorded with the instance (the object must be exactly the ciphertext
+        sealed then, and it authenticates under its data key), which makes hashing the plaintext again
+        redundant; objects indexed before tags were recorded are checked against their SHA-256.
+        """
+        sealed = self._blobs.get(ref.blob.blob_id)
+        if ref.blob.seal_tag is not None:
+            return self._cipher.open(sealed, expect_tag=ref.blob.seal_tag)
+        part10 = self._cipher.open(sealed)
         if hashlib.sha256(part10).hexdigest() != ref.blob.sha256:
             raise IntegrityError(
                 "a stored object does not match its recorded SHA-256; restore it from backup"

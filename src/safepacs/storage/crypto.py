@@ -38,6 +38,7 @@ it is used, and key ids must match ``[0-9a-f]{16}`` (they name files).
 from __future__ import annotations
 
 import errno
+import hmac
 import os
 import re
 import secrets
@@ -419,18 +420,25 @@ class EnvelopeCipher:
         final = encryptor.finalize()
         return b"".join((_header(key_id, wrapped), nonce, ciphertext, final, encryptor.tag))
 
-    def open(self, sealed: bytes) -> bytes:
+    def open(self, sealed: bytes, *, expect_tag: str | None = None) -> bytes:
         """Decrypt and authenticate ``sealed``.
 
         :class:`IntegrityError` on any alteration, truncation or bad magic (the GCM tag,
         SP 800-38D 7.2, and the RFC 3394 integrity check); :class:`KeyError_` when the
         KEK it names is unknown.  No plaintext is returned unless the tag verified.
+
+        ``expect_tag`` (hex, :meth:`tag_of` at sealing time, kept elsewhere): the object must carry
+        exactly that tag, so an intact object of another instance put in this one's place is refused
+        too.  Together with the GCM check that binds the caller's record to these plaintext bytes
+        as long as the data key is secret (checked before anything is decrypted).
         """
         parsed = _parse(sealed)
-        data_key = self._unwrap(parsed)
         view = memoryview(sealed)
-        nonce = bytes(view[parsed.body_offset : parsed.body_offset + _NONCE_BYTES])
         tag = bytes(view[len(view) - _TAG_BYTES :])
+        if expect_tag is not None and not hmac.compare_digest(tag.hex(), expect_tag):
+            raise IntegrityError("stored object is not the one its index record names (replaced or altered)")
+        data_key = self._unwrap(parsed)
+        nonce = bytes(view[parsed.body_offset : parsed.body_offset + _NONCE_BYTES])
         body = view[parsed.body_offset + _NONCE_BYTES : len(view) - _TAG_BYTES]
         decryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce, tag)).decryptor()
         decryptor.authenticate_additional_data(_AAD)
@@ -440,6 +448,12 @@ class EnvelopeCipher:
         except InvalidTag:
             raise IntegrityError("stored object failed authentication (altered or truncated)") from None
         return plaintext
+
+    @staticmethod
+    def tag_of(sealed: bytes) -> str:
+        """The GCM tag of ``sealed`` as hex (unchanged by :meth:`rewrap`); see ``open(expect_tag=)``."""
+        _parse(sealed)
+        return bytes(memoryview(sealed)[len(sealed) - _TAG_BYTES :]).hex()
 
     @staticmethod
     def key_id_of(sealed: bytes) -> str:
