@@ -30,11 +30,14 @@ import select
 import socket
 import ssl
 import struct
+import sys
+import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
+import pynetdicom.association
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dsutils import decode
@@ -69,6 +72,10 @@ _ELEMENT = struct.Struct("<HHL")
 _BUSY_WAIT = 0.0005
 _IDLE_WAIT = 0.01
 _IDLE_AFTER = 0.25
+
+
+# The association thread's longest sleep between looks at its timers when nothing wakes it.
+_REACTOR_WAIT = 0.05
 
 
 class _ProtocolError(Exception):
@@ -140,10 +147,18 @@ class StoreDUL(DULServiceProvider):
         self._message: _Message | None = None
         self._slow_open = False  # a message handed to pynetdicom is not complete yet
         self._last_activity = time.monotonic()
+        #: Set whenever this thread has done something the association thread may have to act on.
+        self.wake = threading.Event()
 
     # Reactor -------------------------------------------------------------------------------------------
     def run_reactor(self) -> None:
         """pynetdicom's reactor loop, waiting on the socket instead of sleeping between polls."""
+        try:
+            self._react()
+        finally:
+            self.wake.set()  # the association thread notices the DUL is gone at once
+
+    def _react(self) -> None:
         self._idle_timer.start()
         while not self._kill_thread:
             if not self.assoc._dul_ready.is_set():
@@ -166,6 +181,9 @@ class StoreDUL(DULServiceProvider):
                 self._wait()
                 continue
             self.state_machine.do_action(event)
+            # Every message, release and abort reaches the association thread through the state
+            # machine's actions: wake it (see _ReactorClock).
+            self.wake.set()
 
     def _wait(self) -> None:
         idle = time.monotonic() - self._last_activity > _IDLE_AFTER
@@ -194,6 +212,7 @@ class StoreDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+        self.wake.set()
         # What the state machine's abort actions announce; the handlers record the association's
         # stores when it ends (handlers.DimseHandlers.on_close), however it ends.
         info = self.assoc.requestor.address_info
@@ -387,8 +406,35 @@ class StoreDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
 
 
+class _ReactorClock:
+    """``time`` as pynetdicom's association module sees it (installed by :func:`install_store_path`).
+
+    pynetdicom's acceptor reactor (``Association._run_reactor``) polls its queues every millisecond:
+    a thousand wake-ups a second per association, each taking the GIL from the thread that is
+    storing instances.  In that loop, and only there, an association served by a :class:`StoreDUL`
+    instead waits until the DUL has acted (``StoreDUL.wake``: set after every state machine action,
+    which is how each message, release and abort reaches the association) or ``_REACTOR_WAIT`` has
+    passed (its timers).  Every other ``time`` use in that module is the real one.
+    """
+
+    _reactor = pynetdicom.association.Association._run_reactor.__code__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        wake = getattr(getattr(threading.current_thread(), "dul", None), "wake", None)
+        if wake is None or sys._getframe(1).f_code is not self._reactor:
+            time.sleep(seconds)
+            return
+        wake.wait(_REACTOR_WAIT)
+        wake.clear()  # before the loop looks at its queues: a later set is a later item
+
+
 def install_store_path(assoc: Association, handler: StoreHandler, max_object_bytes: int) -> None:
     """Give an accepted (not yet started) association the :class:`StoreDUL`."""
+    if not isinstance(getattr(pynetdicom.association, "time", None), _ReactorClock):
+        setattr(pynetdicom.association, "time", _ReactorClock())  # noqa: B010 - see _ReactorClock
     old = assoc.dul
     dul = StoreDUL(assoc, handler, max_object_bytes)
     dul.socket = old.socket

@@ -14,6 +14,7 @@ nothing acknowledged is lost.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -190,6 +191,11 @@ class _Server(ThreadedAssociationServer):
     def server_close(self) -> None:  # the parent owns the listening socket
         return None
 
+    def service_actions(self) -> None:
+        """Nothing between requests.  pynetdicom runs a full ``gc.collect()`` every 60 turns of the
+        accept loop (every few seconds, and after requests), which holds the GIL for tens of
+        milliseconds in the middle of other associations' stores; Python's own collector suffices."""
+
 
 class DimseServer:
     """One worker: an AE, its handlers and an association server on each shared socket (plain DICOM,
@@ -327,6 +333,10 @@ def _worker(
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
     archive = open_archive(settings)
     server = DimseServer(archive, listener, tls_listener)
+    # What start-up made (modules, pydicom's dictionaries, SQLAlchemy's compiled statements) lives as
+    # long as the worker: leave it out of every later collection instead of traversing it each time.
+    gc.collect()
+    gc.freeze()
     server.start()
     stop.wait()
     server.stop(settings.server.shutdown_grace)
