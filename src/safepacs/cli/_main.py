@@ -153,6 +153,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from safepacs._memory import keep_large_buffers
     from safepacs._net import bind_listener
     from safepacs.app import configure_logging, open_archive
     from safepacs.audit.recorder import operator
@@ -169,6 +170,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
     configure_logging(args.log_level)
+    keep_large_buffers()  # before the workers fork: they inherit it
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
     launcher = operator("serve")
@@ -388,6 +390,7 @@ def _iter_files(paths: Sequence[str]) -> list[Path]:
 def _cmd_import(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive
     from safepacs.audit.recorder import StoreBatch, operator
     from safepacs.index import migrate
@@ -395,6 +398,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     files = _iter_files(args.paths)
+    keep_large_buffers()
     migrate(settings.index_url)
     archive = open_archive(settings)
     principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)

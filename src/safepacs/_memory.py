@@ -1,0 +1,50 @@
+"""Keep object-sized buffers in the C heap instead of fresh memory mappings (glibc only).
+
+Storing a 0.5 MB CT slice makes about six buffers of its size (the received data set, the Part 10
+bytes, pydicom's pixel data, the ciphertext, the sealed object...).  glibc serves allocations that
+large with a fresh ``mmap`` each time and gives the memory back on ``free`` (or trims it off the top
+of the heap), so every buffer is paid for again in page faults and zeroed pages: measured here, 40%
+of the CPU of ingesting CT slices.  Raising the mmap threshold to 4 MiB and the trim threshold to
+64 MiB keeps those pages in the process for the next object; objects over 4 MiB are mapped as before,
+so what a worker holds on to stays bounded by the objects it handles at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_large_buffers"]
+
+log = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 4 * 1024 * 1024
+TRIM_THRESHOLD = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1  # glibc malloc.h
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_large_buffers() -> bool:
+    """Tune this process's glibc allocator (inherited by the processes it forks); whether it was done.
+
+    Nothing is changed on other C libraries, or when the environment sets the thresholds itself
+    (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, glibc's own way).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+    if not done:  # pragma: no cover - glibc accepts both values
+        log.warning("could not tune the memory allocator; large objects cost more CPU to store")
+    return done
