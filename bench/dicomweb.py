@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import ipaddress
 import json
 import os
 import platform
@@ -62,14 +61,12 @@ from _common import (
     running,
     version_line,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from rich.console import Console
 from rich.table import Table
+
+from safepacs.auth.pki import create_ca, issue_certificate, write_private
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -336,7 +333,7 @@ class NginxTls(Receiver):
         root = self.workdir / "nginx"
         remove_tree(root)
         (root / "tmp").mkdir(parents=True)
-        _self_signed(root / "cert.pem", root / "key.pem")
+        _certificates(root)
         self.port = free_port()
         (root / "nginx.conf").write_text(
             f"""
@@ -395,34 +392,18 @@ http {{
         return self.backend.stored()
 
     def client(self) -> httpx.Client:
-        context = ssl.create_default_context(cafile=str(self.workdir / "nginx" / "cert.pem"))
+        context = ssl.create_default_context(cafile=str(self.workdir / "nginx" / "ca.pem"))
         return _client(self.base_url, context, {})
 
 
-def _self_signed(cert_path: Path, key_path: Path) -> None:
-    """A P-256 certificate for 127.0.0.1, its own issuer (the client trusts exactly this one)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench nginx")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+def _certificates(root: Path) -> None:
+    """A CA and a P-256 server certificate for 127.0.0.1 made the way ``safepacs init`` makes its own
+    (``ca.pem``, which the client trusts; ``cert.pem`` and ``key.pem`` for nginx)."""
+    ca_cert, ca_key = create_ca("bench nginx CA")
+    cert, key = issue_certificate(ca_cert, ca_key, "bench nginx", server_names=[HOST], days=1)
+    (root / "ca.pem").write_bytes(ca_cert)
+    (root / "cert.pem").write_bytes(cert)
+    write_private(root / "key.pem", key)
 
 
 def _client(base_url: str, verify: ssl.SSLContext | bool, headers: dict[str, str]) -> httpx.Client:

@@ -578,3 +578,40 @@ def served(r: httpx.Response) -> list[str]:
     if not r.is_success:
         return []
     return [str(pydicom.dcmread(BytesIO(body)).SOPInstanceUID) for _, body in _parts(r)]
+
+
+def test_an_unexpected_failure_is_a_500_problem_with_the_security_headers(data_dir: Path) -> None:
+    """Starlette answers an unexpected exception from its outermost middleware, past ours: the
+    answer must still carry the security headers, and no traceback or exception text."""
+    import asyncio
+
+    from safepacs.app import open_archive
+    from safepacs.config import load_settings
+    from safepacs.web.app import create_app
+    from tests.webapp import add_user
+
+    archive = open_archive(load_settings(data_dir))
+    try:
+        add_user(archive, "rad", "radiologist")
+        token = issue_token("rad", dt.timedelta(hours=1))
+        archive.index.add_token(token.record)
+
+        def broken_search(*_: object, **__: object) -> None:
+            raise RuntimeError("secret internal state Doe^Jane")
+
+        archive.query.search = broken_search  # type: ignore[method-assign]
+        transport = httpx.ASGITransport(app=create_app(archive), raise_app_exceptions=False)
+
+        async def get() -> httpx.Response:
+            async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as client:
+                return await client.get(
+                    "/dicomweb/studies", headers={"Authorization": f"Bearer {token.token}"}
+                )
+
+        r = asyncio.run(get())
+    finally:
+        archive.close()
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert SECURITY_HEADERS <= set(r.headers)
+    assert "Doe" not in r.text and "RuntimeError" not in r.text and "Traceback" not in r.text

@@ -14,7 +14,14 @@ from safepacs.web.capabilities import install_capabilities
 from safepacs.web.delete import make_router as make_delete_router
 from safepacs.web.problems import Problem, install_problem_handlers
 from safepacs.web.qido import make_router
-from safepacs.web.security import Backends, SecurityHeaders, authenticate, client_address, user_agent
+from safepacs.web.security import (
+    SECURITY_HEADERS,
+    Backends,
+    SecurityHeaders,
+    authenticate,
+    client_address,
+    user_agent,
+)
 from safepacs.web.session import make_router as make_session_router
 from safepacs.web.stow import make_router as make_stow_router
 from safepacs.web.wado import make_router as make_wado_router
@@ -35,7 +42,7 @@ def create_app(archive: Archive) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    install_problem_handlers(app)
+    install_problem_handlers(app, dict(SECURITY_HEADERS))
     app.add_middleware(SecurityHeaders)
 
     backends = Backends(logins=archive.logins, oidc=archive.oidc)
