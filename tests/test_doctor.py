@@ -146,3 +146,21 @@ def test_doctor_reads_the_index_without_changing_it(
     assert "schema" in err and "does not change it" in err
     with contextlib.closing(sqlite3.connect(index)) as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+
+
+@pytest.mark.postgres
+def test_doctor_opens_postgresql_read_only(postgres_url: str) -> None:
+    """On PostgreSQL the doctor's connection refuses writes, whatever code would try one."""
+    from safepacs.cli._scan import _read_only_index
+    from safepacs.errors import IndexError_
+    from safepacs.index import migrate
+    from safepacs.types import Peer, Service
+
+    migrate(postgres_url)
+    index = _read_only_index(postgres_url)
+    try:
+        assert index.list_peers() == []  # reads work, in the test's own schema (options kept)
+        with pytest.raises(IndexError_):
+            index.add_peer(Peer("CT1", "127.0.0.1", 104, frozenset({Service.STORE})))
+    finally:
+        index.close()

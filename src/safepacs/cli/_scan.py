@@ -221,7 +221,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def _read_only_index(url: str) -> Any:
     """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
-    changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``."""
+    changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``,
+    PostgreSQL sessions with ``default_transaction_read_only``."""
     from urllib.parse import quote
 
     import sqlalchemy as sa
@@ -238,6 +239,12 @@ def _read_only_index(url: str) -> Any:
             raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
         query = {**parsed.query, "mode": "ro", "uri": "true"}
         parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
+    elif parsed.get_backend_name() == "postgresql":
+        # Every transaction of this connection read-only: the server refuses a write, whatever runs.
+        options = parsed.query.get("options", "")
+        options = " ".join(options) if isinstance(options, tuple) else options
+        read_only = f"{options} -c default_transaction_read_only=on".strip()
+        parsed = parsed.update_query_dict({"options": read_only})
     url = parsed.render_as_string(hide_password=False)
     head = ScriptDirectory(str(Path(safepacs.index.__file__).parent / "migrations")).get_current_head()
     engine = sa.create_engine(url, hide_parameters=True)
