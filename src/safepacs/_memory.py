@@ -1,4 +1,5 @@
-"""Keep object-sized buffers in the C heap instead of fresh memory mappings (glibc only).
+"""Memory habits of the server processes: object-sized buffers kept in the C heap instead of fresh
+memory mappings (glibc only), and start-up objects left out of garbage collections.
 
 Storing a 0.5 MB CT slice makes about six buffers of its size (the received data set, the Part 10
 bytes, pydicom's pixel data, the ciphertext, the sealed object...).  glibc serves allocations that
@@ -12,11 +13,12 @@ so what a worker holds on to stays bounded by the objects it handles at once.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_large_buffers"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze_start_up", "keep_large_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +50,13 @@ def keep_large_buffers() -> bool:
     if not done:  # pragma: no cover - glibc accepts both values
         log.warning("could not tune the memory allocator; large objects cost more CPU to store")
     return done
+
+
+def freeze_start_up() -> None:
+    """Leave what a server process made while starting (modules, pydicom's dictionaries, SQLAlchemy's
+    compiled statements, the web app: hundreds of thousands of objects that live as long as the
+    process) out of every later garbage collection.  Each full collection traversed them all and
+    held the GIL for ~100 ms: the slowest 2% of QIDO-RS searches at 100,000 studies took 106-140 ms
+    instead of 25-67 ms.  Call it once the process is ready to serve."""
+    gc.collect()
+    gc.freeze()

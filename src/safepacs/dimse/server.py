@@ -14,7 +14,6 @@ nothing acknowledged is lost.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from safepacs._memory import freeze_start_up
 from safepacs._net import bind_listener
 from safepacs.auth.oidc import oidc_principal
 from safepacs.config import Settings
@@ -333,10 +333,7 @@ def _worker(
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
     archive = open_archive(settings)
     server = DimseServer(archive, listener, tls_listener)
-    # What start-up made (modules, pydicom's dictionaries, SQLAlchemy's compiled statements) lives as
-    # long as the worker: leave it out of every later collection instead of traversing it each time.
-    gc.collect()
-    gc.freeze()
+    freeze_start_up()
     server.start()
     stop.wait()
     server.stop(settings.server.shutdown_grace)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from safepacs._memory import freeze_start_up
 from safepacs.audit.syslog import start_forwarders
 from safepacs.config import Settings
 
@@ -52,6 +53,7 @@ def run_https(
         h11_max_incomplete_event_size=64 * 1024,
     )
     config.load()
+    freeze_start_up()
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     config.ssl.set_ciphers("ECDHE+AESGCM")  # TLS 1.2: the BCP 195 / PS3.15 B.12 suites only
