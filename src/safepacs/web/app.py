@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp
 
 from safepacs import __version__
 from safepacs.audit.events import Participant
@@ -14,14 +15,7 @@ from safepacs.web.capabilities import install_capabilities
 from safepacs.web.delete import make_router as make_delete_router
 from safepacs.web.problems import Problem, install_problem_handlers
 from safepacs.web.qido import make_router
-from safepacs.web.security import (
-    SECURITY_HEADERS,
-    Backends,
-    SecurityHeaders,
-    authenticate,
-    client_address,
-    user_agent,
-)
+from safepacs.web.security import Backends, SecurityHeaders, authenticate, client_address, user_agent
 from safepacs.web.session import make_router as make_session_router
 from safepacs.web.stow import make_router as make_stow_router
 from safepacs.web.wado import make_router as make_wado_router
@@ -34,16 +28,24 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
+class _App(FastAPI):
+    """FastAPI with the security headers as its outermost layer.  A middleware added the usual way sits
+    inside Starlette's ServerErrorMiddleware, so the 500 answer to an unexpected exception would go
+    out without them."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(archive: Archive) -> FastAPI:
-    app = FastAPI(
+    app = _App(
         title="SafePACS",
         version=__version__,
         docs_url=None,  # no interactive page: the Content-Security-Policy allows no scripts
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    install_problem_handlers(app, dict(SECURITY_HEADERS))
-    app.add_middleware(SecurityHeaders)
+    install_problem_handlers(app)
 
     backends = Backends(logins=archive.logins, oidc=archive.oidc)
     auditor = archive.auditor

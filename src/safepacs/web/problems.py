@@ -43,10 +43,7 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-def install_problem_handlers(app: FastAPI, unexpected_headers: dict[str, str] | None = None) -> None:
-    """Problem details for every error.  ``unexpected_headers`` go on the 500 answer to an unexpected
-    exception, which Starlette sends from its outermost middleware, past any middleware of ours."""
-
+def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, exc.headers)
@@ -71,6 +68,4 @@ def install_problem_handlers(app: FastAPI, unexpected_headers: dict[str, str] | 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("request failed unexpectedly", extra={"error": type(exc).__name__})
-        return problem_response(
-            500, "Internal Server Error", "the archive could not answer; try again later", unexpected_headers
-        )
+        return problem_response(500, "Internal Server Error", "the archive could not answer; try again later")

@@ -34,7 +34,6 @@ from safepacs.web.problems import Problem
 __all__ = [
     "CSRF_HEADER",
     "SAFE_METHODS",
-    "SECURITY_HEADERS",
     "SESSION_COOKIE",
     "Backends",
     "SecurityHeaders",
@@ -50,7 +49,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 REALM = 'Bearer realm="SafePACS"'
 
-SECURITY_HEADERS = {
+_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
     "Content-Security-Policy": (
         "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -64,7 +63,7 @@ SECURITY_HEADERS = {
 
 
 class SecurityHeaders:
-    """ASGI middleware: the headers of ``SECURITY_HEADERS`` on every HTTP answer, unless it set them itself.
+    """ASGI middleware: the headers of ``_HEADERS`` on every HTTP answer, unless it set them itself.
 
     Pure ASGI (it only wraps ``send``) rather than ``BaseHTTPMiddleware``, which relays every
     chunk of a streamed body through a memory stream and a task of its own.
@@ -81,7 +80,7 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
+                for name, value in _HEADERS.items():
                     headers.setdefault(name, value)
             await send(message)
 
