@@ -202,6 +202,18 @@ def make_corpus(root: Path, name: str, *, count: int, rows: int, cols: int, per_
     return Corpus(name, root, files, total)
 
 
+def ct_corpus(workdir: Path, count: int, *, per_series: int = 250) -> Corpus:
+    """The benchmarks' "CT 512": 512x512x16-bit slices (526 KB files) in ``workdir/corpus-ct``."""
+    return make_corpus(
+        workdir / "corpus-ct", "CT 512", count=count, rows=512, cols=512, per_series=per_series
+    )
+
+
+def small_corpus(workdir: Path, count: int) -> Corpus:
+    """The benchmarks' "small 64": 64x64x16-bit images (9.5 KB files) in ``workdir/corpus-small``."""
+    return make_corpus(workdir / "corpus-small", "small 64", count=count, rows=64, cols=64, per_series=100)
+
+
 # ----------------------------------------------------------------------------------------- receivers
 
 

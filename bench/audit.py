@@ -33,12 +33,13 @@ from _common import (
     Corpus,
     Measurement,
     SafePacs,
+    ct_corpus,
     git_revision,
-    make_corpus,
     markdown_table,
     remove_tree,
     rich_table,
     running,
+    small_corpus,
     version_line,
 )
 from ingest import send
@@ -261,17 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpora = []
         if args.small:
-            corpora.append(
-                make_corpus(
-                    workdir / "corpus-small", "small 64", count=args.small, rows=64, cols=64, per_series=100
-                )
-            )
+            corpora.append(small_corpus(workdir, args.small))
         if args.ct:
-            corpora.append(
-                make_corpus(
-                    workdir / "corpus-ct", "CT 512", count=args.ct, rows=512, cols=512, per_series=100
-                )
-            )
+            corpora.append(ct_corpus(workdir, args.ct, per_series=100))
         ingests: dict[tuple[str, str], list[Measurement]] = {}
         finds: dict[str, list[Finds]] = {}
         failed = False

@@ -33,15 +33,16 @@ from _common import (
     Measurement,
     Receiver,
     count_files,
+    ct_corpus,
     dcmtk,
     free_port,
     git_revision,
-    make_corpus,
     markdown_table,
     nodelay_env,
     remove_tree,
     rich_table,
     running,
+    small_corpus,
     split,
     version_line,
 )
@@ -227,17 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpora = []
         if args.ct:
-            corpora.append(
-                make_corpus(
-                    workdir / "corpus-ct", "CT 512", count=args.ct, rows=512, cols=512, per_series=250
-                )
-            )
+            corpora.append(ct_corpus(workdir, args.ct))
         if args.small:
-            corpora.append(
-                make_corpus(
-                    workdir / "corpus-small", "small 64", count=args.small, rows=64, cols=64, per_series=100
-                )
-            )
+            corpora.append(small_corpus(workdir, args.small))
         results: dict[tuple[str, str, int], list[Measurement]] = {}
         for run in range(args.runs):
             for corpus in corpora:
