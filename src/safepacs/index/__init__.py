@@ -37,7 +37,7 @@ from safepacs.index.certificates import CertificateMixin, CertificateRecord
 from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
 from safepacs.index.schema import instances, patients, peers, series, studies, tokens, user_scopes, users
-from safepacs.index.write import Writer, read_header
+from safepacs.index.write import InstanceRows, Writer, read_header
 from safepacs.types import (
     InstanceRef,
     Peer,
@@ -348,14 +348,15 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
 
     def add_instance(
         self,
-        header: Dataset,
+        header: Dataset | InstanceRows,
         blob: StoredBlob,
         transfer_syntax_uid: str,
         *,
         replace: bool = False,
         also: Callable[[sa.Connection], object] | None = None,
     ) -> StoredBlob | None:
-        """Index one instance from its header (read with ``stop_before_pixels``; optional keys may lack).
+        """Index one instance from its header (read with ``stop_before_pixels``; optional keys may lack),
+        or from the rows :func:`~safepacs.index.write.read_header` read from it.
 
         Creates the patient, study and series rows as needed; a later instance updates the study and
         series (and its patient) with the attributes it carries (latest non-empty value wins).  A study
@@ -365,7 +366,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         is written (the instance's audit record: both commit or neither).  Committed durably before
         returning.
         """
-        rows = read_header(header)
+        rows = header if isinstance(header, InstanceRows) else read_header(header)
         values = {
             "transfer_syntax_uid": transfer_syntax_uid,
             "blob_id": blob.blob_id,

@@ -18,6 +18,7 @@ retries of :class:`~safepacs.index.SqlIndex` (a foreign key race raises 23503).
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -105,6 +106,8 @@ def _tags(ds: Dataset) -> dict[int, Any]:
 _DEFAULT_CODEC_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 _CHARSET_VRS = frozenset({"SH", "LO", "PN", "ST", "LT", "UC", "UT"})
 _SINGLE_VALUE_VRS = frozenset({"LT", "ST", "UT", "UR"})
+_BINARY_INTEGER_VRS = {"US": 2, "SS": 2, "UL": 4, "SL": 4}  # bytes per value (PS3.5 6.2)
+_STRUCT_CODES = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}
 _ESC = 0x1B
 
 
@@ -119,6 +122,8 @@ def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | None:
     value = raw.value
     if not isinstance(value, bytes):
         return None
+    if vr in _BINARY_INTEGER_VRS:
+        return _raw_integers(value, vr, raw.is_little_endian)
     if vr in _DEFAULT_CODEC_VRS:
         codec = "latin-1"
     elif vr in _CHARSET_VRS and _ESC not in value:
@@ -130,6 +135,16 @@ def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | None:
         return "\\".join(p.decode(codec).strip(" \x00") for p in parts)
     except (LookupError, UnicodeError):
         return None
+
+
+def _raw_integers(value: bytes, vr: str, little_endian: bool) -> str | None:
+    """The values of a binary integer element (US, SS, UL, SL) as pydicom would give them, "\\"-joined;
+    None when the length is not a whole number of values (pydicom decides then)."""
+    size = _BINARY_INTEGER_VRS[vr]
+    if len(value) % size:
+        return None
+    form = ("<" if little_endian else ">") + _STRUCT_CODES[vr] * (len(value) // size)
+    return "\\".join(str(v) for v in struct.unpack(form, value))
 
 
 def _text(ds: Dataset, tag: Any, vr: str, encoding: str) -> str | None:

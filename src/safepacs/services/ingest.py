@@ -18,14 +18,16 @@ from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts, facts_of
+from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
 from safepacs.errors import AuditError, ConflictError, InvalidObjectError, SafePacsError, StorageError
 from safepacs.index import SqlIndex
+from safepacs.index.write import InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher
-from safepacs.types import IngestOutcome, IngestResult, Principal, Service, StoredBlob
+from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -57,9 +59,21 @@ def valid_uid(value: object) -> bool:
 class _Candidate:
     part10: bytes
     header: Dataset
+    rows: InstanceRows  # the header's indexed attributes, read once
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+
+    def facts(self) -> StudyFacts:
+        """What the audit record of this instance names: its study, patient and SOP class."""
+        patient = self.rows.levels[QueryLevel.PATIENT].columns
+        facts = StudyFacts(
+            self.rows.study_uid,
+            str(patient["patient_id"] or "").strip(),
+            str(patient["patient_name"] or "").strip(),
+        )
+        facts.add(self.sop_class_uid)
+        return facts
 
 
 class IngestService:
@@ -131,7 +145,7 @@ class IngestService:
         facts: StudyFacts | None = None
         try:
             candidate = build()
-            facts = facts_of(candidate.header)
+            facts = candidate.facts()
             result = self._store(principal, candidate, facts, imported=imported, batch=batch)
             if batch is not None:
                 batch.count(facts, result.outcome.value)
@@ -155,7 +169,7 @@ class IngestService:
         if not UID(transfer_syntax_uid).is_transfer_syntax:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
         part10 = _part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
-        candidate = self._validate(part10)
+        candidate = self._validate(part10, transfer_syntax_uid, encoded)
         if candidate.sop_instance_uid != sop_instance_uid:
             raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
         if candidate.sop_class_uid != sop_class_uid:
@@ -184,32 +198,34 @@ class IngestService:
             )
         if not UID(ts).is_transfer_syntax:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
-        candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded))
+        candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded), ts, encoded)
         if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
             raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
         return candidate
 
     # Steps -------------------------------------------------------------------
-    def _validate(self, part10: bytes) -> _Candidate:
+    def _validate(self, part10: bytes, ts: str, encoded: bytes) -> _Candidate:
+        """Parse the data set (``encoded``, in transfer syntax ``ts``; ``part10`` is the whole file) and
+        read its indexed attributes once: the checks here, the audit facts and the index rows use them."""
         try:
-            header = pydicom.dcmread(BytesIO(part10))
+            header = _read_data_set(part10, ts, encoded)
             _check_complete(header)
+            rows = read_header(header)
         except SafePacsError:
             raise
         except Exception as exc:
             raise InvalidObjectError(f"the data set cannot be parsed ({type(exc).__name__})") from exc
-        ts = str(header.file_meta.TransferSyntaxUID)
-        sop_class = str(header.get("SOPClassUID", ""))
-        sop_instance = str(header.get("SOPInstanceUID", ""))
+        image = rows.levels[QueryLevel.IMAGE].columns
+        sop_class = str(image["sop_class_uid"] or "")
         for keyword, value in (
             ("SOP Class UID", sop_class),
-            ("SOP Instance UID", sop_instance),
-            ("Study Instance UID", str(header.get("StudyInstanceUID", ""))),
-            ("Series Instance UID", str(header.get("SeriesInstanceUID", ""))),
+            ("SOP Instance UID", rows.sop_uid),
+            ("Study Instance UID", rows.study_uid),
+            ("Series Instance UID", rows.series_uid),
         ):
             if not valid_uid(value):
                 raise InvalidObjectError(f"the data set has no valid {keyword}")
-        return _Candidate(part10, header, sop_class, sop_instance, ts)
+        return _Candidate(part10, header, rows, sop_class, rows.sop_uid, ts)
 
     def _store(
         self,
@@ -239,7 +255,7 @@ class IngestService:
         keep = False
         try:
             try:
-                self._index.add_instance(c.header, blob, c.transfer_syntax_uid, replace=False, also=stored)
+                self._index.add_instance(c.rows, blob, c.transfer_syntax_uid, replace=False, also=stored)
             except ConflictError:
                 existing = self._index.get_instance(c.sop_instance_uid)
                 if existing is not None and existing.blob.sha256 == digest:
@@ -254,7 +270,7 @@ class IngestService:
                 # Always recorded, first of its study or not: stored content was replaced.
                 replaced = self._audit.stored(principal, facts, imported=imported, replaced=True)
                 old = self._index.add_instance(
-                    c.header, blob, c.transfer_syntax_uid, replace=True, also=self._audit.writer(replaced)
+                    c.rows, blob, c.transfer_syntax_uid, replace=True, also=self._audit.writer(replaced)
                 )
                 keep = True
                 if old is not None:
@@ -329,6 +345,15 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
         )
     )
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _read_data_set(part10: bytes, ts: str, encoded: bytes) -> Dataset:
+    """The data set, its elements left undecoded.  Deflated data sets go through pydicom's file reader
+    (which inflates them); the others are read straight from their bytes, in their transfer syntax."""
+    uid = UID(ts)
+    if uid == DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(BytesIO(part10))
+    return read_dataset(BytesIO(encoded), uid.is_implicit_VR, uid.is_little_endian)
 
 
 def _check_complete(ds: Dataset) -> None:
