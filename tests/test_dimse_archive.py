@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -13,7 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import build_context
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
 from tests.conftest import Server, dcmtk, start_server
 from tests.corpus import make_ct
@@ -476,3 +477,38 @@ def test_the_archive_on_postgresql(data_dir: Path, tmp_path: Path, postgres_url:
         assert local.count_instances() == 0  # everything went to PostgreSQL
     finally:
         local.close()
+
+
+def _dimse_connections(server: Server) -> list[int]:
+    """How many established DICOM connections each child process of the server holds (from /proc):
+    the DIMSE workers' counts, and 0 for the HTTPS process."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == server.port and fields[3] == "01":  # ESTABLISHED
+            inodes.add(fields[9])
+    counts = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) != server.proc.pid:
+                continue
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            counts.append(sum(link[8:-1] in inodes for link in links if link.startswith("socket:[")))
+    return sorted(counts)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from Linux's /proc")
+def test_associations_are_spread_over_the_worker_processes(server: Server) -> None:
+    """Each worker is one process with one GIL: four associations opened one after the other end up two
+    per worker, not wherever the kernel happened to wake first (which put three or four on one worker
+    in most runs)."""
+    server.add_peer("VIEWER", "echo")
+    with contextlib.ExitStack() as stack:
+        for _ in range(4):
+            assoc = stack.enter_context(associate(server.port, [build_context(Verification)]))
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+        assert _dimse_connections(server) == [0, 2, 2]

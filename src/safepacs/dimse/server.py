@@ -3,7 +3,10 @@
 pynetdicom spends its time in Python (a state machine, queues, 1 ms polls) and holds the GIL,
 so more associations in one process do not add throughput; more processes do
 (PERFORMANCE-NOTES.md).  The parent binds the port once, forks ``server.workers`` workers, each
-accepting on the shared socket, and restarts a worker that dies.  Each worker serves the plain DICOM
+accepting on the shared socket, and restarts a worker that dies.  Whichever worker the kernel wakes
+first would take a new connection, so two modalities sending at once often landed on one worker (one
+GIL) while the other idled; a worker that has more associations than another lets it take the
+connection (:class:`_Balance`).  Each worker serves the plain DICOM
 port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same handlers and the same gate: the
 TLS handshake runs in the connection's own thread, so a slow or failed one holds up nobody, and the
 association knows what the handshake proved.  SIGTERM/SIGINT: workers stop
@@ -14,9 +17,11 @@ nothing acknowledged is lost.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import ssl
@@ -95,12 +100,81 @@ def _never_revoked(_sha256: str) -> bool:
     return False
 
 
+# How long a busier worker leaves a waiting connection to the others before taking it itself (one of
+# them may be stopping, or too busy to accept promptly).
+_DEFER_SECONDS = 0.1
+_DEFER_STEP = 0.002
+_UNAVAILABLE = 1 << 30  # the load a worker that is not accepting shows the others
+
+
+class _Balance:
+    """Spreads associations over the worker processes through a shared array of their loads.
+
+    Each worker publishes its load (associations running, and connections accepted but not yet
+    associations) in its slot: when it accepts, and at every turn of its accept loop (at least every
+    0.1 s).  When a connection waits, a worker whose load exceeds another's leaves it for up to
+    ``_DEFER_SECONDS`` to the less loaded one, which the kernel wakes too; if nobody took it by then,
+    it accepts it itself.  Nothing here refuses a connection, it only chooses who accepts it.
+    """
+
+    def __init__(self, loads: Any, slot: int, ae: AE) -> None:
+        self._loads = loads
+        self._slot = slot
+        self._ae = ae
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def publish(self) -> int:
+        with self._lock:
+            load = self._pending + len(self._ae.active_associations)
+            self._loads[self._slot] = load
+        return load
+
+    def withdraw(self) -> None:
+        """This worker accepts no more connections: the others stop leaving any to it."""
+        self._loads[self._slot] = _UNAVAILABLE
+
+    def my_turn(self, listener: socket.socket) -> bool:
+        """Whether this worker should accept the connection waiting on ``listener``; False when a less
+        loaded worker took it meanwhile."""
+        deadline = time.monotonic() + _DEFER_SECONDS
+        while self.publish() > self._least_other() and time.monotonic() < deadline:
+            time.sleep(_DEFER_STEP)
+            try:
+                waiting, _, _ = select.select([listener], [], [], 0)
+            except (OSError, ValueError):
+                return False
+            if not waiting:
+                return False
+        return True
+
+    def _least_other(self) -> int:
+        others = [self._loads[i] for i in range(len(self._loads)) if i != self._slot]
+        return min(others, default=_UNAVAILABLE)
+
+    def accepted(self) -> None:
+        with self._lock:
+            self._pending += 1
+        self.publish()
+
+    def settled(self) -> None:
+        """An accepted connection became an association (or was closed): counted as such from now.
+        Published at once: for a moment it was counted twice (pending, and its association's thread)."""
+        with self._lock:
+            self._pending -= 1
+        self.publish()
+
+
 class _RequestHandler(RequestHandler):
     def handle(self) -> None:
         server = cast(_Server, self.server)
-        if server.tls is not None and not self._handshake(server.tls, server):
-            return
-        super().handle()
+        try:
+            if server.tls is not None and not self._handshake(server.tls, server):
+                return
+            super().handle()
+        finally:
+            if server.balance is not None:
+                server.balance.settled()
 
     def _handshake(self, tls: DicomTls, server: _Server) -> bool:
         """Complete the TLS handshake in this connection's thread; False (logged, counted, closed) when
@@ -155,8 +229,10 @@ class _Server(ThreadedAssociationServer):
         max_object_bytes: int,
         tls: DicomTls | None = None,
         handshake_timeout: float = 30.0,
+        balance: _Balance | None = None,
     ) -> None:
         self._listener = listener
+        self.balance = balance  # spreads associations over the workers (None: a single process)
         self.gate = gate
         self.store = store
         self.max_object_bytes = max_object_bytes
@@ -182,10 +258,14 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
+        if self.balance is not None and not self.balance.my_turn(self.socket):
+            raise BlockingIOError  # a less loaded worker took it: socketserver skips it
         # BlockingIOError when another worker won the race: socketserver skips it.
         client, address = self.socket.accept()
         client.setblocking(True)
         set_nodelay(client)
+        if self.balance is not None:
+            self.balance.accepted()
         return client, address
 
     def server_close(self) -> None:  # the parent owns the listening socket
@@ -194,7 +274,10 @@ class _Server(ThreadedAssociationServer):
     def service_actions(self) -> None:
         """Nothing between requests.  pynetdicom runs a full ``gc.collect()`` every 60 turns of the
         accept loop (every few seconds, and after requests), which holds the GIL for tens of
-        milliseconds in the middle of other associations' stores; Python's own collector suffices."""
+        milliseconds in the middle of other associations' stores; Python's own collector suffices.
+        The worker's load is published for the others (:class:`_Balance`)."""
+        if self.balance is not None:
+            self.balance.publish()
 
 
 class DimseServer:
@@ -202,8 +285,15 @@ class DimseServer:
     and DICOM TLS when ``tls_listener`` is given)."""
 
     def __init__(
-        self, archive: Archive, listener: socket.socket, tls_listener: socket.socket | None = None
+        self,
+        archive: Archive,
+        listener: socket.socket,
+        tls_listener: socket.socket | None = None,
+        *,
+        loads: Any = None,
+        slot: int = 0,
     ) -> None:
+        """``loads``: the workers' shared load array (``serve``), ``slot`` this worker's place in it."""
         s = archive.settings.server
         self.archive = archive
         self.ae = _SafeAE(ae_title=s.ae_title)
@@ -249,7 +339,12 @@ class DimseServer:
             (evt.EVT_CONN_CLOSE, h.on_close),
         ]
         max_bytes = archive.settings.storage.max_object_bytes
-        self.servers = [_Server(self.ae, listener, s.ae_title, handlers, self.gate, h.store, max_bytes)]
+        self.balance = _Balance(loads, slot, self.ae) if loads is not None else None
+        self.servers = [
+            _Server(
+                self.ae, listener, s.ae_title, handlers, self.gate, h.store, max_bytes, balance=self.balance
+            )
+        ]
         if tls_listener is not None:
             self.servers.append(
                 _Server(
@@ -262,6 +357,7 @@ class DimseServer:
                     max_bytes,
                     tls=self.tls,
                     handshake_timeout=s.acse_timeout,
+                    balance=self.balance,
                 )
             )
         self.server = self.servers[0]
@@ -272,11 +368,15 @@ class DimseServer:
         ]
 
     def start(self) -> None:
+        if self.balance is not None:
+            self.balance.publish()
         for thread in self._threads:
             thread.start()
 
     def stop(self, grace: float) -> None:
         """Stop accepting; give running associations ``grace`` seconds, then abort them."""
+        if self.balance is not None:
+            self.balance.withdraw()
         for server in self.servers:
             server.shutdown()
         deadline = time.monotonic() + grace
@@ -325,6 +425,8 @@ def _worker(
     tls_listener: socket.socket | None,
     open_archive: OpenArchive,
     setup: Callable[[], None],
+    loads: Any,
+    slot: int,
 ) -> None:
     stop = StopRequest()
     stop.install()
@@ -332,7 +434,7 @@ def _worker(
     # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (PERFORMANCE-NOTES) measured no better here,
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
     archive = open_archive(settings)
-    server = DimseServer(archive, listener, tls_listener)
+    server = DimseServer(archive, listener, tls_listener, loads=loads, slot=slot)
     freeze_start_up()
     server.start()
     stop.wait()
@@ -371,11 +473,14 @@ def serve(
     stop = StopRequest()
     stop.install()
     ctx = multiprocessing.get_context("fork")
+    loads = ctx.RawArray("i", workers)  # each worker's load, in shared memory (_Balance)
 
-    def dimse_worker() -> None:
-        _worker(settings, listener, tls_listener, open_archive, setup)
+    def dimse_worker(slot: int) -> None:
+        _worker(settings, listener, tls_listener, open_archive, setup, loads, slot)
 
-    specs = [("safepacs-dimse", dimse_worker)] * workers + list(companions)
+    specs: list[tuple[str, Callable[[], None]]]
+    specs = [("safepacs-dimse", functools.partial(dimse_worker, i)) for i in range(workers)]
+    specs += list(companions)
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         name, target = specs[i]
@@ -418,6 +523,8 @@ def serve(
                     "a SafePACS process exited; restarting",
                     extra={"process": specs[i][0], "exitcode": proc.exitcode},
                 )
+                if i < workers:
+                    loads[i] = _UNAVAILABLE  # until the new worker publishes its own
                 procs[i] = spawn(i)
     for proc in procs:
         if proc.pid is not None and proc.is_alive():
