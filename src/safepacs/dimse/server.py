@@ -473,7 +473,7 @@ def serve(
     stop = StopRequest()
     stop.install()
     ctx = multiprocessing.get_context("fork")
-    loads = ctx.RawArray("i", workers)  # each worker's load, in shared memory (_Balance)
+    loads = ctx.RawArray("i", [_UNAVAILABLE] * workers)  # each worker's load (_Balance), once it accepts
 
     def dimse_worker(slot: int) -> None:
         _worker(settings, listener, tls_listener, open_archive, setup, loads, slot)
