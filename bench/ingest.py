@@ -45,6 +45,7 @@ from _common import (
     nodelay_env,
     remove_tree,
     running,
+    settle_page_cache,
     split,
     version_line,
 )
@@ -121,10 +122,12 @@ def send(corpus: Corpus, receiver: Receiver, associations: int, timeout: float) 
 def measure(
     target: str, corpus: Corpus, associations: int, workdir: Path, env: dict[str, str], timeout: float
 ) -> Measurement:
+    settle_page_cache(corpus)
     rundir = Path(tempfile.mkdtemp(prefix=f"{target}-{corpus.name}-x{associations}-", dir=workdir))
     receiver = TARGETS[target](name=target, aet=AETS[target], workdir=rundir, env=env)
     try:
         with running(receiver):
+            receiver.wait_idle()
             result = send(corpus, receiver, associations, timeout)
         if not result.ok:
             tail = receiver.log_tail(8)
