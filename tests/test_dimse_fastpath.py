@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from safepacs.dimse.fastpath import encode_store_response
+from safepacs.dimse.fastpath import StoreCommand, encode_store_response, parse_store_command
 from tests.conftest import Server, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_get
@@ -57,6 +57,63 @@ def test_store_response_is_encoded_as_pynetdicom_encodes_it(status: int, comment
     assert decoded.CommandField == 0x8001
     assert decoded.MessageIDBeingRespondedTo == 7
     assert decoded.Status == status
+
+
+def _pynetdicom_store_request(sop_instance: str, **extra: object) -> bytes:
+    req = C_STORE()
+    req.MessageID = 513
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = 2
+    for keyword, value in extra.items():
+        setattr(req, keyword, value)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    msg.command_set.CommandDataSetType = 0x0000  # a data set follows, as in every real C-STORE-RQ
+    return encode(msg.command_set, True, True)
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "extra"),
+    [
+        ("1.2.826.0.1.3680043.8.498.1", {}),  # odd length: padded with NUL
+        ("1.2.826.0.1.3680043.8.498.12", {}),
+        ("1.2.3", {"MoveOriginatorApplicationEntityTitle": "MOVER", "MoveOriginatorMessageID": 9}),
+    ],
+)
+def test_store_requests_are_read_as_pynetdicom_reads_them(
+    sop_instance: str, extra: dict[str, object]
+) -> None:
+    raw = _pynetdicom_store_request(sop_instance, **extra)
+    ref = decode(__import__("io").BytesIO(raw), True, True)
+    ours = parse_store_command(raw)
+    assert ours == StoreCommand(ref.MessageID, str(ref.AffectedSOPClassUID), str(ref.AffectedSOPInstanceUID))
+    assert ours.sop_instance_uid == sop_instance
+
+
+def test_anything_but_a_store_request_is_left_to_pynetdicom() -> None:
+    """None means: pynetdicom decodes it, as before (other commands, and anything unusual)."""
+    echo = C_ECHO_RQ()
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = Verification
+    echo.primitive_to_message(primitive)
+    store = _pynetdicom_store_request("1.2.3")
+    no_data = bytearray(store)
+    no_data[no_data.index(b"\x00\x00\x00\x08") + 8 : no_data.index(b"\x00\x00\x00\x08") + 10] = b"\x01\x01"
+    assert decode(__import__("io").BytesIO(bytes(no_data)), True, True).CommandDataSetType == 0x0101
+    wrong_group = bytearray(store)
+    wrong_group[0:2] = b"\x02\x00"
+    for raw in (
+        encode(echo.command_set, True, True),
+        bytes(no_data),  # CommandDataSetType 0x0101: no data set
+        store[:-3],  # cut short
+        bytes(wrong_group),
+        store[:7],
+        b"",
+    ):
+        assert parse_store_command(raw) is None
+    assert parse_store_command(store) is not None
 
 
 def _find_images(assoc: object, study_uid: str) -> list[str]:
