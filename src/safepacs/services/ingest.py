@@ -244,8 +244,9 @@ class IngestService:
         ``overwrite`` is on.
         """
         first = batch is None or batch.first(facts)
-        event = self._audit.stored(principal, facts, imported=imported)
-        stored = self._audit.writer(event) if first else None
+        # Only the first instance of a study in a batch is recorded on its own (the rest are counted).
+        event = self._audit.stored(principal, facts, imported=imported) if first else None
+        stored = self._audit.writer(event) if event is not None else None
         digest = hashlib.sha256(c.part10).hexdigest()
         sealed = self._cipher.seal(c.part10)
         blob_id = self._blobs.put(sealed)
@@ -259,7 +260,7 @@ class IngestService:
             except ConflictError:
                 existing = self._index.get_instance(c.sop_instance_uid)
                 if existing is not None and existing.blob.sha256 == digest:
-                    if first:
+                    if event is not None:
                         self._audit.record(event)
                     return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
                 if not self._overwrite:
