@@ -506,6 +506,10 @@ def test_associations_are_spread_over_the_worker_processes(server: Server) -> No
     per worker, not wherever the kernel happened to wake first (which put three or four on one worker
     in most runs)."""
     server.add_peer("VIEWER", "echo")
+    deadline = time.monotonic() + 60
+    while server.stderr_text().count("DIMSE worker accepting") < 2:  # both workers are up
+        assert time.monotonic() < deadline, server.stderr_text()
+        time.sleep(0.05)
     with contextlib.ExitStack() as stack:
         for _ in range(4):
             assoc = stack.enter_context(associate(server.port, [build_context(Verification)]))

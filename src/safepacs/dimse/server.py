@@ -437,6 +437,7 @@ def _worker(
     server = DimseServer(archive, listener, tls_listener, loads=loads, slot=slot)
     freeze_start_up()
     server.start()
+    log.info("DIMSE worker accepting", extra={"worker": slot, "pid": os.getpid()})
     stop.wait()
     server.stop(settings.server.shutdown_grace)
     archive.close()
