@@ -24,6 +24,7 @@ from safepacs.storage import (
     MemoryKeyProvider,
     is_valid_blob_id,
 )
+from safepacs.storage.blobstore import _NoUnnamedFiles
 from safepacs.storage.crypto import MAGIC
 
 # Layout of the SPX1 header (docs/architecture.md, "Storage format").
@@ -193,10 +194,13 @@ class _RenameFailsStore(FileBlobStore):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
 
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temp-file"])
 @pytest.mark.parametrize("broken", [_DiskFullStore, _RenameFailsStore])
-def test_failed_write_leaves_nothing_behind(tmp_path: Path, broken: type[FileBlobStore]) -> None:
+def test_failed_write_leaves_nothing_behind(
+    tmp_path: Path, broken: type[FileBlobStore], unnamed: bool
+) -> None:
     root, tmp = tmp_path / "objects", tmp_path / "tmp"
-    store = broken(root, tmp)
+    store = broken(root, tmp, unnamed_temp_files=unnamed)
     with pytest.raises(StorageError) as info:
         store.put(os.urandom(10_000))
     assert isinstance(info.value.__cause__, OSError)
@@ -208,12 +212,48 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, broken: type[FileBlo
 
 
 def test_unwritable_tmp_dir_is_a_storage_error(tmp_path: Path) -> None:
-    store = FileBlobStore(tmp_path / "objects", tmp_path / "tmp")
+    store = FileBlobStore(tmp_path / "objects", tmp_path / "tmp", unnamed_temp_files=False)
     (tmp_path / "tmp").rmdir()
     (tmp_path / "tmp").write_bytes(b"not a directory")
     with pytest.raises(StorageError, match="temporary file"):
         store.put(b"data")
     assert _files_under(tmp_path / "objects") == []
+
+
+class _NoTmpfileStore(FileBlobStore):
+    """A file system without O_TMPFILE: opening an unnamed file fails as Linux then fails it."""
+
+    attempts = 0
+
+    def _link_unnamed(self, dir_fd: int, name: str, payload: memoryview) -> bool:
+        self.attempts += 1
+        raise _NoUnnamedFiles from OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+
+def test_without_unnamed_temporary_files_objects_go_through_tmp_dir(tmp_path: Path) -> None:
+    """Where the file system has no O_TMPFILE, the store says so once and writes through named
+    temporary files (and still leaves none behind)."""
+    store = _NoTmpfileStore(tmp_path / "objects", tmp_path / "tmp")
+    ids = [store.put(f"object {n}".encode()) for n in range(3)]
+    assert [store.get(i) for i in ids] == [b"object 0", b"object 1", b"object 2"]
+    assert store.attempts == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_an_object_is_never_visible_half_written(tmp_path: Path) -> None:
+    """With O_TMPFILE the bytes are written to an unnamed file in the object's own directory: while a
+    put writes, no name exists, in that directory or in tmp_dir."""
+    seen: list[list[Path]] = []
+
+    class Watching(FileBlobStore):
+        def _write_all(self, fd: int, data: memoryview) -> None:
+            seen.append(_files_under(tmp_path))
+            super()._write_all(fd, data)
+
+    store = Watching(tmp_path / "objects", tmp_path / "tmp")
+    first = store.put(b"first")
+    store.put(b"second")
+    assert seen == [[], [store.path_of(first)]]
 
 
 def test_symlink_in_place_of_a_blob_is_not_followed(tmp_path: Path) -> None:

@@ -6,15 +6,20 @@ from an untrusted string: every blob id is checked against ``[0-9a-f]{32}``
 before it is joined to the root (the DCMTK CVE-2022-2119/2120 class of path
 traversal cannot happen here).
 
-A write is durable when :meth:`FileBlobStore.put` returns: the bytes go to a
-temporary file in ``tmp_dir`` (same file system), the file is fsynced, renamed
-into place with :func:`os.replace` (atomic on POSIX), and the directory that now
-holds it is fsynced, as are directories created for it.  A crash at any point
-leaves either no object or the whole object, never a partial one.
+A write is durable when :meth:`FileBlobStore.put` returns: the bytes go to an
+unnamed temporary file in the directory the object will live in (Linux
+``O_TMPFILE``), the file is fsynced, linked under its name (``linkat``: atomic,
+and it never replaces an existing name), and the directory is fsynced, as are
+directories created for it.  Where the file system has no ``O_TMPFILE``, the
+temporary file is a named one in ``tmp_dir`` (same file system), renamed into
+place with :func:`os.replace` (atomic on POSIX) after its fsync.  A crash at any
+point leaves either no object or the whole object, never a partial one; an
+unnamed temporary file leaves nothing at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -37,6 +42,13 @@ _DIR_MODE = 0o700
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+# open(2): what a kernel or file system without O_TMPFILE answers; linkat(2) through /proc without /proc.
+_NO_TMPFILE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+
+
+class _NoUnnamedFiles(Exception):
+    """This file system (or this system without /proc) cannot link an unnamed file into place."""
 
 
 @runtime_checkable
@@ -122,11 +134,18 @@ class FileBlobStore:
     Files are created 0600 and directories 0700.  ``tmp_dir`` must be on the
     same file system as ``root`` so the final rename is atomic; both are
     created (0700) if missing.  ``fsync=False`` skips every fsync and is only
-    for benchmarks (the settings refuse it otherwise).
+    for benchmarks (the settings refuse it otherwise).  ``unnamed_temp_files=False``
+    writes through named temporary files in ``tmp_dir`` even where ``O_TMPFILE``
+    exists (what happens where it does not).
     """
 
-    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self, root: Path, tmp_dir: Path, *, fsync: bool = True, unnamed_temp_files: bool = True
+    ) -> None:
         self._known_dirs: set[Path] = set()
+        self._fanout: dict[str, Path] = {}  # "ab" -> root/ab
+        # Unnamed temporary files until the file system says it has no O_TMPFILE (or when asked not to).
+        self._unnamed = unnamed_temp_files and bool(_O_TMPFILE)
         self.root = Path(root)
         self.tmp_dir = Path(tmp_dir)
         self.fsync = fsync
@@ -153,7 +172,7 @@ class FileBlobStore:
         """Create the 256 ``root/ab`` directories once, so a write never has to create (and fsync) one."""
         created = False
         for i in range(256):
-            directory = self.root / f"{i:02x}"
+            directory = self._fanout[f"{i:02x}"] = self.root / f"{i:02x}"
             if directory.is_dir():
                 self._known_dirs.add(directory)
                 continue
@@ -178,6 +197,65 @@ class FileBlobStore:
     # -- BlobStore ------------------------------------------------------------
     def put(self, data: bytes) -> str:
         payload = memoryview(data)
+        if self._unnamed:
+            try:
+                return self._put_unnamed(payload)
+            except _NoUnnamedFiles:
+                _log.info("no O_TMPFILE here; objects are written through named temporary files")
+                self._unnamed = False
+        return self._put_renamed(payload)
+
+    def _put_unnamed(self, payload: memoryview) -> str:
+        """Write through an unnamed temporary file in the object's own directory (see the module)."""
+        while True:
+            blob_id = new_blob_id()
+            directory = self._fanout[blob_id[:2]]
+            try:
+                self._make_parents(directory)
+                dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            except OSError as exc:
+                raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
+            try:
+                if self._link_unnamed(dir_fd, blob_id, payload):
+                    return blob_id
+            finally:
+                os.close(dir_fd)
+
+    def _link_unnamed(self, dir_fd: int, name: str, payload: memoryview) -> bool:
+        """Write ``payload`` durably as ``name`` in ``dir_fd``; False if ``name`` exists (2**-128)."""
+        try:
+            fd = os.open(".", os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, _FILE_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE_ERRNOS:
+                raise _NoUnnamedFiles from exc
+            raise StorageError(f"could not create a file in {self.root}: {_describe(exc)}") from exc
+        try:
+            self._write_all(fd, payload)
+            if self.fsync:
+                os.fsync(fd)
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)  # linkat(AT_SYMLINK_FOLLOW)
+        except FileExistsError:
+            return False
+        except FileNotFoundError as exc:  # no /proc to name the unnamed file by
+            raise _NoUnnamedFiles from exc
+        except OSError as exc:
+            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
+        finally:
+            os.close(fd)  # an unnamed file that was not linked is gone now
+        if self.fsync:
+            try:
+                os.fsync(dir_fd)
+            except OSError as exc:
+                # The object is in place but not known to be durable: undo, so nothing is acknowledged.
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+                raise StorageError(
+                    f"could not make an object durable in {self.root}: {_describe(exc)}"
+                ) from exc
+        return True
+
+    def _put_renamed(self, payload: memoryview) -> str:
+        """Write through a named temporary file in ``tmp_dir``, renamed into place."""
         tmp_fd, tmp_name = self._mkstemp()
         try:
             try:
