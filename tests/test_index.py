@@ -6,8 +6,11 @@ in a fresh schema of its own, dropped afterwards).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import multiprocessing
+import os
+import threading
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -222,6 +225,35 @@ def test_sqlite_connections_are_durable_and_concurrent(tmp_path: Path) -> None:
     finally:
         ix.close()
     assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 30000}
+
+
+def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
+    """Writers of every process queue on ``<index>-writers`` (flock) rather than in SQLite's polling
+    busy handler: while another process holds it, a write waits and a read does not."""
+    url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
+    migrate(url)
+    ix = SqlIndex(url)
+    try:
+        ix.add_peer(Peer("FIRST", "127.0.0.1", None, frozenset({Service.ECHO})))
+        lock = tmp_path / "i.sqlite3-writers"
+        assert lock.stat().st_mode & 0o777 == 0o600
+        other = os.open(lock, os.O_RDWR)  # another process's writer, as far as flock is concerned
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            done = threading.Event()
+            second = Peer("SECOND", "127.0.0.1", None, frozenset({Service.ECHO}))
+            writer = threading.Thread(target=lambda: (ix.add_peer(second), done.set()))
+            writer.start()
+            assert not done.wait(0.5)
+            assert [p.ae_title for p in ix.list_peers()] == ["FIRST"]
+            fcntl.flock(other, fcntl.LOCK_UN)
+            assert done.wait(10)
+            writer.join(10)
+        finally:
+            os.close(other)
+        assert [p.ae_title for p in ix.list_peers()] == ["FIRST", "SECOND"]
+    finally:
+        ix.close()
 
 
 def test_unmigrated_database_and_bad_urls_raise_index_errors(tmp_path: Path) -> None:
