@@ -123,16 +123,19 @@ class _Balance:
         self._ae = ae
         self._pending = 0
         self._lock = threading.Lock()
+        self._withdrawn = False
 
     def publish(self) -> int:
         with self._lock:
             load = self._pending + len(self._ae.active_associations)
-            self._loads[self._slot] = load
+            self._loads[self._slot] = _UNAVAILABLE if self._withdrawn else load
         return load
 
     def withdraw(self) -> None:
         """This worker accepts no more connections: the others stop leaving any to it."""
-        self._loads[self._slot] = _UNAVAILABLE
+        with self._lock:
+            self._withdrawn = True
+            self._loads[self._slot] = _UNAVAILABLE
 
     def my_turn(self, listener: socket.socket) -> bool:
         """Whether this worker should accept the connection waiting on ``listener``; False when a less

@@ -58,7 +58,6 @@ def valid_uid(value: object) -> bool:
 @dataclass(frozen=True)
 class _Candidate:
     part10: bytes
-    header: Dataset
     rows: InstanceRows  # the header's indexed attributes, read once
     sop_class_uid: str
     sop_instance_uid: str
@@ -225,7 +224,7 @@ class IngestService:
         ):
             if not valid_uid(value):
                 raise InvalidObjectError(f"the data set has no valid {keyword}")
-        return _Candidate(part10, header, rows, sop_class, rows.sop_uid, ts)
+        return _Candidate(part10, rows, sop_class, rows.sop_uid, ts)
 
     def _store(
         self,
