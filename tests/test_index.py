@@ -256,6 +256,20 @@ def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
         ix.close()
 
 
+def test_writes_go_on_when_the_writers_lock_file_cannot_be_used(tmp_path: Path) -> None:
+    """The lock file only orders writers; when it cannot be opened, SQLite's own locking still works."""
+    url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
+    migrate(url)
+    (tmp_path / "i.sqlite3-writers").mkdir()  # in the way: opening it for writing fails
+    ix = SqlIndex(url)
+    try:
+        for title in ("ONE", "TWO"):
+            ix.add_peer(Peer(title, "127.0.0.1", None, frozenset({Service.ECHO})))
+        assert [p.ae_title for p in ix.list_peers()] == ["ONE", "TWO"]
+    finally:
+        ix.close()
+
+
 def test_unmigrated_database_and_bad_urls_raise_index_errors(tmp_path: Path) -> None:
     ix = SqlIndex(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
     try:

@@ -144,11 +144,12 @@ class _Balance:
         while self.publish() > self._least_other() and time.monotonic() < deadline:
             time.sleep(_DEFER_STEP)
             try:
-                waiting, _, _ = select.select([listener], [], [], 0)
+                poller = select.poll()
+                poller.register(listener, select.POLLIN)
+                if not poller.poll(0):
+                    return False
             except (OSError, ValueError):
-                return False
-            if not waiting:
-                return False
+                return True  # cannot tell: never leave a connection stranded
         return True
 
     def _least_other(self) -> int:

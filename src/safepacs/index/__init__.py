@@ -212,23 +212,32 @@ class WriterTurns:
     def turn(self) -> Iterator[None]:
         with self._mutex:
             fd = self._open()
-            if fd is None:
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:  # e.g. ENOLCK on a network file system
+                    self._give_up(exc)
+                    fd = None
             try:
                 yield
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _open(self) -> int | None:
         if self._fd is None and not self._unusable:
             try:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _O_NOFOLLOW, 0o600)
             except OSError as exc:
-                self._unusable = True
-                log.info("index writers wait in SQLite's busy handler", extra={"reason": exc.strerror})
+                self._give_up(exc)
         return self._fd
+
+    def _give_up(self, exc: OSError) -> None:
+        self._unusable = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        log.info("index writers wait in SQLite's busy handler", extra={"reason": exc.strerror})
 
     def close(self) -> None:
         with self._mutex:
