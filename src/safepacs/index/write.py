@@ -18,10 +18,11 @@ retries of :class:`~safepacs.index.SqlIndex` (a foreign key race raises 23503).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from pydicom.charset import convert_encodings
@@ -30,6 +31,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from safepacs.errors import ConflictError, InvalidObjectError
 from safepacs.index import attributes as A
@@ -304,6 +306,57 @@ def _insert(dialect: str, table: sa.Table) -> sa.Executable:
     return stmt.on_conflict_do_nothing().returning(table.c.pk)
 
 
+class _Driver:
+    """The two statements of the common case - the series lookup and the instance insert - compiled once
+    and sent to SQLite's driver directly.
+
+    Through SQLAlchemy each cost ~40-60 us of Python per instance (cache key, execution context,
+    result metadata) for a statement SQLite runs in ~6 us, inside the transaction that holds the
+    index's write lock.  Only statements whose columns need no SQLAlchemy type processing on the way
+    out, and whose inserts have no Python-side defaults, qualify; errors are raised as SQLAlchemy
+    would raise them (and retried alike), without their parameters.
+    """
+
+    def __init__(self, series_lookup: sa.Select[Any]) -> None:
+        self._dialect = sqlite.dialect()
+        if any(c.type.result_processor(self._dialect, None) for c in series_lookup.selected_columns):
+            raise ValueError("the series lookup needs SQLAlchemy's result processing")  # pragma: no cover
+        self._series = self._compile(series_lookup, None)
+        self._inserts: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
+
+    def _compile(self, stmt: sa.ClauseElement, keys: list[str] | None) -> tuple[str, list[tuple[str, Any]]]:
+        compiled = cast(SQLCompiler, stmt.compile(dialect=self._dialect, column_keys=keys))
+        binds = [
+            (name, compiled.binds[name].type.bind_processor(self._dialect))
+            for name in compiled.positiontup or []
+        ]
+        return str(compiled), binds
+
+    def series(self, conn: sa.Connection, uid: str) -> Any:
+        return self._run(conn, self._series, {"uid": uid}).fetchone()
+
+    def insert_instance(self, conn: sa.Connection, insert: Any, row: Columns) -> int | None:
+        keys = tuple(row)
+        compiled = self._inserts.get(keys)
+        if compiled is None:
+            compiled = self._inserts[keys] = self._compile(insert, list(keys))
+        found = self._run(conn, compiled, row).fetchall()
+        return int(found[0][0]) if found else None
+
+    @staticmethod
+    def _run(conn: sa.Connection, compiled: tuple[str, list[tuple[str, Any]]], params: Columns) -> Any:
+        sql, binds = compiled
+        values = tuple(process(params[name]) if process else params[name] for name, process in binds)
+        try:
+            return conn.connection.driver_connection.execute(sql, values)  # type: ignore[union-attr]
+        except sqlite3.IntegrityError as exc:
+            raise sa.exc.IntegrityError(sql, None, exc, hide_parameters=True) from exc
+        except sqlite3.OperationalError as exc:
+            raise sa.exc.OperationalError(sql, None, exc, hide_parameters=True) from exc
+        except sqlite3.Error as exc:
+            raise sa.exc.DatabaseError(sql, None, exc, hide_parameters=True) from exc
+
+
 class Writer:
     """The write path of the index on one SQL dialect; its statements are built once, here."""
 
@@ -322,6 +375,7 @@ class Writer:
             )
             .where(series.c.series_instance_uid == uid)
         )
+        self._driver = _Driver(self._series) if dialect == "sqlite" else None
         self._study = (
             sa.select(*_STUDY.columns, *_PATIENT.columns)
             .select_from(studies.join(patients, studies.c.patient_pk == patients.c.pk))
@@ -382,7 +436,10 @@ class Writer:
             "created_at": created,
             "updated_at": now,
         }
-        pk = conn.execute(self._inserts["instances"], row).scalar()
+        if self._driver is not None:
+            pk = self._driver.insert_instance(conn, self._inserts["instances"], row)
+        else:
+            pk = conn.execute(self._inserts["instances"], row).scalar()
         if pk is None:
             raise ConflictError(_EXISTS)
         if moved:
@@ -397,7 +454,10 @@ class Writer:
     ) -> tuple[int, int, bool]:
         """The study and series pks of the instance, created or updated; and whether the instance
         names another patient than its stored study."""
-        found = conn.execute(self._series, {"uid": rows.series_uid}).first()
+        if self._driver is not None:
+            found = self._driver.series(conn, rows.series_uid)
+        else:
+            found = conn.execute(self._series, {"uid": rows.series_uid}).first()
         if found is not None:  # the common case: another instance of a known series
             stored = _SERIES.read(found, 0)
             study = _STUDY.read(found, _SERIES_WIDTH)
