@@ -333,7 +333,8 @@ class _Driver:
         return str(compiled), binds
 
     def series(self, conn: sa.Connection, uid: str) -> Any:
-        return self._run(conn, self._series, {"uid": uid}).fetchone()
+        found = self._run(conn, self._series, {"uid": uid}).fetchall()  # at most one: the UID is unique
+        return found[0] if found else None
 
     def insert_instance(self, conn: sa.Connection, insert: Any, row: Columns) -> int | None:
         keys = tuple(row)
