@@ -10,8 +10,10 @@ import fcntl
 import hashlib
 import multiprocessing
 import os
+import re
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -488,6 +490,22 @@ def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex
     statements.clear()
     index.add_instance(instance(study, series, **(keys | {"StudyDescription": "e"})), blob(4), ELE)
     assert statements == ["SELECT", "UPDATE", "INSERT"]
+
+
+def test_rows_written_on_the_driver_path_are_stored_as_sqlalchemy_stores_them(index: SqlIndex) -> None:
+    """On SQLite the instance insert bypasses SQLAlchemy's execution; its timestamps must still be
+    SQLAlchemy's text (not sqlite3's own adapter), like those of the series row written through it."""
+    study, series = generate_uid(), generate_uid()
+    index.add_instance(instance(study, series, PatientID="P"), blob(1), ELE)
+    with index._engine.connect() as conn:
+        stored = conn.exec_driver_sql(
+            "SELECT i.created_at, i.updated_at, s.created_at"
+            " FROM instances i JOIN series s ON s.pk = i.series_pk"
+        ).one()
+    if index._sqlite:
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", str(v)) for v in stored), stored
+    else:
+        assert all(isinstance(v, datetime) and v.tzinfo is not None for v in stored)
 
 
 # C-FIND matching ---------------------------------------------------------------------------------------

@@ -319,18 +319,23 @@ class _Driver:
 
     def __init__(self, series_lookup: sa.Select[Any]) -> None:
         self._dialect = sqlite.dialect()
-        if any(c.type.result_processor(self._dialect, None) for c in series_lookup.selected_columns):
+        if any(self._processing(c.type, None) for c in series_lookup.selected_columns):
             raise ValueError("the series lookup needs SQLAlchemy's result processing")  # pragma: no cover
         self._series = self._compile(series_lookup, None)
         self._inserts: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
 
     def _compile(self, stmt: sa.ClauseElement, keys: list[str] | None) -> tuple[str, list[tuple[str, Any]]]:
         compiled = cast(SQLCompiler, stmt.compile(dialect=self._dialect, column_keys=keys))
-        binds = [
-            (name, compiled.binds[name].type.bind_processor(self._dialect))
-            for name in compiled.positiontup or []
-        ]
+        binds = [(name, self._processing(compiled.binds[name].type)) for name in compiled.positiontup or []]
         return str(compiled), binds
+
+    def _processing(self, kind: sa.types.TypeEngine[Any], result: object = False) -> Any:
+        """SQLAlchemy's processor of ``kind`` on SQLite: the bind processor, or with ``result`` the result
+        processor (e.g. DateTime's: timestamps are stored as SQLAlchemy's own text, not sqlite3's)."""
+        impl = kind.dialect_impl(self._dialect)
+        if result is False:
+            return impl.bind_processor(self._dialect)
+        return impl.result_processor(self._dialect, result)
 
     def series(self, conn: sa.Connection, uid: str) -> Any:
         found = self._run(conn, self._series, {"uid": uid}).fetchall()  # at most one: the UID is unique
