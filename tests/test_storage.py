@@ -624,6 +624,16 @@ def test_memory_key_provider_validates_keys() -> None:
         MemoryKeyProvider({"0123456789abcdef": os.urandom(32)}, current="fedcba9876543210")
 
 
+def test_sealing_notes_what_reading_the_object_back_would_say() -> None:
+    """The KEK id and tag the index records at ingest come from sealing, not from parsing the result."""
+    keys = MemoryKeyProvider()
+    cipher = EnvelopeCipher(keys)
+    sealed, key_id, tag = cipher.seal_noting(b"object" * 100)
+    assert (key_id, tag) == (EnvelopeCipher.key_id_of(sealed), EnvelopeCipher.tag_of(sealed))
+    assert key_id == keys.current_key_id()
+    assert cipher.open(sealed, expect_tag=tag) == b"object" * 100
+
+
 def test_an_expected_tag_refuses_another_intact_object_and_survives_rewrapping() -> None:
     keys = MemoryKeyProvider()
     cipher = EnvelopeCipher(keys)

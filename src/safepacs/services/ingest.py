@@ -247,11 +247,9 @@ class IngestService:
         event = self._audit.stored(principal, facts, imported=imported) if first else None
         stored = self._audit.writer(event) if event is not None else None
         digest = hashlib.sha256(c.part10).hexdigest()
-        sealed = self._cipher.seal(c.part10)
+        sealed, key_id, tag = self._cipher.seal_noting(c.part10)
         blob_id = self._blobs.put(sealed)
-        blob = StoredBlob(
-            blob_id, self._cipher.key_id_of(sealed), digest, len(c.part10), self._cipher.tag_of(sealed)
-        )
+        blob = StoredBlob(blob_id, key_id, digest, len(c.part10), tag)
         keep = False
         try:
             try:

@@ -409,6 +409,11 @@ class EnvelopeCipher:
         the data key is wrapped per RFC 3394.  Each data key encrypts exactly one
         message, so nonce reuse under a key cannot happen (SP 800-38D 8.2).
         """
+        return self.seal_noting(plaintext)[0]
+
+    def seal_noting(self, plaintext: bytes) -> tuple[bytes, str, str]:
+        """:meth:`seal`, and the KEK id and GCM tag (hex) the index keeps with the object - what
+        :meth:`key_id_of` and :meth:`tag_of` would read back from it, without parsing it again."""
         key_id, kek = self._current()
         data_key = secrets.token_bytes(_DATA_KEY_BYTES)
         nonce = secrets.token_bytes(_NONCE_BYTES)
@@ -418,7 +423,8 @@ class EnvelopeCipher:
         encryptor.authenticate_additional_data(_AAD)
         ciphertext = encryptor.update(plaintext)
         final = encryptor.finalize()
-        return b"".join((_header(key_id, wrapped), nonce, ciphertext, final, encryptor.tag))
+        tag = encryptor.tag
+        return b"".join((_header(key_id, wrapped), nonce, ciphertext, final, tag)), key_id, tag.hex()
 
     def open(self, sealed: bytes, *, expect_tag: str | None = None) -> bytes:
         """Decrypt and authenticate ``sealed``.
