@@ -256,10 +256,10 @@ class Receiver:
     def cpu_seconds(self) -> float:
         return _process_group_cpu(self.proc.pid) if self.proc else 0.0
 
-    def wait_idle(self, timeout: float = 60.0, window: float = 0.5, busy: float = 0.05) -> None:
-        """Wait until the receiver's processes used less than ``busy`` CPU seconds in ``window``: it
-        answers before all its start-up work is done (SafePACS's HTTPS process, a second worker), and
-        that work must neither compete with the measurement nor be counted in it."""
+    def wait_idle(self, timeout: float = 60.0, window: float = 0.5, busy: float = 0.025) -> None:
+        """Wait until the receiver's processes used less than ``busy`` CPU seconds in ``window`` (5% of a
+        core): it answers before all its start-up work is done (SafePACS's HTTPS process, a second
+        worker), and that work must neither compete with a measurement nor be counted in it."""
         deadline = time.monotonic() + timeout
         before = self.cpu_seconds()
         while time.monotonic() < deadline:
@@ -443,6 +443,7 @@ class SafePacs(Receiver):
 def running(receiver: Receiver) -> Iterator[Receiver]:
     try:
         receiver.start()
+        receiver.wait_idle()
         yield receiver
     finally:
         receiver.stop()

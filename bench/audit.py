@@ -133,19 +133,6 @@ def patients_of(corpus: Corpus) -> list[str]:
     return [f"BENCH{p:06d}" for p in range(series)]
 
 
-def settle(receivers: list[SafePacs], timeout: float = 15.0) -> None:
-    """Wait until the servers are idle: each answers DICOM before its HTTPS process has finished
-    starting, and that start-up would otherwise slow down whichever is measured first."""
-    deadline = time.monotonic() + timeout
-    before = sum(r.cpu_seconds() for r in receivers)
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = sum(r.cpu_seconds() for r in receivers)
-        if now - before < 0.025:  # under 5% of a core over half a second
-            return
-        before = now
-
-
 def measure_pair(
     corpus: Corpus, order: tuple[str, ...], workdir: Path, finds: int, timeout: float
 ) -> dict[str, tuple[Measurement, Finds | None]]:
@@ -166,8 +153,7 @@ def measure_pair(
     try:
         with contextlib.ExitStack() as stack:
             for receiver in receivers.values():
-                stack.enter_context(running(receiver))
-            settle(list(receivers.values()))
+                stack.enter_context(running(receiver))  # each waits until the server is idle
             ingests = {mode: send(corpus, receivers[mode], 1, timeout) for mode in order}
             queried: dict[str, Finds] = {}
             if finds and all(m.ok for m in ingests.values()):

@@ -127,7 +127,6 @@ def measure(
     receiver = TARGETS[target](name=target, aet=AETS[target], workdir=rundir, env=env)
     try:
         with running(receiver):
-            receiver.wait_idle()
             result = send(corpus, receiver, associations, timeout)
         if not result.ok:
             tail = receiver.log_tail(8)
