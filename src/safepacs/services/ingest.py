@@ -167,8 +167,7 @@ class IngestService:
                 raise InvalidObjectError(f"the request's Affected {name} UID is not a valid UID")
         if not UID(transfer_syntax_uid).is_transfer_syntax:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
-        part10 = _part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
-        candidate = self._validate(part10, transfer_syntax_uid, encoded)
+        candidate = self._validate(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
         if candidate.sop_instance_uid != sop_instance_uid:
             raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
         if candidate.sop_class_uid != sop_class_uid:
@@ -197,15 +196,17 @@ class IngestService:
             )
         if not UID(ts).is_transfer_syntax:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
-        candidate = self._validate(_part10(sop_class, sop_instance, ts, encoded), ts, encoded)
+        candidate = self._validate(sop_class, sop_instance, ts, encoded)
         if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
             raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
         return candidate
 
     # Steps -------------------------------------------------------------------
-    def _validate(self, part10: bytes, ts: str, encoded: bytes) -> _Candidate:
-        """Parse the data set (``encoded``, in transfer syntax ``ts``; ``part10`` is the whole file) and
-        read its indexed attributes once: the checks here, the audit facts and the index rows use them."""
+    def _validate(self, sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) -> _Candidate:
+        """The Part 10 file of the data set ``encoded`` (in transfer syntax ``ts``), once its header is
+        parsed and its indexed attributes read: the checks here, the audit facts and the index rows
+        use them.  The UIDs given are the file meta's; the caller compares them with the data set's."""
+        part10 = _part10(sop_class_uid, sop_instance_uid, ts, encoded)
         try:
             header = _read_data_set(part10, ts, encoded)
             _check_complete(header)
