@@ -317,35 +317,36 @@ class _Driver:
     would raise them (and retried alike), without their parameters.
     """
 
-    def __init__(self, series_lookup: sa.Select[Any]) -> None:
+    def __init__(self, series_lookup: sa.Select[Any], instance_insert: sa.Executable) -> None:
         self._dialect = sqlite.dialect()
-        if any(self._processing(c.type, None) for c in series_lookup.selected_columns):
+        # The dialect's own implementation of each type holds its processors (DateTime's: timestamps
+        # are stored as SQLAlchemy's text, not sqlite3's); the generic type has none.
+        if any(
+            c.type.dialect_impl(self._dialect).result_processor(self._dialect, None)
+            for c in series_lookup.selected_columns
+        ):
             raise ValueError("the series lookup needs SQLAlchemy's result processing")  # pragma: no cover
         self._series = self._compile(series_lookup, None)
+        self._instance_insert = instance_insert
         self._inserts: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
 
-    def _compile(self, stmt: sa.ClauseElement, keys: list[str] | None) -> tuple[str, list[tuple[str, Any]]]:
+    def _compile(self, stmt: Any, keys: list[str] | None) -> tuple[str, list[tuple[str, Any]]]:
         compiled = cast(SQLCompiler, stmt.compile(dialect=self._dialect, column_keys=keys))
-        binds = [(name, self._processing(compiled.binds[name].type)) for name in compiled.positiontup or []]
+        binds = [
+            (name, compiled.binds[name].type.dialect_impl(self._dialect).bind_processor(self._dialect))
+            for name in compiled.positiontup or []
+        ]
         return str(compiled), binds
-
-    def _processing(self, kind: sa.types.TypeEngine[Any], result: object = False) -> Any:
-        """SQLAlchemy's processor of ``kind`` on SQLite: the bind processor, or with ``result`` the result
-        processor (e.g. DateTime's: timestamps are stored as SQLAlchemy's own text, not sqlite3's)."""
-        impl = kind.dialect_impl(self._dialect)
-        if result is False:
-            return impl.bind_processor(self._dialect)
-        return impl.result_processor(self._dialect, result)
 
     def series(self, conn: sa.Connection, uid: str) -> Any:
         found = self._run(conn, self._series, {"uid": uid}).fetchall()  # at most one: the UID is unique
         return found[0] if found else None
 
-    def insert_instance(self, conn: sa.Connection, insert: Any, row: Columns) -> int | None:
+    def insert_instance(self, conn: sa.Connection, row: Columns) -> int | None:
         keys = tuple(row)
         compiled = self._inserts.get(keys)
         if compiled is None:
-            compiled = self._inserts[keys] = self._compile(insert, list(keys))
+            compiled = self._inserts[keys] = self._compile(self._instance_insert, list(keys))
         found = self._run(conn, compiled, row).fetchall()
         return int(found[0][0]) if found else None
 
@@ -381,7 +382,7 @@ class Writer:
             )
             .where(series.c.series_instance_uid == uid)
         )
-        self._driver = _Driver(self._series) if dialect == "sqlite" else None
+        self._driver = _Driver(self._series, self._inserts["instances"]) if dialect == "sqlite" else None
         self._study = (
             sa.select(*_STUDY.columns, *_PATIENT.columns)
             .select_from(studies.join(patients, studies.c.patient_pk == patients.c.pk))
@@ -443,7 +444,7 @@ class Writer:
             "updated_at": now,
         }
         if self._driver is not None:
-            pk = self._driver.insert_instance(conn, self._inserts["instances"], row)
+            pk = self._driver.insert_instance(conn, row)
         else:
             pk = conn.execute(self._inserts["instances"], row).scalar()
         if pk is None:
