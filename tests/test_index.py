@@ -880,6 +880,29 @@ def _indexed_keys() -> list[tuple[int, str]]:
     return sorted(keys)
 
 
+@pytest.mark.parametrize("little_endian", [True, False])
+@pytest.mark.parametrize(
+    ("vr", "values"), [("US", [0, 512, 65535]), ("SS", [-2, 7]), ("UL", [7, 4294967295]), ("SL", [-3, 9])]
+)
+def test_binary_integers_are_read_as_pydicom_reads_them(
+    vr: str, values: list[int], little_endian: bool
+) -> None:
+    """US, SS, UL and SL values are decoded from their bytes; multi-valued, in either byte order."""
+    from pydicom.values import convert_value
+
+    from safepacs.index.write import _raw_text
+
+    order = "little" if little_endian else "big"
+    size = 2 if vr in ("US", "SS") else 4
+    data = b"".join(v.to_bytes(size, order, signed=vr in ("SS", "SL")) for v in values)
+    raw = RawDataElement(Tag(0x00280010), vr, len(data), data, 0, False, little_endian)
+    expected = convert_value(vr, raw)
+    assert _raw_text(raw, vr, "iso8859") == "\\".join(
+        str(v) for v in (expected if isinstance(expected, list) else [expected])
+    )
+    assert _raw_text(raw._replace(value=data[:-1], length=len(data) - 1), vr, "iso8859") is None
+
+
 def test_fast_text_reading_agrees_with_pydicom_on_every_test_file() -> None:
     """The index reads undecoded values itself; on every readable test file (all character sets of
     pydicom's charset files included) it gets what pydicom's own conversion gives."""

@@ -108,8 +108,7 @@ def _tags(ds: Dataset) -> dict[int, Any]:
 _DEFAULT_CODEC_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 _CHARSET_VRS = frozenset({"SH", "LO", "PN", "ST", "LT", "UC", "UT"})
 _SINGLE_VALUE_VRS = frozenset({"LT", "ST", "UT", "UR"})
-_BINARY_INTEGER_VRS = {"US": 2, "SS": 2, "UL": 4, "SL": 4}  # bytes per value (PS3.5 6.2)
-_STRUCT_CODES = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}
+_BINARY_INTEGER_VRS = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}  # struct codes (PS3.5 6.2)
 _ESC = 0x1B
 
 
@@ -142,10 +141,11 @@ def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | None:
 def _raw_integers(value: bytes, vr: str, little_endian: bool) -> str | None:
     """The values of a binary integer element (US, SS, UL, SL) as pydicom would give them, "\\"-joined;
     None when the length is not a whole number of values (pydicom decides then)."""
-    size = _BINARY_INTEGER_VRS[vr]
+    code = _BINARY_INTEGER_VRS[vr]
+    size = struct.calcsize("<" + code)  # standard sizes: 2 or 4 bytes (native "L" is 8)
     if len(value) % size:
         return None
-    form = ("<" if little_endian else ">") + _STRUCT_CODES[vr] * (len(value) // size)
+    form = ("<" if little_endian else ">") + code * (len(value) // size)
     return "\\".join(str(v) for v in struct.unpack(form, value))
 
 
