@@ -19,7 +19,6 @@ unnamed temporary file leaves nothing at all.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -27,6 +26,7 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeGuard, runtime_checkable
 
@@ -143,7 +143,6 @@ class FileBlobStore:
         self, root: Path, tmp_dir: Path, *, fsync: bool = True, unnamed_temp_files: bool = True
     ) -> None:
         self._known_dirs: set[Path] = set()
-        self._fanout: dict[str, Path] = {}  # "ab" -> root/ab
         # Unnamed temporary files until the file system says it has no O_TMPFILE (or when asked not to).
         self._unnamed = unnamed_temp_files and bool(_O_TMPFILE)
         self.root = Path(root)
@@ -172,7 +171,7 @@ class FileBlobStore:
         """Create the 256 ``root/ab`` directories once, so a write never has to create (and fsync) one."""
         created = False
         for i in range(256):
-            directory = self._fanout[f"{i:02x}"] = self.root / f"{i:02x}"
+            directory = self.root / f"{i:02x}"
             if directory.is_dir():
                 self._known_dirs.add(directory)
                 continue
@@ -209,7 +208,7 @@ class FileBlobStore:
         """Write through an unnamed temporary file in the object's own directory (see the module)."""
         while True:
             blob_id = new_blob_id()
-            directory = self._fanout[blob_id[:2]]
+            directory = self.path_of(blob_id).parent
             try:
                 self._make_parents(directory)
                 dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
@@ -242,17 +241,19 @@ class FileBlobStore:
             raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
         finally:
             os.close(fd)  # an unnamed file that was not linked is gone now
-        if self.fsync:
-            try:
-                os.fsync(dir_fd)
-            except OSError as exc:
-                # The object is in place but not known to be durable: undo, so nothing is acknowledged.
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=dir_fd)
-                raise StorageError(
-                    f"could not make an object durable in {self.root}: {_describe(exc)}"
-                ) from exc
+        self._make_durable(lambda: os.fsync(dir_fd), lambda: _unlink_quietly(name, dir_fd=dir_fd))
         return True
+
+    def _make_durable(self, sync_dir: Callable[[], None], undo: Callable[[], None]) -> None:
+        """Sync the directory that just got an object's name; if that fails the object is in place
+        but not known to be durable: ``undo`` it, so nothing is acknowledged."""
+        if not self.fsync:
+            return
+        try:
+            sync_dir()
+        except OSError as exc:
+            undo()
+            raise StorageError(f"could not make an object durable in {self.root}: {_describe(exc)}") from exc
 
     def _put_renamed(self, payload: memoryview) -> str:
         """Write through a named temporary file in ``tmp_dir``, renamed into place."""
@@ -277,15 +278,7 @@ class FileBlobStore:
         except BaseException:
             _unlink_quietly(tmp_name)
             raise
-        if self.fsync:
-            try:
-                _fsync_dir(target.parent)
-            except OSError as exc:
-                # The object is in place but not known to be durable: undo, so nothing is acknowledged.
-                _unlink_quietly(str(target))
-                raise StorageError(
-                    f"could not make an object durable in {self.root}: {_describe(exc)}"
-                ) from exc
+        self._make_durable(lambda: _fsync_dir(target.parent), lambda: _unlink_quietly(str(target)))
         return blob_id
 
     def get(self, blob_id: str) -> bytes:
@@ -410,9 +403,9 @@ def _read_all(fd: int) -> bytes:
         return handle.readall()
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path: str, *, dir_fd: int | None = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except OSError as exc:  # pragma: no cover - best effort cleanup
