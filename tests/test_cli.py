@@ -177,6 +177,38 @@ def test_stored_objects_are_encrypted_and_named_randomly(data_dir: Path, tmp_pat
     assert back.PatientName == "Sentinel^Plaintext"
 
 
+def test_an_index_that_cannot_be_synced_refuses_the_file_but_loses_nothing(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fails the index's sync: the file is reported not stored (so it is sent again), and
+    the object its committed row refers to stays, so sending it again finds it complete."""
+    import errno
+
+    import safepacs.index as index_module
+    from safepacs.app import open_archive
+
+    ds = make_ct(patient_id="SYNC-1")
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(index_module, "_sync_data", failing_sync)
+    assert run_cli("import", str(tmp_path / "a.dcm"), "--data", str(data_dir)) == 1
+    assert "could not be synced to disk" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run_cli("import", str(tmp_path / "a.dcm"), "--data", str(data_dir)) == 0
+    assert "1 already present" in capsys.readouterr().err
+    archive = open_archive(load_settings(data_dir))
+    try:
+        ref = archive.index.get_instance(str(ds.SOPInstanceUID))
+        assert ref is not None
+        back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(archive.retrieve.read(ref)))
+    finally:
+        archive.close()
+    assert back.PatientID == "SYNC-1"
+
+
 def test_import_of_other_content_keeps_or_replaces_per_setting(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

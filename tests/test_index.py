@@ -6,11 +6,13 @@ in a fresh schema of its own, dropped afterwards).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import multiprocessing
 import os
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -39,6 +41,7 @@ from safepacs.errors import (
     NotFoundError,
     QueryError,
     QueryLimitError,
+    UnsyncedCommitError,
 )
 from safepacs.index import SqlIndex, UserRecord, migrate
 from safepacs.index.schema import metadata
@@ -254,6 +257,75 @@ def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
         finally:
             os.close(other)
         assert [p.ae_title for p in ix.list_peers()] == ["FIRST", "SECOND"]
+    finally:
+        ix.close()
+
+
+def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_the_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its commit is in the WAL and the WAL synced when add_instance returns; the sync happens once
+    the writers' turn is free again, so other writers need not wait for it."""
+    import safepacs.index as index_module
+
+    database = tmp_path / "i.sqlite3"
+    url = f"sqlite:///{database}"
+    migrate(url)
+    sop = generate_uid()
+    seen: list[tuple[str, bool, bool]] = []  # (file synced, row committed then, turn free then)
+    real_sync = index_module._sync_data
+
+    def recording_sync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        other = sqlite3.connect(database)  # another connection: sees committed rows only
+        try:
+            (count,) = other.execute(
+                "SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (sop,)
+            ).fetchone()
+        finally:
+            other.close()
+        committed = count == 1
+        probe = os.open(tmp_path / "i.sqlite3-writers", os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a writer holds its turn
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            free = True
+        except BlockingIOError:
+            free = False
+        finally:
+            os.close(probe)
+        seen.append((path, committed, free))
+        real_sync(fd)
+
+    ix = SqlIndex(url)
+    try:
+        monkeypatch.setattr(index_module, "_sync_data", recording_sync)
+        ix.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
+        monkeypatch.setattr(index_module, "_sync_data", real_sync)
+    finally:
+        ix.close()
+    assert seen == [(str(database) + "-wal", True, True)]
+
+
+def test_an_index_sync_that_fails_is_an_error_and_keeps_what_was_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safepacs.index as index_module
+
+    url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
+    migrate(url)
+    sop = generate_uid()
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    ix = SqlIndex(url)
+    try:
+        monkeypatch.setattr(index_module, "_sync_data", failing_sync)
+        with pytest.raises(UnsyncedCommitError, match="could not be synced"):
+            ix.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
+        monkeypatch.undo()
+        assert ix.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
     finally:
         ix.close()
 
@@ -478,8 +550,10 @@ def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex
             statements.append(statement.split()[0])
 
     if index._sqlite:  # what SQLite itself runs: the common case goes to its driver directly
-        index._engine.dispose()
-        sa.event.listen(index._engine, "connect", lambda dbapi, _rec: dbapi.set_trace_callback(record))
+        assert index._relaxed is not None  # instances are written on the writer whose commit skips the sync
+        engine = index._relaxed._engine
+        engine.dispose()
+        sa.event.listen(engine, "connect", lambda dbapi, _rec: dbapi.set_trace_callback(record))
     else:
         sa.event.listen(index._engine, "before_cursor_execute", lambda *a: record(a[2]))
     index.add_instance(instance(study, series, **keys), blob(2), ELE)

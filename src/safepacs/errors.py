@@ -50,6 +50,7 @@ __all__ = [
     "RetrieveError",
     "SafePacsError",
     "StorageError",
+    "UnsyncedCommitError",
 ]
 
 
@@ -83,6 +84,12 @@ class KeyError_(SafePacsError):
 
 class IndexError_(SafePacsError):
     """The index database failed."""
+
+
+class UnsyncedCommitError(IndexError_):
+    """A write was committed to the index but could not be synced to disk: not known to be durable.
+
+    Unlike other index errors, what the write refers to (a stored object) must be kept."""
 
 
 class ConflictError(SafePacsError):

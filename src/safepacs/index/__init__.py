@@ -4,6 +4,8 @@ SQLite (a file, WAL journal, ``synchronous=FULL``, foreign keys on, 30 s busy ti
 PostgreSQL (psycopg 3) when ``index.url`` names it.  Several processes may write one SQLite file: write
 transactions start with ``BEGIN IMMEDIATE`` and are retried when the database stays locked; on PostgreSQL
 they are retried on serialization failures, deadlocks and the constraint races of concurrent inserts.
+On SQLite an instance's rows are synced after the write lock is released, not while it is held
+(:meth:`SqlIndex.add_instance`): durable before the call returns all the same.
 
 The schema is created and upgraded by :func:`migrate` (Alembic, scripts shipped in the package);
 :class:`SqlIndex` never migrates by itself.  Matching rules are in :mod:`safepacs.index.matching`; how
@@ -30,7 +32,7 @@ import sqlalchemy as sa
 from pydicom.dataset import Dataset
 from sqlalchemy import event
 
-from safepacs.errors import ConflictError, IndexError_, NotFoundError
+from safepacs.errors import ConflictError, IndexError_, NotFoundError, UnsyncedCommitError
 from safepacs.index import sql
 from safepacs.index.access import AccessMixin, scope_from_json
 from safepacs.index.attributes import UNIQUE_KEYS
@@ -108,8 +110,9 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") ->
     try:
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_SECONDS * 1000}")
         cursor.execute("PRAGMA journal_mode = WAL")
-        # FULL: a committed row survives a power cut.  NORMAL (the relaxed writer of audit records of
-        # reads): it survives a crash of SafePACS, and a power cut once the WAL is synced (RelaxedSync).
+        # FULL: a committed row survives a power cut.  NORMAL (the relaxed writer): it survives a crash of
+        # SafePACS, and a power cut once the WAL is synced (RelaxedSync) - for an instance's rows right
+        # after the commit, before add_instance returns; for audit records of reads within a second.
         cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute("PRAGMA case_sensitive_like = ON")  # PS3.4 C.2.2.2.4: wild cards are case-sensitive
@@ -246,12 +249,18 @@ class WriterTurns:
                 self._fd = None
 
 
-class RelaxedSync:
-    """The relaxed SQLite writer and the thread that syncs its commits to disk within a second.
+#: Syncs a file's data (and its size), as SQLite itself syncs its WAL on Linux; fsync where missing.
+_sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
-    A commit on the relaxed writer is in the WAL (visible, and kept if SafePACS crashes) but not synced;
-    any later commit of the normal writer syncs the WAL file, and so does this thread, at most
-    ``interval`` seconds after a relaxed commit, with ``fsync`` of the WAL file.
+
+class RelaxedSync:
+    """The relaxed SQLite writer, and syncing its commits to disk: at once, or by a thread within a second.
+
+    A commit on the relaxed writer is in the WAL (visible, and kept if SafePACS crashes) but not synced.
+    :meth:`sync_now` syncs the WAL file (``fdatasync``) and with it every commit written to it before;
+    after :meth:`dirty` the thread does, at most ``interval`` seconds after a relaxed commit, and so does
+    any later commit of the normal writer.  A commit the WAL no longer holds was checkpointed into the
+    database file, which SQLite syncs before it reuses or removes the WAL.
     """
 
     def __init__(self, writer: sa.Engine, wal: Path, interval: float = 0.5) -> None:
@@ -269,15 +278,22 @@ class RelaxedSync:
         self._pending.set()
 
     def sync(self) -> None:
-        if not self._pending.is_set():
-            return
+        """Sync the WAL if a relaxed commit was made since the last sync."""
+        if self._pending.is_set():
+            self.sync_now()
+
+    def sync_now(self) -> None:
+        """Sync the WAL: every commit made before this call is durable when it returns."""
         self._pending.clear()
         try:
-            fd = os.open(self._wal, os.O_RDONLY)
+            fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # checkpointed and removed: what it held is in the database file
             return
         try:
-            os.fsync(fd)
+            _sync_data(fd)
+        except OSError:
+            self._pending.set()  # the thread tries again
+            raise
         finally:
             os.close(fd)
 
@@ -294,6 +310,8 @@ class RelaxedSync:
         self._thread.join(5)
         try:
             self.sync()
+        except OSError as exc:  # what was committed stays committed; whether it is on disk is unknown
+            log.error("the index's write-ahead log could not be synced", extra={"reason": exc.strerror})
         finally:
             self._engine.dispose()
 
@@ -433,6 +451,12 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         blob returned (the caller deletes its bytes).  ``also`` runs in the same transaction once the row
         is written (the instance's audit record: both commit or neither).  Committed durably before
         returning.
+
+        On SQLite the transaction commits without a sync while it holds the write lock, and the WAL is
+        synced once the lock is released: a sync takes longer than the rest of the transaction, and every
+        other writer (each association storing at once) waited for it.  Syncs of several processes then
+        overlap.  A sync that fails raises :class:`UnsyncedCommitError`: the rows are committed, maybe not
+        on disk, and the caller must not acknowledge the instance nor remove what the rows refer to.
         """
         rows = header if isinstance(header, InstanceRows) else read_header(header)
         values = {
@@ -450,7 +474,18 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                 also(conn)
             return old
 
-        return self._run(work, write=True)
+        sync = self._relaxed_sync() if self._sqlite else None
+        if sync is None:  # PostgreSQL, or closed: committed and synced by the normal writer
+            return self._run(work, write=True)
+        old = self._run_on(sync.writer, work, True)
+        try:
+            sync.sync_now()
+        except OSError as exc:
+            log.error("the index's write-ahead log could not be synced", extra={"reason": exc.strerror})
+            raise UnsyncedCommitError(
+                "the instance was indexed but the index could not be synced to disk; check the disk"
+            ) from exc
+        return old
 
     def study_patients(self, study_uids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """(PatientID, PatientName) of each study that is indexed, by Study Instance UID."""

@@ -22,7 +22,14 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
-from safepacs.errors import AuditError, ConflictError, InvalidObjectError, SafePacsError, StorageError
+from safepacs.errors import (
+    AuditError,
+    ConflictError,
+    InvalidObjectError,
+    SafePacsError,
+    StorageError,
+    UnsyncedCommitError,
+)
 from safepacs.index import SqlIndex
 from safepacs.index.write import InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
@@ -277,6 +284,9 @@ class IngestService:
                 return IngestResult(IngestOutcome.REPLACED, c.sop_instance_uid)
             keep = True
             return IngestResult(IngestOutcome.STORED, c.sop_instance_uid)
+        except UnsyncedCommitError:
+            keep = True  # the committed rows refer to this blob (and to the one it replaces): keep both
+            raise
         except SafePacsError:
             raise
         except Exception as exc:
