@@ -1,8 +1,9 @@
-"""The ingest service's own encoding of what it stores."""
+"""The ingest service: its own encoding of what it stores, and what it reads of a data set."""
 
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -10,10 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
+from safepacs.config import load_settings
+from safepacs.errors import InvalidObjectError
+from safepacs.index.write import HEADER_TAGS, read_header
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, file_meta
+from safepacs.services.transcode import dataset_bytes
+from safepacs.types import Principal, Service
+from tests.corpus import make_ct, part10_bytes, storable_files
 
 uids = st.lists(st.integers(0, 99999), min_size=2, max_size=12).map(lambda p: ".".join(map(str, p)))
 
@@ -46,3 +54,43 @@ def test_file_meta_reads_back(odd: bool) -> None:
     assert ds.file_meta.MediaStorageSOPInstanceUID == uid
     assert ds.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
     assert ds.file_meta.FileMetaInformationGroupLength == len(data) - 132 - 12
+
+
+def test_the_elements_read_for_the_index_give_the_rows_of_the_whole_data_set() -> None:
+    """Ingest reads only HEADER_TAGS (the pixel data and the rest are skipped unread): over every
+    storable file of the corpus, that yields exactly the index rows of the whole data set."""
+    compared = 0
+    for path in storable_files():
+        ts, body = dataset_bytes(path.read_bytes())
+        uid = UID(ts)
+        if uid.is_deflated:
+            continue  # read whole (pydicom inflates it)
+        full = read_dataset(BytesIO(body), uid.is_implicit_VR, uid.is_little_endian)
+        part = read_dataset(
+            BytesIO(body), uid.is_implicit_VR, uid.is_little_endian, specific_tags=list(HEADER_TAGS)
+        )
+        assert read_header(part) == read_header(full), path.name
+        compared += 1
+    assert compared > 50
+
+
+@pytest.mark.parametrize("cut", ["in the pixel data", "in an indexed value"])
+def test_a_truncated_data_set_is_refused_and_not_stored(data_dir: Path, cut: str) -> None:
+    from safepacs.app import open_archive
+
+    ds = make_ct(patient_name="Truncated^Test")
+    ts, body = dataset_bytes(part10_bytes(ds))
+    if cut == "in the pixel data":
+        body = body[:-10]
+    else:  # keep the header of (0010,0010) Patient Name and half its value
+        at = body.index(b"Truncated^Test")
+        body = body[: at + 5]
+    archive = open_archive(load_settings(data_dir))
+    try:
+        principal = Principal(kind="peer", name="CT1", allow=frozenset({Service.STORE}))
+        with pytest.raises(InvalidObjectError, match="truncated"):
+            archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, body)
+        assert archive.index.get_instance(str(ds.SOPInstanceUID)) is None
+    finally:
+        archive.close()
+    assert not [p for p in (data_dir / "objects").rglob("*") if p.is_file()]

@@ -39,7 +39,7 @@ from safepacs.index.matching import fold, normalize_stored, to_int
 from safepacs.index.schema import SEQUENCE_TABLES, attribute_columns, instances, patients, series, studies
 from safepacs.types import QueryLevel, StoredBlob
 
-__all__ = ["InstanceRows", "LevelRows", "Writer", "attribute_values", "read_header"]
+__all__ = ["HEADER_TAGS", "InstanceRows", "LevelRows", "Writer", "attribute_values", "read_header"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,16 @@ _LEVEL_SEQUENCES: dict[QueryLevel, tuple[tuple[int, A.Sequence, tuple[_Key, ...]
     )
     for level in QueryLevel
 }
+
+
+#: Every top-level element :func:`read_header` reads (the Specific Character Set aside): a header parsed
+#: with only these (pydicom's ``specific_tags``) yields the same rows.
+HEADER_TAGS: tuple[int, ...] = tuple(
+    sorted(
+        {key.tag for keys in _LEVEL_KEYS.values() for key in keys}
+        | {number for sequences in _LEVEL_SEQUENCES.values() for number, _, _ in sequences}
+    )
+)
 
 
 def _tags(ds: Dataset) -> dict[int, Any]:

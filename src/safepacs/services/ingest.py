@@ -19,6 +19,7 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
@@ -31,7 +32,7 @@ from safepacs.errors import (
     UnsyncedCommitError,
 )
 from safepacs.index import SqlIndex
-from safepacs.index.write import InstanceRows, read_header
+from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
@@ -215,8 +216,7 @@ class IngestService:
         use them.  The UIDs given are the file meta's; the caller compares them with the data set's."""
         part10 = _part10(sop_class_uid, sop_instance_uid, ts, encoded)
         try:
-            header = _read_data_set(part10, ts, encoded)
-            _check_complete(header)
+            header = _read_header(part10, ts, encoded)
             rows = read_header(header)
         except SafePacsError:
             raise
@@ -356,13 +356,25 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _read_data_set(part10: bytes, ts: str, encoded: bytes) -> Dataset:
-    """The data set, its elements left undecoded.  Deflated data sets go through pydicom's file reader
-    (which inflates them); the others are read straight from their bytes, in their transfer syntax."""
+def _read_header(part10: bytes, ts: str, encoded: bytes) -> Dataset:
+    """The elements of the data set the index reads, left undecoded, once the data set is known to be
+    complete.  Deflated data sets go through pydicom's file reader (which inflates them); the others are
+    read straight from their bytes, in their transfer syntax, every other element (the pixel data:
+    half a megabyte for a CT slice) skipped without being copied or kept."""
     uid = UID(ts)
     if uid == DeflatedExplicitVRLittleEndian:
-        return pydicom.dcmread(BytesIO(part10))
-    return read_dataset(BytesIO(encoded), uid.is_implicit_VR, uid.is_little_endian)
+        ds = pydicom.dcmread(BytesIO(part10))
+    else:
+        fp = BytesIO(encoded)
+        ds = read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian, specific_tags=_HEADER_TAGS)
+        if fp.tell() > len(encoded):  # a skipped element's value would end past the data set's end
+            raise InvalidObjectError(_TRUNCATED)
+    _check_complete(ds)
+    return ds
+
+
+_HEADER_TAGS: list[BaseTag | int] = list(HEADER_TAGS)
+_TRUNCATED = "the data set is truncated (an element is shorter than its length)"
 
 
 def _check_complete(ds: Dataset) -> None:
@@ -376,4 +388,4 @@ def _check_complete(ds: Dataset) -> None:
         length = getattr(raw, "length", None)  # converted elements (and sequences) carry no length
         value = getattr(raw, "value", None)
         if length not in (None, 0xFFFFFFFF) and isinstance(value, bytes) and len(value) != length:
-            raise InvalidObjectError("the data set is truncated (an element is shorter than its length)")
+            raise InvalidObjectError(_TRUNCATED)
