@@ -362,6 +362,7 @@ def _read_header(part10: bytes, ts: str, encoded: bytes) -> Dataset:
     read straight from their bytes, in their transfer syntax, every other element (the pixel data:
     half a megabyte for a CT slice) skipped without being copied or kept."""
     uid = UID(ts)
+    ds: Dataset
     if uid == DeflatedExplicitVRLittleEndian:
         ds = pydicom.dcmread(BytesIO(part10))
     else:
