@@ -10,7 +10,8 @@ On SQLite an instance's rows are synced after the write lock is released, not wh
 The schema is created and upgraded by :func:`migrate` (Alembic, scripts shipped in the package);
 :class:`SqlIndex` never migrates by itself.  Matching rules are in :mod:`safepacs.index.matching`; how
 an instance is indexed (one read of its header, statements built once, two statements for another
-instance of a known series) in :mod:`safepacs.index.write`.
+instance of a known series) in :mod:`safepacs.index.write`; how a received data set's indexed
+elements are found in its bytes in :mod:`safepacs.index.header`.
 """
 
 from __future__ import annotations

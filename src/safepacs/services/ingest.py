@@ -32,6 +32,7 @@ from safepacs.errors import (
     UnsyncedCommitError,
 )
 from safepacs.index import SqlIndex
+from safepacs.index.header import TRUNCATED, read_indexed_elements
 from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher
@@ -362,20 +363,21 @@ def _read_header(part10: bytes, ts: str, encoded: bytes) -> Dataset:
     read straight from their bytes, in their transfer syntax, every other element (the pixel data:
     half a megabyte for a CT slice) skipped without being copied or kept."""
     uid = UID(ts)
-    ds: Dataset
+    ds: Dataset | None
     if uid == DeflatedExplicitVRLittleEndian:
         ds = pydicom.dcmread(BytesIO(part10))
+    elif uid.is_little_endian and (ds := read_indexed_elements(encoded, uid.is_implicit_VR)) is not None:
+        return ds  # its lengths checked on the way
     else:
         fp = BytesIO(encoded)
         ds = read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian, specific_tags=_HEADER_TAGS)
         if fp.tell() > len(encoded):  # a skipped element's value would end past the data set's end
-            raise InvalidObjectError(_TRUNCATED)
+            raise InvalidObjectError(TRUNCATED)
     _check_complete(ds)
     return ds
 
 
 _HEADER_TAGS: list[BaseTag | int] = list(HEADER_TAGS)
-_TRUNCATED = "the data set is truncated (an element is shorter than its length)"
 
 
 def _check_complete(ds: Dataset) -> None:
@@ -389,4 +391,4 @@ def _check_complete(ds: Dataset) -> None:
         length = getattr(raw, "length", None)  # converted elements (and sequences) carry no length
         value = getattr(raw, "value", None)
         if length not in (None, 0xFFFFFFFF) and isinstance(value, bytes) and len(value) != length:
-            raise InvalidObjectError(_TRUNCATED)
+            raise InvalidObjectError(TRUNCATED)
