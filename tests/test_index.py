@@ -45,6 +45,7 @@ from safepacs.errors import (
 )
 from safepacs.index import SqlIndex, UserRecord, migrate
 from safepacs.index.schema import metadata
+from safepacs.index.write import driver_execute
 from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -539,6 +540,35 @@ def test_a_conflicting_instance_changes_nothing(index: SqlIndex) -> None:
     assert index.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
 
 
+def test_a_failed_instance_write_leaves_the_writer_usable(index: SqlIndex) -> None:
+    """A refused write (here: a conflict) rolls back; the next instance is stored as usual."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    index.add_instance(instance(study, series, sop=sop), blob(1), ELE)
+    with pytest.raises(ConflictError):
+        index.add_instance(instance(study, series, sop=sop), blob(2), ELE)
+    index.add_instance(instance(study, series), blob(3), ELE)
+    assert index.count_instances() == 2
+    assert index.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
+
+
+def test_driver_errors_carry_no_values_and_are_sqlalchemys(tmp_path: Path) -> None:
+    """Statements run on the sqlite3 connection directly still fail as SQLAlchemy's errors (what the
+    retries and error messages expect), and without the values in their text."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'i.sqlite3'}")
+    try:
+        with engine.connect() as conn:
+            driver_execute(conn, "CREATE TABLE t (name TEXT UNIQUE)")
+            with pytest.raises(sa.exc.OperationalError) as missing:
+                driver_execute(conn, "INSERT INTO no_such_table VALUES (?)", ("Secret^Name",))
+            assert "Secret" not in str(missing.value)
+            driver_execute(conn, "INSERT INTO t VALUES (?)", ("Secret^Name",))
+            with pytest.raises(sa.exc.IntegrityError) as unique:
+                driver_execute(conn, "INSERT INTO t VALUES (?)", ("Secret^Name",))
+            assert "Secret" not in str(unique.value)
+    finally:
+        engine.dispose()
+
+
 def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex) -> None:
     study, series = generate_uid(), generate_uid()
     keys = dict(PatientID="P", PatientName="A^B", StudyDescription="d", Modality="CT")
@@ -552,6 +582,7 @@ def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex
     if index._sqlite:  # what SQLite itself runs: the common case goes to its driver directly
         assert index._relaxed is not None  # instances are written on the writer whose commit skips the sync
         engine = index._relaxed._engine
+        index._relaxed._drop_kept()  # its one kept connection, too, is made again: traced
         engine.dispose()
         sa.event.listen(engine, "connect", lambda dbapi, _rec: dbapi.set_trace_callback(record))
     else:

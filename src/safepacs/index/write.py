@@ -39,7 +39,15 @@ from safepacs.index.matching import fold, normalize_stored, to_int
 from safepacs.index.schema import SEQUENCE_TABLES, attribute_columns, instances, patients, series, studies
 from safepacs.types import QueryLevel, StoredBlob
 
-__all__ = ["HEADER_TAGS", "InstanceRows", "LevelRows", "Writer", "attribute_values", "read_header"]
+__all__ = [
+    "HEADER_TAGS",
+    "InstanceRows",
+    "LevelRows",
+    "Writer",
+    "attribute_values",
+    "driver_execute",
+    "read_header",
+]
 
 log = logging.getLogger(__name__)
 
@@ -364,14 +372,21 @@ class _Driver:
     def _run(conn: sa.Connection, compiled: tuple[str, list[tuple[str, Any]]], params: Columns) -> Any:
         sql, binds = compiled
         values = tuple(process(params[name]) if process else params[name] for name, process in binds)
-        try:
-            return conn.connection.driver_connection.execute(sql, values)  # type: ignore[union-attr]
-        except sqlite3.IntegrityError as exc:
-            raise sa.exc.IntegrityError(sql, None, exc, hide_parameters=True) from exc
-        except sqlite3.OperationalError as exc:
-            raise sa.exc.OperationalError(sql, None, exc, hide_parameters=True) from exc
-        except sqlite3.Error as exc:
-            raise sa.exc.DatabaseError(sql, None, exc, hide_parameters=True) from exc
+        return driver_execute(conn, sql, values)
+
+
+def driver_execute(conn: sa.Connection, sql: str, values: tuple[Any, ...] = ()) -> Any:
+    """Run ``sql`` on the sqlite3 connection under ``conn``, past SQLAlchemy's execution machinery (a
+    few tens of microseconds a statement); its errors raised as SQLAlchemy raises them, without the
+    values (patient names and IDs) in their text."""
+    try:
+        return conn.connection.driver_connection.execute(sql, values)  # type: ignore[union-attr]
+    except sqlite3.IntegrityError as exc:
+        raise sa.exc.IntegrityError(sql, None, exc, hide_parameters=True) from exc
+    except sqlite3.OperationalError as exc:
+        raise sa.exc.OperationalError(sql, None, exc, hide_parameters=True) from exc
+    except sqlite3.Error as exc:
+        raise sa.exc.DatabaseError(sql, None, exc, hide_parameters=True) from exc
 
 
 class Writer:
