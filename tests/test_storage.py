@@ -240,6 +240,56 @@ def test_without_unnamed_temporary_files_objects_go_through_tmp_dir(tmp_path: Pa
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def _resident_pages(path: Path) -> int:
+    """How many pages of ``path`` are in the page cache (Linux ``mincore`` on a mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(v & 1 for v in vec)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_a_stored_object_does_not_stay_in_the_page_cache(tmp_path: Path, unnamed: bool) -> None:
+    """Written once and synced, an object's pages are given back (the index and the objects being
+    read keep the memory); reading it still works."""
+    store = (FileBlobStore if unnamed else _NoTmpfileStore)(tmp_path / "objects", tmp_path / "tmp")
+    payload = os.urandom(512 * 1024)
+    blob_id = store.put(payload)
+    assert _resident_pages(store.path_of(blob_id)) == 0
+    assert store.get(blob_id) == payload
+    # Without a sync (storage.fsync off) the pages are still dirty: they are left alone.
+    unsynced = FileBlobStore(tmp_path / "objects2", tmp_path / "tmp2", fsync=False)
+    kept = unsynced.put(payload)
+    assert _resident_pages(unsynced.path_of(kept)) > 0
+
+
 def test_an_object_is_never_visible_half_written(tmp_path: Path) -> None:
     """With O_TMPFILE the bytes are written to an unnamed file in the object's own directory: while a
     put writes, no name exists, in that directory or in tmp_dir."""

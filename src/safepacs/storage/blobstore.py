@@ -15,10 +15,17 @@ temporary file is a named one in ``tmp_dir`` (same file system), renamed into
 place with :func:`os.replace` (atomic on POSIX) after its fsync.  A crash at any
 point leaves either no object or the whole object, never a partial one; an
 unnamed temporary file leaves nothing at all.
+
+Once synced, an object's pages are dropped from the page cache (``POSIX_FADV_DONTNEED``): an
+archive writes each object once, and keeping the pages would push the index and the objects being
+read out of memory.  The kernel reuses the freed pages for the next object instead of taking fresh
+ones: on the 2-core VMs measured (``bench/ingest.py``), writing 0.5 MB into pages the guest had not
+touched yet cost 1.5-2 ms of kernel time; four associations of CT slices went 8% faster with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -232,6 +239,7 @@ class FileBlobStore:
             self._write_all(fd, payload)
             if self.fsync:
                 os.fsync(fd)
+                _drop_cached(fd)
             os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)  # linkat(AT_SYMLINK_FOLLOW)
         except FileExistsError:
             return False
@@ -263,6 +271,7 @@ class FileBlobStore:
                 self._write_all(tmp_fd, payload)
                 if self.fsync:
                     os.fsync(tmp_fd)
+                    _drop_cached(tmp_fd)
             finally:
                 os.close(tmp_fd)
             while True:
@@ -386,6 +395,16 @@ def _ensure_dir(directory: Path, *, fsync: bool) -> None:
         os.chmod(path, _DIR_MODE)  # the umask may have removed owner bits
         if fsync:
             _fsync_dir(path.parent)
+
+
+def _drop_cached(fd: int) -> None:
+    """Drop the (synced, so clean) pages of ``fd`` from the page cache; only advice, never an error."""
+    if _FADV_DONTNEED is not None:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
+
+
+_FADV_DONTNEED: int | None = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
 def _fsync_dir(directory: Path) -> None:
