@@ -149,9 +149,10 @@ def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | None:
         codec = encoding
     else:
         return None
-    parts = [value] if vr in _SINGLE_VALUE_VRS else value.split(b"\\")
     try:
-        return "\\".join(p.decode(codec).strip(" \x00") for p in parts)
+        if vr in _SINGLE_VALUE_VRS or b"\\" not in value:  # one value: most of them
+            return value.decode(codec).strip(" \x00")
+        return "\\".join(p.decode(codec).strip(" \x00") for p in value.split(b"\\"))
     except (LookupError, UnicodeError):
         return None
 
