@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
@@ -91,6 +91,14 @@ def test_a_truncated_data_set_is_refused_and_not_stored(data_dir: Path, cut: str
         with pytest.raises(InvalidObjectError, match="truncated"):
             archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, body)
         assert archive.index.get_instance(str(ds.SOPInstanceUID)) is None
+        # Nor one whose data set names another instance than the request (its object was staged).
+        with pytest.raises(InvalidObjectError, match="differs from the request"):
+            archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), "1.2.3.4", ts, _whole(ds))
     finally:
         archive.close()
     assert not [p for p in (data_dir / "objects").rglob("*") if p.is_file()]
+    assert not list((data_dir / "tmp").iterdir())
+
+
+def _whole(ds: Dataset) -> bytes:
+    return dataset_bytes(part10_bytes(ds))[1]

@@ -225,7 +225,7 @@ class _NoTmpfileStore(FileBlobStore):
 
     attempts = 0
 
-    def _link_unnamed(self, dir_fd: int, name: str, payload: memoryview) -> bool:
+    def _open_unnamed(self, dir_fd: int) -> int:
         self.attempts += 1
         raise _NoUnnamedFiles from OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
@@ -288,6 +288,26 @@ def test_a_stored_object_does_not_stay_in_the_page_cache(tmp_path: Path, unnamed
     unsynced = FileBlobStore(tmp_path / "objects2", tmp_path / "tmp2", fsync=False)
     kept = unsynced.put(payload)
     assert _resident_pages(unsynced.path_of(kept)) > 0
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temp-file"])
+def test_a_staged_object_has_no_name_until_committed_and_leaves_nothing_when_discarded(
+    tmp_path: Path, unnamed: bool
+) -> None:
+    """Ingest stages an object before it has parsed the data set (the disk starts writing it) and
+    commits it only once the data set is accepted."""
+    root, tmp = tmp_path / "objects", tmp_path / "tmp"
+    store = FileBlobStore(root, tmp, unnamed_temp_files=unnamed)
+    refused = store.stage(b"refused")
+    accepted = store.stage(b"accepted")
+    assert _files_under(root) == []
+    refused.discard()
+    refused.discard()  # twice: nothing happens
+    blob_id = accepted.commit()
+    accepted.discard()  # after the commit: nothing happens either
+    assert _files_under(root) == [store.path_of(blob_id)]
+    assert store.get(blob_id) == b"accepted"
+    assert list(tmp.iterdir()) == []
 
 
 def test_an_object_is_never_visible_half_written(tmp_path: Path) -> None:

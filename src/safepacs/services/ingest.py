@@ -1,8 +1,9 @@
 """The one ingest path for every protocol (C-STORE, ``safepacs import``, later STOW-RS).
 
-authorize -> validate -> seal and write the blob (atomic, fsync) -> index and audit record (one durable
-commit) -> acknowledge.  A failure after the blob was written removes the blob again, so nothing
-half-stored remains, and nothing already stored is altered unless ``storage.overwrite`` is on.  Every
+authorize -> seal and stage the blob (written, unnamed) -> validate -> commit the blob (fsync, link into
+place, directory fsync) -> index and audit record (one durable commit) -> acknowledge.  A refusal
+before the commit leaves nothing (a staged blob has no name); a failure after it removes the blob
+again, so nothing half-stored remains, and nothing already stored is altered unless ``storage.overwrite`` is on.  Every
 attempt leaves an audit event: stored, stored already, kept against different bytes, or refused and why.
 """
 
@@ -35,7 +36,7 @@ from safepacs.index import SqlIndex
 from safepacs.index.header import TRUNCATED, read_indexed_elements
 from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
-from safepacs.storage import BlobStore, EnvelopeCipher
+from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
 
 __all__ = [
@@ -65,8 +66,19 @@ def valid_uid(value: object) -> bool:
 
 
 @dataclass(frozen=True)
+class _Sealed:
+    """The sealed Part 10 file, written but not yet committed (:class:`~safepacs.storage.StagedBlob`)."""
+
+    staged: StagedBlob
+    sha256: str  # of the Part 10 bytes
+    size: int
+    key_id: str
+    seal_tag: str
+
+
+@dataclass(frozen=True)
 class _Candidate:
-    part10: bytes
+    sealed: _Sealed
     rows: InstanceRows  # the header's indexed attributes, read once
     sop_class_uid: str
     sop_instance_uid: str
@@ -151,6 +163,7 @@ class IngestService:
     ) -> IngestResult:
         """Validate and store, recording the outcome; a refusal is recorded with its reason."""
         facts: StudyFacts | None = None
+        candidate: _Candidate | None = None
         try:
             candidate = build()
             facts = candidate.facts()
@@ -163,6 +176,9 @@ class IngestService:
         except SafePacsError as exc:
             self._audit.store_failed(principal, facts, str(exc), imported=imported)
             raise
+        finally:
+            if candidate is not None:
+                candidate.sealed.staged.discard()  # nothing, once committed
 
     def _network_candidate(
         self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, encoded: bytes
@@ -178,10 +194,13 @@ class IngestService:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
         candidate = self._validate(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded)
         if candidate.sop_instance_uid != sop_instance_uid:
-            raise SopClassMismatch("the data set's SOP Instance UID differs from the request's")
-        if candidate.sop_class_uid != sop_class_uid:
-            raise SopClassMismatch("the data set's SOP Class UID differs from the request's")
-        return candidate
+            mismatch = "the data set's SOP Instance UID differs from the request's"
+        elif candidate.sop_class_uid != sop_class_uid:
+            mismatch = "the data set's SOP Class UID differs from the request's"
+        else:
+            return candidate
+        candidate.sealed.staged.discard()
+        raise SopClassMismatch(mismatch)
 
     def _file_candidate(self, data: bytes) -> _Candidate:
         if len(data) > self._max_bytes:
@@ -207,21 +226,29 @@ class IngestService:
             raise InvalidObjectError("the transfer syntax is not one SafePACS knows")
         candidate = self._validate(sop_class, sop_instance, ts, encoded)
         if candidate.sop_instance_uid != sop_instance or candidate.sop_class_uid != sop_class:
+            candidate.sealed.staged.discard()
             raise SopClassMismatch("the file meta's SOP Class/Instance UID differs from the data set's")
         return candidate
 
     # Steps -------------------------------------------------------------------
     def _validate(self, sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) -> _Candidate:
-        """The Part 10 file of the data set ``encoded`` (in transfer syntax ``ts``), once its header is
-        parsed and its indexed attributes read: the checks here, the audit facts and the index rows
-        use them.  The UIDs given are the file meta's; the caller compares them with the data set's."""
+        """The Part 10 file of the data set ``encoded`` (in transfer syntax ``ts``), sealed and staged,
+        once its header is parsed and its indexed attributes read: the checks here, the audit facts
+        and the index rows use them.  The UIDs given are the file meta's; the caller compares them
+        with the data set's (and discards the staged object when they differ).
+
+        The object is staged before the header is parsed: the disk writes it while the parse runs,
+        and the sync that makes it durable later waits less (on this VM ~150 -> ~75 us for a 10 KB
+        object).  A data set refused here leaves nothing: a staged object has no name."""
         part10 = _part10(sop_class_uid, sop_instance_uid, ts, encoded)
+        sealed = self._seal(part10)
         try:
             header = _read_header(part10, ts, encoded)
             rows = read_header(header)
-        except SafePacsError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            sealed.staged.discard()
+            if isinstance(exc, SafePacsError) or not isinstance(exc, Exception):
+                raise
             raise InvalidObjectError(f"the data set cannot be parsed ({type(exc).__name__})") from exc
         image = rows.levels[QueryLevel.IMAGE].columns
         sop_class = str(image["sop_class_uid"] or "")
@@ -232,8 +259,15 @@ class IngestService:
             ("Series Instance UID", rows.series_uid),
         ):
             if not valid_uid(value):
+                sealed.staged.discard()
                 raise InvalidObjectError(f"the data set has no valid {keyword}")
-        return _Candidate(part10, rows, sop_class, rows.sop_uid, ts)
+        return _Candidate(sealed, rows, sop_class, rows.sop_uid, ts)
+
+    def _seal(self, part10: bytes) -> _Sealed:
+        """Hash and seal ``part10`` and stage the sealed object (:meth:`BlobStore.stage`)."""
+        digest = hashlib.sha256(part10).hexdigest()
+        sealed, key_id, tag = self._cipher.seal_noting(part10)
+        return _Sealed(self._blobs.stage(sealed), digest, len(part10), key_id, tag)
 
     def _store(
         self,
@@ -255,10 +289,10 @@ class IngestService:
         # Only the first instance of a study in a batch is recorded on its own (the rest are counted).
         event = self._audit.stored(principal, facts, imported=imported) if first else None
         stored = self._audit.writer(event) if event is not None else None
-        digest = hashlib.sha256(c.part10).hexdigest()
-        sealed, key_id, tag = self._cipher.seal_noting(c.part10)
-        blob_id = self._blobs.put(sealed)
-        blob = StoredBlob(blob_id, key_id, digest, len(c.part10), tag)
+        s = c.sealed
+        blob_id = s.staged.commit()
+        blob = StoredBlob(blob_id, s.key_id, s.sha256, s.size, s.seal_tag)
+        digest = s.sha256
         keep = False
         try:
             try:

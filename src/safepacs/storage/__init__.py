@@ -11,6 +11,7 @@ from safepacs.storage.blobstore import (
     BlobStore,
     FileBlobStore,
     MemoryBlobStore,
+    StagedBlob,
     is_valid_blob_id,
     new_blob_id,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "KeyProvider",
     "MemoryBlobStore",
     "MemoryKeyProvider",
+    "StagedBlob",
     "is_valid_blob_id",
     "is_valid_key_id",
     "new_blob_id",

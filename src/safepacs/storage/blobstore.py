@@ -39,7 +39,14 @@ from typing import Protocol, TypeGuard, runtime_checkable
 
 from safepacs.errors import NotFoundError, StorageError
 
-__all__ = ["BlobStore", "FileBlobStore", "MemoryBlobStore", "is_valid_blob_id", "new_blob_id"]
+__all__ = [
+    "BlobStore",
+    "FileBlobStore",
+    "MemoryBlobStore",
+    "StagedBlob",
+    "is_valid_blob_id",
+    "new_blob_id",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +71,11 @@ class BlobStore(Protocol):
 
     def put(self, data: bytes) -> str:
         """Store ``data`` under a new random id and return it; the data is durable on return."""
+        ...
+
+    def stage(self, data: bytes) -> StagedBlob:
+        """Start storing ``data``: written (the disk may start on it) but not durable and under no id
+        until the :class:`StagedBlob` is committed; ``put`` is ``stage(data).commit()``."""
         ...
 
     def get(self, blob_id: str) -> bytes:
@@ -111,6 +123,9 @@ class MemoryBlobStore:
                 blob_id = new_blob_id()
             self._blobs[blob_id] = payload
         return blob_id
+
+    def stage(self, data: bytes) -> StagedBlob:
+        return _StagedInMemory(self, bytes(data))
 
     def get(self, blob_id: str) -> bytes:
         key = _check_blob_id(blob_id)
@@ -202,55 +217,55 @@ class FileBlobStore:
 
     # -- BlobStore ------------------------------------------------------------
     def put(self, data: bytes) -> str:
+        return self.stage(data).commit()
+
+    def stage(self, data: bytes) -> StagedBlob:
         payload = memoryview(data)
         if self._unnamed:
             try:
-                return self._put_unnamed(payload)
+                return self._stage_unnamed(payload)
             except _NoUnnamedFiles:
-                _log.info("no O_TMPFILE here; objects are written through named temporary files")
-                self._unnamed = False
-        return self._put_renamed(payload)
+                self._no_unnamed_files()
+        return self._stage_renamed(payload)
 
-    def _put_unnamed(self, payload: memoryview) -> str:
-        """Write through an unnamed temporary file in the object's own directory (see the module)."""
-        while True:
-            blob_id = new_blob_id()
-            directory = self.path_of(blob_id).parent
-            try:
-                self._make_parents(directory)
-                dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-            except OSError as exc:
-                raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
-            try:
-                if self._link_unnamed(dir_fd, blob_id, payload):
-                    return blob_id
-            finally:
-                os.close(dir_fd)
+    def _no_unnamed_files(self) -> None:
+        _log.info("no O_TMPFILE here; objects are written through named temporary files")
+        self._unnamed = False
 
-    def _link_unnamed(self, dir_fd: int, name: str, payload: memoryview) -> bool:
-        """Write ``payload`` durably as ``name`` in ``dir_fd``; False if ``name`` exists (2**-128)."""
+    def _stage_unnamed(self, payload: memoryview) -> StagedBlob:
+        """Write into an unnamed temporary file in the object's own directory (see the module)."""
+        blob_id = new_blob_id()
+        directory = self.path_of(blob_id).parent
         try:
-            fd = os.open(".", os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, _FILE_MODE, dir_fd=dir_fd)
+            self._make_parents(directory)
+            dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
+        try:
+            fd = self._open_unnamed(dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        staged = _StagedUnnamed(self, dir_fd, fd, blob_id, payload)
+        try:
+            self._write_all(fd, payload)
+        except OSError as exc:
+            staged.discard()
+            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
+        except BaseException:
+            staged.discard()
+            raise
+        if self.fsync:
+            _start_writeback(fd)
+        return staged
+
+    def _open_unnamed(self, dir_fd: int) -> int:
+        try:
+            return os.open(".", os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, _FILE_MODE, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno in _NO_TMPFILE_ERRNOS:
                 raise _NoUnnamedFiles from exc
             raise StorageError(f"could not create a file in {self.root}: {_describe(exc)}") from exc
-        try:
-            self._write_all(fd, payload)
-            if self.fsync:
-                os.fsync(fd)
-                _drop_cached(fd)
-            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)  # linkat(AT_SYMLINK_FOLLOW)
-        except FileExistsError:
-            return False
-        except FileNotFoundError as exc:  # no /proc to name the unnamed file by
-            raise _NoUnnamedFiles from exc
-        except OSError as exc:
-            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
-        finally:
-            os.close(fd)  # an unnamed file that was not linked is gone now
-        self._make_durable(lambda: os.fsync(dir_fd), lambda: _unlink_quietly(name, dir_fd=dir_fd))
-        return True
 
     def _make_durable(self, sync_dir: Callable[[], None], undo: Callable[[], None]) -> None:
         """Sync the directory that just got an object's name; if that fails the object is in place
@@ -263,32 +278,20 @@ class FileBlobStore:
             undo()
             raise StorageError(f"could not make an object durable in {self.root}: {_describe(exc)}") from exc
 
-    def _put_renamed(self, payload: memoryview) -> str:
-        """Write through a named temporary file in ``tmp_dir``, renamed into place."""
+    def _stage_renamed(self, payload: memoryview) -> StagedBlob:
+        """Write into a named temporary file in ``tmp_dir``; :meth:`_StagedRenamed.commit` renames it."""
         tmp_fd, tmp_name = self._mkstemp()
         try:
-            try:
-                self._write_all(tmp_fd, payload)
-                if self.fsync:
-                    os.fsync(tmp_fd)
-                    _drop_cached(tmp_fd)
-            finally:
-                os.close(tmp_fd)
-            while True:
-                blob_id = new_blob_id()
-                target = self.path_of(blob_id)
-                self._make_parents(target.parent)
-                if not os.path.lexists(target):  # 2**-128 collision: never overwrite
-                    break
-            os.replace(tmp_name, target)
-        except OSError as exc:
+            self._write_all(tmp_fd, payload)
+        except BaseException as exc:
+            os.close(tmp_fd)
             _unlink_quietly(tmp_name)
-            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
-        except BaseException:
-            _unlink_quietly(tmp_name)
+            if isinstance(exc, OSError):
+                raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
             raise
-        self._make_durable(lambda: _fsync_dir(target.parent), lambda: _unlink_quietly(str(target)))
-        return blob_id
+        if self.fsync:
+            _start_writeback(tmp_fd)
+        return _StagedRenamed(self, tmp_fd, tmp_name)
 
     def get(self, blob_id: str) -> bytes:
         path = self.path_of(blob_id)
@@ -376,6 +379,117 @@ class FileBlobStore:
         self._known_dirs.add(directory)
 
 
+class StagedBlob(Protocol):
+    """An object written but not yet stored: neither durable nor under an id until :meth:`commit`."""
+
+    def commit(self) -> str:
+        """Make the object durable under a new random id and return the id (as :meth:`BlobStore.put`)."""
+        ...
+
+    def discard(self) -> None:
+        """Forget the object; nothing of it remains."""
+        ...
+
+
+class _StagedInMemory:
+    def __init__(self, store: MemoryBlobStore, data: bytes) -> None:
+        self._store, self._data = store, data
+
+    def commit(self) -> str:
+        return self._store.put(self._data)
+
+    def discard(self) -> None:
+        self._data = b""
+
+
+class _StagedUnnamed:
+    """Bytes in an unnamed file (``O_TMPFILE``) of the directory the object will live in."""
+
+    def __init__(self, store: FileBlobStore, dir_fd: int, fd: int, blob_id: str, payload: memoryview) -> None:
+        self._store, self._dir_fd, self._fd, self._id, self._payload = store, dir_fd, fd, blob_id, payload
+
+    def commit(self) -> str:
+        store = self._store
+        try:
+            try:
+                if store.fsync:
+                    os.fsync(self._fd)
+                    _drop_cached(self._fd)
+                while True:
+                    try:  # linkat(AT_SYMLINK_FOLLOW): never replaces a name
+                        os.link(f"/proc/self/fd/{self._fd}", self._id, dst_dir_fd=self._dir_fd)
+                        break
+                    except FileExistsError:  # 2**-128: another id in the same directory
+                        self._id = self._id[:2] + new_blob_id()[2:]
+            except FileNotFoundError:  # no /proc to name the unnamed file by
+                store._no_unnamed_files()
+                self.discard()
+                return store._stage_renamed(self._payload).commit()
+            except OSError as exc:
+                raise StorageError(f"could not write an object to {store.root}: {_describe(exc)}") from exc
+            finally:
+                self._close_file()  # an unnamed file that was not linked is gone now
+            name, dir_fd = self._id, self._dir_fd
+            store._make_durable(lambda: os.fsync(dir_fd), lambda: _unlink_quietly(name, dir_fd=dir_fd))
+            return name
+        finally:
+            self.discard()
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        self._close_file()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+class _StagedRenamed:
+    """Bytes in a named temporary file in ``tmp_dir``, renamed into place on commit."""
+
+    def __init__(self, store: FileBlobStore, fd: int, tmp_name: str) -> None:
+        self._store, self._fd, self._tmp_name = store, fd, tmp_name
+        self._done = False
+
+    def commit(self) -> str:
+        store = self._store
+        self._done = True  # renamed away or removed below: discard has nothing left to do
+        try:
+            try:
+                if store.fsync:
+                    os.fsync(self._fd)
+                    _drop_cached(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+            while True:
+                blob_id = new_blob_id()
+                target = store.path_of(blob_id)
+                store._make_parents(target.parent)
+                if not os.path.lexists(target):  # 2**-128 collision: never overwrite
+                    break
+            os.replace(self._tmp_name, target)
+        except OSError as exc:
+            _unlink_quietly(self._tmp_name)
+            raise StorageError(f"could not write an object to {store.root}: {_describe(exc)}") from exc
+        except BaseException:
+            _unlink_quietly(self._tmp_name)
+            raise
+        store._make_durable(lambda: _fsync_dir(target.parent), lambda: _unlink_quietly(str(target)))
+        return blob_id
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._done:
+            self._done = True
+            _unlink_quietly(self._tmp_name)
+
+
 def _ensure_dir(directory: Path, *, fsync: bool) -> None:
     """Create ``directory`` (and missing parents) 0700; fsync the parent of each one created."""
     missing: list[Path] = []
@@ -395,6 +509,12 @@ def _ensure_dir(directory: Path, *, fsync: bool) -> None:
         os.chmod(path, _DIR_MODE)  # the umask may have removed owner bits
         if fsync:
             _fsync_dir(path.parent)
+
+
+def _start_writeback(fd: int) -> None:
+    """Have the kernel start writing ``fd``'s dirty pages now (``POSIX_FADV_DONTNEED`` does, for dirty
+    pages, and drops nothing yet), so the fsync that follows other work finds them written."""
+    _drop_cached(fd)
 
 
 def _drop_cached(fd: int) -> None:
