@@ -415,8 +415,8 @@ class EnvelopeCipher:
         """:meth:`seal`, and the KEK id and GCM tag (hex) the index keeps with the object - what
         :meth:`key_id_of` and :meth:`tag_of` would read back from it, without parsing it again."""
         key_id, kek = self._current()
-        data_key = secrets.token_bytes(_DATA_KEY_BYTES)
-        nonce = secrets.token_bytes(_NONCE_BYTES)
+        fresh = secrets.token_bytes(_DATA_KEY_BYTES + _NONCE_BYTES)  # one getrandom call for both
+        data_key, nonce = fresh[:_DATA_KEY_BYTES], fresh[_DATA_KEY_BYTES:]
         wrapped = aes_key_wrap(kek, data_key)
         # The streaming interface has no 2**31-byte limit (AESGCM.encrypt has one).
         encryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce)).encryptor()
