@@ -3,8 +3,9 @@
 authorize -> seal and stage the blob (written, unnamed) -> validate -> commit the blob (fsync, link into
 place, directory fsync) -> index and audit record (one durable commit) -> acknowledge.  A refusal
 before the commit leaves nothing (a staged blob has no name); a failure after it removes the blob
-again, so nothing half-stored remains, and nothing already stored is altered unless ``storage.overwrite`` is on.  Every
-attempt leaves an audit event: stored, stored already, kept against different bytes, or refused and why.
+again, so nothing half-stored remains, and nothing already stored is altered unless
+``storage.overwrite`` is on.  Every attempt leaves an audit event: stored, stored already, kept
+against different bytes, or refused and why.
 """
 
 from __future__ import annotations
