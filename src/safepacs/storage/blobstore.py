@@ -247,16 +247,7 @@ class FileBlobStore:
             os.close(dir_fd)
             raise
         staged = _StagedUnnamed(self, dir_fd, fd, blob_id, payload)
-        try:
-            self._write_all(fd, payload)
-        except OSError as exc:
-            staged.discard()
-            raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
-        except BaseException:
-            staged.discard()
-            raise
-        if self.fsync:
-            _start_writeback(fd)
+        self._fill(fd, payload, staged.discard)
         return staged
 
     def _open_unnamed(self, dir_fd: int) -> int:
@@ -281,17 +272,27 @@ class FileBlobStore:
     def _stage_renamed(self, payload: memoryview) -> StagedBlob:
         """Write into a named temporary file in ``tmp_dir``; :meth:`_StagedRenamed.commit` renames it."""
         tmp_fd, tmp_name = self._mkstemp()
+        staged = _StagedRenamed(self, tmp_fd, tmp_name)
+        self._fill(tmp_fd, payload, staged.discard)
+        return staged
+
+    def _fill(self, fd: int, payload: memoryview, discard: Callable[[], None]) -> None:
+        """Write ``payload`` into a staged file and start its write-back; on failure ``discard`` it."""
         try:
-            self._write_all(tmp_fd, payload)
+            self._write_all(fd, payload)
         except BaseException as exc:
-            os.close(tmp_fd)
-            _unlink_quietly(tmp_name)
+            discard()
             if isinstance(exc, OSError):
                 raise StorageError(f"could not write an object to {self.root}: {_describe(exc)}") from exc
             raise
         if self.fsync:
-            _start_writeback(tmp_fd)
-        return _StagedRenamed(self, tmp_fd, tmp_name)
+            _start_writeback(fd)
+
+    def _sync_file(self, fd: int) -> None:
+        """fsync a staged file (when syncing at all), then give its now clean pages back."""
+        if self.fsync:
+            os.fsync(fd)
+            _drop_cached(fd)
 
     def get(self, blob_id: str) -> bytes:
         path = self.path_of(blob_id)
@@ -412,9 +413,7 @@ class _StagedUnnamed:
         store = self._store
         try:
             try:
-                if store.fsync:
-                    os.fsync(self._fd)
-                    _drop_cached(self._fd)
+                store._sync_file(self._fd)
                 while True:
                     try:  # linkat(AT_SYMLINK_FOLLOW): never replaces a name
                         os.link(f"/proc/self/fd/{self._fd}", self._id, dst_dir_fd=self._dir_fd)
@@ -459,9 +458,7 @@ class _StagedRenamed:
         self._done = True  # renamed away or removed below: discard has nothing left to do
         try:
             try:
-                if store.fsync:
-                    os.fsync(self._fd)
-                    _drop_cached(self._fd)
+                store._sync_file(self._fd)
             finally:
                 os.close(self._fd)
                 self._fd = -1
@@ -518,7 +515,8 @@ def _start_writeback(fd: int) -> None:
 
 
 def _drop_cached(fd: int) -> None:
-    """Drop the (synced, so clean) pages of ``fd`` from the page cache; only advice, never an error."""
+    """Drop ``fd``'s clean pages from the page cache (and start writing its dirty ones); only advice,
+    never an error."""
     if _FADV_DONTNEED is not None:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
