@@ -94,6 +94,13 @@ def test_a_truncated_data_set_is_refused_and_not_stored(data_dir: Path, cut: str
         # Nor one whose data set names another instance than the request (its object was staged).
         with pytest.raises(InvalidObjectError, match="differs from the request"):
             archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), "1.2.3.4", ts, _whole(ds))
+        # Nor a file whose meta names another instance than its data set.
+        other = make_ct()
+        uid = str(other.SOPInstanceUID).encode()
+        changed = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+        data = part10_bytes(other).replace(uid, changed, 1)  # the first one: the file meta's
+        with pytest.raises(InvalidObjectError, match="file meta's SOP Class/Instance UID differs"):
+            archive.ingest.ingest_file(principal, data)
     finally:
         archive.close()
     assert not [p for p in (data_dir / "objects").rglob("*") if p.is_file()]
