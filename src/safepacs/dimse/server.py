@@ -141,11 +141,13 @@ class _Balance:
         """Whether this worker should accept the connection waiting on ``listener``; False when a less
         loaded worker took it meanwhile."""
         deadline = time.monotonic() + _DEFER_SECONDS
+        poller: select.poll | None = None
         while self.publish() > self._least_other() and time.monotonic() < deadline:
             time.sleep(_DEFER_STEP)
             try:
-                poller = select.poll()
-                poller.register(listener, select.POLLIN)
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(listener, select.POLLIN)
                 if not poller.poll(0):
                     return False
             except (OSError, ValueError):
