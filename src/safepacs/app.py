@@ -143,9 +143,18 @@ def initialize(data_dir: Path) -> str:
 
 
 def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
-    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``."""
+    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``.
+
+    A logged exception shows its type and its frames (``file:line in function``), never the values its
+    frames held nor (outside SafePACS's own errors) its message, in the console and the JSON format
+    alike (:mod:`safepacs._logging`); uncaught exceptions of threads and of the process are logged the
+    same way."""
+    from safepacs._logging import RedactExceptionText, exception_processor, install_hooks, render_exception
+
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=render_exception)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
@@ -155,13 +164,19 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
             structlog.stdlib.ExtraAdder(),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            exception_processor,  # before either renderer: its exc_info never reaches them
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(RedactExceptionText())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    install_hooks()
     # pynetdicom logs identifiers (names, IDs) at INFO/DEBUG: keep it to warnings, and never identifiers.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from pynetdicom import _config

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTPS port for DICOMweb (default 8443; 0 picks a free one)",
     )
     sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sp.add_argument(
+        "--log-format",
+        default="console",
+        choices=["console", "json"],
+        help="log lines for people (default) or one JSON object per line",
+    )
 
     peer = sub.add_parser("peer", help="register, list and remove DICOM peers").add_subparsers(
         dest="peer_command", required=True, metavar="ACTION"
@@ -169,7 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "http_port": args.http_port,
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json=args.log_format == "json")
     keep_large_buffers()  # before the workers fork: they inherit it
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
@@ -206,7 +212,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"SafePACS listening for DICOM TLS on {tls[0]}:{tls[1]}", flush=True)
 
     def setup() -> None:
-        configure_logging(args.log_level)
+        configure_logging(args.log_level, json=args.log_format == "json")
 
     def run_web() -> None:
         run_https(settings, https, open_archive, setup)
