@@ -22,7 +22,7 @@ from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
-from safepacs.errors import DataDirError
+from safepacs.errors import ConfigError, DataDirError
 from safepacs.index import SqlIndex, migrate
 from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
@@ -31,9 +31,17 @@ from safepacs.services.restore import RestoreService
 from safepacs.services.retrieve import RetrieveService
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 
-__all__ = ["Archive", "check_data_dir", "configure_logging", "initialize", "open_archive"]
+__all__ = [
+    "Archive",
+    "check_data_dir",
+    "check_index_choice",
+    "configure_logging",
+    "initialize",
+    "open_archive",
+]
 
 ADMIN_PASSWORD_FILE = "admin-password.txt"  # noqa: S105 - a file name, not a password
+INDEX_BACKEND_FILE = "index-backend"  # "postgresql" once the archive was opened on PostgreSQL
 
 
 @dataclass
@@ -56,7 +64,8 @@ class Archive:
 
 
 def check_data_dir(settings: Settings) -> None:
-    """Refuse a directory that is not an initialised, private SafePACS data directory."""
+    """Refuse a directory that is not an initialised, private SafePACS data directory, or settings
+    that name another kind of index than the one it uses (:func:`check_index_choice`)."""
     data = settings.data_dir
     if not (data / "safepacs.toml").is_file():
         raise DataDirError(
@@ -65,6 +74,37 @@ def check_data_dir(settings: Settings) -> None:
     mode = data.stat().st_mode & 0o777
     if mode & 0o077:
         raise DataDirError(f"{data} is accessible to other users (mode {mode:o}); run 'chmod 700 {data}'")
+    check_index_choice(settings)
+
+
+def check_index_choice(settings: Settings, *, record: bool = True) -> None:
+    """A data directory whose index was opened on PostgreSQL never opens a SQLite index.
+
+    ``init`` creates a SQLite index; once a command opens the archive with ``index.url`` naming
+    PostgreSQL, ``DATA/index-backend`` records it (``record``; the doctor only reads).  From then on
+    settings that name SQLite - the setting dropped from safepacs.toml, an environment that overrides
+    it - are a configuration error, instead of an empty index that answers every query with nothing
+    and whose audit trail verifies as "intact: 0 records"."""
+    marker = settings.data_dir / INDEX_BACKEND_FILE
+    postgres = settings.index_url.lower().startswith("postgresql")
+    try:
+        recorded = marker.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        recorded = ""
+    except OSError as exc:
+        raise DataDirError(f"cannot read {marker} ({exc.strerror})") from exc
+    if recorded == "postgresql" and not postgres:
+        raise ConfigError(
+            f"setting 'index.url' names SQLite, but this data directory's index is on PostgreSQL "
+            f"({marker}); set index.url to its PostgreSQL URL (delete {marker} only if the index was "
+            "moved back to SQLite on purpose)"
+        )
+    if record and postgres and not recorded:
+        try:
+            write_private(marker, b"postgresql\n")
+        except DataDirError:
+            if not marker.is_file():  # not another process recording it at the same moment
+                raise
 
 
 def open_archive(settings: Settings) -> Archive:

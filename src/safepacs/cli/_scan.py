@@ -267,6 +267,7 @@ def _read_only_index(url: str) -> Any:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from safepacs.app import check_index_choice
     from safepacs.config import data_dir_from, load_settings
     from safepacs.errors import DataDirError
     from safepacs.scan.doctor import AccountInfo, DoctorInput, run_doctor
@@ -280,6 +281,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if port is not None and not 0 < port < 65536:
             raise ScanUsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
+    check_index_choice(settings, record=False)  # the doctor writes nothing
     index = _read_only_index(settings.index_url)
     try:
         peers = index.list_peers()
