@@ -2,7 +2,8 @@
 
 Two halves: a review of the settings, the files of the data directory, the peer table and the accounts
 (given as plain values, so this module reads no database), and the network checks of the scanner against
-the local listeners.  A freshly ``init``-ed data directory has no finding above low.
+the local listeners.  A freshly ``init``-ed data directory has no finding above low but one: the index
+holds patient data in plain text (medium), which no setting can change yet.
 """
 
 from __future__ import annotations
@@ -370,9 +371,37 @@ def _settings(inp: DoctorInput) -> list[Finding]:
     return out
 
 
+def _index(inp: DoctorInput) -> list[Finding]:
+    """The index itself: reported on every installation until the index is encrypted."""
+    s = inp.settings
+    url = s.index_url
+    sqlite = url.lower().startswith("sqlite")
+    # Never the URL of a database server: it may carry a password.
+    target = url.split("///", 1)[1] if sqlite and "///" in url else "index.url (PostgreSQL database)"
+    where = (
+        "index.sqlite3, its -wal file and every copy or backup of them"
+        if sqlite
+        else "the PostgreSQL database, its files, dumps and backups"
+    )
+    return [
+        _f(
+            "config.index-plaintext-phi",
+            Severity.MEDIUM,
+            target,
+            "The index holds patient data in plain text",
+            "Objects are encrypted, the index is not: patient names, IDs and birth dates, study "
+            f"details and the audit trail's records are readable by whoever reads {where}. A stolen "
+            "disk or backup lists every patient. (Encrypting the index is not implemented yet.)",
+            "Keep the data directory and the database private to the SafePACS account, put them and "
+            "every backup of the index on encrypted storage (full-disk or volume encryption, encrypted "
+            "backups), and restrict who can read backups and the database server.",
+        )
+    ]
+
+
 def review_config(inp: DoctorInput) -> list[Finding]:
     """The configuration half of the doctor."""
-    return _files(inp) + _network(inp) + _accounts(inp) + _settings(inp)
+    return _index(inp) + _files(inp) + _network(inp) + _accounts(inp) + _settings(inp)
 
 
 def run_doctor(
