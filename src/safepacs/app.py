@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import sqlalchemy as sa
 import structlog
 
 from safepacs.audit import AuditTrail, Signer
@@ -30,17 +31,22 @@ from safepacs.services.query import QueryService
 from safepacs.services.restore import RestoreService
 from safepacs.services.retrieve import RetrieveService
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
+from safepacs.storage.space import AuditReserve, FreeSpace
 
 __all__ = [
     "Archive",
+    "audit_reserve",
     "check_data_dir",
     "check_index_choice",
     "configure_logging",
+    "free_space",
     "initialize",
     "open_archive",
+    "sqlite_database",
 ]
 
 ADMIN_PASSWORD_FILE = "admin-password.txt"  # noqa: S105 - a file name, not a password
+RESERVE_SUFFIX = "-audit-reserve"  # beside the SQLite index: index.sqlite3-audit-reserve
 INDEX_BACKEND_FILE = "index-backend"  # "postgresql" once the archive was opened on PostgreSQL
 
 
@@ -58,6 +64,8 @@ class Archive:
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
+    space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
+    reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
     def close(self) -> None:
         self.index.close()
@@ -114,7 +122,9 @@ def open_archive(settings: Settings) -> Archive:
     index = SqlIndex(settings.index_url)
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir))
+    reserve = audit_reserve(settings)
+    space = free_space(settings, reserve)
+    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), reserve)
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,
@@ -126,6 +136,7 @@ def open_archive(settings: Settings) -> Archive:
             auditor,
             overwrite=settings.storage.overwrite,
             max_object_bytes=settings.storage.max_object_bytes,
+            space=space,
         ),
         query=QueryService(
             index, auditor, max_results=settings.query.max_results, ae_title=settings.server.ae_title
@@ -138,6 +149,35 @@ def open_archive(settings: Settings) -> Archive:
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
         auditor=auditor,
+        space=space,
+        reserve=reserve,
+    )
+
+
+def sqlite_database(settings: Settings) -> Path | None:
+    """The SQLite index file, or None when the index is on PostgreSQL."""
+    url = sa.make_url(settings.index_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    return Path(url.database)
+
+
+def free_space(settings: Settings, reserve: AuditReserve | None = None) -> FreeSpace:
+    """The low-water mark on the file systems of the object store and of the SQLite index (with the
+    audit ``reserve``: until a released one is refilled, stores stay refused)."""
+    database = sqlite_database(settings)
+    paths = [settings.objects_dir, *([database.parent] if database is not None else [])]
+    return FreeSpace(paths, settings.storage.min_free_bytes, reserve=reserve)
+
+
+def audit_reserve(settings: Settings) -> AuditReserve | None:
+    """The disk space kept for the audit trail, beside the SQLite index (None on PostgreSQL, whose
+    disk is the database server's, or when ``storage.audit_reserve_bytes`` is 0)."""
+    database = sqlite_database(settings)
+    if database is None or settings.storage.audit_reserve_bytes <= 0:
+        return None
+    return AuditReserve(
+        database.with_name(database.name + RESERVE_SUFFIX), settings.storage.audit_reserve_bytes
     )
 
 

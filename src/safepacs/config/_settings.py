@@ -119,6 +119,19 @@ class StorageSettings(_Section):
         2 * 1024**3, ge=1024, description="Largest single DICOM object accepted, in bytes."
     )
     fsync: bool = Field(True, description="fsync objects and directories before acknowledging (keep on).")
+    min_free_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Stores are refused (C-STORE 0xA700, STOW-RS 507) while the object store's or the "
+        "index's file system has less free space than this, so that reads and their audit records "
+        "go on (0: never refuse).",
+    )
+    audit_reserve_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="Disk space 'serve' preallocates beside the SQLite index and releases when the disk "
+        "is full, so that reads can still be recorded (0: none).",
+    )
     retention_days: float = Field(
         30.0,
         ge=0,
