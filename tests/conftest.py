@@ -105,7 +105,9 @@ def start_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> 
     """Start ``safepacs serve`` on 127.0.0.1 port 0 and wait until it listens."""
     ports = ["--dicom-port", "0", "--http-port", "0", "--dicom-tls-port", "0"]
     cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), *ports, *extra]
-    full_env = {**os.environ, "SAFEPACS_SERVER__SHUTDOWN_GRACE": "5", **(env or {})}
+    # 1 MiB of disk reserved for the audit trail, not the default 64 MiB per server the suite starts.
+    defaults = {"SAFEPACS_SERVER__SHUTDOWN_GRACE": "5", "SAFEPACS_STORAGE__AUDIT_RESERVE_BYTES": "1048576"}
+    full_env = {**os.environ, **defaults, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
     assert proc.stdout is not None and proc.stderr is not None
     log: list[str] = []

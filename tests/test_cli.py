@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -33,8 +36,9 @@ def test_init_creates_a_private_data_directory(tmp_path: Path, capsys: pytest.Ca
     assert len(keks) == 1 and _mode(keks[0]) == 0o600
     assert (data / "admin-password.txt").read_text().strip() == password
     toml = (data / "safepacs.toml").read_text()
-    for key in ("ae_title", "dicom_port", "max_results", "overwrite", "url"):
+    for key in ("ae_title", "dicom_port", "max_results", "overwrite"):
         assert f"\n{key} = " in toml
+    assert '\n# url = "postgresql' in toml  # left out: the SQLite index in the data directory
     index = SqlIndex(load_settings(data).index_url)
     try:
         admin = index.get_user("admin")
@@ -318,3 +322,86 @@ def test_user_and_token_commands_refuse_bad_input(
     assert message in out.err
     assert out.out == ""
     assert "Traceback" not in out.err
+
+
+def _snapshot(data: Path) -> dict[str, tuple[int, int]]:
+    """Every file of a data directory with its size and modification time."""
+    return {str(p.relative_to(data)): (p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*")}
+
+
+def _serve(data: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``safepacs serve`` that is expected to refuse to start; stopped (SIGTERM) if it starts anyway."""
+    ports = ["--dicom-port", "0", "--http-port", "0", "--dicom-tls-port", "0"]
+    cmd = [sys.executable, "-m", "safepacs", "serve", "--data", str(data), *ports]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"serve started: {out!r}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_index_url_is_a_configuration_error_and_creates_nothing(
+    data_dir: Path, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _snapshot(data_dir)
+    result = _serve(data_dir, {"SAFEPACS_INDEX__URL": value})
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("safepacs: setting 'index.url' is invalid") and "is empty" in line, line
+    monkeypatch.setenv("SAFEPACS_INDEX__URL", value)
+    for command in (("audit", "verify"), ("peer", "list"), ("import", str(data_dir / "nothing"))):
+        capsys.readouterr()
+        assert run_cli(*command, "--data", str(data_dir)) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("safepacs: setting 'index.url' is invalid") and "\n" not in err, err
+    assert _snapshot(data_dir) == before
+    # The same in safepacs.toml: said, never read as "the SQLite default".
+    monkeypatch.delenv("SAFEPACS_INDEX__URL")
+    toml = data_dir / "safepacs.toml"
+    toml.write_text(toml.read_text().replace("[index]\n", f'[index]\nurl = "{value}"\n'))
+    assert run_cli("audit", "verify", "--data", str(data_dir)) == 2
+    assert "'index.url'" in capsys.readouterr().err
+
+
+def test_an_index_url_of_another_kind_is_a_configuration_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for url in ("mysql://pacs@db/pacs", "sqlite://", "sqlite:///:memory:", "index.sqlite3"):
+        monkeypatch.setenv("SAFEPACS_INDEX__URL", url)
+        assert run_cli("peer", "list", "--data", str(data_dir)) == 2, url
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("safepacs: setting 'index.url' is invalid") and "\n" not in err, err
+    monkeypatch.setenv("SAFEPACS_INDEX__URL", "postgresql+psycopg://nobody@127.0.0.1:9/none")
+    assert run_cli("peer", "list", "--data", str(data_dir)) == 2  # nothing listens on port 9
+    err = capsys.readouterr().err.strip()
+    assert "check index.url" in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.postgres
+def test_a_data_directory_on_postgresql_never_opens_a_sqlite_index(
+    data_dir: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sqlite_index = data_dir / "index.sqlite3"  # the one init created
+    monkeypatch.setenv("SAFEPACS_INDEX__URL", postgres_url)
+    assert (
+        run_cli("peer", "add", "CT1", "--host", "127.0.0.1", "--allow", "store", "--data", str(data_dir)) == 0
+    )
+    assert (data_dir / "index-backend").read_text() == "postgresql\n"
+    # The setting goes away (or names SQLite): refused, the SQLite index left as it was.
+    before = sqlite_index.stat().st_mtime_ns, sqlite_index.stat().st_size
+    monkeypatch.delenv("SAFEPACS_INDEX__URL")
+    capsys.readouterr()
+    for command in (("peer", "list"), ("audit", "verify"), ("doctor", "--no-network")):
+        assert run_cli(*command, "--data", str(data_dir)) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "'index.url' names SQLite" in err and "PostgreSQL" in err and "\n" not in err, err
+    assert (sqlite_index.stat().st_mtime_ns, sqlite_index.stat().st_size) == before
+    monkeypatch.setenv("SAFEPACS_INDEX__URL", postgres_url)
+    assert run_cli("peer", "list", "--data", str(data_dir)) == 0
+    assert "CT1" in capsys.readouterr().out

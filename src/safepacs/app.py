@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import sqlalchemy as sa
 import structlog
 
 from safepacs.audit import AuditTrail, Signer
@@ -22,7 +23,7 @@ from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
-from safepacs.errors import DataDirError
+from safepacs.errors import ConfigError, DataDirError
 from safepacs.index import SqlIndex, migrate
 from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
@@ -30,10 +31,23 @@ from safepacs.services.query import QueryService
 from safepacs.services.restore import RestoreService
 from safepacs.services.retrieve import RetrieveService
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
+from safepacs.storage.space import AuditReserve, FreeSpace
 
-__all__ = ["Archive", "check_data_dir", "configure_logging", "initialize", "open_archive"]
+__all__ = [
+    "Archive",
+    "audit_reserve",
+    "check_data_dir",
+    "check_index_choice",
+    "configure_logging",
+    "free_space",
+    "initialize",
+    "open_archive",
+    "sqlite_database",
+]
 
 ADMIN_PASSWORD_FILE = "admin-password.txt"  # noqa: S105 - a file name, not a password
+RESERVE_SUFFIX = "-audit-reserve"  # beside the SQLite index: index.sqlite3-audit-reserve
+INDEX_BACKEND_FILE = "index-backend"  # "postgresql" once the archive was opened on PostgreSQL
 
 
 @dataclass
@@ -50,13 +64,16 @@ class Archive:
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
+    space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
+    reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
     def close(self) -> None:
         self.index.close()
 
 
 def check_data_dir(settings: Settings) -> None:
-    """Refuse a directory that is not an initialised, private SafePACS data directory."""
+    """Refuse a directory that is not an initialised, private SafePACS data directory, or settings
+    that name another kind of index than the one it uses (:func:`check_index_choice`)."""
     data = settings.data_dir
     if not (data / "safepacs.toml").is_file():
         raise DataDirError(
@@ -65,6 +82,37 @@ def check_data_dir(settings: Settings) -> None:
     mode = data.stat().st_mode & 0o777
     if mode & 0o077:
         raise DataDirError(f"{data} is accessible to other users (mode {mode:o}); run 'chmod 700 {data}'")
+    check_index_choice(settings)
+
+
+def check_index_choice(settings: Settings, *, record: bool = True) -> None:
+    """A data directory whose index was opened on PostgreSQL never opens a SQLite index.
+
+    ``init`` creates a SQLite index; once a command opens the archive with ``index.url`` naming
+    PostgreSQL, ``DATA/index-backend`` records it (``record``; the doctor only reads).  From then on
+    settings that name SQLite - the setting dropped from safepacs.toml, an environment that overrides
+    it - are a configuration error, instead of an empty index that answers every query with nothing
+    and whose audit trail verifies as "intact: 0 records"."""
+    marker = settings.data_dir / INDEX_BACKEND_FILE
+    postgres = settings.index_url.lower().startswith("postgresql")
+    try:
+        recorded = marker.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        recorded = ""
+    except OSError as exc:
+        raise DataDirError(f"cannot read {marker} ({exc.strerror})") from exc
+    if recorded == "postgresql" and not postgres:
+        raise ConfigError(
+            f"setting 'index.url' names SQLite, but this data directory's index is on PostgreSQL "
+            f"({marker}); set index.url to its PostgreSQL URL (delete {marker} only if the index was "
+            "moved back to SQLite on purpose)"
+        )
+    if record and postgres and not recorded:
+        try:
+            write_private(marker, b"postgresql\n")
+        except DataDirError:
+            if not marker.is_file():  # not another process recording it at the same moment
+                raise
 
 
 def open_archive(settings: Settings) -> Archive:
@@ -74,7 +122,9 @@ def open_archive(settings: Settings) -> Archive:
     index = SqlIndex(settings.index_url)
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir))
+    reserve = audit_reserve(settings)
+    space = free_space(settings, reserve)
+    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), reserve)
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,
@@ -86,6 +136,7 @@ def open_archive(settings: Settings) -> Archive:
             auditor,
             overwrite=settings.storage.overwrite,
             max_object_bytes=settings.storage.max_object_bytes,
+            space=space,
         ),
         query=QueryService(
             index, auditor, max_results=settings.query.max_results, ae_title=settings.server.ae_title
@@ -98,6 +149,35 @@ def open_archive(settings: Settings) -> Archive:
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
         auditor=auditor,
+        space=space,
+        reserve=reserve,
+    )
+
+
+def sqlite_database(settings: Settings) -> Path | None:
+    """The SQLite index file, or None when the index is on PostgreSQL."""
+    url = sa.make_url(settings.index_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    return Path(url.database)
+
+
+def free_space(settings: Settings, reserve: AuditReserve | None = None) -> FreeSpace:
+    """The low-water mark on the file systems of the object store and of the SQLite index (with the
+    audit ``reserve``: until a released one is refilled, stores stay refused)."""
+    database = sqlite_database(settings)
+    paths = [settings.objects_dir, *([database.parent] if database is not None else [])]
+    return FreeSpace(paths, settings.storage.min_free_bytes, reserve=reserve)
+
+
+def audit_reserve(settings: Settings) -> AuditReserve | None:
+    """The disk space kept for the audit trail, beside the SQLite index (None on PostgreSQL, whose
+    disk is the database server's, or when ``storage.audit_reserve_bytes`` is 0)."""
+    database = sqlite_database(settings)
+    if database is None or settings.storage.audit_reserve_bytes <= 0:
+        return None
+    return AuditReserve(
+        database.with_name(database.name + RESERVE_SUFFIX), settings.storage.audit_reserve_bytes
     )
 
 
@@ -143,9 +223,18 @@ def initialize(data_dir: Path) -> str:
 
 
 def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
-    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``."""
+    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``.
+
+    A logged exception shows its type and its frames (``file:line in function``), never the values its
+    frames held nor (outside SafePACS's own errors) its message, in the console and the JSON format
+    alike (:mod:`safepacs._logging`); uncaught exceptions of threads and of the process are logged the
+    same way."""
+    from safepacs._logging import RedactExceptionText, exception_processor, install_hooks, render_exception
+
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=render_exception)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
@@ -155,13 +244,19 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
             structlog.stdlib.ExtraAdder(),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            exception_processor,  # before either renderer: its exc_info never reaches them
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(RedactExceptionText())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    install_hooks()
     # pynetdicom logs identifiers (names, IDs) at INFO/DEBUG: keep it to warnings, and never identifiers.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from pynetdicom import _config

@@ -12,7 +12,8 @@ for DIMSE status codes, the CLI's ``main`` for exit codes).
     ├── DataDirError             data directory missing, exists already, bad mode
     ├── InvalidObjectError       input is not a DICOM object we can store
     ├── StorageError             the blob store failed (disk, permissions)
-    │   └── IntegrityError       stored bytes do not decrypt or do not match their hash
+    │   ├── IntegrityError       stored bytes do not decrypt or do not match their hash
+    │   └── StorageFullError     free disk space is below storage.min_free_bytes: stores are refused
     ├── KeyError_                key material missing or unusable
     ├── IndexError_              the index (database) failed
     ├── ConflictError            same SOP Instance UID, different bytes, overwrite off
@@ -50,6 +51,7 @@ __all__ = [
     "RetrieveError",
     "SafePacsError",
     "StorageError",
+    "StorageFullError",
     "UnsyncedCommitError",
 ]
 
@@ -76,6 +78,11 @@ class StorageError(SafePacsError):
 
 class IntegrityError(StorageError):
     """Stored bytes failed authentication or do not match their recorded hash."""
+
+
+class StorageFullError(StorageError):
+    """Free disk space is below ``storage.min_free_bytes``: nothing is stored, so that what is
+    stored can still be read and each read recorded."""
 
 
 class KeyError_(SafePacsError):

@@ -8,6 +8,7 @@ access.  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,6 +29,9 @@ from safepacs.errors import AuditError, SafePacsError
 
 if TYPE_CHECKING:
     from safepacs.index import SqlIndex
+    from safepacs.storage.space import AuditReserve
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "Action",
@@ -58,19 +62,42 @@ class AuditSink(Protocol):
 
 
 class AuditTrail:
-    """The audit trail in the index database."""
+    """The audit trail in the index database.
 
-    def __init__(self, index: SqlIndex, signer: Signer) -> None:
+    ``reserve`` (SQLite): the disk space kept for the trail; when a record fails because the disk is
+    full, the reserve is released and the record written again, so that reads go on being served and
+    recorded (:mod:`safepacs.storage.space`)."""
+
+    def __init__(self, index: SqlIndex, signer: Signer, reserve: AuditReserve | None = None) -> None:
         self._index = index
         self.signer = signer
+        self._reserve = reserve
 
     def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if not events:
             return
         try:
-            self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+            try:
+                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+            except SafePacsError as exc:
+                if not self._released_for(exc):
+                    raise
+                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
         except SafePacsError as exc:
             raise AuditError("the audit trail cannot be written; the request is refused") from exc
+
+    def _released_for(self, exc: SafePacsError) -> bool:
+        """Whether ``exc`` is a full disk and the reserve gave space back for one more try."""
+        from safepacs.storage.space import is_disk_full
+
+        if self._reserve is None or not is_disk_full(exc) or not self._reserve.release():
+            return False
+        _log.error(
+            "the disk is full: the space reserved for the audit trail was released so that accesses "
+            "can still be recorded; free disk space now",
+            extra={"reserve": str(self._reserve.path)},
+        )
+        return True
 
     def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
         from safepacs.index.auditlog import append_events  # the index imports audit.chain: not at the top

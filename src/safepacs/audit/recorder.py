@@ -120,6 +120,9 @@ class StoreBatch:
     def __init__(self) -> None:
         self.studies: dict[str, StudyFacts] = {}
         self.outcomes: dict[str, int] = {}
+        # Stores refused for lack of disk space are recorded once per batch, not once per instance:
+        # each record takes some of the space that is left for the records of reads.
+        self.refused_for_space = False
 
     def first(self, facts: StudyFacts) -> bool:
         """Whether this is the first instance of its study in the batch (then its event is recorded)."""

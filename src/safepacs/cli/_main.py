@@ -35,7 +35,7 @@ from safepacs.cli._peers import (
 )
 from safepacs.cli._scan import add_parsers as add_scan_parsers
 from safepacs.cli._scan import cmd_doctor, cmd_scan
-from safepacs.errors import SafePacsError
+from safepacs.errors import SafePacsError, StorageFullError
 
 __all__ = ["main"]
 
@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTPS port for DICOMweb (default 8443; 0 picks a free one)",
     )
     sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sp.add_argument(
+        "--log-format",
+        default="console",
+        choices=["console", "json"],
+        help="log lines for people (default) or one JSON object per line",
+    )
 
     peer = sub.add_parser("peer", help="register, list and remove DICOM peers").add_subparsers(
         dest="peer_command", required=True, metavar="ACTION"
@@ -169,13 +175,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "http_port": args.http_port,
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json=args.log_format == "json")
     keep_large_buffers()  # before the workers fork: they inherit it
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
     launcher = operator("serve")
     try:
         peers = archive.index.list_peers()
+        if archive.reserve is not None:
+            archive.reserve.ensure()  # the audit trail's disk space: created, or refilled after use
     finally:
         archive.close()
     ensure_client_certificate(settings.keys_dir, settings.server.ae_title)  # for C-MOVE to TLS peers
@@ -206,7 +214,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"SafePACS listening for DICOM TLS on {tls[0]}:{tls[1]}", flush=True)
 
     def setup() -> None:
-        configure_logging(args.log_level)
+        configure_logging(args.log_level, json=args.log_format == "json")
 
     def run_web() -> None:
         run_https(settings, https, open_archive, setup)
@@ -405,12 +413,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
     batch = StoreBatch()
     counts = {"stored": 0, "already present": 0, "replaced": 0, "kept (different content)": 0}
     rejected: list[tuple[Path, str]] = []
+    full: StorageFullError | None = None
     try:
         with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
             task = progress.add_task("Importing", total=len(files))
             for path in files:
                 try:
                     result = archive.ingest.ingest_file(principal, path.read_bytes(), batch=batch)
+                except StorageFullError as exc:  # the rest would be refused the same way
+                    full = exc
+                    break
                 except SafePacsError as exc:
                     rejected.append((path, str(exc)))
                 except OSError as exc:
@@ -428,9 +440,14 @@ def _cmd_import(args: argparse.Namespace) -> int:
     finally:
         archive.close()
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    print(f"Imported {len(files)} files: {summary}, {len(rejected)} rejected", file=sys.stderr)
+    done = sum(counts.values()) + len(rejected)
+    of = f"{done} of {len(files)}" if done < len(files) else f"{len(files)}"
+    print(f"Imported {of} files: {summary}, {len(rejected)} rejected", file=sys.stderr)
     for path, reason in rejected:
         print(f"  rejected {path}: {reason}", file=sys.stderr)
+    if full is not None:
+        _err(f"import stopped, {len(files) - done} files not imported: {full}")
+        return EXIT_ERROR
     return EXIT_REFUSED if rejected or counts["kept (different content)"] else EXIT_OK
 
 

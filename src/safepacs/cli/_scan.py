@@ -267,9 +267,10 @@ def _read_only_index(url: str) -> Any:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from safepacs.app import audit_reserve, check_index_choice, free_space
     from safepacs.config import data_dir_from, load_settings
     from safepacs.errors import DataDirError
-    from safepacs.scan.doctor import AccountInfo, DoctorInput, run_doctor
+    from safepacs.scan.doctor import AccountInfo, DiskInfo, DoctorInput, run_doctor
 
     data = data_dir_from(args.data)
     if not (data / "safepacs.toml").is_file():
@@ -280,6 +281,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if port is not None and not 0 < port < 65536:
             raise ScanUsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
+    check_index_choice(settings, record=False)  # the doctor writes nothing
     index = _read_only_index(settings.index_url)
     try:
         peers = index.list_peers()
@@ -297,8 +299,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             )
     finally:
         index.close()
+    reserve = audit_reserve(settings)
+    disk = DiskInfo(
+        [(str(path), free, needed) for path, free, needed in free_space(settings, reserve).below()],
+        str(reserve.path) if reserve is not None else None,
+        reserve.held() if reserve is not None else None,
+    )
     report = run_doctor(
-        DoctorInput(settings, peers, accounts),
+        DoctorInput(settings, peers, accounts, disk),
         dicom_port=args.dicom_port,
         http_port=args.http_port,
         network=not args.no_network,

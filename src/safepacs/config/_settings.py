@@ -74,11 +74,37 @@ class ServerSettings(_Section):
         return validate_ae_title(value)
 
 
+_INDEX_URL_RE = re.compile(r"^(sqlite|postgresql)(\+[A-Za-z0-9_]+)?://", re.IGNORECASE)
+
+
 class IndexSettings(_Section):
-    url: str = Field(
-        "",
-        description="SQLAlchemy URL of the index; empty: SQLite file 'index.sqlite3' in the data directory.",
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the index (PostgreSQL); leave it out for the SQLite file "
+        "'index.sqlite3' in the data directory.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        """An empty URL is an error, never the SQLite default: a blank ``SAFEPACS_INDEX__URL=`` in
+        front of a settings file that names PostgreSQL must not open a fresh, empty SQLite index."""
+        if value is None:
+            return None
+        url = value.strip()
+        if not url:
+            raise ValueError(
+                "is empty; leave the setting out to use the SQLite file index.sqlite3 in the data "
+                "directory, or name the database (postgresql+psycopg://USER@HOST:5432/DB)"
+            )
+        match = _INDEX_URL_RE.match(url)
+        if match is None:
+            raise ValueError(
+                "must name SQLite (sqlite:///FILE) or PostgreSQL (postgresql+psycopg://USER@HOST:5432/DB)"
+            )
+        if match.group(1).lower() == "sqlite" and url[match.end() :] in ("", "/", "/:memory:"):
+            raise ValueError("names no SQLite file (an in-memory index would be lost at exit)")
+        return url
 
 
 class StorageSettings(_Section):
@@ -93,6 +119,19 @@ class StorageSettings(_Section):
         2 * 1024**3, ge=1024, description="Largest single DICOM object accepted, in bytes."
     )
     fsync: bool = Field(True, description="fsync objects and directories before acknowledging (keep on).")
+    min_free_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Stores are refused (C-STORE 0xA700, STOW-RS 507) while the object store's or the "
+        "index's file system has less free space than this, so that reads and their audit records "
+        "go on (0: never refuse).",
+    )
+    audit_reserve_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="Disk space 'serve' preallocates beside the SQLite index and releases when the disk "
+        "is full, so that reads can still be recorded (0: none).",
+    )
     retention_days: float = Field(
         30.0,
         ge=0,
@@ -274,7 +313,9 @@ class Settings(BaseSettings):
     # Derived locations -------------------------------------------------
     @property
     def index_url(self) -> str:
-        return self.index.url or f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+        if self.index.url is not None:
+            return self.index.url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
 
     @property
     def objects_dir(self) -> Path:
@@ -330,7 +371,10 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: Settings shown as a commented example instead of ``key = default``: lists of tables, and settings
+#: whose default is to leave them out.
 _TOML_EXAMPLES: dict[str, dict[str, list[str]]] = {
+    "index": {"url": ['# url = "postgresql+psycopg://safepacs@db.example.org:5432/safepacs"']},
     "auth": {
         "oidc": [
             "# [[auth.oidc]]",
@@ -369,7 +413,7 @@ def render_default_toml() -> str:
             continue
         lines.append(f"[{name}]")
         for key, sub in annotation.model_fields.items():
-            if key in _TOML_EXAMPLES.get(name, {}):  # a list of tables: shown as a commented example
+            if key in _TOML_EXAMPLES.get(name, {}):  # shown as a commented example
                 lines.append(f"# {sub.description}")
                 lines.extend(_TOML_EXAMPLES[name][key])
                 continue

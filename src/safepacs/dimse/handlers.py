@@ -21,7 +21,7 @@ from safepacs.dimse import status as st
 from safepacs.dimse._raw import RawInstance
 from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from safepacs.dimse.gate import principal_of
-from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError
+from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError, StorageFullError
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.retrieve import RetrieveService
@@ -93,7 +93,8 @@ class DimseHandlers:
                 batch=_batch(assoc),
             )
         except SafePacsError as exc:
-            log.warning("C-STORE refused: %s", exc, extra={"error": type(exc).__name__})
+            if not isinstance(exc, StorageFullError):  # logged once when free space falls below the mark
+                log.warning("C-STORE refused: %s", exc, extra={"error": type(exc).__name__})
             return st.store_failure(exc)
         except Exception as exc:  # noqa: BLE001 - never a traceback to the peer; status instead
             log.error("C-STORE failed unexpectedly", extra={"error": type(exc).__name__})

@@ -449,6 +449,20 @@ def _worker(
     archive.close()
 
 
+def _logged(name: str, target: Callable[[], None]) -> Callable[[], None]:
+    """``target`` run in a child process: an exception that ends it is logged (type and frames, see
+    :mod:`safepacs._logging`), not printed by multiprocessing with its message; the exit status is 1."""
+
+    def run() -> None:
+        try:
+            target()
+        except Exception:
+            log.critical("a SafePACS process failed", extra={"process": name}, exc_info=True)
+            raise SystemExit(1) from None
+
+    return run
+
+
 def serve(
     settings: Settings,
     open_archive: OpenArchive,
@@ -491,7 +505,7 @@ def serve(
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         name, target = specs[i]
-        proc = ctx.Process(target=target, name=name, daemon=False)
+        proc = ctx.Process(target=_logged(name, target), name=name, daemon=False)
         # The child starts with the stop signals blocked until it has its own handlers (StopRequest).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:

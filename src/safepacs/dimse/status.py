@@ -12,6 +12,7 @@ from safepacs.errors import (
     QueryLimitError,
     SafePacsError,
     StorageError,
+    StorageFullError,
 )
 from safepacs.services.ingest import SopClassMismatch
 
@@ -29,6 +30,7 @@ UNABLE_TO_PROCESS = 0xC001
 RETRIEVE_OUT_OF_RESOURCES = 0xA701
 FIND_IDENTIFIER_MISMATCH = 0xA900
 AUDIT_DOWN = "refused: the audit trail cannot be written; try again later"
+OUT_OF_SPACE = "refused: out of disk space (storage.min_free_bytes)"
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -56,6 +58,8 @@ def store_failure(exc: SafePacsError) -> Dataset:
         return status(DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if isinstance(exc, InvalidObjectError):
         return status(CANNOT_UNDERSTAND, str(exc))
+    if isinstance(exc, StorageFullError):  # A700 "Refused: Out of Resources"
+        return status(OUT_OF_RESOURCES, OUT_OF_SPACE)
     if isinstance(exc, StorageError):
         return status(OUT_OF_RESOURCES, "the archive could not store the object; try again later")
     return status(OUT_OF_RESOURCES, "the archive could not index the object; try again later")

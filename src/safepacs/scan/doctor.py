@@ -2,7 +2,8 @@
 
 Two halves: a review of the settings, the files of the data directory, the peer table and the accounts
 (given as plain values, so this module reads no database), and the network checks of the scanner against
-the local listeners.  A freshly ``init``-ed data directory has no finding above low.
+the local listeners.  A freshly ``init``-ed data directory has no finding above low but one: the index
+holds patient data in plain text (medium), which no setting can change yet.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safepacs.scan.engine import ScanOptions, run_scan
 from safepacs.scan.targets import parse_target
 from safepacs.types import Peer, Service, TlsMode
 
-__all__ = ["AccountInfo", "DoctorInput", "review_config", "run_doctor"]
+__all__ = ["AccountInfo", "DiskInfo", "DoctorInput", "review_config", "run_doctor"]
 
 ADMIN_PASSWORD_FILE = "admin-password.txt"  # noqa: S105 - a file name (safepacs.app writes it at init)
 _CERT_WARN_DAYS = 30
@@ -42,10 +43,21 @@ class AccountInfo:
 
 
 @dataclass(frozen=True)
+class DiskInfo:
+    """What the review needs about disk space, measured by the caller."""
+
+    # (path, bytes available, bytes needed: storage.min_free_bytes and a released audit reserve)
+    below_mark: Sequence[tuple[str, int, int]] = ()
+    reserve_path: str | None = None  # the audit reserve file; None: none is kept (PostgreSQL, or 0 bytes)
+    reserve_held: int | None = None  # the bytes it holds (0: released); None: no such file
+
+
+@dataclass(frozen=True)
 class DoctorInput:
     settings: Settings
     peers: Sequence[Peer]
     accounts: Sequence[AccountInfo]
+    disk: DiskInfo = DiskInfo()
 
 
 def _f(check: str, severity: Severity, target: str, title: str, detail: str, remediation: str) -> Finding:
@@ -370,9 +382,85 @@ def _settings(inp: DoctorInput) -> list[Finding]:
     return out
 
 
+def _index(inp: DoctorInput) -> list[Finding]:
+    """The index itself: reported on every installation until the index is encrypted."""
+    s = inp.settings
+    url = s.index_url
+    sqlite = url.lower().startswith("sqlite")
+    # Never the URL of a database server: it may carry a password.
+    target = url.split("///", 1)[1] if sqlite and "///" in url else "index.url (PostgreSQL database)"
+    where = (
+        "index.sqlite3, its -wal file and every copy or backup of them"
+        if sqlite
+        else "the PostgreSQL database, its files, dumps and backups"
+    )
+    return [
+        _f(
+            "config.index-plaintext-phi",
+            Severity.MEDIUM,
+            target,
+            "The index holds patient data in plain text",
+            "Objects are encrypted, the index is not: patient names, IDs and birth dates, study "
+            f"details and the audit trail's records are readable by whoever reads {where}. A stolen "
+            "disk or backup lists every patient. (Encrypting the index is not implemented yet.)",
+            "Keep the data directory and the database private to the SafePACS account, put them and "
+            "every backup of the index on encrypted storage (full-disk or volume encryption, encrypted "
+            "backups), and restrict who can read backups and the database server.",
+        )
+    ]
+
+
+def _disk(inp: DoctorInput) -> list[Finding]:
+    s, disk = inp.settings, inp.disk
+    out: list[Finding] = []
+    for path, free, needed in disk.below_mark:
+        reserve = needed - s.storage.min_free_bytes
+        out.append(
+            _f(
+                "config.disk-full",
+                Severity.HIGH,
+                path,
+                "Stores are refused: the disk is nearly full",
+                f"{free} bytes available, less than storage.min_free_bytes ({s.storage.min_free_bytes})"
+                + (f" plus the {reserve} bytes of the audit reserve to refill" if reserve > 0 else "")
+                + ": C-STORE, STOW-RS and import are refused; searching and retrieving go on as long "
+                "as their audit records fit.",
+                "Free disk space or grow the file system; stores resume within a second.",
+            )
+        )
+    if disk.reserve_path is None:
+        return out
+    size = s.storage.audit_reserve_bytes
+    if disk.reserve_held == 0:
+        out.append(
+            _f(
+                "config.audit-reserve",
+                Severity.HIGH,
+                disk.reserve_path,
+                "The disk space reserved for the audit trail was used",
+                "The disk filled up and the reserve was released so that accesses could still be "
+                "recorded; when the disk fills up again, every access is refused.",
+                "Free disk space: the next store refills the reserve (so does 'safepacs serve' at start).",
+            )
+        )
+    elif disk.reserve_held is None or disk.reserve_held < size:
+        out.append(
+            _f(
+                "config.audit-reserve",
+                Severity.LOW,
+                disk.reserve_path,
+                "No disk space reserved for the audit trail yet",
+                f"storage.audit_reserve_bytes is {size}; 'safepacs serve' reserves it when it starts "
+                "(if the disk has room).",
+                "Start (or restart) 'safepacs serve'.",
+            )
+        )
+    return out
+
+
 def review_config(inp: DoctorInput) -> list[Finding]:
     """The configuration half of the doctor."""
-    return _files(inp) + _network(inp) + _accounts(inp) + _settings(inp)
+    return _index(inp) + _disk(inp) + _files(inp) + _network(inp) + _accounts(inp) + _settings(inp)
 
 
 def run_doctor(

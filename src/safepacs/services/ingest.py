@@ -31,6 +31,7 @@ from safepacs.errors import (
     InvalidObjectError,
     SafePacsError,
     StorageError,
+    StorageFullError,
     UnsyncedCommitError,
 )
 from safepacs.index import SqlIndex
@@ -38,6 +39,7 @@ from safepacs.index.header import TRUNCATED, read_indexed_elements
 from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
 from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
+from safepacs.storage.space import FreeSpace
 from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
 
 __all__ = [
@@ -109,6 +111,7 @@ class IngestService:
         *,
         overwrite: bool = False,
         max_object_bytes: int = 2 * 1024**3,
+        space: FreeSpace | None = None,
     ) -> None:
         self._index = index
         self._audit = audit
@@ -116,6 +119,7 @@ class IngestService:
         self._cipher = cipher
         self._overwrite = overwrite
         self._max_bytes = max_object_bytes
+        self._space = space  # the low-water mark (storage.min_free_bytes); None: never refuse for it
 
     # Entry points ------------------------------------------------------------
     def ingest_dataset(
@@ -150,6 +154,19 @@ class IngestService:
         """Whether ``principal`` may store at all (:class:`AccessDenied`, recorded, when not)."""
         self._audit.require(principal, Service.STORE)
 
+    def check_space(
+        self, principal: Principal, batch: StoreBatch | None = None, *, imported: bool = False
+    ) -> None:
+        """Whether there is room to store (:class:`StorageFullError` when free disk space is below
+        ``storage.min_free_bytes``), before a request's instances are read; the refusal is recorded,
+        once per ``batch``."""
+        try:
+            if self._space is not None:
+                self._space.check()
+        except StorageFullError as exc:
+            self._refused(principal, None, exc, imported=imported, batch=batch)
+            raise
+
     def end_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool = False) -> None:
         """Record what a batch stored (the end of an association, a STOW-RS request, an import run)."""
         self._audit.stored_batch(principal, batch, imported=imported)
@@ -166,6 +183,8 @@ class IngestService:
         facts: StudyFacts | None = None
         candidate: _Candidate | None = None
         try:
+            if self._space is not None:
+                self._space.check()  # before anything is written: what is left is for reads
             candidate = build()
             facts = candidate.facts()
             result = self._store(principal, candidate, facts, imported=imported, batch=batch)
@@ -175,11 +194,27 @@ class IngestService:
         except AuditError:
             raise
         except SafePacsError as exc:
-            self._audit.store_failed(principal, facts, str(exc), imported=imported)
+            self._refused(principal, facts, exc, imported=imported, batch=batch)
             raise
         finally:
             if candidate is not None:
                 candidate.sealed.staged.discard()  # nothing, once committed
+
+    def _refused(
+        self,
+        principal: Principal,
+        facts: StudyFacts | None,
+        exc: SafePacsError,
+        *,
+        imported: bool,
+        batch: StoreBatch | None,
+    ) -> None:
+        """Record a refused store; one refusal for lack of space per batch (see :class:`StoreBatch`)."""
+        if isinstance(exc, StorageFullError) and batch is not None:
+            if batch.refused_for_space:
+                return
+            batch.refused_for_space = True
+        self._audit.store_failed(principal, facts, str(exc), imported=imported)
 
     def _network_candidate(
         self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, encoded: bytes

@@ -3,7 +3,9 @@
 Every part goes through the same ingest service as C-STORE and ``safepacs import`` (validation,
 encryption, durable write, index).  The answer lists what was stored (ReferencedSOPSequence) and
 what was not with a Failure Reason (FailedSOPSequence): 200 when everything was stored, 202 when
-some parts failed, 409 when none was stored (PS3.18 10.5.3.1).
+some parts failed, 409 when none was stored (PS3.18 10.5.3.1).  While free disk space is below
+``storage.min_free_bytes`` the request is answered 507 Insufficient Storage before its body is read
+(and when no part could be stored for lack of space).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.recorder import StoreBatch
-from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError
+from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError, StorageFullError
 from safepacs.services.ingest import IngestService, SopClassMismatch
 from safepacs.types import IngestOutcome, Principal
 from safepacs.web.problems import Problem, not_found
@@ -103,6 +105,17 @@ def _reason(exc: SafePacsError) -> int:
     return _OUT_OF_RESOURCES
 
 
+def _insufficient_storage() -> Problem:
+    """507 Insufficient Storage (RFC 4918 11.5): free disk space is below ``storage.min_free_bytes``."""
+    return Problem(
+        507,
+        "Insufficient Storage",
+        "the archive is out of disk space (storage.min_free_bytes) and stores nothing until space is "
+        "freed; retrieving and searching go on",
+        {"Retry-After": "300"},
+    )
+
+
 def make_router(
     principal_of: Callable[[Request], Principal], ingest: IngestService, max_request_bytes: int
 ) -> APIRouter:
@@ -124,11 +137,15 @@ def make_router(
         return b"".join(chunks)
 
     def store(
-        principal: Principal, parts: list[tuple[dict[str, str], bytes]], study: str | None, base: str
+        principal: Principal,
+        parts: list[tuple[dict[str, str], bytes]],
+        study: str | None,
+        base: str,
+        batch: StoreBatch,
     ) -> JSONResponse:
         stored = Sequence()
         failed = Sequence()
-        batch = StoreBatch()
+        out_of_space = False
         for headers, data in parts:
             media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
             sop_class, sop_instance, study_uid, series_uid = _uids(data)
@@ -142,6 +159,10 @@ def make_router(
                 result = ingest.ingest_file(principal, data, imported=False, batch=batch)
             except AuditError:  # fail closed: the whole request is refused (503), not one part
                 raise
+            except StorageFullError:
+                out_of_space = True
+                failed.append(_item(sop_class, sop_instance, FailureReason=_OUT_OF_RESOURCES))
+                continue
             except SafePacsError as exc:
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
@@ -154,6 +175,8 @@ def make_router(
             else:
                 stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
         ingest.end_batch(principal, batch)
+        if out_of_space and not stored:
+            raise _insufficient_storage()
         answer = Dataset()
         if study is not None:
             answer.RetrieveURL = f"{base}/dicomweb/studies/{study}"
@@ -170,6 +193,11 @@ def make_router(
             await run_in_threadpool(ingest.require, principal)  # a refusal is recorded
         except AccessDenied:
             raise not_found() from None
+        batch = StoreBatch()
+        try:  # before the body is read: no room, no upload (the refusal is recorded)
+            await run_in_threadpool(ingest.check_space, principal, batch)
+        except StorageFullError:
+            raise _insufficient_storage() from None
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/related"):
             raise Problem(
@@ -192,7 +220,7 @@ def make_router(
         if not parts:
             raise Problem(400, "Bad Request", "the request holds no instance")
         base = str(request.base_url).rstrip("/")
-        return await run_in_threadpool(store, principal, parts, study, base)
+        return await run_in_threadpool(store, principal, parts, study, base, batch)
 
     @router.post("/studies")
     async def stow_any(request: Request) -> JSONResponse:
