@@ -117,9 +117,14 @@ class StoreBatch:
     C-STORE the same way: per study and association, not per instance.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, summarise_refusals: bool = False) -> None:
         self.studies: dict[str, StudyFacts] = {}
         self.outcomes: dict[str, int] = {}
+        #: True (a STOW-RS request): an instance refused is counted here, by reason, and recorded in the
+        #: batch's summary instead of on its own, so a request of many bad parts costs one record.
+        self.summarise_refusals = summarise_refusals
+        self.refusals: dict[str, int] = {}
+        self.refused_studies: dict[str, StudyFacts] = {}
 
     def first(self, facts: StudyFacts) -> bool:
         """Whether this is the first instance of its study in the batch (then its event is recorded)."""
@@ -133,6 +138,27 @@ class StoreBatch:
         for sop_class, n in facts.sop_classes.items():
             known.add(sop_class, n)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def refuse(self, why: str, facts: StudyFacts | None = None) -> None:
+        """An instance of the batch refused (``why``: one sentence without PHI), of ``facts``' study when
+        it was read far enough to know it."""
+        self.refusals[why] = self.refusals.get(why, 0) + 1
+        if facts is not None and facts.study_uid:
+            known = self.refused_studies.setdefault(
+                facts.study_uid, StudyFacts(facts.study_uid, facts.patient_id, facts.patient_name)
+            )
+            for sop_class, n in facts.sop_classes.items():
+                known.add(sop_class, n)
+
+    def all_studies(self) -> list[StudyFacts]:
+        """The studies of every instance received, stored or refused, with their counts per SOP class."""
+        merged: dict[str, StudyFacts] = {}
+        for source in (self.studies, self.refused_studies):
+            for uid, s in source.items():
+                into = merged.setdefault(uid, StudyFacts(s.study_uid, s.patient_id, s.patient_name))
+                for sop_class, n in s.sop_classes.items():
+                    into.add(sop_class, n)
+        return list(merged.values())
 
 
 def facts_of(header: Dataset) -> StudyFacts:
@@ -202,6 +228,10 @@ def _study_objects(studies: Iterable[StudyFacts]) -> tuple[AuditObject, ...]:
             AuditObject(ObjectKind.STUDY, s.study_uid, sop_classes=tuple(sorted(s.sop_classes.items())))
         )
     return tuple(out)
+
+
+#: How many distinct reasons for refused instances a batch's summary lists (the most frequent first).
+_MAX_REASONS = 8
 
 
 def _outcome(why: str | None, failure: Outcome = Outcome.MINOR_FAILURE) -> Outcome:
@@ -301,19 +331,26 @@ class Auditor:
         )
 
     def stored_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool) -> None:
-        """The end of a batch of stores (see :class:`StoreBatch`); nothing when nothing was stored."""
-        if not batch.studies:
+        """The end of a batch of stores (see :class:`StoreBatch`); nothing when nothing was stored (or,
+        for a batch that summarises its refusals, refused)."""
+        refused = sum(batch.refusals.values())
+        if not batch.studies and not refused:
             return
         kept = batch.outcomes.get("conflict", 0)
-        detail = ", ".join(f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items()))
+        counts = [f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items())]
+        if refused:
+            by_count = sorted(batch.refusals.items(), key=lambda item: (-item[1], item[0]))
+            reasons = "; ".join(f"{why}: {n}" for why, n in by_count[:_MAX_REASONS])
+            more = f"; {len(by_count) - _MAX_REASONS} other reasons" if len(by_count) > _MAX_REASONS else ""
+            counts.append(f"{refused} refused ({reasons}{more})")
         self.record(
             AuditEvent(
                 EventID.IMPORT if imported else EventID.INSTANCES_TRANSFERRED,
                 Action.CREATE,
-                Outcome.MINOR_FAILURE if kept else Outcome.SUCCESS,
+                Outcome.MINOR_FAILURE if kept or refused else Outcome.SUCCESS,
                 (actor(principal, SOURCE), self.archive(DESTINATION)),
-                _study_objects(batch.studies.values()),
-                outcome_description=f"instances received: {detail}",
+                _study_objects(batch.all_studies()),
+                outcome_description=f"instances received: {', '.join(counts)}",
             )
         )
 

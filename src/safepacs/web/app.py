@@ -75,7 +75,8 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
     wado_uri = make_wadouri_router(principal_of, archive.retrieve)
     app.include_router(wado_uri, prefix="/dicomweb", tags=["WADO-URI"])
-    stow = make_stow_router(principal_of, archive.ingest, archive.settings.server.max_request_bytes)
+    server = archive.settings.server
+    stow = make_stow_router(principal_of, archive.ingest, server.max_request_bytes, server.max_stow_parts)
     app.include_router(stow, prefix="/dicomweb", tags=["STOW-RS"])
     app.include_router(make_delete_router(principal_of, archive.delete), prefix="/dicomweb", tags=["Delete"])
     idle = int(archive.settings.auth.session_idle_minutes * 60)
