@@ -683,7 +683,7 @@ def test_an_object_swapped_in_the_store_is_refused_not_served(
             if legacy:
                 db.execute("UPDATE instances SET seal_tag = NULL")
                 db.commit()
-            # The answer has begun (200) when the object is read; it ends without the part.
+            # Read and refused before the answer begins: a 500 problem, nothing of it sent.
             assert served(client.get(url + first.SOPInstanceUID)) == [], legacy
         path[first.SOPInstanceUID].write_bytes(original)  # put back: served again (SHA-256 path)
         assert served(client.get(url + first.SOPInstanceUID)) == [first.SOPInstanceUID]

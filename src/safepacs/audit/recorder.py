@@ -27,6 +27,8 @@ C-STORE, STOW-RS                       110103 DICOM Instances Accessed, action C
 C-FIND, QIDO-RS                        110112 Query, action E, with the query keys
 C-GET, WADO-RS and WADO-URI instances  110104 DICOM Instances Transferred, action R
 C-MOVE                                 110102 Begin Transferring DICOM Instances, action R
+a stored object that fails its          110113 Security Alert naming the instance, and the
+integrity check as it is read          retrieval's event for it, both outcome 8 (not sent)
 metadata, frames, bulk data, rendered  110103 DICOM Instances Accessed, action R
 delete / purge / restore               110105 DICOM Study Deleted, action D / 110103 action U
 login, logout, failed login            110114 User Authentication, 110122 Login / 110123 Logout
@@ -44,7 +46,7 @@ import getpass
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
@@ -397,22 +399,77 @@ class Auditor:
         why: str | None = None,
     ) -> None:
         """Instances handed out: to the requestor, or (C-MOVE) to ``destination``."""
-        participants: tuple[Participant, ...] = (
-            (self.archive(SOURCE), actor(principal, DESTINATION))
-            if destination is None
-            else (self.archive(SOURCE), actor(principal), destination)
-        )
         self.record(
             AuditEvent(
                 event_id,
                 Action.READ,
                 _outcome(why),
-                participants,
+                self._retrieval_participants(principal, destination),
                 _study_objects(studies),
                 outcome_description=why,
             ),
             durable=False,
         )
+
+    def integrity_failed(
+        self,
+        principal: Principal,
+        study: StudyFacts,
+        instance: InstanceRef,
+        event_id: EventID,
+        *,
+        destination: Participant | None = None,
+        why: str,
+    ) -> None:
+        """A stored object failed its integrity check when it was read for ``principal``'s retrieval
+        (recorded as ``event_id``): a Security Alert naming the instance (PS3.15 A.5.3.11; outcome 8,
+        serious: the check held, nothing altered was sent, but the object is lost until restored), and
+        the retrieval's failure for that instance (outcome 8: it was not sent), synced together.
+
+        The alert carries no EventTypeCode: PS3.16 CID 403 has none for a failed integrity check, and
+        another of its codes would misname the alert; the outcome description and the Alert Description
+        of the object say what happened."""
+        where = (
+            ("Series Instance UID", instance.series_uid),
+            ("SOP Instance UID", instance.sop_instance_uid),
+        )
+        named = StudyFacts(study.study_uid, study.patient_id, study.patient_name)
+        named.add(instance.sop_class_uid)
+        objects = tuple(
+            replace(o, detail=where) if o.kind is ObjectKind.STUDY else o for o in _study_objects([named])
+        )
+        alert = f"a stored object failed its integrity check and was not sent: {why}"
+        self.record(
+            AuditEvent(
+                EventID.SECURITY_ALERT,
+                Action.EXECUTE,
+                Outcome.SERIOUS_FAILURE,
+                (actor(principal), self.archive()),
+                tuple(
+                    replace(o, detail=(*o.detail, ("Alert Description", alert)))
+                    if o.kind is ObjectKind.STUDY
+                    else o
+                    for o in objects
+                ),
+                outcome_description=alert,
+            ),
+            AuditEvent(
+                event_id,
+                Action.READ,
+                Outcome.SERIOUS_FAILURE,
+                self._retrieval_participants(principal, destination),
+                objects,
+                outcome_description="1 instance not sent: its stored object failed its integrity check",
+            ),
+        )
+
+    def _retrieval_participants(
+        self, principal: Principal, destination: Participant | None
+    ) -> tuple[Participant, ...]:
+        """The archive as source; the requestor as destination, or (C-MOVE) beside ``destination``."""
+        if destination is None:
+            return (self.archive(SOURCE), actor(principal, DESTINATION))
+        return (self.archive(SOURCE), actor(principal), destination)
 
     def deletion(self, who: Participant | None, studies: Sequence[StudyFacts], detail: str) -> AuditEvent:
         """The event of a deletion by ``who`` (None: the archive's own purge after retention)."""
