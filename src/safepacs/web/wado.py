@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydicom.uid import ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
-from safepacs.errors import AuditError, SafePacsError
+from safepacs.errors import AuditError, IntegrityError, SafePacsError
 from safepacs.services import bulkdata
 from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import can_convert
@@ -142,10 +142,11 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
         for ref in refs:
-            stored = retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED)  # damaged: 500, recorded
             try:
-                ds = bulkdata.load(stored)
+                ds = bulkdata.load(retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED))
                 out.append(bulkdata.metadata(ds, _bulk_uri(base, ref)))
+            except (IntegrityError, AuditError):
+                raise  # a damaged object (recorded): 500, the answer is not sent incomplete
             except SafePacsError as exc:
                 log.warning("WADO-RS metadata left an instance out: %s", exc)
             except Exception as exc:  # noqa: BLE001 - a stored object whose values pydicom cannot convert
