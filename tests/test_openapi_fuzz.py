@@ -1,7 +1,8 @@
-"""schemathesis against the published OpenAPI document of a running server (real TLS, real index).
+"""schemathesis against the OpenAPI document of a running server (real TLS, real index).
 
-Every operation is called with generated parameters and bodies by an administrator's token; no
-answer may be a server error, and every error must be a problem document without a traceback.
+The document is fetched, and every operation is called with generated parameters and bodies, with an
+administrator's token; no answer may be a server error, and every error must be a problem document
+without a traceback.  Without a credential the document itself is refused.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_server: tuple[Server, str]) -> Any:
-    srv, _ = fuzz_server
-    return schemathesis.openapi.from_url(f"{srv.base_url}/api/openapi.json", verify=str(srv.ca_file))
+    srv, token = fuzz_server
+    return schemathesis.openapi.from_url(
+        f"{srv.base_url}/api/openapi.json",
+        verify=str(srv.ca_file),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
 
 
 def _problem_without_traceback(ctx: Any, response: Any, case: Any) -> bool | None:
@@ -84,3 +90,27 @@ def test_the_openapi_document_is_served(fuzz_server: tuple[Server, str], api_sch
     paths = set(api_schema.raw_schema["paths"])
     assert {"/dicomweb/studies", "/api/session"} <= paths
     assert Path(srv.ca_file).is_file()
+
+
+def test_the_openapi_document_needs_a_credential(fuzz_server: tuple[Server, str]) -> None:
+    """It names the product, its version and every route: an anonymous caller gets the 401 every other
+    route answers, and nothing of the document."""
+    import ssl
+
+    import httpx
+
+    srv, token = fuzz_server
+    verify = ssl.create_default_context(cafile=str(srv.ca_file))
+    with httpx.Client(base_url=srv.base_url, verify=verify, timeout=20) as client:
+        for headers in ({}, {"Authorization": "Bearer spat_0123456789abcdef_" + "A" * 43}):
+            r = client.get("/api/openapi.json", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.headers["www-authenticate"].startswith('Bearer realm="SafePACS"')
+            assert "SafePACS" not in r.text.replace('realm="SafePACS"', "") and "/dicomweb" not in r.text
+        for path in ("/docs", "/redoc", "/openapi.json", "/api/docs"):
+            assert client.get(path).status_code in (401, 404), path
+        r = client.get("/api/openapi.json", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and "/dicomweb/studies" in r.json()["paths"]
+        # The WADL capabilities built from the same document still answer authenticated callers.
+        assert client.options("/dicomweb", headers={"Authorization": f"Bearer {token}"}).status_code == 200

@@ -469,6 +469,125 @@ def test_stow_rs_refuses_a_body_over_the_limit(data_dir: Path, capsys: pytest.Ca
         srv.stop()
 
 
+def _stow_client_token(archive: object) -> str:
+    from tests.webapp import add_user
+
+    add_user(archive, "tech", "technologist")  # type: ignore[arg-type]
+    token = issue_token("tech", dt.timedelta(hours=1))
+    archive.index.add_token(token.record)  # type: ignore[attr-defined]
+    return token.token
+
+
+def _mixed_body(parts: list[tuple[str, bytes]], boundary: str = "mixed-boundary") -> tuple[bytes, str]:
+    """A multipart body of (Content-Type, content) parts."""
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + content + b"\r\n"
+        for ctype, content in parts
+    )
+    return (
+        body + f"--{boundary}--\r\n".encode(),
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
+
+
+def test_stow_rs_refuses_more_parts_than_allowed_whole_with_one_record(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request over ``server.max_stow_parts`` (or ``server.max_request_bytes``) is refused before any
+    part is looked at: 413 with a problem body, nothing stored, one audit record whatever it carried."""
+    from safepacs.audit.capture import AuditCapture
+    from safepacs.audit.events import Action, EventID, Outcome
+    from tests.webapp import inprocess
+
+    monkeypatch.setenv("SAFEPACS_SERVER__MAX_STOW_PARTS", "4")
+    monkeypatch.setenv("SAFEPACS_SERVER__MAX_REQUEST_BYTES", "300000")
+    with inprocess(data_dir) as (client, archive):
+        headers = {"Authorization": f"Bearer {_stow_client_token(archive)}"}
+        capture = AuditCapture(archive.index)
+        body, ctype = _multipart_body([_file(make_ct()) for _ in range(5)])
+        r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+        assert r.status_code == 413, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "at most 4 instances" in r.json()["detail"]
+        assert archive.index.count_instances() == 0
+        assert [p for p in (data_dir / "objects").rglob("*") if p.is_file()] == []
+        (event,) = capture.events()
+        assert (event.event_id, event.action, event.outcome) == (
+            EventID.INSTANCES_ACCESSED,
+            Action.CREATE,
+            Outcome.MINOR_FAILURE,
+        )
+        assert "at most 4 instances" in (event.outcome_description or "") and event.objects == ()
+        # A body over the byte limit: the same single record.
+        capture.reset()
+        body, ctype = _multipart_body([_file(make_ct(rows=512, cols=512))])
+        r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+        assert r.status_code == 413 and r.json()["title"] == "Content Too Large"
+        assert len(capture.events()) == 1
+        # At the limit, the request is served.
+        capture.reset()
+        body, ctype = _multipart_body([_file(make_ct(rows=16, cols=16)) for _ in range(4)])
+        r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+        assert r.status_code == 200, r.text
+        assert archive.index.count_instances() == 4
+
+
+def test_the_stow_part_limit_is_a_validated_setting(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safepacs.config import load_settings
+    from safepacs.config._settings import render_default_toml
+    from safepacs.errors import ConfigError
+
+    assert load_settings(data_dir).server.max_stow_parts == 2000
+    assert "\nmax_stow_parts = 2000\n" in render_default_toml()
+    monkeypatch.setenv("SAFEPACS_SERVER__MAX_STOW_PARTS", "0")
+    with pytest.raises(ConfigError, match=r"server\.max_stow_parts"):
+        load_settings(data_dir)
+
+
+def test_stow_rs_refuses_non_dicom_parts_cheaply_with_one_record_per_request(data_dir: Path) -> None:
+    """Parts that are not application/dicom or not DICOM Part 10 are refused without being parsed, and,
+    like every refused part, are summed up in the request's one summary record, not recorded one by one."""
+    from safepacs.audit.capture import AuditCapture
+    from safepacs.audit.events import Action, EventID, Outcome
+    from tests.webapp import inprocess
+
+    good = make_ct(rows=16, cols=16, patient_id="STOW-1")
+    with inprocess(data_dir) as (client, archive):
+        headers = {"Authorization": f"Bearer {_stow_client_token(archive)}"}
+        capture = AuditCapture(archive.index)
+        parts = (
+            [("text/plain", b"hello %d" % i) for i in range(10)]
+            + [("application/dicom", b"\x00" * 200) for _ in range(10)]  # no "DICM" after the preamble
+            + [("application/dicom", b"\x00" * 128 + b"DICMgarbage") for _ in range(5)]  # unreadable meta
+            + [("application/octet-stream", _file(make_ct(rows=16, cols=16)))]  # DICOM, wrong type
+            + [("application/dicom", _file(good))]
+        )
+        body, ctype = _mixed_body(parts)
+        r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+        assert r.status_code == 202, r.text
+        failed = r.json()["00081198"]["Value"]
+        assert len(failed) == 26 and {f["00081197"]["Value"][0] for f in failed} == {0xC000}
+        assert len(r.json()["00081199"]["Value"]) == 1
+        assert archive.index.count_instances() == 1
+        events = capture.events()
+        # The stored instance's own record, then the request's summary: nothing per refused part.
+        assert [e.event_id for e in events] == [EventID.INSTANCES_ACCESSED, EventID.INSTANCES_TRANSFERRED]
+        summary = events[1]
+        assert (summary.action, summary.outcome) == (Action.CREATE, Outcome.MINOR_FAILURE)
+        why = summary.outcome_description or ""
+        assert why.startswith("instances received: 1 stored, 26 refused (")
+        assert "not application/dicom: 11" in why and "not a DICOM Part 10 file" in why
+        assert summary.study_uids == (str(good.StudyInstanceUID),)
+        # Nothing stored at all: 409, and still one record.
+        capture.reset()
+        body, ctype = _mixed_body([("text/plain", b"x")] * 3 + [("application/dicom", b"nope")])
+        r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+        assert r.status_code == 409
+        (only,) = capture.events()
+        assert only.event_id is EventID.INSTANCES_TRANSFERRED and only.outcome is Outcome.MINOR_FAILURE
+        assert (only.outcome_description or "").startswith("instances received: 4 refused (")
+
+
 def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
     import asyncio
 
@@ -564,7 +683,7 @@ def test_an_object_swapped_in_the_store_is_refused_not_served(
             if legacy:
                 db.execute("UPDATE instances SET seal_tag = NULL")
                 db.commit()
-            # The answer has begun (200) when the object is read; it ends without the part.
+            # Read and refused before the answer begins: a 500 problem, nothing of it sent.
             assert served(client.get(url + first.SOPInstanceUID)) == [], legacy
         path[first.SOPInstanceUID].write_bytes(original)  # put back: served again (SHA-256 path)
         assert served(client.get(url + first.SOPInstanceUID)) == [first.SOPInstanceUID]

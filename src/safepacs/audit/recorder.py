@@ -27,6 +27,8 @@ C-STORE, STOW-RS                       110103 DICOM Instances Accessed, action C
 C-FIND, QIDO-RS                        110112 Query, action E, with the query keys
 C-GET, WADO-RS and WADO-URI instances  110104 DICOM Instances Transferred, action R
 C-MOVE                                 110102 Begin Transferring DICOM Instances, action R
+a stored object that fails its          110113 Security Alert naming the instance, and the
+integrity check as it is read          retrieval's event for it, both outcome 8 (not sent)
 metadata, frames, bulk data, rendered  110103 DICOM Instances Accessed, action R
 delete / purge / restore               110105 DICOM Study Deleted, action D / 110103 action U
 login, logout, failed login            110114 User Authentication, 110122 Login / 110123 Logout
@@ -44,7 +46,7 @@ import getpass
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
@@ -117,12 +119,17 @@ class StoreBatch:
     C-STORE the same way: per study and association, not per instance.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, summarise_refusals: bool = False) -> None:
         self.studies: dict[str, StudyFacts] = {}
         self.outcomes: dict[str, int] = {}
         # Stores refused for lack of disk space are recorded once per batch, not once per instance:
         # each record takes some of the space that is left for the records of reads.
         self.refused_for_space = False
+        #: True (a STOW-RS request): an instance refused is counted here, by reason, and recorded in the
+        #: batch's summary instead of on its own, so a request of many bad parts costs one record.
+        self.summarise_refusals = summarise_refusals
+        self.refusals: dict[str, int] = {}
+        self.refused_studies: dict[str, StudyFacts] = {}
 
     def first(self, facts: StudyFacts) -> bool:
         """Whether this is the first instance of its study in the batch (then its event is recorded)."""
@@ -136,6 +143,27 @@ class StoreBatch:
         for sop_class, n in facts.sop_classes.items():
             known.add(sop_class, n)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def refuse(self, why: str, facts: StudyFacts | None = None) -> None:
+        """An instance of the batch refused (``why``: one sentence without PHI), of ``facts``' study when
+        it was read far enough to know it."""
+        self.refusals[why] = self.refusals.get(why, 0) + 1
+        if facts is not None and facts.study_uid:
+            known = self.refused_studies.setdefault(
+                facts.study_uid, StudyFacts(facts.study_uid, facts.patient_id, facts.patient_name)
+            )
+            for sop_class, n in facts.sop_classes.items():
+                known.add(sop_class, n)
+
+    def all_studies(self) -> list[StudyFacts]:
+        """The studies of every instance received, stored or refused, with their counts per SOP class."""
+        merged: dict[str, StudyFacts] = {}
+        for source in (self.studies, self.refused_studies):
+            for uid, s in source.items():
+                into = merged.setdefault(uid, StudyFacts(s.study_uid, s.patient_id, s.patient_name))
+                for sop_class, n in s.sop_classes.items():
+                    into.add(sop_class, n)
+        return list(merged.values())
 
 
 def facts_of(header: Dataset) -> StudyFacts:
@@ -205,6 +233,10 @@ def _study_objects(studies: Iterable[StudyFacts]) -> tuple[AuditObject, ...]:
             AuditObject(ObjectKind.STUDY, s.study_uid, sop_classes=tuple(sorted(s.sop_classes.items())))
         )
     return tuple(out)
+
+
+#: How many distinct reasons for refused instances a batch's summary lists (the most frequent first).
+_MAX_REASONS = 8
 
 
 def _outcome(why: str | None, failure: Outcome = Outcome.MINOR_FAILURE) -> Outcome:
@@ -304,19 +336,26 @@ class Auditor:
         )
 
     def stored_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool) -> None:
-        """The end of a batch of stores (see :class:`StoreBatch`); nothing when nothing was stored."""
-        if not batch.studies:
+        """The end of a batch of stores (see :class:`StoreBatch`); nothing when nothing was stored (or,
+        for a batch that summarises its refusals, refused)."""
+        refused = sum(batch.refusals.values())
+        if not batch.studies and not refused:
             return
         kept = batch.outcomes.get("conflict", 0)
-        detail = ", ".join(f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items()))
+        counts = [f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items())]
+        if refused:
+            by_count = sorted(batch.refusals.items(), key=lambda item: (-item[1], item[0]))
+            reasons = "; ".join(f"{why}: {n}" for why, n in by_count[:_MAX_REASONS])
+            more = f"; {len(by_count) - _MAX_REASONS} other reasons" if len(by_count) > _MAX_REASONS else ""
+            counts.append(f"{refused} refused ({reasons}{more})")
         self.record(
             AuditEvent(
                 EventID.IMPORT if imported else EventID.INSTANCES_TRANSFERRED,
                 Action.CREATE,
-                Outcome.MINOR_FAILURE if kept else Outcome.SUCCESS,
+                Outcome.MINOR_FAILURE if kept or refused else Outcome.SUCCESS,
                 (actor(principal, SOURCE), self.archive(DESTINATION)),
-                _study_objects(batch.studies.values()),
-                outcome_description=f"instances received: {detail}",
+                _study_objects(batch.all_studies()),
+                outcome_description=f"instances received: {', '.join(counts)}",
             )
         )
 
@@ -363,22 +402,77 @@ class Auditor:
         why: str | None = None,
     ) -> None:
         """Instances handed out: to the requestor, or (C-MOVE) to ``destination``."""
-        participants: tuple[Participant, ...] = (
-            (self.archive(SOURCE), actor(principal, DESTINATION))
-            if destination is None
-            else (self.archive(SOURCE), actor(principal), destination)
-        )
         self.record(
             AuditEvent(
                 event_id,
                 Action.READ,
                 _outcome(why),
-                participants,
+                self._retrieval_participants(principal, destination),
                 _study_objects(studies),
                 outcome_description=why,
             ),
             durable=False,
         )
+
+    def integrity_failed(
+        self,
+        principal: Principal,
+        study: StudyFacts,
+        instance: InstanceRef,
+        event_id: EventID,
+        *,
+        destination: Participant | None = None,
+        why: str,
+    ) -> None:
+        """A stored object failed its integrity check when it was read for ``principal``'s retrieval
+        (recorded as ``event_id``): a Security Alert naming the instance (PS3.15 A.5.3.11; outcome 8,
+        serious: the check held, nothing altered was sent, but the object is lost until restored), and
+        the retrieval's failure for that instance (outcome 8: it was not sent), synced together.
+
+        The alert carries no EventTypeCode: PS3.16 CID 403 has none for a failed integrity check, and
+        another of its codes would misname the alert; the outcome description and the Alert Description
+        of the object say what happened."""
+        where = (
+            ("Series Instance UID", instance.series_uid),
+            ("SOP Instance UID", instance.sop_instance_uid),
+        )
+        named = StudyFacts(study.study_uid, study.patient_id, study.patient_name)
+        named.add(instance.sop_class_uid)
+        objects = tuple(
+            replace(o, detail=where) if o.kind is ObjectKind.STUDY else o for o in _study_objects([named])
+        )
+        alert = f"a stored object failed its integrity check and was not sent: {why}"
+        self.record(
+            AuditEvent(
+                EventID.SECURITY_ALERT,
+                Action.EXECUTE,
+                Outcome.SERIOUS_FAILURE,
+                (actor(principal), self.archive()),
+                tuple(
+                    replace(o, detail=(*o.detail, ("Alert Description", alert)))
+                    if o.kind is ObjectKind.STUDY
+                    else o
+                    for o in objects
+                ),
+                outcome_description=alert,
+            ),
+            AuditEvent(
+                event_id,
+                Action.READ,
+                Outcome.SERIOUS_FAILURE,
+                self._retrieval_participants(principal, destination),
+                objects,
+                outcome_description="1 instance not sent: its stored object failed its integrity check",
+            ),
+        )
+
+    def _retrieval_participants(
+        self, principal: Principal, destination: Participant | None
+    ) -> tuple[Participant, ...]:
+        """The archive as source; the requestor as destination, or (C-MOVE) beside ``destination``."""
+        if destination is None:
+            return (self.archive(SOURCE), actor(principal, DESTINATION))
+        return (self.archive(SOURCE), actor(principal), destination)
 
     def deletion(self, who: Participant | None, studies: Sequence[StudyFacts], detail: str) -> AuditEvent:
         """The event of a deletion by ``who`` (None: the archive's own purge after retention)."""

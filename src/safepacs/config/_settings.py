@@ -64,6 +64,12 @@ class ServerSettings(_Section):
     max_request_bytes: int = Field(
         512 * 1024**2, ge=1024, description="Largest HTTPS request body (a STOW-RS upload), in bytes."
     )
+    max_stow_parts: int = Field(
+        2000,
+        ge=1,
+        le=1_000_000,
+        description="Most instances (multipart parts) in one STOW-RS request; more: 413, nothing stored.",
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds associations may take to finish on shutdown before they are aborted."
     )

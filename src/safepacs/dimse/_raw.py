@@ -5,7 +5,16 @@ pynetdicom's C-GET/C-MOVE service classes send what a handler yields through
 it was given, byte for byte, and must not decode a 500-slice series to send it.  The handlers
 therefore yield a :class:`RawInstance` placeholder and the association's ``send_c_store`` is
 wrapped so that a placeholder is sent as the stored data set bytes (or transcoded, when the peer
-did not accept the stored transfer syntax; PS3.4 C.4.2.3.1).
+did not accept the stored transfer syntax; PS3.4 C.4.2.3.1).  An instance that cannot be read
+(its stored object fails its integrity check) raises, and pynetdicom counts that sub-operation as
+failed and lists it in the Failed SOP Instance UID List of the final response.
+
+That final response (Warning, Failure or Cancel, PS3.4 C.4.2.1.5 / C.4.3.1.3) carries the list as
+an Identifier.  :func:`enable_raw_store` also makes it go out as one P-DATA-TF PDU, the command and
+the identifier as two PDVs (PS3.8 9.3.5 allows several PDVs in one PDU), when that fits the peer's
+maximum PDU length: DCMTK's ``getscu`` (``DcmSCU``) reads the command of a C-GET-RSP but not its
+data set, and a PDU left unread fails its association release ("P-Data PDU arrived"); a PDV left
+in a PDU it has read already is not looked at.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import evt
+from pynetdicom.dimse import _RSP_TO_MESSAGE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from safepacs.errors import RetrieveError, SafePacsError
-from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import choose_transfer_syntax, dataset_bytes, transcode
 from safepacs.types import InstanceRef
 
@@ -37,14 +48,16 @@ log = logging.getLogger(__name__)
 class RawInstance(Dataset):
     """A placeholder for one stored instance; carries only what pynetdicom inspects."""
 
-    def __init__(self, ref: InstanceRef, retrieve: RetrieveService) -> None:
+    def __init__(self, ref: InstanceRef, read: Callable[[InstanceRef], bytes]) -> None:
+        """``read``: the retrieval's (:meth:`~safepacs.services.retrieve.Retrieval.read`), which checks
+        the stored object and records one that fails its check."""
         super().__init__()
         self.SOPClassUID = UID(ref.sop_class_uid)
         self.SOPInstanceUID = UID(ref.sop_instance_uid)
         self.file_meta = FileMetaDataset()
         self.file_meta.TransferSyntaxUID = UID(ref.transfer_syntax_uid)
         self.ref = ref
-        self.retrieve = retrieve
+        self.read = read
 
 
 def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
@@ -68,7 +81,7 @@ def _send_raw(
     target = choose_transfer_syntax(ref.transfer_syntax_uid, accepted)
     if target is None:
         raise RetrieveError("the peer accepted no transfer syntax this instance can be sent in")
-    part10 = inst.retrieve.read(ref)
+    part10 = inst.read(ref)
     if target == ref.transfer_syntax_uid:
         encoded = dataset_bytes(part10)[1]
     else:
@@ -117,6 +130,40 @@ def enable_raw_store(assoc: Association) -> None:
             raise
 
     assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+    _send_final_responses_whole(assoc)
+
+
+def _send_final_responses_whole(assoc: Association) -> None:
+    """Send a C-GET or C-MOVE response that carries an Identifier (the final one of a retrieve with
+    failures) as one P-DATA-TF PDU when it fits the peer's maximum PDU length (see the module
+    docstring); every other message as pynetdicom sends it."""
+    dimse = assoc.dimse
+    original: Callable[[Any, int], None] = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not (
+            isinstance(primitive, C_GET | C_MOVE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Identifier is not None
+        ):
+            original(primitive, context_id)
+            return
+        message = _RSP_TO_MESSAGE[type(primitive)]()
+        message.primitive_to_message(primitive)
+        message.context_id = context_id
+        pdus = list(message.encode_msg(context_id, dimse.maximum_pdu_size))
+        items = [item for pdu in pdus for item in pdu.presentation_data_value_list]
+        limit = dimse.maximum_pdu_size
+        # A PDV item: 4 bytes of length, the context ID, then the data (its control header first).
+        if len(pdus) > 1 and (not limit or sum(5 + len(data) for _, data in items) <= limit):
+            whole = P_DATA()
+            whole.presentation_data_value_list.extend(items)
+            pdus = [whole]
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        for pdu in pdus:
+            dimse.dul.send_pdu(pdu)
+
+    dimse.send_msg = send_msg  # type: ignore[method-assign]
 
 
 def set_nodelay(sock: socket.socket | None) -> None:

@@ -24,8 +24,8 @@ from safepacs.dimse.gate import principal_of
 from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError, StorageFullError
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
-from safepacs.services.retrieve import RetrieveService
-from safepacs.types import IngestOutcome, Peer, QueryLevel, Service
+from safepacs.services.retrieve import Retrieval, RetrieveService
+from safepacs.types import IngestOutcome, Peer, Principal, QueryLevel, Service
 
 __all__ = ["DimseHandlers"]
 
@@ -139,35 +139,45 @@ class DimseHandlers:
 
     def _locate(
         self, event: Any, action: Service, models: dict[str, Any], destination: Participant | None = None
-    ) -> list[Any]:
+    ) -> Retrieval:
+        """The retrieval the request names, its first instance read and checked, then recorded (a
+        damaged first instance is recorded as not sent; its sub-operation fails like any other's)."""
         model = models[str(event.request.AffectedSOPClassUID)]
         identifier = event.identifier
-        return self.retrieve.locate(
-            principal_of(event.assoc),  # type: ignore[arg-type]
+        principal: Principal = principal_of(event.assoc)  # type: ignore[assignment]
+        kind = EventID.INSTANCES_TRANSFERRED if destination is None else EventID.BEGIN_TRANSFERRING
+        refs = self.retrieve.locate(
+            principal,
             action,
             model,
             _level(identifier),
             identifier,
-            event=EventID.INSTANCES_TRANSFERRED if destination is None else EventID.BEGIN_TRANSFERRING,
+            event=kind,
             destination=destination,
+            record=False,
         )
+        retrieval = self.retrieve.begin(principal, refs, kind, destination=destination)
+        retrieval.record()
+        return retrieval
 
-    def _sub_operations(self, event: Any, refs: list[Any]) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-        for ref in refs:
+    def _sub_operations(
+        self, event: Any, retrieval: Retrieval
+    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        for ref in retrieval.refs:
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
-            yield st.PENDING, RawInstance(ref, self.retrieve)
+            yield st.PENDING, RawInstance(ref, retrieval.read)
 
     def on_get(self, event: Any) -> Iterator[Any]:
         try:
-            refs = self._locate(event, Service.GET, GET_MODELS)
+            retrieval = self._locate(event, Service.GET, GET_MODELS)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             yield 1
             yield _retrieve_error(exc), None
             return
-        yield len(refs)
-        yield from self._sub_operations(event, refs)
+        yield len(retrieval.refs)
+        yield from self._sub_operations(event, retrieval)
 
     def on_move(self, event: Any) -> Iterator[Any]:
         raw = event.move_destination
@@ -196,15 +206,15 @@ class DimseHandlers:
             peer.ae_title, requestor=False, role=DESTINATION, address=address, ae_title=peer.ae_title
         )
         try:
-            refs = self._locate(event, Service.MOVE, MOVE_MODELS, target)
+            retrieval = self._locate(event, Service.MOVE, MOVE_MODELS, target)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             yield address, peer.port, {"contexts": _move_contexts([])}
             yield 1
             yield _retrieve_error(exc), None
             return
-        yield address, peer.port, {"contexts": _move_contexts(refs)}
-        yield len(refs)
-        yield from self._sub_operations(event, refs)
+        yield address, peer.port, {"contexts": _move_contexts(retrieval.refs)}
+        yield len(retrieval.refs)
+        yield from self._sub_operations(event, retrieval)
 
 
 def _batch(assoc: Any) -> StoreBatch:

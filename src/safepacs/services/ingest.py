@@ -5,7 +5,8 @@ place, directory fsync) -> index and audit record (one durable commit) -> acknow
 before the commit leaves nothing (a staged blob has no name); a failure after it removes the blob
 again, so nothing half-stored remains, and nothing already stored is altered unless
 ``storage.overwrite`` is on.  Every attempt leaves an audit event: stored, stored already, kept
-against different bytes, or refused and why.
+against different bytes, or refused and why (a STOW-RS request counts its refused instances, by
+reason, in its one summary record instead: :class:`~safepacs.audit.recorder.StoreBatch`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,11 @@ class IngestService:
             self._refused(principal, None, exc, imported=imported, batch=batch)
             raise
 
+    def refuse_request(self, principal: Principal, why: str) -> None:
+        """Record a request refused as a whole before any of its instances was looked at (a STOW-RS
+        request over its size or part limit): one record, whatever it carried."""
+        self._audit.store_failed(principal, None, why, imported=False)
+
     def end_batch(self, principal: Principal, batch: StoreBatch, *, imported: bool = False) -> None:
         """Record what a batch stored (the end of an association, a STOW-RS request, an import run)."""
         self._audit.stored_batch(principal, batch, imported=imported)
@@ -209,7 +215,11 @@ class IngestService:
         imported: bool,
         batch: StoreBatch | None,
     ) -> None:
-        """Record a refused store; one refusal for lack of space per batch (see :class:`StoreBatch`)."""
+        """Record a refused store: in the batch's summary when it summarises its refusals (STOW-RS),
+        else on its own, with one refusal for lack of space per batch (see :class:`StoreBatch`)."""
+        if batch is not None and batch.summarise_refusals:
+            batch.refuse(str(exc), facts)
+            return
         if isinstance(exc, StorageFullError) and batch is not None:
             if batch.refused_for_space:
                 return

@@ -1,4 +1,12 @@
-"""The one retrieve path (C-GET, C-MOVE, WADO-RS, WADO-URI): locate, authorize, audit, read and verify."""
+"""The one retrieve path (C-GET, C-MOVE, WADO-RS, WADO-URI): locate, authorize, audit, read and verify.
+
+A stored object that fails its integrity check as it is read for someone (:meth:`RetrieveService.fetch`)
+is never sent, and is recorded before the caller goes on: a Security Alert naming the instance and the
+retrieval's failure for it (:meth:`~safepacs.audit.recorder.Auditor.integrity_failed`).  A retrieval of
+several instances (:meth:`RetrieveService.begin`) reads and checks the first before it is recorded, so
+that a damaged first instance is not counted as sent and a caller can still answer with an error; the
+others are checked as they go out.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
 
-__all__ = ["RetrieveService"]
+__all__ = ["Retrieval", "RetrieveService"]
 
 NOTHING_FOUND = "no instance matched that the requestor may retrieve"
 
@@ -76,6 +84,47 @@ class RetrieveService:
         patients = self._index.study_patients if self._audit.enabled else None
         self._audit.retrieved(principal, study_facts(refs, patients), event, destination=destination)
 
+    def fetch(
+        self,
+        principal: Principal,
+        ref: InstanceRef,
+        event: EventID,
+        *,
+        destination: Participant | None = None,
+    ) -> bytes:
+        """:meth:`read` for ``principal``'s retrieval recorded as ``event``: an object that fails its
+        check is recorded (Security Alert, and the retrieval's failure for the instance) before its
+        :class:`IntegrityError` is raised."""
+        try:
+            return self.read(ref)
+        except IntegrityError as exc:
+            self._damaged(principal, ref, event, destination, exc)
+            raise
+
+    def begin(
+        self,
+        principal: Principal,
+        refs: Sequence[InstanceRef],
+        event: EventID,
+        *,
+        destination: Participant | None = None,
+    ) -> Retrieval:
+        """A retrieval of ``refs`` (located with ``record=False``), its first instance read and checked
+        now; see :class:`Retrieval`."""
+        return Retrieval(self, principal, refs, event, destination)
+
+    def _damaged(
+        self,
+        principal: Principal,
+        ref: InstanceRef,
+        event: EventID,
+        destination: Participant | None,
+        exc: IntegrityError,
+    ) -> None:
+        patients = self._index.study_patients if self._audit.enabled else None
+        (study,) = study_facts([ref], patients)
+        self._audit.integrity_failed(principal, study, ref, event, destination=destination, why=str(exc))
+
     def read(self, ref: InstanceRef) -> bytes:
         """The stored Part 10 bytes, decrypted and checked against what the index recorded at ingest.
 
@@ -92,6 +141,61 @@ class RetrieveService:
                 "a stored object does not match its recorded SHA-256; restore it from backup"
             )
         return part10
+
+
+class Retrieval:
+    """One retrieval of several instances under way (C-GET, C-MOVE, a WADO-RS series or study).
+
+    The first instance is read and checked when the retrieval begins, before anything is recorded or
+    sent: when it is damaged that is recorded (:meth:`RetrieveService.fetch`) and kept in
+    :attr:`first_error`, and :meth:`record` leaves it out of the instances recorded as sent; a caller
+    that can still answer with an error (WADO-RS, before its headers) does so.  :meth:`read` hands out
+    each instance's checked bytes; a damaged one is recorded as it is found and raises.
+    """
+
+    def __init__(
+        self,
+        service: RetrieveService,
+        principal: Principal,
+        refs: Sequence[InstanceRef],
+        event: EventID,
+        destination: Participant | None,
+    ) -> None:
+        self.refs = list(refs)
+        self._service = service
+        self._principal = principal
+        self._event = event
+        self._destination = destination
+        #: What reading the first instance raised (an :class:`IntegrityError` is recorded already).
+        self.first_error: SafePacsError | None = None
+        self._first: bytes | None = None
+        if self.refs:
+            try:
+                self._first = self.fetch(self.refs[0])
+            except AuditError:
+                raise  # not even the damage could be recorded: the retrieval is refused (fail closed)
+            except SafePacsError as exc:
+                self.first_error = exc
+
+    def fetch(self, ref: InstanceRef) -> bytes:
+        return self._service.fetch(self._principal, ref, self._event, destination=self._destination)
+
+    def record(self) -> None:
+        """Record that the instances are handed out (all but a first one that could not be read)."""
+        sent = self.refs[1:] if self.first_error is not None else self.refs
+        if sent:
+            self._service.record(self._principal, sent, self._event, destination=self._destination)
+
+    def read(self, ref: InstanceRef) -> bytes:
+        """The checked bytes of ``ref``: those read when the retrieval began for the first instance (once;
+        its error when it failed), else read now (:meth:`RetrieveService.fetch`)."""
+        if self.refs and ref is self.refs[0]:
+            if self.first_error is not None:
+                raise self.first_error
+            if self._first is not None:
+                first, self._first = self._first, None  # handed out once, not kept while the rest go
+                return first
+        return self.fetch(ref)
 
 
 def _asked(identifier: Dataset) -> list[StudyFacts]:

@@ -1,4 +1,8 @@
-"""The FastAPI application: DICOMweb under ``/dicomweb``, problem details, security headers."""
+"""The FastAPI application: DICOMweb under ``/dicomweb``, problem details, security headers.
+
+Every route needs a credential, the OpenAPI document (``/api/openapi.json``) included: it names the
+product, its version and every route, which is nothing to hand an unauthenticated scanner.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from safepacs import __version__
@@ -25,7 +30,10 @@ if TYPE_CHECKING:
     from safepacs.app import Archive
     from safepacs.types import Principal
 
-__all__ = ["create_app"]
+__all__ = ["OPENAPI_URL", "create_app"]
+
+#: Where the OpenAPI document of every route is served (to authenticated callers only).
+OPENAPI_URL = "/api/openapi.json"
 
 
 class _App(FastAPI):
@@ -43,7 +51,7 @@ def create_app(archive: Archive) -> FastAPI:
         version=__version__,
         docs_url=None,  # no interactive page: the Content-Security-Policy allows no scripts
         redoc_url=None,
-        openapi_url="/api/openapi.json",
+        openapi_url=None,  # served below, behind authentication like every other route
     )
     install_problem_handlers(app)
 
@@ -67,12 +75,19 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
     wado_uri = make_wadouri_router(principal_of, archive.retrieve)
     app.include_router(wado_uri, prefix="/dicomweb", tags=["WADO-URI"])
-    stow = make_stow_router(principal_of, archive.ingest, archive.settings.server.max_request_bytes)
+    server = archive.settings.server
+    stow = make_stow_router(principal_of, archive.ingest, server.max_request_bytes, server.max_stow_parts)
     app.include_router(stow, prefix="/dicomweb", tags=["STOW-RS"])
     app.include_router(make_delete_router(principal_of, archive.delete), prefix="/dicomweb", tags=["Delete"])
     idle = int(archive.settings.auth.session_idle_minutes * 60)
     sessions = make_session_router(principal_of, archive.logins, idle, auditor)
     app.include_router(sessions, prefix="/api", tags=["Session"])
     app.include_router(make_audit_router(principal_of, archive.index, auditor), prefix="/api", tags=["Audit"])
-    install_capabilities(app, principal_of)  # last: it describes the routes above
+    install_capabilities(app, principal_of)  # it describes the routes above
+
+    @app.get(OPENAPI_URL, include_in_schema=False)
+    def openapi_document(request: Request) -> JSONResponse:
+        principal_of(request)  # any authenticated principal; 401 (recorded) otherwise
+        return JSONResponse(app.openapi())
+
     return app

@@ -36,7 +36,7 @@ from safepacs.services.transcode import can_convert
 from safepacs.types import Principal
 from safepacs.web.problems import Problem, not_found
 from safepacs.web.requests import acceptable, frame_numbers, media_ranges
-from safepacs.web.retrieval import UNCOMPRESSED, Part, boundary, locate, multipart_media, multipart_stream
+from safepacs.web.retrieval import UNCOMPRESSED, Part, boundary, multipart_media, multipart_stream, read_one
 
 __all__ = ["check_frames", "load_instance", "make_router", "pixel_geometry"]
 
@@ -82,9 +82,9 @@ def _choose(accept: str, ts: str) -> Choice:
 
 
 def load_instance(retrieve: RetrieveService, principal: Principal, uids: tuple[str, str, str]) -> Dataset:
-    """The data set of one instance the principal may retrieve (404 otherwise)."""
-    ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0]
-    return bulkdata.load(retrieve.read(ref))
+    """The data set of one instance the principal may retrieve (404 otherwise; a damaged object: 500,
+    recorded as a Security Alert, see :func:`~safepacs.web.retrieval.read_one`)."""
+    return bulkdata.load(read_one(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[1])
 
 
 def pixel_geometry(ds: Dataset) -> Geometry:

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safepacs.errors import AuditError
+from safepacs.errors import AuditError, IntegrityError
 
 __all__ = ["NOT_FOUND", "Problem", "install_problem_handlers", "not_found", "problem_response"]
 
@@ -64,6 +64,17 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _audit_down(_: Request, exc: AuditError) -> JSONResponse:
         log.error("the audit trail cannot be written; the request was refused")
         return problem_response(503, "Service Unavailable", str(exc), {"Retry-After": "30"})
+
+    @app.exception_handler(IntegrityError)
+    async def _damaged(_: Request, exc: IntegrityError) -> JSONResponse:
+        # Recorded already (a Security Alert naming the instance) by the retrieve service.
+        log.warning("a stored object failed its integrity check; the answer is an error: %s", exc)
+        return problem_response(
+            500,
+            "Internal Server Error",
+            "stored data failed its integrity check and was not sent; an administrator must restore it "
+            "from a backup",
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

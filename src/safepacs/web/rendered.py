@@ -11,6 +11,11 @@ frame) or frame, and plain ``image/jpeg`` for those is 406.  The media type come
 pixels or in ``viewport=vw,vh``; a study's or series' thumbnail is its first series' middle image.
 
 Rendering runs in at most a few threads at once, whatever the number of requests.
+
+A stored object that fails its integrity check is never rendered; it is recorded as a Security Alert
+and a failed access.  Found before the answer has begun, it makes the answer a 500 problem; found
+later in a study's or series' multipart, the answer ends cut short once the other images are sent
+(:class:`~safepacs.web.retrieval.MultipartResponse`).  A thumbnail falls back to another image.
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from safepacs.audit.events import EventID
-from safepacs.errors import RenderRequestError, RetrieveError, SafePacsError
+from safepacs.errors import AuditError, IntegrityError, RenderRequestError, RetrieveError, SafePacsError
 from safepacs.services import bulkdata
 from safepacs.services.render import (
     JPEG,
@@ -45,7 +49,15 @@ from safepacs.types import InstanceRef, Principal
 from safepacs.web.pixels import check_frames, pixel_geometry
 from safepacs.web.problems import Problem
 from safepacs.web.requests import acceptable, frame_numbers, media_ranges
-from safepacs.web.retrieval import Part, boundary, locate, multipart_media, multipart_stream
+from safepacs.web.retrieval import (
+    IncompleteAnswer,
+    MultipartResponse,
+    Part,
+    boundary,
+    locate,
+    multipart_media,
+    multipart_stream,
+)
 
 __all__ = [
     "Renderer",
@@ -128,26 +140,29 @@ def refuse_unsupported(params: dict[str, str], names: Sequence[str] = ("annotati
         raise _bad("iccprofile is not supported; leave it out or use iccprofile=no")
 
 
+#: How a route reads a stored instance: :meth:`RetrieveService.fetch` for its principal and event.
+Reader = Callable[[InstanceRef], bytes]
+
+
 class Renderer:
     """Renders through :func:`~safepacs.services.render.render`, in at most ``slots`` threads at once
-    (reading, decrypting and parsing the instance included)."""
+    (reading, decrypting and parsing the instance included, through the route's ``read``)."""
 
-    def __init__(self, retrieve: RetrieveService, slots: int | None = None) -> None:
-        self._retrieve = retrieve
+    def __init__(self, slots: int | None = None) -> None:
         self._slots = threading.BoundedSemaphore(slots or max(1, min(4, os.cpu_count() or 1)))
 
-    def load(self, ref: InstanceRef) -> Dataset:
+    def load(self, ref: InstanceRef, read: Reader) -> Dataset:
         with self._slots:
-            return bulkdata.load(self._retrieve.read(ref))
+            return bulkdata.load(read(ref))
 
     def image(self, ds: Dataset, frame: int, options: RenderOptions) -> bytes:
         """One rendered image; :class:`RenderError` (or :class:`RetrieveError`) when it cannot be made."""
         with self._slots:
             return render(ds, frame, options)
 
-    def instance(self, ref: InstanceRef, frame: int, options: RenderOptions) -> bytes:
+    def instance(self, ref: InstanceRef, frame: int, options: RenderOptions, read: Reader) -> bytes:
         with self._slots:
-            return render(bulkdata.load(self._retrieve.read(ref)), frame, options)
+            return render(bulkdata.load(read(ref)), frame, options)
 
 
 def problem(exc: RetrieveError) -> Problem:
@@ -158,31 +173,57 @@ def problem(exc: RetrieveError) -> Problem:
     return Problem(406, "Not Acceptable", str(exc))
 
 
-def _rendered(jobs: Iterable[Callable[[], bytes]], media: str, errors: list[RetrieveError]) -> Iterator[Part]:
-    """The images the jobs render; those that cannot be rendered are left out, their errors kept."""
+def _rendered(
+    jobs: Iterable[Callable[[], bytes]],
+    media: str,
+    errors: list[RetrieveError],
+    damaged: list[IntegrityError],
+) -> Iterator[Part]:
+    """The images the jobs render; those that cannot be rendered are left out, their errors kept.  An
+    instance whose object failed its check (recorded already) is left out too, and the parts then end
+    with :class:`IncompleteAnswer`: an image missing for that reason must not go unnoticed."""
     for job in jobs:
         try:
             image = job()
+        except AuditError:
+            raise
+        except IntegrityError as exc:
+            log.warning("a rendered multipart left an image out: %s", exc)
+            damaged.append(exc)
+            continue
         except SafePacsError as exc:  # headers may be gone already: leave the image out, say why in the log
             log.info("a rendered multipart left an image out: %s", exc)
             if isinstance(exc, RetrieveError):
                 errors.append(exc)
             continue
         yield media, image
+    if damaged:
+        raise IncompleteAnswer(len(damaged))
 
 
-def _respond_many(jobs: Iterable[Callable[[], bytes]], media: str) -> StreamingResponse:
+def _respond_many(
+    jobs: Iterable[Callable[[], bytes]], media: str, record: Callable[[], None] | None = None
+) -> MultipartResponse:
     """``multipart/related`` of rendered images; the first is made before answering, so that nothing
-    renderable is an error answer rather than an empty body."""
+    renderable is an error answer rather than an empty body, and a damaged object found on the way
+    there is a 500 problem.  ``record`` records the access once that first image is made."""
     errors: list[RetrieveError] = []
-    parts = _rendered(jobs, media, errors)
-    first = next(parts, None)
+    damaged: list[IntegrityError] = []
+    parts = _rendered(jobs, media, errors, damaged)
+    try:
+        first = next(parts, None)
+    except IncompleteAnswer:
+        first = None
+    if damaged:
+        raise damaged[0]
     if first is None:
         if errors:
             raise problem(errors[-1])
         raise Problem(406, "Not Acceptable", "nothing here can be rendered as an image")
+    if record is not None:
+        record()
     mark = boundary()
-    return StreamingResponse(
+    return MultipartResponse(
         multipart_stream(itertools.chain([first], parts), mark), media_type=multipart_media(media, mark)
     )
 
@@ -242,10 +283,13 @@ def _representatives(refs: list[InstanceRef]) -> list[InstanceRef]:
 
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
-    renderer = Renderer(retrieve)
+    renderer = Renderer()
     instance_path = "/studies/{study}/series/{series}/instances/{instance}"
 
-    def many(request: Request, *uids: str) -> StreamingResponse:
+    def reader(principal: Principal) -> Reader:
+        return partial(retrieve.fetch, principal, event=EventID.INSTANCES_ACCESSED)
+
+    def many(request: Request, *uids: str) -> MultipartResponse:
         principal = principal_of(request)
         media, _ = _media(request, many=True)
         options = _options(request, media)
@@ -255,8 +299,12 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
                 f"more than {MAX_RENDERED_INSTANCES} instances to render in one answer; "
                 "ask for a series or for the instances one by one"
             )
-        retrieve.record(principal, refs, EventID.INSTANCES_ACCESSED)
-        return _respond_many((partial(renderer.instance, ref, 0, options) for ref in refs), media)
+        read = reader(principal)
+        return _respond_many(
+            (partial(renderer.instance, ref, 0, options, read) for ref in refs),
+            media,
+            partial(retrieve.record, principal, refs, EventID.INSTANCES_ACCESSED),
+        )
 
     def frames(request: Request, uids: tuple[str, str, str], frame_list: str) -> Response:
         principal = principal_of(request)
@@ -265,7 +313,9 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
             raise _bad(f"more than {MAX_RENDERED_INSTANCES} frames to render in one answer; ask for fewer")
         media, as_parts = _media(request, many=len(numbers) > 1)
         options = _options(request, media)
-        ds = renderer.load(locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0])
+        ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED, record=False)[0]
+        ds = renderer.load(ref, reader(principal))  # damaged: 500, recorded as such
+        retrieve.record(principal, [ref], EventID.INSTANCES_ACCESSED)
         if not bulkdata.has_pixels(ds):
             raise Problem(
                 406, "Not Acceptable", "this instance has no pixel data, so it has no rendered image"
@@ -290,24 +340,27 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
             if len(numbers) != 1:
                 raise _bad("a thumbnail is of one frame; name a single frame number")
             try:
-                ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)[0]
-                image = renderer.instance(ref, numbers[0] - 1, options)
+                ref = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED, record=False)[0]
+                image = renderer.instance(ref, numbers[0] - 1, options, reader(principal))
+                retrieve.record(principal, [ref], EventID.INSTANCES_ACCESSED)
             except RetrieveError as exc:
                 raise problem(exc) from exc
             return Response(image, media_type=media)
         for ref in _representatives(locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED)):
             try:
-                return Response(renderer.instance(ref, 0, options), media_type=media)
-            except SafePacsError as exc:
+                return Response(renderer.instance(ref, 0, options, reader(principal)), media_type=media)
+            except AuditError:
+                raise
+            except SafePacsError as exc:  # a damaged object is recorded already: try another image
                 log.info("a thumbnail candidate could not be rendered: %s", exc)
         raise Problem(406, "Not Acceptable", "nothing here can be rendered as a thumbnail")
 
     @router.get("/studies/{study}/rendered", summary="Retrieve a study rendered")
-    def study_rendered(request: Request, study: str) -> StreamingResponse:
+    def study_rendered(request: Request, study: str) -> MultipartResponse:
         return many(request, study)
 
     @router.get("/studies/{study}/series/{series}/rendered", summary="Retrieve a series rendered")
-    def series_rendered(request: Request, study: str, series: str) -> StreamingResponse:
+    def series_rendered(request: Request, study: str, series: str) -> MultipartResponse:
         return many(request, study, series)
 
     @router.get(instance_path + "/rendered", summary="Retrieve an instance rendered")

@@ -9,12 +9,15 @@ there" and "not for you" both answer ``404 no such resource``.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from safepacs.audit.events import EventID
 from safepacs.errors import AccessDenied, QueryError
@@ -28,6 +31,8 @@ from safepacs.web.requests import checked_uid
 __all__ = [
     "AS_STORED",
     "UNCOMPRESSED",
+    "IncompleteAnswer",
+    "MultipartResponse",
     "Part",
     "boundary",
     "locate",
@@ -35,7 +40,10 @@ __all__ = [
     "multipart_media",
     "multipart_stream",
     "part10_as",
+    "read_one",
 ]
+
+log = logging.getLogger(__name__)
 
 #: ``transfer-syntax=*``: as stored (PS3.18 8.7.3.5.2).
 AS_STORED = "*"
@@ -81,6 +89,19 @@ def locate(
     return refs
 
 
+def read_one(
+    retrieve: RetrieveService, principal: Principal, uids: Iterable[str], *, event: EventID
+) -> tuple[InstanceRef, bytes]:
+    """The one instance an instance path names (404 as :func:`locate`) and its stored bytes, read and
+    checked before its retrieval is recorded as ``event``: a damaged object raises its
+    :class:`~safepacs.errors.IntegrityError` (a 500 problem), recorded as a Security Alert and a failed
+    retrieval, and nothing is recorded as handed out."""
+    ref = locate(retrieve, principal, uids, event=event, record=False)[0]
+    stored = retrieve.fetch(principal, ref, event)
+    retrieve.record(principal, [ref], event)
+    return ref, stored
+
+
 def part10_as(ref: InstanceRef, stored: bytes, target: str) -> tuple[str, bytes]:
     """(transfer syntax, Part 10 bytes) of a stored instance in ``target`` (``*``: as stored).
 
@@ -115,6 +136,35 @@ def multipart(parts: Iterable[Part], mark: str) -> Iterator[bytes]:
             yield from content
         yield b"\r\n"
     yield f"--{mark}--\r\n".encode("ascii")
+
+
+class IncompleteAnswer(Exception):
+    """Raised by the parts of a :class:`MultipartResponse` once the others are sent, when some could not
+    be (a stored object that failed its integrity check): the answer must not look complete."""
+
+    def __init__(self, missing: int) -> None:
+        super().__init__(f"{missing} part(s) left out")
+        self.missing = missing
+
+
+class MultipartResponse(StreamingResponse):
+    """A streamed ``multipart/related`` answer that ends *incomplete* when its parts raise
+    :class:`IncompleteAnswer`: without the closing delimiter, and without the end of the HTTP body (the
+    last chunk of the chunked transfer coding, RFC 9112 7.1), so the server closes the connection and
+    every HTTP client reports the answer as cut short instead of taking the parts it got for all of
+    them.  The status (200) and the headers went out before the failure was known; PS3.18 has no way
+    to say it later."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except IncompleteAnswer as exc:
+            log.warning("a multipart answer was cut short: %s", exc)
+            return  # the response is not completed: the server closes the connection
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 #: About how many bytes of a multipart body :func:`multipart_stream` makes per trip to the thread pool.

@@ -6,6 +6,13 @@ what was not with a Failure Reason (FailedSOPSequence): 200 when everything was 
 some parts failed, 409 when none was stored (PS3.18 10.5.3.1).  While free disk space is below
 ``storage.min_free_bytes`` the request is answered 507 Insufficient Storage before its body is read
 (and when no part could be stored for lack of space).
+
+A request is bounded before any part is looked at: at most ``server.max_request_bytes`` bytes and
+``server.max_stow_parts`` parts (the split stops at the first part too many), else 413 and nothing
+is stored.  A part that is not ``application/dicom`` or not a DICOM Part 10 file ("DICM" after the
+preamble, PS3.10 7.1) is refused without being parsed.  Refused parts are not recorded one by one:
+the request's summary (110104, with the counts per reason) records them, so a request of many bad
+parts costs one audit record, as does a request refused as a whole.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from safepacs.types import IngestOutcome, Principal
 from safepacs.web.problems import Problem, not_found
 from safepacs.web.requests import DICOM_JSON, checked_uid
 
-__all__ = ["make_router", "split_multipart"]
+__all__ = ["TooManyParts", "make_router", "split_multipart"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,15 @@ _CANNOT_UNDERSTAND = 0xC000
 _ELEMENTS_DISCARDED = 0xB006
 
 
-def split_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
-    """The (headers, content) of each part of a multipart body (RFC 2046 5.1.1); ValueError if malformed."""
+class TooManyParts(Exception):
+    """A multipart body has more parts than a request may carry."""
+
+
+def split_multipart(
+    body: bytes, boundary: bytes, max_parts: int | None = None
+) -> list[tuple[dict[str, str], bytes]]:
+    """The (headers, content) of each part of a multipart body (RFC 2046 5.1.1); ValueError if malformed,
+    :class:`TooManyParts` as soon as a part past the first ``max_parts`` begins."""
     delimiter = b"--" + boundary
     if not body.startswith(delimiter):
         start = body.find(b"\r\n" + delimiter)
@@ -60,6 +74,8 @@ def split_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], 
             return parts
         if body[position : position + 2] != b"\r\n":
             raise ValueError("a multipart delimiter is not followed by a line break")
+        if max_parts is not None and len(parts) >= max_parts:
+            raise TooManyParts(max_parts)
         header_end = body.find(b"\r\n\r\n", position + 2)
         if header_end < 0:
             raise ValueError("a part has no end of headers")
@@ -95,6 +111,16 @@ def _uids(data: bytes) -> tuple[str, str, str, str]:
         return "", "", "", ""
 
 
+def _is_part10(data: bytes) -> bool:
+    """Whether ``data`` can be a DICOM Part 10 file: a 128-byte preamble, then "DICM" (PS3.10 7.1)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+_NOT_DICOM = "not application/dicom"
+_NOT_PART10 = "not a DICOM Part 10 file (no 'DICM' prefix after the preamble, PS3.10 7.1)"
+_OTHER_STUDY = "not of the study named in the request's path"
+
+
 def _reason(exc: SafePacsError) -> int:
     if isinstance(exc, SopClassMismatch):
         return _SOP_CLASS_MISMATCH
@@ -117,7 +143,10 @@ def _insufficient_storage() -> Problem:
 
 
 def make_router(
-    principal_of: Callable[[Request], Principal], ingest: IngestService, max_request_bytes: int
+    principal_of: Callable[[Request], Principal],
+    ingest: IngestService,
+    max_request_bytes: int,
+    max_parts: int,
 ) -> APIRouter:
     router = APIRouter()
 
@@ -148,12 +177,14 @@ def make_router(
         out_of_space = False
         for headers, data in parts:
             media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-            sop_class, sop_instance, study_uid, series_uid = _uids(data)
-            if media != "application/dicom":
-                failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
+            if not _is_part10(data):  # refused unread: no parse, no record of its own
+                failed.append(_item("", "", FailureReason=_CANNOT_UNDERSTAND))
+                batch.refuse(_NOT_DICOM if media != "application/dicom" else _NOT_PART10)
                 continue
-            if study is not None and study_uid != study:
+            sop_class, sop_instance, study_uid, series_uid = _uids(data)
+            if media != "application/dicom" or (study is not None and study_uid != study):
                 failed.append(_item(sop_class, sop_instance, FailureReason=_CANNOT_UNDERSTAND))
+                batch.refuse(_NOT_DICOM if media != "application/dicom" else _OTHER_STUDY)
                 continue
             try:
                 result = ingest.ingest_file(principal, data, imported=False, batch=batch)
@@ -193,9 +224,9 @@ def make_router(
             await run_in_threadpool(ingest.require, principal)  # a refusal is recorded
         except AccessDenied:
             raise not_found() from None
-        batch = StoreBatch()
-        try:  # before the body is read: no room, no upload (the refusal is recorded)
-            await run_in_threadpool(ingest.check_space, principal, batch)
+        batch = StoreBatch(summarise_refusals=True)
+        try:  # before the body is read: no room, no upload (the refusal is recorded at once)
+            await run_in_threadpool(ingest.check_space, principal)
         except StorageFullError:
             raise _insufficient_storage() from None
         content_type = request.headers.get("content-type", "")
@@ -212,9 +243,21 @@ def make_router(
         if match is None:
             raise Problem(400, "Bad Request", "the Content-Type has no boundary")
         boundary = (match.group(2) or match.group(1)).encode("latin-1")
-        body = await read_body(request)
         try:
-            parts = split_multipart(body, boundary)
+            body = await read_body(request)
+            try:
+                parts = split_multipart(body, boundary, max_parts)
+            except TooManyParts:
+                raise Problem(
+                    413,
+                    "Content Too Large",
+                    f"a request may carry at most {max_parts} instances; send them in several requests",
+                ) from None
+        except Problem as exc:
+            if exc.status == 413:  # refused as a whole: one record, nothing looked at or stored
+                why = f"STOW-RS request refused: {exc.detail}"
+                await run_in_threadpool(ingest.refuse_request, principal, why)
+            raise
         except ValueError as exc:
             raise Problem(400, "Bad Request", f"the multipart body is malformed: {exc}") from None
         if not parts:

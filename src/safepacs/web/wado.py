@@ -3,7 +3,13 @@ and their metadata as DICOM JSON; the router also carries the frames and bulk da
 (:mod:`safepacs.web.pixels`) and the rendered and thumbnail resources (:mod:`safepacs.web.rendered`).
 
 Instances come from the same retrieve service as C-GET and C-MOVE (policy, then the index, then
-the decrypted bytes checked against their SHA-256).  ``transfer-syntax=*`` sends each instance as
+the decrypted bytes checked against what the index recorded).  A stored object that fails that check
+is never sent, and is recorded as a Security Alert and a failed transfer: when it is the first
+instance of the answer (always so for an instance), the answer is a 500 problem, before anything
+else; further on in a series or study the other instances are sent and the answer then ends cut short
+(:class:`~safepacs.web.retrieval.MultipartResponse`: no closing delimiter, no end of the body), which
+every HTTP client reports as an error.  Metadata is built whole before it is answered, so a damaged
+instance makes it a 500 problem.  ``transfer-syntax=*`` sends each instance as
 stored; without it, or with Explicit/Implicit VR Little Endian, compressed instances are decoded
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
 default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
@@ -18,11 +24,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydicom.uid import ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
-from safepacs.errors import SafePacsError
+from safepacs.errors import AuditError, IntegrityError, SafePacsError
 from safepacs.services import bulkdata
 from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import can_convert
@@ -33,6 +39,8 @@ from safepacs.web.requests import DICOM_JSON, media_ranges
 from safepacs.web.retrieval import (
     AS_STORED,
     UNCOMPRESSED,
+    IncompleteAnswer,
+    MultipartResponse,
     Part,
     boundary,
     locate,
@@ -67,13 +75,22 @@ def _requested_syntax(request: Request) -> str:
 
 
 def _instances(refs: list[InstanceRef], read: Callable[[InstanceRef], bytes], target: str) -> Iterator[Part]:
+    """The parts of ``refs``; one that cannot be sent (its object failed its check, it cannot be
+    converted) is left out, and once the others are sent :class:`IncompleteAnswer` ends the answer
+    cut short: the headers are gone already, and a body that looked complete would hide the loss."""
+    missing = 0
     for ref in refs:
         try:
             ts, body = part10_as(ref, read(ref), target)
-        except SafePacsError as exc:  # headers are gone already: leave the instance out, say why in the log
+        except AuditError:
+            raise
+        except SafePacsError as exc:
             log.warning("WADO-RS left an instance out: %s", exc)
+            missing += 1
             continue
         yield f"application/dicom; transfer-syntax={ts}", body
+    if missing:
+        raise IncompleteAnswer(missing)
 
 
 def _bulk_uri(base: str, ref: InstanceRef) -> Callable[[str], str]:
@@ -88,7 +105,7 @@ def _bulk_uri(base: str, ref: InstanceRef) -> Callable[[str], str]:
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
 
-    def instances(request: Request, *uids: str) -> StreamingResponse:
+    def instances(request: Request, *uids: str) -> MultipartResponse:
         principal = principal_of(request)
         target = _requested_syntax(request)
         refs = locate(retrieve, principal, uids, record=False)
@@ -111,37 +128,44 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
                     "some instances are stored in a transfer syntax SafePACS cannot decode; ask for "
                     "transfer-syntax=* to get them as stored",
                 )
-        retrieve.record(principal, refs, EventID.INSTANCES_TRANSFERRED)
+        retrieval = retrieve.begin(principal, refs, EventID.INSTANCES_TRANSFERRED)
+        if retrieval.first_error is not None:  # nothing sent yet: the answer is an error (500)
+            raise retrieval.first_error
+        retrieval.record()
         mark = boundary()
-        body = multipart_stream(_instances(refs, retrieve.read, target), mark)
-        return StreamingResponse(body, media_type=multipart_media("application/dicom", mark))
+        body = multipart_stream(_instances(refs, retrieval.read, target), mark)
+        return MultipartResponse(body, media_type=multipart_media("application/dicom", mark))
 
     def metadata(request: Request, *uids: str) -> JSONResponse:
-        refs = locate(retrieve, principal_of(request), uids, event=EventID.INSTANCES_ACCESSED)
+        principal = principal_of(request)
+        refs = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED, record=False)
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
         for ref in refs:
             try:
-                ds = bulkdata.load(retrieve.read(ref))
+                ds = bulkdata.load(retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED))
                 out.append(bulkdata.metadata(ds, _bulk_uri(base, ref)))
+            except (IntegrityError, AuditError):
+                raise  # a damaged object (recorded): 500, the answer is not sent incomplete
             except SafePacsError as exc:
                 log.warning("WADO-RS metadata left an instance out: %s", exc)
             except Exception as exc:  # noqa: BLE001 - a stored object whose values pydicom cannot convert
                 log.warning(
                     "WADO-RS metadata could not read an instance", extra={"error": type(exc).__name__}
                 )
+        retrieve.record(principal, refs, EventID.INSTANCES_ACCESSED)
         return JSONResponse(out, media_type=DICOM_JSON)
 
     @router.get("/studies/{study}", summary="Retrieve a study's instances")
-    def study(request: Request, study: str) -> StreamingResponse:
+    def study(request: Request, study: str) -> MultipartResponse:
         return instances(request, study)
 
     @router.get("/studies/{study}/series/{series}", summary="Retrieve a series' instances")
-    def series(request: Request, study: str, series: str) -> StreamingResponse:
+    def series(request: Request, study: str, series: str) -> MultipartResponse:
         return instances(request, study, series)
 
     @router.get("/studies/{study}/series/{series}/instances/{instance}", summary="Retrieve an instance")
-    def instance(request: Request, study: str, series: str, instance: str) -> StreamingResponse:
+    def instance(request: Request, study: str, series: str, instance: str) -> MultipartResponse:
         return instances(request, study, series, instance)
 
     @router.get("/studies/{study}/metadata", summary="Retrieve a study's metadata")

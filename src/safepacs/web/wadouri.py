@@ -42,7 +42,7 @@ from safepacs.types import InstanceRef, Principal
 from safepacs.web.problems import Problem
 from safepacs.web.rendered import Renderer, parse_quality, problem
 from safepacs.web.requests import media_ranges
-from safepacs.web.retrieval import UNCOMPRESSED, locate, part10_as
+from safepacs.web.retrieval import UNCOMPRESSED, part10_as, read_one
 
 __all__ = ["make_router"]
 
@@ -176,7 +176,7 @@ def _event(media: str | None) -> EventID:
 
 def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
-    renderer = Renderer(retrieve)
+    renderer = Renderer()
 
     @router.get("/wado", summary="WADO-URI: an instance as DICOM or rendered")
     def wado(request: Request) -> Response:
@@ -187,8 +187,7 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         if media == DICOM and image_params:
             raise _bad(f"{', '.join(image_params)} apply to image content types only")
         frame, options = _image_options(params)
-        ref = locate(retrieve, principal, uids, event=_event(media))[0]
-        stored = retrieve.read(ref)
+        ref, stored = read_one(retrieve, principal, uids, event=_event(media))  # damaged: 500, recorded
         if media == DICOM:
             return _part10(ref, stored, syntax)
         try:
