@@ -74,7 +74,7 @@ def open_archive(settings: Settings) -> Archive:
     index = SqlIndex(settings.index_url)
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir))
+    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,
