@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -113,10 +114,16 @@ class MemoryAuditSink:
 
 
 def verify_trail(
-    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead] = ()
+    index: SqlIndex,
+    signer: Signer,
+    head_file: Path,
+    against: Sequence[SignedHead] = (),
+    *,
+    now: datetime | None = None,
 ) -> Verification:
     """Check the whole chain, its checkpoints, the columns and search keys searches use, the signed
-    head file and the heads in ``against`` (exported earlier), streamed in one read transaction."""
+    head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
+    ``now``: the time records that no signed head names yet are judged by (default: now)."""
     try:
         size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
     except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)
@@ -134,6 +141,7 @@ def verify_trail(
                     heads=heads,
                     against=against,
                     holdings=holdings,
+                    now=now,
                 )
             finally:
                 if heads is not None:

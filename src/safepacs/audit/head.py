@@ -155,6 +155,10 @@ class HeadFile:
                     if self._wanted is None or head[0] > self._wanted[0]:
                         self._wanted = head
                 raise
+            finally:
+                if self._stop.is_set() and self._fd is not None:  # closed: a late commit's head
+                    os.close(self._fd)
+                    self._fd = None
 
     def _append(self, seq: int, digest: str) -> None:
         fd = self._open()
