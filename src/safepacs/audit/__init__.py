@@ -29,7 +29,7 @@ from safepacs.audit.events import (
     from_canonical,
 )
 from safepacs.audit.head import HeadFile, read_head_lines
-from safepacs.errors import AuditError, SafePacsError
+from safepacs.errors import AuditError, DataDirError, SafePacsError
 
 if TYPE_CHECKING:
     from safepacs.index import SqlIndex
@@ -124,6 +124,17 @@ def verify_trail(
     """Check the whole chain, its checkpoints, the columns and search keys searches use, the signed
     head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
     ``now``: the time records that no signed head names yet are judged by (default: now)."""
+    try:
+        return _verify(index, signer, head_file, against, now)
+    except OSError as exc:
+        raise DataDirError(
+            f"the audit head file {head_file} cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from exc
+
+
+def _verify(
+    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
+) -> Verification:
     try:
         size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
     except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)

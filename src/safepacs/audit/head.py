@@ -52,13 +52,13 @@ _sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def read_head_lines(path: Path, size: int | None = None) -> Generator[HeadLine]:
-    """The lines of a head file in order (its first ``size`` bytes only, when given); a line that
-    is not a signed head has ``head`` None."""
+    """The lines of a head file in order (its first ``size`` bytes only, when given, without a last
+    line still being written); a line that is not a signed head has ``head`` None."""
     with path.open("rb") as f:
         read = 0
         for number, raw in enumerate(f, start=1):
             read += len(raw)
-            if size is not None and read > size:
+            if size is not None and (read > size or (read == size and not raw.endswith(b"\n"))):
                 return
             try:
                 head: SignedHead | None = SignedHead.parse(raw.decode("ascii"))
@@ -83,7 +83,7 @@ class HeadFile:
         self._written = 0  # the highest seq the file is known to name
         self._wanted: tuple[int, str] | None = None  # a durable head waiting for its turn
         self._lazy: tuple[int, str] | None = None  # a head whose records may not be durable yet
-        self._wake = threading.Event()
+        self._failing = False  # the last write failed (logged once until one succeeds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,6 +95,11 @@ class HeadFile:
                 if self._lazy is None or seq > self._lazy[0]:
                     self._lazy = (seq, digest)
                 self._start_thread()
+            if self._stop.is_set():  # closed: no thread any more, write it now
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - the record is committed: logged, not refused
+                    self._failed(exc)
             return
         with self._state:
             if self._wanted is None or seq > self._wanted[0]:
@@ -125,7 +130,6 @@ class HeadFile:
     def close(self) -> None:
         """Stop the thread, write what is pending, close the file."""
         self._stop.set()
-        self._wake.set()
         thread = self._thread
         if thread is not None:
             thread.join(10)
@@ -150,6 +154,7 @@ class HeadFile:
                 return
             try:
                 self._append(*head)
+                self._failing = False
             except BaseException:
                 with self._state:
                     if self._wanted is None or head[0] > self._wanted[0]:
@@ -210,10 +215,15 @@ class HeadFile:
         return self._fd
 
     def _failed(self, exc: Exception) -> None:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        log.error(
-            "the audit trail's head could not be written; retrying within a second", extra={"reason": reason}
-        )
+        with self._state:
+            first, self._failing = not self._failing, True
+        if first:  # once per outage, not once per access
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            log.error(
+                "the audit trail's head could not be written; retrying every %s seconds",
+                LAZY_INTERVAL,
+                extra={"reason": reason},
+            )
         with self._state:
             wanted, self._wanted = self._wanted, None
             if wanted is not None and (self._lazy is None or wanted[0] > self._lazy[0]):
@@ -228,19 +238,11 @@ class HeadFile:
             self._thread.start()
 
     def _loop(self) -> None:
-        failing = False
         while not self._stop.wait(LAZY_INTERVAL):
             try:
                 self.flush()
             except Exception as exc:  # noqa: BLE001 - logged once per outage, retried
-                if not failing:
-                    log.error(
-                        "the audit trail's head could not be written; retrying",
-                        extra={"error": type(exc).__name__},
-                    )
-                failing = True
-            else:
-                failing = False
+                self._failed(exc)
 
 
 def _last_seq(tail: bytes) -> int:
