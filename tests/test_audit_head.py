@@ -216,6 +216,19 @@ def test_a_deleted_head_file_is_a_finding_and_is_not_started_again_silently(
     assert "the signed head file begins at record" in err and "but record 1 says it began there" in err
 
 
+def test_a_head_file_deleted_with_the_mark_of_where_it_began_is_a_finding(
+    sqlite_archive: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = sa.create_engine(_settings(sqlite_archive).index_url)
+    with engine.begin() as c:
+        c.execute(sa.text("DELETE FROM audit_refs WHERE kind = 'anchor'"))
+    engine.dispose()
+    _settings(sqlite_archive).audit_head_file.unlink()
+    status, err = _verify(sqlite_archive, capsys)
+    assert status == 1
+    assert "records since 1 were made with a signed head file, but there is none" in err
+
+
 def test_an_edited_head_file_is_a_finding(sqlite_archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
     archive = sqlite_archive
     head_file = _settings(archive).audit_head_file

@@ -509,6 +509,12 @@ class _Walk:
                 first.head.seq,
                 f"the signed head file begins at record {first.head.seq} but {began} there (replaced)",
             )
+        if self.anchor is None and self.times_since is not None:
+            raise _Tampered(
+                self.times_since,
+                f"records since {self.times_since} were made with a signed head file, but there is none "
+                "and no record says where it began (deleted)",
+            )
         if self.anchor is None or self.tail is None:
             return
         seq, oldest = self.tail
