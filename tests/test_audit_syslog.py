@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lxml import etree
 
 from safepacs.audit import (
@@ -30,6 +31,7 @@ from safepacs.audit import (
     ObjectKind,
     Outcome,
     Participant,
+    SignedHead,
     Signer,
 )
 from safepacs.audit.syslog import Forwarder, check_collectors
@@ -97,6 +99,13 @@ def parse_message(raw: bytes) -> Received:
         m["sd"].decode(),
         xml,
     )
+
+
+def structured_data(sd: str) -> dict[str, str]:
+    """The parameters of the one SD-ELEMENT SafePACS sends (RFC 5424 6.3)."""
+    m = re.fullmatch(r'\[safepacs-head@32473((?: [a-z]+="(?:[^"\\\]]|\\.)*")+)\]', sd)
+    assert m, sd
+    return dict(re.findall(r' ([a-z]+)="((?:[^"\\\]]|\\.)*)"', m[1]))
 
 
 class Receiver:
@@ -215,7 +224,7 @@ def index(tmp_path: Path) -> Iterator[SqlIndex]:
 
 @pytest.fixture
 def trail(index: SqlIndex, tmp_path: Path) -> AuditTrail:
-    return AuditTrail(index, Signer.load_or_create(tmp_path))
+    return AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
 
 
 def event(n: int, outcome: Outcome = Outcome.SUCCESS) -> AuditEvent:
@@ -239,11 +248,14 @@ def collector(port: int, ca_file: Path, name: str = "siem") -> AuditCollectorSet
     return AuditCollectorSettings(name=name, host="127.0.0.1", port=port, ca_file=str(ca_file))
 
 
-def forwarder(index: SqlIndex, port: int, ca_file: Path, name: str = "siem") -> Forwarder:
+def forwarder(
+    index: SqlIndex, port: int, ca_file: Path, name: str = "siem", signer: Signer | None = None
+) -> Forwarder:
     return Forwarder(
         index,
         collector(port, ca_file, name),
         AuditSource("SAFEPACS", "Hospital"),
+        signer=signer or Signer(Ed25519PrivateKey.generate()),
         timeout=2.0,
         ack_timeout=2.0,
         hostname="pacs.example.org",
@@ -262,7 +274,7 @@ def test_every_record_arrives_in_order_as_rfc5424_over_tls(
 ) -> None:
     trail.record(*(event(n) for n in range(1, 6)))
     trail.record(event(6, Outcome.MINOR_FAILURE))
-    fwd = forwarder(index, receiver.port, pki.ca_file)
+    fwd = forwarder(index, receiver.port, pki.ca_file, signer=trail.signer)
     try:
         assert fwd.forward() == 6
         assert fwd.forward() == 0  # nothing new: nothing sent again
@@ -274,11 +286,18 @@ def test_every_record_arrives_in_order_as_rfc5424_over_tls(
     for n, m in enumerate(got, start=1):
         assert m.pri == (10 * 8 + 5 if n < 6 else 10 * 8 + 4)  # authpriv.notice; authpriv.warning on failure
         assert m.timestamp == (T0 + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        assert (m.hostname, m.app, m.msgid, m.sd) == ("pacs.example.org", "safepacs", "IHE+RFC-3881", "-")
+        assert (m.hostname, m.app, m.msgid) == ("pacs.example.org", "safepacs", "IHE+RFC-3881")
         assert m.procid.isdigit()
         assert m.xml.tag == "AuditMessage"
     schema = etree.RelaxNG(etree.parse(str(SCHEMA_FILE)))
     assert all(schema.validate(m.xml) for m in got), schema.error_log
+    # Each message names its record in the chain; the last of the batch carries the signed head.
+    hashes = [r.hash for r in index.audit_records()]
+    params = [structured_data(m.sd) for m in got]
+    assert [(p["seq"], p["hash"]) for p in params] == [(str(n), hashes[n - 1]) for n in range(1, 7)]
+    assert [("sig" in p) for p in params] == [False] * 5 + [True]
+    head = SignedHead(6, params[-1]["hash"], params[-1]["time"], params[-1]["sig"])
+    assert head.signed_by(trail.signer.public_key)
     time.sleep(0.1)
     assert len(receiver.messages) == 6 and receiver.connections == 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safepacs.audit import (
     from_canonical,
     verify_trail,
 )
-from safepacs.audit.chain import chain_hash
+from safepacs.audit.chain import chain_hash, verify_chain
 from safepacs.errors import AuditError
 from safepacs.index import SqlIndex
 from safepacs.index.auditlog import AuditFilter
@@ -61,7 +62,7 @@ def test_events_round_trip_through_their_canonical_form() -> None:
 
 @pytest.fixture
 def trail(index: SqlIndex, tmp_path: Path) -> AuditTrail:
-    t = AuditTrail(index, Signer.load_or_create(tmp_path))
+    t = AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
     for n in range(1, 251, 50):
         t.record(*(event(k, patient="P2" if k % 7 == 0 else "P1") for k in range(n, n + 50)))
     return t
@@ -100,12 +101,18 @@ def _insert(index: SqlIndex) -> None:
             ),
             {"b": last[0], "p": last[1], "h": last[2]},
         )
-        forged = canonical(event(999))
+        # Well formed: the same search keys and columns as the record it replaces, its recording time.
+        recorded = json.loads(last[0])["recorded"]
+        forged = canonical(replace(event(250), time=datetime.now(UTC)), recorded=_parse_time(recorded))
         c.execute(
             sa.text("UPDATE audit_log SET body = :b, prev_hash = :p, hash = :h WHERE seq = 250"),
             {"b": forged, "p": prev, "h": chain_hash(prev, 250, forged)},
         )
         c.commit()
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def _reorder(index: SqlIndex) -> None:
@@ -125,8 +132,10 @@ def _truncate(index: SqlIndex) -> None:
 
 
 def _rewrite(index: SqlIndex) -> None:
-    """Edit record 10 and recompute every later hash, as an attacker without the signing key could."""
+    """Edit record 10 (and its search key) and recompute every later hash, as an attacker without the
+    signing key could."""
     with _conn(index) as c:
+        c.execute(sa.text("UPDATE audit_refs SET value = 'nobody' WHERE seq = 10 AND kind = 'user'"))
         rows = c.execute(sa.text("SELECT seq, body FROM audit_log ORDER BY seq")).all()
         prev = "0" * 64
         for seq, body in rows:
@@ -146,22 +155,29 @@ def _rewrite(index: SqlIndex) -> None:
     [
         (_edit, 50, "edited"),
         (_delete, 70, "missing"),
-        (_insert, 251, "does not follow"),
+        (_insert, 250, "signed head file"),  # its head names the record that was there
         (_reorder, 30, "edited"),
         (_truncate, 151, "truncated"),
-        (_rewrite, 100, "checkpoint"),
+        (_rewrite, 50, "signed head file"),
     ],
 )
 def test_tampering_is_found_and_located(
     trail: AuditTrail, index: SqlIndex, tamper: Callable[[SqlIndex], None], where: int, words: str
 ) -> None:
-    intact = verify_trail(index, trail.signer)
+    intact = verify_trail(index, trail.signer, trail.head.path)
     assert intact.ok and intact.records == 250 and intact.checkpoints == 2
     tamper(index)
-    result = verify_trail(index, trail.signer)
+    result = verify_trail(index, trail.signer, trail.head.path)
     assert not result.ok
     assert result.first_bad_seq == where
     assert result.problem is not None and words in result.problem
+
+
+def test_an_inserted_record_breaks_the_link_to_the_next(trail: AuditTrail, index: SqlIndex) -> None:
+    _insert(index)
+    result = verify_chain(index.audit_records(limit=1000), index.audit_checkpoints(), trail.signer.public_key)
+    assert (result.ok, result.first_bad_seq) == (False, 251)
+    assert result.problem is not None and "does not follow" in result.problem
 
 
 def test_search_by_patient_study_user_and_time(trail: AuditTrail, index: SqlIndex) -> None:
@@ -177,7 +193,9 @@ def test_search_by_patient_study_user_and_time(trail: AuditTrail, index: SqlInde
 
 def test_a_broken_store_fails_closed(tmp_path: Path) -> None:
     broken = AuditTrail(
-        SqlIndex(f"sqlite:///{tmp_path / 'unmigrated.sqlite3'}"), Signer.load_or_create(tmp_path)
+        SqlIndex(f"sqlite:///{tmp_path / 'unmigrated.sqlite3'}"),
+        Signer.load_or_create(tmp_path),
+        tmp_path / "audit-head",
     )
     with pytest.raises(AuditError):
         broken.record(event(1))
@@ -195,7 +213,8 @@ def test_cli_verify_query_and_report(data_dir: Path, capsys: pytest.CaptureFixtu
     settings = load_settings(data_dir)
     ix = SqlIndex(settings.index_url)
     try:
-        AuditTrail(ix, Signer.load_or_create(settings.keys_dir)).record(event(1), event(2, patient="P9"))
+        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+        trail.record(event(1), event(2, patient="P9"))
     finally:
         ix.close()
     assert run_cli("audit", "verify", "--data", str(data_dir)) == 0
@@ -257,10 +276,10 @@ def test_auditors_read_the_trail_over_https(data_dir: Path, capsys: pytest.Captu
 def test_reads_recorded_without_waiting_for_the_sync_join_the_same_chain(
     index: SqlIndex, tmp_path: Path
 ) -> None:
-    trail = AuditTrail(index, Signer.load_or_create(tmp_path))
+    trail = AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
     for k in range(1, 7):
         trail.record(event(k), durable=k % 2 == 1)  # a store, a query, a store, ...
-    result = verify_trail(index, trail.signer)
+    result = verify_trail(index, trail.signer, trail.head.path)
     assert result.ok and result.records == 6
     assert [from_canonical(r.body).study_uids for r in index.audit_records()] == [
         (f"1.2.3.{k}",) for k in range(1, 7)
@@ -273,7 +292,7 @@ def test_a_read_record_is_synced_to_disk_within_a_second(data_dir: Path) -> None
     settings = load_settings(data_dir)
     ix = SqlIndex(settings.index_url)
     try:
-        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir))
+        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
         trail.record(event(1), durable=False)
         sync = ix._relaxed  # the SQLite writer without a sync per commit, and its WAL-sync thread
         assert sync is not None and sync._pending.is_set()

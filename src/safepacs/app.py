@@ -124,7 +124,7 @@ def open_archive(settings: Settings) -> Archive:
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
     reserve = audit_reserve(settings)
     space = free_space(settings, reserve)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), reserve)
+    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve)
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,

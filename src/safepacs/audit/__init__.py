@@ -3,17 +3,21 @@
 :class:`AuditTrail` records :class:`~safepacs.audit.events.AuditEvent` values durably in the index
 database, hash-chained and checkpointed (``audit/chain.py``), *before* the response they describe
 is sent; when it cannot, it raises :class:`~safepacs.errors.AuditError` and the caller refuses the
-access.  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
+access.  The signed head of the chain is kept outside the index, in the head file
+(``audit/head.py``).  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from safepacs.audit.chain import Signer, Verification, verify_chain
+from safepacs.audit.chain import SignedHead, Signer, Verification, verify_chain
 from safepacs.audit.events import (
     Action,
     AuditEvent,
@@ -25,7 +29,8 @@ from safepacs.audit.events import (
     canonical,
     from_canonical,
 )
-from safepacs.errors import AuditError, SafePacsError
+from safepacs.audit.head import HeadFile, read_head_lines
+from safepacs.errors import AuditError, DataDirError, SafePacsError
 
 if TYPE_CHECKING:
     from safepacs.index import SqlIndex
@@ -44,6 +49,7 @@ __all__ = [
     "ObjectKind",
     "Outcome",
     "Participant",
+    "SignedHead",
     "Signer",
     "canonical",
     "from_canonical",
@@ -62,16 +68,21 @@ class AuditSink(Protocol):
 
 
 class AuditTrail:
-    """The audit trail in the index database.
+    """The audit trail in the index database; its signed head in ``head_file`` (the data directory's
+    ``audit-head``), written after each commit that appends to it (``audit/head.py``).
 
     ``reserve`` (SQLite): the disk space kept for the trail; when a record fails because the disk is
     full, the reserve is released and the record written again, so that reads go on being served and
     recorded (:mod:`safepacs.storage.space`)."""
 
-    def __init__(self, index: SqlIndex, signer: Signer, reserve: AuditReserve | None = None) -> None:
+    def __init__(
+        self, index: SqlIndex, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
+    ) -> None:
         self._index = index
         self.signer = signer
         self._reserve = reserve
+        self.head = HeadFile(head_file, signer, index)
+        index.set_audit_listener(self.head)
 
     def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if not events:
@@ -131,16 +142,47 @@ class MemoryAuditSink:
         return lambda _conn: self.record(*events)
 
 
-def _all_records(index: SqlIndex, batch: int = 5000) -> Iterator[object]:
-    after = 0
-    while True:
-        chunk = index.audit_records(after, batch)
-        if not chunk:
-            return
-        yield from chunk
-        after = chunk[-1].seq
+def verify_trail(
+    index: SqlIndex,
+    signer: Signer,
+    head_file: Path,
+    against: Sequence[SignedHead] = (),
+    *,
+    now: datetime | None = None,
+) -> Verification:
+    """Check the whole chain, its checkpoints, the columns and search keys searches use, the signed
+    head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
+    ``now``: the time records that no signed head names yet are judged by (default: now)."""
+    try:
+        return _verify(index, signer, head_file, against, now)
+    except OSError as exc:
+        raise DataDirError(
+            f"the audit head file {head_file} cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from exc
 
 
-def verify_trail(index: SqlIndex, signer: Signer) -> Verification:
-    """Check the whole chain and its checkpoints (streamed in batches)."""
-    return verify_chain(_all_records(index), index.audit_checkpoints(), signer.public_key)  # type: ignore[arg-type]
+def _verify(
+    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
+) -> Verification:
+    try:
+        size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
+    except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)
+        size = None
+    with index.audit_snapshot() as snapshot:
+        checkpoints, holdings = snapshot.checkpoints(), snapshot.holdings()
+        heads = None if size is None else read_head_lines(head_file, size)
+        with closing(snapshot.rows()) as rows, closing(snapshot.refs()) as refs:
+            try:
+                return verify_chain(
+                    rows,
+                    checkpoints,
+                    signer.public_key,
+                    refs=refs,
+                    heads=heads,
+                    against=against,
+                    holdings=holdings,
+                    now=now,
+                )
+            finally:
+                if heads is not None:
+                    heads.close()

@@ -22,8 +22,14 @@ __all__ = [
     "Outcome",
     "Participant",
     "canonical",
+    "format_time",
     "from_canonical",
+    "recorded_time",
+    "search_keys",
 ]
+
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class EventID(enum.Enum):
@@ -156,13 +162,36 @@ def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v not in (None, (), [], "")}
 
 
-def canonical(event: AuditEvent) -> str:
-    """The canonical JSON of an event: sorted keys, no spaces, UTC time with microseconds."""
+def format_time(value: datetime) -> str:
+    """A time as the trail writes it: UTC with microseconds, ``2026-11-22T08:00:00.000000Z``."""
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def search_keys(event: AuditEvent) -> list[tuple[str, str]]:
+    """The (kind, value) search keys of ``event`` that ``audit_refs`` holds: its patient IDs, study
+    UIDs and acting users, each once.  Written with the record and derived again when verifying it."""
+    return [
+        (kind, value)
+        for kind, values in (
+            ("patient", event.patient_ids),
+            ("study", event.study_uids),
+            ("user", event.user_ids),
+        )
+        for value in dict.fromkeys(values)
+    ]
+
+
+def canonical(event: AuditEvent, *, recorded: datetime | None = None) -> str:
+    """The canonical JSON of an event: sorted keys, no spaces, UTC time with microseconds.
+
+    ``recorded``: when the trail recorded it (the ``recorded_at`` column that searches by time use),
+    kept in the hashed body as ``"recorded"`` so that the column can be checked against it."""
     body = {
         "event": event.event_id.code,
         "action": event.action.value,
         "outcome": int(event.outcome),
-        "time": event.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "time": format_time(event.time),
+        "recorded": None if recorded is None else format_time(recorded),
         "type": list(event.type_code) if event.type_code else None,
         "why": event.outcome_description,
         "participants": [
@@ -205,12 +234,23 @@ def canonical(event: AuditEvent) -> str:
 
 def from_canonical(text: str) -> AuditEvent:
     """The event a canonical JSON text describes (the inverse of :func:`canonical`)."""
+    return _event(json.loads(text))
+
+
+def recorded_time(text: str) -> tuple[AuditEvent, str | None]:
+    """The event of a stored body and the recording time it carries (None: a record made before the
+    trail kept it in the body)."""
     d = json.loads(text)
+    recorded = d.get("recorded")
+    return _event(d), None if recorded is None else str(recorded)
+
+
+def _event(d: dict[str, Any]) -> AuditEvent:
     return AuditEvent(
         event_id=EventID.from_code(d["event"]),
         action=Action(d["action"]),
         outcome=Outcome(d["outcome"]),
-        time=datetime.strptime(d["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+        time=datetime.strptime(d["time"], _TIME_FORMAT).replace(tzinfo=UTC),
         type_code=(d["type"][0], d["type"][1]) if d.get("type") else None,
         outcome_description=d.get("why"),
         participants=tuple(

@@ -4,8 +4,15 @@ Each audit record becomes one RFC 5424 syslog message whose MSG is the PS3.15 A.
 (``audit/xml.py``), preceded by a BOM (RFC 5424 6.4), sent over TLS 1.2+ with the octet-counting
 framing of RFC 5425 4.3 (``MSG-LEN SP SYSLOG-MSG``).  The header follows IHE ITI TF-2 3.20.4.1.2:
 facility 10 (security/authorization), severity 5 (notice) for a success and 4 (warning) for a
-failure, APP-NAME ``safepacs``, MSGID ``IHE+RFC-3881``, no structured data.  The header's TIMESTAMP
-is the event's time.
+failure, APP-NAME ``safepacs``, MSGID ``IHE+RFC-3881``.  The header's TIMESTAMP is the event's time.
+
+The STRUCTURED-DATA (RFC 5424 6.3) is one element, ``[safepacs-head@32473 seq="N" hash="H"]``: the
+record's sequence number and chain hash.  The last message of each batch also carries ``time`` and
+``sig``, the Ed25519 signature of that head (:class:`~safepacs.audit.chain.SignedHead`): the collector
+then holds, at least every ``audit.forward_interval``, a signed head that the trail in the index must
+keep (``safepacs audit verify --against`` a file with the line ``N H TIME SIG``), so a trail cut short
+or rewritten together with its head file is still found.  32473 is the example enterprise number of
+RFC 5612, standing in for one of SafePACS's own.
 
 Delivery.  The trail in the index is the spool: a :class:`Forwarder` (one per collector, one thread
 each) sends the records after that collector's cursor, in sequence order, and moves the cursor only
@@ -39,7 +46,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safepacs.audit.chain import StoredRecord
+from safepacs.audit.chain import SignedHead, Signer, StoredRecord
 from safepacs.audit.events import (
     Action,
     AuditEvent,
@@ -69,9 +76,11 @@ __all__ = [
     "APP_NAME",
     "FACILITY",
     "MSGID",
+    "SD_ID",
     "Forwarder",
     "check_collectors",
     "frame",
+    "head_data",
     "start_forwarders",
     "syslog_message",
     "tls_context",
@@ -84,6 +93,7 @@ NOTICE, WARNING = 5, 4  # severities: success, failure
 APP_NAME = "safepacs"
 MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
+SD_ID = "safepacs-head@32473"  # RFC 5424 6.3.2 name@<private enterprise number> (RFC 5612's example)
 MAX_BACKOFF = 60.0  # seconds between attempts to reach a collector that is down, at most
 
 
@@ -93,8 +103,24 @@ def _header_field(value: str, limit: int) -> str:
     return clean or "-"
 
 
-def syslog_message(event: AuditEvent, source: AuditSource, *, hostname: str, procid: str) -> bytes:
-    """The RFC 5424 SYSLOG-MSG carrying ``event`` as a DICOM audit message."""
+def _param(value: str) -> str:
+    """An RFC 5424 PARAM-VALUE: '"', '\\' and ']' escaped (6.3.3)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def head_data(seq: int, digest: str, signed: SignedHead | None = None) -> str:
+    """The STRUCTURED-DATA of the message of record ``seq``; with its signed head when given."""
+    params = [("seq", str(seq)), ("hash", digest)]
+    if signed is not None:
+        params += [("time", signed.time), ("sig", signed.signature)]
+    return "[" + SD_ID + "".join(f' {name}="{_param(value)}"' for name, value in params) + "]"
+
+
+def syslog_message(
+    event: AuditEvent, source: AuditSource, *, hostname: str, procid: str, structured: str = "-"
+) -> bytes:
+    """The RFC 5424 SYSLOG-MSG carrying ``event`` as a DICOM audit message (``structured``: its
+    STRUCTURED-DATA, ``-`` for none)."""
     severity = NOTICE if event.outcome is Outcome.SUCCESS else WARNING
     header = " ".join(
         (
@@ -104,7 +130,7 @@ def syslog_message(event: AuditEvent, source: AuditSource, *, hostname: str, pro
             APP_NAME,
             _header_field(procid, 128),
             MSGID,
-            "-",  # STRUCTURED-DATA
+            structured,
         )
     )
     return header.encode("ascii") + b" " + BOM + to_xml(event, source)
@@ -176,6 +202,7 @@ class Forwarder:
         collector: AuditCollectorSettings,
         source: AuditSource,
         *,
+        signer: Signer,
         where: str = "audit.collectors",
         batch: int = 200,
         timeout: float = 10.0,
@@ -185,6 +212,7 @@ class Forwarder:
         self.collector = collector
         self._index = index
         self._source = source
+        self._signer = signer
         self._context = tls_context(collector, where)
         self._batch = batch
         self._timeout = timeout
@@ -205,7 +233,9 @@ class Forwarder:
             records = self._index.audit_records(cursor, self._batch)
             if not records:
                 return sent
-            payload = b"".join(frame(self._message(r)) for r in records)
+            last = records[-1]
+            signed = self._signer.head(last.seq, last.hash)
+            payload = b"".join(frame(self._message(r, signed if r is last else None)) for r in records)
             sock = self._connection()
             try:
                 sock.sendall(payload)
@@ -217,13 +247,16 @@ class Forwarder:
             self._index.set_audit_cursor(name, cursor)
             sent += len(records)
 
-    def _message(self, record: StoredRecord) -> bytes:
+    def _message(self, record: StoredRecord, signed: SignedHead | None) -> bytes:
         try:
             event = from_canonical(record.body)
         except (ValueError, KeyError, TypeError, IndexError):
             log.error("audit record %d cannot be read; forwarding a security alert in its place", record.seq)
             event = _unreadable(record.seq)
-        return syslog_message(event, self._source, hostname=self._hostname, procid=self._procid)
+        structured = head_data(record.seq, record.hash, signed)
+        return syslog_message(
+            event, self._source, hostname=self._hostname, procid=self._procid, structured=structured
+        )
 
     def _connection(self) -> ssl.SSLSocket:
         if self._sock is not None and self._alive(self._sock):
@@ -339,9 +372,10 @@ def check_collectors(settings: Settings) -> None:
 def start_forwarders(index: SqlIndex, settings: Settings, stop: threading.Event) -> list[threading.Thread]:
     """One daemon thread per configured collector, forwarding until ``stop`` is set."""
     source = _source(settings)
+    signer = Signer.load_or_create(settings.keys_dir)
     threads = []
     for i, collector in enumerate(settings.audit.collectors):
-        forwarder = Forwarder(index, collector, source, where=f"audit.collectors[{i}]")
+        forwarder = Forwarder(index, collector, source, signer=signer, where=f"audit.collectors[{i}]")
         thread = threading.Thread(
             target=forwarder.run,
             args=(stop, settings.audit.forward_interval),

@@ -1,6 +1,10 @@
-"""``safepacs audit verify|query|report``: prove the trail untouched; answer "who saw this patient?".
+"""``safepacs audit verify|head|query|report``: prove the trail untouched and complete; answer "who
+saw this patient?".
 
-Reading the trail is itself recorded (110101 Audit Log Used) before anything is printed.
+``verify`` checks the hash chain, the signed checkpoints, the columns and search keys that searches
+use, the signed head file (``DATA/audit-head``) and, with ``--against FILE``, heads exported earlier
+with ``head`` (or taken from a syslog collector).  Reading the trail is itself recorded (110101 Audit
+Log Used): before anything is printed, or, for ``verify``, right after the check.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import getpass
 import json
 import sys
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 from typing import Any
 
 from safepacs.errors import SafePacsError
@@ -26,8 +31,21 @@ def add_parsers(sub: Any, data_opt: Any) -> None:
     audit = sub.add_parser("audit", help="verify, search and report on the audit trail").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
-    sp = audit.add_parser("verify", help="check the hash chain and signed checkpoints (exit 1 if tampered)")
+    sp = audit.add_parser(
+        "verify",
+        help="check the hash chain, signed checkpoints, search keys and signed heads (exit 1 if tampered)",
+    )
     data_opt(sp)
+    sp.add_argument(
+        "--against",
+        metavar="FILE",
+        help="a head exported earlier with 'safepacs audit head': the trail must still hold its record",
+    )
+    sp = audit.add_parser(
+        "head", help="export the signed head of the trail, to check later that nothing was cut off"
+    )
+    data_opt(sp)
+    sp.add_argument("--out", metavar="FILE", help="write it to FILE (default: standard output)")
     for name, text in (
         ("query", "audit records matching every filter given (none: all)"),
         ("report", "who accessed a patient's data: when, what, from where, on what device, outcome"),
@@ -62,7 +80,50 @@ def _time(text: str | None, *, end: bool) -> datetime | None:
 _OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12: "major failure"}
 
 
-def cmd_audit(args: argparse.Namespace, index: Any, keys_dir: Any) -> int:
+def _exported(path: str) -> list[Any]:
+    """The signed heads in ``path`` (lines ``SEQ HASH TIME SIGNATURE``; blank and ``#`` lines skipped)."""
+    from safepacs.audit import SignedHead
+
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+        raise AuditUsageError(f"cannot read the exported head {path} ({why})") from None
+    heads = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            heads.append(SignedHead.parse(line))
+        except ValueError:
+            raise AuditUsageError(
+                f"line {number} of {path} is not a signed head (SEQ HASH TIME SIGNATURE, "
+                "as 'safepacs audit head' writes it)"
+            ) from None
+    if not heads:
+        raise AuditUsageError(f"{path} holds no signed head; export one with 'safepacs audit head'")
+    return heads
+
+
+def _intact(result: Any) -> str:
+    text = f"Audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
+    if result.anchored_from is None:
+        text += "; no signed head file yet (truncation cannot be detected until one is written)"
+    else:
+        text += f"; the signed head file names record {result.head_seq}"
+        if result.anchored_from > 1:
+            text += f" (it began at record {result.anchored_from}: truncation before that is not detected)"
+    if result.against is not None:
+        text += f"; the exported head of record {result.against} matches"
+    if result.unchecked_times:
+        text += (
+            f"; the recording times of the {result.unchecked_times} records made before they were "
+            "hashed are not checked"
+        )
+    return text + "."
+
+
+def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
     from safepacs.audit import (
         Action,
         AuditEvent,
@@ -79,27 +140,42 @@ def cmd_audit(args: argparse.Namespace, index: Any, keys_dir: Any) -> int:
     from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
     from safepacs.index.auditlog import AuditFilter
 
-    signer = Signer.load_or_create(keys_dir)
-    trail = AuditTrail(index, signer)
+    signer = Signer.load_or_create(settings.keys_dir)
+    trail = AuditTrail(index, signer, settings.audit_head_file)
     reader = Participant(user_id=getpass.getuser(), requestor=True, role="Application Launcher")
     action = args.audit_command
-    if action == "verify":
+    if action in ("verify", "head"):
         used = AuditEvent(
             EventID.AUDIT_LOG_USED,
             Action.READ,
             Outcome.SUCCESS,
             (reader,),
-            (AuditObject(ObjectKind.AUDIT_LOG, "safepacs-audit-trail", detail=(("operation", "verify"),)),),
+            (AuditObject(ObjectKind.AUDIT_LOG, "safepacs-audit-trail", detail=(("operation", action),)),),
         )
-        result = verify_trail(index, signer)
+    if action == "head":
+        trail.record(used)  # first, so that the exported head covers this export too
+        head = index.audit_head()
+        if head is None:  # not after a record was just appended
+            raise AuditUsageError("the audit trail is empty: there is no head to export")
+        line = signer.head(*head).line() + "\n"
+        if args.out:
+            try:
+                Path(args.out).write_text(line, encoding="ascii")
+            except OSError as exc:
+                raise AuditUsageError(f"cannot write {args.out} ({exc.strerror})") from None
+            print(f"Signed head of record {head[0]} written to {args.out}.", file=sys.stderr)
+        else:
+            sys.stdout.write(line)
+        return 0
+    if action == "verify":
+        against = _exported(args.against) if args.against else []
+        result = verify_trail(index, signer, settings.audit_head_file, against)
         trail.record(used)  # after the check, so verifying never changes what it verified
         if result.ok:
-            print(
-                f"Audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints.",
-                file=sys.stderr,
-            )
+            print(_intact(result), file=sys.stderr)
             return 0
-        print(f"Audit trail TAMPERED at record {result.first_bad_seq}: {result.problem}.", file=sys.stderr)
+        at = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+        print(f"Audit trail TAMPERED{at}: {result.problem}.", file=sys.stderr)
         return 1
     where = AuditFilter(
         patient_id=args.patient,

@@ -65,7 +65,8 @@ def record_change(args: argparse.Namespace, argv: Sequence[str], settings: Any) 
     index = SqlIndex(settings.index_url)
     try:
         auditor = Auditor(
-            AuditTrail(index, Signer.load_or_create(settings.keys_dir)), settings.server.ae_title
+            AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file),
+            settings.server.ae_title,
         )
         auditor.changed(
             operator(args.command), type_code, target[:256], ("safepacs " + shlex.join(argv))[:1000]

@@ -356,7 +356,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     index = _open_index(args)
     try:
-        return cmd_audit(args, index, settings.keys_dir)
+        return cmd_audit(args, index, settings)
     finally:
         index.close()
 

@@ -331,6 +331,11 @@ class Settings(BaseSettings):
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
 
+    @property
+    def audit_head_file(self) -> Path:
+        """The audit trail's signed head, kept outside the index (``safepacs.audit.head``)."""
+        return self.data_dir / "audit-head"
+
 
 def data_dir_from(option: str | os.PathLike[str] | None) -> Path:
     """The data directory: the ``--data`` option, else ``$SAFEPACS_DATA``, else ``./safepacs-data``."""

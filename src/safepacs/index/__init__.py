@@ -37,7 +37,7 @@ from safepacs.errors import ConflictError, IndexError_, NotFoundError, UnsyncedC
 from safepacs.index import sql
 from safepacs.index.access import AccessMixin, scope_from_json
 from safepacs.index.attributes import UNIQUE_KEYS
-from safepacs.index.auditlog import AuditLogMixin
+from safepacs.index.auditlog import AUDIT_HEAD, AuditLogMixin, HeadListener
 from safepacs.index.certificates import CertificateMixin, CertificateRecord
 from safepacs.index.logins import LoginMixin, LoginState, SessionRecord
 from safepacs.index.matching import parse_identifier, retrieve_keys
@@ -354,10 +354,19 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         self._closed = False
         database = sa.make_url(url).database if self._sqlite else None
         self._turns = WriterTurns(database) if database else None
+        self._audit_listener: HeadListener | None = None
+
+    def set_audit_listener(self, listener: HeadListener | None) -> None:
+        """Who is told of each new head of the audit chain once it is committed (the head file)."""
+        self._audit_listener = listener
 
     def close(self) -> None:
         """Release the connections; the within-a-second writer is synced and closed first, and a
-        relaxed write after this (a thread still finishing) is synced before it returns instead."""
+        relaxed write after this (a thread still finishing) is synced before it returns instead.
+        The audit head listener writes what it has pending before that."""
+        listener = self._audit_listener
+        if listener is not None:
+            listener.close()
         with self._relaxed_lock:
             self._closed = True
             relaxed, self._relaxed = self._relaxed, None
@@ -400,17 +409,39 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             if self._sqlite:
                 sync = self._relaxed_sync()
                 if sync is None:  # closed: the normal, synced writer
-                    return self._run_on(self._writer, work, write)
-                result = self._run_on(sync.writer, work, write)
+                    return self._anchored(*self._run_on(self._writer, work, write), durable=True)
+                result, head = self._run_on(sync.writer, work, write)
                 sync.dirty()
-                return result
+                return self._anchored(result, head, durable=False)
             inner = work
 
             def work(conn: sa.Connection) -> _T:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 return inner(conn)
 
-        return self._run_on(self._writer if write else self._engine, work, write)
+            return self._anchored(*self._run_on(self._writer, work, write), durable=False)
+        return self._anchored(
+            *self._run_on(self._writer if write else self._engine, work, write), durable=True
+        )
+
+    def _anchored(self, result: _T, head: tuple[int, str] | None, *, durable: bool) -> _T:
+        """Tell the audit head listener of a new head of the chain that a transaction committed."""
+        listener = self._audit_listener
+        if head is not None and listener is not None:
+            listener.committed(*head, durable=durable)
+        return result
+
+    def sync_audit(self) -> None:
+        """Make every committed audit record durable (those recorded "within a second" too)."""
+        if self._sqlite:
+            with self._relaxed_lock:
+                relaxed = self._relaxed
+            if relaxed is not None:
+                relaxed.sync_now()
+            return
+        # A transaction with a transaction id writes a commit record; synchronous_commit (on) waits
+        # until the WAL is flushed up to it, and so past every asynchronous commit before it.
+        self._run(lambda conn: conn.exec_driver_sql("SELECT txid_current()"), write=True)
 
     def _run_on(
         self,
@@ -418,13 +449,17 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         work: Callable[[sa.Connection], _T],
         write: bool,
         begin: Callable[[], contextlib.AbstractContextManager[sa.Connection]] | None = None,
-    ) -> _T:
-        """``work`` in a transaction of ``engine`` (or from ``begin``, entered once the turn is held)."""
+    ) -> tuple[_T, tuple[int, str] | None]:
+        """``work`` in a transaction of ``engine`` (or from ``begin``, entered once the turn is held);
+        its result and the new head of the audit chain if it appended audit records."""
         delay = 0.02
         for attempt in range(_RETRIES + 1):
             try:
                 with self._turn(write), (begin or engine.begin)() as conn:
-                    return work(conn)
+                    conn.info.pop(AUDIT_HEAD, None)  # left by a transaction that was rolled back
+                    result = work(conn)
+                    head: tuple[int, str] | None = conn.info.pop(AUDIT_HEAD, None)
+                return result, head
             except sa.exc.DBAPIError as exc:
                 if attempt < _RETRIES and self._transient(exc, write):
                     time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not security
@@ -508,7 +543,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         sync = self._relaxed_sync() if self._sqlite else None
         if sync is None:  # PostgreSQL, or closed: committed and synced by the normal writer
             return self._run(work, write=True)
-        old = self._run_on(sync.writer, work, True, begin=sync.transaction if self._turns else None)
+        old, head = self._run_on(sync.writer, work, True, begin=sync.transaction if self._turns else None)
         try:
             sync.sync_now()
         except OSError as exc:
@@ -516,7 +551,7 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             raise UnsyncedCommitError(
                 "the instance was indexed but the index could not be synced to disk; check the disk"
             ) from exc
-        return old
+        return self._anchored(old, head, durable=True)
 
     def study_patients(self, study_uids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """(PatientID, PatientName) of each study that is indexed, by Study Instance UID."""
