@@ -23,6 +23,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
@@ -49,8 +50,8 @@ from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 from safepacs.types import IngestOutcome, Principal, Service, StoredBlob
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct, part10_bytes, storable_files
-from tests.dicom_client import associate
-from tests.test_web import _client, _multipart_body
+from tests.dicom_client import associate, c_get
+from tests.test_web import _client, _multipart_body, _parts
 
 TOO_DEEP = "the data set is nested deeper than 32 sequence levels"
 CONTENT = 0x0040A730  # Content Sequence
@@ -130,9 +131,11 @@ def content_sequence(levels: int, enc: Encoding, *, implicit: bool | None = None
     return content
 
 
-def encoded_dataset(levels: int, enc: Encoding, **overrides: Any) -> tuple[Dataset, str, bytes]:
-    """(the CT, its transfer syntax, its data set bytes with the Content Sequence of ``levels`` levels
-    put in before the Pixel Data); deflated when the encoding says so."""
+def encoded_dataset(
+    levels: int, enc: Encoding, *, sequence: bytes | None = None, **overrides: Any
+) -> tuple[Dataset, str, bytes]:
+    """(the CT, its transfer syntax, its data set bytes with the Content Sequence of ``levels`` levels,
+    or ``sequence``, put in before the Pixel Data); deflated when the encoding says so."""
     ds = make_ct(8, 8, seed=1, **overrides)
     syntax = ExplicitVRLittleEndian if enc.ts == DeflatedExplicitVRLittleEndian else enc.ts
     ds.file_meta.TransferSyntaxUID = UID(syntax)
@@ -141,11 +144,21 @@ def encoded_dataset(levels: int, enc: Encoding, **overrides: Any) -> tuple[Datas
     del ds.PixelData
     head = dataset_bytes(part10_bytes(ds))[1]
     ds.PixelData = pixels
-    body = head + content_sequence(levels, enc) + whole[len(head) :]
+    body = head + (sequence or content_sequence(levels, enc)) + whole[len(head) :]
     if enc.ts == DeflatedExplicitVRLittleEndian:
         deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
         body = deflater.compress(body) + deflater.flush()
     return ds, enc.ts, body
+
+
+def unreadable_sequence() -> bytes:
+    """A Content Sequence 400 levels deep whose first item also holds an element longer than the item:
+    not well formed above the level where the walk would leave items out, so it cannot; pydicom reads
+    it (lazily) and recurses when it converts it (explicit VR little endian, defined lengths)."""
+    inner = content_sequence(399, ENCODINGS[0])
+    junk = struct.pack("<HH2sH", 0x0008, 0x1030, b"LO", 200) + b"AB"  # says 200 bytes, has 2
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, len(inner) + len(junk)) + inner + junk
+    return struct.pack("<HH2sHL", CONTENT >> 16, CONTENT & 0xFFFF, b"SQ", 0, len(item)) + item
 
 
 def part10_of(ds: Dataset, ts: str, body: bytes) -> bytes:
@@ -305,6 +318,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         part10 = part10_of(ds, ts, body)
         put_directly(data, part10, ds, ts)
         deep[enc.name] = Deep(ds, ts, body, part10)
+    # One pydicom cannot convert, in a study with one it can.
+    ds, ts, body = encoded_dataset(0, ENCODINGS[0], sequence=unreadable_sequence())
+    deep["unreadable"] = Deep(ds, ts, body, part10_of(ds, ts, body))
+    put_directly(data, deep["unreadable"].part10, ds, ts)
+    plain = make_ct(8, 8, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, instance_number=2)
+    put_directly(data, part10_bytes(plain), plain, ExplicitVRLittleEndian)
     srv = start_server(data, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:
         srv.add_peer("CT1", "store,get")
@@ -389,3 +408,114 @@ def test_import_names_each_file_nested_too_deeply_and_stores_the_others(
     assert f"b-level33.dcm: {TOO_DEEP}" in err and f"c-level400.dcm: {TOO_DEEP}" in err
     assert "Traceback" not in err
     assert len(_objects(data_dir)) == 2
+
+
+# Reading what was stored before ------------------------------------------------------------------
+
+
+def _deep_item(meta: dict[str, Any], levels: int) -> dict[str, Any]:
+    item = meta
+    for _ in range(levels):
+        (item,) = item[f"{CONTENT:08X}"]["Value"]
+    return item
+
+
+@pytest.mark.parametrize("name", [ENCODINGS[0].name, ENCODINGS[1].name, ENCODINGS[3].name])
+def test_an_object_stored_400_levels_deep_reads_back_on_every_path(served: Served, name: str) -> None:
+    deep = served.deep[name]
+    ds = deep.ds
+    with _client(served.srv, served.token) as client:
+        # Metadata: the items below level 32 left out (their sequence sent empty), and said so.
+        r = client.get(_url(ds, "/metadata"))
+        assert r.status_code == 200, r.text
+        assert "nested deeper than 32 levels were left out" in r.headers["warning"]
+        (meta,) = r.json()
+        assert meta["00100020"]["Value"] == [ds.PatientID]
+        assert "BulkDataURI" in meta["7FE00010"]
+        assert not _deep_item(meta, 32)[f"{CONTENT:08X}"].get("Value")
+        r = client.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/metadata")
+        assert r.status_code == 200 and len(r.json()) == 1
+        # Rendered, thumbnail, frames, WADO-URI: the pixel data is fine.
+        for tail in ("/rendered", "/thumbnail", "/frames/1/rendered"):
+            r = client.get(_url(ds, tail))
+            assert r.status_code == 200, (tail, r.text)
+            assert Image.open(io.BytesIO(r.content)).size[0] > 0
+        r = client.get(_url(ds, "/frames/1"))
+        assert r.status_code == 200 and _parts(r)[0][1] == bytes(ds.PixelData)
+        r = client.get(
+            "/dicomweb/wado",
+            params={
+                "requestType": "WADO",
+                "studyUID": ds.StudyInstanceUID,
+                "seriesUID": ds.SeriesInstanceUID,
+                "objectUID": ds.SOPInstanceUID,
+                "contentType": "image/png",
+            },
+        )
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        # The instance itself, as stored: byte for byte.
+        r = client.get(
+            _url(ds), headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        )
+        assert r.status_code == 200 and _parts(r)[0][1] == deep.part10
+    # C-GET sends the stored bytes.  Converted (as far as pydicom's recursion goes) or refused for that
+    # instance alone, cleanly.
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    identifier.SeriesInstanceUID = ds.SeriesInstanceUID
+    identifier.SOPInstanceUID = ds.SOPInstanceUID
+    received, final = c_get(served.srv.port, identifier, [(CTImageStorage, [deep.ts])], calling="CT1")
+    assert final.Status == 0x0000
+    assert received == {ds.SOPInstanceUID: (deep.ts, deep.body)}
+    other = ImplicitVRLittleEndian if deep.ts != ImplicitVRLittleEndian else ExplicitVRLittleEndian
+    received, final = c_get(served.srv.port, identifier, [(CTImageStorage, [other])], calling="CT1")
+    if received:
+        assert final.Status == 0x0000 and received[ds.SOPInstanceUID][0] == other
+    else:
+        assert final.Status == 0xA702 and final.FailedSOPInstanceUIDList == ds.SOPInstanceUID
+    with _client(served.srv, served.token) as client:
+        r = client.get(_url(ds), headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert r.status_code == 200  # the server still answers after all that
+    assert "Traceback" not in served.srv.stderr_text()
+
+
+def test_an_object_stored_400_levels_deep_is_restored_after_deletion(data_dir: Path) -> None:
+    enc = ENCODINGS[1]
+    ds, ts, body = encoded_dataset(400, enc)
+    put_directly(data_dir, part10_of(ds, ts, body), ds, ts)
+    archive = open_archive(load_settings(data_dir))
+    try:
+        admin = Principal(kind="system", name="test", allow=frozenset(Service))
+        assert archive.delete.delete(admin, str(ds.StudyInstanceUID)) == 1
+    finally:
+        archive.close()
+    assert run_cli("restore", str(ds.StudyInstanceUID), "--data", str(data_dir)) == 0
+    index = SqlIndex(load_settings(data_dir).index_url)
+    try:
+        assert index.get_instance(str(ds.SOPInstanceUID)) is not None
+    finally:
+        index.close()
+
+
+def test_an_instance_pydicom_cannot_convert_is_a_clear_error_and_still_renders(served: Served) -> None:
+    deep = served.deep["unreadable"]
+    ds = deep.ds
+    with _client(served.srv, served.token) as client:
+        r = client.get(_url(ds, "/metadata"))
+        assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json", r.text
+        assert "cannot be represented as DICOM JSON" in r.json()["detail"]
+        assert "Traceback" not in r.text and str(ds.PatientName) not in r.text
+        r = client.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/metadata")  # the other instance
+        assert r.status_code == 200 and len(r.json()) == 1
+        assert "1 instance(s) left out" in r.headers["warning"]
+        r = client.get(_url(ds, "/rendered"))
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    identifier.SeriesInstanceUID = ds.SeriesInstanceUID
+    identifier.SOPInstanceUID = ds.SOPInstanceUID
+    received, final = c_get(served.srv.port, identifier, [(CTImageStorage, [deep.ts])], calling="CT1")
+    assert final.Status == 0x0000 and received == {ds.SOPInstanceUID: (deep.ts, deep.body)}
+    assert "Traceback" not in served.srv.stderr_text()

@@ -8,7 +8,10 @@ stored; without it, or with Explicit/Implicit VR Little Endian, compressed insta
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
 default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
 whole series in memory.  In metadata, Pixel Data and every binary value over 1 KiB is a
-``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.
+``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.  An instance stored before ingest
+refused sequences nested deeper than 32 levels is sent with its deeper items left out (those sequences
+empty) and a ``Warning: 299`` header saying so; an instance whose data set cannot be read is left out
+with a ``Warning: 299``, and when none of them can be, the answer is a 500 problem.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
 from safepacs.errors import SafePacsError
+from safepacs.index.nesting import MAX_SEQUENCE_DEPTH
 from safepacs.services import bulkdata
 from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import can_convert
@@ -44,6 +48,12 @@ from safepacs.web.retrieval import (
 __all__ = ["make_router"]
 
 log = logging.getLogger(__name__)
+
+#: Said when an instance's sequence items deeper than the ingest limit were left out of its metadata.
+_PRUNED = (
+    f'299 SafePACS "sequence items nested deeper than {MAX_SEQUENCE_DEPTH} levels were left out; '
+    'their sequences are sent empty"'
+)
 
 
 def _requested_syntax(request: Request) -> str:
@@ -120,17 +130,26 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         refs = locate(retrieve, principal_of(request), uids, event=EventID.INSTANCES_ACCESSED)
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
+        pruned = False
+        failures: list[SafePacsError] = []
         for ref in refs:
             try:
-                ds = bulkdata.load(retrieve.read(ref))
+                ds, deep = bulkdata.load_pruned(retrieve.read(ref))
                 out.append(bulkdata.metadata(ds, _bulk_uri(base, ref)))
+                pruned |= deep
             except SafePacsError as exc:
                 log.warning("WADO-RS metadata left an instance out: %s", exc)
-            except Exception as exc:  # noqa: BLE001 - a stored object whose values pydicom cannot convert
-                log.warning(
-                    "WADO-RS metadata could not read an instance", extra={"error": type(exc).__name__}
-                )
-        return JSONResponse(out, media_type=DICOM_JSON)
+                failures.append(exc)
+        if failures and not out:
+            raise Problem(500, "Internal Server Error", f"the metadata cannot be sent: {failures[0]}")
+        warnings = []
+        if pruned:
+            warnings.append(_PRUNED)
+        if failures:
+            left_out = f"{len(failures)} instance(s) left out: their data sets cannot be read"
+            warnings.append(f'299 SafePACS "{left_out}"')
+        headers = {"Warning": ", ".join(warnings)} if warnings else None
+        return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
 
     @router.get("/studies/{study}", summary="Retrieve a study's instances")
     def study(request: Request, study: str) -> StreamingResponse:
