@@ -4,13 +4,15 @@ Storing an instance reads ~30 of its elements; pydicom's reader makes an element
 them and costs ~60 us for a 10 KB instance, a sixth of everything else an instance costs.  This walks
 the data set's bytes (PS3.5 7.1) once, keeps the values of :data:`~safepacs.index.write.HEADER_TAGS`
 as pydicom's raw elements and steps over everything else (the pixel data, private elements, other
-sequences, through their items).  The data set it returns is what ``read_dataset(...,
-specific_tags=HEADER_TAGS)`` returns (tests hold their index rows equal over the test corpus), so
-:func:`~safepacs.index.write.read_header` reads it unchanged.
+sequences, through their items).  Sequences long enough to nest deeply are walked in the same pass
+(:func:`~safepacs.index.nesting.element_end`, no recursion): a data set whose items are deeper than
+:data:`~safepacs.index.nesting.MAX_SEQUENCE_DEPTH` levels is refused.  The data set it returns is
+what ``read_dataset(..., specific_tags=HEADER_TAGS)`` returns (tests hold their index rows equal over
+the test corpus), so :func:`~safepacs.index.write.read_header` reads it unchanged.
 
 Only little endian data sets are read here, and only when nothing is unusual; anything else (a
-VR it does not know, explicit VR where implicit was announced or the reverse, an indexed element of
-undefined length, a delimiter out of place) answers None and the caller uses pydicom's reader.  A
+top-level VR it does not know, explicit VR where implicit was announced or the reverse, an indexed
+element of undefined length, a delimiter out of place) answers None and the caller uses pydicom's reader.  A
 value that runs past the end of the data is refused as truncated, as pydicom's reader plus
 SafePACS's length check refuses it.
 """
@@ -27,6 +29,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from safepacs.errors import InvalidObjectError
+from safepacs.index.nesting import MAX_SEQUENCE_DEPTH, Unwalkable, element_end, min_nesting_bytes
 from safepacs.index.write import HEADER_TAGS
 
 __all__ = ["TRUNCATED", "read_indexed_elements"]
@@ -35,13 +38,11 @@ TRUNCATED = "the data set is truncated (an element is shorter than its length)"
 
 _KEPT = frozenset(HEADER_TAGS) | {0x00080005}  # and the Specific Character Set, as pydicom keeps it
 _UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
 _IMPLICIT = struct.Struct("<HHL")
 _EXPLICIT = struct.Struct("<HH2sH")
 _LONG = struct.Struct("<L")
 _VR_TEXT = {v.value.encode("ascii"): v.value for v in VR}
+_MAY_NEST = frozenset({b"SQ", b"UN"})  # values of defined length that may hold items
 _LONG_VRS = frozenset(str(v).encode("ascii") for v in EXPLICIT_VR_LENGTH_32)
 
 
@@ -49,73 +50,25 @@ class _Unusual(Exception):
     """Something pydicom's reader should judge."""
 
 
-def _header(data: bytes, offset: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, length, offset of the value) of the element at ``offset``."""
-    if implicit:
-        group, element, length = _IMPLICIT.unpack_from(data, offset)
-        return group << 16 | element, None, length, offset + 8
-    group, element, vr, length = _EXPLICIT.unpack_from(data, offset)
-    if group == 0xFFFE:  # items and delimiters carry no VR
-        group, element, length = _IMPLICIT.unpack_from(data, offset)
-        return group << 16 | element, None, length, offset + 8
-    if vr not in _VR_TEXT:
-        raise _Unusual
-    if vr in _LONG_VRS:
-        if len(data) < offset + 12:
-            raise _Unusual
-        return group << 16 | element, vr, _LONG.unpack_from(data, offset + 8)[0], offset + 12
-    return group << 16 | element, vr, length, offset + 8
-
-
-def _skip_items(data: bytes, offset: int, implicit: bool) -> int:
-    """Past the items of an element of undefined length (a sequence, encapsulated pixel data) and its
-    Sequence Delimitation Item (PS3.5 7.5, A.4)."""
-    while True:
-        if len(data) - offset < 8:
-            raise InvalidObjectError(TRUNCATED)
-        group, element, length = _IMPLICIT.unpack_from(data, offset)
-        tag = group << 16 | element
-        offset += 8
-        if tag == _SEQUENCE_END:
-            return offset
-        if tag != _ITEM:
-            raise _Unusual
-        if length != _UNDEFINED:
-            offset += length
-            if offset > len(data):
-                raise InvalidObjectError(TRUNCATED)
-            continue
-        offset = _skip_item_elements(data, offset, implicit)
-
-
-def _skip_item_elements(data: bytes, offset: int, implicit: bool) -> int:
-    """Past the elements of an item of undefined length and its Item Delimitation Item."""
-    while True:
-        if len(data) - offset < 8:
-            raise InvalidObjectError(TRUNCATED)
-        tag, _, length, offset = _header(data, offset, implicit)
-        if tag == _ITEM_END:
-            return offset
-        if length == _UNDEFINED:
-            offset = _skip_items(data, offset, implicit)
-            continue
-        offset += length
-        if offset > len(data):
-            raise InvalidObjectError(TRUNCATED)
-
-
-def read_indexed_elements(data: bytes, implicit: bool) -> Dataset | None:
+def read_indexed_elements(
+    data: bytes, implicit: bool, *, max_depth: int = MAX_SEQUENCE_DEPTH
+) -> Dataset | None:
     """The indexed elements of the little endian data set ``data``, undecoded; None when pydicom's
-    reader should read it (see the module); :class:`InvalidObjectError` when it is truncated."""
+    reader should read it (see the module); :class:`InvalidObjectError` when it is truncated or its
+    sequences nest deeper than ``max_depth`` (:mod:`safepacs.index.nesting`)."""
     try:
-        return _read(data, implicit)
+        return _read(data, implicit, max_depth)
     except struct.error as exc:  # a header cut short inside a sequence we were stepping over
         raise InvalidObjectError(TRUNCATED) from exc
+    except Unwalkable as exc:
+        if exc.truncated:
+            raise InvalidObjectError(TRUNCATED) from exc
+        return None
     except _Unusual:
         return None
 
 
-def _read(data: bytes, implicit: bool) -> Dataset | None:
+def _read(data: bytes, implicit: bool, max_depth: int) -> Dataset | None:
     end = len(data)
     if end >= 6:  # pydicom decides from the first element which encoding the data set really uses
         looks_explicit = 0x40 < data[4] < 0x5B and 0x40 < data[5] < 0x5B
@@ -123,14 +76,16 @@ def _read(data: bytes, implicit: bool) -> Dataset | None:
             raise _Unusual
     kept: dict[BaseTag, DataElement | RawDataElement] = {}
     offset = 0
-    # The header of each element is read inline (this loop runs ~50 times per instance); _header reads
-    # the same for the elements inside the sequences stepped over.
+    # The header of each element is read inline (this loop runs ~50 times per instance); the nesting
+    # walk reads the elements inside the sequences stepped over.
     unpack_implicit, unpack_explicit, unpack_long = (
         _IMPLICIT.unpack_from,
         _EXPLICIT.unpack_from,
         _LONG.unpack_from,
     )
     text_vr: str | None = None
+    vr: bytes | None = None
+    nested = min_nesting_bytes(0, max_depth)  # shorter sequences cannot be too deep: not looked into
     while end - offset >= 8:  # pydicom's reader stops, silently, before a header cut short
         if implicit:
             group, element, length = unpack_implicit(data, offset)
@@ -153,11 +108,13 @@ def _read(data: bytes, implicit: bool) -> Dataset | None:
         if length == _UNDEFINED:
             if tag in _KEPT:
                 raise _Unusual  # pydicom parses an indexed sequence of undefined length itself
-            offset = _skip_items(data, value_at, implicit)
+            offset = element_end(data, tag, vr, length, value_at, implicit=implicit, limit=max_depth)
             continue
         offset = value_at + length
         if offset > end:
             raise InvalidObjectError(TRUNCATED)
+        if length >= nested and (implicit or vr in _MAY_NEST):
+            element_end(data, tag, vr, length, value_at, implicit=implicit, limit=max_depth)
         if tag in _KEPT:
             value = (
                 data[value_at:offset] if length else cast(bytes | None, empty_value_for_VR(text_vr, raw=True))

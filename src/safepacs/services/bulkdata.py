@@ -2,7 +2,12 @@
 (PS3.18 10.4.1, 8.7.3.5), as pure functions of the stored Part 10 bytes.
 
 * :func:`load` parses a stored object; a Deflated data set is inflated with the size limit of
-  :func:`~safepacs.services.transcode.transcode` first (pydicom would inflate without one).
+  :func:`~safepacs.services.transcode.transcode` first (pydicom would inflate without one).  An
+  object stored before ingest refused data sets nested deeper than
+  :data:`~safepacs.index.nesting.MAX_SEQUENCE_DEPTH` sequence levels is read without the items
+  deeper than that (:func:`~safepacs.index.nesting.prune`: their sequences are kept, empty), so that
+  pydicom, which reads and converts sequences recursively, can read and render it;
+  :func:`load_pruned` says whether that happened.
 * :func:`stored_frame` is a frame of encapsulated pixel data as stored (PS3.5 A.4), sent with the
   media type :func:`stored_media_type` gives for its transfer syntax (PS3.18 Table 8.7.3-5).
 * :func:`native_frame` is a frame as native pixels, little endian (the Explicit VR Little Endian
@@ -40,6 +45,7 @@ from pydicom.uid import (
 )
 
 from safepacs.errors import InvalidObjectError, RetrieveError
+from safepacs.index import nesting
 from safepacs.services.transcode import can_convert, check_pixel_header, dataset_bytes, transcode
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "is_encapsulated",
     "is_video",
     "load",
+    "load_pruned",
     "metadata",
     "native_frame",
     "stored_frame",
@@ -113,23 +120,36 @@ class Geometry(NamedTuple):
 # Reading --------------------------------------------------------------------------------------------
 
 
-def load(part10: bytes) -> Dataset:
+def load(part10: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     """The data set of a stored Part 10 object, with its file meta (Transfer Syntax UID)."""
+    return load_pruned(part10, stop_before_pixels=stop_before_pixels)[0]
+
+
+def load_pruned(part10: bytes, *, stop_before_pixels: bool = False) -> tuple[Dataset, bool]:
+    """:func:`load`, and whether items nested deeper than
+    :data:`~safepacs.index.nesting.MAX_SEQUENCE_DEPTH` levels were left out of the data set."""
     try:
-        ts, _ = dataset_bytes(part10)
+        ts, encoded = dataset_bytes(part10)
     except InvalidObjectError as exc:
         raise RetrieveError("the stored object is not a readable DICOM Part 10 file") from exc
     try:
-        if UID(ts) != DeflatedExplicitVRLittleEndian:
-            return pydicom.dcmread(BytesIO(part10))
+        uid = UID(ts)
+        if uid != DeflatedExplicitVRLittleEndian:
+            pruned = nesting.prune(encoded, implicit=uid.is_implicit_VR, little_endian=uid.is_little_endian)
+            if pruned is not None:  # the same file meta, the data set without its deepest items
+                part10 = part10[: len(part10) - len(encoded)] + pruned
+            return pydicom.dcmread(BytesIO(part10), stop_before_pixels=stop_before_pixels), pruned is not None
         inflated = transcode(part10, ExplicitVRLittleEndian)  # bounded inflate (PS3.5 A.5)
-        ds = read_dataset(BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+        pruned = nesting.prune(inflated, implicit=False, little_endian=True)
+        ds = read_dataset(
+            BytesIO(inflated if pruned is None else pruned), is_implicit_VR=False, is_little_endian=True
+        )
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds
+        return ds, pruned is not None
     except RetrieveError:
         raise
-    except Exception as exc:  # pydicom raises many types on corrupt data
+    except Exception as exc:  # pydicom raises many types on corrupt data (RecursionError on deep nesting)
         raise RetrieveError(f"the stored object cannot be parsed ({type(exc).__name__})") from exc
 
 
@@ -218,6 +238,8 @@ def metadata(ds: Dataset, uri_of: Callable[[str], str]) -> dict[str, Any]:
 
     ``uri_of`` turns an element path (``7FE00010``, or ``00540016/0/00181074`` in a sequence item:
     tag, item index, tag...) into the URI of the bulkdata resource that :func:`element_at` resolves.
+    :class:`RetrieveError` when pydicom cannot convert it (a value it cannot decode, sequences nested
+    too deeply for its recursion: :func:`load` leaves the deepest items out first).
     """
     paths: dict[int, str] = {}
 
@@ -233,13 +255,20 @@ def metadata(ds: Dataset, uri_of: Callable[[str], str]) -> dict[str, Any]:
     pixels = ds.get(_PIXEL_DATA) if has_pixels(ds) else None
     if pixels is not None:
         del ds[_PIXEL_DATA]
-    walk(ds, "")
-    out: dict[str, Any] = ds.to_json_dict(
-        bulk_data_threshold=BULK_THRESHOLD,
-        bulk_data_element_handler=lambda elem: uri_of(paths[id(elem)]),
-    )
+    try:
+        walk(ds, "")
+        out: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=BULK_THRESHOLD,
+            bulk_data_element_handler=lambda elem: uri_of(paths[id(elem)]),
+        )
+    except Exception as exc:  # values pydicom cannot convert; RecursionError on deeply nested sequences
+        raise RetrieveError(
+            f"the instance's data set cannot be represented as DICOM JSON ({type(exc).__name__})"
+        ) from exc
+    finally:
+        if pixels is not None:
+            ds[_PIXEL_DATA] = pixels
     if pixels is not None:
-        ds[_PIXEL_DATA] = pixels
         vr = "OB" if is_encapsulated(transfer_syntax(ds)) else ("OB" if pixels.VR == "OB" else "OW")
         out["7FE00010"] = {"vr": vr, "BulkDataURI": uri_of("7FE00010")}
     return out

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -35,10 +36,10 @@ from safepacs.errors import (
     StorageFullError,
     UnsyncedCommitError,
 )
-from safepacs.index import SqlIndex
+from safepacs.index import SqlIndex, nesting
 from safepacs.index.header import TRUNCATED, read_indexed_elements
 from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
-from safepacs.services.transcode import dataset_bytes
+from safepacs.services.transcode import MAX_PIXEL_BYTES, dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.storage.space import FreeSpace
 from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
@@ -113,7 +114,10 @@ class IngestService:
         overwrite: bool = False,
         max_object_bytes: int = 2 * 1024**3,
         space: FreeSpace | None = None,
+        max_sequence_depth: int = nesting.MAX_SEQUENCE_DEPTH,
     ) -> None:
+        """``max_sequence_depth``: the deepest level a sequence item may be at
+        (:mod:`safepacs.index.nesting`); what docs/conformance.md promises, not a setting."""
         self._index = index
         self._audit = audit
         self._blobs = blobs
@@ -121,6 +125,7 @@ class IngestService:
         self._overwrite = overwrite
         self._max_bytes = max_object_bytes
         self._space = space  # the low-water mark (storage.min_free_bytes); None: never refuse for it
+        self._max_depth = max_sequence_depth
 
     # Entry points ------------------------------------------------------------
     def ingest_dataset(
@@ -248,8 +253,9 @@ class IngestService:
                 "not a DICOM Part 10 file (no 'DICM' prefix after the preamble, PS3.10 7.1)"
             )
         try:
-            meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
             ts, encoded = dataset_bytes(data)
+            # The file meta alone: pydicom would read the whole data set (every sequence, recursively).
+            meta = pydicom.dcmread(BytesIO(data[: len(data) - len(encoded)])).file_meta
         except SafePacsError:
             raise
         except Exception as exc:
@@ -281,7 +287,7 @@ class IngestService:
         sealed = self._seal(part10)
         try:
             try:
-                rows = read_header(_read_header(part10, ts, encoded))
+                rows = read_header(_read_header(ts, encoded, self._max_depth))
             except SafePacsError:
                 raise
             except Exception as exc:
@@ -440,24 +446,39 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _read_header(part10: bytes, ts: str, encoded: bytes) -> Dataset:
+def _read_header(ts: str, encoded: bytes, max_depth: int) -> Dataset:
     """The elements of the data set the index reads, left undecoded, once the data set is known to be
-    complete.  Deflated data sets go through pydicom's file reader (which inflates them); the others are
-    read straight from their bytes, in their transfer syntax, every other element (the pixel data:
-    half a megabyte for a CT slice) skipped without being copied or kept."""
+    complete and its sequences not to nest deeper than ``max_depth`` levels (:mod:`safepacs.index.nesting`).
+    Little endian data sets (Deflated ones once inflated, PS3.5 A.5) are read straight from their bytes
+    and checked in the same pass, every other element (the pixel data: half a megabyte for a CT slice)
+    skipped without being copied or kept; anything unusual, and big endian, goes through pydicom's reader
+    after a separate walk of the nesting."""
     uid = UID(ts)
-    ds: Dataset | None
+    implicit, little = uid.is_implicit_VR, uid.is_little_endian
     if uid == DeflatedExplicitVRLittleEndian:
-        ds = pydicom.dcmread(BytesIO(part10))
-    elif uid.is_little_endian and (ds := read_indexed_elements(encoded, uid.is_implicit_VR)) is not None:
-        return ds  # its lengths checked on the way
-    else:
-        fp = BytesIO(encoded)
-        ds = read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian, specific_tags=_HEADER_TAGS)
-        if fp.tell() > len(encoded):  # a skipped element's value would end past the data set's end
-            raise InvalidObjectError(TRUNCATED)
+        encoded = _inflate(encoded)
+    if little and (ds := read_indexed_elements(encoded, implicit, max_depth=max_depth)) is not None:
+        return ds  # its lengths and its nesting checked on the way
+    nesting.check(encoded, implicit=implicit, little_endian=little, limit=max_depth)
+    fp = BytesIO(encoded)
+    ds = read_dataset(fp, implicit, little, specific_tags=_HEADER_TAGS)
+    if fp.tell() > len(encoded):  # a skipped element's value would end past the data set's end
+        raise InvalidObjectError(TRUNCATED)
     _check_complete(ds)
     return ds
+
+
+def _inflate(deflated: bytes) -> bytes:
+    """A Deflated data set inflated (raw deflate, PS3.5 A.5), to at most the size reading it back allows
+    (:data:`~safepacs.services.transcode.MAX_PIXEL_BYTES`)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(deflated, MAX_PIXEL_BYTES + 1)
+    except zlib.error as exc:
+        raise InvalidObjectError("the deflated data set cannot be inflated (PS3.5 A.5)") from exc
+    if len(inflated) > MAX_PIXEL_BYTES:
+        raise InvalidObjectError(f"the deflated data set inflates to more than {MAX_PIXEL_BYTES} bytes")
+    return inflated
 
 
 _HEADER_TAGS: list[BaseTag | int] = list(HEADER_TAGS)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from io import BytesIO
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
@@ -19,6 +17,7 @@ from safepacs.audit.recorder import Auditor, facts_of
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.index import SqlIndex
 from safepacs.index.access import TrashRecord
+from safepacs.services import bulkdata
 from safepacs.storage import BlobStore, EnvelopeCipher
 
 __all__ = ["RestoreReport", "RestoreService"]
@@ -57,8 +56,9 @@ class RestoreService:
         return RestoreReport(restored, kept)
 
     def _header(self, record: TrashRecord) -> Dataset:
-        """The header of a trashed object, decrypted and checked against its recorded SHA-256."""
+        """The header of a trashed object, decrypted and checked against its recorded SHA-256 (read as
+        every read path reads it, :func:`~safepacs.services.bulkdata.load`: deeply nested sequences too)."""
         part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))
         if hashlib.sha256(part10).hexdigest() != record.blob.sha256:
             raise IntegrityError("a deleted object does not match its recorded SHA-256; it was not restored")
-        return pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
+        return bulkdata.load(part10, stop_before_pixels=True)

@@ -211,6 +211,11 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
         )
     except RetrieveError:
         raise
+    except RecursionError as exc:  # pydicom reads and writes sequences recursively
+        raise RetrieveError(
+            "the stored data set's sequences are nested too deeply to be converted; it can only be sent "
+            "as stored"
+        ) from exc
     except Exception as exc:  # pydicom and the codec plugins raise many types on corrupt data
         raise RetrieveError(
             f"the stored data set could not be converted from '{uid.name}' ({type(exc).__name__}); "

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safepacs.errors import AuditError, IntegrityError
+from safepacs.errors import AuditError, IntegrityError, RetrieveError
 
 __all__ = ["NOT_FOUND", "Problem", "install_problem_handlers", "not_found", "problem_response"]
 
@@ -75,6 +75,12 @@ def install_problem_handlers(app: FastAPI) -> None:
             "stored data failed its integrity check and was not sent; an administrator must restore it "
             "from a backup",
         )
+
+    @app.exception_handler(RetrieveError)
+    async def _unreadable(_: Request, exc: RetrieveError) -> JSONResponse:
+        # A stored object a route could not read (routes answer what the request got wrong themselves).
+        log.warning("a stored object could not be read: %s", exc)
+        return problem_response(500, "Internal Server Error", str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

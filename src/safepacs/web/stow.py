@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from safepacs.audit.recorder import StoreBatch
 from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError, StorageFullError
 from safepacs.services.ingest import IngestService, SopClassMismatch
+from safepacs.services.transcode import dataset_bytes
 from safepacs.types import IngestOutcome, Principal
 from safepacs.web.problems import Problem, not_found
 from safepacs.web.requests import DICOM_JSON, checked_uid
@@ -101,14 +102,26 @@ def _item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
 
 
 def _uids(data: bytes) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study, Series Instance UID) of a part, best effort, for the response."""
+    """(SOP Class, SOP Instance, Study, Series Instance UID) of a part, best effort, for the response: from
+    the data set, else (a data set pydicom cannot read, e.g. nested too deeply) the SOP Class and
+    Instance UID from the file meta, else none."""
+    keys = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
-        keys = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        a, b, c, d = (str(ds.get(k, "")) for k in keys)
-        return a, b, c, d
+    except Exception:  # noqa: BLE001 - unreadable: the file meta alone, if it can be read
+        return _meta_uids(data)
+    a, b, c, d = (str(ds.get(k, "")) for k in keys)
+    return a, b, c, d
+
+
+def _meta_uids(data: bytes) -> tuple[str, str, str, str]:
+    try:
+        _, encoded = dataset_bytes(data)
+        meta = pydicom.dcmread(BytesIO(data[: len(data) - len(encoded)])).file_meta
     except Exception:  # noqa: BLE001 - unreadable: the failure item carries no UIDs
         return "", "", "", ""
+    keys = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
+    return str(meta.get(keys[0], "")), str(meta.get(keys[1], "")), "", ""
 
 
 def _is_part10(data: bytes) -> bool:

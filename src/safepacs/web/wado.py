@@ -14,7 +14,10 @@ stored; without it, or with Explicit/Implicit VR Little Endian, compressed insta
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
 default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
 whole series in memory.  In metadata, Pixel Data and every binary value over 1 KiB is a
-``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.
+``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.  An instance stored before ingest
+refused sequences nested deeper than 32 levels is sent with its deeper items left out (those sequences
+empty) and a ``Warning: 299`` header saying so; an instance whose data set cannot be read is left out
+with a ``Warning: 299``, and when none of them can be, the answer is a 500 problem.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
 from safepacs.errors import AuditError, IntegrityError, SafePacsError
+from safepacs.index.nesting import MAX_SEQUENCE_DEPTH
 from safepacs.services import bulkdata
 from safepacs.services.retrieve import RetrieveService
 from safepacs.services.transcode import can_convert
@@ -53,6 +57,12 @@ __all__ = ["make_router"]
 
 log = logging.getLogger(__name__)
 
+#: Said when an instance's sequence items deeper than the ingest limit were left out of its metadata.
+_PRUNED = (
+    f'299 SafePACS "sequence items nested deeper than {MAX_SEQUENCE_DEPTH} levels were left out; '
+    'their sequences are sent empty"'
+)
+
 
 def _requested_syntax(request: Request) -> str:
     """The transfer syntax asked for with ``multipart/related; type="application/dicom"`` (or ``*/*``)."""
@@ -74,10 +84,18 @@ def _requested_syntax(request: Request) -> str:
     )
 
 
-def _instances(refs: list[InstanceRef], read: Callable[[InstanceRef], bytes], target: str) -> Iterator[Part]:
-    """The parts of ``refs``; one that cannot be sent (its object failed its check, it cannot be
-    converted) is left out, and once the others are sent :class:`IncompleteAnswer` ends the answer
-    cut short: the headers are gone already, and a body that looked complete would hide the loss."""
+def _part(ts: str, body: bytes) -> Part:
+    return f"application/dicom; transfer-syntax={ts}", body
+
+
+def _instances(
+    refs: list[InstanceRef], read: Callable[[InstanceRef], bytes], target: str, *, first: Part
+) -> Iterator[Part]:
+    """``first``, then the parts of ``refs``; one that cannot be sent (its object failed its check, it
+    cannot be converted) is left out, and once the others are sent :class:`IncompleteAnswer` ends the
+    answer cut short: the headers are gone already, and a body that looked complete would hide the
+    loss."""
+    yield first
     missing = 0
     for ref in refs:
         try:
@@ -88,7 +106,7 @@ def _instances(refs: list[InstanceRef], read: Callable[[InstanceRef], bytes], ta
             log.warning("WADO-RS left an instance out: %s", exc)
             missing += 1
             continue
-        yield f"application/dicom; transfer-syntax={ts}", body
+        yield _part(ts, body)
     if missing:
         raise IncompleteAnswer(missing)
 
@@ -131,9 +149,12 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         retrieval = retrieve.begin(principal, refs, EventID.INSTANCES_TRANSFERRED)
         if retrieval.first_error is not None:  # nothing sent yet: the answer is an error (500)
             raise retrieval.first_error
+        # The first part is converted before the answer begins too: an instance that cannot be sent in
+        # the syntax asked for is then a 500 problem (RetrieveError), not a 200 with nothing in it.
+        first = _part(*part10_as(refs[0], retrieval.read(refs[0]), target))
         retrieval.record()
         mark = boundary()
-        body = multipart_stream(_instances(refs, retrieval.read, target), mark)
+        body = multipart_stream(_instances(refs[1:], retrieval.read, target, first=first), mark)
         return MultipartResponse(body, media_type=multipart_media("application/dicom", mark))
 
     def metadata(request: Request, *uids: str) -> JSONResponse:
@@ -141,20 +162,29 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         refs = locate(retrieve, principal, uids, event=EventID.INSTANCES_ACCESSED, record=False)
         base = str(request.base_url).rstrip("/")
         out: list[dict[str, Any]] = []
+        pruned = False
+        failures: list[SafePacsError] = []
         for ref in refs:
             try:
-                ds = bulkdata.load(retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED))
+                ds, deep = bulkdata.load_pruned(retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED))
                 out.append(bulkdata.metadata(ds, _bulk_uri(base, ref)))
+                pruned |= deep
             except (IntegrityError, AuditError):
                 raise  # a damaged object (recorded): 500, the answer is not sent incomplete
             except SafePacsError as exc:
                 log.warning("WADO-RS metadata left an instance out: %s", exc)
-            except Exception as exc:  # noqa: BLE001 - a stored object whose values pydicom cannot convert
-                log.warning(
-                    "WADO-RS metadata could not read an instance", extra={"error": type(exc).__name__}
-                )
+                failures.append(exc)
         retrieve.record(principal, refs, EventID.INSTANCES_ACCESSED)
-        return JSONResponse(out, media_type=DICOM_JSON)
+        if failures and not out:
+            raise Problem(500, "Internal Server Error", f"the metadata cannot be sent: {failures[0]}")
+        warnings = []
+        if pruned:
+            warnings.append(_PRUNED)
+        if failures:
+            left_out = f"{len(failures)} instance(s) left out: their data sets cannot be read"
+            warnings.append(f'299 SafePACS "{left_out}"')
+        headers = {"Warning": ", ".join(warnings)} if warnings else None
+        return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
 
     @router.get("/studies/{study}", summary="Retrieve a study's instances")
     def study(request: Request, study: str) -> MultipartResponse:
