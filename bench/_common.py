@@ -342,8 +342,8 @@ class Orthanc(Receiver):
 
     Orthanc does its DICOM networking with the system's DCMTK, which leaves Nagle's algorithm on unless
     the environment says TCP_NODELAY=1; without it every C-STORE response waits for a delayed ACK
-    (bench/README.md, "Baseline measurements": 19 instead of 203 CT slices/s). We compare against the fast configuration;
-    ``OrthancNagle`` is Orthanc exactly as packaged.
+    (bench/README.md, "Baseline measurements": 19 instead of 203 CT slices/s). We compare against the
+    fast configuration; ``OrthancNagle`` is Orthanc exactly as packaged.
     """
 
     http_port: int = 0
