@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.recorder import StoreBatch
 from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError, StorageFullError
+from safepacs.index.dicomjson import dataset_json
 from safepacs.services.ingest import IngestService, SopClassMismatch
 from safepacs.services.transcode import dataset_bytes
 from safepacs.types import IngestOutcome, Principal
@@ -229,7 +230,7 @@ def make_router(
         if stored:
             answer.ReferencedSOPSequence = stored
         status = 200 if not failed else 202 if stored else 409
-        return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+        return JSONResponse(dataset_json(answer), status_code=status, media_type=DICOM_JSON)
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         principal = await run_in_threadpool(principal_of, request)
