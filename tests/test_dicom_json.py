@@ -197,13 +197,18 @@ def test_dicomweb_client_reads_metadata_without_group_lengths_and_with_f25_empty
     for elem in _every_case():
         ct.add(elem)
     ct.ContentCreatorName = "Doe^Jane\\\\=Roe^Jane"  # indexed: QIDO-RS answers it from the index
-    path = tmp_path / "f2.dcm"
-    path.write_bytes(_part10(ct))
-    assert b"\x08\x00\x00\x00UL" in path.read_bytes()  # the object does carry group lengths
+    plain = make_ct(rows=8, cols=8, patient_id="F2-0")  # group lengths, no empty value
+    plain.ReferencedImageSequence = [_every_case()[0x00081140].value[0]]
+    paths = [tmp_path / "f2.dcm", tmp_path / "plain.dcm"]
+    paths[0].write_bytes(_part10(ct))
+    paths[1].write_bytes(_part10(plain))
+    assert b"\x08\x00\x00\x00UL" in paths[1].read_bytes()  # the objects do carry group lengths
     web.add_peer("CT1", "store")
-    assert store_files(web.port, [path], calling="CT1") == {path: 0x0000}
+    assert store_files(web.port, paths, calling="CT1") == dict.fromkeys(paths, 0x0000)
 
     client = _dicomweb_client(web)
+    uids = (plain.StudyInstanceUID, plain.SeriesInstanceUID, plain.SOPInstanceUID)
+    assert group_length_keys(client.retrieve_instance_metadata(*uids)) == []
     study, series, sop = ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID
     meta = client.retrieve_instance_metadata(study, series, sop)
     assert group_length_keys(meta) == []
