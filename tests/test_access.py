@@ -180,8 +180,10 @@ def test_restore_puts_instances_back_unless_stored_again(archive: Archive) -> No
 
 @pytest.mark.parametrize("level", [STUDY, SERIES, IMAGE])
 def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLevel) -> None:
-    """The direct row -> DICOM JSON path answers exactly what converting the data sets gives."""
+    """The direct row -> DICOM JSON path answers exactly what converting the data sets gives, by the
+    reference of PS3.18 F.2 (pydicom's conversion with F.2.2 and F.2.5 applied: tests/dicom_json.py)."""
     from safepacs.index import attributes as A
+    from tests.dicom_json import reference_json
 
     a = archive
     a._add(
@@ -191,11 +193,13 @@ def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLev
             StudyDescription="two\\parts",
             AccessionNumber="",
             ReferringPhysicianName="A^B\\C^D",
+            Occupation="Nurse\\\\Clerk",  # an empty value between two: null (PS3.18 F.2.5)
         ),
         ti.generate_uid(),
         ti.generate_uid(),
         Modality="CT",
         SeriesNumber=3,
+        ContentCreatorName="Doe^Jane\\\\=Roe^Jane",  # the same for PN; no alphabetic group (F.2.2)
     )
     keys = {
         attr.keyword: ""
@@ -209,6 +213,12 @@ def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLev
     expected = []
     for ds in datasets:
         del ds.QueryRetrieveLevel
-        expected.append(ds.to_json_dict())
+        expected.append(reference_json(ds))
     assert (as_json, more) == (expected, more2)
     assert len(as_json) >= 3
+    ours = [r for r in as_json if r.get("00100020", {}).get("Value") == ["PX"]]
+    assert len(ours) == 1
+    if level is STUDY:
+        assert ours[0]["00102180"]["Value"] == ["Nurse", None, "Clerk"]
+    if level is IMAGE:
+        assert ours[0]["00700084"]["Value"] == [{"Alphabetic": "Doe^Jane"}, None, {"Ideographic": "Roe^Jane"}]

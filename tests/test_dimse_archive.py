@@ -260,8 +260,8 @@ def test_duplicate_and_conflicting_instances(server: Server, tmp_path: Path) -> 
         changed = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(original)))
         changed.PatientName = "Someone^Else"
         rsp = assoc.send_c_store(changed)
-        assert rsp.Status == 0xB006  # warning: stored one kept
-        assert "kept" in rsp.ErrorComment
+        assert rsp.Status == 0xC111  # a failure: not stored, the stored one is kept
+        assert rsp.ErrorComment == "SOP Instance UID stored with other content; not stored"
     q = Dataset()
     q.QueryRetrieveLevel = "IMAGE"
     q.StudyInstanceUID = original.StudyInstanceUID
@@ -271,6 +271,58 @@ def test_duplicate_and_conflicting_instances(server: Server, tmp_path: Path) -> 
     assert final.Status == 0x0000
     _, data = received[str(original.SOPInstanceUID)]
     assert b"Someone" not in data
+
+
+@pytest.mark.dcmtk
+def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
+    server: Server, tmp_path: Path
+) -> None:
+    """An object whose SOP Instance UID is stored with other content is a failure for the sender (0xC111,
+    "Error: Cannot understand" class; storescu exits non-zero and keeps it), not the misleading warning
+    0xB006 "Elements Discarded"; the stored object is unchanged and the audit trail names what arrived."""
+    from safepacs.audit import EventID, ObjectKind, Outcome
+    from safepacs.audit.capture import AuditCapture
+    from safepacs.index import SqlIndex
+
+    server.add_peer("CT1", "store")
+    original = make_ct(patient_id="DUP-2")
+    changed = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(original)))
+    changed.PatientName = "Someone^Else"
+    first, second = _write(original, tmp_path / "first.dcm"), _write(changed, tmp_path / "second.dcm")
+    store = ("storescu", "-v", "-aet", "CT1", "-aec", "SAFEPACS", server.host, str(server.port))
+    assert dcmtk(*store, str(first)).returncode == 0
+    assert dcmtk(*store, str(first)).returncode == 0  # the same bytes again: success
+    index = SqlIndex(f"sqlite:///{server.data / 'index.sqlite3'}")
+    try:
+        capture = AuditCapture(index)
+        result = dcmtk(*store, str(second))
+        assert result.returncode != 0, result.stderr  # DCMTK reports the failure in its exit code
+        assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+        (conflict,) = capture.events(EventID.INSTANCES_ACCESSED)  # recorded before the answer
+        assert conflict.outcome is Outcome.MINOR_FAILURE
+        assert conflict.outcome_description is not None
+        assert "was not stored" in conflict.outcome_description
+        (study,) = [o for o in conflict.objects if o.kind is ObjectKind.STUDY]
+        detail = dict(study.detail)
+        assert detail["SOP Instance UID"] == original.SOPInstanceUID
+        assert detail["Received SHA-256"] != detail["Stored SHA-256"]
+        stored = index.get_instance(str(original.SOPInstanceUID))
+        assert stored is not None and stored.blob.sha256 == detail["Stored SHA-256"]
+    finally:
+        index.close()
+    deadline = time.monotonic() + 10  # the server's log is read by a thread of the test
+    while "its SOP Instance UID is stored with other content" not in server.stderr_text():
+        assert time.monotonic() < deadline, server.stderr_text()
+        time.sleep(0.05)
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = original.StudyInstanceUID
+    q.SeriesInstanceUID = original.SeriesInstanceUID
+    q.SOPInstanceUID = original.SOPInstanceUID
+    server.add_peer("VIEWER", "get")
+    received, final = c_get(server.port, q, [(str(CTImageStorage), [ExplicitVRLittleEndian])])
+    assert final.Status == 0x0000
+    assert b"Someone" not in received[str(original.SOPInstanceUID)][1]
 
 
 def _to_bytes(ds: Dataset) -> bytes:

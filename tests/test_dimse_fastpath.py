@@ -48,7 +48,11 @@ def _pynetdicom_response(status: int, comment: str | None) -> bytes:
 
 @pytest.mark.parametrize(
     ("status", "comment"),
-    [(0x0000, None), (0xB006, "kept"), (0xC000, "the data set is truncated (an element is short)")],
+    [
+        (0x0000, None),
+        (0xC111, "SOP Instance UID stored with other content; not stored"),
+        (0xC000, "the data set is truncated (an element is short)"),
+    ],
 )
 def test_store_response_is_encoded_as_pynetdicom_encodes_it(status: int, comment: str | None) -> None:
     ours = encode_store_response(7, CTImageStorage, "1.2.826.0.1.3680043.8.498.12345", status, comment)

@@ -588,6 +588,48 @@ def test_stow_rs_refuses_non_dicom_parts_cheaply_with_one_record_per_request(dat
         assert (only.outcome_description or "").startswith("instances received: 4 refused (")
 
 
+def test_stow_rs_answers_an_instance_with_other_content_as_a_failure(data_dir: Path) -> None:
+    """A part whose SOP Instance UID is stored with other content is not stored: FailedSOPSequence with
+    FailureReason 0xC111 (as C-STORE answers), 409 when nothing else was stored, 202 beside a stored
+    part; recorded on its own, naming the instance; the stored object is unchanged."""
+    import pydicom
+
+    from safepacs.audit.capture import AuditCapture
+    from safepacs.audit.events import EventID, ObjectKind, Outcome
+    from tests.webapp import inprocess
+
+    original = make_ct(rows=16, cols=16, patient_id="STOW-DUP")
+    changed = pydicom.dcmread(BytesIO(_file(original)))
+    changed.PatientName = "Someone^Else"
+    with inprocess(data_dir) as (client, archive):
+        headers = {"Authorization": f"Bearer {_stow_client_token(archive)}"}
+
+        def stow(*datasets: Dataset) -> httpx.Response:
+            body, ctype = _multipart_body([_file(ds) for ds in datasets])
+            return client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
+
+        assert stow(original).status_code == 200
+        assert stow(original).status_code == 200  # the same bytes again: stored already, success
+        before = archive.index.get_instance(str(original.SOPInstanceUID))
+        capture = AuditCapture(archive.index)
+        r = stow(changed)
+        assert r.status_code == 409, r.text
+        (failed,) = r.json()["00081198"]["Value"]
+        assert failed["00081155"]["Value"] == [original.SOPInstanceUID]
+        assert failed["00081197"]["Value"] == [0xC111]
+        assert "00081199" not in r.json()
+        conflict = capture.events(EventID.INSTANCES_ACCESSED)[0]
+        assert conflict.outcome is Outcome.MINOR_FAILURE
+        (study,) = [o for o in conflict.objects if o.kind is ObjectKind.STUDY]
+        assert dict(study.detail)["SOP Instance UID"] == original.SOPInstanceUID
+        other = make_ct(rows=16, cols=16)
+        r = stow(changed, other)
+        assert r.status_code == 202, r.text
+        assert [i["00081155"]["Value"] for i in r.json()["00081199"]["Value"]] == [[other.SOPInstanceUID]]
+        assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC111]
+        assert archive.index.get_instance(str(original.SOPInstanceUID)) == before
+
+
 def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
     import asyncio
 

@@ -177,7 +177,7 @@ class InstanceRef:
 class IngestOutcome(enum.StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same bytes stored already: success, nothing changed
-    CONFLICT = "conflict"  # different bytes stored already, kept (warning status)
+    CONFLICT = "conflict"  # different bytes stored already: the received ones not stored (a failure)
     REPLACED = "replaced"  # different bytes stored already, replaced (overwrite on)
 
 

@@ -115,8 +115,9 @@ class StoreBatch:
     The first instance of each study in a batch is recorded as it is stored (110103, in the index
     transaction that stores it); the others of that study are counted here, and
     :meth:`Auditor.stored_batch` records the whole (110104, per study and SOP class, with how many were
-    stored, stored already or kept against other bytes) when the batch ends.  IHE ATNA aggregates
-    C-STORE the same way: per study and association, not per instance.
+    stored, stored already, or not stored because other bytes are stored under their SOP Instance UID:
+    "conflict") when the batch ends.  IHE ATNA aggregates C-STORE the same way: per study and
+    association, not per instance.
     """
 
     def __init__(self, *, summarise_refusals: bool = False) -> None:
@@ -322,16 +323,23 @@ class Auditor:
         imported: bool,
         why: str | None = None,
         replaced: bool = False,
+        detail: Sequence[tuple[str, str]] = (),
     ) -> AuditEvent:
         """The event of one instance stored (C-STORE, STOW-RS) or imported - ``replaced``: over one
-        stored with other content (``storage.overwrite``), action U; the caller records it, usually
-        in the index transaction that stores the instance (:meth:`writer`)."""
+        stored with other content (``storage.overwrite``), action U; ``why``: why it was not stored
+        (outcome 4); ``detail``: ParticipantObjectDetail of the study (e.g. the instance's UIDs).  The
+        caller records it, usually in the index transaction that stores the instance (:meth:`writer`)."""
+        objects = _study_objects([study]) if study.study_uid else ()
+        if detail:
+            objects = tuple(
+                replace(o, detail=(*o.detail, *detail)) if o.kind is ObjectKind.STUDY else o for o in objects
+            )
         return AuditEvent(
             EventID.IMPORT if imported else EventID.INSTANCES_ACCESSED,
             Action.UPDATE if replaced else Action.CREATE,
             _outcome(why),
             (actor(principal, SOURCE), self.archive(DESTINATION)),
-            _study_objects([study]) if study.study_uid else (),
+            objects,
             outcome_description=why,
         )
 
@@ -341,7 +349,7 @@ class Auditor:
         refused = sum(batch.refusals.values())
         if not batch.studies and not refused:
             return
-        kept = batch.outcomes.get("conflict", 0)
+        conflicts = batch.outcomes.get("conflict", 0)
         counts = [f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items())]
         if refused:
             by_count = sorted(batch.refusals.items(), key=lambda item: (-item[1], item[0]))
@@ -352,7 +360,7 @@ class Auditor:
             AuditEvent(
                 EventID.IMPORT if imported else EventID.INSTANCES_TRANSFERRED,
                 Action.CREATE,
-                Outcome.MINOR_FAILURE if kept or refused else Outcome.SUCCESS,
+                Outcome.MINOR_FAILURE if conflicts or refused else Outcome.SUCCESS,
                 (actor(principal, SOURCE), self.archive(DESTINATION)),
                 _study_objects(batch.all_studies()),
                 outcome_description=f"instances received: {', '.join(counts)}",

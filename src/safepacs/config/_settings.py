@@ -119,7 +119,8 @@ class StorageSettings(_Section):
     )
     overwrite: bool = Field(
         False,
-        description="Replace a stored instance when the same SOP Instance UID arrives with other bytes.",
+        description="Replace a stored instance when the same SOP Instance UID arrives with other bytes "
+        "(otherwise the received one is refused: C-STORE 0xC111).",
     )
     max_object_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Largest single DICOM object accepted, in bytes."

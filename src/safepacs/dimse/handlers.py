@@ -100,9 +100,7 @@ class DimseHandlers:
             log.error("C-STORE failed unexpectedly", extra={"error": type(exc).__name__})
             return st.status(st.OUT_OF_RESOURCES, "the archive could not store the object; try again later")
         if result.outcome is IngestOutcome.CONFLICT:
-            return st.status(
-                st.WARNING_ELEMENTS_DISCARDED, "SOP Instance UID stored already with other content; kept"
-            )
+            return st.store_conflict()
         return st.SUCCESS
 
     def on_close(self, event: Any) -> None:

@@ -16,13 +16,16 @@ from safepacs.errors import (
 )
 from safepacs.services.ingest import SopClassMismatch
 
-__all__ = ["SUCCESS", "find_failure", "retrieve_failure", "status", "store_failure"]
+__all__ = ["SUCCESS", "find_failure", "retrieve_failure", "status", "store_conflict", "store_failure"]
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
 REFUSED_NOT_AUTHORIZED = 0x0124
-WARNING_ELEMENTS_DISCARDED = 0xB006
+#: C-STORE of a SOP Instance UID stored with other content (PS3.4 B.2.3 "Error: Cannot understand",
+#: Cxxx; 0x111 after PS3.7 C.5's "Duplicate SOP Instance", which PS3.7 9.1.1.1.9 does not allow a
+#: C-STORE to answer).  A failure, not a warning: the object was not stored, and the sender keeps it.
+DIFFERENT_INSTANCE_STORED = 0xC111
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -48,6 +51,12 @@ def _generic(exc: SafePacsError, *, retrieve: bool = False) -> Dataset | None:
     if isinstance(exc, AuditError):  # fail closed: no access that cannot be recorded
         return status(RETRIEVE_OUT_OF_RESOURCES if retrieve else OUT_OF_RESOURCES, AUDIT_DOWN)
     return None
+
+
+def store_conflict() -> Dataset:
+    """C-STORE answer for an instance not stored because its SOP Instance UID is stored with other
+    content (``storage.overwrite`` off): see :data:`DIFFERENT_INSTANCE_STORED` and docs/conformance.md."""
+    return status(DIFFERENT_INSTANCE_STORED, "SOP Instance UID stored with other content; not stored")
 
 
 def store_failure(exc: SafePacsError) -> Dataset:

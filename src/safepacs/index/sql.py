@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from safepacs.errors import QueryLimitError
 from safepacs.index import attributes as A
-from safepacs.index.dicomjson import element_json, tag_key
+from safepacs.index.dicomjson import data_element_json, element_json, tag_key
 from safepacs.index.matching import Condition, MatchKind, Query, fold, matches
 from safepacs.index.schema import (
     LEVEL_TABLES,
@@ -411,7 +411,8 @@ def run_search(conn: sa.Connection, query: Query, limit: int, offset: int) -> tu
 def run_search_json(
     conn: sa.Connection, query: Query, limit: int, offset: int
 ) -> tuple[list[dict[str, Any]], bool]:
-    """:func:`run_search` answering DICOM JSON objects (without Query/Retrieve Level) directly."""
+    """:func:`run_search` answering DICOM JSON objects (without Query/Retrieve Level) directly, as
+    :func:`~safepacs.index.dicomjson.dataset_json` would convert :func:`run_search`'s (PS3.18 F.2)."""
     rows = conn.execute(find_select(query, limit, offset)).mappings().all()
     more = len(rows) > limit
     rows = rows[:limit]
@@ -429,7 +430,7 @@ def _response_json(
             items = extra[cond.keyword].get(row[_pk_label(spec.level)], [])
             chosen = [i for i in items if cond.is_universal or matches(cond.items, i)]
             sequence = DicomSequence([_item_dataset(cond, spec, i) for i in chosen])
-            out[tag_key(cond.keyword)] = _element(cond.keyword, "SQ", sequence).to_json_dict(None, 1024)
+            out[tag_key(cond.keyword)] = data_element_json(_element(cond.keyword, "SQ", sequence))
             continue
         attr = A.BY_KEYWORD[cond.keyword]
         if attr.derived is A.Derived.ONLINE:
@@ -441,7 +442,7 @@ def _response_json(
         out[tag_key(cond.keyword)] = element_json(cond.keyword, attr.vr, value)
     for tag, vr in query.unsupported:
         if not (tag >> 16) & 1:
-            out[f"{tag:08X}"] = {"vr": vr, "Value": []} if vr == "SQ" else {"vr": vr}
+            out[f"{tag:08X}"] = {"vr": vr}  # asked for, not indexed: empty (PS3.18 F.2.5)
     return dict(sorted(out.items()))
 
 

@@ -46,6 +46,7 @@ from pydicom.uid import (
 
 from safepacs.errors import InvalidObjectError, RetrieveError
 from safepacs.index import nesting
+from safepacs.index.dicomjson import dataset_json
 from safepacs.services.transcode import can_convert, check_pixel_header, dataset_bytes, transcode
 
 __all__ = [
@@ -234,7 +235,8 @@ def native_frame(ds: Dataset, index: int, shape: Geometry) -> bytes:
 
 
 def metadata(ds: Dataset, uri_of: Callable[[str], str]) -> dict[str, Any]:
-    """The DICOM JSON of ``ds`` (PS3.18 F.2); Pixel Data and binary values over 1 KiB as BulkDataURI.
+    """The DICOM JSON of ``ds`` (PS3.18 F.2, :func:`~safepacs.index.dicomjson.dataset_json`: no Group
+    Length elements, empty values as F.2.5 says); Pixel Data and binary values over 1 KiB as BulkDataURI.
 
     ``uri_of`` turns an element path (``7FE00010``, or ``00540016/0/00181074`` in a sequence item:
     tag, item index, tag...) into the URI of the bulkdata resource that :func:`element_at` resolves.
@@ -257,10 +259,7 @@ def metadata(ds: Dataset, uri_of: Callable[[str], str]) -> dict[str, Any]:
         del ds[_PIXEL_DATA]
     try:
         walk(ds, "")
-        out: dict[str, Any] = ds.to_json_dict(
-            bulk_data_threshold=BULK_THRESHOLD,
-            bulk_data_element_handler=lambda elem: uri_of(paths[id(elem)]),
-        )
+        out = dataset_json(ds, lambda elem: uri_of(paths[id(elem)]), BULK_THRESHOLD)
     except Exception as exc:  # values pydicom cannot convert; RecursionError on deeply nested sequences
         raise RetrieveError(
             f"the instance's data set cannot be represented as DICOM JSON ({type(exc).__name__})"

@@ -4,9 +4,12 @@ authorize -> seal and stage the blob (written, unnamed) -> validate -> commit th
 place, directory fsync) -> index and audit record (one durable commit) -> acknowledge.  A refusal
 before the commit leaves nothing (a staged blob has no name); a failure after it removes the blob
 again, so nothing half-stored remains, and nothing already stored is altered unless
-``storage.overwrite`` is on.  Every attempt leaves an audit event: stored, stored already, kept
-against different bytes, or refused and why (a STOW-RS request counts its refused instances, by
-reason, in its one summary record instead: :class:`~safepacs.audit.recorder.StoreBatch`).
+``storage.overwrite`` is on.  An instance whose SOP Instance UID is stored with other bytes is not
+stored (:attr:`~safepacs.types.IngestOutcome.CONFLICT`, which C-STORE and STOW-RS answer as a
+failure: docs/conformance.md says why), recorded on its own with both SHA-256 and logged.  Every
+attempt leaves an audit event: stored, stored already, not stored against different bytes, or refused
+and why (a STOW-RS request counts its refused instances, by reason, in its one summary record
+instead: :class:`~safepacs.audit.recorder.StoreBatch`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
 from safepacs.services.transcode import MAX_PIXEL_BYTES, dataset_bytes
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.storage.space import FreeSpace
-from safepacs.types import IngestOutcome, IngestResult, Principal, QueryLevel, Service, StoredBlob
+from safepacs.types import (
+    IngestOutcome,
+    IngestResult,
+    InstanceRef,
+    Principal,
+    QueryLevel,
+    Service,
+    StoredBlob,
+)
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -351,10 +362,7 @@ class IngestService:
                         self._audit.record(event)
                     return IngestResult(IngestOutcome.DUPLICATE, c.sop_instance_uid)
                 if not self._overwrite:
-                    result = _conflict(c.sop_instance_uid)
-                    why = result.warnings[0]
-                    self._audit.record(self._audit.stored(principal, facts, imported=imported, why=why))
-                    return result
+                    return self._conflict(principal, c, facts, existing, imported=imported)
                 # Always recorded, first of its study or not: stored content was replaced.
                 replaced = self._audit.stored(principal, facts, imported=imported, replaced=True)
                 old = self._index.add_instance(
@@ -377,6 +385,34 @@ class IngestService:
             if not keep:
                 self._delete_quietly(blob_id)
 
+    def _conflict(
+        self,
+        principal: Principal,
+        c: _Candidate,
+        facts: StudyFacts,
+        existing: InstanceRef | None,
+        *,
+        imported: bool,
+    ) -> IngestResult:
+        """Another object is stored under ``c``'s SOP Instance UID: ``c`` is not stored.  Recorded on
+        its own (first of its study in the batch or not) naming the instance and both objects'
+        SHA-256, so the trail shows what arrived and what was kept; logged without PHI."""
+        result = IngestResult(IngestOutcome.CONFLICT, c.sop_instance_uid, (_CONFLICT,))
+        detail = [
+            ("Series Instance UID", c.rows.series_uid),
+            ("SOP Instance UID", c.sop_instance_uid),
+            ("Received SHA-256", c.sealed.sha256),
+        ]
+        if existing is not None:
+            detail.append(("Stored SHA-256", existing.blob.sha256))
+        event = self._audit.stored(principal, facts, imported=imported, why=_CONFLICT, detail=detail)
+        self._audit.record(event)
+        log.warning(
+            "an instance was not stored: its SOP Instance UID is stored with other content",
+            extra={"requestor": principal.name},
+        )
+        return result
+
     def _delete_quietly(self, blob_id: str) -> None:
         try:
             self._blobs.delete(blob_id)
@@ -392,15 +428,11 @@ _REQUEST_DIFFERS = (
 _META_DIFFERS = ("the file meta's SOP Class/Instance UID differs from the data set's",) * 2
 
 
-def _conflict(sop_instance_uid: str) -> IngestResult:
-    return IngestResult(
-        IngestOutcome.CONFLICT,
-        sop_instance_uid,
-        (
-            "an instance with this SOP Instance UID is stored already with other content; "
-            "the stored one was kept",
-        ),
-    )
+#: Why an instance whose SOP Instance UID is stored with other content was not stored (no PHI).
+_CONFLICT = (
+    "an instance with this SOP Instance UID is stored already with other content; the received one "
+    "was not stored (storage.overwrite would replace the stored one)"
+)
 
 
 def _part10(sop_class_uid: str, sop_instance_uid: str, ts: str, encoded: bytes) -> bytes:

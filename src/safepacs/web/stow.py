@@ -3,7 +3,9 @@
 Every part goes through the same ingest service as C-STORE and ``safepacs import`` (validation,
 encryption, durable write, index).  The answer lists what was stored (ReferencedSOPSequence) and
 what was not with a Failure Reason (FailedSOPSequence): 200 when everything was stored, 202 when
-some parts failed, 409 when none was stored (PS3.18 10.5.3.1).  While free disk space is below
+some parts failed, 409 when none was stored (PS3.18 10.5.3.1).  A part whose SOP Instance UID is
+stored with other content is not stored: FailureReason 0xC111, as C-STORE answers it (it is recorded
+on its own, as for C-STORE).  While free disk space is below
 ``storage.min_free_bytes`` the request is answered 507 Insufficient Storage before its body is read
 (and when no part could be stored for lack of space).
 
@@ -32,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.recorder import StoreBatch
 from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError, StorageFullError
+from safepacs.index.dicomjson import dataset_json
 from safepacs.services.ingest import IngestService, SopClassMismatch
 from safepacs.services.transcode import dataset_bytes
 from safepacs.types import IngestOutcome, Principal
@@ -50,7 +53,8 @@ _PROCESSING_FAILURE = 0x0110
 _OUT_OF_RESOURCES = 0xA700
 _SOP_CLASS_MISMATCH = 0xA900
 _CANNOT_UNDERSTAND = 0xC000
-_ELEMENTS_DISCARDED = 0xB006
+#: Its SOP Instance UID is stored with other content; not stored (as C-STORE answers, docs/conformance.md)
+_DIFFERENT_INSTANCE_STORED = 0xC111
 
 
 class TooManyParts(Exception):
@@ -211,13 +215,11 @@ def make_router(
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
                 continue
+            if result.outcome is IngestOutcome.CONFLICT:  # not stored: a failure (409 Conflict if alone)
+                failed.append(_item(sop_class, sop_instance, FailureReason=_DIFFERENT_INSTANCE_STORED))
+                continue
             url = f"{base}/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_instance}"
-            if result.outcome is IngestOutcome.CONFLICT:
-                stored.append(
-                    _item(sop_class, sop_instance, RetrieveURL=url, WarningReason=_ELEMENTS_DISCARDED)
-                )
-            else:
-                stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
+            stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
         ingest.end_batch(principal, batch)
         if out_of_space and not stored:
             raise _insufficient_storage()
@@ -229,7 +231,7 @@ def make_router(
         if stored:
             answer.ReferencedSOPSequence = stored
         status = 200 if not failed else 202 if stored else 409
-        return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+        return JSONResponse(dataset_json(answer), status_code=status, media_type=DICOM_JSON)
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         principal = await run_in_threadpool(principal_of, request)
