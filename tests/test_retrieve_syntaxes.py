@@ -16,6 +16,7 @@ import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -36,10 +37,11 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from safepacs.services.transcode import dataset_bytes
-from tests.conftest import Server, dcmtk
+from tests.conftest import Server, dcmtk, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import c_get, store_files
 
@@ -287,3 +289,88 @@ def test_c_move_sends_each_instance_in_the_context_that_fits(srv: Server, tmp_pa
         else:
             assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, was.name
         _same_image(stored[uid], ds)
+
+
+def test_c_move_that_outlasts_the_network_timeout_ends_in_a_release(data_dir: Path, tmp_path: Path) -> None:
+    """An association waiting for its own C-MOVE is not idle: a move that takes longer than
+    ``server.network_timeout`` ends with the final response and a clean release, not an A-ABORT."""
+    srv = start_server(
+        data_dir, env={"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_SERVER__NETWORK_TIMEOUT": "1"}
+    )
+    try:
+        study = generate_uid()
+        paths = []
+        for i in range(3):
+            path = tmp_path / f"ct-{i}.dcm"
+            make_ct(16, 16, study_uid=study, instance_number=i + 1).save_as(path, enforce_file_format=True)
+            paths.append(path)
+        _store(srv, paths)
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        started = time.monotonic()
+        mv = _move(srv, study, ["--sleep-during", "1"], moved)  # about 3 s: three network timeouts
+        assert time.monotonic() - started > 2
+        assert mv.returncode == 0, mv.stderr
+        _clean(mv.stderr)
+        assert len(list(moved.iterdir())) == 3
+        assert "Network timeout" not in srv.stderr_text()
+    finally:
+        srv.stop()
+
+
+def test_c_move_sub_association_outlasts_a_slow_conversion(data_dir: Path, tmp_path: Path) -> None:
+    """A large JPEG 2000 image moved to a destination that takes only Explicit VR Little Endian is
+    decoded for it; decoding takes longer than ``server.network_timeout``, and the sub-association waits
+    for it instead of timing out."""
+    srv = start_server(
+        data_dir,
+        env={
+            "SAFEPACS_SERVER__WORKERS": "1",
+            "SAFEPACS_SERVER__NETWORK_TIMEOUT": "0.5",
+            "SAFEPACS_SERVER__DIMSE_TIMEOUT": "10",  # bounds the wait for an answer that never comes
+        },
+    )
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax),
+            event.request.DataSet.getvalue(),
+        )
+        return 0x0000
+
+    port = _free_port()
+    destination = AE(ae_title="ARCHIVE2")
+    destination.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    destination.network_timeout = destination.dimse_timeout = 30
+    scp = destination.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        ds = make_ct(1024, 1024, seed=9)
+        # Four frames of noise: slow to decode, a frame at a time (the codec holds the GIL for one)
+        pixels = np.random.default_rng(9).integers(0, 4096, size=(4, 1024, 1024), dtype=np.uint16)
+        ds.NumberOfFrames = 4
+        ds.PixelData = pixels.tobytes()
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+        path = tmp_path / "large.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        _store(srv, [path])
+        srv.add_peer("ARCHIVE2", "echo", port=port)
+        srv.add_peer("VIEWER", "echo,find,move")
+        mv = dcmtk(
+            "movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "SAFEPACS", "-aem", "ARCHIVE2",
+            "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+            "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}", "-k", f"SOPInstanceUID={ds.SOPInstanceUID}",
+            srv.host, str(srv.port),
+        )  # fmt: skip
+        assert mv.returncode == 0, mv.stderr
+        _clean(mv.stderr)
+        assert set(received) == {ds.SOPInstanceUID}
+        syntax, body = received[ds.SOPInstanceUID]
+        assert syntax == ExplicitVRLittleEndian
+        assert np.array_equal(_read(syntax, body).pixel_array, pixels)
+        assert "Network timeout" not in srv.stderr_text()
+    finally:
+        scp.shutdown()
+        srv.stop()
