@@ -295,7 +295,7 @@ def _encode_pixels(native: bytes, target: UID) -> bytes:
             f"the image cannot be encoded in '{target.name}' ({type(exc).__name__}); "
             "the peer must accept another transfer syntax"
         ) from exc
-    return _Encoder(implicit=False, swap=False).encode(ds)
+    return _Encoder(implicit=False, swap=False, encapsulated=True).encode(ds)
 
 
 def _parse(encoded: bytes, *, implicit: bool, little_endian: bool) -> Dataset:
@@ -529,12 +529,15 @@ class _Encoder:
     Values that pydicom has not converted (raw elements) are copied byte for byte, so text is never
     decoded and re-encoded; only converted or changed elements go through pydicom's writer.  Group
     lengths (gggg,0000) are left out (retired, PS3.5 7.2; they would be wrong after re-encoding).
-    Sequences and items are written with undefined length (PS3.5 7.5).
+    Sequences and items are written with undefined length (PS3.5 7.5).  ``encapsulated``: the top-level
+    Pixel Data is written encapsulated, with undefined length, as an encapsulated syntax requires
+    (PS3.5 A.4); otherwise an undefined length outside a sequence is refused.
     """
 
-    def __init__(self, *, implicit: bool, swap: bool) -> None:
+    def __init__(self, *, implicit: bool, swap: bool, encapsulated: bool = False) -> None:
         self._implicit = implicit
         self._swap = swap  # the source is big endian
+        self._encapsulated = encapsulated  # the top-level Pixel Data is encapsulated (PS3.5 A.4)
         self._chunks: list[bytes | bytearray | memoryview] = []
 
     def encode(self, ds: Dataset) -> bytes:
@@ -569,7 +572,12 @@ class _Encoder:
             converted = ds[tag]
             if converted.VR == "SQ":
                 self._sequence(tag, converted.value, ancestors, charset)
-            elif converted.is_undefined_length and tag == _PIXEL_DATA and not self._implicit:
+            elif (
+                converted.is_undefined_length
+                and tag == _PIXEL_DATA
+                and self._encapsulated
+                and not ancestors[1:]
+            ):
                 self._element(ds, converted, ancestors, charset)  # encapsulated pixel data (PS3.5 A.4)
             elif converted.is_undefined_length:
                 raise RetrieveError(f"the element {Tag(tag)} has an undefined length outside a sequence")
