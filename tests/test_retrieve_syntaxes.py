@@ -232,6 +232,9 @@ def test_getscu_with_a_failed_sub_operation_releases_cleanly(
     assert "Warning: SubOperationsCompleteOneOrMoreFailures" in got.stderr, got.stderr
     assert "Number of Failed Suboperations    : 1" in got.stderr
     assert set(_received(out)) == {ct}
+    deadline = time.monotonic() + 10  # the server's log is read by a thread of its own
+    while "C-STORE sub-operation failed" not in srv.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = srv.stderr_text()
     assert "C-STORE sub-operation failed" in log and "Traceback" not in log
 
