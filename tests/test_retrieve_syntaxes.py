@@ -311,7 +311,7 @@ def test_c_move_that_outlasts_the_network_timeout_ends_in_a_release(data_dir: Pa
         moved = tmp_path / "moved"
         moved.mkdir()
         started = time.monotonic()
-        mv = _move(srv, study, ["--sleep-during", "1"], moved)  # about 3 s: three network timeouts
+        mv = _move(srv, study, ["--sleep-after", "1"], moved)  # about 3 s: three network timeouts
         assert time.monotonic() - started > 2
         assert mv.returncode == 0, mv.stderr
         _clean(mv.stderr)
