@@ -454,7 +454,7 @@ def test_stop_signals_during_start_up_and_twice_in_a_row_stop_every_process(data
 def test_c_get_converts_for_a_peer_without_the_stored_syntax(server: Server) -> None:
     """A JPEG-stored image goes to a viewer that accepts only Explicit VR LE decompressed (PS3.4 C.4.3)."""
     from pydicom.data import get_testdata_file
-    from pydicom.uid import JPEG2000Lossless
+    from pydicom.uid import JPEGBaseline8Bit
 
     server.add_peer("CT1", "store")
     server.add_peer("VIEWER", "get")
@@ -481,8 +481,9 @@ def test_c_get_converts_for_a_peer_without_the_stored_syntax(server: Server) -> 
     assert got.SOPInstanceUID == header.SOPInstanceUID
     assert (got.pixel_array == header.pixel_array).all()  # lossless JPEG: the same pixels
 
-    # Offered only a syntax SafePACS cannot produce: that sub-operation fails, and says which instance.
-    received, final = c_get(server.port, q, [(sop_class, [JPEG2000Lossless])])
+    # Offered only a lossy syntax, which SafePACS never produces: that sub-operation fails, and says which
+    # instance.
+    received, final = c_get(server.port, q, [(sop_class, [JPEGBaseline8Bit])])
     assert received == {}
     assert final.Status in (0xA702, 0xB000)
     assert final.NumberOfFailedSuboperations == 1

@@ -3,13 +3,17 @@
 Every file of pydicom's and pydicom-data's corpus that pydicom reads with a file meta Transfer Syntax
 UID: ``dataset_bytes`` finds the data set where pynetdicom does; every native file converts between the
 little endian syntaxes without changing a value; every compressed file pydicom can decode converts to
-Explicit VR Little Endian with pydicom's own pixel array and an unchanged header.  Files pydicom cannot
-decode, corrupt codestreams and decompression bombs end in ``RetrieveError``.
+Explicit VR Little Endian with pydicom's own pixel array and an unchanged header; every file encodes into
+each lossless compressed syntax SafePACS produces with the same pixels (checked by DCMTK's decoders too),
+or is refused.  Files pydicom cannot decode, corrupt codestreams and decompression bombs end in
+``RetrieveError``.
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
 import time
 import warnings
 import zlib
@@ -27,20 +31,30 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
+    JPEG2000,
     MPEG2MPML,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom.dsutils import split_dataset
 
 from safepacs.errors import RetrieveError
-from safepacs.services.transcode import can_convert, choose_transfer_syntax, dataset_bytes, transcode
+from safepacs.services.transcode import (
+    PRODUCIBLE,
+    can_convert,
+    can_produce,
+    choose_transfer_syntax,
+    dataset_bytes,
+    transcode,
+)
 from tests.corpus import all_test_files, make_ct, part10_bytes
 
 CORPUS_ROOTS = sorted({str(p.parent) for p in all_test_files()}, key=len)
@@ -200,7 +214,12 @@ def test_dataset_bytes_refuses_what_is_not_part10(data: bytes) -> None:
         (ExplicitVRBigEndian, [ImplicitVRLittleEndian], ImplicitVRLittleEndian),
         (DeflatedExplicitVRLittleEndian, [ExplicitVRLittleEndian], ExplicitVRLittleEndian),
         (ImplicitVRLittleEndian, [ExplicitVRLittleEndian], ExplicitVRLittleEndian),
-        (RLELossless, [JPEGLSLossless], None),
+        (RLELossless, [JPEGLSLossless], JPEGLSLossless),  # decoded, encoded losslessly
+        (ExplicitVRLittleEndian, [JPEGBaseline8Bit, JPEG2000Lossless], JPEG2000Lossless),
+        (JPEGBaseline8Bit, [RLELossless, ImplicitVRLittleEndian], ImplicitVRLittleEndian),
+        (ExplicitVRLittleEndian, [JPEGBaseline8Bit], None),  # never encoded lossy
+        (ExplicitVRLittleEndian, [JPEG2000, JPEGLSNearLossless], None),
+        (MPEG2MPML, [RLELossless], None),
         (MPEG2MPML, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], None),
         (MPEG2MPML, [MPEG2MPML], MPEG2MPML),
         ("1.2.3.4.5", [ExplicitVRLittleEndian], None),
@@ -209,6 +228,14 @@ def test_dataset_bytes_refuses_what_is_not_part10(data: bytes) -> None:
 )
 def test_choose_transfer_syntax(stored: str, accepted: list[str], expected: str | None) -> None:
     assert choose_transfer_syntax(stored, accepted) == expected
+
+
+def test_can_produce_the_lossless_syntaxes_only() -> None:
+    assert set(PRODUCIBLE) == {JPEG2000Lossless, JPEGLSLossless, RLELossless}
+    for uid in PRODUCIBLE:
+        assert can_produce(uid), uid  # the encoders are dependencies: all installed
+    for uid in (JPEGBaseline8Bit, JPEG2000, JPEGLSNearLossless, ExplicitVRLittleEndian, MPEG2MPML, "1.2.3"):
+        assert not can_produce(uid), uid
 
 
 def test_can_convert_reports_installed_decoders() -> None:
@@ -294,6 +321,130 @@ def test_compressed_files_decode_like_pydicom(path: Path) -> None:
 
     implicit = _quiet_read(_part10(ImplicitVRLittleEndian, transcode(data, ImplicitVRLittleEndian)))
     assert _canonical(implicit, set()) == _canonical(converted, set())
+
+
+# Encoding ----------------------------------------------------------------------------------------------
+
+#: Decoded size up to which corpus files are encoded in every producible syntax (keeps the run short).
+MAX_ENCODED_BYTES = 256 * 1024
+#: Ordinary images of every kind of stored syntax, which must encode into each producible syntax.
+ORDINARY = (
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_rle.dcm",
+    "SC_rgb_rle_2frame.dcm",
+    "image_dfl.dcm",
+)
+
+
+def _decoded_size(path: Path) -> int | None:
+    try:
+        ds = _quiet_read(path, stop_before_pixels=True)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        return int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * frames * int(ds.BitsAllocated) // 8
+    except Exception:
+        return None  # no image, or an invalid header: transcode refuses or keeps it
+
+
+def _encodable() -> list[Path]:
+    return [
+        p
+        for p, ts in readable().items()
+        if UID(ts).is_transfer_syntax and can_convert(ts) and (_decoded_size(p) or 0) <= MAX_ENCODED_BYTES
+    ]
+
+
+def _check_encoded(path: Path, target: str, body: bytes) -> Dataset:
+    """``body`` is the file's data set with its pixel data encapsulated in ``target``: the same header
+    (pixel encoding aside) and the same decoded pixels."""
+    original = _quiet_read(path)
+    converted = _quiet_read(_part10(target, body))
+    big_endian = readable()[path] == ExplicitVRBigEndian
+    assert _canonical(converted, PIXEL_ENCODING, skip_binary=big_endian) == _canonical(
+        original, PIXEL_ENCODING, skip_binary=big_endian
+    )
+    if "PixelData" in original:
+        assert converted["PixelData"].is_undefined_length
+        _frames_equal(original, converted)
+        if readable()[path] != target:  # encoded here (else sent as stored)
+            assert converted["PixelData"].VR == "OB" and converted.get("PlanarConfiguration", 0) == 0
+    if readable()[path] == JPEGBaseline8Bit:
+        assert converted.LossyImageCompression == "01"  # PS3.3 C.7.6.1.1.5: still flagged
+    return converted
+
+
+@pytest.mark.parametrize("name", ORDINARY)
+def test_ordinary_images_encode_into_every_producible_syntax(name: str) -> None:
+    path = Path(pydicom.data.get_testdata_file(name))
+    data = path.read_bytes()
+    for target in PRODUCIBLE:
+        body = transcode(data, target)
+        if readable()[path] == target:
+            assert body == dataset_bytes(data)[1]  # as stored
+        _check_encoded(path, target, body)
+
+
+@pytest.mark.parametrize("path", _encodable(), ids=_id)
+def test_corpus_files_encode_losslessly_or_are_refused(path: Path) -> None:
+    """Whatever the file, encoding ends in the same pixels or in a RetrieveError (an image the syntax
+    cannot hold, PS3.5 8.2; a corrupt or truncated object), never in another exception."""
+    data = path.read_bytes()
+    for target in PRODUCIBLE:
+        try:
+            body = transcode(data, target)
+        except RetrieveError:
+            continue
+        _check_encoded(path, target, body)
+
+
+@pytest.mark.dcmtk
+@pytest.mark.parametrize(("target", "tool"), [(RLELossless, "dcmdrle"), (JPEGLSLossless, "dcmdjpls")])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_gdcm.dcm"])
+def test_dcmtk_decodes_what_safepacs_encodes(target: str, tool: str, name: str, tmp_path: Path) -> None:
+    """An independent decoder (DCMTK's) reads the same pixels from SafePACS's RLE and JPEG-LS."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not on PATH")
+    path = Path(pydicom.data.get_testdata_file(name))
+    encoded = tmp_path / "encoded.dcm"
+    encoded.write_bytes(_part10(target, transcode(path.read_bytes(), target)))
+    decoded = tmp_path / "decoded.dcm"
+    run = subprocess.run([tool, str(encoded), str(decoded)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert np.array_equal(_quiet_read(decoded).pixel_array, _quiet_read(path).pixel_array)
+
+
+def test_non_image_objects_are_sent_unchanged_in_an_encapsulated_syntax() -> None:
+    """PS3.5 A.4: an encapsulated syntax changes only pixel data; a data set without any is the same."""
+    ds = make_ct(seed=11)
+    del ds.PixelData
+    data = part10_bytes(ds)
+    assert transcode(data, JPEG2000Lossless) == dataset_bytes(data)[1]
+
+
+def test_colour_by_plane_is_encoded_colour_by_pixel() -> None:
+    rgb = np.random.default_rng(12).integers(0, 256, size=(8, 10, 3), dtype=np.uint8)
+    ds = make_ct(8, 10, seed=12, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 1
+    ds.PixelData = np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()  # R plane, G plane, B plane
+    assert np.array_equal(_quiet_read(part10_bytes(ds)).pixel_array, rgb)
+    for target in (RLELossless, JPEGLSLossless):  # JPEG 2000 needs 32 pixels a side
+        converted = _quiet_read(_part10(target, transcode(part10_bytes(ds), target)))
+        assert converted.PlanarConfiguration == 0
+        assert np.array_equal(converted.pixel_array, rgb), target
+
+
+def test_images_a_syntax_cannot_hold_are_refused() -> None:
+    data = part10_bytes(make_ct(16, 16, seed=13, BitsAllocated=32, BitsStored=32, HighBit=31))
+    for target in PRODUCIBLE:
+        with pytest.raises(RetrieveError, match="cannot be encoded"):
+            transcode(data, target)
 
 
 def test_same_syntax_returns_the_stored_bytes() -> None:

@@ -57,7 +57,9 @@ class ServerSettings(_Section):
         1048576, ge=0, description="Largest P-DATA PDU we accept (bytes; 0 means no limit)."
     )
     network_timeout: float = Field(
-        60.0, gt=0, description="Seconds of silence before a connection is dropped."
+        60.0,
+        gt=0,
+        description="Seconds of silence before a connection is dropped (not while a request is served).",
     )
     acse_timeout: float = Field(30.0, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for DIMSE messages.")

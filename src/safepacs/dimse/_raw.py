@@ -9,6 +9,17 @@ did not accept the stored transfer syntax; PS3.4 C.4.2.3.1).  An instance that c
 (its stored object fails its integrity check) raises, and pynetdicom counts that sub-operation as
 failed and lists it in the Failed SOP Instance UID List of the final response.
 
+The transfer syntax of each sub-operation is chosen per instance among the contexts the peer accepted
+for its SOP class (:func:`~safepacs.services.transcode.choose_transfer_syntax`): the stored one, else
+Explicit, then Implicit VR Little Endian, else a lossless compressed syntax SafePACS encodes into.
+
+An association serving a retrieve is not idle: pynetdicom restarts its network timer
+(``server.network_timeout``) only when data arrives, and checks it once the request has been served,
+so a C-MOVE that ran longer than the timeout (the requestor sends nothing while it waits) was answered
+and then aborted instead of released.  :func:`enable_raw_store` restarts the timer when a request has
+been served; a C-MOVE sub-association's reactor, which checks it between sub-operations, is held while
+an instance is read and converted, as pynetdicom holds it while a message is sent and answered.
+
 That final response (Warning, Failure or Cancel, PS3.4 C.4.2.1.5 / C.4.3.1.3) carries the list as
 an Identifier.  :func:`enable_raw_store` also makes it go out as one P-DATA-TF PDU, the command and
 the identifier as two PDVs (PS3.8 9.3.5 allows several PDVs in one PDU), when that fits the peer's
@@ -81,25 +92,27 @@ def _send_raw(
     target = choose_transfer_syntax(ref.transfer_syntax_uid, accepted)
     if target is None:
         raise RetrieveError("the peer accepted no transfer syntax this instance can be sent in")
-    part10 = inst.read(ref)
-    if target == ref.transfer_syntax_uid:
-        encoded = dataset_bytes(part10)[1]
-    else:
-        encoded = transcode(part10, target)
-    context = assoc._get_valid_context(ref.sop_class_uid, target, "scu", allow_conversion=False)
-    req = C_STORE()
-    req.MessageID = msg_id
-    req.Priority = priority
-    req.MoveOriginatorApplicationEntityTitle = originator_aet
-    req.MoveOriginatorMessageID = originator_id
-    req.AffectedSOPClassUID = ref.sop_class_uid
-    req.AffectedSOPInstanceUID = ref.sop_instance_uid
-    req.DataSet = BytesIO(encoded)
-    # Same hand-over as pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
+    # As pynetdicom's own send_c_store, but the reactor (and its network timer) is held from before the
+    # instance is read and converted, which may take longer than the timeout, until the response is in.
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
+        part10 = inst.read(ref)
+        if target == ref.transfer_syntax_uid:
+            encoded = dataset_bytes(part10)[1]
+        else:
+            encoded = transcode(part10, target)
+        del part10
+        context = assoc._get_valid_context(ref.sop_class_uid, target, "scu", allow_conversion=False)
+        req = C_STORE()
+        req.MessageID = msg_id
+        req.Priority = priority
+        req.MoveOriginatorApplicationEntityTitle = originator_aet
+        req.MoveOriginatorMessageID = originator_id
+        req.AffectedSOPClassUID = ref.sop_class_uid
+        req.AffectedSOPInstanceUID = ref.sop_instance_uid
+        req.DataSet = BytesIO(encoded)
         assoc.dimse.send_msg(req, cast(int, context.context_id))
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
@@ -111,7 +124,8 @@ def _send_raw(
 
 
 def enable_raw_store(assoc: Association) -> None:
-    """Make ``assoc.send_c_store`` send :class:`RawInstance` placeholders as stored bytes."""
+    """Make ``assoc.send_c_store`` send :class:`RawInstance` placeholders as stored bytes, send final
+    retrieve responses whole, and keep the association from timing out while it serves a request."""
     original: Callable[..., Dataset] = assoc.send_c_store
 
     def send_c_store(
@@ -131,6 +145,21 @@ def enable_raw_store(assoc: Association) -> None:
 
     assoc.send_c_store = send_c_store  # type: ignore[method-assign]
     _send_final_responses_whole(assoc)
+    _busy_is_not_idle(assoc)
+
+
+def _busy_is_not_idle(assoc: Association) -> None:
+    """Restart the association's network timer once a request has been served (see the module
+    docstring): a peer waiting for its C-MOVE, C-GET or C-FIND to finish is not idle."""
+    serve: Callable[[Any, int], None] = assoc._serve_request
+
+    def _serve_request(msg: Any, context_id: int) -> None:
+        try:
+            serve(msg, context_id)
+        finally:
+            assoc.dul._idle_timer.restart()
+
+    assoc._serve_request = _serve_request  # type: ignore[method-assign]
 
 
 def _send_final_responses_whole(assoc: Association) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from pydicom._uid_dict import UID_dictionary
@@ -18,6 +18,7 @@ from pynetdicom import (
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 
+from safepacs.services.transcode import can_produce
 from safepacs.types import QueryModel, Service
 
 __all__ = [
@@ -113,13 +114,23 @@ def contexts_for(allow: frozenset[Service]) -> tuple[PresentationContext, ...]:
     return tuple(out)
 
 
-def negotiable_contexts(allow: frozenset[Service], requested: Iterable[Any]) -> list[PresentationContext]:
-    """The contexts to support for this request, each listing its transfer syntaxes in the requestor's order.
+def negotiable_contexts(
+    allow: frozenset[Service], requested: Iterable[Any], retrieving: Collection[str] = ()
+) -> list[PresentationContext]:
+    """The contexts to support for this request, each listing its transfer syntaxes in order of preference.
 
-    pynetdicom's acceptor picks the first of *its own* syntaxes that the requestor proposed; ordering
-    them as the requestor did honours its preference (PS3.8 9.3.2.2: a requestor lists what it prefers
-    first).  A modality that proposes its images' own compressed syntax first stores them as they are,
-    and a viewer's C-GET gets the stored syntax when it proposed it.
+    pynetdicom's acceptor picks, per proposed context, the first of *its own* syntaxes that the
+    requestor proposed in it.  Ordering them as the requestor did honours its preference (PS3.8
+    9.3.2.2: a requestor lists what it prefers first): a modality that proposes its images' own
+    compressed syntax first stores them as they are.
+
+    ``retrieving``: the SOP classes the requestor proposed to take the SCP role for (SCP/SCU Role
+    Selection, PS3.7 D.3.3.4), i.e. the storage contexts of C-GET sub-operations, where SafePACS sends.
+    Which instances will be asked for is not known yet, so the syntax chosen must carry whatever is
+    stored: Explicit, then Implicit VR Little Endian when proposed (every instance SafePACS can decode
+    goes in them), else a compressed syntax SafePACS can encode into losslessly, else the requestor's
+    first (instances stored in it are sent as stored, the others' sub-operations fail).  An instance is
+    sent as stored whenever the accepted syntax is its own (PS3.4 C.4.3.3.1).
     """
     supported = {str(cx.abstract_syntax): cx for cx in contexts_for(allow)}
     order: dict[str, list[str]] = {}
@@ -135,7 +146,16 @@ def negotiable_contexts(allow: frozenset[Service], requested: Iterable[Any]) -> 
     out = []
     for ab, syntaxes in order.items():
         base = supported[ab]
+        if ab in retrieving and base.scp_role:
+            syntaxes = _sendable_first(syntaxes)
         out.append(
             _cx(ab, syntaxes or list(base.transfer_syntax), scu_role=base.scu_role, scp_role=base.scp_role)
         )
     return out
+
+
+def _sendable_first(proposed: list[str]) -> list[str]:
+    """``proposed`` reordered for sending whatever is stored (see :func:`negotiable_contexts`)."""
+    uncompressed = [ts for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)) if ts in proposed]
+    producible = [ts for ts in proposed if ts not in uncompressed and can_produce(ts)]
+    return uncompressed + producible + [ts for ts in proposed if ts not in uncompressed + producible]

@@ -236,7 +236,8 @@ class GateACSE(ACSE):
             response = UserIdentityNegotiation()
             response.server_response = b""
             self.acceptor.add_negotiation_item(response)
-        self.acceptor.supported_contexts = negotiable_contexts(principal.allow, contexts)
+        retrieving = {str(uid) for uid, role in self.requestor.role_selection.items() if role.scp_role}
+        self.acceptor.supported_contexts = negotiable_contexts(principal.allow, contexts, retrieving)
         log.info(
             "association accepted",
             extra={

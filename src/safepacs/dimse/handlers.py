@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -246,18 +247,24 @@ def _single_address(peer: Peer | None) -> str | None:
 
 
 def _move_contexts(refs: list[Any]) -> list[Any]:
-    """Contexts for the C-MOVE sub-association: each SOP class, its stored and the uncompressed syntaxes."""
-    by_class: dict[str, list[str]] = {}
-    for ref in refs:
-        syntaxes = by_class.setdefault(ref.sop_class_uid, [])
-        if ref.transfer_syntax_uid not in syntaxes:
-            syntaxes.insert(0, ref.transfer_syntax_uid)
-    if not by_class:  # nothing to send; one context so the association can still be negotiated
-        by_class[Verification] = []
-    out = []
-    for sop_class, syntaxes in list(by_class.items())[:_MAX_MOVE_CONTEXTS]:
-        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts not in syntaxes:
-                syntaxes.append(ts)
-        out.append(build_context(sop_class, syntaxes))
+    """Contexts for the C-MOVE sub-association (SafePACS requests, the destination chooses, PS3.8 9.3.2.2).
+
+    Per SOP class one context with Explicit and Implicit VR Little Endian, which carries every instance
+    SafePACS can decode, and one context per other transfer syntax its instances are stored in, so that
+    a destination that takes a stored syntax gets those instances as stored (a context accepts only one
+    syntax, so listing them together would let a compressed one shut out the uncompressed ones).  Each
+    instance is then sent on the accepted context that fits it best (``_raw.py``).  At most 128
+    contexts (PS3.8 9.3.2.2): the uncompressed ones first, then the stored syntaxes of the most
+    instances.
+    """
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    stored: Counter[tuple[str, str]] = Counter(
+        (ref.sop_class_uid, ref.transfer_syntax_uid)
+        for ref in refs
+        if ref.transfer_syntax_uid != ExplicitVRLittleEndian
+    )
+    classes = list(dict.fromkeys(ref.sop_class_uid for ref in refs)) or [Verification]
+    out = [build_context(sop_class, list(uncompressed)) for sop_class in classes[:_MAX_MOVE_CONTEXTS]]
+    for (sop_class, syntax), _ in stored.most_common(_MAX_MOVE_CONTEXTS - len(out)):
+        out.append(build_context(sop_class, [syntax]))
     return out

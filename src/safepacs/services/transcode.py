@@ -2,8 +2,8 @@
 
 SafePACS keeps every instance as the Part 10 file it arrived as.  When the retrieving peer accepted the
 stored transfer syntax the stored data set bytes are sent unchanged; otherwise the data set is converted
-to Explicit or Implicit VR Little Endian (PS3.5 A.1, A.2), which every peer must accept for a storage
-SOP class it supports in any form:
+to Explicit or Implicit VR Little Endian (PS3.5 A.1, A.2), or, when the peer accepted neither, decoded and
+encoded losslessly into a compressed syntax it accepted (:data:`PRODUCIBLE`):
 
 * Explicit <-> Implicit VR Little Endian and Deflated Explicit VR Little Endian (PS3.5 A.5, inflated
   with a size limit): the element values are copied byte for byte; only element headers change.
@@ -14,6 +14,13 @@ SOP class it supports in any form:
   follow), also in nested items such as icon images.  Unlike pydicom, the SOP Instance UID is kept (a
   transfer syntax is not a new instance), the extended offset table attributes are removed, and Lossy
   Image Compression "01" is added when an always-lossy JPEG process had left it out (PS3.3 C.7.6.1.1.5).
+* Into RLE Lossless, JPEG-LS Lossless or JPEG 2000 Lossless Only (PS3.5 A.4, 8.2): the native pixel data
+  is encoded by pydicom's encoders (:func:`pydicom.pixels.compress`: RLE natively, JPEG-LS through
+  pyjpegls, JPEG 2000 through pylibjpeg-openjpeg), colour by pixel (Planar Configuration 0) and with
+  the SOP Instance UID kept.  Only these lossless syntaxes are produced: SafePACS never compresses lossy
+  (a lossy JPEG, JPEG-LS near-lossless or JPEG 2000 syntax is used only for instances stored in it).  A
+  lossy original stays flagged as such (Lossy Image Compression "01").  Pixel data in nested items (icon
+  images) is left native.
 
 Compressed pixel data is refused *before* decoding when the image header or a frame's codestream
 header promises more than ``max_pixel_bytes`` of decoded data (decompression bombs).  Every failure is a
@@ -31,13 +38,14 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.utils import pack_bits
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.pixels.utils import compress, pack_bits, pixel_array
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
@@ -45,18 +53,23 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLSLossless,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
+    RLELossless,
 )
 
 from safepacs.errors import InvalidObjectError, RetrieveError
 
 __all__ = [
     "MAX_PIXEL_BYTES",
+    "PRODUCIBLE",
     "can_convert",
+    "can_produce",
     "check_pixel_header",
     "choose_transfer_syntax",
     "dataset_bytes",
@@ -68,6 +81,9 @@ MAX_PIXEL_BYTES = 2 * 1024**3
 
 _NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 _TARGETS = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+#: The compressed syntaxes SafePACS encodes into, all lossless (PS3.5 8.2.2, 8.2.3, 8.2.4), when pydicom
+#: has an encoder for them installed (:func:`can_produce`).
+PRODUCIBLE = (JPEG2000Lossless, JPEGLSLossless, RLELossless)
 #: Syntaxes whose compression is always lossy (PS3.5 A.4.1; the retired lossy JPEG processes have no decoder).
 _LOSSY = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 
@@ -156,13 +172,22 @@ def can_convert(stored_ts: str) -> bool:
         return False
 
 
-def choose_transfer_syntax(stored_ts: str, accepted: Sequence[str]) -> str | None:
-    """The transfer syntax to send in (PS3.4 C.4.2.3.1).
+@functools.cache
+def can_produce(target_ts: str) -> bool:
+    """Whether data sets can be encoded into the compressed syntax ``target_ts`` (:data:`PRODUCIBLE`, and
+    pydicom has an encoder for it installed)."""
+    uid = UID(str(target_ts).strip("\x00 "))
+    return uid in PRODUCIBLE and bool(get_encoder(uid).is_available)
 
-    ``stored_ts`` if the peer accepted it, else Explicit VR Little Endian, else Implicit VR Little
-    Endian, when accepted and the stored syntax can be converted; ``None`` when nothing fits.
+
+def choose_transfer_syntax(stored_ts: str, accepted: Sequence[str]) -> str | None:
+    """The transfer syntax to send in (PS3.4 C.4.2.3.1, C.4.3.3.1), of those the peer ``accepted``.
+
+    ``stored_ts`` if the peer accepted it (sent as stored); else, when the stored syntax can be decoded,
+    Explicit VR Little Endian, then Implicit VR Little Endian, then the first accepted syntax SafePACS
+    can encode into losslessly (:func:`can_produce`); ``None`` when nothing fits.
     """
-    offered = {str(ts).strip("\x00 ") for ts in accepted}
+    offered = [str(ts).strip("\x00 ") for ts in accepted]
     if stored_ts in offered:
         return stored_ts
     if not can_convert(stored_ts):
@@ -170,7 +195,7 @@ def choose_transfer_syntax(stored_ts: str, accepted: Sequence[str]) -> str | Non
     for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         if target in offered:
             return str(target)
-    return None
+    return next((ts for ts in offered if can_produce(ts)), None)
 
 
 # Converting -----------------------------------------------------------------------------------------
@@ -180,12 +205,13 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
     """The data set of ``part10`` encoded in ``target_ts`` (no file meta).
 
     ``target_ts`` equal to the stored syntax returns the stored bytes unchanged.  Otherwise the target
-    must be Explicit or Implicit VR Little Endian.  ``max_pixel_bytes`` bounds the decoded pixel data
-    (Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated / 8, checked before
-    decoding) and the inflated size of a Deflated data set.
+    must be Explicit or Implicit VR Little Endian, or a lossless compressed syntax :func:`can_produce`.
+    ``max_pixel_bytes`` bounds the decoded pixel data (Rows x Columns x Samples per Pixel x Number of
+    Frames x Bits Allocated / 8, checked before decoding) and the inflated size of a Deflated data set.
 
     Raises :class:`~safepacs.errors.RetrieveError` (one sentence) when the conversion is impossible:
-    no decoder for the stored syntax, corrupt or oversized pixel data, an unsupported target.
+    no decoder for the stored syntax, corrupt or oversized pixel data, an unsupported target, an image
+    the target's encoder does not take (PS3.5 8.2: e.g. 32-bit samples in RLE).
     """
     try:
         stored, encoded = dataset_bytes(part10)
@@ -194,10 +220,11 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
     target = str(target_ts).strip("\x00 ")
     if target == stored:
         return encoded
-    if target not in _TARGETS:
+    if target not in _TARGETS and not can_produce(target):
         name = UID(target).name if UID(target).is_transfer_syntax else target
         raise RetrieveError(
-            f"conversion to '{name}' is not supported, only to Explicit or Implicit VR Little Endian"
+            f"conversion to '{name}' is not supported, only to Explicit or Implicit VR Little Endian "
+            "or to a lossless compressed syntax with an encoder installed"
         )
     uid = UID(stored)
     if not can_convert(uid):
@@ -206,9 +233,16 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
             f"no decoder is installed for the stored transfer syntax '{name}'; the peer must accept it as is"
         )
     try:
-        return _convert(
-            uid, encoded, implicit=target == ImplicitVRLittleEndian, max_pixel_bytes=max_pixel_bytes
+        if target in _TARGETS:
+            return _convert(
+                uid, encoded, implicit=target == ImplicitVRLittleEndian, max_pixel_bytes=max_pixel_bytes
+            )
+        native = (
+            encoded
+            if uid == ExplicitVRLittleEndian
+            else _convert(uid, encoded, implicit=False, max_pixel_bytes=max_pixel_bytes)
         )
+        return _encode_pixels(native, UID(target))
     except RetrieveError:
         raise
     except RecursionError as exc:  # pydicom reads and writes sequences recursively
@@ -237,6 +271,31 @@ def _convert(uid: UID, encoded: bytes, *, implicit: bool, max_pixel_bytes: int) 
     ds = _parse(encoded, implicit=False, little_endian=True)  # PS3.5 A.4: encapsulated is explicit VR LE
     _decompress_tree(ds, uid, max_pixel_bytes)
     return _Encoder(implicit=implicit, swap=False).encode(ds)
+
+
+def _encode_pixels(native: bytes, target: UID) -> bytes:
+    """``native`` (an Explicit VR Little Endian data set) with its Pixel Data encoded into ``target``,
+    encapsulated (PS3.5 A.4); a data set without Pixel Data is the same bytes (an encapsulated syntax
+    changes only how pixel data is encoded)."""
+    ds = _parse(native, implicit=False, little_endian=True)
+    if _PIXEL_DATA not in ds:
+        return native
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    _geometry(ds)  # the image header is valid before an encoder reads it
+    if int(ds.SamplesPerPixel) > 1 and _int_or_none(ds.get("PlanarConfiguration")) == 1:
+        # Colour by plane: handed to the encoders colour by pixel, as every decoded image is
+        planes = pixel_array(ds)
+        ds.PixelData = np.ascontiguousarray(planes, dtype=planes.dtype.newbyteorder("<")).tobytes()
+        ds.PlanarConfiguration = 0
+    try:
+        compress(ds, target, generate_instance_uid=False)
+    except Exception as exc:  # pydicom and the codecs refuse what the syntax cannot hold
+        raise RetrieveError(
+            f"the image cannot be encoded in '{target.name}' ({type(exc).__name__}); "
+            "the peer must accept another transfer syntax"
+        ) from exc
+    return _Encoder(implicit=False, swap=False, encapsulated=True).encode(ds)
 
 
 def _parse(encoded: bytes, *, implicit: bool, little_endian: bool) -> Dataset:
@@ -470,12 +529,15 @@ class _Encoder:
     Values that pydicom has not converted (raw elements) are copied byte for byte, so text is never
     decoded and re-encoded; only converted or changed elements go through pydicom's writer.  Group
     lengths (gggg,0000) are left out (retired, PS3.5 7.2; they would be wrong after re-encoding).
-    Sequences and items are written with undefined length (PS3.5 7.5).
+    Sequences and items are written with undefined length (PS3.5 7.5).  ``encapsulated``: the top-level
+    Pixel Data is written encapsulated, with undefined length, as an encapsulated syntax requires
+    (PS3.5 A.4); otherwise an undefined length outside a sequence is refused.
     """
 
-    def __init__(self, *, implicit: bool, swap: bool) -> None:
+    def __init__(self, *, implicit: bool, swap: bool, encapsulated: bool = False) -> None:
         self._implicit = implicit
         self._swap = swap  # the source is big endian
+        self._encapsulated = encapsulated  # the top-level Pixel Data is encapsulated (PS3.5 A.4)
         self._chunks: list[bytes | bytearray | memoryview] = []
 
     def encode(self, ds: Dataset) -> bytes:
@@ -510,6 +572,13 @@ class _Encoder:
             converted = ds[tag]
             if converted.VR == "SQ":
                 self._sequence(tag, converted.value, ancestors, charset)
+            elif (
+                converted.is_undefined_length
+                and tag == _PIXEL_DATA
+                and self._encapsulated
+                and not ancestors[1:]
+            ):
+                self._element(ds, converted, ancestors, charset)  # encapsulated pixel data (PS3.5 A.4)
             elif converted.is_undefined_length:
                 raise RetrieveError(f"the element {Tag(tag)} has an undefined length outside a sequence")
             elif converted.VR in _BYTES_VRS and isinstance(converted.value, bytes | bytearray):
