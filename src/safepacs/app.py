@@ -143,9 +143,16 @@ def initialize(data_dir: Path) -> str:
 
 
 def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
-    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``."""
+    """Structured logs to standard error, once per process.  Library modules use ``logging.getLogger``.
+
+    Tracebacks are plain text: structlog's default (rich, when installed) prints every frame's local
+    variables - request values, tokens, patient data - and took seconds per traceback on a busy
+    machine, which held up shutdown.
+    """
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
