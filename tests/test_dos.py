@@ -38,6 +38,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 import safepacs
 from safepacs.audit import EventID
 from safepacs.audit.capture import AuditCapture
+from safepacs.config import load_settings
+from safepacs.errors import ConfigError
 from safepacs.index import SqlIndex
 from tests.conftest import Server, start_server
 from tests.corpus import make_ct
@@ -380,6 +382,23 @@ def test_https_slowloris_does_not_keep_a_real_client_out(
     log = srv.stderr_text()
     assert "no request head within server.http_head_timeout" in log
     assert "Traceback" not in log
+
+
+# Settings ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("associate_timeout", 0, "greater than 0"),
+        ("max_pending_per_address", 0, "greater than or equal to 1"),
+        ("max_pending", 2000, "less than or equal to 768"),
+        ("http_head_timeout", -1, "greater than 0"),
+        ("http_max_connections", 0, "greater than or equal to 1"),
+    ],
+)
+def test_connection_limits_are_validated_at_start(data_dir: Path, key: str, value: int, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(data_dir, {"server": {key: value}})
+    assert f"setting 'server.{key}' is invalid" in str(info.value) and message in str(info.value)
 
 
 # Stopping ----------------------------------------------------------------------------------------------
