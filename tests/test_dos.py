@@ -136,13 +136,13 @@ def echo_as(srv: Server, calling: str, port: int, **kwargs: Any) -> float:
     return time.monotonic() - start
 
 
-def node_refusals(srv: Server) -> int:
+def node_refusals(srv: Server) -> list[Any]:
     """Node Authentication failures in the audit trail (rejected associations, dropped connections)."""
     index = SqlIndex(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
     try:
         capture = AuditCapture(index)
         capture.start = 0
-        return sum(1 for e in capture.events(EventID.SECURITY_ALERT, "110113") if e.outcome_description)
+        return [e for e in capture.events(EventID.SECURITY_ALERT, "110126") if e.outcome_description]
     finally:
         index.close()
 
@@ -214,6 +214,16 @@ def test_bare_connections_do_not_take_association_slots(server: Server) -> None:
     match = wait_for_log(server, r"connections dropped before association.*")
     assert match is not None and "127.0.0.1" in match.group(0)
     assert "Traceback" not in server.stderr_text()
+    # Reported per address (and worker) and minute: the first at once, the rest in the next report.
+    deadline = time.monotonic() + 5
+    while not (records := node_refusals(server)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 1 <= len(records) <= 2
+    for record in records:
+        assert re.fullmatch(r"\d+ connection\(s\) closed before association: .+", record.outcome_description)
+        (who,) = [p for p in record.participants if p.requestor]
+        assert who.address == "127.0.0.1"
+        assert dict(record.objects[0].detail)["Transport"] == "DICOM port, before admission"
 
 
 def test_a_connection_must_associate_within_the_deadline(srv: Server, tmp_path: Path) -> None:
@@ -284,7 +294,7 @@ def test_a_flood_does_not_keep_a_registered_peer_out(server: Server, tmp_path: P
     else:
         server.add_peer("CT1", "echo")
         port = server.port
-    before = node_refusals(server)
+    before = len(node_refusals(server))
     durations = []
     with Stranger(port, tls=port_kind == "tls") as stranger:
         end = time.monotonic() + 4
@@ -296,7 +306,7 @@ def test_a_flood_does_not_keep_a_registered_peer_out(server: Server, tmp_path: P
     assert max(durations) < 3, durations
     assert sorted(durations)[len(durations) // 2] < 1, durations
     # One record per worker and address so far (each reports its first refusal at once).
-    assert node_refusals(server) - before <= 2
+    assert len(node_refusals(server)) - before <= 2
 
 
 def test_rejected_associations_end_at_once_and_take_no_places(srv: Server) -> None:

@@ -146,10 +146,13 @@ class AssociationGate:
         reason: str | None,
         credentials: Credentials | None = None,
         called: str | None = None,
+        *,
+        transport: str | None = None,
     ) -> bool:
         """Record an association accepted (``reason`` None) or rejected (110113 Node Authentication) with
         what its TLS handshake and User Identity Negotiation proved; False when the trail cannot be
-        written (an accepted association is then refused: fail closed)."""
+        written (an accepted association is then refused: fail closed).  ``transport`` describes the
+        connection when no TLS session does (connections dropped before admission)."""
         if self.audit is None:
             return True
         if principal is not None:
@@ -162,7 +165,9 @@ class AssociationGate:
                 ae_title=calling.strip()[:16] or None,
                 certificate_sha256=session.sha256 if session is not None else None,
             )
-        detail = [("Transport", f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP")]
+        if transport is None:
+            transport = f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP"
+        detail = [("Transport", transport)]
         if called is not None:
             detail.append(("Called AE Title", called.strip()[:16]))
         if principal is not None and principal.user_identity:

@@ -185,11 +185,10 @@ class _Balance:
 
 @dataclass(frozen=True)
 class _Admission:
-    """What a worker's listeners share before admission: the connections not admitted yet, the tally
-    of those dropped, and the deadline for a connection's TLS handshake and A-ASSOCIATE-RQ."""
+    """What a worker's listeners share before admission: the connections not admitted yet, and the
+    deadline for a connection's TLS handshake and A-ASSOCIATE-RQ."""
 
     pending: pending.PendingConnections
-    refusals: RefusalTally
     timeout: float
 
 
@@ -298,6 +297,7 @@ class _Server(ThreadedAssociationServer):
         store: StoreHandler,
         max_object_bytes: int,
         admission: _Admission,
+        refusals: RefusalTally,
         tls: DicomTls | None = None,
         balance: _Balance | None = None,
     ) -> None:
@@ -308,7 +308,7 @@ class _Server(ThreadedAssociationServer):
         self.max_object_bytes = max_object_bytes
         self.tls = tls  # DICOM TLS on this listener
         self.pending = admission.pending
-        self.refusals = admission.refusals
+        self.refusals = refusals  # this listener's connections dropped before admission
         self.associate_timeout = admission.timeout
         super().__init__(
             ae,
@@ -414,9 +414,7 @@ class DimseServer:
             max_associations=s.max_associations,
         )
         self.admission = _Admission(
-            pending.PendingConnections(s.max_pending_per_address, s.max_pending),
-            RefusalTally(self._report_refusals),
-            s.associate_timeout,
+            pending.PendingConnections(s.max_pending_per_address, s.max_pending), s.associate_timeout
         )
         h = DimseHandlers(
             archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
@@ -432,9 +430,13 @@ class DimseServer:
         max_bytes = archive.settings.storage.max_object_bytes
         self.balance = _Balance(loads, slot, self.ae) if loads is not None else None
         common = (s.ae_title, handlers, self.gate, h.store, max_bytes, self.admission)
-        self.servers = [_Server(self.ae, listener, *common, balance=self.balance)]
+        plain = RefusalTally(functools.partial(self._report_refusals, "DICOM"))
+        self.servers = [_Server(self.ae, listener, *common, plain, balance=self.balance)]
         if tls_listener is not None:
-            self.servers.append(_Server(self.ae, tls_listener, *common, tls=self.tls, balance=self.balance))
+            tally = RefusalTally(functools.partial(self._report_refusals, "DICOM TLS"))
+            self.servers.append(
+                _Server(self.ae, tls_listener, *common, tally, tls=self.tls, balance=self.balance)
+            )
         self.server = self.servers[0]
         self.ae._servers.extend(self.servers)
         self._threads = [
@@ -442,22 +444,25 @@ class DimseServer:
             for server in self.servers
         ]
 
-    def _report_refusals(self, address: str, counts: dict[str, int]) -> None:
-        """Log and record (110113, failure) the connections from ``address`` dropped before admission
-        since its last report: one line and one audit record per address per interval, however many."""
+    def _report_refusals(self, port: str, address: str, counts: dict[str, int]) -> None:
+        """Log and record (110113, failure) the connections from ``address`` to the ``port`` listener
+        dropped before admission since its last report: one line and one audit record per address
+        and interval, however many connections."""
         total = sum(counts.values())
         summary = "; ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
         log.warning(
             "connections dropped before association",
             extra={
+                "port": port,
                 "peer_address": address,
                 "connections": total,
                 "reasons": summary,
-                "dropped_total": sum(self.admission.refusals.totals.values()),
+                "dropped_total": sum(sum(s.refusals.totals.values()) for s in self.servers),
             },
         )
+        why = f"{total} connection(s) closed before association: {summary}"
         where = "" if address == OTHER_ADDRESSES else address
-        self.gate.record(None, "", where, None, f"{total} connection(s) closed before association: {summary}")
+        self.gate.record(None, "", where, None, why, transport=f"{port} port, before admission")
 
     def start(self) -> None:
         if self.balance is not None:
@@ -478,7 +483,7 @@ class DimseServer:
         for server in self.servers:
             for assoc in server.active_associations:
                 assoc.abort()
-        self.admission.refusals.flush_due(force=True)
+            server.refusals.flush_due(force=True)
 
 
 OpenArchive = Callable[[Settings], "Archive"]
