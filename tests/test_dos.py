@@ -201,15 +201,18 @@ class Stranger:
 
 # DIMSE: bare connections -------------------------------------------------------------------------------
 def test_bare_connections_do_not_take_association_slots(server: Server) -> None:
-    """80 connections that send nothing, a PDU header or another PDU and close: a registered peer
-    associates at once (they took a slot each for the ARTIM time before)."""
+    """80 connections that send nothing, a PDU header, another PDU or an A-ASSOCIATE-RQ that cannot be
+    decoded, and close: a registered peer associates at once (they took a slot each for the ARTIM time
+    before)."""
     server.add_peer("CT1", "echo")
     for i in range(80):
         with connect(server.port) as sock:
-            if i % 3 == 1:
+            if i % 4 == 1:
                 sock.sendall(b"\x01\x00\x00\x00\x01\x00")
-            elif i % 3 == 2:
+            elif i % 4 == 2:
                 sock.sendall(A_RELEASE_RQ)  # not an A-ASSOCIATE-RQ: an A-ABORT, then closed
+            elif i % 4 == 3:
+                sock.sendall(b"\x01\x00\x00\x00\x00\x04garb")  # an A-ABORT too
     assert echo_as(server, "CT1", server.port) < 5
     match = wait_for_log(server, r"connections dropped before association.*")
     assert match is not None and "127.0.0.1" in match.group(0)

@@ -51,7 +51,11 @@ class ServerSettings(_Section):
         0, ge=0, le=64, description="DIMSE worker processes sharing the port (0: one per CPU core)."
     )
     max_associations: int = Field(
-        16, ge=1, le=1024, description="Concurrent associations per worker process; more are rejected."
+        16,
+        ge=1,
+        le=1024,
+        description="Associations admitted at once per worker process; more are rejected (connections "
+        "not admitted yet do not count).",
     )
     associate_timeout: float = Field(
         5.0,

@@ -245,8 +245,13 @@ class StoreDUL(DULServiceProvider):
         if self.preface is not None:  # after the connection's Evt5, as pynetdicom would have read it
             pdu, self.preface = self.preface, None
             self._hand_over(pdu)
-            while not self.event_queue.empty():  # Sta3 before the socket is looked at again
-                self.state_machine.do_action(self.event_queue.get(block=False))
+            try:
+                while not self.event_queue.empty():  # Sta3 before the socket is looked at again
+                    self.state_machine.do_action(self.event_queue.get(block=False))
+            except Exception:
+                log.exception("DICOM upper layer failed; aborting the association")
+                self._abort_now()
+                return
         while not self._kill_thread:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()

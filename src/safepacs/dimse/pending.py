@@ -10,8 +10,9 @@ Here each accepted connection first waits, in its own thread and against one dea
 (``server.associate_timeout``, which also covers the DICOM TLS handshake), until its whole
 A-ASSOCIATE-RQ PDU has been read; only then is an association made, and the PDU handed to it
 (``fastpath.StoreDUL``) as if pynetdicom had read it.  A connection that closes, sends anything else
-first, announces an A-ASSOCIATE-RQ longer than :data:`MAX_ASSOCIATE_RQ_BYTES` or misses the deadline is
-closed at once (an A-ABORT first for the protocol errors, PS3.8 9.3.8).
+first, announces an A-ASSOCIATE-RQ longer than :data:`MAX_ASSOCIATE_RQ_BYTES`, sends one that cannot be
+decoded or misses the deadline is closed at once (an A-ABORT first for the protocol errors, PS3.8
+9.3.8).
 
 :class:`PendingConnections` counts the connections of a worker that have not been admitted yet (from
 the accept until the gate admits their association, or they end), per source address and in all.  A
@@ -33,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 
 __all__ = [
     "MAX_ASSOCIATE_RQ_BYTES",
@@ -65,6 +66,7 @@ TIMED_OUT = "no A-ASSOCIATE-RQ within server.associate_timeout"
 TLS_TIMED_OUT = "TLS handshake not completed within server.associate_timeout"
 NOT_ASSOCIATE_RQ = "the first PDU was not an A-ASSOCIATE-RQ"
 TOO_LONG = f"the A-ASSOCIATE-RQ was longer than {MAX_ASSOCIATE_RQ_BYTES} bytes"
+MALFORMED = "the A-ASSOCIATE-RQ could not be decoded"
 EVICTED = "closed to make room: more connections awaiting admission than server.max_pending_per_address"
 EVICTED_TOTAL = "closed to make room: more connections awaiting admission than server.max_pending"
 REFUSED = "refused: server.max_pending connections are being admitted already"
@@ -237,7 +239,14 @@ def receive_associate_rq(sock: socket.socket, deadline: float) -> bytes:
         raise Dropped(NOT_ASSOCIATE_RQ, ABORT_UNEXPECTED_PDU if known else ABORT_UNRECOGNIZED_PDU)
     if length > MAX_ASSOCIATE_RQ_BYTES:
         raise Dropped(TOO_LONG, ABORT_INVALID_PARAMETER)
-    return bytes(header + _read(sock, length, deadline))
+    pdu = bytes(header + _read(sock, length, deadline))
+    try:  # as pynetdicom will (AE-6); one it could not read would leave its association waiting
+        decoded = A_ASSOCIATE_RQ()
+        decoded.decode(pdu)
+        decoded.to_primitive()
+    except Exception as exc:  # whatever the decoder trips on, the PDU is malformed
+        raise Dropped(MALFORMED, ABORT_INVALID_PARAMETER) from exc
+    return pdu
 
 
 def send_abort(sock: socket.socket, reason: int) -> None:
