@@ -51,7 +51,32 @@ class ServerSettings(_Section):
         0, ge=0, le=64, description="DIMSE worker processes sharing the port (0: one per CPU core)."
     )
     max_associations: int = Field(
-        16, ge=1, le=1024, description="Concurrent associations per worker process; more are rejected."
+        16,
+        ge=1,
+        le=1024,
+        description="Associations admitted at once per worker process; more are rejected (connections "
+        "not admitted yet do not count).",
+    )
+    associate_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Seconds a new DICOM connection has to complete its TLS handshake and send its "
+        "A-ASSOCIATE-RQ; then it is closed.",
+    )
+    max_pending_per_address: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Connections from one address that may await admission at once, per worker process; "
+        "a further one closes the oldest that has not sent its A-ASSOCIATE-RQ yet.",
+    )
+    max_pending: int = Field(
+        256,
+        ge=1,
+        le=768,
+        description="Connections awaiting admission at once, per worker process (all addresses); "
+        "keeps each worker's sockets well under 1024.",
     )
     max_pdu_size: int = Field(
         1048576, ge=0, description="Largest P-DATA PDU we accept (bytes; 0 means no limit)."
@@ -72,8 +97,26 @@ class ServerSettings(_Section):
         le=1_000_000,
         description="Most instances (multipart parts) in one STOW-RS request; more: 413, nothing stored.",
     )
+    http_head_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=120,
+        description="Seconds a new HTTPS connection has to complete its TLS handshake and send a request's "
+        "head (and a kept-alive one to finish a head it has begun); then it is closed.",
+    )
+    http_max_connections: int = Field(
+        512,
+        ge=1,
+        le=16384,
+        description="HTTPS connections at once; a further one closes the longest idle one, or is closed "
+        "itself when every one is busy.",
+    )
     shutdown_grace: float = Field(
-        30.0, ge=0, description="Seconds associations may take to finish on shutdown before they are aborted."
+        10.0,
+        ge=0,
+        le=3600,
+        description="Seconds running requests and associations may take to finish on SIGTERM before they "
+        "are cut off; every process has stopped within this plus 5 seconds.",
     )
 
     @field_validator("ae_title")

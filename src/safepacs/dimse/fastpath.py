@@ -43,7 +43,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
+
+from safepacs.dimse.pending import MAX_ASSOCIATE_RQ_BYTES
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -224,6 +227,10 @@ class StoreDUL(DULServiceProvider):
         self._last_activity = time.monotonic()
         #: Set whenever this thread has done something the association thread may have to act on.
         self.wake = threading.Event()
+        #: The A-ASSOCIATE-RQ PDU read before the association existed (``pending.py``).
+        self.preface: bytes | None = None
+        #: Seconds a PDU outside Sta6 has to arrive whole (``server.associate_timeout``).
+        self.pdu_timeout = 5.0
 
     # Reactor -------------------------------------------------------------------------------------------
     def run_reactor(self) -> None:
@@ -235,6 +242,16 @@ class StoreDUL(DULServiceProvider):
 
     def _react(self) -> None:
         self._idle_timer.start()
+        if self.preface is not None:  # after the connection's Evt5, as pynetdicom would have read it
+            pdu, self.preface = self.preface, None
+            self._hand_over(pdu)
+            try:
+                while not self.event_queue.empty():  # Sta3 before the socket is looked at again
+                    self.state_machine.do_action(self.event_queue.get(block=False))
+            except Exception:
+                log.exception("DICOM upper layer failed; aborting the association")
+                self._abort_now()
+                return
         while not self._kill_thread:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
@@ -255,7 +272,12 @@ class StoreDUL(DULServiceProvider):
             except queue.Empty:
                 self._wait()
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except InvalidEventError:  # e.g. our A-ASSOCIATE-RJ after the peer's PDU aborted it already
+                log.info("an event the association's state does not allow; aborting the association")
+                self._abort_now()
+                return
             # Every message, release and abort reaches the association thread through the state
             # machine's actions: wake it (see _ReactorClock).
             self.wake.set()
@@ -295,8 +317,18 @@ class StoreDUL(DULServiceProvider):
 
     # Reading -------------------------------------------------------------------------------------------
     def _read_pdu_data(self) -> None:
-        if self.state_machine.current_state != "Sta6":
-            super()._read_pdu_data()
+        state = self.state_machine.current_state
+        if state == "Sta13":
+            self._discard()
+            return
+        if state == "Sta3":
+            # The peer sends before we answered its A-ASSOCIATE-RQ: PS3.8 Table 9-10 (AA-8) aborts on
+            # any PDU here, so it is not read at all.
+            log.info("the peer sent data before its association was answered; aborting")
+            self._abort_now()
+            return
+        if state != "Sta6":
+            self._read_bounded()
             return
         sock = cast("AssociationSocket", self.socket).socket
         assert sock is not None
@@ -323,6 +355,68 @@ class StoreDUL(DULServiceProvider):
         except _ProtocolError as exc:
             log.warning("aborting association: %s", exc)
             self._abort_now()
+
+    def _discard(self) -> None:
+        """Sta13 (the association is over; waiting for the peer to close, ARTIM running): whatever the
+        peer sends is ignored (PS3.8 Table 9-10, AA-6/AA-7), so it is read and dropped without waiting
+        for a whole PDU - a peer that keeps sending cannot keep the association past ARTIM."""
+        sock = cast("AssociationSocket", self.socket).socket
+        if sock is None:
+            return
+        sock.settimeout(0.0)
+        try:
+            if not sock.recv(65536):
+                self.event_queue.put("Evt17")
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except OSError:
+            self.event_queue.put("Evt17")
+        finally:
+            sock.settimeout(None)
+
+    def _read_bounded(self) -> None:
+        """Any other state but Sta6: one PDU, whole within ``pdu_timeout`` and no longer than it may be
+        (an A-ASSOCIATE-RQ, or a P-DATA-TF of our maximum), handed to pynetdicom.  pynetdicom's own
+        reader would wait for ever for a PDU announced and never sent: in Sta3, while the gate
+        decides, that held the association, and its place, indefinitely."""
+        sock = cast("AssociationSocket", self.socket).socket
+        if sock is None:
+            return
+        deadline = time.monotonic() + self.pdu_timeout
+        try:
+            header = self._recv_by(sock, 6, deadline)
+            pdu_type, length = _HEADER.unpack(header)
+            limit = self._pdu_limit() if pdu_type == _P_DATA_TF else MAX_ASSOCIATE_RQ_BYTES
+            if limit and length > limit:
+                raise _ProtocolError(f"a PDU of type {pdu_type} announced {length} bytes")
+            body = self._recv_by(sock, length, deadline)
+        except (OSError, EOFError):  # closed, reset, or not sent in time (TimeoutError)
+            self.event_queue.put("Evt17")
+            return
+        except _ProtocolError as exc:
+            log.warning("aborting association: %s", exc)
+            self._abort_now()
+            return
+        self._hand_over(header + body)
+
+    @staticmethod
+    def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytearray:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise EOFError
+                got += n
+        finally:
+            sock.settimeout(None)
+        return buf
 
     def _pdu_limit(self) -> int:
         ours = int(self.assoc.acceptor.maximum_length or 0)
@@ -501,12 +595,23 @@ class _ReactorClock:
         wake.clear()  # before the loop looks at its queues: a later set is a later item
 
 
-def install_store_path(assoc: Association, handler: StoreHandler, max_object_bytes: int) -> None:
-    """Give an accepted (not yet started) association the :class:`StoreDUL`."""
+def install_store_path(
+    assoc: Association,
+    handler: StoreHandler,
+    max_object_bytes: int,
+    *,
+    preface: bytes | None = None,
+    pdu_timeout: float = 5.0,
+) -> None:
+    """Give an accepted (not yet started) association the :class:`StoreDUL`; ``preface``: the PDU its
+    connection sent already (its A-ASSOCIATE-RQ), which the DUL takes as received first;
+    ``pdu_timeout``: seconds a PDU has to arrive whole outside the established association."""
     if not isinstance(getattr(pynetdicom.association, "time", None), _ReactorClock):
         setattr(pynetdicom.association, "time", _ReactorClock())  # noqa: B010 - see _ReactorClock
     old = assoc.dul
     dul = StoreDUL(assoc, handler, max_object_bytes)
+    dul.preface = preface
+    dul.pdu_timeout = pdu_timeout
     dul.socket = old.socket
     # the socket announced the connection (Evt5) on the old provider's queues already
     dul.event_queue, dul.to_provider_queue = old.event_queue, old.to_provider_queue

@@ -47,6 +47,8 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit
+_REJECTED_LINGER = 1.0  # seconds a rejected peer has to close the connection itself
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 
 _PRINCIPAL_ATTR = "_safepacs_principal"
@@ -69,8 +71,12 @@ class AssociationGate:
         dns_ttl: float = 60.0,
         secure: SecureAdmission | None = None,
         audit: Auditor | None = None,
+        max_associations: int | None = None,
     ) -> None:
+        """``max_associations``: admitted associations at once (None: no limit here)."""
         self.ae_title = ae_title
+        self.max_associations = max_associations
+        self._admitted: set[Association] = set()
         self.audit = audit  # None: nothing recorded (unit tests of the decision alone)
         self._secure = secure or SecureAdmission()  # without one: no TLS, no credentials accepted
         self._lookup = lookup
@@ -140,10 +146,13 @@ class AssociationGate:
         reason: str | None,
         credentials: Credentials | None = None,
         called: str | None = None,
+        *,
+        transport: str | None = None,
     ) -> bool:
         """Record an association accepted (``reason`` None) or rejected (110113 Node Authentication) with
         what its TLS handshake and User Identity Negotiation proved; False when the trail cannot be
-        written (an accepted association is then refused: fail closed)."""
+        written (an accepted association is then refused: fail closed).  ``transport`` describes the
+        connection when no TLS session does (connections dropped before admission)."""
         if self.audit is None:
             return True
         if principal is not None:
@@ -156,7 +165,9 @@ class AssociationGate:
                 ae_title=calling.strip()[:16] or None,
                 certificate_sha256=session.sha256 if session is not None else None,
             )
-        detail = [("Transport", f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP")]
+        if transport is None:
+            transport = f"DICOM TLS {session.version} {session.cipher}" if session else "plain TCP"
+        detail = [("Transport", transport)]
         if called is not None:
             detail.append(("Called AE Title", called.strip()[:16]))
         if principal is not None and principal.user_identity:
@@ -169,6 +180,23 @@ class AssociationGate:
             log.error("the audit trail cannot be written; associations are refused until it can")
             return False
         return True
+
+    def reserve(self, assoc: Association) -> bool:
+        """Take one of the ``max_associations`` places for an association the gate admits; False when
+        all are taken.  Only admitted associations hold places, and a place is free again once its
+        association's thread has ended, so connections still negotiating, being rejected or never
+        sending a request do not count."""
+        with self._lock:
+            self._admitted = {a for a in self._admitted if a.is_alive()}
+            if self.max_associations is not None and len(self._admitted) >= self.max_associations:
+                return False
+            self._admitted.add(assoc)
+            return True
+
+    def release(self, assoc: Association) -> None:
+        """Give back the place of an association that is refused after all."""
+        with self._lock:
+            self._admitted.discard(assoc)
 
     def count(self, reason: str) -> int:
         with self._lock:
@@ -188,6 +216,7 @@ class GateACSE(ACSE):
     """pynetdicom's ACSE with SafePACS admission in front of the negotiation."""
 
     gate: AssociationGate
+    admitted: threading.Event  # set once the gate has admitted the association
 
     def _negotiate_as_acceptor(self) -> None:
         assoc = self.assoc
@@ -202,6 +231,8 @@ class GateACSE(ACSE):
         principal, rejection, reason = self.gate.admit(
             calling, called, address, len(contexts), session=session, credentials=credentials
         )
+        if rejection is None and not self.gate.reserve(assoc):
+            rejection, reason = REJECT_LOCAL_LIMIT, "more associations at once than server.max_associations"
         if not self.gate.record(
             principal,
             calling,
@@ -211,6 +242,7 @@ class GateACSE(ACSE):
             credentials,
             called,
         ):
+            self.gate.release(assoc)
             principal, rejection, reason = None, REJECT_TRANSIENT, "the audit trail cannot be written"
         if rejection is not None:
             total = self.gate.count(reason)
@@ -225,12 +257,16 @@ class GateACSE(ACSE):
                 },
             )
             self.requestor.ae_title = calling
+            # PS3.8 9.2 AE-8: after the A-ASSOCIATE-RJ, ARTIM bounds the wait for the peer to close;
+            # a peer that keeps the connection open loses it after _REJECTED_LINGER, not acse_timeout.
+            assoc.dul.artim_timer.timeout = _REJECTED_LINGER
             self.send_reject(*rejection)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
             return
         assert principal is not None
         setattr(assoc, _PRINCIPAL_ATTR, principal)
+        self.admitted.set()
         if principal.user_identity and identity is not None and identity.positive_response_requested:
             # PS3.7 D.3.3.7.2: zero-length server response (we hand out no Kerberos/SAML/JWT in return)
             response = UserIdentityNegotiation()
@@ -257,4 +293,5 @@ def install_gate(assoc: Association, gate: AssociationGate) -> None:
     """Swap the association's ACSE for the gated one (called before the association starts)."""
     acse = GateACSE(assoc)
     acse.gate = gate
+    acse.admitted = threading.Event()
     assoc.acse = acse

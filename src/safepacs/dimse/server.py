@@ -9,14 +9,23 @@ GIL) while the other idled; a worker that has more associations than another let
 connection (:class:`_Balance`).  Each worker serves the plain DICOM
 port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same handlers and the same gate: the
 TLS handshake runs in the connection's own thread, so a slow or failed one holds up nobody, and the
-association knows what the handshake proved.  SIGTERM/SIGINT: workers stop
-accepting, let running associations finish for ``server.shutdown_grace`` seconds, then abort the
-rest.  Every acknowledgement was sent only after the object and its index row were durable, so
-nothing acknowledged is lost.
+association knows what the handshake proved.
+
+A connection becomes an association only once its TLS handshake and its whole A-ASSOCIATE-RQ have
+arrived within ``server.associate_timeout`` (``pending.py``); until the gate admits it, it is counted
+against its address, never against the ``server.max_associations`` places of admitted associations,
+which the gate keeps.  Connections dropped before that are counted and reported once per address per
+minute (log and audit trail), not once each.
+
+SIGTERM/SIGINT: the parent passes it on; workers stop accepting, let running associations finish for
+``server.shutdown_grace`` seconds, then abort the rest; every process has exited within the grace plus
+``_stop.STOP_MARGIN`` seconds.  Every acknowledgement was sent only after the object and its index
+row were durable, so nothing acknowledged is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -28,19 +37,22 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from safepacs._memory import freeze_start_up
-from safepacs._net import bind_listener
+from safepacs._net import OTHER_ADDRESSES, RefusalTally, bind_listener
+from safepacs._stop import CHILD_EXIT_MARGIN, exit_after
 from safepacs.auth.oidc import oidc_principal
 from safepacs.config import Settings
+from safepacs.dimse import pending
 from safepacs.dimse._raw import enable_raw_store, set_nodelay
 from safepacs.dimse.admission import SecureAdmission
 from safepacs.dimse.fastpath import StoreHandler, install_store_path
-from safepacs.dimse.gate import AssociationGate, install_gate
+from safepacs.dimse.gate import AssociationGate, GateACSE, install_gate
 from safepacs.dimse.handlers import DimseHandlers
 from safepacs.dimse.tls import DicomTls, certificate_refusal, session_of
 from safepacs.errors import ConfigError
@@ -171,50 +183,101 @@ class _Balance:
         self.publish()
 
 
+@dataclass(frozen=True)
+class _Admission:
+    """What a worker's listeners share before admission: the connections not admitted yet, and the
+    deadline for a connection's TLS handshake and A-ASSOCIATE-RQ."""
+
+    pending: pending.PendingConnections
+    timeout: float
+
+
 class _RequestHandler(RequestHandler):
+    """One accepted connection, in its own thread: admission first (``pending.py``), then pynetdicom."""
+
+    _preface: bytes | None = None  # the A-ASSOCIATE-RQ read before admission, handed to pynetdicom
+
     def handle(self) -> None:
         server = cast(_Server, self.server)
         try:
-            if server.tls is not None and not self._handshake(server.tls, server):
-                return
-            super().handle()
+            self._handle(server)
+        except Exception:
+            log.exception("a DICOM connection failed before its association started")
+            with contextlib.suppress(OSError):
+                cast(socket.socket, self.request).close()
         finally:
             if server.balance is not None:
                 server.balance.settled()
 
-    def _handshake(self, tls: DicomTls, server: _Server) -> bool:
-        """Complete the TLS handshake in this connection's thread; False (logged, counted, closed) when
-        it fails: no certificate we trust, TLS older than 1.2, no BCP 195 cipher suite in common."""
+    def _handle(self, server: _Server) -> None:
         raw = cast(socket.socket, self.request)
         address = str(self.client_address[0]) if isinstance(self.client_address, tuple) else ""
-        try:
-            conn = tls.server_context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        except (ssl.SSLError, OSError):
-            log.exception("cannot start DICOM TLS on a connection")
+        ticket = server.pending.enter(address, raw)
+        if ticket is None:
+            server.refused(address, pending.REFUSED)
             raw.close()
-            return False
+            return
         try:
-            conn.settimeout(server.handshake_timeout)
-            conn.do_handshake()
-            conn.settimeout(None)
+            preface = self._receive(server, ticket, address)
+            if preface is None:
+                return
+            if not server.pending.handed_over(ticket):  # closed to make room meanwhile
+                self._drop(server, ticket, address, cast(socket.socket, self.request), "")
+                return
+            self._preface = preface
+            assoc = self._create_association()
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            # Not admitted until the gate says so: counted against this address until then.
+            admitted = cast(GateACSE, assoc.acse).admitted
+            while not admitted.wait(0.05) and assoc.is_alive():
+                pass
+        finally:
+            server.pending.leave(ticket)
+
+    def _receive(self, server: _Server, ticket: pending.Ticket, address: str) -> bytes | None:
+        """The connection's A-ASSOCIATE-RQ, after its TLS handshake on the TLS port, all by the one
+        deadline; None when the connection was dropped instead (counted, reported, closed)."""
+        deadline = time.monotonic() + server.associate_timeout
+        sock = cast(socket.socket, self.request)
+        sock.setblocking(False)
+        try:
+            if server.tls is not None:
+                conn = server.tls.server_context().wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+                self.request = ticket.sock = sock = conn
+                pending.tls_handshake(conn, deadline)
+            pdu = pending.receive_associate_rq(sock, deadline)
+        except pending.Dropped as exc:
+            if exc.abort is not None and ticket.evicted is None:
+                pending.send_abort(sock, exc.abort)
+            self._drop(server, ticket, address, sock, exc.reason)
+            return None
         except (ssl.SSLError, OSError) as exc:
             reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or type(exc).__name__})"
-            total = server.gate.count("TLS handshake failed")
-            server.gate.record(None, "", address, None, reason)
-            log.warning(
-                "association rejected",
-                extra={"peer_address": address, "reason": reason, "rejections_total": total},
-            )
-            conn.close()
-            return False
-        self.request = conn
-        return True
+            self._drop(server, ticket, address, sock, reason)
+            return None
+        sock.setblocking(True)
+        return pdu
+
+    @staticmethod
+    def _drop(server: _Server, ticket: pending.Ticket, address: str, sock: socket.socket, why: str) -> None:
+        server.pending.leave(ticket)  # before the socket closes (PendingConnections._evict)
+        sock.close()
+        server.refused(address, ticket.evicted or why)
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         server = cast(_Server, self.server)
         install_gate(assoc, server.gate)
-        install_store_path(assoc, server.store, server.max_object_bytes)
+        install_store_path(
+            assoc,
+            server.store,
+            server.max_object_bytes,
+            preface=self._preface,
+            pdu_timeout=server.associate_timeout,
+        )
         enable_raw_store(assoc)
         return assoc
 
@@ -233,8 +296,9 @@ class _Server(ThreadedAssociationServer):
         gate: AssociationGate,
         store: StoreHandler,
         max_object_bytes: int,
+        admission: _Admission,
+        refusals: RefusalTally,
         tls: DicomTls | None = None,
-        handshake_timeout: float = 30.0,
         balance: _Balance | None = None,
     ) -> None:
         self._listener = listener
@@ -243,7 +307,9 @@ class _Server(ThreadedAssociationServer):
         self.store = store
         self.max_object_bytes = max_object_bytes
         self.tls = tls  # DICOM TLS on this listener
-        self.handshake_timeout = handshake_timeout
+        self.pending = admission.pending
+        self.refusals = refusals  # this listener's connections dropped before admission
+        self.associate_timeout = admission.timeout
         super().__init__(
             ae,
             listener.getsockname()[:2],
@@ -281,9 +347,15 @@ class _Server(ThreadedAssociationServer):
         """Nothing between requests.  pynetdicom runs a full ``gc.collect()`` every 60 turns of the
         accept loop (every few seconds, and after requests), which holds the GIL for tens of
         milliseconds in the middle of other associations' stores; Python's own collector suffices.
-        The worker's load is published for the others (:class:`_Balance`)."""
+        The worker's load is published for the others (:class:`_Balance`), and the connections dropped
+        before admission are reported when their interval is over (``RefusalTally``)."""
         if self.balance is not None:
             self.balance.publish()
+        self.refusals.flush_due()
+
+    def refused(self, address: str, reason: str) -> None:
+        """A connection closed before admission: counted now, reported per address per interval."""
+        self.refusals.add(address, reason)
 
 
 class DimseServer:
@@ -305,7 +377,10 @@ class DimseServer:
         self.ae = _SafeAE(ae_title=s.ae_title)
         self.ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         self.ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        self.ae.maximum_associations = s.max_associations
+        # The gate counts admitted associations against server.max_associations; pynetdicom's own
+        # count includes connections still being negotiated or rejected (each holds a pending place),
+        # so its limit is set where they can never make it refuse an admitted peer.
+        self.ae.maximum_associations = s.max_associations + s.max_pending
         self.ae.maximum_pdu_size = s.max_pdu_size
         self.ae.network_timeout = s.network_timeout
         self.ae.acse_timeout = s.acse_timeout
@@ -331,7 +406,15 @@ class DimseServer:
         self.ae.tls = self.tls
         self.ae.revoked = index.certificate_revoked
         self.gate = AssociationGate(
-            s.ae_title, index.get_peer, index.get_user, secure=secure, audit=archive.auditor
+            s.ae_title,
+            index.get_peer,
+            index.get_user,
+            secure=secure,
+            audit=archive.auditor,
+            max_associations=s.max_associations,
+        )
+        self.admission = _Admission(
+            pending.PendingConnections(s.max_pending_per_address, s.max_pending), s.associate_timeout
         )
         h = DimseHandlers(
             archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
@@ -346,25 +429,13 @@ class DimseServer:
         ]
         max_bytes = archive.settings.storage.max_object_bytes
         self.balance = _Balance(loads, slot, self.ae) if loads is not None else None
-        self.servers = [
-            _Server(
-                self.ae, listener, s.ae_title, handlers, self.gate, h.store, max_bytes, balance=self.balance
-            )
-        ]
+        common = (s.ae_title, handlers, self.gate, h.store, max_bytes, self.admission)
+        plain = RefusalTally(functools.partial(self._report_refusals, "DICOM"))
+        self.servers = [_Server(self.ae, listener, *common, plain, balance=self.balance)]
         if tls_listener is not None:
+            tally = RefusalTally(functools.partial(self._report_refusals, "DICOM TLS"))
             self.servers.append(
-                _Server(
-                    self.ae,
-                    tls_listener,
-                    s.ae_title,
-                    handlers,
-                    self.gate,
-                    h.store,
-                    max_bytes,
-                    tls=self.tls,
-                    handshake_timeout=s.acse_timeout,
-                    balance=self.balance,
-                )
+                _Server(self.ae, tls_listener, *common, tally, tls=self.tls, balance=self.balance)
             )
         self.server = self.servers[0]
         self.ae._servers.extend(self.servers)
@@ -372,6 +443,26 @@ class DimseServer:
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
             for server in self.servers
         ]
+
+    def _report_refusals(self, port: str, address: str, counts: dict[str, int]) -> None:
+        """Log and record (110113, failure) the connections from ``address`` to the ``port`` listener
+        dropped before admission since its last report: one line and one audit record per address
+        and interval, however many connections."""
+        total = sum(counts.values())
+        summary = "; ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+        log.warning(
+            "connections dropped before association",
+            extra={
+                "port": port,
+                "peer_address": address,
+                "connections": total,
+                "reasons": summary,
+                "dropped_total": sum(sum(s.refusals.totals.values()) for s in self.servers),
+            },
+        )
+        why = f"{total} connection(s) closed before association: {summary}"
+        where = "" if address == OTHER_ADDRESSES else address
+        self.gate.record(None, "", where, None, why, transport=f"{port} port, before admission")
 
     def start(self) -> None:
         if self.balance is not None:
@@ -385,12 +476,14 @@ class DimseServer:
             self.balance.withdraw()
         for server in self.servers:
             server.shutdown()
+        self.admission.pending.close_all()
         deadline = time.monotonic() + grace
         while any(server.active_associations for server in self.servers) and time.monotonic() < deadline:
             time.sleep(0.05)
         for server in self.servers:
             for assoc in server.active_associations:
                 assoc.abort()
+            server.refusals.flush_due(force=True)
 
 
 OpenArchive = Callable[[Settings], "Archive"]
@@ -445,6 +538,7 @@ def _worker(
     server.start()
     log.info("DIMSE worker accepting", extra={"worker": slot, "pid": os.getpid()})
     stop.wait()
+    exit_after(settings.server.shutdown_grace + CHILD_EXIT_MARGIN, "DIMSE worker")
     server.stop(settings.server.shutdown_grace)
     archive.close()
 
@@ -542,7 +636,7 @@ def serve(
                     break
                 log.error(
                     "a SafePACS process exited; restarting",
-                    extra={"process": specs[i][0], "exitcode": proc.exitcode},
+                    extra={"child": specs[i][0], "exitcode": proc.exitcode},
                 )
                 if i < workers:
                     loads[i] = _UNAVAILABLE  # until the new worker publishes its own
@@ -550,13 +644,16 @@ def serve(
     for proc in procs:
         if proc.pid is not None and proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + s.shutdown_grace + 5
+    # Each child stops within the grace and its margin (exit_after); one that has not is killed.
+    deadline = time.monotonic() + s.shutdown_grace + CHILD_EXIT_MARGIN + 1
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
         if proc.is_alive():
-            log.warning("a SafePACS process did not stop in time; killed", extra={"process": proc.name})
+            log.warning("a SafePACS process did not stop in time; killed", extra={"child": proc.name})
             proc.kill()
-            proc.join()
+    for proc in procs:
+        proc.join(1.0)
     listener.close()
     tls_listener.close()
     log.info("DIMSE stopped")
