@@ -551,7 +551,7 @@ def _logged(name: str, target: Callable[[], None]) -> Callable[[], None]:
         try:
             target()
         except Exception:
-            log.critical("a SafePACS process failed", extra={"process": name}, exc_info=True)
+            log.critical("a SafePACS process failed", extra={"child": name}, exc_info=True)
             raise SystemExit(1) from None
 
     return run
