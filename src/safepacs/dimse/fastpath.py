@@ -3,8 +3,9 @@
 pynetdicom hands every received PDU from its DUL thread through an event queue, a Python state
 machine and a message queue to the association thread, which polls that queue every millisecond;
 the response goes back through another queue the DUL thread polls.  Each instance waits for
-those polls and costs ~3 ms of CPU (PERFORMANCE-NOTES.md): more than Orthanc spends on the whole
-store.  A modality sends thousands of instances one after the other, so that is where the time goes.
+those polls and costs ~3 ms of CPU (bench/README.md, "Baseline measurements"): more than Orthanc
+spends on the whole store.  A modality sends thousands of instances one after the other, so that
+is where the time goes.
 
 :class:`StoreDUL` is pynetdicom's DUL provider with two changes:
 

@@ -1,15 +1,14 @@
 """The DIMSE listeners: a pre-forked pool of worker processes sharing the listening sockets.
 
-pynetdicom spends its time in Python (a state machine, queues, 1 ms polls) and holds the GIL,
-so more associations in one process do not add throughput; more processes do
-(PERFORMANCE-NOTES.md).  The parent binds the port once, forks ``server.workers`` workers, each
-accepting on the shared socket, and restarts a worker that dies.  Whichever worker the kernel wakes
-first would take a new connection, so two modalities sending at once often landed on one worker (one
-GIL) while the other idled; a worker that has more associations than another lets it take the
-connection (:class:`_Balance`).  Each worker serves the plain DICOM
-port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same handlers and the same gate: the
-TLS handshake runs in the connection's own thread, so a slow or failed one holds up nobody, and the
-association knows what the handshake proved.
+pynetdicom spends its time in Python (a state machine, queues, 1 ms polls) and holds the GIL, so more
+associations in one process do not add throughput; more processes do (bench/README.md, "Baseline
+measurements"). The parent binds the port once, forks ``server.workers`` workers, each accepting on the
+shared socket, and restarts a worker that dies. Whichever worker the kernel wakes first would take a new
+connection, so two modalities sending at once often landed on one worker (one GIL) while the other
+idled; a worker that has more associations than another lets it take the connection (:class:`_Balance`).
+Each worker serves the plain DICOM port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same
+handlers and the same gate: the TLS handshake runs in the connection's own thread, so a slow or failed
+one holds up nobody, and the association knows what the handshake proved.
 
 A connection becomes an association only once its TLS handshake and its whole A-ASSOCIATE-RQ have
 arrived within ``server.associate_timeout`` (``pending.py``); until the gate admits it, it is counted
@@ -530,7 +529,7 @@ def _worker(
     stop = StopRequest()
     stop.install()
     setup()
-    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (PERFORMANCE-NOTES) measured no better here,
+    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (bench/README.md baseline) measured no better here,
     # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
     archive = open_archive(settings)
     server = DimseServer(archive, listener, tls_listener, loads=loads, slot=slot)
