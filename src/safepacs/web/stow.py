@@ -187,6 +187,7 @@ def make_router(
     ) -> JSONResponse:
         stored = Sequence()
         failed = Sequence()
+        stored_studies: set[str] = set()
         out_of_space = False
         for headers, data in parts:
             media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
@@ -211,6 +212,7 @@ def make_router(
                 log.info("STOW-RS part refused: %s", exc)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_reason(exc)))
                 continue
+            stored_studies.add(study_uid)
             url = f"{base}/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_instance}"
             if result.outcome is IngestOutcome.CONFLICT:
                 stored.append(
@@ -222,8 +224,10 @@ def make_router(
         if out_of_space and not stored:
             raise _insufficient_storage()
         answer = Dataset()
-        if study is not None:
-            answer.RetrieveURL = f"{base}/dicomweb/studies/{study}"
+        # Type 2 (PS3.18 Table I.1-1): the study's URL, empty when the request stored none or several
+        if study is None and len(stored_studies) == 1:
+            (study,) = stored_studies
+        answer.RetrieveURL = f"{base}/dicomweb/studies/{study}" if study is not None else ""
         if failed:
             answer.FailedSOPSequence = failed
         if stored:
