@@ -145,7 +145,11 @@ class Archive:
             ProcedureCodeSequence=[item(CodeValue="P1", CodingSchemeDesignator="LOCAL", CodeMeaning="Chest")],
         )
         a2 = dict(
-            StudyDate="20230610", StudyTime="0815", AccessionNumber="ACCX1", StudyDescription="Chest 1000"
+            StudyDate="20230610",
+            StudyTime="0815",
+            AccessionNumber="ACCX1",
+            StudyID="S2",
+            StudyDescription="Chest 1000",
         )
         b1 = dict(StudyDate="20240201", StudyTime="2300", AccessionNumber="a!b", StudyDescription="Knee_left")
         self.sops: dict[str, list[str]] = {}
@@ -614,20 +618,23 @@ def test_rows_written_on_the_driver_path_are_stored_as_sqlalchemy_stores_them(in
 
 
 # C-FIND matching ---------------------------------------------------------------------------------------
+# An entity whose Required Key is empty matches every query on it (PS3.4 C.2.2.1.2): the studies of the
+# patient without an ID have no time, accession number or study ID, their series no number and their
+# instances no instance number; b1 has no study ID.  They answer "" for those keys below.
 SINGLE_CASES = [
     (PR, PATIENT, "PatientID", "PB", "PatientID", {"PB"}),
     (PR, PATIENT, "PatientSex", "F", "PatientID", {"PB"}),
     (PR, PATIENT, "PatientBirthDate", "19700101", "PatientID", {"PA"}),
     (PR, PATIENT, "IssuerOfPatientID", "HOSP", "PatientID", {"PB"}),
-    (PR, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1"}),
-    (SR_, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1"}),
-    (SR_, STUDY, "StudyID", "S1", "AccessionNumber", {"ACC_1"}),
+    (PR, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1", ""}),
+    (SR_, STUDY, "AccessionNumber", "ACC_1", "StudyID", {"S1", ""}),
+    (SR_, STUDY, "StudyID", "S1", "AccessionNumber", {"ACC_1", "a!b", ""}),
     (SR_, STUDY, "ReferringPhysicianName", "HOUSE^GREG", "StudyID", {"S1"}),
     (SR_, STUDY, "PatientID", "PB", "AccessionNumber", {"a!b"}),
     (PR, SERIES, "Modality", "SR", "SeriesNumber", {"2"}),
-    (SR_, SERIES, "SeriesNumber", "7", "Modality", {"CT"}),
-    (SR_, SERIES, "SeriesNumber", "007", "Modality", {"CT"}),
-    (PR, IMAGE, "InstanceNumber", "3", "InstanceNumber", {"3"}),
+    (SR_, SERIES, "SeriesNumber", "7", "Modality", {"CT", "OT"}),
+    (SR_, SERIES, "SeriesNumber", "007", "Modality", {"CT", "OT"}),
+    (PR, IMAGE, "InstanceNumber", "3", "InstanceNumber", {"3", ""}),
     (SR_, IMAGE, "SOPClassUID", SR, "InstanceNumber", {"1"}),
     (SR_, IMAGE, "ContentDate", "20240106", "SOPClassUID", {SR}),
     (SR_, IMAGE, "AvailableTransferSyntaxUID", ELE, "InstanceAvailability", {"ONLINE"}),
@@ -645,15 +652,18 @@ def test_single_value_matching(
     expected: set[str],
 ) -> None:
     results = archive.ix.find(model, level, query(level, **{shown: "", key: value}), None)
-    assert {str(r[shown].value) for r in results} == expected
+    assert {str(r[shown].value or "") for r in results} == expected
     assert all(
         r.QueryRetrieveLevel == level.value and r.SpecificCharacterSet == "ISO_IR 192" for r in results
     )
 
 
 def test_non_pn_matching_is_case_sensitive(archive: Archive) -> None:
-    assert find(archive.ix, SR_, STUDY, AccessionNumber="acc_1") == []
-    assert find(archive.ix, SR_, STUDY, AccessionNumber="acc*") == []
+    unknown = {archive.c1, archive.c2}  # no accession number: they match every query on it
+    for value in ("acc_1", "acc*"):
+        found = find(archive.ix, SR_, STUDY, StudyInstanceUID="", AccessionNumber=value)
+        assert uids(found, "StudyInstanceUID") == unknown
+    assert find(archive.ix, SR_, STUDY, StudyDescription="chest*") == []  # an Optional Key
     assert len(find(archive.ix, SR_, STUDY, PatientName="müller^HANS")) == 2
 
 
@@ -673,10 +683,10 @@ def test_uid_list_matching(archive: Archive) -> None:
         ({"StudyDate": "-20231231"}, {"ACCX1", ""}),
         ({"StudyDate": "20230610"}, {"ACCX1"}),
         ({"StudyDate": "2023.06.10"}, {"ACCX1"}),
-        ({"StudyTime": "0800-1030"}, {"ACC_1", "ACCX1"}),
-        ({"StudyTime": "-08"}, {"ACCX1"}),
-        ({"StudyTime": "1030"}, {"ACC_1"}),
-        ({"StudyTime": "2200-"}, {"a!b"}),
+        ({"StudyTime": "0800-1030"}, {"ACC_1", "ACCX1", ""}),  # "": the studies without a time
+        ({"StudyTime": "-08"}, {"ACCX1", ""}),
+        ({"StudyTime": "1030"}, {"ACC_1", ""}),
+        ({"StudyTime": "2200-"}, {"a!b", ""}),
         ({"StudyDate": "20240101-", "StudyTime": "-1200"}, {"ACC_1"}),
     ],
 )
@@ -694,10 +704,11 @@ def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
     assert accessions(StudyDescription="Chest 100%") == {"ACC_1"}  # '%' is literal
     assert accessions(StudyDescription="Chest 100*") == {"ACC_1", "ACCX1"}
     assert accessions(StudyDescription="Chest 10?%") == {"ACC_1"}
-    assert accessions(AccessionNumber="ACC_1") == {"ACC_1"}  # '_' is literal
-    assert accessions(AccessionNumber="ACC_*") == {"ACC_1"}
-    assert accessions(AccessionNumber="ACC?1") == {"ACC_1", "ACCX1"}
-    assert accessions(AccessionNumber="a!*") == {"a!b"}  # the escape character itself
+    # "" are the studies without an accession number, which match every query on it
+    assert accessions(AccessionNumber="ACC_1") == {"ACC_1", ""}  # '_' is literal
+    assert accessions(AccessionNumber="ACC_*") == {"ACC_1", ""}
+    assert accessions(AccessionNumber="ACC?1") == {"ACC_1", "ACCX1", ""}
+    assert accessions(AccessionNumber="a!*") == {"a!b", ""}  # the escape character itself
     assert accessions(StudyDescription="Knee_*") == {"a!b"}
     assert accessions(StudyDescription="%") == set()
     assert accessions(PatientName="m?ller*") == {"ACC_1", "ACCX1"}
@@ -716,8 +727,11 @@ def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
     ],
 )
 def test_sql_injection_values_are_plain_values(archive: Archive, evil: str) -> None:
-    for keyword in ("PatientID", "PatientName", "AccessionNumber"):
+    for keyword in ("PatientID", "PatientName", "StudyDescription"):
         assert archive.ix.find(SR_, STUDY, query(STUDY, **{keyword: evil}), None) == []
+    # only the studies without an accession number, which match every query on it
+    found = archive.ix.find(SR_, STUDY, query(STUDY, StudyInstanceUID="", AccessionNumber=evil), None)
+    assert uids(found, "StudyInstanceUID") == {archive.c1, archive.c2}
     with pytest.raises(QueryError):
         archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=""))
     assert archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=evil)) == []

@@ -12,16 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import config as dicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from safepacs.errors import QueryError
 from safepacs.index import SqlIndex, migrate
-from safepacs.index.attributes import ATTRIBUTES, SEQUENCES, UNIQUE_KEYS
+from safepacs.index.attributes import ATTRIBUTES, REQUIRED_KEYS, SEQUENCES, UNIQUE_KEYS
 from safepacs.index.matching import (
+    EMPTY_VALUE,
     Condition,
     MatchKind,
+    answered_patient_id,
     fold,
     make_condition,
     matches,
@@ -43,6 +46,11 @@ PATIENT, STUDY, SERIES, IMAGE = QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel
 def put(ds: Dataset, keyword: str, value: Any) -> None:
     tag = tag_for_keyword(keyword)
     assert tag is not None
+    if dictionary_VR(tag) == "IS" and EMPTY_VALUE in (value if isinstance(value, list) else [value]):
+        # '""' is no IS value pydicom can hold: put it as received from the network
+        raw = "\\".join(value if isinstance(value, list) else [value]).encode()
+        ds[tag] = RawDataElement(Tag(tag), "IS", len(raw), raw, 0, False, True)
+        return
     if (
         isinstance(value, list)
         and all(isinstance(v, Dataset) for v in value)
@@ -110,6 +118,12 @@ def test_normalize_stored(vr: str, value: str, key: str) -> None:
         ("StudyInstanceUID", "UI", ["1.2.*"], MatchKind.SINGLE, ("1.2.*",)),  # no wild cards for UI
         ("SeriesNumber", "IS", ["007"], MatchKind.SINGLE, ("7",)),
         ("AccessionNumber", "SH", ["A%_!"], MatchKind.SINGLE, ("A%_!",)),
+        ("AccessionNumber", "SH", ['""'], MatchKind.EMPTY, ()),
+        ("StudyDate", "DA", ['""'], MatchKind.EMPTY, ()),
+        ("SeriesNumber", "IS", ['""'], MatchKind.EMPTY, ()),
+        ("Modality", "CS", ['""', "CT"], MatchKind.SINGLE, ("CT",)),
+        ("Modality", "CS", ['""', "*"], MatchKind.UNIVERSAL, ()),
+        ("PatientName", "PN", ['""', "**"], MatchKind.UNIVERSAL, ()),
     ],
 )
 def test_make_condition(
@@ -117,6 +131,61 @@ def test_make_condition(
 ) -> None:
     cond = make_condition(keyword, vr, values)
     assert (cond.kind, cond.values) == (kind, expected)
+    assert cond.empty == (kind is not MatchKind.UNIVERSAL and '""' in values and len(values) > 1)
+
+
+def test_required_keys_and_empty_value_matching() -> None:
+    """PS3.4 C.2.2.1.2: an entity whose Required Key is zero length matches every query on that key;
+    C.2.2.2.7: '""' matches exactly the entities whose value is empty, on every key."""
+    assert REQUIRED_KEYS >= {"PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID"}
+    assert REQUIRED_KEYS >= {"Modality", "SeriesNumber", "InstanceNumber"}
+    q = parse_identifier(
+        SR_,
+        IMAGE,
+        identifier(
+            IMAGE,
+            AccessionNumber="A1",
+            StudyDate="20240101-",
+            StudyDescription="X*",
+            InstanceNumber="3",
+            PatientBirthDate='""',
+        ),
+    )
+    by_keyword = {c.keyword: c for c in q.conditions}
+    assert by_keyword["AccessionNumber"].empty and by_keyword["StudyDate"].empty
+    assert by_keyword["InstanceNumber"].empty
+    assert not by_keyword["StudyDescription"].empty  # an Optional Key
+    assert by_keyword["PatientBirthDate"].kind is MatchKind.EMPTY
+    nothing: dict[str, object] = {}
+    assert matches([by_keyword[k] for k in ("AccessionNumber", "StudyDate", "InstanceNumber")], nothing)
+    assert not matches([by_keyword["StudyDescription"]], nothing)
+    assert matches([by_keyword["PatientBirthDate"]], {"PatientBirthDate": ""})
+    assert not matches([by_keyword["PatientBirthDate"]], {"PatientBirthDate": "19700101"})
+    # an unreadable date or number is unknown too
+    assert matches([by_keyword["StudyDate"]], {"StudyDate": "yesterday"})
+    assert matches([by_keyword["InstanceNumber"]], {"InstanceNumber": "x"})
+    assert not matches([by_keyword["InstanceNumber"]], {"InstanceNumber": 4})
+    # Sequence item keys are Optional: empty values there match only '""'
+    item_cond = cond("ScheduledProcedureStepID", "SH", "S1")
+    assert not item_cond.empty
+    assert matches([cond("ModalitiesInStudy", "CS", '""')], {"ModalitiesInStudy": []})
+    assert not matches([cond("ModalitiesInStudy", "CS", '""')], {"ModalitiesInStudy": ["CT"]})
+    assert matches([cond("ModalitiesInStudy", "CS", '""', "MR")], {"ModalitiesInStudy": ["MR"]})
+    assert not matches([cond("InstanceAvailability", "CS", '""')], {})  # always ONLINE
+
+
+def test_queries_within_one_study_or_series_are_scoped() -> None:
+    def scoped(level: QueryLevel, **keys: Any) -> bool:
+        return parse_identifier(SR_, level, identifier(level, **keys)).scoped
+
+    assert scoped(IMAGE, StudyInstanceUID="1.2.3", SOPInstanceUID="")
+    assert scoped(IMAGE, SeriesInstanceUID="1.2.3.4")
+    assert scoped(SERIES, StudyInstanceUID="1.2.3", Modality="CT")
+    assert not scoped(IMAGE, StudyInstanceUID=["1.2.3", "1.2.4"])  # a list: several studies
+    assert not scoped(IMAGE, StudyInstanceUID="")
+    assert not scoped(IMAGE, StudyInstanceUID="*")
+    assert not scoped(IMAGE, StudyInstanceUID='""')
+    assert not scoped(IMAGE, PatientID="P1", SOPInstanceUID="")
 
 
 @pytest.mark.parametrize(
@@ -304,16 +373,26 @@ TEXTS = ["ACC1", "acc1", "A_1", "A%1", "AX1", "A!1", "a*b", ""]
 MODALITIES = ["CT", "MR", "ct", "SR", "C%", "C_", ""]
 STEPS = ["S1", "S2", "s1", "S_", ""]
 
-Q_NAMES = [*NAMES, "*", "doe*", "D?E^J", "*^*", "a%*", "a_?", "a!*", "*ß*", "strasse", "m*", "*o*"]
-Q_DATES = ["20240101", "20240101-20240102", "-20231231", "20240102-", "19991231-20240101", "2024.01.01", ""]
-Q_TIMES = ["0930", "-1030", "1000-1100", "10", "2359-", "103000-103000", ""]
-Q_TEXTS = [*TEXTS, "A*", "A_*", "A?1", "*%*", "*_*", "a*", "*!*", "?"]
-Q_MODALITIES = [*MODALITIES, "C*", "c?", "C%", ["CT", "MR"], ["SR", "C*"]]
-Q_STEPS = [*STEPS, "S?", "*", "s*", "S_*"]
+E = EMPTY_VALUE  # '""': Empty Value Matching (PS3.4 C.2.2.2.7)
+Q_NAMES = [*NAMES, "*", "doe*", "D?E^J", "*^*", "a%*", "a_?", "a!*", "*ß*", "strasse", "m*", "*o*", E]
+Q_DATES = [
+    "20240101",
+    "20240101-20240102",
+    "-20231231",
+    "20240102-",
+    "19991231-20240101",
+    "2024.01.01",
+    "",
+    E,
+]
+Q_TIMES = ["0930", "-1030", "1000-1100", "10", "2359-", "103000-103000", "", E, [E, "0930"]]
+Q_TEXTS = [*TEXTS, "A*", "A_*", "A?1", "*%*", "*_*", "a*", "*!*", "?", E, [E, "ACC1"]]
+Q_MODALITIES = [*MODALITIES, "C*", "c?", "C%", ["CT", "MR"], ["SR", "C*"], E, [E, "MR"]]
+Q_STEPS = [*STEPS, "S?", "*", "s*", "S_*", E]
 
 KEYS: dict[str, tuple[QueryLevel, st.SearchStrategy[Any]]] = {
     "PatientName": (PATIENT, st.sampled_from(Q_NAMES)),
-    "PatientID": (PATIENT, st.sampled_from([*IDS, "P*", "p?", "*%", "*_*", ["P1", "P2"], ""])),
+    "PatientID": (PATIENT, st.sampled_from([*IDS, "P*", "p?", "*%", "*_*", ["P1", "P2"], "", E, "1.2.9*"])),
     "PatientBirthDate": (PATIENT, st.sampled_from(Q_DATES)),
     "NumberOfPatientRelatedStudies": (PATIENT, st.sampled_from(["1", "2", ""])),
     "NumberOfPatientRelatedInstances": (PATIENT, st.sampled_from(["1", "2", "3", ""])),
@@ -325,20 +404,21 @@ KEYS: dict[str, tuple[QueryLevel, st.SearchStrategy[Any]]] = {
     "ModalitiesInStudy": (STUDY, st.sampled_from(Q_MODALITIES)),
     "SOPClassesInStudy": (STUDY, st.sampled_from([CT, [CT, SR], SR, ""])),
     "NumberOfStudyRelatedSeries": (STUDY, st.sampled_from(["1", "2", ""])),
-    "NumberOfStudyRelatedInstances": (STUDY, st.sampled_from(["1", "2", ["3", "4"], ""])),
+    "NumberOfStudyRelatedInstances": (STUDY, st.sampled_from(["1", "2", ["3", "4"], "", E])),
     "Modality": (SERIES, st.sampled_from(Q_MODALITIES)),
-    "SeriesNumber": (SERIES, st.sampled_from(["1", "2", "10", ["1", "10"], ""])),
+    "SeriesNumber": (SERIES, st.sampled_from(["1", "2", "10", ["1", "10"], "", E, [E, "2"]])),
     "NumberOfSeriesRelatedInstances": (SERIES, st.sampled_from(["1", "2", ""])),
-    "SOPClassUID": (IMAGE, st.sampled_from([CT, MR, [CT, SR], ""])),
-    "InstanceNumber": (IMAGE, st.sampled_from(["1", "2", ""])),
+    "SOPClassUID": (IMAGE, st.sampled_from([CT, MR, [CT, SR], "", E])),
+    "InstanceNumber": (IMAGE, st.sampled_from(["1", "2", "", E])),
     "ContentDate": (IMAGE, st.sampled_from(Q_DATES)),
 }
 
 
 @st.composite
 def archives(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """Patients (distinct IDs) with studies, series and instances, as nested dicts."""
-    pids = draw(st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True))
+    """Patients (distinct IDs, or none) with studies, series and instances, as nested dicts."""
+    drawn = draw(st.lists(st.sampled_from([*IDS, "", ""]), min_size=1, max_size=3))
+    pids = [pid for n, pid in enumerate(drawn) if not pid or pid not in drawn[:n]]
     patients = []
     for p, pid in enumerate(pids):
         patient: dict[str, Any] = {
@@ -415,35 +495,44 @@ def records(archive: list[dict[str, Any]], level: QueryLevel) -> list[dict[str, 
     """What the reference matcher sees at ``level``: the record and the keys of its parents."""
     out: list[dict[str, Any]] = []
     for patient in archive:
-        p_series = [se for st_ in patient["studies"] for se in st_["series"]]
-        p_rec = _plain(patient) | {
-            "NumberOfPatientRelatedStudies": len(patient["studies"]),
-            "NumberOfPatientRelatedSeries": len(p_series),
-            "NumberOfPatientRelatedInstances": sum(len(se["instances"]) for se in p_series),
+        # a patient without an ID is one patient per study, answered under that study's UID
+        groups = [patient["studies"]] if patient["PatientID"] else [[s] for s in patient["studies"]]
+        for group in groups:
+            out.extend(_records(patient, group, level))
+    return out
+
+
+def _records(patient: dict[str, Any], group: list[dict[str, Any]], level: QueryLevel) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    p_series = [se for st_ in group for se in st_["series"]]
+    p_rec = _plain(patient) | {
+        "PatientID": answered_patient_id(patient["PatientID"], group[0]["StudyInstanceUID"]),
+        "NumberOfPatientRelatedStudies": len(group),
+        "NumberOfPatientRelatedSeries": len(p_series),
+        "NumberOfPatientRelatedInstances": sum(len(se["instances"]) for se in p_series),
+    }
+    if level is PATIENT:
+        return [p_rec]
+    for study in group:
+        insts = [i for se in study["series"] for i in se["instances"]]
+        s_rec = p_rec | _plain(study)
+        s_rec |= {
+            "ModalitiesInStudy": sorted({se["Modality"] for se in study["series"]} - {""}),
+            "SOPClassesInStudy": sorted({i["SOPClassUID"] for i in insts}),
+            "NumberOfStudyRelatedSeries": len(study["series"]),
+            "NumberOfStudyRelatedInstances": len(insts),
         }
-        if level is PATIENT:
-            out.append(p_rec)
+        if level is STUDY:
+            out.append(s_rec)
             continue
-        for study in patient["studies"]:
-            insts = [i for se in study["series"] for i in se["instances"]]
-            s_rec = p_rec | _plain(study)
-            s_rec |= {
-                "ModalitiesInStudy": sorted({se["Modality"] for se in study["series"]} - {""}),
-                "SOPClassesInStudy": sorted({i["SOPClassUID"] for i in insts}),
-                "NumberOfStudyRelatedSeries": len(study["series"]),
-                "NumberOfStudyRelatedInstances": len(insts),
-            }
-            if level is STUDY:
-                out.append(s_rec)
+        for series in study["series"]:
+            e_rec = s_rec | _plain(series) | {"NumberOfSeriesRelatedInstances": len(series["instances"])}
+            if level is SERIES:
+                out.append(e_rec)
                 continue
-            for series in study["series"]:
-                e_rec = s_rec | _plain(series) | {"NumberOfSeriesRelatedInstances": len(series["instances"])}
-                if level is SERIES:
-                    out.append(e_rec)
-                    continue
-                out.extend(
-                    e_rec | _plain(inst) | {"AvailableTransferSyntaxUID": ELE} for inst in series["instances"]
-                )
+            out.extend(
+                e_rec | _plain(inst) | {"AvailableTransferSyntaxUID": ELE} for inst in series["instances"]
+            )
     return out
 
 
@@ -503,6 +592,8 @@ def queries(draw: st.DrawFn, archive: list[dict[str, Any]]) -> tuple[QueryModel,
     chosen = draw(st.lists(st.sampled_from(usable), max_size=2, unique=True))
     recs = records(archive, level)
     keys = {k: draw(st.one_of(KEYS[k][1], near(k, [r.get(k) for r in recs]))) for k in chosen}
+    if draw(st.integers(0, 3)) == 0:  # often a Patient ID as answered (a study's UID when it has none)
+        keys["PatientID"] = draw(near("PatientID", [r.get("PatientID") for r in recs]))
     uids = [s["StudyInstanceUID"] for p in archive for s in p["studies"]] + ["1.2.9.99"]
     if level is not PATIENT and draw(st.booleans()):
         keys["StudyInstanceUID"] = draw(st.lists(st.sampled_from(uids), min_size=1, max_size=2, unique=True))

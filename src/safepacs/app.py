@@ -139,7 +139,11 @@ def open_archive(settings: Settings) -> Archive:
             space=space,
         ),
         query=QueryService(
-            index, auditor, max_results=settings.query.max_results, ae_title=settings.server.ae_title
+            index,
+            auditor,
+            max_results=settings.query.max_results,
+            max_scoped_results=settings.query.max_scoped_results,
+            ae_title=settings.server.ae_title,
         ),
         retrieve=RetrieveService(index, blobs, cipher, auditor),
         delete=DeleteService(

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -199,6 +199,24 @@ class QuerySettings(_Section):
         ge=0,
         description="Most C-FIND results per query; past it the query must be narrowed (0: no limit).",
     )
+    max_scoped_results: int = Field(
+        20_000,
+        ge=1,
+        le=1_000_000,
+        description="Most results of a query within one study or series (it names one Study or Series "
+        "Instance UID), e.g. a viewer listing a study's instances; at least max_results.",
+    )
+
+    @field_validator("max_scoped_results")
+    @classmethod
+    def _at_least_max_results(cls, value: int, info: ValidationInfo) -> int:
+        max_results = info.data.get("max_results") or 0
+        if value < max_results:
+            raise ValueError(
+                f"must be at least query.max_results ({max_results}): a query within one study or "
+                "series may answer as much as any other"
+            )
+        return value
 
 
 #: JWS algorithms an OIDC provider may sign with: asymmetric only.  ``none`` and the HMAC family (HS*)

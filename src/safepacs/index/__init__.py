@@ -594,15 +594,20 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         identifier: Dataset,
         limit: int | None,
         scope: Scope | None = None,
+        *,
+        scoped_limit: int | None = None,
     ) -> list[Dataset]:
         """C-FIND (PS3.4 C.4.1): the response identifiers of the records matching ``identifier``.
 
         Each holds the keys of the request (unknown ones empty), QueryRetrieveLevel and Specific
         Character Set ``ISO_IR 192``.  More than ``limit`` matches (None or 0: no limit) raise
         :class:`~safepacs.errors.QueryLimitError` before anything is returned; a malformed identifier
-        raises :class:`~safepacs.errors.QueryError`.
+        raises :class:`~safepacs.errors.QueryError`.  ``scoped_limit`` replaces ``limit`` for a query
+        within one study or series (:attr:`~safepacs.index.matching.Query.scoped`).
         """
         query = replace(parse_identifier(model, level, identifier), scope=scope)
+        if query.scoped and scoped_limit is not None:
+            limit = scoped_limit
         return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
 
     def search(
@@ -614,13 +619,17 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         scope: Scope | None = None,
         *,
         as_json: bool = False,
+        scoped_limit: int | None = None,
     ) -> tuple[list[Any], bool]:
         """QIDO-RS (PS3.18 10.6): a page of the Study Root records matching ``identifier`` at ``level``,
         with the same matching as :meth:`find`, and whether more follow.  No Query/Retrieve Level is
         required, and a search need not name the records above its level.  ``as_json``: the records
-        as DICOM JSON objects without Query/Retrieve Level (what QIDO-RS answers), not data sets."""
+        as DICOM JSON objects without Query/Retrieve Level (what QIDO-RS answers), not data sets.
+        ``scoped_limit`` replaces ``limit`` for a search within one study or series."""
         query = parse_identifier(QueryModel.STUDY_ROOT, level, identifier, require_level=False)
         query = replace(query, scope=scope)
+        if query.scoped and scoped_limit is not None:
+            limit = scoped_limit
         run = sql.run_search_json if as_json else sql.run_search
         return self._run(lambda conn: run(conn, query, limit, offset), write=False)
 

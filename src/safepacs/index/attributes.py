@@ -24,6 +24,7 @@ __all__ = [
     "BY_KEYWORD",
     "INTEGER_VRS",
     "LEVEL_RANK",
+    "REQUIRED_KEYS",
     "SEQUENCES",
     "SEQUENCE_BY_KEYWORD",
     "STRING_VRS",
@@ -51,6 +52,23 @@ UNIQUE_KEYS: dict[QueryLevel, str] = {
     QueryLevel.SERIES: "SeriesInstanceUID",
     QueryLevel.IMAGE: "SOPInstanceUID",
 }
+
+#: The Required Keys ("R") of the Patient Root and Study Root models (PS3.4 Tables C.6-1 to C.6-7): an
+#: entity whose value is zero length matches every query on them (C.2.2.1.2).  PatientID, R at the Study
+#: level of Study Root, is the Patient level's Unique Key and never answered empty (C.2.2.1.1; see
+#: :func:`safepacs.index.matching.answered_patient_id`), so the rule never applies to it.
+REQUIRED_KEYS = frozenset(
+    {
+        "PatientName",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "Modality",
+        "SeriesNumber",
+        "InstanceNumber",
+    }
+)
 
 #: VRs on which Wild Card Matching applies (PS3.4 C.2.2.2.4).
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})

@@ -16,7 +16,16 @@ Choices where the standard leaves room (to be stated in the conformance statemen
 * DA/TM/DT: single values and ranges compare at the precision given: a TM upper bound ``1030`` includes
   10:30:59.999999, a single value ``1030`` means the whole minute.  DT time zone offsets are ignored.
   Date and time ranges are matched independently; the combined StudyDate/StudyTime range of
-  C.2.2.2.5.1 is not offered.  Stored values that are empty never match a non-universal key.
+  C.2.2.2.5.1 is not offered.
+* Empty values: an entity whose Required Key (:data:`~safepacs.index.attributes.REQUIRED_KEYS`) is zero
+  length matches every query on that key (C.2.2.1.2: its value is unknown); on any other key an empty
+  stored value matches only Universal Matching and Empty Value Matching.  A date, time or number that
+  cannot be read counts as empty.  Empty Value Matching (C.2.2.2.7): a key value of two QUOTATION MARK
+  characters (``""``) matches only entities whose value is empty, on every key; ``""`` among several
+  values adds the empty value to the alternatives.  No Extended Negotiation is needed (a stored value of
+  ``""`` itself is not expected).
+* A patient stored without a Patient ID is answered and matched under the Study Instance UID of its one
+  study (:func:`answered_patient_id`, C.2.2.1.1: every entity has a non-zero length Unique Key).
 * Sequence Matching (C.2.2.2.6): the key holds at most one item; a stored sequence matches when at least
   one of its items matches every key of that item.  A zero-length sequence or an empty item is universal.
 * Hierarchical queries (C.4.1.3.1): keys of the query level and of the levels above it are matched
@@ -29,7 +38,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -43,6 +52,7 @@ from safepacs.index.attributes import (
     BY_KEYWORD,
     INTEGER_VRS,
     LEVEL_RANK,
+    REQUIRED_KEYS,
     SEQUENCE_BY_KEYWORD,
     TEMPORAL_VRS,
     UNIQUE_KEYS,
@@ -55,10 +65,12 @@ from safepacs.index.attributes import (
 from safepacs.types import QueryLevel, QueryModel, Scope
 
 __all__ = [
+    "EMPTY_VALUE",
     "MAX_VALUES",
     "Condition",
     "MatchKind",
     "Query",
+    "answered_patient_id",
     "check_level",
     "fold",
     "make_condition",
@@ -69,6 +81,8 @@ __all__ = [
     "to_int",
 ]
 
+#: The key value of Empty Value Matching (PS3.4 C.2.2.2.7): two QUOTATION MARK characters.
+EMPTY_VALUE = '""'
 #: At most this many values (a UID list, say) in one key; more is refused rather than sent to the database.
 MAX_VALUES = 1000
 _MAX_VALUE_CHARS = 4096
@@ -90,6 +104,7 @@ class MatchKind(enum.StrEnum):
     WILDCARD = "wildcard"  # C.2.2.2.4
     RANGE = "range"  # C.2.2.2.5
     SEQUENCE = "sequence"  # C.2.2.2.6
+    EMPTY = "empty"  # C.2.2.2.7 Empty Value Matching: the value '""'
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,8 @@ class Condition:
     for WILDCARD; for PN they are case-folded already.  For DA/TM/DT, ``ranges`` holds the normalized
     inclusive ``(low, high)`` bounds of each alternative ("" = open), whatever the kind.  A SEQUENCE
     condition holds the item's conditions in ``items``.  ``unsupported`` lists (tag, VR) of keys asked
-    for that are returned empty.
+    for that are returned empty.  ``empty``: an empty stored value matches too (a zero-length Required
+    Key, PS3.4 C.2.2.1.2, or ``""`` among the values); an EMPTY condition matches empty values only.
     """
 
     keyword: str
@@ -110,6 +126,7 @@ class Condition:
     ranges: tuple[tuple[str, str], ...] = ()
     items: tuple[Condition, ...] = ()
     unsupported: tuple[tuple[int, str], ...] = ()
+    empty: bool = False
 
     @property
     def is_universal(self) -> bool:
@@ -138,6 +155,29 @@ class Query:
             if cond.keyword == keyword:
                 return cond
         return None
+
+    @property
+    def scoped(self) -> bool:
+        """Whether the query names one study or one series by Single Value Matching of its Unique Key
+        (PS3.4 C.2.2.2.1): all it can answer lies within that study or series."""
+        return any(
+            cond.keyword in _SCOPE_KEYS and cond.kind is MatchKind.SINGLE and not cond.empty
+            for cond in self.conditions
+        )
+
+
+_SCOPE_KEYS = frozenset({"StudyInstanceUID", "SeriesInstanceUID"})
+
+
+def answered_patient_id(patient_id: str, study_uid: str) -> str:
+    """The Patient ID a patient is answered and matched under: its own, or for a patient stored without
+    one, the Study Instance UID of its one study.
+
+    An empty Patient ID identifies nobody, so such a patient is kept apart for each study (never merged
+    with another patient); PS3.4 C.2.2.1.1 wants every entity to have a specific non-zero length Unique
+    Key, unique at its level, and a UID is unique and fits LO.  Stored objects keep their empty value.
+    """
+    return patient_id or study_uid
 
 
 # Normalization ---------------------------------------------------------------------------------------
@@ -284,7 +324,7 @@ def parse_identifier(
         attr = BY_KEYWORD.get(keyword)
         seq = SEQUENCE_BY_KEYWORD.get(keyword)
         if attr is not None and usable_at(level, attr.level):
-            conditions.append(_condition(attr, elem))
+            conditions.append(_condition(attr, elem, required=keyword in REQUIRED_KEYS))
         elif seq is not None and usable_at(level, seq.level):
             conditions.append(_sequence_condition(seq, elem))
         else:
@@ -326,17 +366,29 @@ def _raw_values(elem: DataElement, limit: int = MAX_VALUES) -> list[str]:
     return out
 
 
-def _condition(attr: Attribute, elem: DataElement) -> Condition:
+def _condition(attr: Attribute, elem: DataElement, *, required: bool = False) -> Condition:
     if elem.VR != attr.vr:
         raise QueryError(f"the key {attr.keyword} has VR {elem.VR}, not {attr.vr} (PS3.6 Table 6-1)")
     values = _raw_values(elem)
-    return make_condition(attr.keyword, attr.vr, values)
+    return make_condition(attr.keyword, attr.vr, values, required=required)
 
 
-def make_condition(keyword: str, vr: str, values: list[str]) -> Condition:
-    """The condition for ``values`` (already split and stripped) of a key with VR ``vr``."""
+def make_condition(keyword: str, vr: str, values: list[str], *, required: bool = False) -> Condition:
+    """The condition for ``values`` (already split and stripped) of a key with VR ``vr``; ``required``:
+    the key is a Required Key, which an empty stored value always matches (PS3.4 C.2.2.1.2)."""
     if not values or "*" in values:
         return Condition(keyword, vr, MatchKind.UNIVERSAL)
+    if EMPTY_VALUE in values:  # Empty Value Matching (C.2.2.2.7)
+        others = [v for v in values if v != EMPTY_VALUE]
+        if not others:
+            return Condition(keyword, vr, MatchKind.EMPTY)
+        cond = _make_condition(keyword, vr, others)
+        return cond if cond.is_universal else replace(cond, empty=True)
+    cond = _make_condition(keyword, vr, values)
+    return replace(cond, empty=True) if required and not cond.is_universal else cond
+
+
+def _make_condition(keyword: str, vr: str, values: list[str]) -> Condition:
     if vr in TEMPORAL_VRS:
         parsed = [_range(vr, keyword, v) for v in values]
         is_range = any(r for _, r in parsed)
@@ -419,7 +471,8 @@ def matches(conditions: Iterable[Condition], record: Mapping[str, object]) -> bo
 
     ``record`` maps keywords to values as stored: ``str`` for text, date and time VRs (as in the data
     set), ``int`` for IS/US, a list of ``str`` for multi-valued attributes (ModalitiesInStudy) and a list
-    of such mappings for sequences.  Absent keys are empty.
+    of such mappings for sequences; PatientID as answered (:func:`answered_patient_id`).  Absent keys
+    are empty.
     """
     return all(_match(cond, _stored(cond.keyword, record)) for cond in conditions)
 
@@ -438,7 +491,20 @@ def _match(cond: Condition, stored: object) -> bool:
         items = stored if isinstance(stored, list | tuple) else []
         return any(isinstance(item, Mapping) and matches(cond.items, item) for item in items)
     values = list(stored) if isinstance(stored, list | tuple) else [stored]
+    if cond.kind is MatchKind.EMPTY or cond.empty:
+        if all(_is_empty(cond, value) for value in values):
+            return True
+        if cond.kind is MatchKind.EMPTY:
+            return False
     return any(_match_value(cond, value) for value in values)
+
+
+def _is_empty(cond: Condition, stored: object) -> bool:
+    """Whether a stored value is zero length (or, for numbers, dates and times, unreadable)."""
+    if cond.vr in INTEGER_VRS:
+        return to_int(stored) is None
+    text = "" if stored is None else str(stored)
+    return not (normalize_stored(cond.vr, text) if cond.vr in TEMPORAL_VRS else text)
 
 
 def _match_value(cond: Condition, stored: object) -> bool:

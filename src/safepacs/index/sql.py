@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -84,10 +85,24 @@ def like_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+def _empty_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """Whether the matching column holds an empty value: NULL for IS/US, '' for text and for the
+    normalized DA/TM/DT keys (an unreadable date or time is kept as '')."""
+    return column.is_(None) if cond.vr in A.INTEGER_VRS else column == ""
+
+
 def condition_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-    """The WHERE clause of a non-sequence condition on ``column`` (its matching column)."""
+    """The WHERE clause of a non-sequence condition on ``column`` (its matching column): the values'
+    clause, or'ed with the empty value when it matches too (PS3.4 C.2.2.1.2, C.2.2.2.7)."""
     if cond.is_universal:
         return sa.true()
+    if cond.kind is MatchKind.EMPTY:
+        return _empty_clause(cond, column)
+    clause = _values_clause(cond, column)
+    return sa.or_(clause, _empty_clause(cond, column)) if cond.empty else clause
+
+
+def _values_clause(cond: Condition, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
     if cond.vr in A.TEMPORAL_VRS:
         alternatives = []
         for low, high in cond.ranges:
@@ -210,30 +225,72 @@ def _count(attr: A.Attribute, scope: Scope | None = None) -> sa.ScalarSelect[int
     return stmt.scalar_subquery()
 
 
+def _answered_patient_id() -> sa.ColumnElement[str]:
+    """PatientID as answered (:func:`~safepacs.index.matching.answered_patient_id`): a patient stored
+    without one keeps its study's UID in ``anon_key``."""
+    return sa.case((patients.c.patient_id == "", patients.c.anon_key), else_=patients.c.patient_id)
+
+
+# Built once: an alias of a wide table costs a millisecond of column proxies each time it is made.
+_P_OWN, _P_ANON, _P_STUDY = patients.alias("p_own"), patients.alias("p_anon"), studies.alias("p_st")
+#: What a UID is made of (PS3.5 9.1); ingest refuses Study Instance UIDs of anything else.
+_UID_CHARS = frozenset("0123456789.")
+
+
+def _patient_id_clause(cond: Condition) -> sa.ColumnElement[bool]:
+    """A condition on PatientID as answered: the stored Patient ID, or for a patient without one the UID
+    of its one study (``anon_key``).  Written as the primary keys of the patients each way gives, so
+    that SQLite and PostgreSQL both answer it from indexes."""
+    if cond.kind is MatchKind.EMPTY:
+        return sa.false()  # no patient is answered without a Patient ID
+    cond = replace(cond, empty=False)
+    uid_chars = _UID_CHARS | ({"*", "?"} if cond.kind is MatchKind.WILDCARD else set())
+    if not any(set(value) <= uid_chars for value in cond.values):  # can name no study (PS3.5 9.1)
+        return condition_clause(cond, patients.c.patient_id)  # which never matches ''
+    own, anon, st = _P_OWN, _P_ANON, _P_STUDY
+    named = sa.select(own.c.pk).where(condition_clause(cond, own.c.patient_id))
+    if cond.kind is MatchKind.WILDCARD:
+        unnamed = sa.select(anon.c.pk).where(anon.c.patient_id == "", condition_clause(cond, anon.c.anon_key))
+    else:  # through the studies named: no scan of the patients without an ID
+        unnamed = (
+            sa.select(st.c.patient_pk)
+            .select_from(st.join(anon, anon.c.pk == st.c.patient_pk))
+            .where(condition_clause(cond, st.c.study_instance_uid), anon.c.patient_id == "")
+        )
+    return patients.c.pk.in_(sa.union_all(named, unnamed))
+
+
 def _attribute_clause(
     cond: Condition, attr: A.Attribute, scope: Scope | None = None
 ) -> sa.ColumnElement[bool]:
+    if attr.keyword == "PatientID":
+        return _patient_id_clause(cond)
     if attr.derived is None:
         return condition_clause(cond, _match_column(attr, LEVEL_TABLES[attr.level]))
-    if attr.derived is A.Derived.MODALITIES:
-        se = series.alias("m_se")
-        return sa.exists(
-            sa.select(1)
-            .select_from(se)
-            .where(se.c.study_pk == studies.c.pk, se.c.modality != "", condition_clause(cond, se.c.modality))
-        )
-    if attr.derived is A.Derived.SOP_CLASSES:
-        im = instances.alias("m_im")
-        return sa.exists(
-            sa.select(1)
-            .select_from(im)
-            .where(im.c.study_pk == studies.c.pk, condition_clause(cond, im.c.sop_class_uid))
-        )
+    if attr.derived in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES}:
+        return _distinct_clause(cond, attr.derived)
     if attr.derived is A.Derived.ONLINE:
         return sa.true() if matches([cond], {}) else sa.false()
     if attr.derived is A.Derived.TRANSFER_SYNTAX:
         return condition_clause(cond, instances.c.transfer_syntax_uid)
     return condition_clause(cond, _count(attr, scope))
+
+
+def _distinct_clause(cond: Condition, derived: A.Derived) -> sa.ColumnElement[bool]:
+    """ModalitiesInStudy / SOPClassesInStudy: some value of the study's series or instances matches;
+    the attribute is empty when the study has no (non-empty) value."""
+    if derived is A.Derived.MODALITIES:
+        se = series.alias("m_se")
+        rows = sa.select(1).select_from(se).where(se.c.study_pk == studies.c.pk, se.c.modality != "")
+        column: sa.ColumnElement[Any] = se.c.modality
+    else:
+        im = instances.alias("m_im")
+        rows = sa.select(1).select_from(im).where(im.c.study_pk == studies.c.pk)
+        column = im.c.sop_class_uid
+    if cond.kind is MatchKind.EMPTY:
+        return ~sa.exists(rows)
+    some = sa.exists(rows.where(_values_clause(cond, column)))
+    return sa.or_(some, ~sa.exists(rows)) if cond.empty else some
 
 
 def _sequence_clause(cond: Condition) -> sa.ColumnElement[bool]:
@@ -306,7 +363,9 @@ def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[A
         attr = A.BY_KEYWORD.get(cond.keyword)
         if attr is None:
             continue
-        if attr.column is not None:
+        if attr.keyword == "PatientID":
+            columns.append(_answered_patient_id().label(attr.keyword))
+        elif attr.column is not None:
             columns.append(LEVEL_TABLES[attr.level].c[attr.column].label(attr.keyword))
         elif attr.derived is A.Derived.TRANSFER_SYNTAX:
             columns.append(instances.c.transfer_syntax_uid.label(attr.keyword))
@@ -501,6 +560,13 @@ _KEY_COLUMNS: dict[str, sa.Column[Any]] = {
 }
 
 
+def _key_clause(keyword: str, values: Sequence[str]) -> sa.ColumnElement[bool]:
+    """A unique key of a retrieve, matched literally; PatientID as C-FIND answers it."""
+    if keyword == "PatientID":
+        return _patient_id_clause(Condition(keyword, "LO", MatchKind.LIST, tuple(values)))
+    return _KEY_COLUMNS[keyword].in_(values)
+
+
 def run_retrieve(
     conn: sa.Connection, keys: Mapping[str, tuple[str, ...]], main: str, scope: Scope | None = None
 ) -> list[InstanceRef]:
@@ -524,11 +590,11 @@ def run_retrieve(
             instances.c.seal_tag,
         )
         .select_from(_from(QueryLevel.IMAGE))
-        .where(*(_KEY_COLUMNS[k].in_(v) for k, v in keys.items() if k != main), visible_clause(scope))
+        .where(*(_key_clause(k, v) for k, v in keys.items() if k != main), visible_clause(scope))
     )
     found: dict[str, tuple[Any, ...]] = {}
     for chunk in _chunks(sorted(set(keys[main]))):
-        for row in conn.execute(base.where(_KEY_COLUMNS[main].in_(chunk))):
+        for row in conn.execute(base.where(_key_clause(main, chunk))):
             found[row[3]] = tuple(row)
     ordered = sorted(found.values(), key=lambda r: (r[9], r[10], r[11] is None, r[11] or 0, r[12]))
     return [

@@ -28,17 +28,36 @@ def _patient_key(identifier: Dataset) -> str | None:
     return value if value and not any(c in value for c in "*?\\") else None
 
 
+#: The largest QIDO-RS page when ``query.max_results`` is 0 (no limit for C-FIND).
+_UNLIMITED_PAGE = 10_000
+
+
 class QueryService:
     """Answer hierarchical queries (PS3.4 C.4.1) within the per-query result limit.
+
+    The limit is there so that no principal can list the archive: a query gets at most
+    ``max_results`` answers, except one within a single study or series (it names one Study or
+    Series Instance UID, :attr:`~safepacs.index.matching.Query.scoped`), which may list all of it up
+    to ``max_scoped_results``.  ``max_results`` 0 lifts both limits.
 
     Every query is recorded (110112, with its keys and how many answers it had) before any answer is
     returned; a refused or failed one too, with the reason.
     """
 
-    def __init__(self, index: SqlIndex, audit: Auditor, *, max_results: int, ae_title: str) -> None:
+    def __init__(
+        self,
+        index: SqlIndex,
+        audit: Auditor,
+        *,
+        max_results: int,
+        ae_title: str,
+        max_scoped_results: int | None = None,
+    ) -> None:
         self._index = index
         self._audit = audit
         self._max_results = max_results or None
+        scoped = max(max_results, max_scoped_results or 0)
+        self._max_scoped = scoped if max_results else None
         self._ae_title = ae_title
 
     def _record(
@@ -59,7 +78,9 @@ class QueryService:
         """The response identifiers; raises QueryError / QueryLimitError / AccessDenied / AuditError."""
         self._audit.require(principal, Service.FIND)
         try:
-            results = self._index.find(model, level, identifier, self._max_results, principal.scope)
+            results = self._index.find(
+                model, level, identifier, self._max_results, principal.scope, scoped_limit=self._max_scoped
+            )
         except AuditError:
             raise
         except SafePacsError as exc:
@@ -81,16 +102,21 @@ class QueryService:
         offset: int,
         as_json: bool = False,
     ) -> tuple[list[Any], bool]:
-        """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``) responses after
-        ``offset``, and whether more follow; raises QueryError / AccessDenied / AuditError."""
+        """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``, or within one study or
+        series at ``query.max_scoped_results``) responses after ``offset``, and whether more follow;
+        raises QueryError / AccessDenied / AuditError."""
         self._audit.require(principal, Service.FIND)
-        cap = self._max_results or 10_000
+        cap = self._max_results or _UNLIMITED_PAGE
+        scoped_cap = max(cap, self._max_scoped or 0)
         page = cap if limit is None else max(0, min(limit, cap))
-        if page == 0:
+        scoped_page = scoped_cap if limit is None else max(0, min(limit, scoped_cap))
+        if scoped_page == 0:
             self._record(principal, QIDO_RS, identifier, 0, None)
             return [], False
         try:
-            found = self._index.search(level, identifier, page, offset, principal.scope, as_json=as_json)
+            found = self._index.search(
+                level, identifier, page, offset, principal.scope, as_json=as_json, scoped_limit=scoped_page
+            )
         except AuditError:
             raise
         except SafePacsError as exc:

@@ -3,7 +3,10 @@
 A search becomes a C-FIND identifier (match keys from the query string, return keys from the
 level's defaults and ``includefield``) answered by the same index query as C-FIND, so the same
 principal gets the same records either way.  Paging is ``limit``/``offset``; when more records
-match, the answer says so in a ``Warning: 299`` header (PS3.18 8.3.4.4).
+match, the answer says so in a ``Warning: 299`` header (PS3.18 8.3.4.4).  Every record carries its
+Retrieve URL (0008,1190), the WADO-RS resource of the study, series or instance (PS3.18 Tables
+10.6.3-3 to 10.6.3-5).  A key value ``""`` is Empty Value Matching (PS3.4 C.2.2.2.7) whether or not
+``emptyvaluematching=true`` is given (PS3.18 8.3.4.5).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from safepacs.errors import AccessDenied, QueryError
 from safepacs.index import attributes as A
@@ -25,7 +29,8 @@ from safepacs.web.requests import DICOM_JSON, checked_uid, media_ranges
 
 __all__ = ["build_identifier", "make_router"]
 
-_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+_CONTROL = {"includefield", "limit", "offset", "fuzzymatching", "emptyvaluematching"}
+_RETRIEVE_URL = "00081190"
 _MAX_OFFSET = 1_000_000
 
 # PS3.18 Tables 10.6.3-3 to 10.6.3-5: what a search returns without includefield (those we index)
@@ -67,7 +72,7 @@ def _keyword(key: str) -> tuple[int, str]:
     return int(tag), key
 
 
-def _element(tag: int, value: str) -> DataElement:
+def _element(tag: int, value: str) -> DataElement | RawDataElement:
     try:
         vr = dictionary_VR(tag)
     except KeyError:
@@ -81,6 +86,9 @@ def _element(tag: int, value: str) -> DataElement:
             raise Problem(400, "Bad Request", f"{keyword_for_tag(tag)} must be a number") from None
     if vr == "UI":
         return DataElement(tag, vr, [v.strip() for v in value.split(",")] if "," in value else value)
+    if vr in ("IS", "DS"):  # kept as received, like a C-FIND identifier: the parser judges '""' or "x"
+        data = value.encode("ascii", "replace")
+        return RawDataElement(BaseTag(tag), vr, len(data), data, 0, False, True)
     return DataElement(tag, vr, value)
 
 
@@ -94,10 +102,10 @@ def _add(identifier: Dataset, key: str, value: str) -> None:
             identifier.add(DataElement(seq_tag, "SQ", Sequence([Dataset()])))
         item = identifier[seq_tag].value[0]
         tag, _ = _keyword(inner)
-        item.add(_element(tag, value))
+        item[tag] = _element(tag, value)
         return
     tag, _ = _keyword(key)
-    identifier.add(_element(tag, value))
+    identifier[tag] = _element(tag, value)
 
 
 def _int(params: Any, name: str, default: int | None, top: int) -> int | None:
@@ -118,12 +126,15 @@ def build_identifier(level: QueryLevel, params: Any, path: dict[str, str]) -> Da
             raise Problem(400, "Bad Request", f"{key[:64]!r} is given more than once; use a comma list")
         _add(identifier, key, values[0])
     for keyword, uid in path.items():
-        identifier.add(_element(int(tag_for_keyword(keyword) or 0), uid))
+        uid_tag = int(tag_for_keyword(keyword) or 0)
+        identifier[uid_tag] = _element(uid_tag, uid)
     fuzzy = params.get("fuzzymatching", "false").lower()
     if fuzzy not in ("true", "false"):
         raise Problem(400, "Bad Request", "fuzzymatching must be true or false")
     if fuzzy == "true":
         raise Problem(400, "Bad Request", "fuzzy matching is not supported; search with wildcards (*, ?)")
+    if params.get("emptyvaluematching", "false").lower() not in ("true", "false"):
+        raise Problem(400, "Bad Request", "emptyvaluematching must be true or false")
     include: list[str] = []
     for raw in params.getlist("includefield"):
         include += [part.strip() for part in raw.split(",") if part.strip()]
@@ -156,13 +167,21 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
 #: the capabilities (WADL); any other matching key (a keyword or tag, PS3.18 8.3.4.1) is accepted too.
 _QIDO_PARAMETERS = [
     _query(
-        "limit", "at most this many results (capped by query.max_results)", {"type": "integer", "minimum": 1}
+        "limit",
+        "at most this many results (capped by query.max_results, within one study or series by "
+        "query.max_scoped_results)",
+        {"type": "integer", "minimum": 1},
     ),
     _query("offset", "skip this many results", {"type": "integer", "minimum": 0}),
     _query("includefield", "more attributes to return (keywords or tags, comma-separated), or 'all'"),
     _query(
         "fuzzymatching",
         "fuzzy matching of person names (not supported: true answers 400)",
+        {"type": "boolean"},
+    ),
+    _query(
+        "emptyvaluematching",
+        'Empty Value Matching: a key value "" matches empty values (always performed)',
         {"type": "boolean"},
     ),
     _query("PatientName", "person name, wildcards * and ? allowed, case-insensitive"),
@@ -175,6 +194,25 @@ _QIDO_PARAMETERS = [
 
 
 _EXTRA = {"parameters": _QIDO_PARAMETERS}
+
+
+def _first(result: dict[str, Any], tag: str) -> str:
+    values = result.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+def with_retrieve_urls(results: list[dict[str, Any]], level: QueryLevel, base: str) -> list[dict[str, Any]]:
+    """Each result with its Retrieve URL (0008,1190): the WADO-RS resource of the study, series or
+    instance it describes (PS3.18 Tables 10.6.3-3 to 10.6.3-5), in place of an empty one."""
+    out = []
+    for result in results:
+        url = f"{base}/studies/{_first(result, '0020000D')}"
+        if level is not QueryLevel.STUDY:
+            url += f"/series/{_first(result, '0020000E')}"
+        if level is QueryLevel.IMAGE:
+            url += f"/instances/{_first(result, '00080018')}"
+        out.append(dict(sorted({**result, _RETRIEVE_URL: {"vr": "UR", "Value": [url]}}.items())))
+    return out
 
 
 def make_router(principal_of: Any, search: Any) -> APIRouter:
@@ -198,7 +236,8 @@ def make_router(principal_of: Any, search: Any) -> APIRouter:
         headers = {}
         if more:
             headers["Warning"] = '299 SafePACS "There are additional results that can be requested"'
-        return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
+        base = str(request.base_url).rstrip("/") + "/dicomweb"
+        return JSONResponse(with_retrieve_urls(results, level, base), media_type=DICOM_JSON, headers=headers)
 
     @router.get("/studies", summary="Search for studies (QIDO-RS)", openapi_extra=_EXTRA)
     def studies(request: Request) -> JSONResponse:

@@ -191,6 +191,7 @@ def make_router(
     ) -> JSONResponse:
         stored = Sequence()
         failed = Sequence()
+        stored_studies: set[str] = set()
         out_of_space = False
         for headers, data in parts:
             media = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
@@ -218,14 +219,17 @@ def make_router(
             if result.outcome is IngestOutcome.CONFLICT:  # not stored: a failure (409 Conflict if alone)
                 failed.append(_item(sop_class, sop_instance, FailureReason=_DIFFERENT_INSTANCE_STORED))
                 continue
+            stored_studies.add(study_uid)
             url = f"{base}/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_instance}"
             stored.append(_item(sop_class, sop_instance, RetrieveURL=url))
         ingest.end_batch(principal, batch)
         if out_of_space and not stored:
             raise _insufficient_storage()
         answer = Dataset()
-        if study is not None:
-            answer.RetrieveURL = f"{base}/dicomweb/studies/{study}"
+        # Type 2 (PS3.18 Table I.1-1): the study's URL, empty when the request stored none or several
+        if study is None and len(stored_studies) == 1:
+            (study,) = stored_studies
+        answer.RetrieveURL = f"{base}/dicomweb/studies/{study}" if study is not None else ""
         if failed:
             answer.FailedSOPSequence = failed
         if stored:
