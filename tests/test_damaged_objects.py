@@ -306,3 +306,38 @@ def test_c_move_of_a_study_with_a_damaged_object_moves_the_others_and_records_it
     ]
     (moved_study,) = [o for o in begun.objects if o.kind is ObjectKind.STUDY]
     assert moved_study.sop_classes == ((CTImageStorage, 2),)
+
+
+def test_an_object_missing_from_the_store_is_an_integrity_failure_recorded_as_such(
+    srv: Server,
+    tmp_path: Path,
+    index: SqlIndex,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The index names an object that is no longer on disk (deleted by someone with access to the object
+    store): answered and recorded exactly like an altered one - never a 200, never a silent gap."""
+    study, series, (first, second, _third) = _study(srv, tmp_path)
+    db = sqlite3.connect(srv.data / "index.sqlite3")
+    try:
+        (blob,) = db.execute(
+            "SELECT blob_id FROM instances WHERE sop_instance_uid = ?", (str(second.SOPInstanceUID),)
+        ).fetchone()
+    finally:
+        db.close()
+    (srv.data / "objects" / blob[:2] / blob).unlink()
+    token = _token(srv, capsys)
+    base = f"/dicomweb/studies/{study}/series/{series}/instances"
+    with _client(srv, token) as client:
+        capture = AuditCapture(index)
+        r = client.get(f"{base}/{second.SOPInstanceUID}", headers={"Accept": DICOM_ACCEPT})
+        assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+        alert, _failed = _assert_recorded_as_damaged(
+            capture.events(), second, EventID.INSTANCES_TRANSFERRED
+        )
+        assert "missing" in _instance_details(alert)["Alert Description"]
+        # Retrieved as part of its study: the others are sent and the answer is cut short.
+        status, body, error = _read_cut_short(client, f"/dicomweb/studies/{study}")
+        assert status == 200 and isinstance(error, httpx.RemoteProtocolError), error
+        assert str(first.SOPInstanceUID) in _part_uids(body)
+        assert str(second.SOPInstanceUID) not in _part_uids(body)
+    assert "Traceback" not in srv.stderr_text()

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
 from safepacs.audit.recorder import Auditor, StudyFacts, study_facts
-from safepacs.errors import AuditError, IntegrityError, SafePacsError
+from safepacs.errors import AuditError, IntegrityError, NotFoundError, SafePacsError
 from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
@@ -132,7 +132,14 @@ class RetrieveService:
         sealed then, and it authenticates under its data key), which makes hashing the plaintext again
         redundant; objects indexed before tags were recorded are checked against their SHA-256.
         """
-        sealed = self._blobs.get(ref.blob.blob_id)
+        try:
+            sealed = self._blobs.get(ref.blob.blob_id)
+        except NotFoundError:
+            # The index names an object that is gone: removed or lost from the object store, which is
+            # as much an alteration of what was stored as a changed byte, and recorded the same way.
+            raise IntegrityError(
+                "a stored object is missing from the object store; restore it from backup"
+            ) from None
         if ref.blob.seal_tag is not None:
             return self._cipher.open(sealed, expect_tag=ref.blob.seal_tag)
         part10 = self._cipher.open(sealed)
