@@ -223,7 +223,7 @@ def test_import_of_other_content_keeps_or_replaces_per_setting(
     second.save_as(tmp_path / "b.dcm", enforce_file_format=True)
     assert run_cli("import", str(tmp_path / "a.dcm"), "--data", str(data_dir)) == 0
     assert run_cli("import", str(tmp_path / "b.dcm"), "--data", str(data_dir)) == 1
-    assert "1 kept (different content)" in capsys.readouterr().err
+    assert "1 not stored (other content under the same UID)" in capsys.readouterr().err
 
     from safepacs.app import open_archive
 

@@ -411,7 +411,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     archive = open_archive(settings)
     principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)
     batch = StoreBatch()
-    counts = {"stored": 0, "already present": 0, "replaced": 0, "kept (different content)": 0}
+    conflict = "not stored (other content under the same UID)"
+    counts = {"stored": 0, "already present": 0, "replaced": 0, conflict: 0}
     rejected: list[tuple[Path, str]] = []
     full: StorageFullError | None = None
     try:
@@ -432,7 +433,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
                         IngestOutcome.STORED: "stored",
                         IngestOutcome.DUPLICATE: "already present",
                         IngestOutcome.REPLACED: "replaced",
-                        IngestOutcome.CONFLICT: "kept (different content)",
+                        IngestOutcome.CONFLICT: conflict,
                     }[result.outcome]
                     counts[key] += 1
                 progress.advance(task)
@@ -448,7 +449,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if full is not None:
         _err(f"import stopped, {len(files) - done} files not imported: {full}")
         return EXIT_ERROR
-    return EXIT_REFUSED if rejected or counts["kept (different content)"] else EXIT_OK
+    return EXIT_REFUSED if rejected or counts[conflict] else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
