@@ -18,7 +18,6 @@ import hashlib
 import logging
 import re
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -42,7 +41,7 @@ from safepacs.errors import (
 from safepacs.index import SqlIndex, nesting
 from safepacs.index.header import TRUNCATED, read_indexed_elements
 from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
-from safepacs.services.transcode import MAX_PIXEL_BYTES, dataset_bytes
+from safepacs.services.transcode import MAX_PIXEL_BYTES, dataset_bytes, inflate
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.storage.space import FreeSpace
 from safepacs.types import (
@@ -488,7 +487,7 @@ def _read_header(ts: str, encoded: bytes, max_depth: int) -> Dataset:
     uid = UID(ts)
     implicit, little = uid.is_implicit_VR, uid.is_little_endian
     if uid == DeflatedExplicitVRLittleEndian:
-        encoded = _inflate(encoded)
+        encoded = inflate(encoded, MAX_PIXEL_BYTES, InvalidObjectError)
     if little and (ds := read_indexed_elements(encoded, implicit, max_depth=max_depth)) is not None:
         return ds  # its lengths and its nesting checked on the way
     nesting.check(encoded, implicit=implicit, little_endian=little, limit=max_depth)
@@ -498,19 +497,6 @@ def _read_header(ts: str, encoded: bytes, max_depth: int) -> Dataset:
         raise InvalidObjectError(TRUNCATED)
     _check_complete(ds)
     return ds
-
-
-def _inflate(deflated: bytes) -> bytes:
-    """A Deflated data set inflated (raw deflate, PS3.5 A.5), to at most the size reading it back allows
-    (:data:`~safepacs.services.transcode.MAX_PIXEL_BYTES`)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(deflated, MAX_PIXEL_BYTES + 1)
-    except zlib.error as exc:
-        raise InvalidObjectError("the deflated data set cannot be inflated (PS3.5 A.5)") from exc
-    if len(inflated) > MAX_PIXEL_BYTES:
-        raise InvalidObjectError(f"the deflated data set inflates to more than {MAX_PIXEL_BYTES} bytes")
-    return inflated
 
 
 _HEADER_TAGS: list[BaseTag | int] = list(HEADER_TAGS)

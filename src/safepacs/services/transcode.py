@@ -63,7 +63,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from safepacs.errors import InvalidObjectError, RetrieveError
+from safepacs.errors import InvalidObjectError, RetrieveError, SafePacsError
 
 __all__ = [
     "MAX_PIXEL_BYTES",
@@ -73,6 +73,7 @@ __all__ = [
     "check_pixel_header",
     "choose_transfer_syntax",
     "dataset_bytes",
+    "inflate",
     "transcode",
 ]
 
@@ -259,7 +260,7 @@ def transcode(part10: bytes, target_ts: str, *, max_pixel_bytes: int = MAX_PIXEL
 
 def _convert(uid: UID, encoded: bytes, *, implicit: bool, max_pixel_bytes: int) -> bytes:
     if uid == DeflatedExplicitVRLittleEndian:
-        inflated = _inflate(encoded, max_pixel_bytes)
+        inflated = inflate(encoded, max_pixel_bytes)
         if not implicit:
             return inflated  # the inflated stream *is* the Explicit VR Little Endian encoding (PS3.5 A.5)
         return _Encoder(implicit=True, swap=False).encode(
@@ -307,15 +308,17 @@ def _parse(encoded: bytes, *, implicit: bool, little_endian: bool) -> Dataset:
     return ds
 
 
-def _inflate(data: bytes, limit: int) -> bytes:
-    """Inflate a Deflated data set (raw deflate, RFC 1951) to at most ``limit`` bytes."""
+def inflate(data: bytes, limit: int, error: type[SafePacsError] = RetrieveError) -> bytes:
+    """Inflate a Deflated data set (raw deflate, RFC 1951; PS3.5 A.5) to at most ``limit`` bytes;
+    ``error`` (a stored object's :class:`RetrieveError` by default, a received one's
+    :class:`InvalidObjectError` at ingest) when it is corrupt or inflates to more."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise RetrieveError("the stored deflated data set cannot be inflated; it may be corrupt") from exc
+        raise error("the deflated data set cannot be inflated (PS3.5 A.5); it may be corrupt") from exc
     if len(out) > limit:
-        raise RetrieveError(f"the stored deflated data set inflates to more than {limit} bytes")
+        raise error(f"the deflated data set inflates to more than {limit} bytes")
     return out
 
 
