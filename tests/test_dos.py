@@ -258,15 +258,20 @@ def test_a_connection_must_associate_within_the_deadline(srv: Server, tmp_path: 
         for sock in socks:
             sock.close()
     assert sorted(closed) == [0, 1, 2, 3], closed
-    assert all(ASSOCIATE_TIMEOUT - 0.5 < t < ASSOCIATE_TIMEOUT + 3 for t in closed.values()), closed
+    assert all(ASSOCIATE_TIMEOUT - 0.5 < t < ASSOCIATE_TIMEOUT + 5 for t in closed.values()), closed
     srv.stop()  # reports what the last minute's report left out
     assert reported(srv, "no A-ASSOCIATE-RQ within server.associate_timeout") == 3
     assert reported(srv, "TLS handshake not completed within server.associate_timeout") == 1
 
 
-def test_pending_connections_are_capped_per_address(srv: Server) -> None:
+def test_pending_connections_are_capped_per_address(data_dir: Path) -> None:
     """40 idle connections from one address: the oldest beyond server.max_pending_per_address (16) are
-    closed at once, and a registered peer from the same address still associates."""
+    closed at once, and a registered peer from the same address still associates.  (A long
+    server.associate_timeout here, so that on a slow machine no connection is closed for its deadline
+    while the test counts those closed for the cap.)"""
+    srv = start_server(
+        data_dir, env={"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_SERVER__ASSOCIATE_TIMEOUT": "60"}
+    )
     srv.add_peer("CT1", "echo")
     socks = []
     try:
@@ -280,6 +285,7 @@ def test_pending_connections_are_capped_per_address(srv: Server) -> None:
     finally:
         for sock in socks:
             sock.close()
+        srv.stop()
     assert "more connections awaiting admission than server.max_pending_per_address" in srv.stderr_text()
 
 
@@ -306,8 +312,8 @@ def test_a_flood_does_not_keep_a_registered_peer_out(server: Server, tmp_path: P
             time.sleep(0.2)
         assert stranger.churned > 100
     assert len(durations) >= 5
-    assert max(durations) < 3, durations
-    assert sorted(durations)[len(durations) // 2] < 1, durations
+    assert max(durations) < 5, durations  # every one, with a margin for a loaded test machine
+    assert sorted(durations)[len(durations) // 2] < 1, durations  # the promise: within 1 s
     # One record per worker and address so far (each reports its first refusal at once).
     assert len(node_refusals(server)) - before <= 2
 

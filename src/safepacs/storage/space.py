@@ -116,8 +116,8 @@ class FreeSpace:
         """Refuse (:class:`StorageFullError`) while a file system is below the mark; looks at most
         once per ``interval`` seconds, whatever the number of threads asking, and at once after this
         process released the reserve."""
-        if self.minimum <= 0:
-            return
+        if self.minimum <= 0 and (self.reserve is None or self.reserve.releases == 0):
+            return  # no mark, and no reserve this process released that stores must leave room for
         with self._lock:
             now = self._clock()
             releases = self.reserve.releases if self.reserve is not None else 0
