@@ -404,6 +404,53 @@ def test_https_slowloris_does_not_keep_a_real_client_out(
 
 
 # Settings ----------------------------------------------------------------------------------------------
+def test_https_request_bodies_that_never_come_do_not_hold_connections(srv: Server) -> None:
+    """A request that announces a large body and then trickles it (one byte a second) is closed after
+    server.http_head_timeout; a request answered before its body was read (401 to an upload without a
+    credential) closes its connection instead of keeping it alive on a body that never ends."""
+    ctx = ssl.create_default_context(cafile=str(srv.ca_file))
+
+    def opened(head: bytes) -> ssl.SSLSocket:
+        conn = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", srv.https_port), timeout=2), server_hostname="127.0.0.1"
+        )
+        conn.sendall(head)
+        return conn
+
+    upload = opened(
+        b"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b'Content-Type: multipart/related; type="application/dicom"; boundary=x\r\n'
+        b"Content-Length: 100000000\r\n\r\n"
+    )
+    login = opened(
+        b"POST /api/session HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000000\r\n\r\n"
+    )
+    conns = [upload, login]
+    try:
+        upload.settimeout(10)
+        assert upload.recv(4096).startswith(b"HTTP/1.1 401")
+        start = time.monotonic()
+        closed: dict[int, float] = {}
+        while len(closed) < 2 and time.monotonic() - start < HEAD_TIMEOUT * 2 + 5:
+            for i, conn in enumerate(conns):
+                if i in closed:
+                    continue
+                with suppress(OSError):
+                    conn.sendall(b"{")  # a byte a second: far below any real upload
+                if closed_by_server(conn):
+                    closed[i] = time.monotonic() - start
+            time.sleep(1)
+        assert sorted(closed) == [0, 1], closed
+        assert closed[0] < HEAD_TIMEOUT, closed  # the 401 ended it
+    finally:
+        for conn in conns:
+            conn.close()
+    srv.stop()
+    log = srv.stderr_text()
+    assert "request body slower than the minimum rate" in log and "Traceback" not in log
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from safepacs.errors import AuditError, IntegrityError, RetrieveError
 
@@ -81,6 +82,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         # A stored object a route could not read (routes answer what the request got wrong themselves).
         log.warning("a stored object could not be read: %s", exc)
         return problem_response(500, "Internal Server Error", str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left (or was cut off for sending its body too slowly) while its body was read:
+        # nobody reads this answer, and it is no failure of the archive's to log as one.
+        log.info("a client disconnected before its request body was read")
+        return problem_response(400, "Bad Request", "the request body did not arrive")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,11 @@ and answers 503 to a real client once a slowloris holds enough of them):
 * a connection has ``server.http_head_timeout`` seconds from its accept to complete the TLS handshake
   and send a request head, and a kept-alive one as long from the first byte of its next head (RFC 9112
   9.8 lets a server close an idle connection at any time); otherwise it is closed;
+* a request body must keep coming: at least ``MIN_BODY_BYTES`` in every ``server.http_head_timeout``
+  seconds once the head is in, or the connection is closed (a client that announces a large body and
+  trickles it would otherwise hold its connection, and a connection place, for ever); and a response
+  sent before its request's body was read (a 401 before an upload) closes the connection, whose
+  unread body would otherwise keep it open;
 * at most ``server.http_max_connections`` connections at once: a further one closes the connection
   that has waited longest for a request head, so a slowloris cannot keep a real client out; when
   every connection is busy with a request the new one is closed;
@@ -126,6 +131,11 @@ def _report_refusals(address: str, counts: dict[str, int]) -> None:
 _NO_HEAD = "no request head within server.http_head_timeout"
 _EVICTED = "closed to make room: server.http_max_connections connections at once"
 _REFUSED = "refused: server.http_max_connections connections busy with requests"
+_SLOW_BODY = "request body slower than the minimum rate"
+
+#: The least a request body must deliver in each ``server.http_head_timeout`` window (a real client
+#: sends its body as fast as the network allows; this only stops a trickle).
+MIN_BODY_BYTES = 1024
 
 
 class _Connections:
@@ -186,6 +196,8 @@ class _GuardedH11(H11Protocol):
         super().__init__(*args, **kwargs)
         # From the accept: the TLS handshake and the first request head share the one deadline.
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._no_head)
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0  # received since the body timer last looked
 
     @property
     def peer_host(self) -> str:
@@ -201,16 +213,22 @@ class _GuardedH11(H11Protocol):
         if self._head_timer is None and self.conn.their_state is h11.IDLE:
             # the first byte of the next request on a kept-alive connection: its head has the deadline
             self._head_timer = self.loop.call_later(self.head_timeout, self._no_head)
+        self._body_bytes += len(data)
         super().data_received(data)
         self._track()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and self.transport is not None:
+            # Answered before its body was read (e.g. 401 to an upload): the rest is never read, so the
+            # connection is closed rather than kept alive on a body that may never end.
+            self.transport.close()
         self._track()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.closed(self)
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def _track(self) -> None:
@@ -219,6 +237,31 @@ class _GuardedH11(H11Protocol):
         else:
             self._cancel_head_timer()
             self.guard.busy(self)
+        if self.conn.their_state is h11.SEND_BODY:
+            if self._body_timer is None:
+                self._body_bytes = 0
+                self._body_timer = self.loop.call_later(self.head_timeout, self._body_check)
+        else:
+            self._cancel_body_timer()
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        """Every ``head_timeout`` seconds while a request body is being received: close the connection
+        when less than :data:`MIN_BODY_BYTES` arrived since the last look."""
+        self._body_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.conn.their_state is not h11.SEND_BODY:
+            return
+        if self._body_bytes < MIN_BODY_BYTES and not self.flow.read_paused:  # paused: we are the slow one
+            self.guard.drop(self, _SLOW_BODY)
+            return
+        self._body_bytes = 0
+        self._body_timer = self.loop.call_later(self.head_timeout, self._body_check)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
