@@ -372,7 +372,14 @@ def test_an_empty_index_url_is_a_configuration_error_and_creates_nothing(
 def test_an_index_url_of_another_kind_is_a_configuration_error(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for url in ("mysql://pacs@db/pacs", "sqlite://", "sqlite:///:memory:", "index.sqlite3"):
+    for url in (
+        "mysql://pacs@db/pacs",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///:memory:?cache=shared",
+        "sqlite:///file:x?mode=memory&uri=true",
+        "index.sqlite3",
+    ):
         monkeypatch.setenv("SAFEPACS_INDEX__URL", url)
         assert run_cli("peer", "list", "--data", str(data_dir)) == 2, url
         err = capsys.readouterr().err.strip()

@@ -167,10 +167,15 @@ def sqlite_database(settings: Settings) -> Path | None:
 
 
 def free_space(settings: Settings, reserve: AuditReserve | None = None) -> FreeSpace:
-    """The low-water mark on the file systems of the object store and of the SQLite index (with the
-    audit ``reserve``: until a released one is refilled, stores stay refused)."""
+    """The low-water mark on the file systems of the object store, of the SQLite index and of the audit
+    trail's head file (with the audit ``reserve``: until a released one is refilled, stores stay
+    refused)."""
     database = sqlite_database(settings)
-    paths = [settings.objects_dir, *([database.parent] if database is not None else [])]
+    paths = [
+        settings.objects_dir,
+        *([database.parent] if database is not None else []),
+        settings.audit_head_file.parent,
+    ]
     return FreeSpace(paths, settings.storage.min_free_bytes, reserve=reserve)
 
 

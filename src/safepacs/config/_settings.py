@@ -153,7 +153,9 @@ class IndexSettings(_Section):
             raise ValueError(
                 "must name SQLite (sqlite:///FILE) or PostgreSQL (postgresql+psycopg://USER@HOST:5432/DB)"
             )
-        if match.group(1).lower() == "sqlite" and url[match.end() :] in ("", "/", "/:memory:"):
+        database = url[match.end() :]
+        memory = database in ("", "/", "/:memory:") or database.startswith(("/:memory:", "/file:"))
+        if match.group(1).lower() == "sqlite" and (memory or "mode=memory" in database.lower()):
             raise ValueError("names no SQLite file (an in-memory index would be lost at exit)")
         return url
 
