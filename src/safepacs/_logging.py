@@ -175,7 +175,7 @@ def install_hooks() -> None:
         name = args.thread.name if args.thread is not None else "?"
         _crash_log.error(
             "uncaught exception in a thread; the thread stopped",
-            extra={"thread": name},
+            extra={"stopped_thread": name},
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
         )
 
