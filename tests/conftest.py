@@ -16,6 +16,7 @@ import pytest
 
 from safepacs.app import initialize
 from safepacs.cli import main as safepacs_main
+from safepacs.index import SqlIndex
 
 DCMTK = ("echoscu", "storescu", "findscu", "getscu", "movescu", "storescp")
 POSTGRES_ENV = "SAFEPACS_TEST_POSTGRES"
@@ -38,6 +39,16 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     initialize(d)
     return d
+
+
+@pytest.fixture
+def index(data_dir: Path) -> Iterator[SqlIndex]:
+    """The SQLite index of ``data_dir`` (the one a ``server``/``srv`` fixture serves), opened beside it."""
+    idx = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    try:
+        yield idx
+    finally:
+        idx.close()
 
 
 def run_cli(*args: str) -> int:

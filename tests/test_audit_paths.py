@@ -11,7 +11,6 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -40,15 +39,6 @@ AGENT = "pytest-viewer/1.0"
 DENY_AUDIT = sa.text(
     "CREATE TRIGGER deny_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END"
 )
-
-
-@pytest.fixture
-def index(data_dir: Path) -> Iterator[SqlIndex]:
-    idx = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 def _one(events: list[AuditEvent], event_id: EventID, type_code: str | None = None) -> AuditEvent:

@@ -10,7 +10,6 @@ import sqlite3
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -34,15 +33,6 @@ from tests.test_audit_xml import _assert_valid, schema  # noqa: F401 - the schem
 pytestmark = pytest.mark.dcmtk
 
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-
-
-@pytest.fixture
-def index(srv: Server) -> Iterator[SqlIndex]:
-    idx = SqlIndex(f"sqlite:///{srv.data / 'index.sqlite3'}")
-    try:
-        yield idx
-    finally:
-        idx.close()
 
 
 def _study(srv: Server, tmp_path: Path, n: int = 3) -> tuple[str, str, list[Dataset]]:

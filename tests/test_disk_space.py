@@ -32,15 +32,6 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 MARK = str(2**62)  # storage.min_free_bytes above what any disk has free
 
 
-@pytest.fixture
-def index(data_dir: Path) -> Iterator[SqlIndex]:
-    idx = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
-    try:
-        yield idx
-    finally:
-        idx.close()
-
-
 def _token(data: Path, user: str, role: str, capsys: pytest.CaptureFixture[str]) -> str:
     assert run_cli("user", "add", user, "--role", role, "--data", str(data)) == 0
     capsys.readouterr()
