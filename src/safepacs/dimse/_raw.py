@@ -96,6 +96,9 @@ def _send_raw(
     # As pynetdicom's own send_c_store, but the reactor (and its network timer) is held from before the
     # instance is read and converted, which may take longer than the timeout, until the response is in.
     assoc._reactor_checkpoint.clear()
+    wake = getattr(assoc.dul, "wake", None)  # a StoreDUL's reactor waits on it (fastpath._ReactorClock)
+    if wake is not None:
+        wake.set()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:

@@ -440,9 +440,8 @@ def send_stored(
         return cast("C_STORE | None", assoc.dimse.get_msg(block=False)[1])
     rsp = C_STORE()
     if response.plain:
+        # all pynetdicom's status check reads (the UIDs' setters cost a regular expression each)
         rsp.MessageIDBeingRespondedTo = response.message_id
-        rsp.AffectedSOPClassUID = sop_class_uid
-        rsp.AffectedSOPInstanceUID = sop_instance_uid
         rsp.Status = response.status
         return rsp
     detailed = C_STORE_RSP()  # Error Comment, Offending Element, ...: pynetdicom reads them
