@@ -673,14 +673,16 @@ def install_store_path(
     *,
     preface: bytes | None = None,
     pdu_timeout: float = 5.0,
+    dul_type: type[StoreDUL] = StoreDUL,
 ) -> None:
     """Give an accepted (not yet started) association the :class:`StoreDUL`; ``preface``: the PDU its
     connection sent already (its A-ASSOCIATE-RQ), which the DUL takes as received first;
-    ``pdu_timeout``: seconds a PDU has to arrive whole outside the established association."""
+    ``pdu_timeout``: seconds a PDU has to arrive whole outside the established association;
+    ``dul_type``: a subclass (``sendpath.SendDUL``, which also sends C-GET/C-MOVE sub-operations)."""
     if not isinstance(getattr(pynetdicom.association, "time", None), _ReactorClock):
         setattr(pynetdicom.association, "time", _ReactorClock())  # noqa: B010 - see _ReactorClock
     old = assoc.dul
-    dul = StoreDUL(assoc, handler, max_object_bytes)
+    dul = dul_type(assoc, handler, max_object_bytes)
     dul.preface = preface
     dul.pdu_timeout = pdu_timeout
     dul.socket = old.socket
