@@ -35,7 +35,6 @@ additions; a C-MOVE sub-association, which SafePACS requests, gets one too (:fun
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -53,7 +52,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from safepacs.dimse.fastpath import _BUSY_WAIT, _IDLE_AFTER, _IDLE_WAIT, StoreDUL, install_store_path
+from safepacs.dimse.fastpath import StoreDUL, install_store_path
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -259,17 +258,11 @@ class SendDUL(StoreDUL):
 
     def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
         super().__init__(assoc, *args, **kwargs)
-        # Wakes the reactor when the association thread has queued something to send.
-        self._poke_in, self._poke_out = socket.socketpair()
-        self._poke_in.setblocking(False)
-        self._poke_out.setblocking(False)
         self._awaiting: _Exchange | None = None
 
     def poke(self) -> None:
-        try:
-            self._poke_out.send(b"\x00")
-        except OSError:  # full (a wake-up is pending anyway) or closed (the reactor has ended)
-            pass
+        """Wake the reactor (the waker every StoreDUL has; nothing once the reactor has ended)."""
+        self._waker.set()
 
     def run_reactor(self) -> None:
         try:
@@ -278,36 +271,12 @@ class SendDUL(StoreDUL):
             waiting = self._awaiting
             if waiting is not None:
                 waiting.done.set()  # no response will come: the waiting sub-operation sees None
-            self._poke_in.close()
-            self._poke_out.close()
 
     def _abort_now(self) -> None:
         super()._abort_now()
         waiting = self._awaiting
         if waiting is not None:
             waiting.done.set()
-
-    def _wait(self) -> None:
-        """As :meth:`StoreDUL._wait`, and also woken by :meth:`poke`."""
-        idle = time.monotonic() - self._last_activity > _IDLE_AFTER
-        delay = _IDLE_WAIT if idle else _BUSY_WAIT
-        sock = getattr(self.socket, "socket", None)
-        if sock is None or sock.fileno() < 0:
-            time.sleep(delay)
-            return
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return
-        try:
-            ready, _, _ = select.select([sock, self._poke_in], [], [], delay)
-        except (OSError, ValueError):
-            time.sleep(delay)
-            return
-        if self._poke_in in ready:
-            try:
-                while self._poke_in.recv(4096):
-                    pass
-            except OSError:
-                pass
 
     def _process_recv_primitive(self) -> bool:
         try:
