@@ -452,6 +452,11 @@ class Target:
         return {"SAFEPACS_INDEX__URL": self.index_url} if self.backend == "PostgreSQL" else {}
 
     @property
+    def schema(self) -> str:
+        """The PostgreSQL schema of the index (its URL's search_path)."""
+        return str(sa.make_url(self.index_url).query["options"]).split("=", 1)[1]
+
+    @property
     def marker(self) -> Path:
         return self.data.parent / f"{self.data.name}.filled.json"
 
@@ -468,9 +473,8 @@ class Target:
         remove_tree(self.data)
         self.marker.unlink(missing_ok=True)
         if self.backend == "PostgreSQL":
-            schema = sa.make_url(self.index_url).query["options"].split("=", 1)[1]  # type: ignore[union-attr]
-            pg_admin(self.index_url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', PG_DATABASE)
-            pg_admin(self.index_url, f'CREATE SCHEMA "{schema}"', PG_DATABASE)
+            pg_admin(self.index_url, f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE', PG_DATABASE)
+            pg_admin(self.index_url, f'CREATE SCHEMA "{self.schema}"', PG_DATABASE)
         run(["init", "--data", str(self.data)], self.env)
         run(["user", "add", BENCH_USER, "--role", "radiologist", "--data", str(self.data)], self.env)
         run(
@@ -903,6 +907,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # a stop signal unwinds like Ctrl-C: servers and temp dirs are cleaned up
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     own = args.workdir is None
@@ -910,15 +918,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     created_pg = False
-    # a stop signal unwinds like Ctrl-C: the servers and temp dirs go in the finally clauses below
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
+    targets: list[Target] = []
     try:
         big = Corpus.make(args.studies, args.seed)
         corpora = [big.prefix(args.small), big] if args.small < args.studies else [big]
         if "postgresql" in args.backends and not pg_database_exists(args.pg_url):
             pg_admin(args.pg_url, f'CREATE DATABASE "{PG_DATABASE}"')
             created_pg = True
-        targets: list[Target] = []
         for backend in args.backends:
             for c in corpora:
                 name = f"{backend}-{c.count}-seed{c.seed}"
@@ -995,9 +1002,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own:
             remove_tree(workdir)
-            if created_pg:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if created_pg:
                     pg_admin(args.pg_url, f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)')
+                else:  # a database a --workdir run keeps: only the schemas this run made
+                    for t in targets:
+                        if t.backend == "PostgreSQL":
+                            pg_admin(t.index_url, f'DROP SCHEMA IF EXISTS "{t.schema}" CASCADE', PG_DATABASE)
 
 
 if __name__ == "__main__":
