@@ -13,7 +13,9 @@ instance makes it a 500 problem.  ``transfer-syntax=*`` sends each instance as
 stored; without it, or with Explicit/Implicit VR Little Endian, compressed instances are decoded
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
 default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
-whole series in memory.  In metadata, Pixel Data and every binary value over 1 KiB is a
+whole series in memory; sent as stored, its ``Content-Length`` is known beforehand from the sizes the
+index records (h11 then passes each instance through as it is, where the chunked coding cost a copy
+of each), converted it is chunked.  In metadata, Pixel Data and every binary value over 1 KiB is a
 ``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.  An instance stored before ingest
 refused sequences nested deeper than 32 levels is sent with its deeper items left out (those sequences
 empty) and a ``Warning: 299`` header saying so; an instance whose data set cannot be read is left out
