@@ -963,6 +963,53 @@ def test_tokens(index: SqlIndex) -> None:
     assert check_token(later.token, index.get_token, index.get_user, now=later.record.expires_at) is None
 
 
+def test_token_holder_agrees_with_token_and_user(index: SqlIndex) -> None:
+    """Differential: the one-statement lookup a request makes (``get_token_holder``) gives what the token
+    and user lookups give, for every way a token is refused and for a scoped user, and sees a revocation,
+    a disabled user, and a changed scope on the very next check (nothing is cached)."""
+    import datetime as dt
+
+    from safepacs.auth.tokens import check_token, check_token_holder, issue_token
+    from safepacs.types import Scope
+
+    def both(token: str, now: dt.datetime | None = None) -> Any:
+        slow = check_token(token, index.get_token, index.get_user, now=now)
+        fast = check_token_holder(token, index.get_token_holder, now=now)
+        assert fast == slow
+        return fast
+
+    index.add_user("alice", "h", frozenset({"radiologist"}))
+    index.add_user("bob", "h", frozenset({"referrer"}))
+    alice = issue_token("alice", dt.timedelta(days=1), frozenset({"find"}))
+    bob = issue_token("bob", dt.timedelta(days=1))
+    index.add_token(alice.record)
+    index.add_token(bob.record)
+    found = both(alice.token)
+    assert found is not None and found[1].name == "alice" and found[0].scopes == frozenset({"find"})
+    assert index.get_token_holder(alice.record.token_id) == (
+        index.get_token(alice.record.token_id),
+        index.get_user("alice"),
+    )
+    assert index.get_token_holder("0000000000000000") is None
+    assert both("spat_0000000000000000_" + "A" * 43) is None  # unknown id
+    assert both(alice.token[:-1] + ("B" if alice.token[-1] != "B" else "C")) is None  # wrong secret
+    assert both("spat_" + alice.record.token_id) is None  # malformed
+    assert both(alice.token, now=alice.record.expires_at) is None  # expired
+    index.set_user_scope("alice", Scope(modalities=frozenset({"CT"})))
+    found = both(alice.token)
+    assert found is not None and found[1].scope == Scope(modalities=frozenset({"CT"}))
+    index.set_user_scope("alice", None)
+    found = both(alice.token)
+    assert found is not None and found[1].scope is None
+    index.update_user("alice", disabled=True)
+    assert both(alice.token) is None  # a disabled user's token at once
+    index.update_user("alice", disabled=False)
+    assert both(alice.token) is not None
+    index.revoke_token(alice.record.token_id)
+    assert both(alice.token) is None  # a revoked token at once
+    assert both(bob.token) is not None
+
+
 # Concurrency -------------------------------------------------------------------------------------------
 def _writer(url: str, study: str, series: str, worker: int, count: int) -> None:
     ix = SqlIndex(url)
