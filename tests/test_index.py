@@ -1091,3 +1091,85 @@ def test_fast_text_reading_agrees_with_pydicom_on_every_test_file() -> None:
             assert fast == _converted_text(header, tag), (path.name, hex(tag))
             compared += 1
     assert compared > 2000
+
+
+def test_find_select_built_once_per_shape_is_the_statement_built_afresh() -> None:
+    """Differential: the columns and FROM of a C-FIND are built once per (level, keys, scope) and reused;
+    the whole statement (SQL and bound values, on both dialects) is the one built from nothing, for
+    queries of every level with counts, sequences, scopes (a grantee's too), values and pages."""
+    from dataclasses import replace
+
+    import sqlalchemy.dialects.postgresql as pg
+    import sqlalchemy.dialects.sqlite as sqlite_dialect
+
+    from safepacs.index import sql
+    from safepacs.index.matching import parse_identifier
+    from safepacs.types import QueryModel, Scope
+
+    def ident(level: str, **keys: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            ds.add(DataElement(tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword)), value))
+        return ds
+
+    shapes = [
+        (QueryLevel.PATIENT, ident("PATIENT", PatientID="P1", NumberOfPatientRelatedStudies="",
+                                   NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientID="P1", StudyInstanceUID="", ModalitiesInStudy="",
+                                 NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientID="P2", StudyInstanceUID="", ModalitiesInStudy="",
+                                 NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientName="DOE*", StudyDate="20200101-", StudyInstanceUID="")),
+        (QueryLevel.SERIES, ident("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="", Modality="",
+                                  NumberOfSeriesRelatedInstances="")),
+        (QueryLevel.IMAGE, ident("IMAGE", SeriesInstanceUID="1.2.3.4", SOPInstanceUID="", InstanceNumber="")),
+    ]  # fmt: skip
+    scopes = [
+        None,
+        Scope(modalities=frozenset({"CT"})),
+        Scope(groups=frozenset({"g"}), grantee="alice"),
+        Scope(groups=frozenset({"g"}), grantee="bob"),
+    ]
+
+    def compiled(stmt: Any) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for dialect in (sqlite_dialect.dialect(), pg.dialect()):
+            c = stmt.compile(dialect=dialect)
+            out.append((str(c), dict(c.params)))
+        return out
+
+    cases = [
+        (level, ds, scope, limit, offset)
+        for level, ds in shapes
+        for scope in scopes
+        for limit, offset in ((None, 0), (10, 0), (10, 20))
+    ]
+    for _ in range(2):  # the second pass takes every head from the cache
+        for level, ds, scope, limit, offset in cases:
+            model = (
+                QueryModel.PATIENT_ROOT
+                if level in (QueryLevel.PATIENT, QueryLevel.STUDY)
+                else QueryModel.STUDY_ROOT
+            )
+            query = replace(parse_identifier(model, level, ds), scope=scope)
+            reused = compiled(sql.find_select(query, limit, offset))
+            sql._find_head.cache_clear()
+            fresh = compiled(sql.find_select(query, limit, offset))
+            assert reused == fresh
+            assert sql._find_head.cache_info().currsize == 1
+        for level, ds, scope, limit, offset in cases:  # fill the cache for the next pass
+            model = (
+                QueryModel.PATIENT_ROOT
+                if level in (QueryLevel.PATIENT, QueryLevel.STUDY)
+                else QueryModel.STUDY_ROOT
+            )
+            sql.find_select(replace(parse_identifier(model, level, ds), scope=scope), limit, offset)
+    # The patient-level counts count the studies the scope shows: a query gets the head of its own scope
+    # (its grantee in each of the three counts and in the WHERE), not one cached for another principal.
+    patient_query = parse_identifier(QueryModel.PATIENT_ROOT, QueryLevel.PATIENT, shapes[0][1])
+    for first, second in ((scopes[3], scopes[2]), (scopes[2], scopes[3])):
+        sql.find_select(replace(patient_query, scope=first), None)
+        for _dialect_sql, params in compiled(sql.find_select(replace(patient_query, scope=second), None)):
+            assert list(params.values()).count(second.grantee) == 4
+            assert first.grantee not in params.values()
