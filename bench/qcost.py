@@ -1,7 +1,7 @@
 """Per-query fixed cost: server CPU per exact-key C-FIND and QIDO-RS query, this checkout against a base.
 
-    git worktree add /tmp/base-qcost main
-    python bench/qcost.py --base /tmp/base-qcost --workdir /tmp/spbench-qcost    # ~4 min
+    git worktree add --detach /tmp/base-qcost main   # or the commit to compare with
+    python bench/qcost.py --base /tmp/base-qcost --workdir /tmp/spbench-qcost --rounds 25   # ~2.5 min
     git worktree remove /tmp/base-qcost
 
 The cost measured here is the one that does not grow with the archive (bench/scale.py shows it flat
