@@ -963,6 +963,53 @@ def test_tokens(index: SqlIndex) -> None:
     assert check_token(later.token, index.get_token, index.get_user, now=later.record.expires_at) is None
 
 
+def test_token_holder_agrees_with_token_and_user(index: SqlIndex) -> None:
+    """Differential: the one-statement lookup a request makes (``get_token_holder``) gives what the token
+    and user lookups give, for every way a token is refused and for a scoped user, and sees a revocation,
+    a disabled user, and a changed scope on the very next check (nothing is cached)."""
+    import datetime as dt
+
+    from safepacs.auth.tokens import check_token, check_token_holder, issue_token
+    from safepacs.types import Scope
+
+    def both(token: str, now: dt.datetime | None = None) -> Any:
+        slow = check_token(token, index.get_token, index.get_user, now=now)
+        fast = check_token_holder(token, index.get_token_holder, now=now)
+        assert fast == slow
+        return fast
+
+    index.add_user("alice", "h", frozenset({"radiologist"}))
+    index.add_user("bob", "h", frozenset({"referrer"}))
+    alice = issue_token("alice", dt.timedelta(days=1), frozenset({"find"}))
+    bob = issue_token("bob", dt.timedelta(days=1))
+    index.add_token(alice.record)
+    index.add_token(bob.record)
+    found = both(alice.token)
+    assert found is not None and found[1].name == "alice" and found[0].scopes == frozenset({"find"})
+    assert index.get_token_holder(alice.record.token_id) == (
+        index.get_token(alice.record.token_id),
+        index.get_user("alice"),
+    )
+    assert index.get_token_holder("0000000000000000") is None
+    assert both("spat_0000000000000000_" + "A" * 43) is None  # unknown id
+    assert both(alice.token[:-1] + ("B" if alice.token[-1] != "B" else "C")) is None  # wrong secret
+    assert both("spat_" + alice.record.token_id) is None  # malformed
+    assert both(alice.token, now=alice.record.expires_at) is None  # expired
+    index.set_user_scope("alice", Scope(modalities=frozenset({"CT"})))
+    found = both(alice.token)
+    assert found is not None and found[1].scope == Scope(modalities=frozenset({"CT"}))
+    index.set_user_scope("alice", None)
+    found = both(alice.token)
+    assert found is not None and found[1].scope is None
+    index.update_user("alice", disabled=True)
+    assert both(alice.token) is None  # a disabled user's token at once
+    index.update_user("alice", disabled=False)
+    assert both(alice.token) is not None
+    index.revoke_token(alice.record.token_id)
+    assert both(alice.token) is None  # a revoked token at once
+    assert both(bob.token) is not None
+
+
 # Concurrency -------------------------------------------------------------------------------------------
 def _writer(url: str, study: str, series: str, worker: int, count: int) -> None:
     ix = SqlIndex(url)
@@ -1044,3 +1091,85 @@ def test_fast_text_reading_agrees_with_pydicom_on_every_test_file() -> None:
             assert fast == _converted_text(header, tag), (path.name, hex(tag))
             compared += 1
     assert compared > 2000
+
+
+def test_find_select_built_once_per_shape_is_the_statement_built_afresh() -> None:
+    """Differential: the columns and FROM of a C-FIND are built once per (level, keys, scope) and reused;
+    the whole statement (SQL and bound values, on both dialects) is the one built from nothing, for
+    queries of every level with counts, sequences, scopes (a grantee's too), values and pages."""
+    from dataclasses import replace
+
+    import sqlalchemy.dialects.postgresql as pg
+    import sqlalchemy.dialects.sqlite as sqlite_dialect
+
+    from safepacs.index import sql
+    from safepacs.index.matching import parse_identifier
+    from safepacs.types import QueryModel, Scope
+
+    def ident(level: str, **keys: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            ds.add(DataElement(tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword)), value))
+        return ds
+
+    shapes = [
+        (QueryLevel.PATIENT, ident("PATIENT", PatientID="P1", NumberOfPatientRelatedStudies="",
+                                   NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientID="P1", StudyInstanceUID="", ModalitiesInStudy="",
+                                 NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientID="P2", StudyInstanceUID="", ModalitiesInStudy="",
+                                 NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")),
+        (QueryLevel.STUDY, ident("STUDY", PatientName="DOE*", StudyDate="20200101-", StudyInstanceUID="")),
+        (QueryLevel.SERIES, ident("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="", Modality="",
+                                  NumberOfSeriesRelatedInstances="")),
+        (QueryLevel.IMAGE, ident("IMAGE", SeriesInstanceUID="1.2.3.4", SOPInstanceUID="", InstanceNumber="")),
+    ]  # fmt: skip
+    scopes = [
+        None,
+        Scope(modalities=frozenset({"CT"})),
+        Scope(groups=frozenset({"g"}), grantee="alice"),
+        Scope(groups=frozenset({"g"}), grantee="bob"),
+    ]
+
+    def compiled(stmt: Any) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for dialect in (sqlite_dialect.dialect(), pg.dialect()):
+            c = stmt.compile(dialect=dialect)
+            out.append((str(c), dict(c.params)))
+        return out
+
+    cases = [
+        (level, ds, scope, limit, offset)
+        for level, ds in shapes
+        for scope in scopes
+        for limit, offset in ((None, 0), (10, 0), (10, 20))
+    ]
+    for _ in range(2):  # the second pass takes every head from the cache
+        for level, ds, scope, limit, offset in cases:
+            model = (
+                QueryModel.PATIENT_ROOT
+                if level in (QueryLevel.PATIENT, QueryLevel.STUDY)
+                else QueryModel.STUDY_ROOT
+            )
+            query = replace(parse_identifier(model, level, ds), scope=scope)
+            reused = compiled(sql.find_select(query, limit, offset))
+            sql._find_head.cache_clear()
+            fresh = compiled(sql.find_select(query, limit, offset))
+            assert reused == fresh
+            assert sql._find_head.cache_info().currsize == 1
+        for level, ds, scope, limit, offset in cases:  # fill the cache for the next pass
+            model = (
+                QueryModel.PATIENT_ROOT
+                if level in (QueryLevel.PATIENT, QueryLevel.STUDY)
+                else QueryModel.STUDY_ROOT
+            )
+            sql.find_select(replace(parse_identifier(model, level, ds), scope=scope), limit, offset)
+    # The patient-level counts count the studies the scope shows: a query gets the head of its own scope
+    # (its grantee in each of the three counts and in the WHERE), not one cached for another principal.
+    patient_query = parse_identifier(QueryModel.PATIENT_ROOT, QueryLevel.PATIENT, shapes[0][1])
+    for first, second in ((scopes[3], scopes[2]), (scopes[2], scopes[3])):
+        sql.find_select(replace(patient_query, scope=first), None)
+        for _dialect_sql, params in compiled(sql.find_select(replace(patient_query, scope=second), None)):
+            assert list(params.values()).count(second.grantee) == 4
+            assert first.grantee not in params.values()

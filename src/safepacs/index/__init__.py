@@ -788,6 +788,22 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
 
         return self._run(work, write=False)
 
+    def get_token_holder(self, token_id: str) -> tuple[TokenRecord, UserRecord | None] | None:
+        """The token and its user (None if the user is gone), read by one statement in one transaction:
+        every request with a bearer token asks this, and a second transaction for the user cost as much
+        as the statement.  One statement also costs the same whether the id exists or not."""
+
+        def work(conn: sa.Connection) -> tuple[TokenRecord, UserRecord | None] | None:
+            row = conn.execute(_TOKEN_HOLDER, {"token_id": token_id}).mappings().first()
+            if row is None:
+                return None
+            if row["holder"] is None:
+                return _token(row), None
+            user = _user({**row, "name": row["holder"]})
+            return _token(row), _scoped(user, row["scope"])
+
+        return self._run(work, write=False)
+
     def list_tokens(self, user_name: str | None = None) -> list[TokenRecord]:
         def work(conn: sa.Connection) -> list[TokenRecord]:
             stmt = sa.select(tokens).order_by(tokens.c.user_name, tokens.c.created_at)
@@ -820,6 +836,26 @@ def _user(row: Any) -> UserRecord:
 
 _USERS = sa.select(users, user_scopes.c.scope).select_from(
     users.outerjoin(user_scopes, user_scopes.c.user_name == users.c.name)
+)
+
+
+# Built once (SQLAlchemy finds its compiled form in its cache): a token, its user and the user's scope.
+_TOKEN_HOLDER = (
+    sa.select(
+        tokens,
+        users.c.name.label("holder"),
+        users.c.password_hash,
+        users.c.roles,
+        users.c.disabled,
+        users.c.must_change_password,
+        user_scopes.c.scope,
+    )
+    .select_from(
+        tokens.outerjoin(users, users.c.name == tokens.c.user_name).outerjoin(
+            user_scopes, user_scopes.c.user_name == users.c.name
+        )
+    )
+    .where(tokens.c.token_id == sa.bindparam("token_id"))
 )
 
 

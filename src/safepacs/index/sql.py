@@ -12,6 +12,7 @@ and one batched ``SELECT DISTINCT`` per result page for the multi-valued attribu
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -364,14 +365,19 @@ def _pk_label(level: QueryLevel) -> str:
     return f"_pk_{level.value.lower()}"
 
 
-def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[Any]:
-    """The SELECT of a C-FIND: one row per matching record of the query level, ``limit + 1`` at most
-    (the extra row tells that there are more), after skipping ``offset`` rows."""
+@functools.lru_cache(maxsize=256)
+def _find_head(level: QueryLevel, keywords: tuple[str, ...], scope: Scope | None) -> sa.Select[Any]:
+    """The columns and FROM of a C-FIND at ``level`` returning ``keywords`` (in that order) for
+    ``scope``: the same for every query of a shape, whatever its values, so built once per shape.
+    Building it (labels, the correlated counts and their scope clauses) cost more per query than the
+    SQL took to run.  A Select is immutable (``where`` returns a new one), and nothing in it depends
+    on a value of the query or on the time (a grant's expiry is compared with the database's now());
+    a principal whose scope changes gets another entry."""
     columns: list[sa.ColumnElement[Any]] = [
-        LEVEL_TABLES[lv].c.pk.label(_pk_label(lv)) for lv in _levels_down_to(query.level)
+        LEVEL_TABLES[lv].c.pk.label(_pk_label(lv)) for lv in _levels_down_to(level)
     ]
-    for cond in query.conditions:
-        attr = A.BY_KEYWORD.get(cond.keyword)
+    for keyword in keywords:
+        attr = A.BY_KEYWORD.get(keyword)
         if attr is None:
             continue
         if attr.keyword == "PatientID":
@@ -381,9 +387,15 @@ def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[A
         elif attr.derived is A.Derived.TRANSFER_SYNTAX:
             columns.append(instances.c.transfer_syntax_uid.label(attr.keyword))
         elif attr.derived not in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES, A.Derived.ONLINE}:
-            columns.append(_count(attr, query.scope).label(attr.keyword))
+            columns.append(_count(attr, scope).label(attr.keyword))
+    return sa.select(*columns).select_from(_from(level))
+
+
+def find_select(query: Query, limit: int | None, offset: int = 0) -> sa.Select[Any]:
+    """The SELECT of a C-FIND: one row per matching record of the query level, ``limit + 1`` at most
+    (the extra row tells that there are more), after skipping ``offset`` rows."""
+    stmt = _find_head(query.level, tuple(c.keyword for c in query.conditions), query.scope)
     base = LEVEL_TABLES[query.level]
-    stmt = sa.select(*columns).select_from(_from(query.level))
     if not limit:
         return stmt.where(*where_clauses(query)).order_by(base.c.pk)
     # The page's keys first, from the WHERE alone (an index answers it), then the columns and the

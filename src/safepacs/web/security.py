@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier, oidc_principal
 from safepacs.auth.policy import user_principal
-from safepacs.auth.tokens import PREFIX, check_token
+from safepacs.auth.tokens import PREFIX, check_token_holder
 from safepacs.errors import AccessDenied, AuthenticationError, IdentityProviderError
 from safepacs.index import SessionRecord, SqlIndex, UserRecord
 from safepacs.types import Principal
@@ -109,7 +109,7 @@ def _unauthorized(detail: str, error: str | None = None) -> Problem:
 
 def _bearer(token: str, index: SqlIndex, oidc: OidcVerifier | None, client: str | None) -> Principal:
     if token.startswith(PREFIX + "_") or not oidc:
-        found = check_token(token, index.get_token, index.get_user)
+        found = check_token_holder(token, index.get_token_holder)
         if found is None:
             raise _unauthorized(
                 "the token is not valid (unknown, expired, revoked, or its user is disabled)", "invalid_token"
