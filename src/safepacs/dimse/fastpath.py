@@ -232,6 +232,9 @@ class StoreDUL(DULServiceProvider):
         self.preface: bytes | None = None
         #: Seconds a PDU outside Sta6 has to arrive whole (``server.associate_timeout``).
         self.pdu_timeout = 5.0
+        #: Held for every write to the socket: the association's thread writes pending C-FIND
+        #: responses itself (:meth:`send_direct`), this thread everything else.
+        self._send_lock = threading.Lock()
 
     # Reactor -------------------------------------------------------------------------------------------
     def run_reactor(self) -> None:
@@ -297,13 +300,35 @@ class StoreDUL(DULServiceProvider):
         except (OSError, ValueError):
             time.sleep(delay)
 
+    # Writing -------------------------------------------------------------------------------------------
+    def _send(self, pdu: Any) -> None:
+        """pynetdicom's own writes (every PDU its state machine sends), under the send lock."""
+        with self._send_lock:
+            super()._send(pdu)
+
+    def send_direct(self, data: bytes) -> bool:
+        """Write whole PDUs from another thread (``findfast.py``: plain TCP only); False when the
+        connection is gone, which the reactor then hears about as pynetdicom would (Evt17)."""
+        sock = cast("AssociationSocket", self.socket).socket
+        if sock is None or not self.assoc.is_established:
+            return False
+        try:
+            with self._send_lock:
+                sock.sendall(data)
+        except OSError:
+            log.info("connection lost while sending C-FIND responses")
+            self.event_queue.put("Evt17")
+            return False
+        return True
+
     def _abort_now(self) -> None:
         """Bypass the state machine: send A-ABORT and stop both reactors (as pynetdicom does on errors)."""
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
         try:
-            cast("AssociationSocket", self.socket).send(abort.encode())
+            with self._send_lock:
+                cast("AssociationSocket", self.socket).send(abort.encode())
         except Exception:  # noqa: BLE001 - the connection may be gone already
             log.debug("A-ABORT could not be sent")
         self.assoc.is_aborted = True
@@ -565,7 +590,8 @@ class StoreDUL(DULServiceProvider):
         sock = cast("AssociationSocket", self.socket).socket
         assert sock is not None
         try:
-            sock.sendall(b"".join(out))
+            with self._send_lock:
+                sock.sendall(b"".join(out))
         except OSError:
             log.info("connection lost while sending a C-STORE response")
             self.event_queue.put("Evt17")
