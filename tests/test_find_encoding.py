@@ -6,19 +6,34 @@ ranges, UID lists, keys the index does not keep, the response character set, bot
 from __future__ import annotations
 
 from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pynetdicom.dsutils import encode
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import build_context, evt
+from pynetdicom.dsutils import decode, encode
 
+from safepacs.app import open_archive
+from safepacs.config import load_settings
+from safepacs.dimse.contexts import (
+    FIND_MODELS,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from safepacs.index import SqlIndex, sql
 from safepacs.index import attributes as A
 from safepacs.index import dicombytes as B
-from safepacs.types import QueryLevel, QueryModel
+from safepacs.types import Principal, QueryLevel, QueryModel, Service
 from tests import test_index as ti
+from tests.conftest import dcmtk, run_cli, start_server
+from tests.corpus import make_ct
+from tests.dicom_client import associate
 from tests.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, item, query
 
 # The index fixtures of test_index: SQLite, and PostgreSQL when SAFEPACS_TEST_POSTGRES is set.
@@ -218,3 +233,121 @@ def test_element_writer_pads_and_refuses_what_it_must() -> None:
     for vr, value in (("US", 70_000), ("IS", "12"), ("CS", "Ω"), ("LO", 3), ("US or SS", 1)):
         with pytest.raises(B.Unencodable):
             B.element(0x00080060, vr, value, False)
+
+
+# Over a real association ------------------------------------------------------------------------------
+def _network_corpus(folder: Path, data: Path) -> None:
+    """Instances whose answers take the unusual turns: names in ISO 8859-1 and in UTF-8 with component
+    groups, a patient without an ID, several series, a procedure code sequence."""
+    folder.mkdir()
+    study = generate_uid()
+    files = [
+        make_ct(patient_id="N-1", patient_name="Müller^Hans", study_uid=study, instance_number=1),
+        make_ct(
+            patient_id="N-1", patient_name="Müller^Hans", study_uid=study, instance_number=2, Modality="MR"
+        ),
+        make_ct(
+            patient_id="N-2",
+            patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+            SpecificCharacterSet="ISO_IR 192",
+            StudyDescription="Kopf ohne Kontrast",
+            ProcedureCodeSequence=[item(CodeValue="P1", CodingSchemeDesignator="L", CodeMeaning="Tête")],
+        ),
+        make_ct(patient_id="", patient_name="Anonymous", AccessionNumber=None, StudyDate="20231224"),
+    ]
+    for n, ds in enumerate(files):
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+    assert run_cli("import", str(folder), "--data", str(data)) == 0
+
+
+def _network_queries() -> list[tuple[Any, QueryLevel, Dataset]]:
+    study_root, patient_root = (
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelFind,
+    )
+    latin = query(STUDY, StudyInstanceUID="", PatientName="", RetrieveAETitle="")
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin[0x00100010] = RawDataElement(
+        Tag(0x00100010), "PN", 8, "Mü*".encode("latin-1") + b"     ", 0, False, True
+    )
+    return [
+        (study_root, STUDY, _with_unsupported(_all_keys(STUDY))),
+        (study_root, SERIES, _with_unsupported(_all_keys(SERIES))),
+        (study_root, IMAGE, _all_keys(IMAGE)),
+        (patient_root, PATIENT, _with_unsupported(_all_keys(PATIENT))),
+        (patient_root, STUDY, query(STUDY, PatientID="N-*", StudyInstanceUID="", ModalitiesInStudy="")),
+        (study_root, STUDY, query(STUDY, StudyDate="20231201-20231231", PatientID="", AccessionNumber="")),
+        (study_root, STUDY, latin),
+        (study_root, STUDY, query(STUDY, PatientName="NOBODY")),
+    ]
+
+
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian], ids=["implicit", "explicit"]
+)
+def test_a_real_association_receives_the_old_bytes(data_dir: Path, tmp_path: Path, syntax: str) -> None:
+    """The identifiers a pynetdicom SCU receives are the bytes the old path's data sets encode to."""
+    _network_corpus(tmp_path / "corpus", data_dir)
+    viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    local = open_archive(load_settings(data_dir))
+    try:
+        srv.add_peer("VIEWER", "find")
+        received: list[bytes] = []
+
+        def keep(event: Any) -> None:
+            msg = event.message
+            if msg.data_set is not None and msg.data_set.getvalue():
+                received.append(msg.data_set.getvalue())
+
+        for model, level, ident in _network_queries():
+            received.clear()
+            contexts = [build_context(model, [syntax])]
+            handlers = [(evt.EVT_DIMSE_RECV, keep)]
+            with associate(srv.port, contexts, handlers=handlers) as assoc:
+                assert assoc.is_established
+                statuses = [int(s.Status) for s, _ in assoc.send_c_find(ident, model)]
+            found = local.query.find(viewer, FIND_MODELS[str(model)], level, ident)
+            expected = [encode(ds, syntax == ImplicitVRLittleEndian, True) for ds in found]
+            assert received == expected, (model, level)
+            assert statuses == [0xFF00] * len(expected) + [0x0000]
+    finally:
+        local.close()
+        srv.stop()
+
+
+def test_findscu_reads_what_the_old_path_answered(data_dir: Path, tmp_path: Path) -> None:
+    """DCMTK's findscu, writing each response it decoded to a file, reads the old path's answers."""
+    _network_corpus(tmp_path / "corpus", data_dir)
+    viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    local = open_archive(load_settings(data_dir))
+    out = tmp_path / "responses"
+    out.mkdir()
+    try:
+        srv.add_peer("VIEWER", "find")
+        keys = ["QueryRetrieveLevel=STUDY", "PatientName=*", "PatientID", "StudyInstanceUID", "StudyDate",
+                "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "RetrieveAETitle", "PatientWeight",
+                "ProcedureCodeSequence[0].CodeMeaning"]  # fmt: skip
+        args = [a for k in keys for a in ("-k", k)]
+        done = dcmtk("findscu", "-S", "-X", "-od", str(out), "-aet", "VIEWER", "-aec", "SAFEPACS", *args,
+                     srv.host, str(srv.port))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        ident = query(STUDY, PatientName="*", PatientID="", StudyInstanceUID="", StudyDate="",
+                      ModalitiesInStudy="", NumberOfStudyRelatedSeries="", RetrieveAETitle="")  # fmt: skip
+        ident.PatientWeight = None
+        ident.ProcedureCodeSequence = [item(CodeMeaning="")]
+        found = local.query.find(viewer, QueryModel.STUDY_ROOT, STUDY, ident)
+        expected = [decode(BytesIO(encode(ds, False, True)), False, True) for ds in found]
+        got = [dcmread(p) for p in sorted(out.iterdir())]
+        assert len(got) == len(expected) == 3
+        key = sorted  # findscu's files come in the order of the responses
+        assert key([_elements(ds) for ds in got]) == key([_elements(ds) for ds in expected])
+        assert any("山田^太郎" in str(ds.PatientName) for ds in got)
+    finally:
+        local.close()
+        srv.stop()
+
+
+def _elements(ds: Dataset) -> list[tuple[int, str, str]]:
+    return [(int(e.tag), str(e.VR), repr(e.value)) for e in ds if e.tag.group != 0x0002]
