@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,14 +71,18 @@ def test_find_handler_stops_at_cancel(data_dir: Path, tmp_path: Path) -> None:
 
 
 class _Dul:
-    """What the fast C-FIND responses need of fastpath.StoreDUL: its socket and ``send_direct``."""
+    """What the fast C-FIND responses need of sendpath.SendDUL: ``send_raw`` (written at once here)."""
 
     def __init__(self) -> None:
-        self.socket = SimpleNamespace(socket=None)  # a plain socket, not DICOM TLS
         self.written: list[bytes] = []
 
-    def send_direct(self, data: bytes) -> bool:
-        self.written.append(data)
+    def send_raw(self, buffers: list[bytes]) -> SimpleNamespace:
+        self.written.append(b"".join(buffers))
+        sent = threading.Event()
+        sent.set()
+        return SimpleNamespace(sent=sent)
+
+    def is_alive(self) -> bool:
         return True
 
 
@@ -90,6 +95,7 @@ class _FastEvent(_Event):
         self.context = SimpleNamespace(context_id=3, transfer_syntax=ImplicitVRLittleEndian)
         self.dul = _Dul()
         self.assoc.dul = self.dul
+        self.assoc.is_established = True
         self.assoc.dimse = SimpleNamespace(maximum_pdu_size=max_pdu)
 
     @property

@@ -286,34 +286,62 @@ def _network_queries() -> list[tuple[Any, QueryLevel, Dataset]]:
     "syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian], ids=["implicit", "explicit"]
 )
 def test_a_real_association_receives_the_old_bytes(data_dir: Path, tmp_path: Path, syntax: str) -> None:
-    """The identifiers a pynetdicom SCU receives are the bytes the old path's data sets encode to."""
+    """The identifiers a pynetdicom SCU receives are the bytes of the old path: from the same server with
+    ``server.dimse_send_path`` off (pynetdicom encoding the data sets and sending every response), and
+    from the data sets of QueryService.find encoded in this process; the statuses are the same too."""
     _network_corpus(tmp_path / "corpus", data_dir)
     viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
-    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    run_cli(
+        "peer",
+        "add",
+        "VIEWER",
+        "--host",
+        "127.0.0.1",
+        "--allow",
+        "find",
+        "--tls",
+        "off",
+        "--data",
+        str(data_dir),
+    )
+    answers: dict[str, list[tuple[list[bytes], list[int]]]] = {}
+    for send_path in ("true", "false"):
+        env = {"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_SERVER__DIMSE_SEND_PATH": send_path}
+        srv = start_server(data_dir, env=env)
+        try:
+            answers[send_path] = [
+                _c_find_raw(srv.port, model, syntax, ident) for model, _, ident in _network_queries()
+            ]
+        finally:
+            srv.stop()
+    assert answers["true"] == answers["false"]
     local = open_archive(load_settings(data_dir))
     try:
-        srv.add_peer("VIEWER", "find")
-        received: list[bytes] = []
-
-        def keep(event: Any) -> None:
-            msg = event.message
-            if msg.data_set is not None and msg.data_set.getvalue():
-                received.append(msg.data_set.getvalue())
-
-        for model, level, ident in _network_queries():
-            received.clear()
-            contexts = [build_context(model, [syntax])]
-            handlers = [(evt.EVT_DIMSE_RECV, keep)]
-            with associate(srv.port, contexts, handlers=handlers) as assoc:
-                assert assoc.is_established
-                statuses = [int(s.Status) for s, _ in assoc.send_c_find(ident, model)]
+        for (model, level, ident), (received, statuses) in zip(
+            _network_queries(), answers["true"], strict=True
+        ):
             found = local.query.find(viewer, FIND_MODELS[str(model)], level, ident)
             expected = [encode(ds, syntax == ImplicitVRLittleEndian, True) for ds in found]
             assert received == expected, (model, level)
             assert statuses == [0xFF00] * len(expected) + [0x0000]
     finally:
         local.close()
-        srv.stop()
+
+
+def _c_find_raw(port: int, model: Any, syntax: str, ident: Dataset) -> tuple[list[bytes], list[int]]:
+    """The identifiers of the responses as received (undecoded), and every response's status."""
+    received: list[bytes] = []
+
+    def keep(event: Any) -> None:
+        msg = event.message
+        if msg.data_set is not None and msg.data_set.getvalue():
+            received.append(msg.data_set.getvalue())
+
+    contexts = [build_context(model, [syntax])]
+    with associate(port, contexts, handlers=[(evt.EVT_DIMSE_RECV, keep)]) as assoc:
+        assert assoc.is_established
+        statuses = [int(s.Status) for s, _ in assoc.send_c_find(ident, model)]
+    return received, statuses
 
 
 def test_findscu_reads_what_the_old_path_answered(data_dir: Path, tmp_path: Path) -> None:

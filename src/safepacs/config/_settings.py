@@ -88,6 +88,11 @@ class ServerSettings(_Section):
     )
     acse_timeout: float = Field(30.0, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for DIMSE messages.")
+    dimse_send_path: bool = Field(
+        True,
+        description="Send C-GET/C-MOVE sub-operations in the stored transfer syntax straight from the stored "
+        "bytes (false: through pynetdicom's encoders, the slower reference path).",
+    )
     max_request_bytes: int = Field(
         512 * 1024**2, ge=1024, description="Largest HTTPS request body (a STOW-RS upload), in bytes."
     )

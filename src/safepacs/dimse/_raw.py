@@ -44,8 +44,9 @@ from pynetdicom.dimse import _RSP_TO_MESSAGE
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from safepacs.dimse.sendpath import SendDUL, send_encoded_response, send_stored
 from safepacs.errors import RetrieveError, SafePacsError
-from safepacs.services.transcode import choose_transfer_syntax, dataset_bytes, transcode
+from safepacs.services.transcode import choose_transfer_syntax, dataset_bytes, dataset_offset, transcode
 from safepacs.types import InstanceRef
 
 if TYPE_CHECKING:
@@ -95,28 +96,66 @@ def _send_raw(
     # As pynetdicom's own send_c_store, but the reactor (and its network timer) is held from before the
     # instance is read and converted, which may take longer than the timeout, until the response is in.
     assoc._reactor_checkpoint.clear()
+    wake = getattr(assoc.dul, "wake", None)  # a StoreDUL's reactor waits on it (fastpath._ReactorClock)
+    if wake is not None:
+        wake.set()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
         part10 = inst.read(ref)
-        if target == ref.transfer_syntax_uid:
-            encoded = dataset_bytes(part10)[1]
-        else:
-            encoded = transcode(part10, target)
-        del part10
         context = assoc._get_valid_context(ref.sop_class_uid, target, "scu", allow_conversion=False)
-        req = C_STORE()
-        req.MessageID = msg_id
-        req.Priority = priority
-        req.MoveOriginatorApplicationEntityTitle = originator_aet
-        req.MoveOriginatorMessageID = originator_id
-        req.AffectedSOPClassUID = ref.sop_class_uid
-        req.AffectedSOPInstanceUID = ref.sop_instance_uid
-        req.DataSet = BytesIO(encoded)
-        assoc.dimse.send_msg(req, cast(int, context.context_id))
-        _, rsp = assoc.dimse.get_msg(block=True)
+        if target == ref.transfer_syntax_uid and isinstance(assoc.dul, SendDUL):
+            rsp = send_stored(
+                assoc,
+                cast(int, context.context_id),
+                memoryview(part10)[dataset_offset(part10)[1] :],
+                message_id=msg_id,
+                sop_class_uid=ref.sop_class_uid,
+                sop_instance_uid=ref.sop_instance_uid,
+                priority=priority,
+                originator_aet=originator_aet,
+                originator_id=originator_id,
+            )
+        else:
+            rsp = _send_slow(assoc, part10, ref, target, cast(int, context.context_id), msg_id, priority,
+                             originator_aet, originator_id)  # fmt: skip
+        del part10
     finally:
         assoc._reactor_checkpoint.set()
+    return _status_of(assoc, rsp)
+
+
+def _send_slow(
+    assoc: Association,
+    part10: bytes,
+    ref: InstanceRef,
+    target: str,
+    context_id: int,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> Any:
+    """pynetdicom's way: the data set (transcoded when the peer did not accept the stored syntax) through
+    its encoders and queues."""
+    if target == ref.transfer_syntax_uid:
+        encoded = dataset_bytes(part10)[1]
+    else:
+        encoded = transcode(part10, target)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = ref.sop_class_uid
+    req.AffectedSOPInstanceUID = ref.sop_instance_uid
+    req.DataSet = BytesIO(encoded)
+    del encoded
+    assoc.dimse.send_msg(req, context_id)
+    return assoc.dimse.get_msg(block=True)[1]
+
+
+def _status_of(assoc: Association, rsp: Any) -> Dataset:
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
@@ -170,6 +209,8 @@ def _send_final_responses_whole(assoc: Association) -> None:
     original: Callable[[Any, int], None] = dimse.send_msg
 
     def send_msg(primitive: Any, context_id: int) -> None:
+        if send_encoded_response(assoc, primitive, context_id):
+            return
         if not (
             isinstance(primitive, C_GET | C_MOVE)
             and primitive.MessageIDBeingRespondedTo is not None

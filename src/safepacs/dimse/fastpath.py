@@ -25,7 +25,9 @@ the last is drained and refused with a failure status).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import select
 import socket
@@ -34,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -78,12 +81,9 @@ _HEADER = struct.Struct(">BxL")
 _ITEM = struct.Struct(">LB")
 _ELEMENT = struct.Struct("<HHL")
 
-# Waits between polls of the outgoing queue (pynetdicom's association thread puts responses there):
-# short while messages flow, longer once the association has been idle for a while.  Incoming data
-# wakes the reactor at once either way.
-_BUSY_WAIT = 0.0005
-_IDLE_WAIT = 0.01
-_IDLE_AFTER = 0.25
+# The reactor's longest wait when neither the peer nor the association thread wakes it (StoreDUL._wait):
+# what is left to notice then is a timer (ARTIM) or an event pynetdicom queued without sending a PDU.
+_WAIT = 0.01
 
 
 # The association thread's longest sleep between looks at its timers when nothing wakes it.
@@ -216,6 +216,55 @@ class _Message:
         self.too_large = False
 
 
+class _Waker:
+    """A file descriptor that another thread makes readable, to end a ``select`` early: an eventfd
+    where the OS has one (one descriptor per association), else a socket pair.  ``set`` after
+    ``close`` does nothing, so a descriptor number the OS has handed out again is never written to."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self._release: Callable[[], object]
+        if hasattr(os, "eventfd"):
+            self._read = self._write = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            # closes it if the association never ran its reactor
+            self._release = weakref.finalize(self, os.close, self._read)
+        else:  # pragma: no cover - not Linux
+            reader, writer = socket.socketpair()
+            reader.setblocking(False)
+            writer.setblocking(False)
+            self._read, self._write = reader.fileno(), writer.fileno()
+            self._release = weakref.finalize(self, _close_pair, (reader, writer))
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(OSError):  # full: it is set already
+                os.write(self._write, _ONE)
+
+    def clear(self) -> None:
+        """In the thread that waits on it."""
+        with contextlib.suppress(OSError):  # not set (BlockingIOError)
+            os.read(self._read, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._release()
+
+
+_ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds this 64-bit value to its counter
+
+
+def _close_pair(pair: tuple[socket.socket, socket.socket]) -> None:  # pragma: no cover - not Linux
+    for sock in pair:
+        sock.close()
+
+
 class StoreDUL(DULServiceProvider):
     """pynetdicom's DUL provider with a select-based reactor and the C-STORE fast path (see the module)."""
 
@@ -225,16 +274,15 @@ class StoreDUL(DULServiceProvider):
         self._max_object_bytes = max_object_bytes
         self._message: _Message | None = None
         self._slow_open = False  # a message handed to pynetdicom is not complete yet
-        self._last_activity = time.monotonic()
         #: Set whenever this thread has done something the association thread may have to act on.
         self.wake = threading.Event()
+        # The other way round: wakes the reactor when the association thread queued something for it
+        # (send_pdu, kill_dul, stop_dul); closed when the reactor ends.
+        self._waker = _Waker()
         #: The A-ASSOCIATE-RQ PDU read before the association existed (``pending.py``).
         self.preface: bytes | None = None
         #: Seconds a PDU outside Sta6 has to arrive whole (``server.associate_timeout``).
         self.pdu_timeout = 5.0
-        #: Held for every write to the socket: the association's thread writes pending C-FIND
-        #: responses itself (:meth:`send_direct`), this thread everything else.
-        self._send_lock = threading.Lock()
 
     # Reactor -------------------------------------------------------------------------------------------
     def run_reactor(self) -> None:
@@ -243,6 +291,22 @@ class StoreDUL(DULServiceProvider):
             self._react()
         finally:
             self.wake.set()  # the association thread notices the DUL is gone at once
+            self._waker.close()
+
+    def send_pdu(self, primitive: Any) -> None:
+        """pynetdicom's: queue ``primitive`` for this thread to send; and wake it to do so now."""
+        super().send_pdu(primitive)
+        self._waker.set()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._waker.set()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._waker.set()
+        return bool(super().stop_dul())
 
     def _react(self) -> None:
         self._idle_timer.start()
@@ -262,11 +326,8 @@ class StoreDUL(DULServiceProvider):
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
-                if self._process_recv_primitive():
-                    self._last_activity = time.monotonic()
-                elif self._is_transport_event():
+                if not self._process_recv_primitive() and self._is_transport_event():
                     self._idle_timer.restart()
-                    self._last_activity = time.monotonic()
             except Exception:
                 log.exception("DICOM upper layer failed; aborting the association")
                 self._abort_now()
@@ -287,39 +348,24 @@ class StoreDUL(DULServiceProvider):
             self.wake.set()
 
     def _wait(self) -> None:
-        idle = time.monotonic() - self._last_activity > _IDLE_AFTER
-        delay = _IDLE_WAIT if idle else _BUSY_WAIT
+        """Sleep until the peer sends, the association thread queues something (``_Waker``) or ``_WAIT``
+        has passed.  This thread used to poll pynetdicom's outgoing queue every 0.5 ms while messages
+        flowed: between two C-STORE-RQs of a modality that is how often it woke, took the GIL from the
+        association storing an instance in the same process and gave it back (~20 times per CT slice
+        with two associations per worker on a busy machine), for a queue the fast path leaves empty."""
         sock = getattr(self.socket, "socket", None)
-        if sock is None or sock.fileno() < 0:
-            time.sleep(delay)
-            return
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return
+        waits: list[Any] = [self._waker]
+        if sock is not None and sock.fileno() >= 0:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return
+            waits.append(sock)
         try:
-            select.select([sock], [], [], delay)
+            ready = select.select(waits, [], [], _WAIT)[0]
         except (OSError, ValueError):
-            time.sleep(delay)
-
-    # Writing -------------------------------------------------------------------------------------------
-    def _send(self, pdu: Any) -> None:
-        """pynetdicom's own writes (every PDU its state machine sends), under the send lock."""
-        with self._send_lock:
-            super()._send(pdu)
-
-    def send_direct(self, data: bytes) -> bool:
-        """Write whole PDUs from another thread (``findfast.py``: plain TCP only); False when the
-        connection is gone, which the reactor then hears about as pynetdicom would (Evt17)."""
-        sock = cast("AssociationSocket", self.socket).socket
-        if sock is None or not self.assoc.is_established:
-            return False
-        try:
-            with self._send_lock:
-                sock.sendall(data)
-        except OSError:
-            log.info("connection lost while sending C-FIND responses")
-            self.event_queue.put("Evt17")
-            return False
-        return True
+            time.sleep(_WAIT)
+            return
+        if self._waker in ready:
+            self._waker.clear()
 
     def _abort_now(self) -> None:
         """Bypass the state machine: send A-ABORT and stop both reactors (as pynetdicom does on errors)."""
@@ -327,8 +373,7 @@ class StoreDUL(DULServiceProvider):
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
         try:
-            with self._send_lock:
-                cast("AssociationSocket", self.socket).send(abort.encode())
+            cast("AssociationSocket", self.socket).send(abort.encode())
         except Exception:  # noqa: BLE001 - the connection may be gone already
             log.debug("A-ABORT could not be sent")
         self.assoc.is_aborted = True
@@ -590,8 +635,7 @@ class StoreDUL(DULServiceProvider):
         sock = cast("AssociationSocket", self.socket).socket
         assert sock is not None
         try:
-            with self._send_lock:
-                sock.sendall(b"".join(out))
+            sock.sendall(b"".join(out))
         except OSError:
             log.info("connection lost while sending a C-STORE response")
             self.event_queue.put("Evt17")
@@ -629,14 +673,16 @@ def install_store_path(
     *,
     preface: bytes | None = None,
     pdu_timeout: float = 5.0,
+    dul_type: type[StoreDUL] = StoreDUL,
 ) -> None:
     """Give an accepted (not yet started) association the :class:`StoreDUL`; ``preface``: the PDU its
     connection sent already (its A-ASSOCIATE-RQ), which the DUL takes as received first;
-    ``pdu_timeout``: seconds a PDU has to arrive whole outside the established association."""
+    ``pdu_timeout``: seconds a PDU has to arrive whole outside the established association;
+    ``dul_type``: a subclass (``sendpath.SendDUL``, which also sends C-GET/C-MOVE sub-operations)."""
     if not isinstance(getattr(pynetdicom.association, "time", None), _ReactorClock):
         setattr(pynetdicom.association, "time", _ReactorClock())  # noqa: B010 - see _ReactorClock
     old = assoc.dul
-    dul = StoreDUL(assoc, handler, max_object_bytes)
+    dul = dul_type(assoc, handler, max_object_bytes)
     dul.preface = preface
     dul.pdu_timeout = pdu_timeout
     dul.socket = old.socket

@@ -13,21 +13,18 @@ for every pending response of a request) in its own P-DATA-TF PDU, then the iden
 fragmented to the peer's maximum PDU length (PS3.8 9.3.5) - gathering several responses into one
 socket write.  The final response (success, cancel, failure) still goes through pynetdicom.
 
-On a plain TCP connection served by :class:`~safepacs.dimse.fastpath.StoreDUL` the bytes go to the
-socket from the association's thread, under the DUL's send lock, so that they never interleave with
-what the DUL thread sends.  On DICOM TLS an ``SSLSocket`` must not be written by one thread while
-another reads it, so there the PDUs are queued for the DUL thread as pynetdicom queues its own; only
-the encoding is saved.
+The PDUs go out like C-GET/C-MOVE sub-operations (``sendpath.py``): handed to the association's
+:class:`~safepacs.dimse.sendpath.SendDUL` through pynetdicom's own outgoing queue, so that its thread
+writes them, in order with pynetdicom's own messages (the final response comes after them) and on
+DICOM TLS too; the association's thread goes on encoding meanwhile.  With ``server.dimse_send_path``
+off (no ``SendDUL``), pynetdicom sends every response as before: the reference the tests compare with.
 """
 
 from __future__ import annotations
 
-import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
-
-from pynetdicom.pdu_primitives import P_DATA
 
 from safepacs.dimse.fastpath import _element, _ui
 
@@ -43,8 +40,10 @@ _PDU = struct.Struct(">BxLLB")  # P-DATA-TF header, then one PDV item's length a
 _P_DATA_TF = 0x04
 #: Responses are gathered up to about this many bytes per socket write.
 _WRITE_BYTES = 64 * 1024
+#: How often a writer waiting for the previous batch to go out looks whether the association ended.
+_SENT_LOOK = 0.1
 
-#: A socket writer: the bytes, whole; False once the connection is gone.
+#: Writes whole PDUs in order; False once the association is gone.
 Writer = Callable[[bytes], bool]
 
 
@@ -114,34 +113,31 @@ class FindResponder:
     def for_association(
         cls, assoc: Any, context_id: int, message_id: int, sop_class_uid: str
     ) -> FindResponder | None:
-        """A responder on ``assoc`` (a pynetdicom association served by a ``StoreDUL``); None when
-        the association is not one, and pynetdicom sends everything as before."""
+        """A responder on ``assoc``; None when its DUL is not a ``SendDUL`` (``server.dimse_send_path``
+        off, or an association pynetdicom serves itself) and pynetdicom sends everything as before."""
         dul = getattr(assoc, "dul", None)
-        send_direct = getattr(dul, "send_direct", None)
-        if send_direct is None:
+        if not callable(getattr(dul, "send_raw", None)):
             return None
-        sock = getattr(getattr(dul, "socket", None), "socket", None)
-        max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
-        if isinstance(sock, ssl.SSLSocket):
-            write: Writer = _queued(dul, context_id)
-        else:
-            write = send_direct
-        return cls(write, context_id, message_id, sop_class_uid, max_pdu)
+        return cls(
+            _writer(assoc, dul), context_id, message_id, sop_class_uid, int(assoc.dimse.maximum_pdu_size or 0)
+        )
 
 
-def _queued(dul: Any, context_id: int) -> Writer:
-    """A writer that hands each PDU to the DUL thread as a P-DATA primitive (DICOM TLS)."""
+def _writer(assoc: Any, dul: Any) -> Writer:
+    """Queue each batch for the DUL thread once the one before it is written: the association's thread
+    encodes the next batch meanwhile, but never runs far ahead of the socket, so that a C-CANCEL that
+    arrives while the peer is slow to read still stops the answers not sent yet (the DUL thread reads
+    it between two writes)."""
+    queued: list[Any] = []
 
     def write(data: bytes) -> bool:
-        offset = 0
-        while offset < len(data):
-            length = int.from_bytes(data[offset + 2 : offset + 6], "big")
-            pdu = data[offset + 6 : offset + 6 + length]
-            offset += 6 + length
-            primitive = P_DATA()
-            # one PDV per PDU: its length (4), context ID (1), then the control header and the value
-            primitive.presentation_data_value_list.append((context_id, bytes(pdu[5:])))
-            dul.send_pdu(primitive)
+        while queued and not queued[0].sent.wait(_SENT_LOOK):
+            if not (assoc.is_established and dul.is_alive()):
+                return False
+        queued.clear()
+        if not (assoc.is_established and dul.is_alive()):
+            return False
+        queued.append(dul.send_raw([data]))
         return True
 
     return write

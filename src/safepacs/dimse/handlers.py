@@ -233,10 +233,9 @@ class DimseHandlers:
 
 def _responder(event: Any) -> tuple[FindResponder, bool] | None:
     """The writer of the request's pending responses and whether its context is Implicit VR Little
-    Endian; None when pynetdicom sends them (an association it serves itself, another transfer
-    syntax)."""
-    if not hasattr(getattr(event.assoc, "dul", None), "send_direct"):
-        return None  # not served by fastpath.StoreDUL
+    Endian; None when pynetdicom sends them (``server.dimse_send_path`` off, another transfer syntax)."""
+    if not callable(getattr(getattr(event.assoc, "dul", None), "send_raw", None)):
+        return None  # no sendpath.SendDUL: server.dimse_send_path is off
     context = event.context
     syntax = str(context.transfer_syntax)
     if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):

@@ -50,9 +50,10 @@ from safepacs.config import Settings
 from safepacs.dimse import pending
 from safepacs.dimse._raw import enable_raw_store, set_nodelay
 from safepacs.dimse.admission import SecureAdmission
-from safepacs.dimse.fastpath import StoreHandler, install_store_path
+from safepacs.dimse.fastpath import StoreDUL, StoreHandler, install_store_path
 from safepacs.dimse.gate import AssociationGate, GateACSE, install_gate
 from safepacs.dimse.handlers import DimseHandlers
+from safepacs.dimse.sendpath import SendDUL, install_send_path
 from safepacs.dimse.tls import DicomTls, certificate_refusal, session_of
 from safepacs.errors import ConfigError
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -74,6 +75,13 @@ class _SafeAE(AE):
     lookup_peer: Callable[[str], Peer | None] | None = None
     tls: DicomTls | None = None
     revoked: Callable[[str], bool] | None = None
+    #: C-GET/C-MOVE sub-operations in the stored syntax go out through ``sendpath`` (server.dimse_send_path)
+    send_path: bool = True
+
+    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> Any:
+        if self.send_path:  # before the socket is set: the association requested gets a SendDUL
+            install_send_path(assoc)
+        return super()._create_socket(assoc, address, tls_args)
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
         peer = self._tls_peer(kwargs.get("ae_title"))
@@ -276,6 +284,7 @@ class _RequestHandler(RequestHandler):
             server.max_object_bytes,
             preface=self._preface,
             pdu_timeout=server.associate_timeout,
+            dul_type=SendDUL if getattr(server.ae, "send_path", False) else StoreDUL,
         )
         enable_raw_store(assoc)
         return assoc
@@ -404,6 +413,7 @@ class DimseServer:
         self.ae.lookup_peer = index.get_peer  # C-MOVE destinations registered --tls required get TLS
         self.ae.tls = self.tls
         self.ae.revoked = index.certificate_revoked
+        self.ae.send_path = s.dimse_send_path
         self.gate = AssociationGate(
             s.ae_title,
             index.get_peer,

@@ -73,6 +73,7 @@ __all__ = [
     "check_pixel_header",
     "choose_transfer_syntax",
     "dataset_bytes",
+    "dataset_offset",
     "inflate",
     "transcode",
 ]
@@ -123,6 +124,13 @@ def dataset_bytes(part10: bytes) -> tuple[str, bytes]:
     implicit VR is tolerated.  Raises :class:`~safepacs.errors.InvalidObjectError` when the bytes are
     not a Part 10 file or the meta group has no Transfer Syntax UID.
     """
+    ts, offset = dataset_offset(part10)
+    return ts, part10[offset:]
+
+
+def dataset_offset(part10: bytes) -> tuple[str, int]:
+    """(transfer syntax UID, where the data set starts) of a Part 10 file, as :func:`dataset_bytes`
+    reads them; for a caller that sends the data set from the file's own buffer instead of a copy."""
     size = len(part10)
     if size < 132 or part10[128:132] != b"DICM":
         raise InvalidObjectError("not a DICOM Part 10 file (no 'DICM' prefix after the preamble, PS3.10 7.1)")
@@ -153,7 +161,7 @@ def dataset_bytes(part10: bytes) -> tuple[str, bytes]:
     ts = (ts_value or b"").decode("ascii", errors="replace").strip("\x00 ")
     if not ts:
         raise InvalidObjectError("the file meta information has no Transfer Syntax UID (0002,0010)")
-    return ts, part10[offset:]
+    return ts, offset
 
 
 # Choosing ---------------------------------------------------------------------------------------------
