@@ -176,7 +176,7 @@ def test_wado_rs_answers_an_error_for_a_damaged_object_and_records_it(
             )
 
         # Study level, damaged in the middle: the intact instances are sent, then the answer is cut
-        # short (no closing delimiter, no end of the chunked body): the client sees an error.
+        # short (no closing delimiter, the body short of its Content-Length): the client sees an error.
         capture.reset()
         status, body, error = _read_cut_short(client, f"/dicomweb/studies/{study}")
         assert status == 200 and isinstance(error, httpx.RemoteProtocolError), error

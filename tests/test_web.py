@@ -300,6 +300,8 @@ def test_wado_rs_retrieves_studies_series_instances_and_metadata(
             headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
         )
         assert r.status_code == 200
+        # Sent as stored: the length is known from the index before the parts are read.
+        assert r.headers["content-length"] == str(len(r.content)) and "transfer-encoding" not in r.headers
         parts = _parts(r)
         got = {str(pydicom.dcmread(BytesIO(body)).SOPInstanceUID) for _, body in parts}
         assert got == {first.SOPInstanceUID, second.SOPInstanceUID}
@@ -360,7 +362,10 @@ def test_wado_rs_decodes_compressed_instances_by_default(
     _user(web.data, "rad", "radiologist", capsys)
     with _client(web, _token(web.data, "rad", capsys)) as client:
         url = f"/dicomweb/studies/{original.StudyInstanceUID}"
-        decoded = _parts(client.get(url))
+        r = client.get(url)
+        # Converted: its length is not known before, so the answer is chunked.
+        assert r.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.headers
+        decoded = _parts(r)
         assert "transfer-syntax=1.2.840.10008.1.2.1" in decoded[0][0]
         ds = pydicom.dcmread(BytesIO(decoded[0][1]))
         assert (ds.pixel_array == original.pixel_array).all()
@@ -667,6 +672,55 @@ def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
             before.append(chunk)
     got, failure = asyncio.run(collect(3, 10_000_000))
     assert isinstance(failure, RuntimeError) and b"".join(got) == b"".join(before)
+
+
+def test_multipart_length_is_the_length_of_what_multipart_makes() -> None:
+    from safepacs.web.retrieval import multipart, multipart_length
+
+    for sizes in ([], [0], [1], [9, 10, 99, 100, 100_000], [526_000] * 3):
+        parts = [(f"application/dicom; transfer-syntax=1.2.{n}", b"x" * size) for n, size in enumerate(sizes)]
+        for mark in ("m", "0123456789abcdef" * 2):
+            expected = len(b"".join(multipart(parts, mark)))
+            assert multipart_length([(ctype, len(body)) for ctype, body in parts], mark) == expected
+
+
+def test_wado_rs_sized_answers_leave_out_an_instance_of_another_size() -> None:
+    """An answer sent with a Content-Length from the index's sizes: an instance whose bytes are not of
+    the recorded size would not fit, so it is left out and the answer cut short (never a wrong length)."""
+    from dataclasses import replace
+
+    from safepacs.types import InstanceRef, StoredBlob
+    from safepacs.web.retrieval import AS_STORED, IncompleteAnswer, multipart
+    from safepacs.web.wado import _instances, _sized_length
+
+    ts = "1.2.840.10008.1.2.1"
+    stored = {f"1.2.{n}": bytes([n]) * (1000 + n) for n in range(4)}
+    refs = [
+        InstanceRef(
+            "1.1", "1.1.1", "1.2.840.10008.5.1.4.1.1.2", uid, ts, StoredBlob(f"{n:032x}", "k", "", len(b))
+        )
+        for n, (uid, b) in enumerate(stored.items())
+    ]
+    first = (f"application/dicom; transfer-syntax={ts}", stored["1.2.0"])
+
+    def read(ref: InstanceRef) -> bytes:
+        return stored[ref.sop_instance_uid]
+
+    for target in (AS_STORED, ts):
+        length = _sized_length(refs, first, target, "mark")
+        parts = _instances(refs[1:], read, target, first=first, sized=True)
+        assert length == len(b"".join(multipart(parts, "mark")))
+    # Converting: the length is not known before.
+    assert _sized_length(refs, first, "1.2.840.10008.1.2", "mark") is None
+    # An index record that names another size (of the first: chunked; of another: left out, cut short).
+    wrong_first = replace(refs[0], blob=replace(refs[0].blob, size=1))
+    assert _sized_length([wrong_first, *refs[1:]], first, AS_STORED, "mark") is None
+    stored["1.2.2"] += b"!"
+    got = []
+    with pytest.raises(IncompleteAnswer):
+        for _ctype, body in _instances(refs[1:], read, AS_STORED, first=first, sized=True):
+            got.append(body)
+    assert got == [stored["1.2.0"], stored["1.2.1"], stored["1.2.3"]]
 
 
 def test_security_headers_are_added_unless_the_answer_set_them() -> None:

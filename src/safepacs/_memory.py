@@ -1,5 +1,6 @@
 """Memory habits of the server processes: object-sized buffers kept in the C heap instead of fresh
-memory mappings (glibc only), and start-up objects left out of garbage collections.
+memory mappings (glibc only), start-up objects left out of garbage collections, and the parent's
+modules shared with the processes it forks.
 
 Storing a 0.5 MB CT slice makes about six buffers of its size (the received data set, the Part 10
 bytes, pydicom's pixel data, the ciphertext, the sealed object...).  glibc serves allocations that
@@ -18,7 +19,7 @@ import logging
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze_start_up", "keep_large_buffers"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze_start_up", "keep_large_buffers", "share_with_children"]
 
 log = logging.getLogger(__name__)
 
@@ -59,4 +60,20 @@ def freeze_start_up() -> None:
     held the GIL for ~100 ms: the slowest 2% of QIDO-RS searches at 100,000 studies took 106-140 ms
     instead of 25-67 ms.  Call it once the process is ready to serve."""
     gc.collect()
+    gc.freeze()
+
+
+def share_with_children() -> None:
+    """In ``serve``'s parent, just before it forks the DIMSE workers and the HTTPS process: leave what
+    it holds (the modules of pydicom, pynetdicom, SQLAlchemy, cryptography... ~85 MB of Python
+    objects) out of every garbage collection, its own and its children's.
+
+    A forked child shares the parent's pages until it writes to them, but a full collection writes
+    to every object it traverses (the collector's bookkeeping lives in each object's header), so the
+    first ``gc.collect()`` in a child copied nearly all of them: each process ended up with ~44 MB of
+    its own, 240 MB in all for a parent, two workers and the HTTPS process at rest, of which ~150 MB
+    once the parent froze them (bench/README.md, "Memory benchmark").  No collection first, as
+    Python's documentation of ``gc.freeze`` advises: the memory it would free becomes holes that the
+    children's first allocations fill, writing to (and so copying) the pages around them.
+    """
     gc.freeze()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from safepacs._memory import freeze_start_up
+from safepacs._memory import freeze_start_up, share_with_children
 from safepacs._net import OTHER_ADDRESSES, RefusalTally, bind_listener
 from safepacs._stop import CHILD_EXIT_MARGIN, exit_after
 from safepacs.auth.oidc import oidc_principal
@@ -621,6 +621,7 @@ def serve(
     started: dict[int | None, float] = {}
     quick_deaths = 0
 
+    share_with_children()  # before the first fork: the children share the parent's modules
     procs = [spawn(i) for i in range(len(specs))]
     log.info(
         "DIMSE listening",

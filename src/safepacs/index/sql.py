@@ -136,6 +136,11 @@ def _match_column(attr: A.Attribute, table: sa.FromClause) -> sa.ColumnElement[A
 
 
 # Access scopes ------------------------------------------------------------------------------------------
+# Aliases are built once (see _C_ST below for why).
+_V_SE = {column: series.alias(f"v_{column}") for column in ("institution_name", "modality")}
+_V_ST = studies.alias("v_st")
+
+
 def visible_clause(scope: Scope | None, st: sa.FromClause = studies) -> sa.ColumnElement[bool]:
     """Whether the study row ``st`` is visible within ``scope`` (None: unrestricted), as SQL.
 
@@ -149,7 +154,7 @@ def visible_clause(scope: Scope | None, st: sa.FromClause = studies) -> sa.Colum
         parts: list[sa.ColumnElement[bool]] = []
         for values, column in ((scope.institutions, "institution_name"), (scope.modalities, "modality")):
             if values:
-                se = series.alias(f"v_{column}")
+                se = _V_SE[column]
                 parts.append(
                     sa.exists(
                         sa.select(1)
@@ -191,7 +196,7 @@ def _visible(query: Query) -> sa.ColumnElement[bool]:
     if query.scope is None:
         return sa.true()
     if query.level is QueryLevel.PATIENT:
-        st = studies.alias("v_st")
+        st = _V_ST
         return sa.exists(
             sa.select(1)
             .select_from(st)
@@ -200,8 +205,14 @@ def _visible(query: Query) -> sa.ColumnElement[bool]:
     return visible_clause(query.scope)
 
 
+# Built once, like the aliases of _patient_id_clause below: making an alias of a wide table builds a
+# proxy of each of its columns (~1 ms for instances), and a QIDO-RS study search asks for two counts.
+_C_ST, _C_SE, _C_IM = studies.alias("c_st"), series.alias("c_se"), instances.alias("c_im")
+_M_SE, _M_IM = series.alias("m_se"), instances.alias("m_im")
+
+
 def _count(attr: A.Attribute, scope: Scope | None = None) -> sa.ScalarSelect[int]:
-    st, se, im = studies.alias("c_st"), series.alias("c_se"), instances.alias("c_im")
+    st, se, im = _C_ST, _C_SE, _C_IM
     count = sa.func.count()
     shown = visible_clause(scope, st)  # the patient-level counts count visible studies only
     match attr.derived:
@@ -285,11 +296,11 @@ def _distinct_clause(cond: Condition, derived: A.Derived) -> sa.ColumnElement[bo
     """ModalitiesInStudy / SOPClassesInStudy: some value of the study's series or instances matches;
     the attribute is empty when the study has no (non-empty) value."""
     if derived is A.Derived.MODALITIES:
-        se = series.alias("m_se")
+        se = _M_SE
         rows = sa.select(1).select_from(se).where(se.c.study_pk == studies.c.pk, se.c.modality != "")
         column: sa.ColumnElement[Any] = se.c.modality
     else:
-        im = instances.alias("m_im")
+        im = _M_IM
         rows = sa.select(1).select_from(im).where(im.c.study_pk == studies.c.pk)
         column = im.c.sop_class_uid
     if cond.kind is MatchKind.EMPTY:

@@ -37,6 +37,7 @@ __all__ = [
     "boundary",
     "locate",
     "multipart",
+    "multipart_length",
     "multipart_media",
     "multipart_stream",
     "part10_as",
@@ -121,21 +122,38 @@ def multipart_media(part_type: str, mark: str) -> str:
     return f'multipart/related; type="{part_type}"; boundary={mark}'
 
 
+def _head(mark: str, content_type: str, length: int | None) -> bytes:
+    """The delimiter and headers of one part (its Content-Length when it is known)."""
+    size = "" if length is None else f"Content-Length: {length}\r\n"
+    return f"--{mark}\r\nContent-Type: {content_type}\r\n{size}\r\n".encode("ascii")
+
+
+def _close(mark: str) -> bytes:
+    return f"--{mark}--\r\n".encode("ascii")
+
+
 def multipart(parts: Iterable[Part], mark: str) -> Iterator[bytes]:
     """A ``multipart/related`` body, streamed part by part (RFC 2046 5.1.1).
 
     A part given as bytes gets a Content-Length; a part given as chunks is streamed without one.
     """
     for content_type, content in parts:
-        head = f"--{mark}\r\nContent-Type: {content_type}\r\n"
         if isinstance(content, bytes):
-            yield f"{head}Content-Length: {len(content)}\r\n\r\n".encode("ascii")
+            yield _head(mark, content_type, len(content))
             yield content
         else:
-            yield f"{head}\r\n".encode("ascii")
+            yield _head(mark, content_type, None)
             yield from content
         yield b"\r\n"
-    yield f"--{mark}--\r\n".encode("ascii")
+    yield _close(mark)
+
+
+def multipart_length(parts: Iterable[tuple[str, int]], mark: str) -> int:
+    """The exact length of the :func:`multipart` body of parts given as bytes, from their Content-Types
+    and lengths alone: an answer whose length is known before its parts are read is sent with a
+    Content-Length instead of the chunked coding, whose framing costs the server a copy of every
+    chunk (h11 joins the chunk header, the chunk and its CRLF into one buffer)."""
+    return sum(len(_head(mark, ctype, size)) + size + 2 for ctype, size in parts) + len(_close(mark))
 
 
 class IncompleteAnswer(Exception):
@@ -150,10 +168,20 @@ class IncompleteAnswer(Exception):
 class MultipartResponse(StreamingResponse):
     """A streamed ``multipart/related`` answer that ends *incomplete* when its parts raise
     :class:`IncompleteAnswer`: without the closing delimiter, and without the end of the HTTP body (the
-    last chunk of the chunked transfer coding, RFC 9112 7.1), so the server closes the connection and
-    every HTTP client reports the answer as cut short instead of taking the parts it got for all of
-    them.  The status (200) and the headers went out before the failure was known; PS3.18 has no way
-    to say it later."""
+    last chunk of the chunked transfer coding, RFC 9112 7.1, or the rest of the ``content_length``
+    announced), so the server closes the connection and every HTTP client reports the answer as cut
+    short instead of taking the parts it got for all of them.  The status (200) and the headers went
+    out before the failure was known; PS3.18 has no way to say it later.
+
+    ``content_length``: the exact length of the body when it is known beforehand
+    (:func:`multipart_length`); its parts must then come to exactly that, or end it cut short.
+    """
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, media_type: str, content_length: int | None = None
+    ) -> None:
+        headers = None if content_length is None else {"Content-Length": str(content_length)}
+        super().__init__(content, media_type=media_type, headers=headers)
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -13,7 +13,9 @@ instance makes it a 500 problem.  ``transfer-syntax=*`` sends each instance as
 stored; without it, or with Explicit/Implicit VR Little Endian, compressed instances are decoded
 as for a C-GET peer that accepts only those (PS3.18 8.7.3.5.2: Explicit VR Little Endian is the
 default).  The multipart body is streamed, made in the thread pool about 1 MB at a time, never the
-whole series in memory.  In metadata, Pixel Data and every binary value over 1 KiB is a
+whole series in memory; sent as stored, its ``Content-Length`` is known beforehand from the sizes the
+index records (h11 then passes each instance through as it is, where the chunked coding cost a copy
+of each), converted it is chunked.  In metadata, Pixel Data and every binary value over 1 KiB is a
 ``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.  An instance stored before ingest
 refused sequences nested deeper than 32 levels is sent with its deeper items left out (those sequences
 empty) and a ``Warning: 299`` header saying so; an instance whose data set cannot be read is left out
@@ -48,6 +50,7 @@ from safepacs.web.retrieval import (
     Part,
     boundary,
     locate,
+    multipart_length,
     multipart_media,
     multipart_stream,
     part10_as,
@@ -84,22 +87,34 @@ def _requested_syntax(request: Request) -> str:
     )
 
 
+def _content_type(ts: str) -> str:
+    return f"application/dicom; transfer-syntax={ts}"
+
+
 def _part(ts: str, body: bytes) -> Part:
-    return f"application/dicom; transfer-syntax={ts}", body
+    return _content_type(ts), body
 
 
 def _instances(
-    refs: list[InstanceRef], read: Callable[[InstanceRef], bytes], target: str, *, first: Part
+    refs: list[InstanceRef],
+    read: Callable[[InstanceRef], bytes],
+    target: str,
+    *,
+    first: Part,
+    sized: bool = False,
 ) -> Iterator[Part]:
     """``first``, then the parts of ``refs``; one that cannot be sent (its object failed its check, it
     cannot be converted) is left out, and once the others are sent :class:`IncompleteAnswer` ends the
     answer cut short: the headers are gone already, and a body that looked complete would hide the
-    loss."""
+    loss.  ``sized``: the answer announced its length from the sizes the index records
+    (:func:`_sized_length`), so an instance of another size is left out too (it would not fit)."""
     yield first
     missing = 0
     for ref in refs:
         try:
             ts, body = part10_as(ref, read(ref), target)
+            if sized and len(body) != ref.blob.size:
+                raise SafePacsError("a stored instance is not of the size its index record names")
         except AuditError:
             raise
         except SafePacsError as exc:
@@ -109,6 +124,19 @@ def _instances(
         yield _part(ts, body)
     if missing:
         raise IncompleteAnswer(missing)
+
+
+def _sized_length(refs: list[InstanceRef], first: Part, target: str, mark: str) -> int | None:
+    """The exact length of the answer when every instance goes as stored (no conversion: then each
+    part is the stored Part 10 bytes, whose size the index records at ingest), else None (the answer
+    is sent chunked)."""
+    if target != AS_STORED and any(ref.transfer_syntax_uid != target for ref in refs):
+        return None
+    content = first[1]
+    if not isinstance(content, bytes) or len(content) != refs[0].blob.size:
+        return None
+    rest = [(_content_type(ref.transfer_syntax_uid), ref.blob.size) for ref in refs[1:]]
+    return multipart_length([(first[0], len(content)), *rest], mark)
 
 
 def _bulk_uri(base: str, ref: InstanceRef) -> Callable[[str], str]:
@@ -154,8 +182,13 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         first = _part(*part10_as(refs[0], retrieval.read(refs[0]), target))
         retrieval.record()
         mark = boundary()
-        body = multipart_stream(_instances(refs[1:], retrieval.read, target, first=first), mark)
-        return MultipartResponse(body, media_type=multipart_media("application/dicom", mark))
+        length = _sized_length(refs, first, target, mark)
+        parts = _instances(refs[1:], retrieval.read, target, first=first, sized=length is not None)
+        return MultipartResponse(
+            multipart_stream(parts, mark),
+            media_type=multipart_media("application/dicom", mark),
+            content_length=length,
+        )
 
     def metadata(request: Request, *uids: str) -> JSONResponse:
         principal = principal_of(request)
