@@ -146,19 +146,16 @@ class Query:
     keys: list[str]
 
 
-def make_queries(studies: Studies, n: int, seed: int) -> dict[str, list[Query]]:
+def make_queries(studies: Studies, n: int, seed: int, days: int = 30) -> dict[str, list[Query]]:
     rng = np.random.default_rng(seed)
     study = ["QueryRetrieveLevel=STUDY", *STUDY_KEYS]
-    out: dict[str, list[Query]] = {
-        "StudyDate one month": [],
-        "PatientName prefix*": [],
-        "PatientID exact": [],
-    }
+    date_kind = "StudyDate one month" if days == 30 else f"StudyDate {days + 1} days"
+    out: dict[str, list[Query]] = {date_kind: [], "PatientName prefix*": [], "PatientID exact": []}
     for _ in range(n):
-        day = FIRST_DAY + dt.timedelta(days=int(rng.integers(0, DAYS - 31)))
-        end = day + dt.timedelta(days=30)
+        day = FIRST_DAY + dt.timedelta(days=int(rng.integers(0, DAYS - days - 1)))
+        end = day + dt.timedelta(days=days)
         rng_keys = [k for k in study if k != "StudyDate"] + [f"StudyDate={day:%Y%m%d}-{end:%Y%m%d}"]
-        out["StudyDate one month"].append(Query("date", rng_keys))
+        out[date_kind].append(Query("date", rng_keys))
         name = studies.names[int(rng.integers(0, studies.count))]
         prefix = [k for k in study if k != "PatientName"] + [f"PatientName={name[:4]}*"]
         out["PatientName prefix*"].append(Query("name", prefix))
@@ -187,9 +184,11 @@ def run_query(server: Receiver, query: Query) -> tuple[float, int]:
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=nodelay_env(), capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"findscu against {server.name} failed:\n{done.stderr[-1500:]}")
-    return elapsed, (done.stdout + done.stderr).count("(Pending)")
+    out = done.stdout + done.stderr
+    final = [line for line in out.splitlines() if "Final Find Response" in line]
+    if done.returncode != 0 or not final or "(Success)" not in final[-1]:
+        raise RuntimeError(f"findscu against {server.name} failed or was refused:\n{out[-1500:]}")
+    return elapsed, out.count("(Pending)")
 
 
 @dataclass
@@ -204,9 +203,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def in_process(data: Path, studies: Studies, n: int, seed: int) -> None:
+def in_process(data: Path, studies: Studies, n: int, seed: int, days: int) -> None:
     """Old path (data sets, then pynetdicom's encoder) against the rows written as bytes, interleaved, in
-    this process on the filled archive: CPU per query of the one-month queries, SQL included."""
+    this process on the filled archive: CPU per query of the StudyDate queries, SQL included."""
     from pydicom.dataset import Dataset
     from pynetdicom.dsutils import encode
 
@@ -217,7 +216,7 @@ def in_process(data: Path, studies: Studies, n: int, seed: int) -> None:
     archive = open_archive(load_settings(data))
     model, level = QueryModel.STUDY_ROOT, QueryLevel.STUDY
     idents = []
-    for q in make_queries(studies, n, seed)["StudyDate one month"]:
+    for q in next(iter(make_queries(studies, n, seed, days).values())):
         ident = Dataset()
         for key in q.keys:
             keyword, _, value = key.partition("=")
@@ -240,7 +239,7 @@ def in_process(data: Path, studies: Studies, n: int, seed: int) -> None:
     finally:
         archive.close()
     per_query = matches / len(idents)
-    print(f"\nIn-process, {len(idents)} one-month queries, {per_query:.1f} matches/query (same bytes):\n")
+    print(f"\nIn-process, {len(idents)} StudyDate queries, {per_query:.1f} matches/query (same bytes):\n")
     print("| path | CPU ms/query | CPU ms/match |\n|---|---|---|")
     for name, seconds in cpu.items():
         print(f"| {name} | {seconds * 1000 / len(idents):.1f} | {seconds * 1000 / matches:.3f} |")
@@ -252,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=20, help="queries per kind per run")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--days", type=int, default=30, help="StudyDate ranges span DAYS+1 days (6: ~165 matches at 100,000)"
+    )
     p.add_argument("--targets", default="safepacs,orthanc", help="of safepacs, base, orthanc")
     p.add_argument("--base-src", type=Path, help="the src/ of another SafePACS tree (target 'base')")
     p.add_argument("--workdir", type=Path, help="keep corpus and filled archives here, reuse them next time")
@@ -274,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             fill_safepacs(store, studies, args.processes)
         if "orthanc" in targets:
             fill_orthanc(workdir / f"orthanc-{args.studies}-seed{args.seed}", studies)
-        queries = make_queries(studies, args.queries, args.seed)
+        queries = make_queries(studies, args.queries, args.seed, args.days)
         if args.in_process and "safepacs" in targets:
-            in_process(store / "data", studies, args.queries, args.seed)
+            in_process(store / "data", studies, args.queries, args.seed, args.days)
         load_before = os.getloadavg()
         with contextlib.ExitStack() as stack:
             servers: dict[str, Receiver] = {}
