@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
+import struct
 import subprocess
 import time
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import build_context
+from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ
+from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.transport import AssociationSocket
 
 from tests.conftest import Server, dcmtk, start_server
 from tests.corpus import make_ct
@@ -211,41 +220,115 @@ def test_c_find_limit_asks_to_narrow_the_query(data_dir: Path, tmp_path: Path) -
         srv.stop()
 
 
-def test_c_find_cancel(server: Server, tmp_path: Path) -> None:
+def test_c_find_cancel(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server.add_peer("CT1", "store")
     server.add_peer("VIEWER", "find")
     study, series = generate_uid(), generate_uid()
     contexts = [build_context(CTImageStorage, ExplicitVRLittleEndian)]
+    # ~20 KB per answer (two 10,000-character LT values): the 400 answers are far more than the kernel
+    # may buffer between the two sockets (the sender's tcp_wmem maximum, the peer's small window).
+    long_text = {"PatientComments": "c" * 10_000, "AdditionalPatientHistory": "h" * 10_000}
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    assert 400 * 20_000 > 1.5 * wmem_max
     with associate(server.port, contexts, calling="CT1") as assoc:
         for _ in range(400):
-            ds = make_ct(rows=4, cols=4, study_uid=study, series_uid=series)
+            ds = make_ct(rows=4, cols=4, study_uid=study, series_uid=series, **long_text)
             assert assoc.send_c_store(ds).Status == 0x0000
     q = Dataset()
     q.QueryRetrieveLevel = "IMAGE"
     q.StudyInstanceUID = study
     q.SeriesInstanceUID = series
     q.SOPInstanceUID = ""
-    # Whether the C-CANCEL reaches the SCP before it has sent all 400 answers is a race on a busy
-    # machine (pynetdicom also drops a C-CANCEL that arrives before the SCP started): try a few times.
-    # A server that ignored C-CANCEL would fail every attempt.
-    for _attempt in range(5):
-        statuses = _find_then_cancel(server.port, q)
-        if statuses[-1] == 0xFE00:
-            break
+    for keyword in _FIND_KEYS:
+        setattr(q, keyword, "")
+    create = AssociationSocket._create_socket
+
+    def small_window(self: AssociationSocket, address: Any) -> socket.socket:
+        sock = create(self, address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no autotuning
+        return sock
+
+    monkeypatch.setattr(AssociationSocket, "_create_socket", small_window)
+    statuses = _find_then_cancel(server.port, q)
     assert statuses[0] == 0xFF00
     assert statuses[-1] == 0xFE00
     assert len(statuses) < 401
 
 
+_FIND_KEYS = (
+    "PatientComments", "AdditionalPatientHistory",
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription", "Modality", "SeriesNumber",
+    "SeriesDescription", "SeriesDate", "SeriesTime", "BodyPartExamined", "Manufacturer", "SOPClassUID",
+    "InstanceNumber", "ContentDate", "ContentTime", "Rows", "Columns", "BitsAllocated",
+    "PhotometricInterpretation", "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
+    "ModalitiesInStudy", "SOPClassesInStudy", "AvailableTransferSyntaxUID", "InstanceAvailability",
+)  # fmt: skip
+
+
 def _find_then_cancel(port: int, q: Dataset) -> list[int]:
-    statuses: list[int] = []
+    """C-FIND, then C-CANCEL as soon as the first answer is there, from a peer that reads nothing until
+    the C-CANCEL is sent (and whose receive buffer the caller made small): a server that honours it
+    cannot have sent every answer by then, however fast it is, since the sockets hold far less than
+    the answers.  The statuses of the responses, in order."""
     with associate(port, [build_context(StudyRootQueryRetrieveInformationModelFind)]) as assoc:
-        responses = assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind, msg_id=7)
-        first, _ = next(responses)
-        statuses.append(first.Status)
-        assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelFind)
-        statuses += [s.Status for s, _ in responses if s is not None and "Status" in s]
+        assert assoc.is_established
+        cx = assoc.accepted_contexts[0].context_id
+        sock: socket.socket = assoc.dul.socket.socket
+        assoc.dul._is_transport_event = lambda: False  # pynetdicom reads nothing more; we do
+        find = C_FIND()
+        find.MessageID = 7
+        find.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+        find.Priority = 2
+        find.Identifier = BytesIO(encode(q, True, True))
+        sock.sendall(_message(C_FIND_RQ(), find, cx))
+        select.select([sock], [], [], 30)
+        cancel = C_CANCEL()
+        cancel.MessageIDBeingRespondedTo = 7
+        sock.sendall(_message(C_CANCEL_RQ(), cancel, cx))
+        statuses = _read_find_responses(sock)
+        assoc.abort()
     return statuses
+
+
+def _message(message: Any, primitive: Any, context_id: int) -> bytes:
+    message.primitive_to_message(primitive)
+    return b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16382))
+
+
+def _read_find_responses(sock: socket.socket) -> list[int]:
+    """Read C-FIND-RSP messages off the socket until a final one (not Pending); their statuses."""
+    sock.settimeout(30)
+    buf = b""
+    statuses: list[int] = []
+    command: list[bytes] = []
+    data_due = False
+    while True:
+        while len(buf) < 6 or len(buf) < 6 + struct.unpack(">BxL", buf[:6])[1]:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            buf += chunk
+        pdu_type, length = struct.unpack(">BxL", buf[:6])
+        body, buf = buf[6 : 6 + length], buf[6 + length :]
+        assert pdu_type == 0x04, pdu_type
+        offset = 0
+        while offset < len(body):
+            item_length, _, control = struct.unpack(">LBB", body[offset : offset + 6])
+            value = body[offset + 6 : offset + 4 + item_length]
+            offset += 4 + item_length
+            if control & 1:
+                command.append(value)
+                if control & 2:
+                    decoded = decode(BytesIO(b"".join(command)), True, True)
+                    command = []
+                    statuses.append(int(decoded.Status))
+                    data_due = decoded.CommandDataSetType != 0x0101
+                    if statuses[-1] != 0xFF00 and not data_due:
+                        return statuses
+            elif control & 2:
+                data_due = False
+                if statuses[-1] != 0xFF00:
+                    return statuses
 
 
 def test_duplicate_and_conflicting_instances(server: Server, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from safepacs.audit.recorder import DESTINATION, Auditor, StoreBatch
 from safepacs.dimse import status as st
 from safepacs.dimse._raw import RawInstance
 from safepacs.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
+from safepacs.dimse.findfast import FindResponder
 from safepacs.dimse.gate import principal_of
 from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError, StorageFullError
 from safepacs.services.ingest import IngestService
@@ -117,10 +118,21 @@ class DimseHandlers:
             log.error("the audit trail cannot be written; an association's summary of stores is missing")
 
     def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        responder = _responder(event)
         try:
             model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
             identifier = event.identifier
-            results = self.query.find(principal_of(event.assoc), model, _level(identifier), identifier)  # type: ignore[arg-type]
+            principal = principal_of(event.assoc)
+            if responder is None:
+                results = self.query.find(principal, model, _level(identifier), identifier)  # type: ignore[arg-type]
+            else:
+                encoded = self.query.find_encoded(
+                    principal,  # type: ignore[arg-type]
+                    model,
+                    _level(identifier),
+                    identifier,
+                    implicit_vr=responder[1],
+                )
         except SafePacsError as exc:
             log.info("C-FIND refused: %s", type(exc).__name__)
             yield st.find_failure(exc), None
@@ -128,6 +140,9 @@ class DimseHandlers:
         except Exception as exc:  # noqa: BLE001 - undecodable identifier
             log.info("C-FIND identifier unreadable", extra={"error": type(exc).__name__})
             yield st.status(st.FIND_IDENTIFIER_MISMATCH, "the query identifier cannot be decoded"), None
+            return
+        if responder is not None:
+            yield from _send_found(event, responder[0], encoded)
             return
         for ds in results:
             if event.is_cancelled:
@@ -214,6 +229,46 @@ class DimseHandlers:
         yield address, peer.port, {"contexts": _move_contexts(retrieval.refs)}
         yield len(retrieval.refs)
         yield from self._sub_operations(event, retrieval)
+
+
+def _responder(event: Any) -> tuple[FindResponder, bool] | None:
+    """The writer of the request's pending responses and whether its context is Implicit VR Little
+    Endian; None when pynetdicom sends them (``server.dimse_send_path`` off, another transfer syntax)."""
+    if not callable(getattr(getattr(event.assoc, "dul", None), "send_raw", None)):
+        return None  # no sendpath.SendDUL: server.dimse_send_path is off
+    context = event.context
+    syntax = str(context.transfer_syntax)
+    if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        return None
+    responder = FindResponder.for_association(
+        event.assoc,
+        int(context.context_id),
+        int(event.request.MessageID),
+        str(event.request.AffectedSOPClassUID),
+    )
+    return None if responder is None else (responder, syntax == ImplicitVRLittleEndian)
+
+
+def _send_found(
+    event: Any, responder: FindResponder, encoded: list[bytes | None]
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """The pending responses, written by ``responder``; then the final status, which pynetdicom sends
+    after whatever was written.  A C-CANCEL is looked for before each response, as before."""
+    for identifier in encoded:
+        if event.is_cancelled:
+            responder.flush()
+            yield st.CANCEL, None
+            return
+        if identifier is None:  # pydicom could not encode it either: pynetdicom's answer to that
+            responder.flush()
+            log.error("a C-FIND response identifier could not be encoded")
+            yield st.FIND_UNENCODABLE, None
+            return
+        if not responder.pending(identifier):
+            return  # the connection is gone
+    responder.flush()
+    if responder.alive:
+        yield st.SUCCESS, None
 
 
 def _batch(assoc: Any) -> StoreBatch:

@@ -32,6 +32,8 @@ CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001
 RETRIEVE_OUT_OF_RESOURCES = 0xA701
 FIND_IDENTIFIER_MISMATCH = 0xA900
+#: A C-FIND response identifier that cannot be encoded: what pynetdicom answers in its place.
+FIND_UNENCODABLE = 0xC312
 AUDIT_DOWN = "refused: the audit trail cannot be written; try again later"
 OUT_OF_SPACE = "refused: out of disk space (storage.min_free_bytes)"
 

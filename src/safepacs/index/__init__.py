@@ -23,7 +23,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -609,6 +609,33 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         if query.scoped and scoped_limit is not None:
             limit = scoped_limit
         return self._run(lambda conn: sql.run_find(conn, query, limit or None), write=False)
+
+    def find_encoded(
+        self,
+        model: QueryModel,
+        level: QueryLevel,
+        identifier: Dataset,
+        limit: int | None,
+        scope: Scope | None = None,
+        *,
+        implicit_vr: bool,
+        fill: Mapping[int, str] | None = None,
+        scoped_limit: int | None = None,
+    ) -> list[bytes | None]:
+        """:meth:`find`'s response identifiers encoded in Implicit (``implicit_vr``) or Explicit VR Little
+        Endian, byte for byte as pydicom encodes :meth:`find`'s data sets, without making them
+        (:func:`~safepacs.index.sql.run_find_encoded`); ``fill``: the values of keys the index does not
+        keep, by tag.  None in place of a response pydicom could not encode."""
+        query = replace(parse_identifier(model, level, identifier), scope=scope)
+        if query.scoped and scoped_limit is not None:
+            limit = scoped_limit
+        values = dict(fill or {})
+        return self._run(
+            lambda conn: sql.run_find_encoded(
+                conn, query, limit or None, implicit_vr=implicit_vr, fill=values
+            ),
+            write=False,
+        )
 
     def search(
         self,

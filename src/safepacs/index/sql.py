@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydicom import config as dicom_config
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from safepacs.errors import QueryLimitError
 from safepacs.index import attributes as A
+from safepacs.index import dicombytes as B
+from safepacs.index.dicombytes import Unencodable
 from safepacs.index.dicomjson import data_element_json, element_json, tag_key
 from safepacs.index.matching import Condition, MatchKind, Query, fold, matches
 from safepacs.index.schema import (
@@ -47,6 +51,7 @@ __all__ = [
     "condition_clause",
     "like_pattern",
     "run_find",
+    "run_find_encoded",
     "run_retrieve",
     "sequence_items",
     "visible_clause",
@@ -539,6 +544,147 @@ def _extra(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> 
             pks = [row[_pk_label(level)] for row in rows]
             extra[cond.keyword] = sequence_items(conn, cond.keyword, sorted(set(pks)))
     return extra
+
+
+def run_find_encoded(
+    conn: sa.Connection, query: Query, limit: int | None, *, implicit_vr: bool, fill: Mapping[int, str]
+) -> list[bytes | None]:
+    """:func:`run_find`'s response identifiers encoded as pynetdicom encodes them for the C-FIND-RSP
+    (Implicit or Explicit VR Little Endian), written from the rows (:mod:`~safepacs.index.dicombytes`)
+    without a data set each.  ``fill``: values for keys the index does not keep, by tag (RetrieveAETitle,
+    which the query service answers).  None in place of a response that pydicom could not encode either
+    (pynetdicom then answered 0xC312 instead of it)."""
+    rows = conn.execute(find_select(query, limit)).mappings().all()
+    if limit and len(rows) > limit:
+        raise QueryLimitError(
+            f"the query matched more than {limit} {_NOUNS[query.level]}; narrow it "
+            f"(e.g. {_HINTS[query.level]})"
+        )
+    extra = _extra(conn, query, rows)
+    try:
+        parts = _encoder(query, implicit_vr, fill)
+    except Unencodable:
+        parts = None
+    out: list[bytes | None] = []
+    for row in rows:
+        if parts is not None:
+            try:
+                out.append(b"".join(p if isinstance(p, bytes) else p(row, extra) for p in parts))
+                continue
+            except Unencodable:
+                pass
+        out.append(_pydicom_encoded(_response(query, row, extra), implicit_vr, fill))
+    return out
+
+
+#: Rows and what ``_extra`` found for them -> the bytes of one element.
+_Extra = Mapping[str, Mapping[int, Any]]
+_Part = Callable[[sa.RowMapping, _Extra], bytes]
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return int(tag)
+
+
+def _encoder(query: Query, implicit: bool, fill: Mapping[int, str]) -> list[bytes | _Part]:
+    """How :func:`_response`'s data set for a row is written (PS3.5 7.1): its elements in ascending tag
+    order, each constant (bytes) or made from the row; constant neighbours joined."""
+    level = query.level.value
+    elements: dict[int, bytes | _Part] = {
+        0x00080005: B.element(0x00080005, "CS", RESPONSE_CHARSET, implicit),
+        0x00080052: B.element(0x00080052, "CS", level, implicit),
+    }
+    for cond in query.conditions:
+        tag = _tag(cond.keyword)
+        if cond.kind is MatchKind.SEQUENCE:
+            elements[tag] = _sequence_part(cond, tag, implicit)
+            continue
+        attr = A.BY_KEYWORD[cond.keyword]
+        if attr.derived is A.Derived.ONLINE:
+            elements[tag] = B.element(tag, attr.vr, "ONLINE", implicit)
+        elif attr.derived in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES}:
+            elements[tag] = _derived_part(cond.keyword, tag, attr.vr, _pk_label(QueryLevel.STUDY), implicit)
+        else:
+            elements[tag] = _column_part(cond.keyword, tag, attr.vr, implicit)
+    for tag, vr in query.unsupported:
+        if (tag >> 16) & 1:
+            continue  # private keys are not answered
+        if tag < 0x00080000:
+            raise Unencodable(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) in an identifier")
+        elements[tag] = (
+            B.element(tag, vr, fill[tag], implicit) if tag in fill else B.empty_element(tag, vr, implicit)
+        )
+    parts: list[bytes | _Part] = []
+    for _, part in sorted(elements.items()):
+        if isinstance(part, bytes) and parts and isinstance(parts[-1], bytes):
+            parts[-1] += part
+        else:
+            parts.append(part)
+    return parts
+
+
+def _column_part(keyword: str, tag: int, vr: str, implicit: bool) -> _Part:
+    write = B.writer(tag, vr, implicit)
+
+    def part(row: sa.RowMapping, extra: _Extra) -> bytes:
+        return write(row[keyword])
+
+    return part
+
+
+def _derived_part(keyword: str, tag: int, vr: str, pk: str, implicit: bool) -> _Part:
+    write = B.writer(tag, vr, implicit)
+
+    def part(row: sa.RowMapping, extra: _Extra) -> bytes:
+        return write(extra[keyword].get(row[pk], []))
+
+    return part
+
+
+def _sequence_part(cond: Condition, tag: int, implicit: bool) -> _Part:
+    """A sequence key: the stored items that match the query's item (:func:`_item_dataset`)."""
+    spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
+    pk = _pk_label(spec.level)
+    asked = [(_tag(c.keyword), c.keyword) for c in cond.items]
+    unsupported = sorted(
+        (t, B.empty_element(t, vr, implicit)) for t, vr in cond.unsupported if not (t >> 16) & 1
+    )
+    vrs = {a.keyword: a.vr for a in spec.items}
+    every = sorted((_tag(a.keyword), a.keyword) for a in spec.items)
+
+    def part(row: sa.RowMapping, extra: _Extra) -> bytes:
+        items = []
+        for record in extra[cond.keyword].get(row[pk], []):
+            if not (cond.is_universal or matches(cond.items, record)):
+                continue
+            keys = asked or [(t, k) for t, k in every if record.get(k)]
+            out = {t: B.element(t, vrs[k], record.get(k), implicit) for t, k in keys}
+            out.update(unsupported)
+            items.append(B.item(out[t] for t in sorted(out)))
+        body = b"".join(items)
+        return B.header(tag, "SQ", len(body), implicit) + body
+
+    return part
+
+
+def _pydicom_encoded(ds: Dataset, implicit: bool, fill: Mapping[int, str]) -> bytes | None:
+    """``ds`` with ``fill`` applied, encoded by pydicom as pynetdicom's ``dsutils.encode`` does; None
+    when that fails."""
+    for tag, value in fill.items():
+        if tag in ds:
+            ds[tag].value = value
+        else:
+            ds.add(DataElement(tag, dictionary_VR(tag), value))
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = True
+    try:
+        write_dataset(fp, ds)
+    except Exception:  # noqa: BLE001 - whatever pydicom fails on, the response cannot be encoded
+        return None
+    return fp.getvalue()
 
 
 def _responses(conn: sa.Connection, query: Query, rows: Sequence[sa.RowMapping]) -> list[Dataset]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
@@ -27,6 +28,10 @@ def _patient_key(identifier: Dataset) -> str | None:
     value = str(identifier.get("PatientID", "") or "").strip()
     return value if value and not any(c in value for c in "*?\\") else None
 
+
+#: (0008,0054) Retrieve AE Title: answered with the archive's own AE title when asked for.
+_RETRIEVE_AE_TITLE = 0x00080054
+_T = TypeVar("_T")
 
 #: The largest QIDO-RS page when ``query.max_results`` is 0 (no limit for C-FIND).
 _UNLIMITED_PAGE = 10_000
@@ -76,20 +81,64 @@ class QueryService:
         self, principal: Principal, model: QueryModel, level: QueryLevel, identifier: Dataset
     ) -> list[Dataset]:
         """The response identifiers; raises QueryError / QueryLimitError / AccessDenied / AuditError."""
+        results = self._find(
+            principal,
+            model,
+            identifier,
+            lambda limit, scoped: self._index.find(
+                model, level, identifier, limit, principal.scope, scoped_limit=scoped
+            ),
+        )
+        if "RetrieveAETitle" in identifier:
+            for ds in results:
+                ds.RetrieveAETitle = self._ae_title
+        return results
+
+    def find_encoded(
+        self,
+        principal: Principal,
+        model: QueryModel,
+        level: QueryLevel,
+        identifier: Dataset,
+        *,
+        implicit_vr: bool,
+    ) -> list[bytes | None]:
+        """:meth:`find` with each response identifier encoded as pynetdicom would encode :meth:`find`'s
+        (Implicit or Explicit VR Little Endian; None for one it could not encode), for the C-FIND
+        responses the DIMSE adapter writes itself; the same policy, limits and audit record."""
+        fill = {_RETRIEVE_AE_TITLE: self._ae_title} if "RetrieveAETitle" in identifier else {}
+        return self._find(
+            principal,
+            model,
+            identifier,
+            lambda limit, scoped: self._index.find_encoded(
+                model,
+                level,
+                identifier,
+                limit,
+                principal.scope,
+                implicit_vr=implicit_vr,
+                fill=fill,
+                scoped_limit=scoped,
+            ),
+        )
+
+    def _find(
+        self,
+        principal: Principal,
+        model: QueryModel,
+        identifier: Dataset,
+        run: Callable[[int | None, int | None], list[_T]],
+    ) -> list[_T]:
         self._audit.require(principal, Service.FIND)
         try:
-            results = self._index.find(
-                model, level, identifier, self._max_results, principal.scope, scoped_limit=self._max_scoped
-            )
+            results = run(self._max_results, self._max_scoped)
         except AuditError:
             raise
         except SafePacsError as exc:
             self._record(principal, _FIND_CLASSES[model], identifier, None, str(exc))
             raise
         self._record(principal, _FIND_CLASSES[model], identifier, len(results), None)
-        if "RetrieveAETitle" in identifier:
-            for ds in results:
-                ds.RetrieveAETitle = self._ae_title
         return results
 
     def search(
