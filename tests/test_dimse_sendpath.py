@@ -312,3 +312,23 @@ def test_retrievals_give_the_same_bytes_statuses_and_counts_with_the_send_path_o
     assert fast["cancel"]["statuses"][-1][:2] == (0xFE00, 5) and len(fast["cancel"]["received"]) == 2
     assert fast["getscu"]["rc"] == 0 and fast["getscu"]["clean"] and len(fast["getscu"]["files"]) == 6
     assert fast["move"]["final"][:5] == (0xB000, 0, 6, 1, 0) and len(fast["move"]["files"]) == 6
+
+
+def test_placeholder_is_what_pynetdicoms_service_class_reads() -> None:
+    """The C-GET/C-MOVE service class takes a true ``Dataset`` per Pending sub-operation and lists its
+    ``SOPInstanceUID`` when the sub-operation fails; the placeholder gives both without pydicom."""
+    from safepacs.dimse._raw import RawInstance, StoreStatus, _status_of
+    from safepacs.dimse.sendpath import StoreResponse
+    from safepacs.types import InstanceRef
+
+    uid = generate_uid()
+    ref = InstanceRef("1.2.3", "1.2.3.4", CTImageStorage, uid, ExplicitVRLittleEndian, None)  # type: ignore[arg-type]
+    inst = RawInstance(ref, lambda _ref: b"")
+    assert isinstance(inst, Dataset) and inst and len(inst) == 1
+    assert hasattr(inst, "SOPInstanceUID") and inst.SOPInstanceUID == uid
+    assert inst.SOPClassUID == CTImageStorage and inst.ref is ref
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = [inst.SOPInstanceUID]  # as pynetdicom builds the final identifier
+    assert failed.FailedSOPInstanceUIDList == uid
+    status = _status_of(None, StoreResponse(7, 0xB007, True))  # type: ignore[arg-type]
+    assert isinstance(status, StoreStatus) and status.Status == 0xB007

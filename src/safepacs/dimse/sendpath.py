@@ -394,10 +394,11 @@ def send_stored(
     priority: int,
     originator_aet: str | bytes | None,
     originator_id: int | None,
-) -> C_STORE | None:
+) -> StoreResponse | C_STORE | None:
     """Send one C-STORE-RQ with ``data`` (the stored data set, in the context's transfer syntax) over an
-    association served by a :class:`SendDUL`, and return its response as pynetdicom's primitive (None
-    when none came, as ``get_msg`` would say)."""
+    association served by a :class:`SendDUL`, and return its response: as read (:class:`StoreResponse`)
+    when it carries nothing but its status, else as pynetdicom's primitive (None when none came, as
+    ``get_msg`` would say)."""
     dul = cast(SendDUL, assoc.dul)
     command = encode_store_request(
         message_id, sop_class_uid, sop_instance_uid, priority, originator_aet, originator_id
@@ -407,12 +408,8 @@ def send_stored(
     response = waiting.response
     if response is None:  # nothing we could read ourselves: pynetdicom's message, if any, as before
         return cast("C_STORE | None", assoc.dimse.get_msg(block=False)[1])
-    rsp = C_STORE()
-    if response.plain:
-        # all pynetdicom's status check reads (the UIDs' setters cost a regular expression each)
-        rsp.MessageIDBeingRespondedTo = response.message_id
-        rsp.Status = response.status
-        return rsp
+    if response.plain:  # its status is all there is to check (``_raw._status_of``)
+        return response
     detailed = C_STORE_RSP()  # Error Comment, Offending Element, ...: pynetdicom reads them
     detailed.command_set = decode(BytesIO(waiting.raw), True, True)
     return cast(C_STORE, detailed.message_to_primitive())
