@@ -91,7 +91,8 @@ class ServerSettings(_Section):
     dimse_send_path: bool = Field(
         True,
         description="Send C-GET/C-MOVE sub-operations in the stored transfer syntax straight from the stored "
-        "bytes (false: through pynetdicom's encoders, the slower reference path).",
+        "bytes, and C-FIND answers straight from the index rows (false: through pynetdicom's encoders, "
+        "the slower reference path).",
     )
     max_request_bytes: int = Field(
         512 * 1024**2, ge=1024, description="Largest HTTPS request body (a STOW-RS upload), in bytes."
