@@ -46,7 +46,7 @@ from safepacs.errors import (
 from safepacs.index import SqlIndex, UserRecord, migrate
 from safepacs.index.schema import metadata
 from safepacs.index.write import driver_execute
-from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob
+from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob, TlsMode, UserIdentityMode
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -919,6 +919,31 @@ def test_peers(index: SqlIndex) -> None:
     with pytest.raises(NotFoundError):
         index.remove_peer("MODALITY")
     assert index.list_peers() == [b]
+
+
+def test_get_peer_matches_the_sqlalchemy_reference(index: SqlIndex) -> None:
+    """get_peer's driver statement (SQLite) reads exactly what the SQLAlchemy statement reads, for
+    every kind of peer, and sees a peer removed or changed on the very next call (nothing cached)."""
+    index.add_user("reader", "$argon2id$hash", frozenset({"viewer"}))
+    registered = [
+        Peer("MODALITY", "10.0.0.0/8", None, frozenset({Service.STORE, Service.ECHO})),
+        Peer("VIEWER", "viewer.example", 104, frozenset(Service), "reader"),
+        Peer(
+            "SECURE", "::1/128", 11112, frozenset({Service.FIND}), None,
+            tls=TlsMode.REQUIRED, cert_sha256="ab" * 32, user_identity=UserIdentityMode.REQUIRED,
+        ),
+        Peer("NONE", "127.0.0.1/32", None, frozenset(), user_identity=UserIdentityMode.OPTIONAL),
+    ]  # fmt: skip
+    for peer in registered:
+        index.add_peer(peer)
+    for title in [p.ae_title for p in registered] + ["NOBODY", "", "modality", "MODALITY "]:
+        assert index.get_peer(title) == index._peer_reference(title)
+    assert [index.get_peer(p.ae_title) for p in registered] == registered
+    index.remove_peer("VIEWER")
+    assert index.get_peer("VIEWER") is None
+    narrowed = Peer("VIEWER", "viewer.example", 104, frozenset({Service.ECHO}))
+    index.add_peer(narrowed)
+    assert index.get_peer("VIEWER") == narrowed == index._peer_reference("VIEWER")
 
 
 def test_users(index: SqlIndex) -> None:

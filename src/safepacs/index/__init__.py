@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from pydicom.dataset import Dataset
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from safepacs.errors import ConflictError, IndexError_, NotFoundError, UnsyncedCommitError
 from safepacs.index import sql
@@ -710,8 +711,25 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         self._run(work, write=True)
 
     def get_peer(self, ae_title: str) -> Peer | None:
+        """The peer registered under ``ae_title``, read afresh on every call (a peer removed or changed
+        is refused or narrowed from the next association on: nothing is cached).  Every association
+        asks this before it is admitted; on SQLite the statement goes to the driver directly (the
+        peers' columns are text and integers: nothing for SQLAlchemy to convert), which spares the
+        ~100 us of SQLAlchemy's statement machinery per association (bench/README.md, "Per-association
+        cost"); ``_peer_reference`` is the same lookup through SQLAlchemy, for the differential test."""
+        if not self._sqlite:
+            return self._peer_reference(ae_title)
+
         def work(conn: sa.Connection) -> Peer | None:
-            row = conn.execute(sa.select(peers).where(peers.c.ae_title == ae_title)).mappings().first()
+            cursor = driver_execute(conn, _PEER_SQL, (ae_title,))
+            row = cursor.fetchone()
+            return None if row is None else _peer(dict(zip(_PEER_COLUMNS, row, strict=True)))
+
+        return self._run(work, write=False)
+
+    def _peer_reference(self, ae_title: str) -> Peer | None:
+        def work(conn: sa.Connection) -> Peer | None:
+            row = conn.execute(_PEER, {"ae_title": ae_title}).mappings().first()
             return None if row is None else _peer(row)
 
         return self._run(work, write=False)
@@ -884,6 +902,14 @@ _TOKEN_HOLDER = (
     )
     .where(tokens.c.token_id == sa.bindparam("token_id"))
 )
+
+
+# created_at is left out: a peer's admission does not need it, and it alone would need type processing.
+_PEER = sa.select(*(c for c in peers.c if c.name != "created_at")).where(
+    peers.c.ae_title == sa.bindparam("ae_title")
+)
+_PEER_COLUMNS = tuple(c.name for c in _PEER.selected_columns)
+_PEER_SQL = str(_PEER.compile(dialect=sqlite_dialect()))
 
 
 def _scoped(user: UserRecord, stored: Any) -> UserRecord:
