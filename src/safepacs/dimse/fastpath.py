@@ -147,13 +147,9 @@ def _ui_text(raw: bytes | None) -> str | None:
         return None
 
 
-def parse_store_command(raw: bytes) -> StoreCommand | None:
-    """A C-STORE-RQ command set with a data set (PS3.7 9.3.1.1), read straight from its Implicit VR
-    Little Endian encoding (PS3.7 6.3.1); None for any other command and anything unusual (an element
-    outside group 0000, a length past the end, a malformed value), which pynetdicom then decodes.
-
-    pydicom's decoder and its value converters cost ~0.1 ms per command; this is every instance.
-    """
+def command_elements(raw: bytes) -> dict[int, bytes] | None:
+    """The elements of a command set (group 0000, Implicit VR Little Endian, PS3.7 6.3.1) by element
+    number, their values undecoded; None when an element lies outside group 0000 or past the end."""
     values: dict[int, bytes] = {}
     offset, end = 0, len(raw)
     while offset < end:
@@ -165,6 +161,19 @@ def parse_store_command(raw: bytes) -> StoreCommand | None:
             return None
         values[element] = raw[offset : offset + length]
         offset += length
+    return values
+
+
+def parse_store_command(raw: bytes) -> StoreCommand | None:
+    """A C-STORE-RQ command set with a data set (PS3.7 9.3.1.1), read straight from its Implicit VR
+    Little Endian encoding (PS3.7 6.3.1); None for any other command and anything unusual (an element
+    outside group 0000, a length past the end, a malformed value), which pynetdicom then decodes.
+
+    pydicom's decoder and its value converters cost ~0.1 ms per command; this is every instance.
+    """
+    values = command_elements(raw)
+    if values is None:
+        return None
     field, data_set_type, message_id = values.get(0x0100), values.get(0x0800), values.get(0x0110)
     if field is None or data_set_type is None or message_id is None:
         return None

@@ -52,7 +52,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from safepacs.dimse.fastpath import StoreDUL, install_store_path
+from safepacs.dimse.fastpath import StoreDUL, command_elements, install_store_path
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -183,17 +183,9 @@ _PLAIN_RSP = frozenset({0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000})
 def parse_store_response(raw: bytes) -> StoreResponse | None:
     """A C-STORE-RSP command set read straight from its Implicit VR Little Endian encoding; None for any
     other command and anything unusual (which pynetdicom then decodes as before)."""
-    values: dict[int, bytes] = {}
-    offset, end = 0, len(raw)
-    while offset < end:
-        if end - offset < 8:
-            return None
-        group, element, length = _ELEMENT.unpack_from(raw, offset)
-        offset += 8
-        if group != 0x0000 or length > end - offset:
-            return None
-        values[element] = raw[offset : offset + length]
-        offset += length
+    values = command_elements(raw)
+    if values is None:
+        return None
     field, data_set_type = values.get(0x0100), values.get(0x0800)
     message_id, status = values.get(0x0120), values.get(0x0900)
     if field is None or data_set_type is None or message_id is None or status is None:
