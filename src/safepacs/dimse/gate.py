@@ -216,7 +216,7 @@ class GateACSE(ACSE):
     """pynetdicom's ACSE with SafePACS admission in front of the negotiation."""
 
     gate: AssociationGate
-    admitted: threading.Event  # set once the gate has admitted the association
+    decided: threading.Event  # set once the gate has admitted or rejected it (its pending place is free)
 
     def _negotiate_as_acceptor(self) -> None:
         assoc = self.assoc
@@ -261,12 +261,13 @@ class GateACSE(ACSE):
             # a peer that keeps the connection open loses it after _REJECTED_LINGER, not acse_timeout.
             assoc.dul.artim_timer.timeout = _REJECTED_LINGER
             self.send_reject(*rejection)
+            self.decided.set()
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
             return
         assert principal is not None
         setattr(assoc, _PRINCIPAL_ATTR, principal)
-        self.admitted.set()
+        self.decided.set()
         if principal.user_identity and identity is not None and identity.positive_response_requested:
             # PS3.7 D.3.3.7.2: zero-length server response (we hand out no Kerberos/SAML/JWT in return)
             response = UserIdentityNegotiation()
@@ -293,5 +294,5 @@ def install_gate(assoc: Association, gate: AssociationGate) -> None:
     """Swap the association's ACSE for the gated one (called before the association starts)."""
     acse = GateACSE(assoc)
     acse.gate = gate
-    acse.admitted = threading.Event()
+    acse.decided = threading.Event()
     assoc.acse = acse

@@ -235,9 +235,11 @@ class _RequestHandler(RequestHandler):
             assoc = self._create_association()
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
-            # Not admitted until the gate says so: counted against this address until then.
-            admitted = cast(GateACSE, assoc.acse).admitted
-            while not admitted.wait(0.05) and assoc.is_alive():
+            # Counted against this address until the gate has decided: an admitted association holds
+            # a place among the admitted ones instead, and a rejected one ends at once and holds none
+            # (a stranger's rejected connections, still closing, must not crowd out the next ones).
+            decided = cast(GateACSE, assoc.acse).decided
+            while not decided.wait(0.05) and assoc.is_alive():
                 pass
         finally:
             server.pending.leave(ticket)
