@@ -325,6 +325,26 @@ def test_the_association_thread_wakes_the_reactor_when_it_queues_a_pdu(idle_dul:
     assert select.select([dul._waker], [], [], 0)[0] == [dul._waker]
 
 
+def test_a_pdu_queued_while_the_reactor_was_busy_is_sent_without_waiting(
+    idle_dul: StoreDUL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The association thread may queue its next PDU and set the waker while the reactor, just woken by
+    the waker, is still sending the previous one.  That wake-up must not be lost: the reactor then
+    waited out its whole timeout with the PDU in its queue (10 ms per instance of a C-GET, ~100
+    instead of ~500 instances/s).  With the timeout made a minute long, a lost wake-up hangs."""
+    import safepacs.dimse.fastpath as fastpath
+
+    monkeypatch.setattr(fastpath, "_WAIT", 60.0)
+    dul = idle_dul
+    dul.send_pdu(P_DATA())  # queued, waker set ...
+    dul._waker.clear()  # ... and that wake-up consumed, as by the wait that preceded the busy turn
+    waiter = threading.Thread(target=dul._wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "the reactor slept with a PDU in its queue"
+    dul.kill_dul()
+
+
 def test_a_finished_reactor_is_not_woken_through_a_reused_descriptor(idle_dul: StoreDUL) -> None:
     """Once the reactor has ended its waker is closed; a late send_pdu (an abort from another thread)
     must not write to whatever file now has that descriptor number."""

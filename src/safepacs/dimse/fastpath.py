@@ -362,6 +362,13 @@ class StoreDUL(DULServiceProvider):
         flowed: between two C-STORE-RQs of a modality that is how often it woke, took the GIL from the
         association storing an instance in the same process and gave it back (~20 times per CT slice
         with two associations per worker on a busy machine), for a queue the fast path leaves empty."""
+        # The waker is cleared before the queues are looked at: a wake-up that comes after that look
+        # leaves it readable and the select returns at once.  (Clearing it after the select lost the
+        # wake-ups that came in between: the association thread's next PDU then waited out _WAIT, 10 ms
+        # per instance of a C-GET.)
+        self._waker.clear()
+        if not self.to_provider_queue.empty() or not self.event_queue.empty():
+            return
         sock = getattr(self.socket, "socket", None)
         waits: list[Any] = [self._waker]
         if sock is not None and sock.fileno() >= 0:
@@ -369,15 +376,17 @@ class StoreDUL(DULServiceProvider):
                 return
             waits.append(sock)
         try:
-            ready = select.select(waits, [], [], _WAIT)[0]
+            select.select(waits, [], [], _WAIT)
         except (OSError, ValueError):
             time.sleep(_WAIT)
-            return
-        if self._waker in ready:
-            self._waker.clear()
 
     def _abort_now(self) -> None:
-        """Bypass the state machine: send A-ABORT and stop both reactors (as pynetdicom does on errors)."""
+        """Bypass the state machine: send A-ABORT and stop both reactors (as pynetdicom does on errors).
+
+        What the peer has sent already and nobody will read is read and dropped first: a socket closed
+        with unread data answers with a TCP reset, and a reset that overtakes the A-ABORT makes the
+        peer's system drop it (the peer sees "connection reset" instead of the abort)."""
+        self._drain()
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
@@ -435,6 +444,22 @@ class StoreDUL(DULServiceProvider):
         except _ProtocolError as exc:
             log.warning("aborting association: %s", exc)
             self._abort_now()
+
+    def _drain(self, reads: int = 16) -> None:
+        """Read and drop what has arrived (at most ``reads`` x 64 KiB), without waiting for more."""
+        sock = getattr(self.socket, "socket", None)
+        if sock is None:
+            return
+        try:
+            sock.settimeout(0.0)
+            for _ in range(reads):
+                if not sock.recv(65536):
+                    return
+        except OSError:  # nothing more to read (BlockingIOError, SSLWantReadError), or gone
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
 
     def _discard(self) -> None:
         """Sta13 (the association is over; waiting for the peer to close, ARTIM running): whatever the
