@@ -103,6 +103,12 @@ def _ui(value: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def command_set(elements: list[bytes]) -> bytes:
+    """A command set from its encoded elements (ascending), led by its Command Group Length (0000,0000)."""
+    body = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
 def encode_store_response(
     message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, comment: str | None = None
 ) -> bytes:
@@ -122,8 +128,7 @@ def encode_store_response(
         text = comment[:64].encode("ascii", "replace")
         elements.append(_element(0x0000, 0x0902, text + b" " if len(text) % 2 else text))
     elements.append(_element(0x0000, 0x1000, _ui(sop_instance_uid)))
-    body = b"".join(elements)
-    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+    return command_set(elements)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from safepacs.dimse.fastpath import _element, _ui
+from safepacs.dimse.fastpath import _element, _ui, command_set
 
 __all__ = ["FindResponder", "encode_find_response"]
 
@@ -35,7 +35,6 @@ _DATA_SET_PRESENT = 0x0001  # what pynetdicom writes; PS3.7 E.2: anything but 0x
 _NO_DATA_SET = 0x0101
 _PENDING = 0xFF00
 _US = struct.Struct("<H")
-_UL = struct.Struct("<L")
 _PDU = struct.Struct(">BxLLB")  # P-DATA-TF header, then one PDV item's length and context ID
 _P_DATA_TF = 0x04
 #: Responses are gathered up to about this many bytes per socket write.
@@ -50,16 +49,15 @@ Writer = Callable[[bytes], bool]
 def encode_find_response(message_id: int, sop_class_uid: str, status: int, *, identifier: bool) -> bytes:
     """A C-FIND-RSP command set (PS3.7 9.3.2.2) as pynetdicom encodes it: Affected SOP Class UID,
     Command Field, Message ID Being Responded To, Command Data Set Type, Status."""
-    body = b"".join(
-        (
+    return command_set(
+        [
             _element(0x0000, 0x0002, _ui(sop_class_uid)),
             _element(0x0000, 0x0100, _US.pack(_C_FIND_RSP)),
             _element(0x0000, 0x0120, _US.pack(message_id)),
             _element(0x0000, 0x0800, _US.pack(_DATA_SET_PRESENT if identifier else _NO_DATA_SET)),
             _element(0x0000, 0x0900, _US.pack(status)),
-        )
+        ]
     )
-    return _element(0x0000, 0x0000, _UL.pack(len(body))) + body
 
 
 def fragments(context_id: int, value: bytes, max_pdu: int, *, command: bool) -> list[bytes]:

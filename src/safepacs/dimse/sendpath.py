@@ -52,7 +52,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from safepacs.dimse.fastpath import StoreDUL, command_elements, install_store_path
+from safepacs.dimse.fastpath import StoreDUL, _element, _ui, command_elements, command_set, install_store_path
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -82,7 +82,6 @@ _DATA_SET_PRESENT = 0x0001  # what pynetdicom writes; any value but 0x0101 means
 _NO_DATA_SET = 0x0101
 _HEADER = struct.Struct(">BxL")
 _ITEM = struct.Struct(">LB")
-_ELEMENT = struct.Struct("<HHL")
 _US = struct.Struct("<H")
 
 #: The longest PDV fragment sent when the peer announced no maximum PDU length (PS3.8 9.3.1: 0 = none).
@@ -98,23 +97,9 @@ _QUEUE_LOOK = 0.01
 # Encoding -------------------------------------------------------------------------------------------
 
 
-def _element(group: int, elem: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(group, elem, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def _text(value: str | bytes) -> bytes:
     raw = value if isinstance(value, bytes) else value.encode("ascii", "replace")
     return raw + b" " if len(raw) % 2 else raw
-
-
-def _group(elements: list[bytes]) -> bytes:
-    body = b"".join(elements)
-    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
 
 
 def encode_store_request(
@@ -139,7 +124,7 @@ def encode_store_request(
         elements.append(_element(0x0000, 0x1030, _text(move_originator_aet)))
     if move_originator_id is not None:
         elements.append(_element(0x0000, 0x1031, _US.pack(move_originator_id)))
-    return _group(elements)
+    return command_set(elements)
 
 
 def encode_retrieve_response(
@@ -164,7 +149,7 @@ def encode_retrieve_response(
     for number, value in zip((0x1020, 0x1021, 0x1022, 0x1023), counts, strict=True):
         if value is not None:
             elements.append(_element(0x0000, number, _US.pack(value)))
-    return _group(elements)
+    return command_set(elements)
 
 
 @dataclass(frozen=True)
