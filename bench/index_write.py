@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from safepacs.index import SqlIndex, migrate
+from safepacs.db import SqlIndex, migrate
 from safepacs.types import StoredBlob
 
 PG_ENV = "SAFEPACS_TEST_POSTGRES"

@@ -7,7 +7,7 @@ comparison), with the index on SQLite (the embedded default) and on PostgreSQL, 
 Corpus: ``--studies`` studies (default 100,000) of 10 instances each in 1-3 series (2 on average), 1.7
 studies per patient, dates over ten years, eight modalities, names as in bench/dicomweb.py; the 100,000
 instance index holds the first tenth of the same studies.  The index rows are written through the
-index's own write path (:class:`safepacs.index.write.Writer`, the code ``add_instance`` runs) for the
+index's own write path (:class:`safepacs.db.write.Writer`, the code ``add_instance`` runs) for the
 first instance of every series, in transactions of 500 studies; the other instances of a series are
 the same instance rows inserted many at a time (what ``Writer.add`` inserts for another instance of a
 known series, whose study and series rows it leaves as they are).  The rows point at no stored object
@@ -60,10 +60,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from rich.console import Console
 
-from safepacs.index import SqlIndex
-from safepacs.index import attributes as A
-from safepacs.index.schema import instances, patients, series, studies
-from safepacs.index.write import InstanceRows, LevelRows, attribute_values
+from safepacs.db import SqlIndex
+from safepacs.db.schema import instances, patients, series, studies
+from safepacs.db.write import InstanceRows, LevelRows, attribute_values
+from safepacs.dicom import attributes as A
 from safepacs.types import QueryLevel
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -229,7 +229,7 @@ _LEVEL_ATTRS = {
 
 
 def level_rows(level: QueryLevel, texts: dict[str, str]) -> LevelRows:
-    """What :func:`safepacs.index.write.read_header` reads for ``level`` from a header holding ``texts``
+    """What :func:`safepacs.db.write.read_header` reads for ``level`` from a header holding ``texts``
     (the fill's rows are compared with the real ingest's before any measurement)."""
     columns: dict[str, object] = {}
     present: dict[str, object] = {}

@@ -16,7 +16,7 @@ import pytest
 
 from safepacs.app import initialize
 from safepacs.cli import main as safepacs_main
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 
 DCMTK = ("echoscu", "storescu", "findscu", "getscu", "movescu", "storescp")
 POSTGRES_ENV = "SAFEPACS_TEST_POSTGRES"

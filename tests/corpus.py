@@ -131,7 +131,7 @@ def _truncated(path: Path, ts: str) -> bool:
     uid = UID(ts)
     if uid.is_deflated or not uid.is_transfer_syntax:
         return False
-    from safepacs.services.transcode import dataset_bytes
+    from safepacs.dicom.transcode import dataset_bytes
 
     try:
         body = dataset_bytes(path.read_bytes())[1]
@@ -148,7 +148,7 @@ def _truncated(path: Path, ts: str) -> bool:
 
 @functools.cache
 def _storage_classes() -> frozenset[str]:
-    from safepacs.dimse.contexts import storage_sop_classes
+    from safepacs.protocols.dimse.contexts import storage_sop_classes
 
     return frozenset(storage_sop_classes())
 

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from safepacs.auth.policy import peer_principal, scope_of, user_principal
+from safepacs.db import SqlIndex
 from safepacs.errors import QueryLimitError
-from safepacs.index import SqlIndex, UserRecord
+from safepacs.records import UserRecord
 from safepacs.types import Peer, QueryLevel, Scope, Service
 from tests import test_index as ti
 from tests.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, query, uids
@@ -182,7 +183,7 @@ def test_restore_puts_instances_back_unless_stored_again(archive: Archive) -> No
 def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLevel) -> None:
     """The direct row -> DICOM JSON path answers exactly what converting the data sets gives, by the
     reference of PS3.18 F.2 (pydicom's conversion with F.2.2 and F.2.5 applied: tests/dicom_json.py)."""
-    from safepacs.index import attributes as A
+    from safepacs.dicom import attributes as A
     from tests.dicom_json import reference_json
 
     a = archive

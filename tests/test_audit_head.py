@@ -46,7 +46,7 @@ from safepacs.audit import (
 from safepacs.audit.chain import GENESIS, AuditRow, SignedHead, chain_hash
 from safepacs.audit.events import search_keys
 from safepacs.config import Settings, load_settings
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find
@@ -334,7 +334,7 @@ _APPENDER = textwrap.dedent(
     from safepacs.audit import Action, AuditEvent, AuditObject, AuditTrail, EventID, ObjectKind, Outcome
     from safepacs.audit import Participant, Signer
     from safepacs.config import load_settings
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     settings = load_settings(Path(sys.argv[1]))
     name = sys.argv[2]

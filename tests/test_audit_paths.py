@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.capture import AuditCapture
 from safepacs.audit.xml import AuditSource, to_xml
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find, c_get, c_move, rejection

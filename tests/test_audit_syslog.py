@@ -38,8 +38,8 @@ from safepacs.audit.syslog import Forwarder, check_collectors
 from safepacs.audit.xml import AuditSource
 from safepacs.auth.pki import create_ca, issue_certificate
 from safepacs.config import AuditCollectorSettings, Settings
+from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError
-from safepacs.index import SqlIndex, migrate
 
 SCHEMA_FILE = Path(__file__).parent / "data" / "audit-message.rng"
 HEADER = re.compile(

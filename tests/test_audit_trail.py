@@ -28,9 +28,9 @@ from safepacs.audit import (
     verify_trail,
 )
 from safepacs.audit.chain import chain_hash, verify_chain
+from safepacs.db import SqlIndex
+from safepacs.db.auditlog import AuditFilter
 from safepacs.errors import AuditError
-from safepacs.index import SqlIndex
-from safepacs.index.auditlog import AuditFilter
 from tests import test_index as ti
 from tests.conftest import run_cli
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from safepacs.app import Archive
 from safepacs.auth.totp import code_at
-from safepacs.index.schema import sessions, users
+from safepacs.db.schema import sessions, users
 from tests.conftest import run_cli, start_server
 from tests.corpus import make_ct
 from tests.webapp import PASSWORD, AppClient, add_user, execute, inprocess, multipart, part10
@@ -300,7 +300,7 @@ def test_idle_and_old_sessions_end(app: tuple[AppClient, Archive], data_dir: Pat
 
 def test_a_session_over_real_tls(data_dir: Path) -> None:
     from safepacs.auth.passwords import hash_password
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     index = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
     try:
@@ -329,7 +329,7 @@ def test_a_session_over_real_tls(data_dir: Path) -> None:
 # The index side, on SQLite and PostgreSQL -------------------------------------------------------------
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def login_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    from safepacs.index import SqlIndex, migrate
+    from safepacs.db import SqlIndex, migrate
 
     url = (
         f"sqlite:///{tmp_path / 'index.sqlite3'}"
@@ -346,7 +346,7 @@ def login_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]
 
 def test_login_counters_totp_steps_and_sessions_in_the_index(login_index: Any) -> None:
     from safepacs.errors import NotFoundError
-    from safepacs.index import SessionRecord
+    from safepacs.records import SessionRecord
 
     ix = login_index
     ix.add_user("alice", "h", frozenset({"radiologist"}))

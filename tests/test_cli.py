@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from safepacs.config import load_settings
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import run_cli
 from tests.corpus import make_ct
 
@@ -188,7 +188,7 @@ def test_an_index_that_cannot_be_synced_refuses_the_file_but_loses_nothing(
     the object its committed row refers to stays, so sending it again finds it complete."""
     import errno
 
-    import safepacs.index as index_module
+    import safepacs.db as index_module
     from safepacs.app import open_archive
 
     ds = make_ct(patient_id="SYNC-1")

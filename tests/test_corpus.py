@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from safepacs.services.transcode import dataset_bytes
+from safepacs.dicom.transcode import dataset_bytes
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import storable_files, unreadable_files
 from tests.dicom_client import c_get, file_context, store_files

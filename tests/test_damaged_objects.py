@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage
 from safepacs.audit.capture import AuditCapture
 from safepacs.audit.events import AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import Server, dcmtk, run_cli
 from tests.corpus import make_ct
 from tests.dicom_client import c_get, store_files
@@ -321,9 +321,7 @@ def test_an_object_missing_from_the_store_is_an_integrity_failure_recorded_as_su
         capture = AuditCapture(index)
         r = client.get(f"{base}/{second.SOPInstanceUID}", headers={"Accept": DICOM_ACCEPT})
         assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
-        alert, _failed = _assert_recorded_as_damaged(
-            capture.events(), second, EventID.INSTANCES_TRANSFERRED
-        )
+        alert, _failed = _assert_recorded_as_damaged(capture.events(), second, EventID.INSTANCES_TRANSFERRED)
         assert "missing" in _instance_details(alert)["Alert Description"]
         # Retrieved as part of its study: the others are sent and the answer is cut short.
         status, body, error = _read_cut_short(client, f"/dicomweb/studies/{study}")

@@ -25,9 +25,9 @@ from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from safepacs.dicom import bulkdata
+from safepacs.dicom.dicomjson import dataset_json
 from safepacs.errors import RetrieveError
-from safepacs.index.dicomjson import dataset_json
-from safepacs.services import bulkdata
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct, storable_files
 from tests.dicom_client import store_files

@@ -46,7 +46,7 @@ def _study(tmp_path: Path, n: int = 3, **kw: str) -> tuple[str, list[Path]]:
 
 
 def _dataset_bytes(path: Path) -> bytes:
-    from safepacs.services.transcode import dataset_bytes
+    from safepacs.dicom.transcode import dataset_bytes
 
     return dataset_bytes(path.read_bytes())[1]
 
@@ -365,7 +365,7 @@ def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
     0xB006 "Elements Discarded"; the stored object is unchanged and the audit trail names what arrived."""
     from safepacs.audit import EventID, ObjectKind, Outcome
     from safepacs.audit.capture import AuditCapture
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     server.add_peer("CT1", "store")
     original = make_ct(patient_id="DUP-2")
@@ -420,7 +420,7 @@ def test_malformed_c_store_data_sets_are_refused(server: Server) -> None:
     server.add_peer("CT1", "store")
     good = make_ct()
     encoded = _to_bytes(good)
-    from safepacs.services.transcode import dataset_bytes
+    from safepacs.dicom.transcode import dataset_bytes
 
     body = dataset_bytes(encoded)[1]
     cases = {
@@ -606,7 +606,7 @@ def test_the_archive_on_postgresql(data_dir: Path, tmp_path: Path, postgres_url:
         assert {data for _, data in received.values()} == {_dataset_bytes(p) for p in paths}
     finally:
         srv.stop()
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     local = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
     try:

@@ -28,7 +28,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from safepacs.dimse.fastpath import StoreCommand, StoreDUL, encode_store_response, parse_store_command
+from safepacs.protocols.dimse.fastpath import (
+    StoreCommand,
+    StoreDUL,
+    encode_store_response,
+    parse_store_command,
+)
 from tests.conftest import Server, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_get
@@ -186,7 +191,7 @@ def test_fragmented_stores_mixed_with_echo_and_find_on_one_association(small_pdu
 def _encoded(ds: Dataset) -> bytes:
     from io import BytesIO
 
-    from safepacs.services.transcode import dataset_bytes
+    from safepacs.dicom.transcode import dataset_bytes
 
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -332,7 +337,7 @@ def test_a_pdu_queued_while_the_reactor_was_busy_is_sent_without_waiting(
     the waker, is still sending the previous one.  That wake-up must not be lost: the reactor then
     waited out its whole timeout with the PDU in its queue (10 ms per instance of a C-GET, ~100
     instead of ~500 instances/s).  With the timeout made a minute long, a lost wake-up hangs."""
-    import safepacs.dimse.fastpath as fastpath
+    import safepacs.protocols.dimse.fastpath as fastpath
 
     monkeypatch.setattr(fastpath, "_WAIT", 60.0)
     dul = idle_dul

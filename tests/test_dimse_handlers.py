@@ -14,9 +14,9 @@ from pynetdicom.dsutils import decode, encode
 
 from safepacs.app import open_archive
 from safepacs.config import load_settings
-from safepacs.dimse.contexts import StudyRootQueryRetrieveInformationModelFind
-from safepacs.dimse.gate import _PRINCIPAL_ATTR
-from safepacs.dimse.handlers import DimseHandlers
+from safepacs.protocols.dimse.contexts import StudyRootQueryRetrieveInformationModelFind
+from safepacs.protocols.dimse.gate import _PRINCIPAL_ATTR
+from safepacs.protocols.dimse.handlers import DimseHandlers
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 from tests.conftest import run_cli
 from tests.corpus import make_ct

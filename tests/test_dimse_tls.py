@@ -30,8 +30,8 @@ from safepacs.audit.capture import AuditCapture
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certificate
 from safepacs.cli._peers import plain_peer_warning
-from safepacs.dimse.admission import Credentials, SecureAdmission
-from safepacs.index import SqlIndex, migrate
+from safepacs.db import SqlIndex, migrate
+from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode
 from tests.conftest import Server, dcmtk, run_cli, start_server
 from tests.corpus import make_ct
@@ -375,7 +375,7 @@ def test_existing_peers_keep_plain_dicom_after_the_migration(tmp_path: Path) -> 
     from alembic import command
     from alembic.config import Config
 
-    import safepacs.index as index_module
+    import safepacs.db as index_module
 
     url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     config = Config()

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage
 from safepacs.app import initialize
 from safepacs.audit.capture import AuditCapture
 from safepacs.audit.events import Action, AuditEvent, EventID, Outcome
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find, c_get

@@ -21,14 +21,14 @@ from pynetdicom.dsutils import decode, encode
 
 from safepacs.app import open_archive
 from safepacs.config import load_settings
-from safepacs.dimse.contexts import (
+from safepacs.db import SqlIndex, sql
+from safepacs.dicom import attributes as A
+from safepacs.dicom import dicombytes as B
+from safepacs.protocols.dimse.contexts import (
     FIND_MODELS,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from safepacs.index import SqlIndex, sql
-from safepacs.index import attributes as A
-from safepacs.index import dicombytes as B
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 from tests import test_index as ti
 from tests.conftest import dcmtk, run_cli, start_server

@@ -34,6 +34,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
+from safepacs.db import SqlIndex, migrate
+from safepacs.db.schema import metadata
+from safepacs.db.write import driver_execute
 from safepacs.errors import (
     ConflictError,
     IndexError_,
@@ -43,9 +46,7 @@ from safepacs.errors import (
     QueryLimitError,
     UnsyncedCommitError,
 )
-from safepacs.index import SqlIndex, UserRecord, migrate
-from safepacs.index.schema import metadata
-from safepacs.index.write import driver_execute
+from safepacs.records import UserRecord
 from safepacs.types import Peer, QueryLevel, QueryModel, Service, StoredBlob, TlsMode, UserIdentityMode
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -271,7 +272,7 @@ def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_t
 ) -> None:
     """Its commit is in the WAL and the WAL synced when add_instance returns; the sync happens once
     the writers' turn is free again, so other writers need not wait for it."""
-    import safepacs.index as index_module
+    import safepacs.db as index_module
 
     database = tmp_path / "i.sqlite3"
     url = f"sqlite:///{database}"
@@ -315,7 +316,7 @@ def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_t
 def test_an_index_sync_that_fails_is_an_error_and_keeps_what_was_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safepacs.index as index_module
+    import safepacs.db as index_module
 
     url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
     migrate(url)
@@ -1064,7 +1065,7 @@ def test_two_processes_write_concurrently(index: SqlIndex, db_url: str) -> None:
 
 
 def _indexed_keys() -> list[tuple[int, str]]:
-    from safepacs.index import attributes as A
+    from safepacs.dicom import attributes as A
 
     keys = {(int(tag_for_keyword(a.keyword)), a.vr) for a in A.ATTRIBUTES if a.column is not None}
     keys |= {(int(tag_for_keyword(a.keyword)), a.vr) for s in A.SEQUENCES for a in s.items}
@@ -1081,7 +1082,7 @@ def test_binary_integers_are_read_as_pydicom_reads_them(
     """US, SS, UL and SL values are decoded from their bytes; multi-valued, in either byte order."""
     from pydicom.values import convert_value
 
-    from safepacs.index.write import _raw_text
+    from safepacs.db.write import _raw_text
 
     order = "little" if little_endian else "big"
     size = 2 if vr in ("US", "SS") else 4
@@ -1099,7 +1100,7 @@ def test_fast_text_reading_agrees_with_pydicom_on_every_test_file() -> None:
     pydicom's charset files included) it gets what pydicom's own conversion gives."""
     import pydicom
 
-    from safepacs.index.write import _converted_text, _encoding, _raw_text
+    from safepacs.db.write import _converted_text, _encoding, _raw_text
     from tests.corpus import storable_files
 
     compared = 0
@@ -1127,8 +1128,8 @@ def test_find_select_built_once_per_shape_is_the_statement_built_afresh() -> Non
     import sqlalchemy.dialects.postgresql as pg
     import sqlalchemy.dialects.sqlite as sqlite_dialect
 
-    from safepacs.index import sql
-    from safepacs.index.matching import parse_identifier
+    from safepacs.db import sql
+    from safepacs.dicom.matching import parse_identifier
     from safepacs.types import QueryModel, Scope
 
     def ident(level: str, **keys: str) -> Dataset:

@@ -17,10 +17,11 @@ from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from safepacs.db.write import read_header
+from safepacs.dicom.attributes import HEADER_TAGS
+from safepacs.dicom.header import read_indexed_elements
+from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import InvalidObjectError
-from safepacs.index.header import read_indexed_elements
-from safepacs.index.write import HEADER_TAGS, read_header
-from safepacs.services.transcode import dataset_bytes
 from tests.corpus import make_ct, part10_bytes, storable_files
 
 
@@ -118,3 +119,11 @@ def test_cut_or_damaged_data_sets_get_pydicoms_verdict(
     fast = _fast(data, implicit)
     if fast is not None:
         assert fast == _reference(data, implicit)
+
+
+def test_the_header_tags_are_what_the_index_reads() -> None:
+    """The elements ingest parses (``HEADER_TAGS``, in the pure DICOM layer) are exactly those the
+    index's row builder reads: one missing would leave a column empty for every instance."""
+    from safepacs.db import write
+
+    assert write._READ_TAGS == HEADER_TAGS

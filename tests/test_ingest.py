@@ -16,10 +16,11 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from safepacs.config import load_settings
+from safepacs.db.write import read_header
+from safepacs.dicom.attributes import HEADER_TAGS
+from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import InvalidObjectError
-from safepacs.index.write import HEADER_TAGS, read_header
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, file_meta
-from safepacs.services.transcode import dataset_bytes
 from safepacs.types import Principal, Service
 from tests.corpus import make_ct, part10_bytes, storable_files
 

@@ -17,10 +17,10 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from safepacs.errors import QueryError
-from safepacs.index import SqlIndex, migrate
-from safepacs.index.attributes import ATTRIBUTES, REQUIRED_KEYS, SEQUENCES, UNIQUE_KEYS
-from safepacs.index.matching import (
+from safepacs.db import SqlIndex, migrate
+from safepacs.db.sql import like_pattern
+from safepacs.dicom.attributes import ATTRIBUTES, REQUIRED_KEYS, SEQUENCES, UNIQUE_KEYS
+from safepacs.dicom.matching import (
     EMPTY_VALUE,
     Condition,
     MatchKind,
@@ -32,7 +32,7 @@ from safepacs.index.matching import (
     parse_identifier,
     retrieve_keys,
 )
-from safepacs.index.sql import like_pattern
+from safepacs.errors import QueryError
 from safepacs.types import QueryLevel, QueryModel, StoredBlob
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -41,11 +41,12 @@ from safepacs.app import initialize, open_archive
 from safepacs.audit import EventID, Outcome
 from safepacs.audit.capture import AuditCapture
 from safepacs.config import load_settings
+from safepacs.db import SqlIndex
+from safepacs.dicom import nesting
+from safepacs.dicom.header import read_indexed_elements
+from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import InvalidObjectError
-from safepacs.index import SqlIndex, nesting
-from safepacs.index.header import read_indexed_elements
 from safepacs.services.ingest import file_meta
-from safepacs.services.transcode import dataset_bytes
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 from safepacs.types import IngestOutcome, Principal, Service, StoredBlob
 from tests.conftest import Server, run_cli, start_server

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     from safepacs.app import initialize
     from safepacs.auth.tokens import issue_token
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     data = tmp_path_factory.mktemp("fuzz") / "data"
     initialize(data)

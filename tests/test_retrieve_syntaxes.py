@@ -40,7 +40,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from safepacs.services.transcode import dataset_bytes
+from safepacs.dicom.transcode import dataset_bytes
 from tests.conftest import Server, dcmtk, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import c_get, store_files

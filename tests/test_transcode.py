@@ -1,4 +1,4 @@
-"""Transfer syntax conversion for retrieve (safepacs.services.transcode) against the whole test corpus.
+"""Transfer syntax conversion for retrieve (safepacs.dicom.transcode) against the whole test corpus.
 
 Every file of pydicom's and pydicom-data's corpus that pydicom reads with a file meta Transfer Syntax
 UID: ``dataset_bytes`` finds the data set where pynetdicom does; every native file converts between the
@@ -46,8 +46,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import split_dataset
 
-from safepacs.errors import RetrieveError
-from safepacs.services.transcode import (
+from safepacs.dicom.transcode import (
     PRODUCIBLE,
     can_convert,
     can_produce,
@@ -55,6 +54,7 @@ from safepacs.services.transcode import (
     dataset_bytes,
     transcode,
 )
+from safepacs.errors import RetrieveError
 from tests.corpus import all_test_files, make_ct, part10_bytes
 
 CORPUS_ROOTS = sorted({str(p.parent) for p in all_test_files()}, key=len)

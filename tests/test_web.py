@@ -19,7 +19,7 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.auth.tokens import issue_token
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find
@@ -638,7 +638,7 @@ def test_stow_rs_answers_an_instance_with_other_content_as_a_failure(data_dir: P
 def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
     import asyncio
 
-    from safepacs.web.retrieval import Part, multipart, multipart_stream
+    from safepacs.protocols.dicomweb.retrieval import Part, multipart, multipart_stream
 
     def parts(fail_after: int | None = None) -> Iterator[Part]:
         for n in range(7):
@@ -675,7 +675,7 @@ def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
 
 
 def test_multipart_length_is_the_length_of_what_multipart_makes() -> None:
-    from safepacs.web.retrieval import multipart, multipart_length
+    from safepacs.protocols.dicomweb.retrieval import multipart, multipart_length
 
     for sizes in ([], [0], [1], [9, 10, 99, 100, 100_000], [526_000] * 3):
         parts = [(f"application/dicom; transfer-syntax=1.2.{n}", b"x" * size) for n, size in enumerate(sizes)]
@@ -689,9 +689,9 @@ def test_wado_rs_sized_answers_leave_out_an_instance_of_another_size() -> None:
     the recorded size would not fit, so it is left out and the answer cut short (never a wrong length)."""
     from dataclasses import replace
 
+    from safepacs.protocols.dicomweb.retrieval import AS_STORED, IncompleteAnswer, multipart
+    from safepacs.protocols.dicomweb.wado import _instances, _sized_length
     from safepacs.types import InstanceRef, StoredBlob
-    from safepacs.web.retrieval import AS_STORED, IncompleteAnswer, multipart
-    from safepacs.web.wado import _instances, _sized_length
 
     ts = "1.2.840.10008.1.2.1"
     stored = {f"1.2.{n}": bytes([n]) * (1000 + n) for n in range(4)}
@@ -728,7 +728,7 @@ def test_security_headers_are_added_unless_the_answer_set_them() -> None:
 
     from starlette.types import Message, Receive, Scope, Send
 
-    from safepacs.web.security import SecurityHeaders
+    from safepacs.protocols.dicomweb.security import SecurityHeaders
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": [(b"cache-control", b"private")]}
@@ -802,7 +802,7 @@ def test_an_unexpected_failure_is_a_500_problem_with_the_security_headers(data_d
 
     from safepacs.app import open_archive
     from safepacs.config import load_settings
-    from safepacs.web.app import create_app
+    from safepacs.protocols.dicomweb.app import create_app
     from tests.webapp import add_user
 
     archive = open_archive(load_settings(data_dir))

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
-from safepacs.index import SqlIndex
+from safepacs.db import SqlIndex
 from tests import test_web
 from tests.conftest import Server, run_cli
 from tests.corpus import make_ct

@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from safepacs.app import Archive, open_archive
 from safepacs.auth.passwords import hash_password
 from safepacs.config import load_settings
+from safepacs.protocols.dicomweb.app import create_app
 from safepacs.types import Principal
-from safepacs.web.app import create_app
 
 PASSWORD = "correct horse battery"
 

@@ -23,8 +23,8 @@ from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
+from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError, DataDirError
-from safepacs.index import SqlIndex, migrate
 from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService

@@ -33,7 +33,7 @@ from safepacs.audit.head import HeadFile, read_head_lines
 from safepacs.errors import AuditError, DataDirError, SafePacsError
 
 if TYPE_CHECKING:
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
     from safepacs.storage.space import AuditReserve
 
 _log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class AuditTrail:
         return True
 
     def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
-        from safepacs.index.auditlog import append_events  # the index imports audit.chain: not at the top
+        from safepacs.db.auditlog import append_events  # the index imports audit.chain: not at the top
 
         signer = self.signer
 

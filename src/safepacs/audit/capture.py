@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from safepacs.audit.events import AuditEvent, EventID, from_canonical
 
 if TYPE_CHECKING:
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
 __all__ = ["AuditCapture"]
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from safepacs.audit.chain import HeadLine, SignedHead, Signer
 
 if TYPE_CHECKING:
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
 __all__ = ["LAZY_INTERVAL", "HeadFile", "read_head_lines"]
 

@@ -62,7 +62,7 @@ from safepacs.config import AuditCollectorSettings, Settings
 from safepacs.errors import ConfigError, SafePacsError
 
 if TYPE_CHECKING:
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
 try:  # Linux: the bytes of a TCP socket the peer has not acknowledged yet
     import fcntl

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 from safepacs.auth.passwords import hash_password, needs_rehash, verify_password
 from safepacs.auth.policy import ROLES
 from safepacs.auth.totp import Sealer, enrol, matching_step, open_secret
+from safepacs.db import SqlIndex
 from safepacs.errors import AuthenticationError, ConfigError, IntegrityError
-from safepacs.index import SessionRecord, SqlIndex, UserRecord
+from safepacs.records import SessionRecord, UserRecord
 
 if TYPE_CHECKING:
     from safepacs.config import AuthSettings

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from safepacs.auth.policy import ROLES, user_principal
 from safepacs.errors import AccessDenied, AuthenticationError, ConfigError, IdentityProviderError
-from safepacs.index import UserRecord
+from safepacs.records import UserRecord
 
 if TYPE_CHECKING:
     from safepacs.config import OidcIssuerSettings

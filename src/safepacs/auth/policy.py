@@ -14,7 +14,7 @@ from safepacs.errors import AccessDenied
 from safepacs.types import DIMSE_SERVICES, Peer, Principal, Scope, Service
 
 if TYPE_CHECKING:
-    from safepacs.index import UserRecord
+    from safepacs.records import UserRecord
 
 __all__ = [
     "RESTRICTED_ROLES",

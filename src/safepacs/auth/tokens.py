@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from safepacs.index import TokenRecord, UserRecord
+from safepacs.records import TokenRecord, UserRecord
 
 __all__ = ["PREFIX", "IssuedToken", "check_token", "check_token_holder", "issue_token", "parse_lifetime"]
 
@@ -87,7 +87,7 @@ def check_token_holder(
     now: dt.datetime | None = None,
 ) -> tuple[TokenRecord, UserRecord] | None:
     """:func:`check_token` with one lookup of the token and its user together
-    (:meth:`~safepacs.index.SqlIndex.get_token_holder`: one statement per request, not two transactions);
+    (:meth:`~safepacs.db.SqlIndex.get_token_holder`: one statement per request, not two transactions);
     the same checks in the same order."""
     m = _TOKEN_RE.match(token)
     found = lookup(m.group(1)) if m else None

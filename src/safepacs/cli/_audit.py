@@ -138,7 +138,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
         verify_trail,
     )
     from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
-    from safepacs.index.auditlog import AuditFilter
+    from safepacs.db.auditlog import AuditFilter
 
     signer = Signer.load_or_create(settings.keys_dir)
     trail = AuditTrail(index, signer, settings.audit_head_file)

@@ -59,7 +59,7 @@ def record_change(args: argparse.Namespace, argv: Sequence[str], settings: Any) 
         return
     from safepacs.audit import AuditTrail, Signer
     from safepacs.audit.recorder import Auditor, operator
-    from safepacs.index import SqlIndex
+    from safepacs.db import SqlIndex
 
     type_code, target = change
     index = SqlIndex(settings.index_url)

@@ -164,10 +164,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs.app import configure_logging, open_archive
     from safepacs.audit.recorder import operator
     from safepacs.audit.syslog import check_collectors
-    from safepacs.dimse.server import serve
-    from safepacs.dimse.tls import ensure_client_certificate
-    from safepacs.index import migrate
-    from safepacs.web.server import run_https
+    from safepacs.db import migrate
+    from safepacs.protocols.dicomweb.server import run_https
+    from safepacs.protocols.dimse.server import serve
+    from safepacs.protocols.dimse.tls import ensure_client_certificate
 
     ports = {
         "dicom_port": args.dicom_port,
@@ -285,7 +285,7 @@ def _check_host(host: str) -> str:
 
 
 def _open_index(args: argparse.Namespace) -> Any:
-    from safepacs.index import SqlIndex, migrate
+    from safepacs.db import SqlIndex, migrate
 
     settings = _settings(args)
     migrate(settings.index_url)
@@ -363,7 +363,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_with_archive(args: argparse.Namespace) -> int:
     from safepacs.app import open_archive
-    from safepacs.index import migrate
+    from safepacs.db import migrate
 
     settings = _settings(args)
     migrate(settings.index_url)
@@ -401,7 +401,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive
     from safepacs.audit.recorder import StoreBatch, operator
-    from safepacs.index import migrate
+    from safepacs.db import migrate
     from safepacs.types import IngestOutcome, Principal
 
     settings = _settings(args)

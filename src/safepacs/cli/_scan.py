@@ -228,9 +228,9 @@ def _read_only_index(url: str) -> Any:
     import sqlalchemy as sa
     from alembic.script import ScriptDirectory
 
-    import safepacs.index
+    import safepacs.db
+    from safepacs.db import SqlIndex
     from safepacs.errors import IndexError_
-    from safepacs.index import SqlIndex
 
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
@@ -246,7 +246,7 @@ def _read_only_index(url: str) -> Any:
         read_only = f"{options} -c default_transaction_read_only=on".strip()
         parsed = parsed.update_query_dict({"options": read_only})
     url = parsed.render_as_string(hide_password=False)
-    head = ScriptDirectory(str(Path(safepacs.index.__file__).parent / "migrations")).get_current_head()
+    head = ScriptDirectory(str(Path(safepacs.db.__file__).parent / "migrations")).get_current_head()
     engine = sa.create_engine(url, hide_parameters=True)
     try:
         with engine.connect() as conn:

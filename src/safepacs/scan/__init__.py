@@ -5,7 +5,7 @@ what a stranger could do (associate, list, retrieve, store) with a severity and 
 Reports hold counts, never names, IDs, dates or UIDs of patients.
 
 Adapters never import each other: this package talks DICOM with pynetdicom directly, not through
-``safepacs.dimse`` (the server).
+``safepacs.protocols.dimse`` (the server).
 """
 
 from safepacs.scan._model import SEVERITIES, Endpoint, Finding, ScanError, ScanReport, Severity

@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
 from safepacs.audit.recorder import Auditor, StudyFacts, actor, study_facts
+from safepacs.db import SqlIndex
 from safepacs.errors import NotFoundError
-from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 

@@ -29,6 +29,12 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
+from safepacs.db import SqlIndex
+from safepacs.db.write import InstanceRows, read_header
+from safepacs.dicom import nesting
+from safepacs.dicom.attributes import HEADER_TAGS
+from safepacs.dicom.header import TRUNCATED, read_indexed_elements
+from safepacs.dicom.transcode import MAX_PIXEL_BYTES, dataset_bytes, inflate
 from safepacs.errors import (
     AuditError,
     ConflictError,
@@ -38,10 +44,6 @@ from safepacs.errors import (
     StorageFullError,
     UnsyncedCommitError,
 )
-from safepacs.index import SqlIndex, nesting
-from safepacs.index.header import TRUNCATED, read_indexed_elements
-from safepacs.index.write import HEADER_TAGS, InstanceRows, read_header
-from safepacs.services.transcode import MAX_PIXEL_BYTES, dataset_bytes, inflate
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.storage.space import FreeSpace
 from safepacs.types import (
@@ -127,7 +129,7 @@ class IngestService:
         max_sequence_depth: int = nesting.MAX_SEQUENCE_DEPTH,
     ) -> None:
         """``max_sequence_depth``: the deepest level a sequence item may be at
-        (:mod:`safepacs.index.nesting`); what docs/conformance.md promises, not a setting."""
+        (:mod:`safepacs.dicom.nesting`); what docs/conformance.md promises, not a setting."""
         self._index = index
         self._audit = audit
         self._blobs = blobs
@@ -479,7 +481,7 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
 
 def _read_header(ts: str, encoded: bytes, max_depth: int) -> Dataset:
     """The elements of the data set the index reads, left undecoded, once the data set is known to be
-    complete and its sequences not to nest deeper than ``max_depth`` levels (:mod:`safepacs.index.nesting`).
+    complete and its sequences not to nest deeper than ``max_depth`` levels (:mod:`safepacs.dicom.nesting`).
     Little endian data sets (Deflated ones once inflated, PS3.5 A.5) are read straight from their bytes
     and checked in the same pass, every other element (the pixel data: half a megabyte for a CT slice)
     skipped without being copied or kept; anything unusual, and big endian, goes through pydicom's reader

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 
 from safepacs.audit.recorder import Auditor, query_text
+from safepacs.db import SqlIndex
 from safepacs.errors import AuditError, SafePacsError
-from safepacs.index import SqlIndex
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 
 __all__ = ["QIDO_RS", "QueryService"]
@@ -42,7 +42,7 @@ class QueryService:
 
     The limit is there so that no principal can list the archive: a query gets at most
     ``max_results`` answers, except one within a single study or series (it names one Study or
-    Series Instance UID, :attr:`~safepacs.index.matching.Query.scoped`), which may list all of it up
+    Series Instance UID, :attr:`~safepacs.dicom.matching.Query.scoped`), which may list all of it up
     to ``max_scoped_results``.  ``max_results`` 0 lifts both limits.
 
     Every query is recorded (110112, with its keys and how many answers it had) before any answer is

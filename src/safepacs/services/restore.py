@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
 from safepacs.audit.recorder import Auditor, facts_of
+from safepacs.db import SqlIndex
+from safepacs.dicom import bulkdata
 from safepacs.errors import IntegrityError, NotFoundError
-from safepacs.index import SqlIndex
-from safepacs.index.access import TrashRecord
-from safepacs.services import bulkdata
+from safepacs.records import TrashRecord
 from safepacs.storage import BlobStore, EnvelopeCipher
 
 __all__ = ["RestoreReport", "RestoreService"]
@@ -57,7 +57,7 @@ class RestoreService:
 
     def _header(self, record: TrashRecord) -> Dataset:
         """The header of a trashed object, decrypted and checked against its recorded SHA-256 (read as
-        every read path reads it, :func:`~safepacs.services.bulkdata.load`: deeply nested sequences too)."""
+        every read path reads it, :func:`~safepacs.dicom.bulkdata.load`: deeply nested sequences too)."""
         part10 = self._cipher.open(self._blobs.get(record.blob.blob_id))
         if hashlib.sha256(part10).hexdigest() != record.blob.sha256:
             raise IntegrityError("a deleted object does not match its recorded SHA-256; it was not restored")

@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
 from safepacs.audit.recorder import Auditor, StudyFacts, study_facts
+from safepacs.db import SqlIndex
 from safepacs.errors import AuditError, IntegrityError, NotFoundError, SafePacsError
-from safepacs.index import SqlIndex
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
 

@@ -1,0 +1,289 @@
+"""The audit trail's tables: append (hash chain, checkpoints), read, search, collector cursors.
+
+A mixin of :class:`safepacs.db.SqlIndex`.  :func:`append_events` also runs inside another
+write transaction (the index row of a stored instance and its audit record commit together, so
+recording costs no extra sync and neither exists without the other).  It leaves the new head of the
+chain in the connection's ``info`` under :data:`AUDIT_HEAD`; once the transaction has committed, the
+index hands that head to its :class:`HeadListener` (the head file, ``audit/head.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol, TypeVar
+
+import sqlalchemy as sa
+
+from safepacs.audit.chain import (
+    ANCHOR_KIND,
+    ANCHOR_VALUE,
+    CHECKPOINT_EVERY,
+    GENESIS,
+    AuditRow,
+    Checkpoint,
+    Signer,
+    StoredRecord,
+    chain_hash,
+)
+from safepacs.audit.events import AuditEvent, canonical, search_keys
+from safepacs.db.schema import audit_checkpoints, audit_cursors, audit_log, audit_refs, instances, trash
+from safepacs.errors import IndexError_
+
+__all__ = ["AUDIT_HEAD", "AuditFilter", "AuditLogMixin", "AuditSnapshot", "HeadListener", "append_events"]
+
+_T = TypeVar("_T")
+_AUDIT_LOCK = 0x5AFE_A0D1  # pg_advisory_xact_lock key: one appender at a time keeps the chain linear
+#: Where :func:`append_events` leaves ``(seq, hash)`` of the new head in ``Connection.info``.
+AUDIT_HEAD = "safepacs.audit_head"
+
+
+class HeadListener(Protocol):
+    """Told of each new head of the chain once its transaction has committed (``audit/head.py``)."""
+
+    def committed(self, seq: int, digest: str, *, durable: bool) -> None:
+        """Records up to ``seq`` are committed; ``durable``: and synced to disk."""
+
+    def close(self) -> None:
+        """Write what is pending; the index closes after this."""
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    patient_id: str | None = None
+    study_uid: str | None = None
+    user: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+# Built once: SQLAlchemy then finds their compiled forms in its cache (an instance's record is appended
+# on every C-STORE, so building statements per call would cost more than the record itself).
+_HEAD = sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_RECORD = sa.insert(audit_log)
+_INSERT_REFS = sa.insert(audit_refs)
+_INSERT_CHECKPOINT = sa.insert(audit_checkpoints)
+_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_AUDIT_LOCK))
+_ANCHOR = (
+    sa.select(audit_refs.c.seq)
+    .where(audit_refs.c.kind == ANCHOR_KIND, audit_refs.c.value == ANCHOR_VALUE)
+    .order_by(audit_refs.c.seq)
+)
+
+
+def append_events(
+    conn: sa.Connection, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False
+) -> int:
+    """Append ``events`` to the chain in this transaction; the last sequence number.  ``checkpoint``
+    signs the new head whatever its number (application start and stop).  Each body carries the
+    time it was recorded (``recorded_at``), so that searches by time can be checked against it."""
+    if not events:
+        raise ValueError("no events to append")
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK)
+    head = conn.execute(_HEAD).first()
+    seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, GENESIS)
+    now = datetime.now(UTC)
+    records: list[dict[str, object]] = []
+    refs: list[dict[str, object]] = []
+    checkpoints: list[dict[str, object]] = []
+    for event in events:
+        seq += 1
+        body = canonical(event, recorded=now)
+        digest = chain_hash(prev, seq, body)
+        records.append(
+            {
+                "seq": seq,
+                "recorded_at": now,
+                "event_id": event.event_id.code,
+                "outcome": int(event.outcome),
+                "body": body,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        refs += [{"seq": seq, "kind": kind, "value": value} for kind, value in search_keys(event)]
+        if seq % CHECKPOINT_EVERY == 0 or (checkpoint and event is events[-1]):
+            cp = signer.checkpoint(seq, digest)
+            checkpoints.append({"seq": cp.seq, "hash": cp.hash, "signature": cp.signature, "created_at": now})
+        prev = digest
+    conn.execute(_INSERT_RECORD, records)
+    if refs:
+        conn.execute(_INSERT_REFS, refs)
+    if checkpoints:
+        conn.execute(_INSERT_CHECKPOINT, checkpoints)
+    conn.info[AUDIT_HEAD] = (seq, prev)
+    return seq
+
+
+class AuditSnapshot:
+    """The whole trail as of one moment, read in one transaction (``SqlIndex.audit_snapshot``).  The
+    streams are to be closed (``close()``) before the transaction ends, read to the end or not."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
+
+    def rows(self) -> Generator[AuditRow]:
+        """Every record with the columns searches use, in order, streamed."""
+        c = audit_log.c
+        stmt = sa.select(c.seq, c.body, c.prev_hash, c.hash, c.recorded_at, c.event_id, c.outcome)
+        with self._conn.execute(stmt.order_by(c.seq).execution_options(yield_per=2000)) as result:
+            for r in result:
+                yield AuditRow(int(r[0]), r[1], r[2], r[3], r[4], str(r[5]), int(r[6]))
+
+    def refs(self) -> Generator[tuple[int, str, str]]:
+        """Every ``audit_refs`` row as (seq, kind, value), ordered by seq, streamed."""
+        c = audit_refs.c
+        stmt = sa.select(c.seq, c.kind, c.value).order_by(c.seq).execution_options(yield_per=5000)
+        with self._conn.execute(stmt) as result:
+            for r in result:
+                yield int(r[0]), str(r[1]), str(r[2])
+
+    def checkpoints(self) -> list[Checkpoint]:
+        stmt = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.seq)
+        return [
+            Checkpoint(int(r["seq"]), r["hash"], r["signature"]) for r in self._conn.execute(stmt).mappings()
+        ]
+
+    def holdings(self) -> int:
+        """The instances the archive holds, in the index or in its trash."""
+        count = 0
+        for table in (instances, trash):
+            count += int(self._conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+        return count
+
+
+class AuditLogMixin:
+    """Reading and writing the audit trail (see the module docstring)."""
+
+    _engine: sa.Engine
+
+    def _run(
+        self, work: Callable[[sa.Connection], _T], *, write: bool, relaxed: bool = False
+    ) -> _T:  # pragma: no cover
+        raise NotImplementedError
+
+    def append_audit(
+        self, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False, durable: bool = True
+    ) -> int:
+        """Append events, committed before returning (and synced, unless ``durable`` is False: then
+        within a second); the last sequence number."""
+        return self._run(
+            lambda conn: append_events(conn, events, signer, checkpoint=checkpoint),
+            write=True,
+            relaxed=not durable,
+        )
+
+    @contextlib.contextmanager
+    def audit_snapshot(self) -> Iterator[AuditSnapshot]:
+        """The trail as of one moment (a read transaction; PostgreSQL: REPEATABLE READ), for verifying
+        records, search keys and checkpoints together while other processes append."""
+        try:
+            with self._engine.connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    yield AuditSnapshot(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise IndexError_(
+                f"the index database failed ({type(exc).__name__}); check that it is reachable"
+            ) from exc
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the last record; None when the trail is empty."""
+
+        def work(conn: sa.Connection) -> tuple[int, str] | None:
+            row = conn.execute(_HEAD).first()
+            return None if row is None else (int(row[0]), str(row[1]))
+
+        return self._run(work, write=False)
+
+    def audit_anchor(self) -> int | None:
+        """The record where the head file began (its ``anchor`` row in ``audit_refs``); None: not yet."""
+        return self._run(lambda conn: conn.execute(_ANCHOR).scalar(), write=False)
+
+    def set_audit_anchor(self, seq: int) -> None:
+        """Mark record ``seq`` as where the head file began."""
+        self._run(
+            lambda conn: conn.execute(
+                sa.insert(audit_refs).values(seq=seq, kind=ANCHOR_KIND, value=ANCHOR_VALUE)
+            ),
+            write=True,
+        )
+
+    def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]:
+        """The records after ``after_seq`` in order, at most ``limit``."""
+
+        def work(conn: sa.Connection) -> list[StoredRecord]:
+            stmt = (
+                sa.select(audit_log.c.seq, audit_log.c.body, audit_log.c.prev_hash, audit_log.c.hash)
+                .where(audit_log.c.seq > after_seq)
+                .order_by(audit_log.c.seq)
+                .limit(limit)
+            )
+            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+
+        return self._run(work, write=False)
+
+    def audit_checkpoints(self) -> list[Checkpoint]:
+        def work(conn: sa.Connection) -> list[Checkpoint]:
+            stmt = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.seq)
+            return [
+                Checkpoint(int(r["seq"]), r["hash"], r["signature"]) for r in conn.execute(stmt).mappings()
+            ]
+
+        return self._run(work, write=False)
+
+    def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]:
+        """Records matching every given filter, oldest first."""
+
+        def work(conn: sa.Connection) -> list[StoredRecord]:
+            stmt = sa.select(audit_log.c.seq, audit_log.c.body, audit_log.c.prev_hash, audit_log.c.hash)
+            for kind, value in (
+                ("patient", where.patient_id),
+                ("study", where.study_uid),
+                ("user", where.user),
+            ):
+                if value is not None:
+                    ref = audit_refs.alias(f"r_{kind}")
+                    stmt = stmt.where(
+                        sa.exists(
+                            sa.select(1)
+                            .select_from(ref)
+                            .where(ref.c.seq == audit_log.c.seq, ref.c.kind == kind, ref.c.value == value)
+                        )
+                    )
+            if where.since is not None:
+                stmt = stmt.where(audit_log.c.recorded_at >= where.since)
+            if where.until is not None:
+                stmt = stmt.where(audit_log.c.recorded_at <= where.until)
+            stmt = stmt.order_by(audit_log.c.seq)
+            if limit:
+                stmt = stmt.limit(limit)
+            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+
+        return self._run(work, write=False)
+
+    def get_audit_cursor(self, collector: str) -> int:
+        def work(conn: sa.Connection) -> int:
+            row = conn.execute(
+                sa.select(audit_cursors.c.seq).where(audit_cursors.c.collector == collector)
+            ).first()
+            return 0 if row is None else int(row[0])
+
+        return self._run(work, write=False)
+
+    def set_audit_cursor(self, collector: str, seq: int) -> None:
+        def work(conn: sa.Connection) -> None:
+            now = datetime.now(UTC)
+            done = conn.execute(
+                sa.update(audit_cursors)
+                .where(audit_cursors.c.collector == collector)
+                .values(seq=seq, updated_at=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(sa.insert(audit_cursors).values(collector=collector, seq=seq, updated_at=now))
+
+        self._run(work, write=True)

@@ -1,0 +1,199 @@
+"""Local login state and browser sessions: failed-login counters, lockouts, TOTP secrets, sessions.
+
+A mixin of :class:`safepacs.db.SqlIndex` (it uses its ``_run`` transactions).  The index stores
+what it is given: TOTP secrets arrive sealed, sessions as the SHA-256 of their cookie and of their
+CSRF token; deciding what is valid is :mod:`safepacs.auth.login`'s job.  Counters and the TOTP
+replay guard are single ``UPDATE`` statements, so concurrent logins cannot both pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from safepacs.db.schema import sessions, users
+from safepacs.errors import NotFoundError
+from safepacs.records import LoginState, SessionRecord
+
+__all__ = ["LoginMixin"]
+
+_T = TypeVar("_T")
+_KEEP_ENDED = timedelta(days=1)  # ended sessions are deleted a day after they end
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        row["id_sha256"],
+        row["user_name"],
+        row["csrf_sha256"],
+        _aware(row["created_at"]),
+        _aware(row["last_seen_at"]),
+        _aware(row["expires_at"]),
+        None if row["revoked_at"] is None else _aware(row["revoked_at"]),
+    )
+
+
+class LoginMixin:
+    """Login counters, TOTP secrets and sessions (see the module docstring)."""
+
+    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
+        raise NotImplementedError
+
+    # Login state ------------------------------------------------------------------------------------------
+    def get_login_state(self, name: str) -> LoginState | None:
+        def work(conn: sa.Connection) -> LoginState | None:
+            stmt = sa.select(users.c.failed_logins, users.c.locked_until, users.c.totp_secret)
+            row = conn.execute(stmt.where(users.c.name == name)).first()
+            if row is None:
+                return None
+            return LoginState(int(row[0]), None if row[1] is None else _aware(row[1]), row[2])
+
+        return self._run(work, write=False)
+
+    def record_failed_login(self, name: str, *, limit: int, lock_for: timedelta, now: datetime) -> bool:
+        """Count a failed login of ``name``; at ``limit`` consecutive failures lock the account for
+        ``lock_for`` (and start counting afresh).  Failures while locked are not counted (they neither
+        extend the lock nor unlock).  Whether the account is locked now; False for an unknown name."""
+
+        def work(conn: sa.Connection) -> bool:
+            not_locked = sa.or_(users.c.locked_until.is_(None), users.c.locked_until <= now)
+            counted = conn.execute(
+                sa.update(users)
+                .where(users.c.name == name, not_locked)
+                .values(failed_logins=users.c.failed_logins + 1)
+            ).rowcount
+            if not counted:
+                return conn.execute(sa.select(users.c.name).where(users.c.name == name)).first() is not None
+            locked = conn.execute(
+                sa.update(users)
+                .where(users.c.name == name, users.c.failed_logins >= limit)
+                .values(failed_logins=0, locked_until=now + lock_for)
+            ).rowcount
+            return bool(locked)
+
+        return self._run(work, write=True)
+
+    def record_login(self, name: str) -> None:
+        """A successful login: the failure counter and any (expired) lock are cleared."""
+        self._run(
+            lambda conn: conn.execute(
+                sa.update(users).where(users.c.name == name).values(failed_logins=0, locked_until=None)
+            ),
+            write=True,
+        )
+
+    def unlock_user(self, name: str) -> None:
+        """Lift a lockout now (``safepacs user enable``); :class:`NotFoundError` when unknown."""
+
+        def work(conn: sa.Connection) -> None:
+            stmt = sa.update(users).where(users.c.name == name).values(failed_logins=0, locked_until=None)
+            if conn.execute(stmt).rowcount == 0:
+                raise NotFoundError(f"no user named {name!r} exists")
+
+        self._run(work, write=True)
+
+    def set_totp_secret(self, name: str, sealed: str | None) -> None:
+        """Store a (sealed) TOTP secret, or remove it with None; :class:`NotFoundError` when unknown."""
+
+        def work(conn: sa.Connection) -> None:
+            stmt = (
+                sa.update(users).where(users.c.name == name).values(totp_secret=sealed, totp_last_step=None)
+            )
+            if conn.execute(stmt).rowcount == 0:
+                raise NotFoundError(f"no user named {name!r} exists")
+
+        self._run(work, write=True)
+
+    def claim_totp_step(self, name: str, step: int) -> bool:
+        """Record that the code of time step ``step`` was used; False when that step or a later one
+        was used already (RFC 6238 5.2: a verifier must not accept the same code twice)."""
+
+        def work(conn: sa.Connection) -> bool:
+            fresh = sa.or_(users.c.totp_last_step.is_(None), users.c.totp_last_step < step)
+            stmt = sa.update(users).where(users.c.name == name, fresh).values(totp_last_step=step)
+            return bool(conn.execute(stmt).rowcount)
+
+        return self._run(work, write=True)
+
+    # Sessions ---------------------------------------------------------------------------------------------
+    def add_session(self, record: SessionRecord) -> None:
+        """Store a new session (and forget the user's sessions that ended over a day ago)."""
+
+        def work(conn: sa.Connection) -> None:
+            old = record.created_at - _KEEP_ENDED
+            conn.execute(
+                sa.delete(sessions).where(
+                    sessions.c.user_name == record.user_name,
+                    sa.or_(sessions.c.expires_at < old, sessions.c.revoked_at < old),
+                )
+            )
+            conn.execute(
+                sa.insert(sessions).values(
+                    id_sha256=record.id_sha256,
+                    user_name=record.user_name,
+                    csrf_sha256=record.csrf_sha256,
+                    created_at=record.created_at,
+                    last_seen_at=record.last_seen_at,
+                    expires_at=record.expires_at,
+                    revoked_at=record.revoked_at,
+                )
+            )
+
+        self._run(work, write=True)
+
+    def get_session(self, id_sha256: str) -> SessionRecord | None:
+        def work(conn: sa.Connection) -> SessionRecord | None:
+            row = (
+                conn.execute(sa.select(sessions).where(sessions.c.id_sha256 == id_sha256)).mappings().first()
+            )
+            return None if row is None else _session(row)
+
+        return self._run(work, write=False)
+
+    def list_sessions(self, user_name: str) -> list[SessionRecord]:
+        def work(conn: sa.Connection) -> list[SessionRecord]:
+            stmt = (
+                sa.select(sessions).where(sessions.c.user_name == user_name).order_by(sessions.c.created_at)
+            )
+            return [_session(r) for r in conn.execute(stmt).mappings()]
+
+        return self._run(work, write=False)
+
+    def touch_session(self, id_sha256: str, now: datetime) -> None:
+        """Note activity on a session (its idle timeout counts from here)."""
+        self._run(
+            lambda conn: conn.execute(
+                sa.update(sessions).where(sessions.c.id_sha256 == id_sha256).values(last_seen_at=now)
+            ),
+            write=True,
+        )
+
+    def revoke_session(self, id_sha256: str, now: datetime) -> bool:
+        """End one session (logout); False when it was unknown or ended already."""
+
+        def work(conn: sa.Connection) -> bool:
+            stmt = sa.update(sessions).where(
+                sessions.c.id_sha256 == id_sha256, sessions.c.revoked_at.is_(None)
+            )
+            return bool(conn.execute(stmt.values(revoked_at=now)).rowcount)
+
+        return self._run(work, write=True)
+
+    def revoke_user_sessions(self, user_name: str, now: datetime) -> int:
+        """End every session of a user (new password, disabled account); how many were open."""
+
+        def work(conn: sa.Connection) -> int:
+            stmt = sa.update(sessions).where(
+                sessions.c.user_name == user_name, sessions.c.revoked_at.is_(None)
+            )
+            return int(conn.execute(stmt.values(revoked_at=now)).rowcount)
+
+        return self._run(work, write=True)

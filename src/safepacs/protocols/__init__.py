@@ -1,0 +1,1 @@
+"""The protocol adapters: DIMSE and DICOMweb, each independent of the other."""
