@@ -78,7 +78,7 @@ def test_valid_uids_pass_unchanged(uid: str) -> None:
         "1.2.3a",
         "1 2",
         "9" * 65,
-        "\uff11.\uff12",  # full-width digits,
+        "\uff11.\uff12",  # full-width digits
     ],
 )
 def test_anything_else_in_the_path_is_a_400(uid: str) -> None:
