@@ -31,9 +31,7 @@ def examples() -> list[object]:
         SessionRecord("cd" * 32, "alice", "ef" * 32, NOW, NOW, NOW + timedelta(hours=8), None),
         CertificateRecord("01" * 32, "MODALITY1", "issued", "1F", None, NOW, None),
         GrantRecord("1.2.3", "alice", NOW, None),
-        TrashRecord(
-            1, "1.2.3.4", "1.2.3.5", "1.2.3", StoredBlob("b", "k", "00" * 32, 10), "alice", NOW, NOW
-        ),
+        TrashRecord(1, "1.2.3.4", "1.2.3.5", "1.2.3", StoredBlob("b", "k", "00" * 32, 10), "alice", NOW, NOW),
     ]
 
 
