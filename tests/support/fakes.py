@@ -330,6 +330,10 @@ class Archive:
         )
         return self.index.add(ref, patient_id, patient_name)
 
+    def overwrite(self, blob_id: str, sealed: bytes) -> None:
+        """Put other bytes under ``blob_id``, as a disk fault or an attacker with file access would."""
+        self.blobs._blobs[blob_id] = sealed  # the store itself never changes a blob in place
+
     @property
     def events(self) -> list[AuditEvent]:
         return self.sink.events
