@@ -28,7 +28,7 @@ from safepacs.errors import RenderError, RenderRequestError
 
 
 def gray(
-    pixels: np.ndarray,  # type: ignore[type-arg]
+    pixels: np.ndarray,
     *,
     photometric: str = "MONOCHROME2",
     frames: int = 1,
@@ -55,7 +55,7 @@ def gray(
     return ds
 
 
-def rgb(pixels: np.ndarray) -> Dataset:  # type: ignore[type-arg]
+def rgb(pixels: np.ndarray) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -71,7 +71,7 @@ def rgb(pixels: np.ndarray) -> Dataset:  # type: ignore[type-arg]
     return ds
 
 
-def png(ds: Dataset, frame: int = 0, **options: object) -> np.ndarray:  # type: ignore[type-arg]
+def png(ds: Dataset, frame: int = 0, **options: object) -> np.ndarray:
     data = render(ds, frame, RenderOptions(media_type=PNG, **options))  # type: ignore[arg-type]
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     return np.asarray(Image.open(BytesIO(data)))

@@ -124,7 +124,7 @@ def test_record_false_leaves_the_record_to_the_caller() -> None:
     refs = [a.instance(STUDY)]
     assert locate(a, record=False) == refs
     assert a.events == []
-    service(a).record(peer(Service.GET), refs, EventID.INSTANCES_ACCESSED)  # type: ignore[arg-type]
+    service(a).record(peer(Service.GET), refs, EventID.INSTANCES_ACCESSED)
     assert [e.event_id for e in a.events] == [EventID.INSTANCES_ACCESSED]
 
 

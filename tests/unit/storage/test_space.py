@@ -134,7 +134,7 @@ class PgError(Exception):
 
 def sqlite_full() -> sqlite3.Error:
     exc = sqlite3.OperationalError("database or disk is full")
-    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL
     return exc
 
 
