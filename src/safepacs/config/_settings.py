@@ -405,7 +405,7 @@ class Settings(BaseSettings):
 
     @property
     def audit_head_file(self) -> Path:
-        """The audit trail's signed head, kept outside the index (``safepacs.audit.head``)."""
+        """The audit trail's signed head, kept outside the index (``safepacs.db.headfile``)."""
         return self.data_dir / "audit-head"
 
 

@@ -25,12 +25,12 @@ from pynetdicom.acse import ACSE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, actor
 from safepacs.auth.policy import peer_principal
 from safepacs.errors import AuditError, SafePacsError
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.protocols.dimse.contexts import negotiable_contexts
 from safepacs.protocols.dimse.tls import TlsSession, session_of
+from safepacs.services.audit import Auditor, actor
 from safepacs.types import Peer, Principal
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -17,13 +17,14 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
 from safepacs.audit.events import AuditObject, EventID, ObjectKind, Participant
-from safepacs.audit.recorder import DESTINATION, Auditor, StoreBatch
 from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError, StorageFullError
 from safepacs.protocols.dimse import status as st
 from safepacs.protocols.dimse._raw import RawInstance
 from safepacs.protocols.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from safepacs.protocols.dimse.findfast import FindResponder
 from safepacs.protocols.dimse.gate import principal_of
+from safepacs.services.audit import DESTINATION, StoreBatch
+from safepacs.services.gate import Gate
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.retrieve import Retrieval, RetrieveService
@@ -53,18 +54,17 @@ class DimseHandlers:
         ingest: IngestService,
         query: QueryService,
         retrieve: RetrieveService,
-        lookup_peer: Callable[[str], Peer | None],
-        audit: Auditor,
+        gate: Gate,
     ) -> None:
-        self.audit = audit
+        """``gate``: C-ECHO's decision, and the peer table C-MOVE destinations resolve from."""
+        self.gate = gate
         self.ingest = ingest
         self.query = query
         self.retrieve = retrieve
-        self.lookup_peer = lookup_peer
 
     def on_echo(self, event: Any) -> int | Dataset:
         try:
-            self.audit.require(principal_of(event.assoc), Service.ECHO)
+            self.gate.require(principal_of(event.assoc), Service.ECHO)
         except AccessDenied:
             return st.status(st.REFUSED_NOT_AUTHORIZED, "refused: not authorized for verification")
         except AuditError:
@@ -197,7 +197,7 @@ class DimseHandlers:
         raw = event.move_destination
         destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip()
         # Destinations resolve only from the registered peer table, never from the request (PS3.4 C.4.2.1.5).
-        peer: Peer | None = self.lookup_peer(destination) if destination else None
+        peer: Peer | None = self.gate.peer(destination) if destination else None
         address = _single_address(peer)
         if peer is None or peer.port is None or address is None:
             log.warning(
@@ -207,7 +207,7 @@ class DimseHandlers:
             principal = principal_of(event.assoc)
             try:
                 if principal is not None:
-                    self.audit.refused(
+                    self.gate.refused(
                         principal,
                         "C-MOVE destination is not a registered peer with one address and a port",
                         (AuditObject(ObjectKind.NODE, destination[:16] or "(none)"),),
