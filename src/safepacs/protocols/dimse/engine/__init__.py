@@ -58,3 +58,52 @@ and the DIMSE tests, and only then add the version to :data:`CHECKED` (and move 
 ``slots.py``
     sets ``_safepacs_*`` attributes on ``Association`` objects.
 """
+
+from __future__ import annotations
+
+import logging
+
+import pynetdicom
+
+from safepacs.errors import ConfigError
+
+__all__ = ["CHECKED", "check_pynetdicom", "installed_pynetdicom", "is_checked"]
+
+log = logging.getLogger(__name__)
+
+#: The pynetdicom releases whose private parts (the module docstring) these modules were checked against.
+CHECKED: tuple[str, ...] = ("3.0.4",)
+
+
+def installed_pynetdicom() -> str:
+    """The version of the pynetdicom imported."""
+    return str(getattr(pynetdicom, "__version__", "unknown"))
+
+
+def is_checked(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) is one this package was checked against."""
+    return (installed_pynetdicom() if version is None else version) in CHECKED
+
+
+def check_pynetdicom(*, allow_unchecked: bool = False) -> None:
+    """Refuse (:class:`~safepacs.errors.ConfigError`) to serve DIMSE with a pynetdicom not in
+    :data:`CHECKED`; with ``allow_unchecked`` (``server.unchecked_pynetdicom``) warn instead."""
+    version = installed_pynetdicom()
+    if version in CHECKED:
+        return
+    checked = ", ".join(CHECKED)
+    if allow_unchecked:
+        log.warning(
+            "pynetdicom %s is not a version SafePACS's DICOM engine was checked with (%s); serving anyway "
+            "because server.unchecked_pynetdicom is set: C-STORE, C-FIND and retrieve may fail",
+            version,
+            checked,
+            extra={"pynetdicom": version, "checked": checked},
+        )
+        return
+    raise ConfigError(
+        f"pynetdicom {version} is installed, but SafePACS's DICOM engine was checked only with pynetdicom "
+        f"{checked}: it relies on pynetdicom internals that may have changed.  Install a checked version "
+        f"(pip install 'pynetdicom=={CHECKED[-1]}'), or set server.unchecked_pynetdicom = true to serve "
+        "anyway at your own risk"
+    )
