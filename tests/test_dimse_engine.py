@@ -121,3 +121,43 @@ def test_serve_runs_an_unchecked_pynetdicom_when_told_to(data_dir: Path) -> None
         proc.stderr.close()
     assert proc.returncode == 0, "".join(log)
     assert any(f"pynetdicom {UNCHECKED} is not a version" in entry for entry in log), "".join(log)
+
+
+#: What SafePACS imports of pynetdicom outside the engine: its public API, and ``_config``, the module its
+#: documentation names for its configuration options (logging of identifiers).
+_PUBLIC_MODULES = {
+    "pynetdicom",
+    "pynetdicom.association",
+    "pynetdicom.pdu_primitives",
+    "pynetdicom.presentation",
+    "pynetdicom.service_class",
+    "pynetdicom.sop_class",
+}
+_PUBLIC_PRIVATE_NAMES = {"_config"}
+
+
+def test_only_the_engine_imports_pynetdicom_internals() -> None:
+    """Every module of pynetdicom's that is not its public API is imported in protocols/dimse/engine
+    only, so that the engine's docstring lists everything an upgrade must re-check."""
+    import ast
+
+    src = ROOT / "src" / "safepacs"
+    engine_dir = src / "protocols" / "dimse" / "engine"
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        if engine_dir in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [(alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [(node.module, [alias.name for alias in node.names])]
+            else:
+                continue
+            for module, names in modules:
+                if module.split(".")[0] != "pynetdicom":
+                    continue
+                private = [n for n in names if n.startswith("_") and n not in _PUBLIC_PRIVATE_NAMES]
+                if module not in _PUBLIC_MODULES or private:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {module} {private or ''}")
+    assert found == [], "pynetdicom internals outside protocols/dimse/engine:\n" + "\n".join(found)
