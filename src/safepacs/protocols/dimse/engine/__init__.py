@@ -50,7 +50,8 @@ and the DIMSE tests, and only then add the version to :data:`CHECKED` (and move 
     ``assoc.dul.artim_timer``, ``assoc.kill``, ``evt.trigger(EVT_REJECTED)``; replaces ``assoc.acse``.
 ``transport.py`` (the worker's AE and servers)
     overrides ``AE._create_socket``, extends ``AE._servers``; calls
-    ``RequestHandler._create_association`` and ``evt.trigger(EVT_CONN_OPEN)`` in place of its ``handle``;
+    ``RequestHandler._create_association`` (which takes the connection from ``self.request``, the TLS
+    socket once ``server.py`` has wrapped it) and ``evt.trigger(EVT_CONN_OPEN)`` in place of its ``handle``;
     overrides ``AssociationServer.server_bind``, ``server_activate``, ``get_request``, ``server_close``,
     ``service_actions`` of ``ThreadedAssociationServer``.
 ``pdu.py``
