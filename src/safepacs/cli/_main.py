@@ -165,6 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs.audit.syslog import check_collectors
     from safepacs.db import migrate
     from safepacs.protocols.dicomweb.server import run_https
+    from safepacs.protocols.dimse.engine import check_pynetdicom
     from safepacs.protocols.dimse.server import serve
     from safepacs.protocols.dimse.tls import ensure_client_certificate
     from safepacs.services.audit import operator
@@ -176,6 +177,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
     configure_logging(args.log_level, json=args.log_format == "json")
+    # before anything is started or recorded: the DICOM engine relies on pynetdicom's internals
+    check_pynetdicom(allow_unchecked=settings.server.unchecked_pynetdicom)
     keep_large_buffers()  # before the workers fork: they inherit it
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
