@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest.py --quick            # 100 CT slices + 500 small instances, 1 run
     .venv/bin/python bench/ingest.py --runs 3           # 1,000 + 5,000, median of 3 runs
+    .venv/bin/python bench/ingest.py --base /tmp/base --targets safepacs,orthanc   # and an earlier commit
 
 Every measurement starts its receiver on an empty storage directory, sends the whole corpus with
 ``storescu`` (one process per association, the files split into contiguous groups, TCP_NODELAY=1) and
@@ -57,16 +58,25 @@ TARGETS: dict[str, type[Receiver]] = {
     "orthanc": Orthanc,
     "orthanc-nagle": OrthancNagle,
     "storescp": StoreScp,
+    "safepacs-base": SafePacs,  # the code of --base (its src/ first on PYTHONPATH)
 }
-AETS = {"safepacs": "SAFEPACS", "orthanc": "ORTHANC", "orthanc-nagle": "ORTHANC", "storescp": "STORESCP"}
+AETS = {
+    "safepacs": "SAFEPACS",
+    "safepacs-base": "SAFEPACS",
+    "orthanc": "ORTHANC",
+    "orthanc-nagle": "ORTHANC",
+    "storescp": "STORESCP",
+}
 LABELS = {
     "safepacs": "SafePACS",
     "orthanc": "Orthanc",
     "orthanc-nagle": "Orthanc, Nagle on",
     "storescp": "DCMTK storescp",
+    "safepacs-base": "SafePACS (base)",
 }
 
 
+BASE_SRC = Path()  # set from --base
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
@@ -124,6 +134,8 @@ def measure(
 ) -> Measurement:
     settle_page_cache(corpus)
     rundir = Path(tempfile.mkdtemp(prefix=f"{target}-{corpus.name}-x{associations}-", dir=workdir))
+    if target == "safepacs-base":
+        env = {**env, "PYTHONPATH": str(BASE_SRC)}
     receiver = TARGETS[target](name=target, aet=AETS[target], workdir=rundir, env=env)
     try:
         with running(receiver):
@@ -226,11 +238,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per send (default 1800)")
     p.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     p.add_argument("--verbose", action="store_true", help="print every error line of failed runs")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="a checkout of the code to compare with (e.g. a git worktree of an earlier commit): adds the"
+        " target safepacs-base, run from its src/, interleaved with the others",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.ct, args.small = 100, 500
     args.associations = [int(a) for a in args.associations.split(",") if a]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.base is not None:
+        global BASE_SRC
+        BASE_SRC = args.base.resolve() / "src"
+        if not (BASE_SRC / "safepacs").is_dir():
+            p.error(f"--base: {args.base} has no src/safepacs")
+        if "safepacs-base" not in args.targets:
+            after = args.targets.index("safepacs") + 1 if "safepacs" in args.targets else 0
+            args.targets.insert(after, "safepacs-base")
+    elif "safepacs-base" in args.targets:
+        p.error("the target safepacs-base needs --base")
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")

@@ -41,12 +41,12 @@ from safepacs.audit import (
     Participant,
     Signer,
     canonical,
-    verify_trail,
 )
 from safepacs.audit.chain import GENESIS, AuditRow, SignedHead, chain_hash
 from safepacs.audit.events import search_keys
 from safepacs.config import Settings, load_settings
 from safepacs.db import SqlIndex
+from safepacs.services.audittrail import verify_trail
 from tests.conftest import run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find
@@ -331,8 +331,9 @@ _APPENDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from safepacs.audit import Action, AuditEvent, AuditObject, AuditTrail, EventID, ObjectKind, Outcome
+    from safepacs.audit import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome
     from safepacs.audit import Participant, Signer
+    from safepacs.services.audittrail import AuditTrail
     from safepacs.config import load_settings
     from safepacs.db import SqlIndex
 

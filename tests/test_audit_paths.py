@@ -2,7 +2,7 @@
 
 DIMSE paths against a running ``safepacs serve`` with pynetdicom and DCMTK peers; DICOMweb and the
 session API in-process on a real data directory; the CLI as a user types it.  Events are read back
-from the trail with :class:`safepacs.audit.capture.AuditCapture`, as ``safepacs audit query`` would.
+from the trail with :class:`tests.audit_capture.AuditCapture`, as ``safepacs audit query`` would.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
-from safepacs.audit.capture import AuditCapture
 from safepacs.audit.xml import AuditSource, to_xml
 from safepacs.db import SqlIndex
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find, c_get, c_move, rejection

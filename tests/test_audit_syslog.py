@@ -26,7 +26,6 @@ from safepacs.audit import (
     Action,
     AuditEvent,
     AuditObject,
-    AuditTrail,
     EventID,
     ObjectKind,
     Outcome,
@@ -40,6 +39,7 @@ from safepacs.auth.pki import create_ca, issue_certificate
 from safepacs.config import AuditCollectorSettings, Settings
 from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError
+from safepacs.services.audittrail import AuditTrail
 
 SCHEMA_FILE = Path(__file__).parent / "data" / "audit-message.rng"
 HEADER = re.compile(

@@ -16,21 +16,19 @@ from safepacs.audit import (
     Action,
     AuditEvent,
     AuditObject,
-    AuditTrail,
     EventID,
-    MemoryAuditSink,
     ObjectKind,
     Outcome,
     Participant,
     Signer,
     canonical,
     from_canonical,
-    verify_trail,
 )
 from safepacs.audit.chain import chain_hash, verify_chain
+from safepacs.audit.events import AuditFilter
 from safepacs.db import SqlIndex
-from safepacs.db.auditlog import AuditFilter
 from safepacs.errors import AuditError
+from safepacs.services.audittrail import AuditTrail, MemoryAuditSink, verify_trail
 from tests import test_index as ti
 from tests.conftest import run_cli
 

@@ -21,10 +21,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import CTImageStorage
 
-from safepacs.audit.capture import AuditCapture
 from safepacs.audit.events import AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
 from safepacs.db import SqlIndex
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, dcmtk, run_cli
 from tests.corpus import make_ct
 from tests.dicom_client import c_get, store_files

@@ -364,8 +364,8 @@ def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
     "Error: Cannot understand" class; storescu exits non-zero and keeps it), not the misleading warning
     0xB006 "Elements Discarded"; the stored object is unchanged and the audit trail names what arrived."""
     from safepacs.audit import EventID, ObjectKind, Outcome
-    from safepacs.audit.capture import AuditCapture
     from safepacs.db import SqlIndex
+    from tests.audit_capture import AuditCapture
 
     server.add_peer("CT1", "store")
     original = make_ct(patient_id="DUP-2")

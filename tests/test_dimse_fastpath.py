@@ -1,4 +1,4 @@
-"""The C-STORE receive path (dimse/fastpath.py) against real peers: fragmentation, mixing with other
+"""The C-STORE receive path (dimse/engine/fastpath.py) against real peers: fragmentation, mixing with other
 services on one association, size limits and protocol violations."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from safepacs.protocols.dimse.fastpath import (
+from safepacs.protocols.dimse.engine.fastpath import (
     StoreCommand,
     StoreDUL,
     encode_store_response,
@@ -337,7 +337,7 @@ def test_a_pdu_queued_while_the_reactor_was_busy_is_sent_without_waiting(
     the waker, is still sending the previous one.  That wake-up must not be lost: the reactor then
     waited out its whole timeout with the PDU in its queue (10 ms per instance of a C-GET, ~100
     instead of ~500 instances/s).  With the timeout made a minute long, a lost wake-up hangs."""
-    import safepacs.protocols.dimse.fastpath as fastpath
+    import safepacs.protocols.dimse.engine.fastpath as fastpath
 
     monkeypatch.setattr(fastpath, "_WAIT", 60.0)
     dul = idle_dul

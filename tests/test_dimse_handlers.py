@@ -48,9 +48,7 @@ def test_find_handler_stops_at_cancel(data_dir: Path, tmp_path: Path) -> None:
     assert run_cli("import", str(folder), "--data", str(data_dir)) == 0
     archive = open_archive(load_settings(data_dir))
     try:
-        handlers = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
-        )
+        handlers = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.gate)
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"
         q.StudyInstanceUID = study
@@ -142,9 +140,7 @@ def test_fast_find_responses_stop_at_cancel_and_decode_as_before(data_dir: Path,
     assert run_cli("import", str(folder), "--data", str(data_dir)) == 0
     archive = open_archive(load_settings(data_dir))
     try:
-        handlers = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
-        )
+        handlers = DimseHandlers(archive.ingest, archive.query, archive.retrieve, archive.gate)
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"
         q.StudyInstanceUID = study

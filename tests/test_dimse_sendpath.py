@@ -1,4 +1,4 @@
-"""The C-GET/C-MOVE send path (dimse/sendpath.py): its encodings against pynetdicom's, and the same
+"""The C-GET/C-MOVE send path (dimse/engine/sendpath.py): its encodings against pynetdicom's, and the same
 retrievals with it on and off (``server.dimse_send_path``) giving the peers the same bytes, statuses
 and counts - with a damaged object, an instance that must be transcoded, a cancel, a small maximum PDU
 length, DCMTK getscu/movescu/storescp and pynetdicom as peers."""
@@ -27,7 +27,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-from safepacs.protocols.dimse.sendpath import (
+from safepacs.protocols.dimse.engine.sendpath import (
     encode_retrieve_response,
     encode_store_request,
     parse_store_response,
@@ -317,8 +317,8 @@ def test_retrievals_give_the_same_bytes_statuses_and_counts_with_the_send_path_o
 def test_placeholder_is_what_pynetdicoms_service_class_reads() -> None:
     """The C-GET/C-MOVE service class takes a true ``Dataset`` per Pending sub-operation and lists its
     ``SOPInstanceUID`` when the sub-operation fails; the placeholder gives both without pydicom."""
-    from safepacs.protocols.dimse._raw import RawInstance, StoreStatus, _status_of
-    from safepacs.protocols.dimse.sendpath import StoreResponse
+    from safepacs.protocols.dimse.engine.raw import RawInstance, StoreStatus, _status_of
+    from safepacs.protocols.dimse.engine.sendpath import StoreResponse
     from safepacs.types import InstanceRef
 
     uid = generate_uid()

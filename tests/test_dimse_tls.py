@@ -26,13 +26,13 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from safepacs.audit import EventID, Outcome
-from safepacs.audit.capture import AuditCapture
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certificate
 from safepacs.cli._peers import plain_peer_warning
 from safepacs.db import SqlIndex, migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, dcmtk, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import FIND_CONTEXTS, associate, rejection

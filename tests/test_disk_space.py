@@ -20,9 +20,9 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import initialize
-from safepacs.audit.capture import AuditCapture
 from safepacs.audit.events import Action, AuditEvent, EventID, Outcome
 from safepacs.db import SqlIndex
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find, c_get

@@ -37,10 +37,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 import safepacs
 from safepacs.audit import EventID
-from safepacs.audit.capture import AuditCapture
 from safepacs.config import load_settings
 from safepacs.db import SqlIndex
 from safepacs.errors import ConfigError
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, rejection

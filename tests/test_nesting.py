@@ -39,7 +39,6 @@ from pynetdicom import build_context
 
 from safepacs.app import initialize, open_archive
 from safepacs.audit import EventID, Outcome
-from safepacs.audit.capture import AuditCapture
 from safepacs.config import load_settings
 from safepacs.db import SqlIndex
 from safepacs.dicom import nesting
@@ -49,6 +48,7 @@ from safepacs.errors import InvalidObjectError
 from safepacs.services.ingest import file_meta
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 from safepacs.types import IngestOutcome, Principal, Service, StoredBlob
+from tests.audit_capture import AuditCapture
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct, part10_bytes, storable_files
 from tests.dicom_client import associate, c_get

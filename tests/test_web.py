@@ -500,8 +500,8 @@ def test_stow_rs_refuses_more_parts_than_allowed_whole_with_one_record(
 ) -> None:
     """A request over ``server.max_stow_parts`` (or ``server.max_request_bytes``) is refused before any
     part is looked at: 413 with a problem body, nothing stored, one audit record whatever it carried."""
-    from safepacs.audit.capture import AuditCapture
     from safepacs.audit.events import Action, EventID, Outcome
+    from tests.audit_capture import AuditCapture
     from tests.webapp import inprocess
 
     monkeypatch.setenv("SAFEPACS_SERVER__MAX_STOW_PARTS", "4")
@@ -552,8 +552,8 @@ def test_the_stow_part_limit_is_a_validated_setting(data_dir: Path, monkeypatch:
 def test_stow_rs_refuses_non_dicom_parts_cheaply_with_one_record_per_request(data_dir: Path) -> None:
     """Parts that are not application/dicom or not DICOM Part 10 are refused without being parsed, and,
     like every refused part, are summed up in the request's one summary record, not recorded one by one."""
-    from safepacs.audit.capture import AuditCapture
     from safepacs.audit.events import Action, EventID, Outcome
+    from tests.audit_capture import AuditCapture
     from tests.webapp import inprocess
 
     good = make_ct(rows=16, cols=16, patient_id="STOW-1")
@@ -599,8 +599,8 @@ def test_stow_rs_answers_an_instance_with_other_content_as_a_failure(data_dir: P
     part; recorded on its own, naming the instance; the stored object is unchanged."""
     import pydicom
 
-    from safepacs.audit.capture import AuditCapture
     from safepacs.audit.events import EventID, ObjectKind, Outcome
+    from tests.audit_capture import AuditCapture
     from tests.webapp import inprocess
 
     original = make_ct(rows=16, cols=16, patient_id="STOW-DUP")

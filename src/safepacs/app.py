@@ -16,8 +16,7 @@ import pydicom
 import sqlalchemy as sa
 import structlog
 
-from safepacs.audit import AuditTrail, Signer
-from safepacs.audit.recorder import Auditor
+from safepacs.audit.chain import Signer
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
@@ -25,7 +24,10 @@ from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
 from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError, DataDirError
+from safepacs.services.audit import Auditor
+from safepacs.services.audittrail import AuditSearch, AuditTrail
 from safepacs.services.delete import DeleteService
+from safepacs.services.gate import Gate
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.restore import RestoreService
@@ -63,7 +65,9 @@ class Archive:
     restore: RestoreService  # undo a deletion while its retention lasts
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
+    gate: Gate  # who may do what (every refusal recorded); who a peer, user or token is
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
+    audits: AuditSearch  # the trail's search for auditors (``/api/audit``), itself recorded
     space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
@@ -126,6 +130,7 @@ def open_archive(settings: Settings) -> Archive:
     space = free_space(settings, reserve)
     trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve)
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
+    gate = Gate(index, auditor)
     return Archive(
         settings=settings,
         index=index,
@@ -134,6 +139,7 @@ def open_archive(settings: Settings) -> Archive:
             blobs,
             cipher,
             auditor,
+            gate,
             overwrite=settings.storage.overwrite,
             max_object_bytes=settings.storage.max_object_bytes,
             space=space,
@@ -141,18 +147,21 @@ def open_archive(settings: Settings) -> Archive:
         query=QueryService(
             index,
             auditor,
+            gate,
             max_results=settings.query.max_results,
             max_scoped_results=settings.query.max_scoped_results,
             ae_title=settings.server.ae_title,
         ),
-        retrieve=RetrieveService(index, blobs, cipher, auditor),
+        retrieve=RetrieveService(index, blobs, cipher, auditor, gate),
         delete=DeleteService(
-            index, blobs, auditor, retention=timedelta(days=settings.storage.retention_days)
+            index, blobs, auditor, gate, retention=timedelta(days=settings.storage.retention_days)
         ),
         restore=RestoreService(index, blobs, cipher, auditor),
         logins=LoginService(index, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
+        gate=gate,
         auditor=auditor,
+        audits=AuditSearch(index, gate, auditor),
         space=space,
         reserve=reserve,
     )

@@ -1,23 +1,20 @@
-"""The audit trail: who touched which patient's data, when, from where, on what device (issue 5).
+"""The audit record model (issue 5): what an audit record is, how the trail is chained, how it is shown.
 
-:class:`AuditTrail` records :class:`~safepacs.audit.events.AuditEvent` values durably in the index
-database, hash-chained and checkpointed (``audit/chain.py``), *before* the response they describe
-is sent; when it cannot, it raises :class:`~safepacs.errors.AuditError` and the caller refuses the
-access.  The signed head of the chain is kept outside the index, in the head file
-(``audit/head.py``).  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
+* ``events.py``: :class:`~safepacs.audit.events.AuditEvent` (PS3.15 A.5.3), its canonical JSON and
+  search keys, and :class:`~safepacs.audit.events.AuditFilter`, a search over those keys;
+* ``chain.py``: the hash chain, Ed25519 checkpoints and signed heads, and its verification;
+* ``xml.py``: the PS3.15 A.5.1 XML of an event (syslog forwarding);
+* ``report.py``: records as the rows ``audit query`` and ``/api/audit`` show.
+
+Pure: nothing here reads the database, the disk or the policy.  Recording events is
+:mod:`safepacs.services.audit` (what each access path records) and
+:mod:`safepacs.services.audittrail` (the trail in the database); the head file is
+:mod:`safepacs.db.headfile`.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections.abc import Callable, Sequence
-from contextlib import closing
-from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-from safepacs.audit.chain import SignedHead, Signer, Verification, verify_chain
+from safepacs.audit.chain import SignedHead, Signer
 from safepacs.audit.events import (
     Action,
     AuditEvent,
@@ -29,23 +26,12 @@ from safepacs.audit.events import (
     canonical,
     from_canonical,
 )
-from safepacs.audit.head import HeadFile, read_head_lines
-from safepacs.errors import AuditError, DataDirError, SafePacsError
-
-if TYPE_CHECKING:
-    from safepacs.db import SqlIndex
-    from safepacs.storage.space import AuditReserve
-
-_log = logging.getLogger(__name__)
 
 __all__ = [
     "Action",
     "AuditEvent",
     "AuditObject",
-    "AuditSink",
-    "AuditTrail",
     "EventID",
-    "MemoryAuditSink",
     "ObjectKind",
     "Outcome",
     "Participant",
@@ -53,136 +39,4 @@ __all__ = [
     "Signer",
     "canonical",
     "from_canonical",
-    "verify_trail",
 ]
-
-
-class AuditSink(Protocol):
-    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
-        """Record before returning (synced to disk unless ``durable`` is False: then within a second);
-        :class:`AuditError` when that is impossible."""
-
-    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
-        """A function that records ``events`` inside an index write transaction it is given (the
-        instance row and its audit record commit together, or neither does)."""
-
-
-class AuditTrail:
-    """The audit trail in the index database; its signed head in ``head_file`` (the data directory's
-    ``audit-head``), written after each commit that appends to it (``audit/head.py``).
-
-    ``reserve`` (SQLite): the disk space kept for the trail; when a record fails because the disk is
-    full, the reserve is released and the record written again, so that reads go on being served and
-    recorded (:mod:`safepacs.storage.space`)."""
-
-    def __init__(
-        self, index: SqlIndex, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
-    ) -> None:
-        self._index = index
-        self.signer = signer
-        self._reserve = reserve
-        self.head = HeadFile(head_file, signer, index)
-        index.set_audit_listener(self.head)
-
-    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
-        if not events:
-            return
-        try:
-            try:
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
-            except SafePacsError as exc:
-                if not self._released_for(exc):
-                    raise
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
-        except SafePacsError as exc:
-            raise AuditError("the audit trail cannot be written; the request is refused") from exc
-
-    def _released_for(self, exc: SafePacsError) -> bool:
-        """Whether ``exc`` is a full disk and the reserve gave space back for one more try."""
-        from safepacs.storage.space import is_disk_full
-
-        if self._reserve is None or not is_disk_full(exc) or not self._reserve.release():
-            return False
-        _log.error(
-            "the disk is full: the space reserved for the audit trail was released so that accesses "
-            "can still be recorded; free disk space now",
-            extra={"reserve": str(self._reserve.path)},
-        )
-        return True
-
-    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
-        from safepacs.db.auditlog import append_events  # the index imports audit.chain: not at the top
-
-        signer = self.signer
-
-        def write(conn: Any) -> None:
-            try:
-                append_events(conn, events, signer)
-            except Exception as exc:  # the caller's transaction rolls back; the access is refused
-                raise AuditError("the audit trail cannot be written; the request is refused") from exc
-
-        return write
-
-
-class MemoryAuditSink:
-    """Keeps events in a list (``events``): the test double of :class:`AuditTrail`."""
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-        self._lock = threading.Lock()
-        self.fail = False  # set to make every record() fail, as a broken audit store would
-
-    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
-        if self.fail:
-            raise AuditError("the audit trail cannot be written; the request is refused")
-        with self._lock:
-            self.events.extend(events)
-
-    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
-        return lambda _conn: self.record(*events)
-
-
-def verify_trail(
-    index: SqlIndex,
-    signer: Signer,
-    head_file: Path,
-    against: Sequence[SignedHead] = (),
-    *,
-    now: datetime | None = None,
-) -> Verification:
-    """Check the whole chain, its checkpoints, the columns and search keys searches use, the signed
-    head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
-    ``now``: the time records that no signed head names yet are judged by (default: now)."""
-    try:
-        return _verify(index, signer, head_file, against, now)
-    except OSError as exc:
-        raise DataDirError(
-            f"the audit head file {head_file} cannot be read ({exc.strerror or type(exc).__name__})"
-        ) from exc
-
-
-def _verify(
-    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
-) -> Verification:
-    try:
-        size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
-    except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)
-        size = None
-    with index.audit_snapshot() as snapshot:
-        checkpoints, holdings = snapshot.checkpoints(), snapshot.holdings()
-        heads = None if size is None else read_head_lines(head_file, size)
-        with closing(snapshot.rows()) as rows, closing(snapshot.refs()) as refs:
-            try:
-                return verify_chain(
-                    rows,
-                    checkpoints,
-                    signer.public_key,
-                    refs=refs,
-                    heads=heads,
-                    against=against,
-                    holdings=holdings,
-                    now=now,
-                )
-            finally:
-                if heads is not None:
-                    heads.close()

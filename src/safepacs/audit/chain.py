@@ -8,7 +8,7 @@ so editing, deleting, inserting or reordering a record breaks every later link. 
 Cutting records off the end leaves a shorter chain that is intact in itself, and checkpoints can be
 deleted with the records they name.  So the head of the chain is also kept outside the index: after
 every commit that appends records, the committing process adds a :class:`SignedHead` (``n``,
-``hash_n``, the time, an Ed25519 signature) to the head file (``audit/head.py``); heads go to the
+``hash_n``, the time, an Ed25519 signature) to the head file (``db/headfile.py``); heads go to the
 syslog collectors too, and ``safepacs audit head`` exports one.  :func:`verify_chain` checks the
 records against every signed head it is given: a head naming a record that is gone, or that has
 another hash, means the trail was cut short or rewritten.

@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "Action",
     "AuditEvent",
+    "AuditFilter",
     "AuditObject",
     "EventID",
     "ObjectKind",
@@ -179,6 +180,19 @@ def search_keys(event: AuditEvent) -> list[tuple[str, str]]:
         )
         for value in dict.fromkeys(values)
     ]
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """A search of the trail (``audit query``, ``/api/audit``): the records whose search keys
+    (:func:`search_keys`) name this patient, this study and this user, recorded from ``since`` to
+    ``until``; None: any."""
+
+    patient_id: str | None = None
+    study_uid: str | None = None
+    user: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 def canonical(event: AuditEvent, *, recorded: datetime | None = None) -> str:

@@ -15,8 +15,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from safepacs.audit.recorder import operator
 from safepacs.errors import SafePacsError
+from safepacs.services.audit import operator
 
 __all__ = ["add_parsers", "cmd_access", "cmd_purge", "cmd_restore", "cmd_trash"]
 

@@ -82,7 +82,7 @@ _OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12:
 
 def _exported(path: str) -> list[Any]:
     """The signed heads in ``path`` (lines ``SEQ HASH TIME SIGNATURE``; blank and ``#`` lines skipped)."""
-    from safepacs.audit import SignedHead
+    from safepacs.audit.chain import SignedHead
 
     try:
         text = Path(path).read_text(encoding="ascii")
@@ -124,21 +124,20 @@ def _intact(result: Any) -> str:
 
 
 def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
-    from safepacs.audit import (
+    from safepacs.audit.chain import Signer
+    from safepacs.audit.events import (
         Action,
         AuditEvent,
+        AuditFilter,
         AuditObject,
-        AuditTrail,
         EventID,
         ObjectKind,
         Outcome,
         Participant,
-        Signer,
         from_canonical,
-        verify_trail,
     )
     from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
-    from safepacs.db.auditlog import AuditFilter
+    from safepacs.services.audittrail import AuditTrail, verify_trail
 
     signer = Signer.load_or_create(settings.keys_dir)
     trail = AuditTrail(index, signer, settings.audit_head_file)

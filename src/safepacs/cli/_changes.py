@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from safepacs.audit.recorder import Types
+from safepacs.services.audit import Types
 
 __all__ = ["change_of", "record_change"]
 
@@ -57,9 +57,10 @@ def record_change(args: argparse.Namespace, argv: Sequence[str], settings: Any) 
     change = change_of(args)
     if change is None:
         return
-    from safepacs.audit import AuditTrail, Signer
-    from safepacs.audit.recorder import Auditor, operator
+    from safepacs.audit.chain import Signer
     from safepacs.db import SqlIndex
+    from safepacs.services.audit import Auditor, operator
+    from safepacs.services.audittrail import AuditTrail
 
     type_code, target = change
     index = SqlIndex(settings.index_url)

@@ -162,12 +162,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs._memory import keep_large_buffers
     from safepacs._net import bind_listener
     from safepacs.app import configure_logging, open_archive
-    from safepacs.audit.recorder import operator
     from safepacs.audit.syslog import check_collectors
     from safepacs.db import migrate
     from safepacs.protocols.dicomweb.server import run_https
+    from safepacs.protocols.dimse.engine import check_pynetdicom
     from safepacs.protocols.dimse.server import serve
     from safepacs.protocols.dimse.tls import ensure_client_certificate
+    from safepacs.services.audit import operator
 
     ports = {
         "dicom_port": args.dicom_port,
@@ -176,6 +177,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
     configure_logging(args.log_level, json=args.log_format == "json")
+    # before anything is started or recorded: the DICOM engine relies on pynetdicom's internals
+    check_pynetdicom(allow_unchecked=settings.server.unchecked_pynetdicom)
     keep_large_buffers()  # before the workers fork: they inherit it
     migrate(settings.index_url)
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
@@ -400,8 +403,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive
-    from safepacs.audit.recorder import StoreBatch, operator
     from safepacs.db import migrate
+    from safepacs.services.audit import StoreBatch, operator
     from safepacs.types import IngestOutcome, Principal
 
     settings = _settings(args)

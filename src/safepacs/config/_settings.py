@@ -94,6 +94,11 @@ class ServerSettings(_Section):
         "bytes, and C-FIND answers straight from the index rows (false: through pynetdicom's encoders, "
         "the slower reference path).",
     )
+    unchecked_pynetdicom: bool = Field(
+        False,
+        description="Serve DICOM with a pynetdicom release SafePACS's DICOM engine was not checked with "
+        "(a warning is logged); false: safepacs serve refuses to start with one.",
+    )
     max_request_bytes: int = Field(
         512 * 1024**2, ge=1024, description="Largest HTTPS request body (a STOW-RS upload), in bytes."
     )
@@ -405,7 +410,7 @@ class Settings(BaseSettings):
 
     @property
     def audit_head_file(self) -> Path:
-        """The audit trail's signed head, kept outside the index (``safepacs.audit.head``)."""
+        """The audit trail's signed head, kept outside the index (``safepacs.db.headfile``)."""
         return self.data_dir / "audit-head"
 
 

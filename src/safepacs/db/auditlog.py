@@ -4,14 +4,13 @@ A mixin of :class:`safepacs.db.SqlIndex`.  :func:`append_events` also runs insid
 write transaction (the index row of a stored instance and its audit record commit together, so
 recording costs no extra sync and neither exists without the other).  It leaves the new head of the
 chain in the connection's ``info`` under :data:`AUDIT_HEAD`; once the transaction has committed, the
-index hands that head to its :class:`HeadListener` (the head file, ``audit/head.py``).
+index hands that head to its :class:`HeadListener` (the head file, ``db/headfile.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
@@ -28,11 +27,11 @@ from safepacs.audit.chain import (
     StoredRecord,
     chain_hash,
 )
-from safepacs.audit.events import AuditEvent, canonical, search_keys
+from safepacs.audit.events import AuditEvent, AuditFilter, canonical, search_keys
 from safepacs.db.schema import audit_checkpoints, audit_cursors, audit_log, audit_refs, instances, trash
 from safepacs.errors import IndexError_
 
-__all__ = ["AUDIT_HEAD", "AuditFilter", "AuditLogMixin", "AuditSnapshot", "HeadListener", "append_events"]
+__all__ = ["AUDIT_HEAD", "AuditLogMixin", "AuditSnapshot", "HeadListener", "append_events"]
 
 _T = TypeVar("_T")
 _AUDIT_LOCK = 0x5AFE_A0D1  # pg_advisory_xact_lock key: one appender at a time keeps the chain linear
@@ -41,22 +40,13 @@ AUDIT_HEAD = "safepacs.audit_head"
 
 
 class HeadListener(Protocol):
-    """Told of each new head of the chain once its transaction has committed (``audit/head.py``)."""
+    """Told of each new head of the chain once its transaction has committed (``db/headfile.py``)."""
 
     def committed(self, seq: int, digest: str, *, durable: bool) -> None:
         """Records up to ``seq`` are committed; ``durable``: and synced to disk."""
 
     def close(self) -> None:
         """Write what is pending; the index closes after this."""
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    patient_id: str | None = None
-    study_uid: str | None = None
-    user: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
 
 
 # Built once: SQLAlchemy then finds their compiled forms in its cache (an instance's record is appended

@@ -15,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, StudyFacts, actor, study_facts
 from safepacs.db import SqlIndex
 from safepacs.errors import NotFoundError
+from safepacs.services.audit import Auditor, StudyFacts, actor, study_facts
+from safepacs.services.gate import Gate
 from safepacs.storage import BlobStore
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 
@@ -35,10 +36,13 @@ class PurgeReport:
 class DeleteService:
     """Soft-delete studies, series and instances; destroy them once their retention has passed."""
 
-    def __init__(self, index: SqlIndex, blobs: BlobStore, audit: Auditor, *, retention: timedelta) -> None:
+    def __init__(
+        self, index: SqlIndex, blobs: BlobStore, audit: Auditor, gate: Gate, *, retention: timedelta
+    ) -> None:
         self._index = index
         self._blobs = blobs
         self._audit = audit
+        self._gate = gate
         self._retention = retention
 
     def delete(
@@ -47,7 +51,7 @@ class DeleteService:
         """Move what the UIDs name (a study, a series of it, or an instance of that) to the trash; how
         many instances.  :class:`NotFoundError` when the principal sees nothing there.  The deletion and
         its audit record (110105) commit together."""
-        self._audit.require(principal, Service.DELETE)
+        self._gate.require(principal, Service.DELETE)
         identifier = Dataset()
         identifier.StudyInstanceUID = study_uid
         level = QueryLevel.STUDY

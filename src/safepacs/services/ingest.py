@@ -9,7 +9,7 @@ stored (:attr:`~safepacs.types.IngestOutcome.CONFLICT`, which C-STORE and STOW-R
 failure: docs/conformance.md says why), recorded on its own with both SHA-256 and logged.  Every
 attempt leaves an audit event: stored, stored already, not stored against different bytes, or refused
 and why (a STOW-RS request counts its refused instances, by reason, in its one summary record
-instead: :class:`~safepacs.audit.recorder.StoreBatch`).
+instead: :class:`~safepacs.services.audit.StoreBatch`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from safepacs.audit.recorder import Auditor, StoreBatch, StudyFacts
 from safepacs.db import SqlIndex
 from safepacs.db.write import InstanceRows, read_header
 from safepacs.dicom import nesting
@@ -44,6 +43,8 @@ from safepacs.errors import (
     StorageFullError,
     UnsyncedCommitError,
 )
+from safepacs.services.audit import Auditor, StoreBatch, StudyFacts
+from safepacs.services.gate import Gate
 from safepacs.storage import BlobStore, EnvelopeCipher, StagedBlob
 from safepacs.storage.space import FreeSpace
 from safepacs.types import (
@@ -122,6 +123,7 @@ class IngestService:
         blobs: BlobStore,
         cipher: EnvelopeCipher,
         audit: Auditor,
+        gate: Gate,
         *,
         overwrite: bool = False,
         max_object_bytes: int = 2 * 1024**3,
@@ -132,6 +134,7 @@ class IngestService:
         (:mod:`safepacs.dicom.nesting`); what docs/conformance.md promises, not a setting."""
         self._index = index
         self._audit = audit
+        self._gate = gate
         self._blobs = blobs
         self._cipher = cipher
         self._overwrite = overwrite
@@ -151,8 +154,8 @@ class IngestService:
         batch: StoreBatch | None = None,
     ) -> IngestResult:
         """Store a data set received over the network (C-STORE), encoded in ``transfer_syntax_uid``;
-        ``batch`` is the association's (:class:`~safepacs.audit.recorder.StoreBatch`)."""
-        self._audit.require(principal, Service.STORE)
+        ``batch`` is the association's (:class:`~safepacs.services.audit.StoreBatch`)."""
+        self._gate.require(principal, Service.STORE)
         return self._audited(
             principal,
             lambda: self._network_candidate(sop_class_uid, sop_instance_uid, transfer_syntax_uid, encoded),
@@ -165,12 +168,12 @@ class IngestService:
     ) -> IngestResult:
         """Store a DICOM Part 10 file (``safepacs import``; STOW-RS with ``imported=False``); the file meta
         is rebuilt by SafePACS.  ``batch``: the import run's or the STOW-RS request's."""
-        self._audit.require(principal, Service.STORE)
+        self._gate.require(principal, Service.STORE)
         return self._audited(principal, lambda: self._file_candidate(data), imported=imported, batch=batch)
 
     def require(self, principal: Principal) -> None:
         """Whether ``principal`` may store at all (:class:`AccessDenied`, recorded, when not)."""
-        self._audit.require(principal, Service.STORE)
+        self._gate.require(principal, Service.STORE)
 
     def check_space(
         self, principal: Principal, batch: StoreBatch | None = None, *, imported: bool = False

@@ -7,9 +7,10 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
-from safepacs.audit.recorder import Auditor, query_text
 from safepacs.db import SqlIndex
 from safepacs.errors import AuditError, SafePacsError
+from safepacs.services.audit import Auditor, query_text
+from safepacs.services.gate import Gate
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 
 __all__ = ["QIDO_RS", "QueryService"]
@@ -53,6 +54,7 @@ class QueryService:
         self,
         index: SqlIndex,
         audit: Auditor,
+        gate: Gate,
         *,
         max_results: int,
         ae_title: str,
@@ -60,6 +62,7 @@ class QueryService:
     ) -> None:
         self._index = index
         self._audit = audit
+        self._gate = gate
         self._max_results = max_results or None
         scoped = max(max_results, max_scoped_results or 0)
         self._max_scoped = scoped if max_results else None
@@ -130,7 +133,7 @@ class QueryService:
         identifier: Dataset,
         run: Callable[[int | None, int | None], list[_T]],
     ) -> list[_T]:
-        self._audit.require(principal, Service.FIND)
+        self._gate.require(principal, Service.FIND)
         try:
             results = run(self._max_results, self._max_scoped)
         except AuditError:
@@ -154,7 +157,7 @@ class QueryService:
         """QIDO-RS: a page of at most ``limit`` (capped at ``query.max_results``, or within one study or
         series at ``query.max_scoped_results``) responses after ``offset``, and whether more follow;
         raises QueryError / AccessDenied / AuditError."""
-        self._audit.require(principal, Service.FIND)
+        self._gate.require(principal, Service.FIND)
         cap = self._max_results or _UNLIMITED_PAGE
         scoped_cap = max(cap, self._max_scoped or 0)
         page = cap if limit is None else max(0, min(limit, cap))

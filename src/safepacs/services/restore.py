@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, facts_of
 from safepacs.db import SqlIndex
 from safepacs.dicom import bulkdata
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.records import TrashRecord
+from safepacs.services.audit import Auditor, facts_of
 from safepacs.storage import BlobStore, EnvelopeCipher
 
 __all__ = ["RestoreReport", "RestoreService"]

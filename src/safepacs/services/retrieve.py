@@ -2,7 +2,7 @@
 
 A stored object that fails its integrity check as it is read for someone (:meth:`RetrieveService.fetch`)
 is never sent, and is recorded before the caller goes on: a Security Alert naming the instance and the
-retrieval's failure for it (:meth:`~safepacs.audit.recorder.Auditor.integrity_failed`).  A retrieval of
+retrieval's failure for it (:meth:`~safepacs.services.audit.Auditor.integrity_failed`).  A retrieval of
 several instances (:meth:`RetrieveService.begin`) reads and checks the first before it is recorded, so
 that a damaged first instance is not counted as sent and a caller can still answer with an error; the
 others are checked as they go out.
@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
-from safepacs.audit.recorder import Auditor, StudyFacts, study_facts
 from safepacs.db import SqlIndex
 from safepacs.errors import AuditError, IntegrityError, NotFoundError, SafePacsError
+from safepacs.services.audit import Auditor, StudyFacts, study_facts
+from safepacs.services.gate import Gate
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
 
@@ -30,11 +31,14 @@ NOTHING_FOUND = "no instance matched that the requestor may retrieve"
 class RetrieveService:
     """Find the instances a retrieve names and hand out their verified bytes."""
 
-    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor) -> None:
+    def __init__(
+        self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor, gate: Gate
+    ) -> None:
         self._index = index
         self._blobs = blobs
         self._cipher = cipher
         self._audit = audit
+        self._gate = gate
 
     def locate(
         self,
@@ -55,7 +59,7 @@ class RetrieveService:
         with its patient and instance counts, before the caller hands anything out; a retrieve that finds
         nothing is recorded too (a minor failure naming the study asked for).  ``record=False``: the
         caller still has checks to make and calls :meth:`record` once they pass."""
-        self._audit.require(principal, action)
+        self._gate.require(principal, action)
         try:
             refs = self._index.instances_for(model, level, identifier, principal.scope)
         except AuditError:

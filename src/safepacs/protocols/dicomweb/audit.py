@@ -1,7 +1,8 @@
 """``GET /api/audit``: the audit trail over HTTPS, for auditors (and administrators).
 
 The same filters and rows as ``safepacs audit query``; the read is itself recorded (110101 Audit
-Log Used) before the answer is sent.  Anyone else gets 404, like every refusal.
+Log Used) before the answer is sent (:class:`~safepacs.services.audittrail.AuditSearch`).  Anyone else
+gets 404, like every refusal.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from safepacs.audit import from_canonical
-from safepacs.audit.recorder import Auditor, actor
+from safepacs.audit.events import AuditFilter, from_canonical
 from safepacs.audit.report import summary_row
-from safepacs.auth.policy import decide
-from safepacs.db import SqlIndex
-from safepacs.db.auditlog import AuditFilter
+from safepacs.errors import AccessDenied
 from safepacs.protocols.dicomweb.problems import Problem, not_found
-from safepacs.types import Principal, Service
+from safepacs.services.audittrail import AuditSearch
+from safepacs.types import Principal
 
 __all__ = ["make_router"]
 
@@ -36,7 +35,7 @@ def _when(text: str | None, name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, audit: Auditor) -> APIRouter:
+def make_router(principal_of: Callable[[Request], Principal], audits: AuditSearch) -> APIRouter:
     router = APIRouter()
 
     @router.get("/audit", summary="Search the audit trail (auditors)")
@@ -50,13 +49,13 @@ def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, a
         limit: int = Query(1000, ge=1, le=MAX_ROWS),
     ) -> JSONResponse:
         principal = principal_of(request)
-        if not decide(principal, Service.AUDIT):
-            audit.refused(principal, "reading the audit trail needs the auditor or admin role")
-            raise not_found()
-        where = AuditFilter(patient, study, user, _when(since, "since"), _when(until, "until"))
-        asked = " ".join(f"{k}={v}" for k, v in request.query_params.items())
-        audit.audit_used(actor(principal), asked)
-        rows = [summary_row(r.seq, from_canonical(r.body)) for r in index.search_audit(where, limit)]
-        return JSONResponse(rows)
+        try:
+            audits.admit(principal)  # before the filter is read: a refusal says nothing about it
+            where = AuditFilter(patient, study, user, _when(since, "since"), _when(until, "until"))
+            asked = " ".join(f"{k}={v}" for k, v in request.query_params.items())
+            records = audits.search(principal, where, limit, asked=asked)
+        except AccessDenied:
+            raise not_found() from None
+        return JSONResponse([summary_row(r.seq, from_canonical(r.body)) for r in records])
 
     return router

@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, Types
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
 from safepacs.errors import AuditError, AuthenticationError
 from safepacs.protocols.dicomweb.problems import Problem
 from safepacs.protocols.dicomweb.security import REALM, SESSION_COOKIE, client_address, session_of, user_agent
+from safepacs.services.audit import Auditor, Types
 from safepacs.types import Principal
 
 log = logging.getLogger(__name__)

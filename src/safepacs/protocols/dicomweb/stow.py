@@ -32,12 +32,12 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
 
-from safepacs.audit.recorder import StoreBatch
 from safepacs.dicom.dicomjson import dataset_json
 from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePacsError, StorageFullError
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import DICOM_JSON, checked_uid
+from safepacs.services.audit import StoreBatch
 from safepacs.services.ingest import IngestService, SopClassMismatch
 from safepacs.types import IngestOutcome, Principal
 

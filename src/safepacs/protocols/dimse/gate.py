@@ -18,19 +18,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
-
-from pynetdicom import evt
-from pynetdicom.acse import ACSE
-from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
+from typing import TYPE_CHECKING
 
 from safepacs.audit.events import Participant
-from safepacs.audit.recorder import Auditor, actor
 from safepacs.auth.policy import peer_principal
 from safepacs.errors import AuditError, SafePacsError
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.protocols.dimse.contexts import negotiable_contexts
+from safepacs.protocols.dimse.engine.acse import Accept, AssociateRequest, Reject, install_acse
+from safepacs.protocols.dimse.engine.slots import AssociationSlot
 from safepacs.protocols.dimse.tls import TlsSession, session_of
+from safepacs.services.audit import Auditor, actor
 from safepacs.types import Peer, Principal
 
 if TYPE_CHECKING:
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
 
     from safepacs.records import UserRecord
 
-__all__ = ["AssociationGate", "GateACSE", "principal_of"]
+__all__ = ["AssociationGate", "install_gate", "principal_of"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +50,12 @@ _REJECTED_LINGER = 1.0  # seconds a rejected peer has to close the connection it
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 
 _PRINCIPAL_ATTR = "_safepacs_principal"
+_PRINCIPAL: AssociationSlot[Principal] = AssociationSlot(_PRINCIPAL_ATTR)
 
 
 def principal_of(assoc: Association) -> Principal | None:
     """The principal an accepted association acts as."""
-    return cast("Principal | None", getattr(assoc, _PRINCIPAL_ATTR, None))
+    return _PRINCIPAL.get(assoc)
 
 
 class AssociationGate:
@@ -203,37 +202,18 @@ class AssociationGate:
             self.rejections[reason] += 1
             return self.rejections[reason]
 
-
-def _is_name(host: str) -> bool:
-    try:
-        ipaddress.ip_network(host, strict=False)
-    except ValueError:
-        return True
-    return False
-
-
-class GateACSE(ACSE):
-    """pynetdicom's ACSE with SafePACS admission in front of the negotiation."""
-
-    gate: AssociationGate
-    decided: threading.Event  # set once the gate has admitted or rejected it (its pending place is free)
-
-    def _negotiate_as_acceptor(self) -> None:
-        assoc = self.assoc
-        rq = cast(A_ASSOCIATE, self.requestor.primitive)
-        calling = str(rq.calling_ae_title or "")
-        called = str(rq.called_ae_title or "")
-        address = str(self.requestor.address_info.address) if self.requestor.address_info else ""
-        contexts = rq.presentation_context_definition_list or []
-        identity = self.requestor.user_identity
-        session = session_of(getattr(self.assoc.dul.socket, "socket", None))
-        credentials = Credentials.of(identity)
-        principal, rejection, reason = self.gate.admit(
-            calling, called, address, len(contexts), session=session, credentials=credentials
+    def decide(self, assoc: Association, request: AssociateRequest) -> Accept | Reject:
+        """Admission of one association (``engine.acse.GateACSE`` asks, in the association's thread):
+        decided, reserved a place, recorded on the audit trail and logged."""
+        calling, called, address = request.calling, request.called, request.address
+        session = session_of(request.socket)
+        credentials = Credentials.of(request.identity)
+        principal, rejection, reason = self.admit(
+            calling, called, address, len(request.contexts), session=session, credentials=credentials
         )
-        if rejection is None and not self.gate.reserve(assoc):
+        if rejection is None and not self.reserve(assoc):
             rejection, reason = REJECT_LOCAL_LIMIT, "more associations at once than server.max_associations"
-        if not self.gate.record(
+        if not self.record(
             principal,
             calling,
             address,
@@ -242,10 +222,10 @@ class GateACSE(ACSE):
             credentials,
             called,
         ):
-            self.gate.release(assoc)
+            self.release(assoc)
             principal, rejection, reason = None, REJECT_TRANSIENT, "the audit trail cannot be written"
         if rejection is not None:
-            total = self.gate.count(reason)
+            total = self.count(reason)
             log.warning(
                 "association rejected",
                 extra={
@@ -256,25 +236,15 @@ class GateACSE(ACSE):
                     "rejections_total": total,
                 },
             )
-            self.requestor.ae_title = calling
-            # PS3.8 9.2 AE-8: after the A-ASSOCIATE-RJ, ARTIM bounds the wait for the peer to close;
-            # a peer that keeps the connection open loses it after _REJECTED_LINGER, not acse_timeout.
-            assoc.dul.artim_timer.timeout = _REJECTED_LINGER
-            self.send_reject(*rejection)
-            self.decided.set()
-            evt.trigger(assoc, evt.EVT_REJECTED, {})
-            assoc.kill()
-            return
+            return Reject(rejection, _REJECTED_LINGER)
         assert principal is not None
-        setattr(assoc, _PRINCIPAL_ATTR, principal)
-        self.decided.set()
-        if principal.user_identity and identity is not None and identity.positive_response_requested:
-            # PS3.7 D.3.3.7.2: zero-length server response (we hand out no Kerberos/SAML/JWT in return)
-            response = UserIdentityNegotiation()
-            response.server_response = b""
-            self.acceptor.add_negotiation_item(response)
-        retrieving = {str(uid) for uid, role in self.requestor.role_selection.items() if role.scp_role}
-        self.acceptor.supported_contexts = negotiable_contexts(principal.allow, contexts, retrieving)
+        _PRINCIPAL.set(assoc, principal)
+        identity = request.identity
+        # PS3.7 D.3.3.7.2: zero-length server response (we hand out no Kerberos/SAML/JWT in return)
+        respond = bool(
+            principal.user_identity and identity is not None and identity.positive_response_requested
+        )
+        contexts = negotiable_contexts(principal.allow, request.contexts, request.retrieving)
         log.info(
             "association accepted",
             extra={
@@ -287,12 +257,17 @@ class GateACSE(ACSE):
                 "user_identity": principal.user_identity or "",
             },
         )
-        super()._negotiate_as_acceptor()
+        return Accept(contexts, identity_response=respond)
+
+
+def _is_name(host: str) -> bool:
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return True
+    return False
 
 
 def install_gate(assoc: Association, gate: AssociationGate) -> None:
-    """Swap the association's ACSE for the gated one (called before the association starts)."""
-    acse = GateACSE(assoc)
-    acse.gate = gate
-    acse.decided = threading.Event()
-    assoc.acse = acse
+    """Put the gate in front of the association's negotiation (called before the association starts)."""
+    install_acse(assoc, gate.decide)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -17,13 +17,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
 from safepacs.audit.events import AuditObject, EventID, ObjectKind, Participant
-from safepacs.audit.recorder import DESTINATION, Auditor, StoreBatch
 from safepacs.errors import AccessDenied, AuditError, QueryError, SafePacsError, StorageFullError
 from safepacs.protocols.dimse import status as st
-from safepacs.protocols.dimse._raw import RawInstance
 from safepacs.protocols.dimse.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
-from safepacs.protocols.dimse.findfast import FindResponder
+from safepacs.protocols.dimse.engine.findfast import FindResponder, sends_raw
+from safepacs.protocols.dimse.engine.raw import RawInstance
+from safepacs.protocols.dimse.engine.slots import AssociationSlot
 from safepacs.protocols.dimse.gate import principal_of
+from safepacs.services.audit import DESTINATION, StoreBatch
+from safepacs.services.gate import Gate
 from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.retrieve import Retrieval, RetrieveService
@@ -34,7 +36,7 @@ __all__ = ["DimseHandlers"]
 log = logging.getLogger(__name__)
 
 _MAX_MOVE_CONTEXTS = 128
-_BATCH_ATTR = "_safepacs_stores"
+_BATCH: AssociationSlot[StoreBatch] = AssociationSlot("_safepacs_stores")
 
 
 def _level(identifier: Dataset) -> QueryLevel:
@@ -53,18 +55,17 @@ class DimseHandlers:
         ingest: IngestService,
         query: QueryService,
         retrieve: RetrieveService,
-        lookup_peer: Callable[[str], Peer | None],
-        audit: Auditor,
+        gate: Gate,
     ) -> None:
-        self.audit = audit
+        """``gate``: C-ECHO's decision, and the peer table C-MOVE destinations resolve from."""
+        self.gate = gate
         self.ingest = ingest
         self.query = query
         self.retrieve = retrieve
-        self.lookup_peer = lookup_peer
 
     def on_echo(self, event: Any) -> int | Dataset:
         try:
-            self.audit.require(principal_of(event.assoc), Service.ECHO)
+            self.gate.require(principal_of(event.assoc), Service.ECHO)
         except AccessDenied:
             return st.status(st.REFUSED_NOT_AUTHORIZED, "refused: not authorized for verification")
         except AuditError:
@@ -84,7 +85,7 @@ class DimseHandlers:
     def store(
         self, assoc: Any, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, data: bytes
     ) -> int | Dataset:
-        """One C-STORE, from pynetdicom's event or from the fast receive path (``fastpath.py``)."""
+        """One C-STORE, from pynetdicom's event or from the fast receive path (``engine/fastpath.py``)."""
         try:
             result = self.ingest.ingest_dataset(
                 principal_of(assoc),  # type: ignore[arg-type]
@@ -107,11 +108,11 @@ class DimseHandlers:
 
     def on_close(self, event: Any) -> None:
         """The association ended: record what it stored (110104, per study, with the counts)."""
-        batch = getattr(event.assoc, _BATCH_ATTR, None)
+        batch = _BATCH.get(event.assoc)
         principal = principal_of(event.assoc)
         if batch is None or principal is None:
             return
-        setattr(event.assoc, _BATCH_ATTR, None)  # once, however many ways the association ends
+        _BATCH.set(event.assoc, None)  # once, however many ways the association ends
         try:
             self.ingest.end_batch(principal, batch)
         except AuditError:
@@ -197,7 +198,7 @@ class DimseHandlers:
         raw = event.move_destination
         destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip()
         # Destinations resolve only from the registered peer table, never from the request (PS3.4 C.4.2.1.5).
-        peer: Peer | None = self.lookup_peer(destination) if destination else None
+        peer: Peer | None = self.gate.peer(destination) if destination else None
         address = _single_address(peer)
         if peer is None or peer.port is None or address is None:
             log.warning(
@@ -207,7 +208,7 @@ class DimseHandlers:
             principal = principal_of(event.assoc)
             try:
                 if principal is not None:
-                    self.audit.refused(
+                    self.gate.refused(
                         principal,
                         "C-MOVE destination is not a registered peer with one address and a port",
                         (AuditObject(ObjectKind.NODE, destination[:16] or "(none)"),),
@@ -234,8 +235,8 @@ class DimseHandlers:
 def _responder(event: Any) -> tuple[FindResponder, bool] | None:
     """The writer of the request's pending responses and whether its context is Implicit VR Little
     Endian; None when pynetdicom sends them (``server.dimse_send_path`` off, another transfer syntax)."""
-    if not callable(getattr(getattr(event.assoc, "dul", None), "send_raw", None)):
-        return None  # no sendpath.SendDUL: server.dimse_send_path is off
+    if not sends_raw(event.assoc):
+        return None  # no engine.sendpath.SendDUL: server.dimse_send_path is off
     context = event.context
     syntax = str(context.transfer_syntax)
     if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
@@ -273,10 +274,10 @@ def _send_found(
 
 def _batch(assoc: Any) -> StoreBatch:
     """The association's batch of stores (one association runs its C-STOREs one after another)."""
-    batch = getattr(assoc, _BATCH_ATTR, None)
+    batch = _BATCH.get(assoc)
     if batch is None:
         batch = StoreBatch()
-        setattr(assoc, _BATCH_ATTR, batch)
+        _BATCH.set(assoc, batch)
     return batch
 
 
@@ -308,7 +309,7 @@ def _move_contexts(refs: list[Any]) -> list[Any]:
     SafePACS can decode, and one context per other transfer syntax its instances are stored in, so that
     a destination that takes a stored syntax gets those instances as stored (a context accepts only one
     syntax, so listing them together would let a compressed one shut out the uncompressed ones).  Each
-    instance is then sent on the accepted context that fits it best (``_raw.py``).  At most 128
+    instance is then sent on the accepted context that fits it best (``engine/raw.py``).  At most 128
     contexts (PS3.8 9.3.2.2): the uncompressed ones first, then the stored syntaxes of the most
     instances.
     """

@@ -9,10 +9,10 @@ after the peer has closed.  So a stranger's bare ``connect()`` took an associati
 Here each accepted connection first waits, in its own thread and against one deadline
 (``server.associate_timeout``, which also covers the DICOM TLS handshake), until its whole
 A-ASSOCIATE-RQ PDU has been read; only then is an association made, and the PDU handed to it
-(``fastpath.StoreDUL``) as if pynetdicom had read it.  A connection that closes, sends anything else
-first, announces an A-ASSOCIATE-RQ longer than :data:`MAX_ASSOCIATE_RQ_BYTES`, sends one that cannot be
-decoded or misses the deadline is closed at once (an A-ABORT first for the protocol errors, PS3.8
-9.3.8).
+(``engine.fastpath.StoreDUL``) as if pynetdicom had read it.  A connection that closes, sends anything
+else first, announces an A-ASSOCIATE-RQ longer than :data:`~.engine.pdu.MAX_ASSOCIATE_RQ_BYTES`, sends
+one that cannot be decoded or misses the deadline is closed at once (an A-ABORT first for the protocol
+errors, PS3.8 9.3.8).
 
 :class:`PendingConnections` counts the connections of a worker that have not been admitted yet (from
 the accept until the gate admits their association, or they end), per source address and in all.  A
@@ -34,10 +34,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from safepacs.protocols.dimse.engine.pdu import MAX_ASSOCIATE_RQ_BYTES, abort_pdu, check_associate_rq
 
 __all__ = [
-    "MAX_ASSOCIATE_RQ_BYTES",
     "Dropped",
     "PendingConnections",
     "Ticket",
@@ -45,11 +44,6 @@ __all__ = [
     "send_abort",
     "tls_handshake",
 ]
-
-#: The longest A-ASSOCIATE-RQ PDU accepted.  128 presentation contexts (PS3.8 9.3.2.2) with a dozen
-#: transfer syntaxes each, role selection and extended negotiation for each, and a 64 KiB user identity
-#: item stay well under it.
-MAX_ASSOCIATE_RQ_BYTES = 256 * 1024
 
 _HEADER = struct.Struct(">BxL")
 _A_ASSOCIATE_RQ = 0x01
@@ -241,9 +235,7 @@ def receive_associate_rq(sock: socket.socket, deadline: float) -> bytes:
         raise Dropped(TOO_LONG, ABORT_INVALID_PARAMETER)
     pdu = bytes(header + _read(sock, length, deadline))
     try:  # as pynetdicom will (AE-6); one it could not read would leave its association waiting
-        decoded = A_ASSOCIATE_RQ()
-        decoded.decode(pdu)
-        decoded.to_primitive()
+        check_associate_rq(pdu)
     except Exception as exc:  # whatever the decoder trips on, the PDU is malformed
         raise Dropped(MALFORMED, ABORT_INVALID_PARAMETER) from exc
     return pdu
@@ -252,11 +244,8 @@ def receive_associate_rq(sock: socket.socket, deadline: float) -> bytes:
 def send_abort(sock: socket.socket, reason: int) -> None:
     """Send an A-ABORT (source: DICOM UL service-provider, PS3.8 9.3.8) if the socket takes it within
     a second; the caller closes the connection either way."""
-    pdu = A_ABORT_RQ()
-    pdu.source = 0x02
-    pdu.reason_diagnostic = reason
     try:
         sock.settimeout(1.0)
-        sock.sendall(pdu.encode())
+        sock.sendall(abort_pdu(reason))
     except (OSError, ValueError):
         pass

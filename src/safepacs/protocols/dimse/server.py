@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from safepacs._memory import freeze_start_up, share_with_children
 from safepacs._net import OTHER_ADDRESSES, RefusalTally, bind_listener
@@ -49,17 +48,26 @@ from safepacs.auth.oidc import oidc_principal
 from safepacs.config import Settings
 from safepacs.errors import ConfigError
 from safepacs.protocols.dimse import pending
-from safepacs.protocols.dimse._raw import enable_raw_store, set_nodelay
 from safepacs.protocols.dimse.admission import SecureAdmission
-from safepacs.protocols.dimse.fastpath import StoreDUL, StoreHandler, install_store_path
-from safepacs.protocols.dimse.gate import AssociationGate, GateACSE, install_gate
+from safepacs.protocols.dimse.engine.acse import admission_decided
+from safepacs.protocols.dimse.engine.fastpath import StoreDUL, StoreHandler, install_store_path
+from safepacs.protocols.dimse.engine.raw import enable_raw_store, set_nodelay
+from safepacs.protocols.dimse.engine.sendpath import SendDUL
+from safepacs.protocols.dimse.engine.transport import (
+    EngineAE,
+    EngineRequestHandler,
+    SharedSocketServer,
+    socket_of,
+)
+from safepacs.protocols.dimse.gate import AssociationGate, install_gate
 from safepacs.protocols.dimse.handlers import DimseHandlers
-from safepacs.protocols.dimse.sendpath import SendDUL, install_send_path
 from safepacs.protocols.dimse.tls import DicomTls, certificate_refusal, session_of
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from safepacs.types import Peer, Principal, TlsMode
 
 if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
     from safepacs.app import Archive
 
 __all__ = ["DimseServer", "serve"]
@@ -67,7 +75,7 @@ __all__ = ["DimseServer", "serve"]
 log = logging.getLogger(__name__)
 
 
-class _SafeAE(AE):
+class _SafeAE(EngineAE):
     """The AE of a worker: associations it requests (C-MOVE sub-operations) send raw and without Nagle,
     and go over DICOM TLS, with SafePACS's client certificate, to a peer registered ``--tls required``
     - whose certificate must then prove it as at admission (``tls.certificate_refusal``)."""
@@ -75,20 +83,13 @@ class _SafeAE(AE):
     lookup_peer: Callable[[str], Peer | None] | None = None
     tls: DicomTls | None = None
     revoked: Callable[[str], bool] | None = None
-    #: C-GET/C-MOVE sub-operations in the stored syntax go out through ``sendpath`` (server.dimse_send_path)
-    send_path: bool = True
-
-    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> Any:
-        if self.send_path:  # before the socket is set: the association requested gets a SendDUL
-            install_send_path(assoc)
-        return super()._create_socket(assoc, address, tls_args)
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
         peer = self._tls_peer(kwargs.get("ae_title"))
         if peer is not None and self.tls is not None and kwargs.get("tls_args") is None:
             kwargs["tls_args"] = (self.tls.client_context(), None)
         assoc = super().associate(*args, **kwargs)
-        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        sock = socket_of(assoc)
         if peer is not None and assoc.is_established:
             session = session_of(sock)
             refusal = (
@@ -199,7 +200,7 @@ class _Admission:
     timeout: float
 
 
-class _RequestHandler(RequestHandler):
+class _RequestHandler(EngineRequestHandler):
     """One accepted connection, in its own thread: admission first (``pending.py``), then pynetdicom."""
 
     _preface: bytes | None = None  # the A-ASSOCIATE-RQ read before admission, handed to pynetdicom
@@ -232,13 +233,11 @@ class _RequestHandler(RequestHandler):
                 self._drop(server, ticket, address, cast(socket.socket, self.request), "")
                 return
             self._preface = preface
-            assoc = self._create_association()
-            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-            assoc.start()
+            assoc = self.start_association()
             # Counted against this address until the gate has decided: an admitted association holds
             # a place among the admitted ones instead, and a rejected one ends at once and holds none
             # (a stranger's rejected connections, still closing, must not crowd out the next ones).
-            decided = cast(GateACSE, assoc.acse).decided
+            decided = admission_decided(assoc)
             while not decided.wait(0.05) and assoc.is_alive():
                 pass
         finally:
@@ -276,8 +275,7 @@ class _RequestHandler(RequestHandler):
         sock.close()
         server.refused(address, ticket.evicted or why)
 
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
+    def prepare(self, assoc: Association) -> None:
         server = cast(_Server, self.server)
         install_gate(assoc, server.gate)
         install_store_path(
@@ -289,13 +287,10 @@ class _RequestHandler(RequestHandler):
             dul_type=SendDUL if getattr(server.ae, "send_path", False) else StoreDUL,
         )
         enable_raw_store(assoc)
-        return assoc
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server on a socket bound and listening already (inherited from the parent)."""
-
-    daemon_threads = True
+class _Server(SharedSocketServer):
+    """An association server of a worker on a shared socket: admission and balance of its connections."""
 
     def __init__(
         self,
@@ -311,7 +306,6 @@ class _Server(ThreadedAssociationServer):
         tls: DicomTls | None = None,
         balance: _Balance | None = None,
     ) -> None:
-        self._listener = listener
         self.balance = balance  # spreads associations over the workers (None: a single process)
         self.gate = gate
         self.store = store
@@ -320,44 +314,18 @@ class _Server(ThreadedAssociationServer):
         self.pending = admission.pending
         self.refusals = refusals  # this listener's connections dropped before admission
         self.associate_timeout = admission.timeout
-        super().__init__(
-            ae,
-            listener.getsockname()[:2],
-            ae_title,
-            [],
-            evt_handlers=handlers,
-            request_handler=_RequestHandler,
-        )
+        super().__init__(ae, listener, ae_title, handlers, _RequestHandler)
 
-    def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-        self.socket = self._listener
-        self.server_address = self.socket.getsockname()
+    def may_accept(self, listener: socket.socket) -> bool:
+        # False when a less loaded worker took it
+        return self.balance is None or self.balance.my_turn(listener)
 
-    def server_activate(self) -> None:  # listening already
-        return None
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        assert self.socket is not None
-        if self.balance is not None and not self.balance.my_turn(self.socket):
-            raise BlockingIOError  # a less loaded worker took it: socketserver skips it
-        # BlockingIOError when another worker won the race: socketserver skips it.
-        client, address = self.socket.accept()
-        client.setblocking(True)
-        set_nodelay(client)
+    def accepted(self) -> None:
         if self.balance is not None:
             self.balance.accepted()
-        return client, address
 
-    def server_close(self) -> None:  # the parent owns the listening socket
-        return None
-
-    def service_actions(self) -> None:
-        """Nothing between requests.  pynetdicom runs a full ``gc.collect()`` every 60 turns of the
-        accept loop (every few seconds, and after requests), which holds the GIL for tens of
-        milliseconds in the middle of other associations' stores; Python's own collector suffices.
-        The worker's load is published for the others (:class:`_Balance`), and the connections dropped
+    def between_requests(self) -> None:
+        """The worker's load is published for the others (:class:`_Balance`), and the connections dropped
         before admission are reported when their interval is over (``RefusalTally``)."""
         if self.balance is not None:
             self.balance.publish()
@@ -396,30 +364,30 @@ class DimseServer:
         self.ae.acse_timeout = s.acse_timeout
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.require_called_aet = False  # the gate checks it, with the right rejection reason
-        index = archive.index
-        self.tls = DicomTls(archive.settings.keys_dir, index.pinned_certificates) if tls_listener else None
+        gate = archive.gate  # the peer table, users, pinned and revoked certificates
+        self.tls = DicomTls(archive.settings.keys_dir, gate.pinned_certificates) if tls_listener else None
         if self.tls is not None:
             self.tls.server_context()  # unreadable keys fail the worker now, not every connection
         oidc = archive.oidc
 
         def verify_jwt(token: str, address: str | None) -> Principal:
             person = oidc.verify(token)
-            return oidc_principal(person, index.get_user(person.name), address=address)
+            return oidc_principal(person, gate.user(person.name), address=address)
 
         secure = SecureAdmission(
             tls=self.tls,
-            revoked=index.certificate_revoked,
+            revoked=gate.certificate_revoked,
             authenticate=archive.logins.authenticate,
             verify_jwt=verify_jwt if oidc else None,
         )
-        self.ae.lookup_peer = index.get_peer  # C-MOVE destinations registered --tls required get TLS
+        self.ae.lookup_peer = gate.peer  # C-MOVE destinations registered --tls required get TLS
         self.ae.tls = self.tls
-        self.ae.revoked = index.certificate_revoked
+        self.ae.revoked = gate.certificate_revoked
         self.ae.send_path = s.dimse_send_path
         self.gate = AssociationGate(
             s.ae_title,
-            index.get_peer,
-            index.get_user,
+            gate.peer,
+            gate.user,
             secure=secure,
             audit=archive.auditor,
             max_associations=s.max_associations,
@@ -427,9 +395,7 @@ class DimseServer:
         self.admission = _Admission(
             pending.PendingConnections(s.max_pending_per_address, s.max_pending), s.associate_timeout
         )
-        h = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
-        )
+        h = DimseHandlers(archive.ingest, archive.query, archive.retrieve, gate)
         handlers = [
             (evt.EVT_C_ECHO, h.on_echo),
             (evt.EVT_C_STORE, h.on_store),
@@ -449,7 +415,7 @@ class DimseServer:
                 _Server(self.ae, tls_listener, *common, tally, tls=self.tls, balance=self.balance)
             )
         self.server = self.servers[0]
-        self.ae._servers.extend(self.servers)
+        self.ae.serve_on(self.servers)
         self._threads = [
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
             for server in self.servers

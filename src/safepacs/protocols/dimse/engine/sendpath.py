@@ -25,11 +25,11 @@ Here, when an instance goes out in its stored transfer syntax (the usual case), 
 Pending C-GET and C-MOVE responses without an identifier (one after each sub-operation) are encoded
 directly too (:func:`encode_retrieve_response`).  Everything else - negotiation, release, abort, the
 timers, C-CANCEL, the final responses with a Failed SOP Instance UID List, instances that must be
-transcoded, an unusual or unexpected response - takes pynetdicom's path as before (``_raw.py``), and
+transcoded, an unusual or unexpected response - takes pynetdicom's path as before (``raw.py``), and
 ``server.dimse_send_path = false`` sends everything that way (the reference the tests compare with).
 
-:class:`SendDUL` is the fast receive path's :class:`~safepacs.protocols.dimse.fastpath.StoreDUL` with these
-additions; a C-MOVE sub-association, which SafePACS requests, gets one too (:func:`install_send_path`).
+:class:`SendDUL` is the fast receive path's :class:`~.fastpath.StoreDUL` with these additions; a C-MOVE
+sub-association, which SafePACS requests, gets one too (:func:`install_send_path`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from safepacs.protocols.dimse.fastpath import (
+from safepacs.protocols.dimse.engine.fastpath import (
     StoreDUL,
     _element,
     _ui,

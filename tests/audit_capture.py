@@ -1,4 +1,4 @@
-"""Catching the events an action records: for tests, and for anyone checking what a path audits.
+"""Catching the events an action records, for tests: what a path audits, read back from the trail.
 
 >>> capture = AuditCapture(index)          # remembers where the trail ends now
 >>> ...                                    # do something against the archive
@@ -10,20 +10,24 @@ It reads the trail in the index (any process may have written it), so it sees ex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from safepacs.audit.chain import StoredRecord
 from safepacs.audit.events import AuditEvent, EventID, from_canonical
 
-if TYPE_CHECKING:
-    from safepacs.db import SqlIndex
-
 __all__ = ["AuditCapture"]
+
+
+class AuditRecords(Protocol):
+    """The index's reading of the trail in order."""
+
+    def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]: ...
 
 
 class AuditCapture:
     """The events appended to an index's audit trail since the capture was made (or last ``reset``)."""
 
-    def __init__(self, index: SqlIndex) -> None:
+    def __init__(self, index: AuditRecords) -> None:
         self._index = index
         self.start = 0
         self.reset()

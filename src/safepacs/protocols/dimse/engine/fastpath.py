@@ -48,9 +48,8 @@ from pynetdicom import evt
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
-from pynetdicom.pdu import A_ABORT_RQ
 
-from safepacs.protocols.dimse.pending import MAX_ASSOCIATE_RQ_BYTES
+from safepacs.protocols.dimse.engine.pdu import MAX_ASSOCIATE_RQ_BYTES, abort_pdu
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -392,11 +391,8 @@ class StoreDUL(DULServiceProvider):
         with unread data answers with a TCP reset, and a reset that overtakes the A-ABORT makes the
         peer's system drop it (the peer sees "connection reset" instead of the abort)."""
         self._drain()
-        abort = A_ABORT_RQ()
-        abort.source = 0x02
-        abort.reason_diagnostic = 0x00
         try:
-            cast("AssociationSocket", self.socket).send(abort.encode())
+            cast("AssociationSocket", self.socket).send(abort_pdu(0x00))
         except Exception:  # noqa: BLE001 - the connection may be gone already
             log.debug("A-ABORT could not be sent")
         self.assoc.is_aborted = True

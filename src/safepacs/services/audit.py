@@ -38,6 +38,11 @@ reading the audit trail                110101 Audit Log Used, action R
 An Auditor with ``enabled=False`` records nothing on the access paths (``audit.record = false``, for
 measuring what auditing costs); start-up then records 110133 "Audit Recording Stopped", so the gap
 itself is on the trail.
+
+Whether an access is allowed is not decided here: that is the gate (:mod:`safepacs.services.gate`),
+which records its refusals through an Auditor.  The sink the events go to is the trail in the
+database (:class:`~safepacs.services.audittrail.AuditTrail`), or a list in tests
+(:class:`~safepacs.services.audittrail.MemoryAuditSink`).
 """
 
 from __future__ import annotations
@@ -47,19 +52,16 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
-from safepacs.auth.policy import require
-from safepacs.errors import AccessDenied
-from safepacs.types import InstanceRef, Principal, Service
+from safepacs.types import InstanceRef, Principal
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from safepacs.audit import AuditSink
-
 __all__ = [
+    "AuditSink",
     "Auditor",
     "StoreBatch",
     "StudyFacts",
@@ -78,6 +80,18 @@ SOURCE = "Source Role ID"
 DESTINATION = "Destination Role ID"
 APPLICATION = "Application"
 LAUNCHER = "Application Launcher"
+
+
+class AuditSink(Protocol):
+    """Where an :class:`Auditor`'s events go: the trail in the database, or a list in tests."""
+
+    def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
+        """Record before returning (synced to disk unless ``durable`` is False: then within a second);
+        :class:`AuditError` when that is impossible."""
+
+    def writer(self, events: Sequence[AuditEvent]) -> Callable[[Any], None]:
+        """A function that records ``events`` inside an index write transaction it is given (the
+        instance row and its audit record commit together, or neither does)."""
 
 
 class Types:
@@ -271,29 +285,7 @@ class Auditor:
         """The archive itself as a participant (the non-requesting side)."""
         return Participant(self.ae_title, requestor=False, role=role, address=address, ae_title=self.ae_title)
 
-    # Decisions ----------------------------------------------------------------------------------------
-    def require(self, principal: Principal | None, service: Service) -> None:
-        """The policy's :func:`~safepacs.auth.policy.require`; a refusal is recorded before it is raised."""
-        try:
-            require(principal, service)
-        except AccessDenied as exc:
-            if principal is not None:
-                self.refused(principal, f"{service.value}: {exc}")
-            raise
-
-    def refused(self, principal: Principal, why: str, objects: Sequence[AuditObject] = ()) -> None:
-        self.record(
-            AuditEvent(
-                EventID.SECURITY_ALERT,
-                Action.EXECUTE,
-                Outcome.MINOR_FAILURE,
-                (actor(principal), self.archive()),
-                tuple(objects),
-                type_code=Types.RESTRICTED_FUNCTION,
-                outcome_description=why,
-            )
-        )
-
+    # Associations -------------------------------------------------------------------------------------
     def node_authentication(
         self, who: Participant, why: str | None, detail: Sequence[tuple[str, str]] = ()
     ) -> None:

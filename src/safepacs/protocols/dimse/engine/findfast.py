@@ -26,9 +26,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from safepacs.protocols.dimse.fastpath import _element, _ui, command_set
+from safepacs.protocols.dimse.engine.fastpath import _element, _ui, command_set
 
-__all__ = ["FindResponder", "encode_find_response"]
+__all__ = ["FindResponder", "encode_find_response", "sends_raw"]
 
 _C_FIND_RSP = 0x8020
 _DATA_SET_PRESENT = 0x0001  # what pynetdicom writes; PS3.7 E.2: anything but 0x0101
@@ -113,12 +113,18 @@ class FindResponder:
     ) -> FindResponder | None:
         """A responder on ``assoc``; None when its DUL is not a ``SendDUL`` (``server.dimse_send_path``
         off, or an association pynetdicom serves itself) and pynetdicom sends everything as before."""
-        dul = getattr(assoc, "dul", None)
-        if not callable(getattr(dul, "send_raw", None)):
+        if not sends_raw(assoc):
             return None
+        dul = assoc.dul
         return cls(
             _writer(assoc, dul), context_id, message_id, sop_class_uid, int(assoc.dimse.maximum_pdu_size or 0)
         )
+
+
+def sends_raw(assoc: Any) -> bool:
+    """Whether ``assoc`` is served by a ``SendDUL``, which writes PDUs encoded already
+    (``server.dimse_send_path``)."""
+    return callable(getattr(getattr(assoc, "dul", None), "send_raw", None))
 
 
 def _writer(assoc: Any, dul: Any) -> Writer:

@@ -46,7 +46,12 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from safepacs.dicom.transcode import choose_transfer_syntax, dataset_bytes, dataset_offset, transcode
 from safepacs.errors import RetrieveError, SafePacsError
-from safepacs.protocols.dimse.sendpath import SendDUL, StoreResponse, send_encoded_response, send_stored
+from safepacs.protocols.dimse.engine.sendpath import (
+    SendDUL,
+    StoreResponse,
+    send_encoded_response,
+    send_stored,
+)
 from safepacs.types import InstanceRef
 
 if TYPE_CHECKING:

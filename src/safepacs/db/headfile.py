@@ -34,14 +34,11 @@ import os
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from safepacs.audit.chain import HeadLine, SignedHead, Signer
 
-if TYPE_CHECKING:
-    from safepacs.db import SqlIndex
-
-__all__ = ["LAZY_INTERVAL", "HeadFile", "read_head_lines"]
+__all__ = ["LAZY_INTERVAL", "HeadFile", "TrailDurability", "read_head_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +64,26 @@ def read_head_lines(path: Path, size: int | None = None) -> Generator[HeadLine]:
             yield HeadLine(number, head)
 
 
+class TrailDurability(Protocol):
+    """What the head file asks of the audit trail's store (the index)."""
+
+    def sync_audit(self) -> None:
+        """Make every committed audit record durable."""
+
+    def audit_anchor(self) -> int | None:
+        """The record where the head file began; None: not yet."""
+
+    def set_audit_anchor(self, seq: int) -> None:
+        """Mark record ``seq`` as where the head file began."""
+
+
 class HeadFile:
     """Appends signed heads to the head file for one process (see the module docstring).
 
     The index calls :meth:`committed` after each commit that appended audit records.  Thread-safe.
     """
 
-    def __init__(self, path: Path, signer: Signer, index: SqlIndex) -> None:
+    def __init__(self, path: Path, signer: Signer, index: TrailDurability) -> None:
         self.path = path
         self._signer = signer
         self._index = index
