@@ -1,13 +1,15 @@
 """In-memory stand-ins for what the services call, for unit tests without a database.
 
 The services take the index (``SqlIndex`` today; repositories behind Protocols once issue 18 lands),
-a blob store, a cipher and an auditor.  Blob store, cipher and audit sink have in-memory versions in
-``src`` already (:class:`~safepacs.storage.MemoryBlobStore`, :class:`~safepacs.storage.EnvelopeCipher`
-over :class:`~safepacs.storage.MemoryKeyProvider`, :class:`~safepacs.audit.MemoryAuditSink`); the index
-is faked here.  :class:`FakeIndex` has exactly the methods the query, retrieve, delete and restore
-services call, with the same signatures, and is typed structurally: it imports nothing of
-``safepacs.db``.  It does no matching: it answers what a test put in it, filters instances by the
-unique keys a retrieve names, and records the arguments it was called with.
+a blob store, a cipher, an auditor and the gate.  Blob store, cipher and audit sink have in-memory
+versions in ``src`` already (:class:`~safepacs.storage.MemoryBlobStore`,
+:class:`~safepacs.storage.EnvelopeCipher` over :class:`~safepacs.storage.MemoryKeyProvider`,
+:class:`~safepacs.services.audittrail.MemoryAuditSink`); the gate is the real one over
+:class:`EmptyDirectory` (the policy decides from the principal alone); the index is faked here.
+:class:`FakeIndex` has exactly the methods the query, retrieve, delete and restore services call,
+with the same signatures, and is typed structurally: it imports nothing of ``safepacs.db``.  It does
+no matching: it answers what a test put in it, filters instances by the unique keys a retrieve names,
+and records the arguments it was called with.
 
 :func:`archive` builds the services' other collaborators, so that a test of a service is
 ``archive().index`` plus the service's constructor.
@@ -25,17 +27,20 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from safepacs.audit import AuditEvent, MemoryAuditSink
-from safepacs.audit.recorder import Auditor
+from safepacs.audit import AuditEvent
 from safepacs.errors import NotFoundError, SafePacsError
-from safepacs.records import TrashRecord
+from safepacs.records import TokenRecord, TrashRecord, UserRecord
+from safepacs.services.audit import Auditor
+from safepacs.services.audittrail import MemoryAuditSink
+from safepacs.services.gate import Gate
 from safepacs.storage import EnvelopeCipher, MemoryBlobStore, MemoryKeyProvider
-from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Scope, Service, StoredBlob
+from safepacs.types import InstanceRef, Peer, Principal, QueryLevel, QueryModel, Scope, Service, StoredBlob
 
 __all__ = [
     "ARCHIVE_AE",
     "CT_IMAGE",
     "Archive",
+    "EmptyDirectory",
     "FakeIndex",
     "archive",
     "part10",
@@ -286,6 +291,26 @@ class FakeIndex:
         return True
 
 
+class EmptyDirectory:
+    """The gate's directory with nobody registered: the services' tests hand the gate principals that
+    are resolved already, and :meth:`~safepacs.services.gate.Gate.require` reads none of this."""
+
+    def get_peer(self, ae_title: str) -> Peer | None:
+        return None
+
+    def get_user(self, name: str) -> UserRecord | None:
+        return None
+
+    def get_token_holder(self, token_id: str) -> tuple[TokenRecord, UserRecord | None] | None:
+        return None
+
+    def pinned_certificates(self) -> list[bytes]:
+        return []
+
+    def certificate_revoked(self, sha256: str) -> bool:
+        return False
+
+
 @dataclass
 class Archive:
     """A service's collaborators, in memory."""
@@ -295,6 +320,7 @@ class Archive:
     cipher: EnvelopeCipher
     sink: MemoryAuditSink
     audit: Auditor
+    gate: Gate
 
     def store(self, data: bytes, *, tagged: bool = True) -> StoredBlob:
         """Seal and keep ``data`` as ingest does; the blob as the index records it."""
@@ -341,10 +367,12 @@ class Archive:
 
 def archive(*, audit_enabled: bool = True) -> Archive:
     sink = MemoryAuditSink()
+    audit = Auditor(sink, ARCHIVE_AE, enabled=audit_enabled)
     return Archive(
         FakeIndex(),
         MemoryBlobStore(),
         EnvelopeCipher(MemoryKeyProvider()),
         sink,
-        Auditor(sink, ARCHIVE_AE, enabled=audit_enabled),
+        audit,
+        Gate(EmptyDirectory(), audit),
     )

@@ -21,7 +21,7 @@ RETENTION = timedelta(days=30)
 
 
 def service(a: Archive) -> DeleteService:
-    return DeleteService(a.index, a.blobs, a.audit, retention=RETENTION)  # type: ignore[arg-type]
+    return DeleteService(a.index, a.blobs, a.audit, a.gate, retention=RETENTION)  # type: ignore[arg-type]
 
 
 def stored(a: Archive) -> list[InstanceRef]:

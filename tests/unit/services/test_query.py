@@ -22,6 +22,7 @@ def service(a: Archive, max_results: int = 100, max_scoped_results: int | None =
     return QueryService(
         a.index,  # type: ignore[arg-type]
         a.audit,
+        a.gate,
         max_results=max_results,
         ae_title=ARCHIVE_AE,
         max_scoped_results=max_scoped_results,

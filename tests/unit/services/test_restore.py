@@ -28,7 +28,7 @@ def deleted(a: Archive) -> None:
     a.instance(STUDY, sop_uid="1.2.826.0.3.1.1", patient_id="P9", patient_name="Roe^Ann")
     a.instance(STUDY, sop_uid="1.2.826.0.3.1.2", sop_class=MR_IMAGE, patient_id="P9", patient_name="Roe^Ann")
     a.instance(OTHER)
-    deleter = DeleteService(a.index, a.blobs, a.audit, retention=timedelta(days=1))  # type: ignore[arg-type]
+    deleter = DeleteService(a.index, a.blobs, a.audit, a.gate, retention=timedelta(days=1))  # type: ignore[arg-type]
     deleter.delete(user(Service.DELETE), STUDY)
     deleter.delete(user(Service.DELETE), OTHER)
     del a.events[:]

@@ -18,7 +18,7 @@ OTHER = "1.2.826.0.1.2"
 
 
 def service(a: Archive) -> RetrieveService:
-    return RetrieveService(a.index, a.blobs, a.cipher, a.audit)  # type: ignore[arg-type]
+    return RetrieveService(a.index, a.blobs, a.cipher, a.audit, a.gate)  # type: ignore[arg-type]
 
 
 def ident(level: str = "STUDY", **keys: object) -> Dataset:
