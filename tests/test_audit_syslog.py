@@ -33,12 +33,12 @@ from safepacs.audit import (
     SignedHead,
     Signer,
 )
-from safepacs.audit.syslog import Forwarder, check_collectors
 from safepacs.audit.xml import AuditSource
 from safepacs.auth.pki import create_ca, issue_certificate
 from safepacs.config import AuditCollectorSettings, Settings
 from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError
+from safepacs.runtime.audit_export import Forwarder, check_collectors
 from safepacs.services.audittrail import AuditTrail
 
 SCHEMA_FILE = Path(__file__).parent / "data" / "audit-message.rng"

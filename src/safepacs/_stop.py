@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["CHILD_EXIT_MARGIN", "STOP_MARGIN", "exit_after"]
+__all__ = ["CHILD_EXIT_MARGIN", "STOP_MARGIN", "STOP_SIGNALS", "StopRequest", "exit_after"]
 
 log = logging.getLogger(__name__)
 
@@ -37,3 +39,32 @@ def exit_after(seconds: float, what: str, *, once: Callable[[], bool] | None = N
         os._exit(1)
 
     threading.Thread(target=watchdog, name="safepacs-stop-watchdog", daemon=True).start()
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT.  The handler only flips a flag: an ``Event.set`` in a signal handler
+    can deadlock when a second signal arrives while the first handler holds the event's lock."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        """Handle the stop signals in this process, then let through any that arrived meanwhile
+        (children start with them blocked, so one sent during start-up is not lost)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def _handle(self, *_: Any) -> None:
+        self.requested = True
+
+    def wait(self, timeout: float = float("inf")) -> bool:
+        """Sleep up to ``timeout`` seconds (default: until asked) in short steps; whether a stop was
+        requested."""
+        deadline = time.monotonic() + timeout
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.requested

@@ -2,7 +2,7 @@
 
 An :class:`AuditEvent` is a plain value; :func:`canonical` turns it into the canonical JSON that the
 hash chain covers and that the store keeps, :func:`from_canonical` back.  The XML form of PS3.15
-A.5.1 and syslog forwarding are built from the same value (``audit/xml.py``, ``audit/syslog.py``).
+A.5.1 and syslog forwarding are built from the same value (``audit/xml.py``, ``runtime/audit_export.py``).
 """
 
 from __future__ import annotations

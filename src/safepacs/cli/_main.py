@@ -159,16 +159,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from safepacs._memory import keep_large_buffers
-    from safepacs._net import bind_listener
-    from safepacs.app import configure_logging, open_archive
-    from safepacs.audit.syslog import check_collectors
-    from safepacs.db import migrate
-    from safepacs.protocols.dicomweb.server import run_https
-    from safepacs.protocols.dimse.engine import check_pynetdicom
-    from safepacs.protocols.dimse.server import serve
-    from safepacs.protocols.dimse.tls import ensure_client_certificate
-    from safepacs.services.audit import operator
+    import logging
+
+    from safepacs.app import configure_logging
+    from safepacs.runtime.supervisor import bind_https, prepare, run
 
     ports = {
         "dicom_port": args.dicom_port,
@@ -176,34 +170,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "http_port": args.http_port,
     }
     settings = _settings(args, {"server": {"bind": args.bind, **ports}})
-    configure_logging(args.log_level, json=args.log_format == "json")
-    # before anything is started or recorded: the DICOM engine relies on pynetdicom's internals
-    check_pynetdicom(allow_unchecked=settings.server.unchecked_pynetdicom)
-    keep_large_buffers()  # before the workers fork: they inherit it
-    migrate(settings.index_url)
-    archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
-    launcher = operator("serve")
-    try:
-        peers = archive.index.list_peers()
-        if archive.reserve is not None:
-            archive.reserve.ensure()  # the audit trail's disk space: created, or refilled after use
-    finally:
-        archive.close()
-    ensure_client_certificate(settings.keys_dir, settings.server.ae_title)  # for C-MOVE to TLS peers
-    check_collectors(settings)  # the audit collectors' CA and client certificate files
+
+    def setup() -> None:
+        configure_logging(args.log_level, json=args.log_format == "json")
+
+    setup()
+    peers = prepare(settings)
     plain_warning = plain_peer_warning(peers)
     if not _is_loopback(settings.server.bind) and plain_warning:
-        import logging
-
         logging.getLogger("safepacs.posture").warning(plain_warning, extra={"address": settings.server.bind})
 
-    try:
-        https = bind_listener(settings.server.bind, settings.server.http_port)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen on {settings.server.bind}:{settings.server.http_port} ({exc.strerror}); "
-            "choose another --bind or --http-port"
-        ) from exc
+    https = bind_https(settings)
     https_host, https_port = https.getsockname()[:2]
 
     def ready(plain: tuple[str, int], tls: tuple[str, int]) -> None:
@@ -216,45 +193,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         print(f"SafePACS listening for DICOM TLS on {tls[0]}:{tls[1]}", flush=True)
 
-    def setup() -> None:
-        configure_logging(args.log_level, json=args.log_format == "json")
-
-    def run_web() -> None:
-        run_https(settings, https, open_archive, setup)
-
-    _record_activity(settings, launcher, start=True)  # nothing is served unless this is recorded
-    try:
-        return serve(
-            settings, open_archive, setup=setup, ready=ready, companions=[("safepacs-https", run_web)]
-        )
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen on {settings.server.bind}:{settings.server.dicom_port} ({exc.strerror}); "
-            "choose another --bind or --dicom-port"
-        ) from exc
-    finally:
-        _record_activity(settings, launcher, start=False)
-
-
-def _record_activity(settings: Any, launcher: Any, *, start: bool) -> None:
-    """Application Start or Stop (110100), checkpointed.  A start that cannot be recorded stops
-    ``serve`` (SafePacsError); a stop that cannot be recorded is logged (it has stopped anyway)."""
-    import logging
-
-    from safepacs.app import open_archive
-
-    try:
-        archive = open_archive(settings)
-        try:
-            archive.auditor.application(launcher, start=start)
-        finally:
-            archive.close()
-    except SafePacsError as exc:
-        if start:
-            raise
-        logging.getLogger("safepacs.audit").error(
-            "the application stop could not be recorded", extra={"error": type(exc).__name__}
-        )
+    return run(settings, https=https, setup=setup, ready=ready)
 
 
 def _is_loopback(host: str) -> bool:

@@ -30,7 +30,6 @@ import math
 import signal
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,7 +41,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from safepacs._memory import freeze_start_up
 from safepacs._net import RefusalTally
 from safepacs._stop import CHILD_EXIT_MARGIN, exit_after
-from safepacs.audit.syslog import start_forwarders
 from safepacs.config import Settings
 
 if TYPE_CHECKING:
@@ -52,8 +50,6 @@ __all__ = ["run_https"]
 
 log = logging.getLogger(__name__)
 
-PURGE_INTERVAL = 3600.0  # seconds between purges of the trash whose retention has ended
-
 
 def run_https(
     settings: Settings,
@@ -61,7 +57,9 @@ def run_https(
     open_archive: Callable[[Settings], Archive],
     setup: Callable[[], None],
 ) -> None:
-    """Serve DICOMweb until SIGTERM/SIGINT (uvicorn finishes the requests in progress)."""
+    """The body of the HTTPS process, forked by the supervisor (``runtime/supervisor.py``) with the stop
+    signals blocked: serve DICOMweb on ``sock`` until SIGTERM/SIGINT (uvicorn finishes the requests in
+    progress)."""
     from safepacs.protocols.dicomweb.app import create_app
 
     setup()
@@ -89,35 +87,12 @@ def run_https(
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     config.ssl.set_ciphers("ECDHE+AESGCM")  # TLS 1.2: the BCP 195 / PS3.15 B.12 suites only
-    stop = threading.Event()
-    # The audit trail goes to the configured collectors from this process only (one thread each).
-    forwarders = start_forwarders(archive.index, settings, stop)
-    purger = threading.Thread(target=_purge_loop, args=(archive, stop), name="safepacs-purge", daemon=True)
-    purger.start()
     server = _Server(config, connections, s.http_head_timeout, s.shutdown_grace)
     exit_after(s.shutdown_grace + CHILD_EXIT_MARGIN, "HTTPS", once=lambda: server.should_exit)
     try:
         server.run(sockets=[sock])
     finally:
-        stop.set()
-        # A purge or a forwarding round in progress gets what is left of the stop margin; both are
-        # daemon threads, and the next start carries on where they were cut short.
-        deadline = time.monotonic() + CHILD_EXIT_MARGIN - 1
-        for thread in (purger, *forwarders):
-            thread.join(max(0.0, deadline - time.monotonic()))
         archive.close()
-
-
-def _purge_loop(archive: Archive, stop: threading.Event) -> None:
-    """Destroy deleted instances once their retention has ended: at start and then hourly."""
-    while not stop.is_set():
-        try:
-            archive.delete.purge()
-        except Exception as exc:  # noqa: BLE001 - a failed purge is retried next hour; serving goes on
-            log.error(  # no traceback: it could carry the values of the statement that failed
-                "purging the trash failed; retrying in an hour", extra={"error": type(exc).__name__}
-            )
-        stop.wait(PURGE_INTERVAL)
 
 
 def _report_refusals(address: str, counts: dict[str, int]) -> None:

@@ -2,8 +2,9 @@
 
 pynetdicom spends its time in Python (a state machine, queues, 1 ms polls) and holds the GIL, so more
 associations in one process do not add throughput; more processes do (bench/README.md, "Baseline
-measurements"). The parent binds the port once, forks ``server.workers`` workers, each accepting on the
-shared socket, and restarts a worker that dies. Whichever worker the kernel wakes first would take a new
+measurements"). The supervisor (``runtime/supervisor.py``) binds the port once, forks ``server.workers``
+workers, each running :func:`run_worker` and accepting on the shared socket, and restarts a worker that
+dies. Whichever worker the kernel wakes first would take a new
 connection, so two modalities sending at once often landed on one worker (one GIL) while the other
 idled; a worker that has more associations than another lets it take the connection (:class:`_Balance`).
 Each worker serves the plain DICOM port and the DICOM TLS port (PS3.15 B.12, ``tls.py``) with the same
@@ -16,7 +17,7 @@ against its address, never against the ``server.max_associations`` places of adm
 which the gate keeps.  Connections dropped before that are counted and reported once per address per
 minute (log and audit trail), not once each.
 
-SIGTERM/SIGINT: the parent passes it on; workers stop accepting, let running associations finish for
+SIGTERM/SIGINT: the supervisor passes it on; workers stop accepting, let running associations finish for
 ``server.shutdown_grace`` seconds, then abort the rest; every process has exited within the grace plus
 ``_stop.STOP_MARGIN`` seconds.  Every acknowledgement was sent only after the object and its index
 row were durable, so nothing acknowledged is lost.
@@ -25,28 +26,27 @@ row were durable, so nothing acknowledged is lost.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import multiprocessing
 import os
 import select
-import signal
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 
-from safepacs._memory import freeze_start_up, share_with_children
-from safepacs._net import OTHER_ADDRESSES, RefusalTally, bind_listener
-from safepacs._stop import CHILD_EXIT_MARGIN, exit_after
+from safepacs._memory import freeze_start_up
+from safepacs._net import OTHER_ADDRESSES, RefusalTally
+from safepacs._stop import CHILD_EXIT_MARGIN, StopRequest, exit_after
 from safepacs.auth.oidc import oidc_principal
 from safepacs.config import Settings
-from safepacs.errors import ConfigError
 from safepacs.protocols.dimse import pending
 from safepacs.protocols.dimse.admission import SecureAdmission
 from safepacs.protocols.dimse.engine.acse import admission_decided
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
     from safepacs.app import Archive
 
-__all__ = ["DimseServer", "serve"]
+__all__ = ["DimseServer", "Loads", "run_worker", "shared_loads", "withdraw_load"]
 
 log = logging.getLogger(__name__)
 
@@ -466,44 +466,33 @@ class DimseServer:
 OpenArchive = Callable[[Settings], "Archive"]
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: Each worker's load, shared by the workers (:class:`_Balance`).
+Loads = ctypes.Array[ctypes.c_int]
 
 
-class StopRequest:
-    """Set by SIGTERM/SIGINT.  The handler only flips a flag: an ``Event.set`` in a signal handler
-    can deadlock when a second signal arrives while the first handler holds the event's lock."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        """Handle the stop signals in this process, then let through any that arrived meanwhile
-        (children start with them blocked, so one sent during start-up is not lost)."""
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-    def _handle(self, *_: Any) -> None:
-        self.requested = True
-
-    def wait(self, timeout: float = float("inf")) -> bool:
-        """Sleep up to ``timeout`` seconds (default: until asked) in short steps; whether a stop was
-        requested."""
-        deadline = time.monotonic() + timeout
-        while not self.requested and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        return self.requested
+def shared_loads(workers: int) -> Loads:
+    """The workers' shared load array, for processes forked after this call; every slot shows an
+    unavailable worker until its worker accepts."""
+    return multiprocessing.get_context("fork").RawArray(ctypes.c_int, [_UNAVAILABLE] * workers)
 
 
-def _worker(
+def withdraw_load(loads: Loads, slot: int) -> None:
+    """The worker of ``slot`` is gone: the others leave it nothing until its successor publishes."""
+    loads[slot] = _UNAVAILABLE
+
+
+def run_worker(
     settings: Settings,
     listener: socket.socket,
     tls_listener: socket.socket | None,
     open_archive: OpenArchive,
     setup: Callable[[], None],
-    loads: Any,
+    loads: Loads,
     slot: int,
 ) -> None:
+    """The body of one DIMSE worker process, forked by the supervisor (``runtime/supervisor.py``) with
+    the stop signals blocked: serve ``listener`` (and ``tls_listener``) until SIGTERM/SIGINT, then
+    stop within ``server.shutdown_grace`` plus ``CHILD_EXIT_MARGIN`` seconds."""
     stop = StopRequest()
     stop.install()
     setup()
@@ -518,121 +507,3 @@ def _worker(
     exit_after(settings.server.shutdown_grace + CHILD_EXIT_MARGIN, "DIMSE worker")
     server.stop(settings.server.shutdown_grace)
     archive.close()
-
-
-def _logged(name: str, target: Callable[[], None]) -> Callable[[], None]:
-    """``target`` run in a child process: an exception that ends it is logged (type and frames, see
-    :mod:`safepacs._logging`), not printed by multiprocessing with its message; the exit status is 1."""
-
-    def run() -> None:
-        try:
-            target()
-        except Exception:
-            log.critical("a SafePACS process failed", extra={"child": name}, exc_info=True)
-            raise SystemExit(1) from None
-
-    return run
-
-
-def serve(
-    settings: Settings,
-    open_archive: OpenArchive,
-    *,
-    setup: Callable[[], None] = lambda: None,
-    ready: Callable[[tuple[str, int], tuple[str, int]], None] | None = None,
-    companions: Sequence[tuple[str, Callable[[], None]]] = (),
-) -> int:
-    """Run the DIMSE listeners (plain and DICOM TLS) until SIGTERM/SIGINT; returns the exit status.
-
-    ``open_archive`` builds a worker's backends (after the fork: no engine or file handle is shared);
-    ``setup`` configures logging in each worker.  ``companions`` are (name, function) pairs run each in
-    a process of its own beside the workers (the HTTPS listener), restarted and stopped with them.
-    ``ready`` is called with the plain and the TLS listener's (host, port) once they listen.
-    """
-    s = settings.server
-    listener = bind_listener(s.bind, s.dicom_port)
-    try:
-        tls_listener = bind_listener(s.bind, s.dicom_tls_port)
-    except OSError as exc:
-        listener.close()
-        raise ConfigError(
-            f"cannot listen on {s.bind}:{s.dicom_tls_port} ({exc.strerror}); "
-            "choose another --bind or --dicom-tls-port"
-        ) from exc
-    host, port = listener.getsockname()[:2]
-    tls_host, tls_port = tls_listener.getsockname()[:2]
-    workers = s.workers or (os.cpu_count() or 1)
-    stop = StopRequest()
-    stop.install()
-    ctx = multiprocessing.get_context("fork")
-    loads = ctx.RawArray("i", [_UNAVAILABLE] * workers)  # each worker's load (_Balance), once it accepts
-
-    def dimse_worker(slot: int) -> None:
-        _worker(settings, listener, tls_listener, open_archive, setup, loads, slot)
-
-    specs: list[tuple[str, Callable[[], None]]]
-    specs = [("safepacs-dimse", functools.partial(dimse_worker, i)) for i in range(workers)]
-    specs += list(companions)
-
-    def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        name, target = specs[i]
-        proc = ctx.Process(target=_logged(name, target), name=name, daemon=False)
-        # The child starts with the stop signals blocked until it has its own handlers (StopRequest).
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        started[proc.pid] = time.monotonic()
-        return proc
-
-    started: dict[int | None, float] = {}
-    quick_deaths = 0
-
-    share_with_children()  # before the first fork: the children share the parent's modules
-    procs = [spawn(i) for i in range(len(specs))]
-    log.info(
-        "DIMSE listening",
-        extra={
-            "address": host,
-            "port": port,
-            "tls_port": tls_port,
-            "ae_title": s.ae_title,
-            "workers": workers,
-        },
-    )
-    if ready is not None:
-        ready((host, port), (tls_host, tls_port))
-    while not stop.wait(0.5):
-        for i, proc in enumerate(procs):
-            if not proc.is_alive():
-                if time.monotonic() - started.get(proc.pid, 0.0) < 5:
-                    quick_deaths += 1
-                if quick_deaths > 3:
-                    log.error("SafePACS processes keep failing at start; stopping (see the errors above)")
-                    stop.requested = True
-                    break
-                log.error(
-                    "a SafePACS process exited; restarting",
-                    extra={"child": specs[i][0], "exitcode": proc.exitcode},
-                )
-                if i < workers:
-                    loads[i] = _UNAVAILABLE  # until the new worker publishes its own
-                procs[i] = spawn(i)
-    for proc in procs:
-        if proc.pid is not None and proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-    # Each child stops within the grace and its margin (exit_after); one that has not is killed.
-    deadline = time.monotonic() + s.shutdown_grace + CHILD_EXIT_MARGIN + 1
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            log.warning("a SafePACS process did not stop in time; killed", extra={"child": proc.name})
-            proc.kill()
-    for proc in procs:
-        proc.join(1.0)
-    listener.close()
-    tls_listener.close()
-    log.info("DIMSE stopped")
-    return 1 if quick_deaths > 3 else 0
