@@ -1,0 +1,1 @@
+"""Small in-memory stand-ins the unit tests share."""
