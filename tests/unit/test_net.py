@@ -140,10 +140,5 @@ def test_a_port_in_use_cannot_be_bound_twice() -> None:
     _bind_taken_port()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bind_listener does not close its socket when bind() or listen() fails (a file "
-    "descriptor left to the garbage collector, a ResourceWarning)",
-)
 def test_a_failed_bind_leaves_no_socket_open() -> None:
     assert _bind_taken_port() == []

@@ -26,7 +26,10 @@ _FIND_CLASSES = {
 
 def _patient_key(identifier: Dataset) -> str | None:
     """The patient a query names by a single PatientID (no wildcard, no list), for the audit record."""
-    value = str(identifier.get("PatientID", "") or "").strip()
+    raw = identifier.get("PatientID", "")
+    if not isinstance(raw, str):  # a list of IDs (pydicom's MultiValue for "P1\\P2") names no one patient
+        return None
+    value = raw.strip()
     return value if value and not any(c in value for c in "*?\\") else None
 
 

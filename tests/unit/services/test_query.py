@@ -64,14 +64,7 @@ def test_a_find_is_answered_and_recorded_with_its_keys_and_count() -> None:
     [
         "P*",
         "P?",
-        pytest.param(
-            "P1\\P2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: services/query.py _patient_key takes str() of the MultiValue pydicom makes "
-                "of 'P1\\P2', so the audit record names a patient \"['P1', 'P2']\"",
-            ),
-        ),
+        "P1\\P2",  # a list of IDs: before the fix the record named the patient "['P1', 'P2']"
         "",
         "  ",
     ],
