@@ -8,7 +8,7 @@ import contextlib
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from safepacs.errors import SafePacsError
 
@@ -56,8 +56,11 @@ def add_data_option(sp: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_of(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """The settings of an initialised data directory (a clear error otherwise)."""
+def settings_of(
+    args: argparse.Namespace, overrides: dict[str, dict[str, str | int | None]] | None = None
+) -> Settings:
+    """The settings of an initialised data directory (a clear error otherwise); ``overrides``: settings
+    given on the command line, by section (None values: not given)."""
     from safepacs.app import check_data_dir
     from safepacs.config import data_dir_from, load_settings
 
