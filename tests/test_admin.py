@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from safepacs.audit import AuditEvent, AuditTrail, EventID, Signer
 from safepacs.audit.capture import AuditCapture
-from safepacs.audit.recorder import Auditor, operator
+from safepacs.audit.recorder import Auditor, Types, operator
 from safepacs.config import load_settings
 from safepacs.db import SqlIndex
 from safepacs.errors import AuditError
@@ -152,3 +152,83 @@ def test_a_record_that_fails_after_it_was_appended_takes_the_change_with_it(
         admin.add_peer(Peer("US1", "10.0.0.8", None, frozenset({Service.STORE})), by)
     assert index.get_peer("US1") is None
     assert index.audit_head() == head
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SqlIndex, AuditTrail]]:
+    from safepacs.db import migrate
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    migrate(url)
+    index = SqlIndex(url)
+    try:
+        yield index, AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
+    finally:
+        index.close()
+
+
+def _state(index: SqlIndex) -> tuple[object, ...]:
+    return (
+        index.list_peers(),
+        index.list_users(),
+        index.get_login_state("eve"),
+        index.list_sessions("eve"),
+        index.list_tokens(),
+        index.list_grants(),
+        index.list_study_groups(),
+        index.list_certificates(),
+        index.audit_head(),
+    )
+
+
+def test_no_change_is_made_without_its_record(store: tuple[SqlIndex, AuditTrail], data_dir: Path) -> None:
+    """Every administrative change, its record appended and then failing: nothing of either is kept."""
+    from safepacs.auth.tokens import issue_token
+
+    index, trail = store
+    now = datetime.now(UTC)
+    index.add_user("eve", "x", frozenset({"radiologist"}))
+    index.add_session(SessionRecord("s" * 64, "eve", "c" * 64, now, now, now + timedelta(hours=1), None))
+    index.add_peer(Peer("CT1", "10.0.0.7", 104, frozenset({Service.STORE}), "eve"))
+    index.record_certificate("ab" * 32, "CT1", source="issued")
+    token = issue_token("eve", timedelta(days=1)).record
+    index.add_token(token)
+    index.grant_study("1.2.3", "eve", None)
+    index.add_study_group("1.2.3", "cardio")
+    index.set_totp_secret("eve", "sealed")
+    trail.record(Auditor(trail, "SAFEPACS").change(operator("test"), Types.SECURITY_CONFIGURATION, "-", "-"))
+
+    def fail(conn: sa.Connection) -> None:
+        raise AuditError("the audit trail cannot be written; the request is refused")
+
+    admin = _service(index, data_dir, _Spy(trail, fail))
+    by = Change(operator("test"), "safepacs test")
+    changes: list[Callable[[], object]] = [
+        lambda: admin.add_peer(Peer("MR1", "10.0.0.8", None, frozenset({Service.FIND})), by),
+        lambda: admin.remove_peer("CT1", by),
+        lambda: admin.record_issued_certificate("CT1", "cd" * 32, "1f", now, by),
+        lambda: admin.revoke_certificates("CT1", by),
+        lambda: admin.revoke_certificates("CT1", by, "ef" * 32),
+        lambda: admin.add_user("zed", frozenset({"admin"}), by),
+        lambda: admin.add_user("zed", frozenset({"admin"}), by, "a long enough password"),
+        lambda: admin.set_disabled("eve", True, by),
+        lambda: admin.reset_password("eve", by),
+        lambda: admin.enrol_totp("eve", by),
+        lambda: admin.remove_totp("eve", by),
+        lambda: admin.unlock("eve", by),
+        lambda: admin.issue_token("eve", timedelta(days=1), frozenset(), by),
+        lambda: admin.revoke_token(token.token_id, by),
+        lambda: admin.set_scope("eve", None, by),
+        lambda: admin.add_study_group("1.2.4", "cardio", by),
+        lambda: admin.remove_study_group("1.2.3", "cardio", by),
+        lambda: admin.grant_study("1.2.4", "eve", None, by),
+        lambda: admin.revoke_grant("1.2.3", "eve", by),
+    ]
+    before = _state(index)
+    for number, make in enumerate(changes):
+        with pytest.raises(AuditError):
+            make()
+        assert _state(index) == before, number
