@@ -28,7 +28,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from safepacs.audit import EventID, Outcome
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certificate
-from safepacs.cli._peers import plain_peer_warning
+from safepacs.cli.commands.serve import plain_peer_warning
 from safepacs.db import SqlIndex, migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode

@@ -180,7 +180,7 @@ def test_doctor_reads_the_index_without_changing_it(
 @pytest.mark.postgres
 def test_doctor_opens_postgresql_read_only(postgres_url: str) -> None:
     """On PostgreSQL the doctor's connection refuses writes, whatever code would try one."""
-    from safepacs.cli._scan import _read_only_index
+    from safepacs.cli.commands.doctor import _read_only_index
     from safepacs.db import migrate
     from safepacs.errors import IndexError_
     from safepacs.types import Peer, Service

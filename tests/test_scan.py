@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from safepacs.cli import _scan as cli_scan
+from safepacs.cli.commands import scan as cli_scan
 from safepacs.scan import DEFAULT_PORTS, SEVERITIES, ScanError, parse_ports, parse_target, read_targets_file
 from safepacs.scan.report import FORMATS
 from safepacs.scan.targets import expand

@@ -24,6 +24,7 @@ from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
 from safepacs.db import SqlIndex, migrate
 from safepacs.errors import ConfigError, DataDirError
+from safepacs.services.admin import AdminService
 from safepacs.services.audit import Auditor
 from safepacs.services.audittrail import AuditSearch, AuditTrail
 from safepacs.services.delete import DeleteService
@@ -32,10 +33,12 @@ from safepacs.services.ingest import IngestService
 from safepacs.services.query import QueryService
 from safepacs.services.restore import RestoreService
 from safepacs.services.retrieve import RetrieveService
+from safepacs.services.trail import TrailService
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 from safepacs.storage.space import AuditReserve, FreeSpace
 
 __all__ = [
+    "Administration",
     "Archive",
     "audit_reserve",
     "check_data_dir",
@@ -43,6 +46,7 @@ __all__ = [
     "configure_logging",
     "free_space",
     "initialize",
+    "open_admin",
     "open_archive",
     "sqlite_database",
 ]
@@ -164,6 +168,38 @@ def open_archive(settings: Settings) -> Archive:
         audits=AuditSearch(index, gate, auditor),
         space=space,
         reserve=reserve,
+    )
+
+
+@dataclass
+class Administration:
+    """What the ``safepacs`` administrative commands use: the changes, and reading the audit trail."""
+
+    index: SqlIndex
+    admin: AdminService
+    trail: TrailService
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def open_admin(settings: Settings) -> Administration:
+    """The administrative services of an initialised data directory whose index is migrated.  Changes
+    are recorded on the trail whatever ``audit.record`` says; the key that seals TOTP secrets is read
+    only when one is enrolled."""
+    check_data_dir(settings)
+    index = SqlIndex(settings.index_url)
+    try:
+        trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+    except BaseException:
+        index.close()
+        raise
+    auditor = Auditor(trail, settings.server.ae_title)  # enabled: administration is always recorded
+    keys_dir = settings.keys_dir
+    return Administration(
+        index,
+        AdminService(index, auditor, lambda: EnvelopeCipher(FileKeyProvider(keys_dir))),
+        TrailService(index, trail, settings.audit_head_file),
     )
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "CertificateRecord",
     "GrantRecord",
     "LoginState",
+    "PinnedCertificate",
     "SessionRecord",
     "TokenRecord",
     "TrashRecord",
@@ -97,3 +98,13 @@ class TrashRecord:
     deleted_by: str
     deleted_at: datetime
     purge_after: datetime
+
+
+@dataclass(frozen=True)
+class PinnedCertificate:
+    """A certificate a device brings, pinned for one peer (``peer add --cert``): its PEM (the first
+    certificate only), serial number (hex) and expiry."""
+
+    pem: bytes
+    serial: str
+    not_after: datetime | None

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from safepacs.auth.passwords import hash_password, needs_rehash, verify_password
 from safepacs.auth.policy import ROLES
-from safepacs.auth.totp import Sealer, enrol, matching_step, open_secret
+from safepacs.auth.totp import Sealer, matching_step, open_secret
 from safepacs.db import SqlIndex
 from safepacs.errors import AuthenticationError, ConfigError, IntegrityError
 from safepacs.records import SessionRecord, UserRecord
@@ -80,7 +80,8 @@ def _now() -> datetime:
 
 
 class LoginService:
-    """Logins, password changes, TOTP enrolment and sessions over one index (see the module docstring)."""
+    """Logins, password changes and sessions over one index (see the module docstring); TOTP secrets are
+    enrolled by :meth:`safepacs.services.admin.AdminService.enrol_totp`."""
 
     def __init__(self, index: SqlIndex, sealer: Sealer, settings: AuthSettings) -> None:
         unknown = sorted(set(settings.totp_required_roles) - set(ROLES))
@@ -198,13 +199,6 @@ class LoginService:
         self._index.revoke_user_sessions(name, now)
         log.info("a user changed their password", extra={"user": name})
         return self._open(user, now)
-
-    # TOTP -------------------------------------------------------------------------------------------------
-    def enrol_totp(self, name: str) -> str:
-        """A new TOTP secret for ``name`` (replacing any old one); its otpauth:// URI, to show once."""
-        enrolment = enrol(name, self._sealer)
-        self._index.set_totp_secret(name, enrolment.sealed)
-        return enrolment.uri
 
     # Sessions ---------------------------------------------------------------------------------------------
     def _open(self, user: UserRecord, now: datetime) -> NewSession:

@@ -37,14 +37,14 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from safepacs.db import sql
 from safepacs.db.access import AccessMixin, scope_from_json
 from safepacs.db.auditlog import AUDIT_HEAD, AuditLogMixin, HeadListener
-from safepacs.db.certificates import CertificateMixin
-from safepacs.db.logins import LoginMixin
+from safepacs.db.certificates import CertificateMixin, write_certificate
+from safepacs.db.logins import LoginMixin, revoke_sessions
 from safepacs.db.schema import instances, patients, peers, series, studies, tokens, user_scopes, users
 from safepacs.db.write import InstanceRows, Writer, driver_execute, read_header
 from safepacs.dicom.attributes import UNIQUE_KEYS
 from safepacs.dicom.matching import parse_identifier, retrieve_keys
 from safepacs.errors import ConflictError, IndexError_, NotFoundError, UnsyncedCommitError
-from safepacs.records import TokenRecord, UserRecord
+from safepacs.records import PinnedCertificate, TokenRecord, UserRecord
 from safepacs.types import (
     InstanceRef,
     Peer,
@@ -647,8 +647,16 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         )
 
     # Peers ------------------------------------------------------------------------------------------------
-    def add_peer(self, peer: Peer) -> None:
-        """Register a peer; :class:`ConflictError` when its AE title is registered already."""
+    def add_peer(
+        self,
+        peer: Peer,
+        *,
+        pin: PinnedCertificate | None = None,
+        also: Callable[[sa.Connection], object] | None = None,
+    ) -> None:
+        """Register a peer; :class:`ConflictError` when its AE title is registered already.  ``pin``: the
+        certificate pinned with ``peer add --cert``, recorded in the same transaction; ``also`` runs in it
+        once the rows are written (the change's audit record: both commit or neither)."""
 
         def work(conn: sa.Connection) -> None:
             if conn.execute(sa.select(peers.c.ae_title).where(peers.c.ae_title == peer.ae_title)).first():
@@ -666,15 +674,29 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                     user_identity=peer.user_identity.value,
                 )
             )
+            if pin is not None and peer.cert_sha256 is not None:
+                write_certificate(
+                    conn,
+                    peer.cert_sha256,
+                    peer.ae_title,
+                    source="pinned",
+                    serial=pin.serial,
+                    not_after=pin.not_after,
+                    pem=pin.pem,
+                )
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
-    def remove_peer(self, ae_title: str) -> None:
-        """Unregister a peer; :class:`NotFoundError` when unknown."""
+    def remove_peer(self, ae_title: str, *, also: Callable[[sa.Connection], object] | None = None) -> None:
+        """Unregister a peer; :class:`NotFoundError` when unknown.  ``also``: as in :meth:`add_peer`."""
 
         def work(conn: sa.Connection) -> None:
             if conn.execute(sa.delete(peers).where(peers.c.ae_title == ae_title)).rowcount == 0:
                 raise NotFoundError(f"no peer with AE title {ae_title!r} is registered")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
@@ -711,9 +733,15 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
 
     # Users ------------------------------------------------------------------------------------------------
     def add_user(
-        self, name: str, password_hash: str, roles: frozenset[str], *, must_change_password: bool = False
+        self,
+        name: str,
+        password_hash: str,
+        roles: frozenset[str],
+        *,
+        must_change_password: bool = False,
+        also: Callable[[sa.Connection], object] | None = None,
     ) -> None:
-        """Create a user; :class:`ConflictError` when the name is taken."""
+        """Create a user; :class:`ConflictError` when the name is taken.  ``also``: as in :meth:`add_peer`."""
 
         def work(conn: sa.Connection) -> None:
             if conn.execute(sa.select(users.c.name).where(users.c.name == name)).first():
@@ -728,6 +756,8 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                     created_at=_now(),
                 )
             )
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
@@ -753,8 +783,11 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
         roles: frozenset[str] | None = None,
         disabled: bool | None = None,
         must_change_password: bool | None = None,
+        end_sessions: datetime | None = None,
+        also: Callable[[sa.Connection], object] | None = None,
     ) -> None:
-        """Change the given fields of a user; :class:`NotFoundError` when unknown."""
+        """Change the given fields of a user; :class:`NotFoundError` when unknown.  ``end_sessions``: also
+        revoke the user's open sessions at that time; ``also``: as in :meth:`add_peer`."""
         values: dict[str, object] = {}
         if password_hash is not None:
             values["password_hash"] = password_hash
@@ -770,12 +803,19 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
             done = conn.execute(stmt.values(**values) if values else stmt.values(name=name))
             if done.rowcount == 0:
                 raise NotFoundError(f"no user named {name!r} exists")
+            if end_sessions is not None:
+                revoke_sessions(conn, name, end_sessions)
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
     # Tokens -----------------------------------------------------------------------------------------------
-    def add_token(self, record: TokenRecord) -> None:
-        """Store a new token; :class:`NotFoundError` when its user does not exist."""
+    def add_token(
+        self, record: TokenRecord, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> None:
+        """Store a new token; :class:`NotFoundError` when its user does not exist.  ``also``: as in
+        :meth:`add_peer`."""
 
         def work(conn: sa.Connection) -> None:
             if not conn.execute(sa.select(users.c.name).where(users.c.name == record.user_name)).first():
@@ -791,6 +831,8 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                     revoked_at=record.revoked_at,
                 )
             )
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
@@ -826,8 +868,9 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
 
         return self._run(work, write=False)
 
-    def revoke_token(self, token_id: str) -> None:
-        """Mark a token revoked (kept for the record); :class:`NotFoundError` when unknown."""
+    def revoke_token(self, token_id: str, *, also: Callable[[sa.Connection], object] | None = None) -> None:
+        """Mark a token revoked (kept for the record); :class:`NotFoundError` when unknown.  ``also``: as in
+        :meth:`add_peer`."""
 
         def work(conn: sa.Connection) -> None:
             stmt = sa.update(tokens).where(tokens.c.token_id == token_id, tokens.c.revoked_at.is_(None))
@@ -836,6 +879,8 @@ class SqlIndex(AccessMixin, LoginMixin, AuditLogMixin, CertificateMixin):
                     sa.select(tokens.c.token_id).where(tokens.c.token_id == token_id)
                 ).first():
                     raise NotFoundError(f"no token with id {token_id!r} exists")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 

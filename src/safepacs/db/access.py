@@ -72,39 +72,53 @@ class AccessMixin:
         raise NotImplementedError
 
     # Scopes -----------------------------------------------------------------------------------------------
-    def set_user_scope(self, name: str, scope: Scope | None) -> None:
-        """Restrict ``name`` to ``scope`` (None: lift the restriction); :class:`NotFoundError` if unknown."""
+    def set_user_scope(
+        self, name: str, scope: Scope | None, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> None:
+        """Restrict ``name`` to ``scope`` (None: lift the restriction); :class:`NotFoundError` if unknown.
+        ``also`` runs in the same transaction once the rows are written (the change's audit record)."""
 
         def work(conn: sa.Connection) -> None:
             _user_must_exist(conn, name)
             conn.execute(sa.delete(user_scopes).where(user_scopes.c.user_name == name))
             if scope is not None:
                 conn.execute(sa.insert(user_scopes).values(user_name=name, scope=scope_to_json(scope)))
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
     # Access groups ----------------------------------------------------------------------------------------
-    def add_study_group(self, study_uid: str, group: str) -> bool:
-        """Put a study in an access group; False when it was in it already."""
+    def add_study_group(
+        self, study_uid: str, group: str, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> bool:
+        """Put a study in an access group; False when it was in it already.  ``also``: as in
+        :meth:`set_user_scope` (it runs either way)."""
 
         def work(conn: sa.Connection) -> bool:
             key = (study_groups.c.study_instance_uid == study_uid) & (study_groups.c.group_name == group)
-            if conn.execute(sa.select(study_groups.c.group_name).where(key)).first() is not None:
-                return False
-            conn.execute(
-                sa.insert(study_groups).values(
-                    study_instance_uid=study_uid, group_name=group, created_at=datetime.now(UTC)
+            found = conn.execute(sa.select(study_groups.c.group_name).where(key)).first() is not None
+            if not found:
+                conn.execute(
+                    sa.insert(study_groups).values(
+                        study_instance_uid=study_uid, group_name=group, created_at=datetime.now(UTC)
+                    )
                 )
-            )
-            return True
+            if also is not None:
+                also(conn)
+            return not found
 
         return self._run(work, write=True)
 
-    def remove_study_group(self, study_uid: str, group: str) -> None:
+    def remove_study_group(
+        self, study_uid: str, group: str, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> None:
         def work(conn: sa.Connection) -> None:
             key = (study_groups.c.study_instance_uid == study_uid) & (study_groups.c.group_name == group)
             if conn.execute(sa.delete(study_groups).where(key)).rowcount == 0:
                 raise NotFoundError(f"study {study_uid} is not in group {group!r}")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
@@ -122,7 +136,14 @@ class AccessMixin:
         return self._run(work, write=False)
 
     # Grants -----------------------------------------------------------------------------------------------
-    def grant_study(self, study_uid: str, user_name: str, expires_at: datetime | None) -> None:
+    def grant_study(
+        self,
+        study_uid: str,
+        user_name: str,
+        expires_at: datetime | None,
+        *,
+        also: Callable[[sa.Connection], object] | None = None,
+    ) -> None:
         """Let ``user_name`` see one study (until ``expires_at``); re-granting replaces the expiry."""
 
         def work(conn: sa.Connection) -> None:
@@ -137,14 +158,20 @@ class AccessMixin:
                     expires_at=expires_at,
                 )
             )
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
-    def revoke_grant(self, study_uid: str, user_name: str) -> None:
+    def revoke_grant(
+        self, study_uid: str, user_name: str, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> None:
         def work(conn: sa.Connection) -> None:
             key = (study_grants.c.study_instance_uid == study_uid) & (study_grants.c.user_name == user_name)
             if conn.execute(sa.delete(study_grants).where(key)).rowcount == 0:
                 raise NotFoundError(f"user {user_name!r} holds no grant for study {study_uid}")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from safepacs.db.schema import peer_certificates, peers
 from safepacs.records import CertificateRecord
 
-__all__ = ["CertificateMixin"]
+__all__ = ["CertificateMixin", "write_certificate"]
 
 _T = TypeVar("_T")
 
@@ -55,39 +55,42 @@ class CertificateMixin:
         serial: str = "",
         not_after: datetime | None = None,
         pem: bytes | None = None,
+        also: Callable[[sa.Connection], object] | None = None,
     ) -> None:
-        """Remember a certificate issued to or pinned for ``ae_title``; a revoked one stays revoked."""
+        """Remember a certificate issued to or pinned for ``ae_title``; a revoked one stays revoked.
+        ``also`` runs in the same transaction once the row is written (the change's audit record)."""
 
         def work(conn: sa.Connection) -> None:
-            found = conn.execute(
-                sa.select(peer_certificates.c.revoked_at).where(peer_certificates.c.sha256 == sha256)
-            ).first()
-            values = {
-                "ae_title": ae_title,
-                "source": source,
-                "serial": serial,
-                "not_after": not_after,
-                "pem": pem.decode("ascii") if pem is not None else None,
-            }
-            if found is None:
-                conn.execute(
-                    sa.insert(peer_certificates).values(
-                        sha256=sha256, created_at=datetime.now(UTC), revoked_at=None, **values
-                    )
-                )
-            else:
-                conn.execute(
-                    sa.update(peer_certificates).where(peer_certificates.c.sha256 == sha256).values(**values)
-                )
+            write_certificate(
+                conn, sha256, ae_title, source=source, serial=serial, not_after=not_after, pem=pem
+            )
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
-    def revoke_certificates(self, ae_title: str, sha256: str | None = None) -> int:
+    def revoke_certificates(
+        self,
+        ae_title: str,
+        sha256: str | None = None,
+        *,
+        pinned: str | None = None,
+        also: Callable[[sa.Connection], object] | None = None,
+    ) -> int:
         """Revoke the certificates of ``ae_title`` (all, or the one ``sha256`` names, which is recorded
-        as revoked even when it was never seen); how many were newly revoked."""
+        as revoked even when it was never seen); how many were newly revoked.  ``pinned``: first revoke
+        this one too, the same way (the peer's pin).  ``also`` runs in the same transaction when a
+        certificate was newly revoked (the change's audit record: both commit or neither)."""
         now = datetime.now(UTC)
 
         def work(conn: sa.Connection) -> int:
+            count = revoke(conn, pinned) if pinned is not None else 0
+            count += revoke(conn, sha256)
+            if count and also is not None:
+                also(conn)
+            return count
+
+        def revoke(conn: sa.Connection, sha256: str | None) -> int:
             t = peer_certificates
             if (
                 sha256 is not None
@@ -146,3 +149,36 @@ class CertificateMixin:
             return [_record(r) for r in conn.execute(stmt).mappings()]
 
         return self._run(work, write=False)
+
+
+def write_certificate(
+    conn: sa.Connection,
+    sha256: str,
+    ae_title: str,
+    *,
+    source: str,
+    serial: str = "",
+    not_after: datetime | None = None,
+    pem: bytes | None = None,
+) -> None:
+    """:meth:`CertificateMixin.record_certificate` in the transaction of ``conn``."""
+    found = conn.execute(
+        sa.select(peer_certificates.c.revoked_at).where(peer_certificates.c.sha256 == sha256)
+    ).first()
+    values = {
+        "ae_title": ae_title,
+        "source": source,
+        "serial": serial,
+        "not_after": not_after,
+        "pem": pem.decode("ascii") if pem is not None else None,
+    }
+    if found is None:
+        conn.execute(
+            sa.insert(peer_certificates).values(
+                sha256=sha256, created_at=datetime.now(UTC), revoked_at=None, **values
+            )
+        )
+    else:
+        conn.execute(
+            sa.update(peer_certificates).where(peer_certificates.c.sha256 == sha256).values(**values)
+        )

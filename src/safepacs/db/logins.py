@@ -90,18 +90,24 @@ class LoginMixin:
             write=True,
         )
 
-    def unlock_user(self, name: str) -> None:
-        """Lift a lockout now (``safepacs user enable``); :class:`NotFoundError` when unknown."""
+    def unlock_user(self, name: str, *, also: Callable[[sa.Connection], object] | None = None) -> None:
+        """Lift a lockout now (``safepacs user unlock``); :class:`NotFoundError` when unknown.  ``also`` runs
+        in the same transaction once the row is written (the change's audit record)."""
 
         def work(conn: sa.Connection) -> None:
             stmt = sa.update(users).where(users.c.name == name).values(failed_logins=0, locked_until=None)
             if conn.execute(stmt).rowcount == 0:
                 raise NotFoundError(f"no user named {name!r} exists")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
-    def set_totp_secret(self, name: str, sealed: str | None) -> None:
-        """Store a (sealed) TOTP secret, or remove it with None; :class:`NotFoundError` when unknown."""
+    def set_totp_secret(
+        self, name: str, sealed: str | None, *, also: Callable[[sa.Connection], object] | None = None
+    ) -> None:
+        """Store a (sealed) TOTP secret, or remove it with None; :class:`NotFoundError` when unknown.
+        ``also``: as in :meth:`unlock_user`."""
 
         def work(conn: sa.Connection) -> None:
             stmt = (
@@ -109,6 +115,8 @@ class LoginMixin:
             )
             if conn.execute(stmt).rowcount == 0:
                 raise NotFoundError(f"no user named {name!r} exists")
+            if also is not None:
+                also(conn)
 
         self._run(work, write=True)
 
@@ -190,10 +198,10 @@ class LoginMixin:
     def revoke_user_sessions(self, user_name: str, now: datetime) -> int:
         """End every session of a user (new password, disabled account); how many were open."""
 
-        def work(conn: sa.Connection) -> int:
-            stmt = sa.update(sessions).where(
-                sessions.c.user_name == user_name, sessions.c.revoked_at.is_(None)
-            )
-            return int(conn.execute(stmt.values(revoked_at=now)).rowcount)
+        return self._run(lambda conn: revoke_sessions(conn, user_name, now), write=True)
 
-        return self._run(work, write=True)
+
+def revoke_sessions(conn: sa.Connection, user_name: str, now: datetime) -> int:
+    """End every open session of a user in this transaction; how many were open."""
+    stmt = sa.update(sessions).where(sessions.c.user_name == user_name, sessions.c.revoked_at.is_(None))
+    return int(conn.execute(stmt.values(revoked_at=now)).rowcount)

@@ -513,16 +513,21 @@ class Auditor:
 
     def changed(self, who: Participant, type_code: tuple[str, str], target: str, description: str) -> None:
         """An administrator changed a user, a peer, a token or an access rule."""
-        self.record(
-            AuditEvent(
-                EventID.SECURITY_ALERT,
-                Action.EXECUTE,
-                Outcome.SUCCESS,
-                (who, self.archive()),
-                (AuditObject(ObjectKind.ACCOUNT, target, detail=(("Alert Description", description),)),),
-                type_code=type_code,
-                outcome_description=description,
-            )
+        self.record(self.change(who, type_code, target, description))
+
+    def change(
+        self, who: Participant, type_code: tuple[str, str], target: str, description: str
+    ) -> AuditEvent:
+        """The event of an administrative change (:meth:`changed`), for the caller to record in the
+        transaction that makes the change (:meth:`writer`)."""
+        return AuditEvent(
+            EventID.SECURITY_ALERT,
+            Action.EXECUTE,
+            Outcome.SUCCESS,
+            (who, self.archive()),
+            (AuditObject(ObjectKind.ACCOUNT, target, detail=(("Alert Description", description),)),),
+            type_code=type_code,
+            outcome_description=description,
         )
 
     def audit_used(self, who: Participant, query: str) -> None:

@@ -1,4 +1,4 @@
-"""``safepacs scan`` and ``safepacs doctor``: the scanner's command lines.
+"""``safepacs scan``: the scanner's command line, and the report options ``doctor`` shares.
 
 * ``scan TARGET... [--targets-file FILE] [--ports LIST]``: what a stranger can do with the DICOM and
   DICOMweb services of address ranges you own.  Reports hold counts, never patient data.
@@ -15,13 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from safepacs.errors import SafePacsError
+from safepacs.cli._common import UsageError
 
-__all__ = ["add_parsers", "cmd_doctor", "cmd_scan"]
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from safepacs.cli._common import Subparsers
+    from safepacs.scan import ScanReport
+
+__all__ = ["DEFAULT_PORTS", "FORMATS", "SEVERITIES", "emit", "output_options", "register", "run"]
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -32,11 +39,7 @@ SEVERITIES = ("critical", "high", "medium", "low", "info")
 DEFAULT_PORTS = (80, 104, 443, 2761, 2762, 4242, 8042, 8080, 8443, 11112)
 
 
-class ScanUsageError(SafePacsError):
-    """A wrong scan or doctor command line."""
-
-
-def _output_options(sp: argparse.ArgumentParser) -> None:
+def output_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--format", choices=FORMATS, default="text", help="report format (default text: a table)")
     sp.add_argument("--out", metavar="FILE", help="write the report to FILE (mode 0600) instead of stdout")
     sp.add_argument(
@@ -48,7 +51,7 @@ def _output_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
 
 
-def add_parsers(sub: Any, data_opt: Any) -> None:
+def register(sub: Subparsers) -> None:
     sp = sub.add_parser(
         "scan",
         help="scan address ranges you own for exposed DICOM and DICOMweb services (counts only, never PHI)",
@@ -116,27 +119,14 @@ def add_parsers(sub: Any, data_opt: Any) -> None:
         metavar="N",
         help="refuse targets larger than this (a /16)",
     )
-    _output_options(sp)
-
-    sp = sub.add_parser(
-        "doctor", help="review this SafePACS: settings, file permissions, peers, accounts, and its listeners"
-    )
-    data_opt(sp)
-    sp.add_argument(
-        "--dicom-port", type=int, metavar="N", help="check this DICOM port (default: the setting)"
-    )
-    sp.add_argument("--http-port", type=int, metavar="N", help="check this HTTPS port (default: the setting)")
-    sp.add_argument("--no-network", action="store_true", help="review the configuration only")
-    sp.add_argument(
-        "--timeout", type=float, default=3.0, metavar="S", help="seconds per probe step (default 3)"
-    )
-    _output_options(sp)
+    output_options(sp)
+    sp.set_defaults(handler=run)
 
 
 class _Bar:
     """A rich progress bar fed by the scanner's hook (from its threads too)."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task = progress.add_task("Scanning", total=0)
 
@@ -148,7 +138,8 @@ class _Bar:
         self.progress.advance(self.task, n)
 
 
-def _emit(args: argparse.Namespace, report: Any) -> int:
+def emit(args: argparse.Namespace, report: ScanReport) -> int:
+    """Write or print ``report`` as ``--format``/``--out`` say; the exit status ``--fail-on`` gives."""
     from rich.console import Console
 
     from safepacs.scan import Severity
@@ -161,9 +152,7 @@ def _emit(args: argparse.Namespace, report: Any) -> int:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(render(report, args.format))
         except OSError as exc:
-            raise ScanUsageError(
-                f"cannot write {path} ({exc.strerror or exc}); choose another --out"
-            ) from exc
+            raise UsageError(f"cannot write {path} ({exc.strerror or exc}); choose another --out") from exc
         print(f"Report written to {path} ({args.format}).", file=sys.stderr)
         if sys.stdout.isatty():
             print_table(report, Console())
@@ -183,7 +172,7 @@ def _emit(args: argparse.Namespace, report: Any) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from safepacs.scan import ScanOptions, parse_ports, parse_target, read_targets_file, run_scan
@@ -193,7 +182,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.targets_file:
         targets += read_targets_file(Path(args.targets_file))
     if not targets:
-        raise ScanUsageError("nothing to scan: give a TARGET (host, host:port, CIDR) or --targets-file FILE")
+        raise UsageError("nothing to scan: give a TARGET (host, host:port, CIDR) or --targets-file FILE")
     options = ScanOptions(
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
@@ -216,100 +205,4 @@ def cmd_scan(args: argparse.Namespace) -> int:
     with Progress(*columns, transient=True, disable=not show) as progress:
         hook: ProgressHook = _Bar(progress)
         report = run_scan(targets, options, hook)
-    return _emit(args, report)
-
-
-def _read_only_index(url: str) -> Any:
-    """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
-    changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``,
-    PostgreSQL sessions with ``default_transaction_read_only``."""
-    from urllib.parse import quote
-
-    import sqlalchemy as sa
-    from alembic.script import ScriptDirectory
-
-    import safepacs.db
-    from safepacs.db import SqlIndex
-    from safepacs.errors import IndexError_
-
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        path = Path(parsed.database).resolve()
-        if not path.is_file():
-            raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
-        query = {**parsed.query, "mode": "ro", "uri": "true"}
-        parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
-    elif parsed.get_backend_name() == "postgresql":
-        # Every transaction of this connection read-only: the server refuses a write, whatever runs.
-        options = parsed.query.get("options", "")
-        options = " ".join(options) if isinstance(options, tuple) else options
-        read_only = f"{options} -c default_transaction_read_only=on".strip()
-        parsed = parsed.update_query_dict({"options": read_only})
-    url = parsed.render_as_string(hide_password=False)
-    head = ScriptDirectory(str(Path(safepacs.db.__file__).parent / "migrations")).get_current_head()
-    engine = sa.create_engine(url, hide_parameters=True)
-    try:
-        with engine.connect() as conn:
-            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    except sa.exc.SQLAlchemyError as exc:
-        raise IndexError_(
-            f"the index cannot be read ({type(exc).__name__}): no schema, or index.url is wrong; "
-            "'safepacs doctor' does not create or change it"
-        ) from exc
-    finally:
-        engine.dispose()
-    if version != head:
-        raise IndexError_(
-            f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
-            "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
-        )
-    return SqlIndex(url)
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from safepacs.app import audit_reserve, check_index_choice, free_space
-    from safepacs.config import data_dir_from, load_settings
-    from safepacs.errors import DataDirError
-    from safepacs.scan.doctor import AccountInfo, DiskInfo, DoctorInput, run_doctor
-
-    data = data_dir_from(args.data)
-    if not (data / "safepacs.toml").is_file():
-        raise DataDirError(
-            f"{data} is not a SafePACS data directory; create it with 'safepacs init --data {data}'"
-        )
-    for port in (args.dicom_port, args.http_port):
-        if port is not None and not 0 < port < 65536:
-            raise ScanUsageError("--dicom-port and --http-port must be between 1 and 65535")
-    settings = load_settings(data)
-    check_index_choice(settings, record=False)  # the doctor writes nothing
-    index = _read_only_index(settings.index_url)
-    try:
-        peers = index.list_peers()
-        accounts = []
-        for user in index.list_users():
-            state = index.get_login_state(user.name)
-            accounts.append(
-                AccountInfo(
-                    user.name,
-                    frozenset(user.roles),
-                    user.disabled,
-                    user.must_change_password,
-                    state is not None and state.totp_secret is not None,
-                )
-            )
-    finally:
-        index.close()
-    reserve = audit_reserve(settings)
-    disk = DiskInfo(
-        [(str(path), free, needed) for path, free, needed in free_space(settings, reserve).below()],
-        str(reserve.path) if reserve is not None else None,
-        reserve.held() if reserve is not None else None,
-    )
-    report = run_doctor(
-        DoctorInput(settings, peers, accounts, disk),
-        dicom_port=args.dicom_port,
-        http_port=args.http_port,
-        network=not args.no_network,
-        timeout=args.timeout,
-    )
-    return _emit(args, report)
+    return emit(args, report)

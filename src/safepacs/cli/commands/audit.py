@@ -4,7 +4,8 @@ saw this patient?".
 ``verify`` checks the hash chain, the signed checkpoints, the columns and search keys that searches
 use, the signed head file (``DATA/audit-head``) and, with ``--against FILE``, heads exported earlier
 with ``head`` (or taken from a syslog collector).  Reading the trail is itself recorded (110101 Audit
-Log Used): before anything is printed, or, for ``verify``, right after the check.
+Log Used): before anything is printed, or, for ``verify``, right after the check
+(:mod:`safepacs.services.trail`).
 """
 
 from __future__ import annotations
@@ -14,28 +15,32 @@ import csv
 import getpass
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from safepacs.errors import SafePacsError
+from safepacs.cli._common import EXIT_OK, EXIT_REFUSED, UsageError, add_data_option, trail_service
 
-__all__ = ["add_parsers", "cmd_audit"]
+if TYPE_CHECKING:
+    from safepacs.audit import SignedHead
+    from safepacs.audit.chain import Verification
+    from safepacs.cli._common import Subparsers
+
+__all__ = ["register", "run"]
+
+_OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12: "major failure"}
 
 
-class AuditUsageError(SafePacsError):
-    """A wrong audit command line."""
-
-
-def add_parsers(sub: Any, data_opt: Any) -> None:
-    audit = sub.add_parser("audit", help="verify, search and report on the audit trail").add_subparsers(
-        dest="audit_command", required=True, metavar="ACTION"
-    )
+def register(sub: Subparsers) -> None:
+    parser = sub.add_parser("audit", help="verify, search and report on the audit trail")
+    parser.set_defaults(handler=run)
+    audit = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     sp = audit.add_parser(
         "verify",
         help="check the hash chain, signed checkpoints, search keys and signed heads (exit 1 if tampered)",
     )
-    data_opt(sp)
+    add_data_option(sp)
     sp.add_argument(
         "--against",
         metavar="FILE",
@@ -44,14 +49,14 @@ def add_parsers(sub: Any, data_opt: Any) -> None:
     sp = audit.add_parser(
         "head", help="export the signed head of the trail, to check later that nothing was cut off"
     )
-    data_opt(sp)
+    add_data_option(sp)
     sp.add_argument("--out", metavar="FILE", help="write it to FILE (default: standard output)")
     for name, text in (
         ("query", "audit records matching every filter given (none: all)"),
         ("report", "who accessed a patient's data: when, what, from where, on what device, outcome"),
     ):
         sp = audit.add_parser(name, help=text)
-        data_opt(sp)
+        add_data_option(sp)
         sp.add_argument("--patient", metavar="PATIENT_ID", required=name == "report")
         sp.add_argument("--study", metavar="STUDY_UID")
         sp.add_argument("--user", metavar="USER_OR_AE")
@@ -71,16 +76,13 @@ def _time(text: str | None, *, end: bool) -> datetime | None:
             return datetime.combine(day, time.max if end else time.min, tzinfo=UTC)
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise AuditUsageError(
+        raise UsageError(
             f"{text!r} is not an ISO date (2026-11-22) or date-time (2026-11-22T08:30)"
         ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-_OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12: "major failure"}
-
-
-def _exported(path: str) -> list[Any]:
+def _exported(path: str) -> list[SignedHead]:
     """The signed heads in ``path`` (lines ``SEQ HASH TIME SIGNATURE``; blank and ``#`` lines skipped)."""
     from safepacs.audit.chain import SignedHead
 
@@ -88,7 +90,7 @@ def _exported(path: str) -> list[Any]:
         text = Path(path).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
-        raise AuditUsageError(f"cannot read the exported head {path} ({why})") from None
+        raise UsageError(f"cannot read the exported head {path} ({why})") from None
     heads = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
@@ -96,16 +98,16 @@ def _exported(path: str) -> list[Any]:
         try:
             heads.append(SignedHead.parse(line))
         except ValueError:
-            raise AuditUsageError(
+            raise UsageError(
                 f"line {number} of {path} is not a signed head (SEQ HASH TIME SIGNATURE, "
                 "as 'safepacs audit head' writes it)"
             ) from None
     if not heads:
-        raise AuditUsageError(f"{path} holds no signed head; export one with 'safepacs audit head'")
+        raise UsageError(f"{path} holds no signed head; export one with 'safepacs audit head'")
     return heads
 
 
-def _intact(result: Any) -> str:
+def _intact(result: Verification) -> str:
     text = f"Audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
     if result.anchored_from is None:
         text += "; no signed head file yet (truncation cannot be detected until one is written)"
@@ -123,94 +125,57 @@ def _intact(result: Any) -> str:
     return text + "."
 
 
-def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
-    from safepacs.audit.chain import Signer
-    from safepacs.audit.events import (
-        Action,
-        AuditEvent,
-        AuditFilter,
-        AuditObject,
-        EventID,
-        ObjectKind,
-        Outcome,
-        Participant,
-        from_canonical,
-    )
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from safepacs.audit import Participant, from_canonical
+    from safepacs.audit.events import AuditFilter
     from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
-    from safepacs.services.audittrail import AuditTrail, verify_trail
 
-    signer = Signer.load_or_create(settings.keys_dir)
-    trail = AuditTrail(index, signer, settings.audit_head_file)
-    reader = Participant(user_id=getpass.getuser(), requestor=True, role="Application Launcher")
-    action = args.audit_command
-    if action in ("verify", "head"):
-        used = AuditEvent(
-            EventID.AUDIT_LOG_USED,
-            Action.READ,
-            Outcome.SUCCESS,
-            (reader,),
-            (AuditObject(ObjectKind.AUDIT_LOG, "safepacs-audit-trail", detail=(("operation", action),)),),
+    with trail_service(args) as trail:
+        reader = Participant(user_id=getpass.getuser(), requestor=True, role="Application Launcher")
+        action = str(args.audit_command)
+        if action == "head":
+            head = trail.export_head(reader)
+            if head is None:  # not after a record was just appended
+                raise UsageError("the audit trail is empty: there is no head to export")
+            line = head.line() + "\n"
+            if args.out:
+                try:
+                    Path(args.out).write_text(line, encoding="ascii")
+                except OSError as exc:
+                    raise UsageError(f"cannot write {args.out} ({exc.strerror})") from None
+                print(f"Signed head of record {head.seq} written to {args.out}.", file=sys.stderr)
+            else:
+                sys.stdout.write(line)
+            return EXIT_OK
+        if action == "verify":
+            against = _exported(args.against) if args.against else []
+            result = trail.verify(reader, against)
+            if result.ok:
+                print(_intact(result), file=sys.stderr)
+                return EXIT_OK
+            at = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+            print(f"Audit trail TAMPERED{at}: {result.problem}.", file=sys.stderr)
+            return EXIT_REFUSED
+        where = AuditFilter(
+            patient_id=args.patient,
+            study_uid=args.study,
+            user=args.user,
+            since=_time(args.since, end=False),
+            until=_time(args.until, end=True),
         )
-    if action == "head":
-        trail.record(used)  # first, so that the exported head covers this export too
-        head = index.audit_head()
-        if head is None:  # not after a record was just appended
-            raise AuditUsageError("the audit trail is empty: there is no head to export")
-        line = signer.head(*head).line() + "\n"
-        if args.out:
-            try:
-                Path(args.out).write_text(line, encoding="ascii")
-            except OSError as exc:
-                raise AuditUsageError(f"cannot write {args.out} ({exc.strerror})") from None
-            print(f"Signed head of record {head[0]} written to {args.out}.", file=sys.stderr)
-        else:
-            sys.stdout.write(line)
-        return 0
-    if action == "verify":
-        against = _exported(args.against) if args.against else []
-        result = verify_trail(index, signer, settings.audit_head_file, against)
-        trail.record(used)  # after the check, so verifying never changes what it verified
-        if result.ok:
-            print(_intact(result), file=sys.stderr)
-            return 0
-        at = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
-        print(f"Audit trail TAMPERED{at}: {result.problem}.", file=sys.stderr)
-        return 1
-    where = AuditFilter(
-        patient_id=args.patient,
-        study_uid=args.study,
-        user=args.user,
-        since=_time(args.since, end=False),
-        until=_time(args.until, end=True),
-    )
-    asked = " ".join(
-        f"{k}={v}"
-        for k, v in (
-            ("patient", args.patient),
-            ("study", args.study),
-            ("user", args.user),
-            ("since", args.since),
-            ("until", args.until),
+        asked = " ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("patient", args.patient),
+                ("study", args.study),
+                ("user", args.user),
+                ("since", args.since),
+                ("until", args.until),
+            )
+            if v
         )
-        if v
-    )
-    trail.record(
-        AuditEvent(
-            EventID.AUDIT_LOG_USED,
-            Action.READ,
-            Outcome.SUCCESS,
-            (reader,),
-            (
-                AuditObject(
-                    ObjectKind.AUDIT_LOG,
-                    "safepacs-audit-trail",
-                    query=asked or None,
-                    detail=(("operation", action),),
-                ),
-            ),
-        )
-    )
-    rows = [summary_row(r.seq, from_canonical(r.body)) for r in index.search_audit(where)]
+        records = trail.search(reader, action, where, asked or None)
+    rows = [summary_row(r.seq, from_canonical(r.body)) for r in records]
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -249,4 +214,4 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
             print("  ".join(parts))
     if not rows:
         print("No audit records match.", file=sys.stderr)
-    return 0
+    return EXIT_OK
