@@ -14,17 +14,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from safepacs.audit.capture import AuditCapture
 
-from safepacs.audit import AuditEvent, AuditTrail, EventID, Signer
+from safepacs.audit import AuditEvent, EventID, Signer
 from safepacs.config import load_settings
 from safepacs.db import SqlIndex
 from safepacs.errors import AuditError
 from safepacs.records import SessionRecord
 from safepacs.services.admin import AdminService, Change
 from safepacs.services.audit import Auditor, Types, operator
+from safepacs.services.audittrail import AuditTrail
 from safepacs.storage import EnvelopeCipher, FileKeyProvider
 from safepacs.types import Peer, Service, TlsMode
+from tests.audit_capture import AuditCapture
 from tests.conftest import run_cli
 from tests.webapp import execute
 

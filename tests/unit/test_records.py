@@ -13,6 +13,7 @@ from safepacs.records import (
     CertificateRecord,
     GrantRecord,
     LoginState,
+    PinnedCertificate,
     SessionRecord,
     TokenRecord,
     TrashRecord,
@@ -32,6 +33,7 @@ def examples() -> list[object]:
         CertificateRecord("01" * 32, "MODALITY1", "issued", "1F", None, NOW, None),
         GrantRecord("1.2.3", "alice", NOW, None),
         TrashRecord(1, "1.2.3.4", "1.2.3.5", "1.2.3", StoredBlob("b", "k", "00" * 32, 10), "alice", NOW, NOW),
+        PinnedCertificate(b"-----BEGIN CERTIFICATE-----", "0a1b", NOW),
     ]
 
 
@@ -69,6 +71,6 @@ def test_tokens_and_sessions_keep_digests_not_secrets() -> None:
 
 
 def test_a_trash_record_names_the_blob_it_keeps() -> None:
-    trash = examples()[-1]
+    (trash,) = [r for r in examples() if isinstance(r, TrashRecord)]
     assert isinstance(trash, TrashRecord)
     assert trash.blob.blob_id == "b" and trash.blob.seal_tag is None
