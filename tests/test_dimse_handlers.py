@@ -49,7 +49,7 @@ def test_find_handler_stops_at_cancel(data_dir: Path, tmp_path: Path) -> None:
     archive = open_archive(load_settings(data_dir))
     try:
         handlers = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
+            archive.ingest, archive.query, archive.retrieve, archive.directory.get_peer, archive.auditor
         )
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"
@@ -143,7 +143,7 @@ def test_fast_find_responses_stop_at_cancel_and_decode_as_before(data_dir: Path,
     archive = open_archive(load_settings(data_dir))
     try:
         handlers = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
+            archive.ingest, archive.query, archive.retrieve, archive.directory.get_peer, archive.auditor
         )
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"

@@ -23,7 +23,11 @@ from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
-from safepacs.db import SqlIndex, migrate
+from safepacs.db.auditlog import SqlAuditLog
+from safepacs.db.database import Database, migrate
+from safepacs.db.directory import SqlDirectory
+from safepacs.db.instances import SqlInstances
+from safepacs.db.ports import AuditLog, Directory, Instances
 from safepacs.errors import ConfigError, DataDirError
 from safepacs.services.delete import DeleteService
 from safepacs.services.ingest import IngestService
@@ -35,6 +39,7 @@ from safepacs.storage.space import AuditReserve, FreeSpace
 
 __all__ = [
     "Archive",
+    "Repositories",
     "audit_reserve",
     "check_data_dir",
     "check_index_choice",
@@ -42,6 +47,7 @@ __all__ = [
     "free_space",
     "initialize",
     "open_archive",
+    "open_repositories",
     "sqlite_database",
 ]
 
@@ -50,12 +56,35 @@ RESERVE_SUFFIX = "-audit-reserve"  # beside the SQLite index: index.sqlite3-audi
 INDEX_BACKEND_FILE = "index-backend"  # "postgresql" once the archive was opened on PostgreSQL
 
 
+@dataclass(frozen=True)
+class Repositories:
+    """One :class:`~safepacs.db.database.Database` and the repositories built on it (what the command
+    line opens without the rest of the archive, and tests)."""
+
+    db: Database
+    instances: SqlInstances
+    directory: SqlDirectory
+    audit_log: SqlAuditLog
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_repositories(url: str) -> Repositories:
+    """The database at ``url`` (its schema not created nor upgraded: :func:`migrate`) and its repositories."""
+    db = Database(url)
+    return Repositories(db, SqlInstances(db), SqlDirectory(db), SqlAuditLog(db))
+
+
 @dataclass
 class Archive:
     """Everything one process needs to serve: backends and the services built on them."""
 
     settings: Settings
-    index: SqlIndex
+    db: Database  # engines and transactions, shared by the repositories below
+    instances: Instances  # instance rows, queries, the trash
+    directory: Directory  # peers, users, tokens, logins, certificates, access rules
+    audit_log: AuditLog  # the audit trail's tables
     ingest: IngestService
     query: QueryService
     retrieve: RetrieveService
@@ -68,7 +97,7 @@ class Archive:
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
     def close(self) -> None:
-        self.index.close()
+        self.db.close()
 
 
 def check_data_dir(settings: Settings) -> None:
@@ -119,18 +148,24 @@ def open_archive(settings: Settings) -> Archive:
     """Open an initialised data directory: index, encrypted store, services."""
     check_data_dir(settings)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
+    instances = repos.instances
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
     reserve = audit_reserve(settings)
     space = free_space(settings, reserve)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve)
+    trail = AuditTrail(
+        repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve
+    )
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     return Archive(
         settings=settings,
-        index=index,
+        db=repos.db,
+        instances=instances,
+        directory=repos.directory,
+        audit_log=repos.audit_log,
         ingest=IngestService(
-            index,
+            instances,
             blobs,
             cipher,
             auditor,
@@ -139,18 +174,18 @@ def open_archive(settings: Settings) -> Archive:
             space=space,
         ),
         query=QueryService(
-            index,
+            instances,
             auditor,
             max_results=settings.query.max_results,
             max_scoped_results=settings.query.max_scoped_results,
             ae_title=settings.server.ae_title,
         ),
-        retrieve=RetrieveService(index, blobs, cipher, auditor),
+        retrieve=RetrieveService(instances, blobs, cipher, auditor),
         delete=DeleteService(
-            index, blobs, auditor, retention=timedelta(days=settings.storage.retention_days)
+            instances, blobs, auditor, retention=timedelta(days=settings.storage.retention_days)
         ),
-        restore=RestoreService(index, blobs, cipher, auditor),
-        logins=LoginService(index, cipher, settings.auth),
+        restore=RestoreService(instances, blobs, cipher, auditor),
+        logins=LoginService(repos.directory, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
         auditor=auditor,
         space=space,
@@ -222,11 +257,13 @@ def initialize(data_dir: Path) -> str:
     write_private(db, b"")
     migrate(url)
     password = generate_password()
-    index = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        index.add_user("admin", hash_password(password), frozenset({"admin"}), must_change_password=True)
+        repos.directory.add_user(
+            "admin", hash_password(password), frozenset({"admin"}), must_change_password=True
+        )
     finally:
-        index.close()
+        repos.close()
     write_private(data_dir / ADMIN_PASSWORD_FILE, (password + "\n").encode())
     return password
 

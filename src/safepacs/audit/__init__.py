@@ -33,7 +33,7 @@ from safepacs.audit.head import HeadFile, read_head_lines
 from safepacs.errors import AuditError, DataDirError, SafePacsError
 
 if TYPE_CHECKING:
-    from safepacs.db import SqlIndex
+    from safepacs.db.ports import AuditLog
     from safepacs.storage.space import AuditReserve
 
 _log = logging.getLogger(__name__)
@@ -76,24 +76,24 @@ class AuditTrail:
     recorded (:mod:`safepacs.storage.space`)."""
 
     def __init__(
-        self, index: SqlIndex, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
+        self, audit_log: AuditLog, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
     ) -> None:
-        self._index = index
+        self._audit_log = audit_log
         self.signer = signer
         self._reserve = reserve
-        self.head = HeadFile(head_file, signer, index)
-        index.set_audit_listener(self.head)
+        self.head = HeadFile(head_file, signer, audit_log)
+        audit_log.set_audit_listener(self.head)
 
     def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if not events:
             return
         try:
             try:
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+                self._audit_log.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
             except SafePacsError as exc:
                 if not self._released_for(exc):
                     raise
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+                self._audit_log.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
         except SafePacsError as exc:
             raise AuditError("the audit trail cannot be written; the request is refused") from exc
 
@@ -143,7 +143,7 @@ class MemoryAuditSink:
 
 
 def verify_trail(
-    index: SqlIndex,
+    audit_log: AuditLog,
     signer: Signer,
     head_file: Path,
     against: Sequence[SignedHead] = (),
@@ -154,7 +154,7 @@ def verify_trail(
     head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
     ``now``: the time records that no signed head names yet are judged by (default: now)."""
     try:
-        return _verify(index, signer, head_file, against, now)
+        return _verify(audit_log, signer, head_file, against, now)
     except OSError as exc:
         raise DataDirError(
             f"the audit head file {head_file} cannot be read ({exc.strerror or type(exc).__name__})"
@@ -162,13 +162,13 @@ def verify_trail(
 
 
 def _verify(
-    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
+    audit_log: AuditLog, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
 ) -> Verification:
     try:
         size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
     except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)
         size = None
-    with index.audit_snapshot() as snapshot:
+    with audit_log.audit_snapshot() as snapshot:
         checkpoints, holdings = snapshot.checkpoints(), snapshot.holdings()
         heads = None if size is None else read_head_lines(head_file, size)
         with closing(snapshot.rows()) as rows, closing(snapshot.refs()) as refs:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs.audit.recorder import operator
 from safepacs.errors import SafePacsError
+
+if TYPE_CHECKING:
+    from safepacs.db.ports import Directory, Instances
 
 __all__ = ["add_parsers", "cmd_access", "cmd_purge", "cmd_restore", "cmd_trash"]
 
@@ -129,31 +132,31 @@ def _describe(scope: Any) -> str:
     return "; ".join(parts) or "nothing but explicit grants"
 
 
-def cmd_access(args: argparse.Namespace, index: Any) -> int:
+def cmd_access(args: argparse.Namespace, directory: Directory) -> int:
     from safepacs.auth.policy import scope_of
 
     action = args.access_command
     if action == "scope":
         scope = _scope(args)
-        index.set_user_scope(args.name, scope)
+        directory.set_user_scope(args.name, scope)
         if scope is None:
             print(f"User {args.name} is no longer restricted by a scope", file=sys.stderr)
         else:
             print(f"User {args.name} now sees: {_describe(scope)} (and their grants)", file=sys.stderr)
     elif action == "show":
-        for user in index.list_users():
+        for user in directory.list_users():
             scope = scope_of(user)
             print(f"{user.name:<24}  {'everything' if scope is None else _describe(scope)}")
     elif action == "group":
         if args.group_command == "list":
-            for study, group in index.list_study_groups(_uid(args.study) if args.study else None):
+            for study, group in directory.list_study_groups(_uid(args.study) if args.study else None):
                 print(f"{group:<24}  {study}")
         elif args.group_command == "add":
-            added = index.add_study_group(_uid(args.study_uid), _word(args.group, "a group"))
+            added = directory.add_study_group(_uid(args.study_uid), _word(args.group, "a group"))
             state = "added to" if added else "already in"
             print(f"Study {args.study_uid} {state} group {args.group}", file=sys.stderr)
         else:
-            index.remove_study_group(_uid(args.study_uid), args.group)
+            directory.remove_study_group(_uid(args.study_uid), args.group)
             print(f"Study {args.study_uid} removed from group {args.group}", file=sys.stderr)
     elif action == "grant":
         expires = None
@@ -164,15 +167,15 @@ def cmd_access(args: argparse.Namespace, index: Any) -> int:
                 expires = datetime.now(UTC) + parse_lifetime(args.expires)
             except ValueError as exc:
                 raise AccessUsageError(f"--expires: {exc}") from None
-        index.grant_study(_uid(args.study_uid), args.user, expires)
+        directory.grant_study(_uid(args.study_uid), args.user, expires)
         until = "until revoked" if expires is None else "until " + expires.strftime("%Y-%m-%d %H:%M UTC")
         print(f"User {args.user} may see study {args.study_uid} {until}", file=sys.stderr)
     elif action == "revoke":
-        index.revoke_grant(_uid(args.study_uid), args.user)
+        directory.revoke_grant(_uid(args.study_uid), args.user)
         print(f"Grant of study {args.study_uid} to {args.user} revoked", file=sys.stderr)
     else:
         now = datetime.now(UTC)
-        for g in index.list_grants(args.user):
+        for g in directory.list_grants(args.user):
             if g.expires_at is None:
                 state = "until revoked"
             elif g.expires_at <= now:
@@ -183,8 +186,8 @@ def cmd_access(args: argparse.Namespace, index: Any) -> int:
     return 0
 
 
-def cmd_trash(args: argparse.Namespace, index: Any) -> int:
-    records = index.list_trash()
+def cmd_trash(args: argparse.Namespace, instances: Instances) -> int:
+    records = instances.list_trash()
     if not records:
         print("The trash is empty.", file=sys.stderr)
     for r in records:

@@ -11,9 +11,12 @@ import argparse
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs.errors import SafePacsError
+
+if TYPE_CHECKING:
+    from safepacs.db.ports import Directory
 
 __all__ = ["add_parsers", "cmd_token", "cmd_user"]
 
@@ -105,7 +108,7 @@ def _name(text: str) -> str:
     return text
 
 
-def cmd_user(args: argparse.Namespace, index: Any) -> int:
+def cmd_user(args: argparse.Namespace, directory: Directory) -> int:
     from safepacs.auth import generate_password, hash_password
 
     if args.user_command == "add":
@@ -114,50 +117,50 @@ def cmd_user(args: argparse.Namespace, index: Any) -> int:
             password = sys.stdin.readline().rstrip("\r\n")
             if len(password) < 12:
                 raise AccountUsageError("the password must be at least 12 characters")
-            index.add_user(name, hash_password(password), roles)
+            directory.add_user(name, hash_password(password), roles)
             print(f"User {name} added with roles {','.join(sorted(roles))}", file=sys.stderr)
         else:
             password = generate_password()
-            index.add_user(name, hash_password(password), roles, must_change_password=True)
+            directory.add_user(name, hash_password(password), roles, must_change_password=True)
             print(
                 f"User {name} added with roles {','.join(sorted(roles))}; one-time password:", file=sys.stderr
             )
             print(password)
     elif args.user_command == "list":
-        for u in index.list_users():
+        for u in directory.list_users():
             state = "disabled" if u.disabled else "enabled"
             print(f"{u.name:<24}  {','.join(sorted(u.roles)):<32}  {state}")
     elif args.user_command in ("disable", "enable"):
-        index.update_user(args.name, disabled=args.user_command == "disable")
+        directory.update_user(args.name, disabled=args.user_command == "disable")
         if args.user_command == "disable":
-            index.revoke_user_sessions(args.name, datetime.now(UTC))
+            directory.revoke_user_sessions(args.name, datetime.now(UTC))
         print(f"User {args.name} {args.user_command}d", file=sys.stderr)
     elif args.user_command == "totp-enroll":
-        return _totp_enroll(args, index)
+        return _totp_enroll(args, directory)
     elif args.user_command == "totp-remove":
-        index.set_totp_secret(args.name, None)
+        directory.set_totp_secret(args.name, None)
         print(
             f"TOTP removed for {args.name}; enrol again with 'safepacs user totp-enroll {args.name}'",
             file=sys.stderr,
         )
     elif args.user_command == "unlock":
-        index.unlock_user(args.name)
+        directory.unlock_user(args.name)
         print(f"User {args.name} unlocked", file=sys.stderr)
     else:
         password = generate_password()
-        index.update_user(args.name, password_hash=hash_password(password), must_change_password=True)
-        index.revoke_user_sessions(args.name, datetime.now(UTC))
+        directory.update_user(args.name, password_hash=hash_password(password), must_change_password=True)
+        directory.revoke_user_sessions(args.name, datetime.now(UTC))
         print(f"New one-time password of {args.name}:", file=sys.stderr)
         print(password)
     return 0
 
 
-def _totp_enroll(args: argparse.Namespace, index: Any) -> int:
+def _totp_enroll(args: argparse.Namespace, directory: Directory) -> int:
     """A new TOTP secret, sealed with the archive's key; the URI goes to standard output, once."""
     from safepacs.app import open_archive
     from safepacs.config import data_dir_from, load_settings
 
-    if index.get_user(args.name) is None:
+    if directory.get_user(args.name) is None:
         raise AccountUsageError(f"no user named {args.name!r}; add one with 'safepacs user add'")
     archive = open_archive(load_settings(data_dir_from(args.data)))
     try:
@@ -187,7 +190,7 @@ def _scopes(text: str | None) -> frozenset[str]:
     return names
 
 
-def cmd_token(args: argparse.Namespace, index: Any) -> int:
+def cmd_token(args: argparse.Namespace, directory: Directory) -> int:
     from safepacs.auth.tokens import issue_token, parse_lifetime
 
     action = str(args.token_action)
@@ -196,11 +199,11 @@ def cmd_token(args: argparse.Namespace, index: Any) -> int:
             lifetime = parse_lifetime(args.expires)
         except ValueError as exc:
             raise AccountUsageError(f"--expires: {exc}") from None
-        user = index.get_user(args.user)
+        user = directory.get_user(args.user)
         if user is None:
             raise AccountUsageError(f"no user named {args.user!r}; add one with 'safepacs user add'")
         issued = issue_token(user.name, lifetime, _scopes(args.scope))
-        index.add_token(issued.record)
+        directory.add_token(issued.record)
         expires = issued.record.expires_at.strftime("%Y-%m-%d %H:%M UTC")
         print(
             f"Token {issued.record.token_id} for {user.name}, valid until {expires}. "
@@ -209,11 +212,11 @@ def cmd_token(args: argparse.Namespace, index: Any) -> int:
         )
         print(issued.token)
     elif action == "list":
-        for t in index.list_tokens(args.user):
+        for t in directory.list_tokens(args.user):
             state = "revoked" if t.revoked_at is not None else "expires " + t.expires_at.strftime("%Y-%m-%d")
             scopes = ",".join(sorted(t.scopes)) or "all"
             print(f"{t.token_id}  {t.user_name:<24}  {scopes:<16}  {state}")
     else:
-        index.revoke_token(args.token_id)
+        directory.revoke_token(args.token_id)
         print(f"Token {args.token_id} revoked", file=sys.stderr)
     return 0

@@ -16,9 +16,12 @@ import json
 import sys
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs.errors import SafePacsError
+
+if TYPE_CHECKING:
+    from safepacs.db.ports import AuditLog
 
 __all__ = ["add_parsers", "cmd_audit"]
 
@@ -123,7 +126,7 @@ def _intact(result: Any) -> str:
     return text + "."
 
 
-def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
+def cmd_audit(args: argparse.Namespace, audit_log: AuditLog, settings: Any) -> int:
     from safepacs.audit import (
         Action,
         AuditEvent,
@@ -141,7 +144,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
     from safepacs.db.auditlog import AuditFilter
 
     signer = Signer.load_or_create(settings.keys_dir)
-    trail = AuditTrail(index, signer, settings.audit_head_file)
+    trail = AuditTrail(audit_log, signer, settings.audit_head_file)
     reader = Participant(user_id=getpass.getuser(), requestor=True, role="Application Launcher")
     action = args.audit_command
     if action in ("verify", "head"):
@@ -154,7 +157,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
         )
     if action == "head":
         trail.record(used)  # first, so that the exported head covers this export too
-        head = index.audit_head()
+        head = audit_log.audit_head()
         if head is None:  # not after a record was just appended
             raise AuditUsageError("the audit trail is empty: there is no head to export")
         line = signer.head(*head).line() + "\n"
@@ -169,7 +172,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
         return 0
     if action == "verify":
         against = _exported(args.against) if args.against else []
-        result = verify_trail(index, signer, settings.audit_head_file, against)
+        result = verify_trail(audit_log, signer, settings.audit_head_file, against)
         trail.record(used)  # after the check, so verifying never changes what it verified
         if result.ok:
             print(_intact(result), file=sys.stderr)
@@ -211,7 +214,7 @@ def cmd_audit(args: argparse.Namespace, index: Any, settings: Any) -> int:
             ),
         )
     )
-    rows = [summary_row(r.seq, from_canonical(r.body)) for r in index.search_audit(where)]
+    rows = [summary_row(r.seq, from_canonical(r.body)) for r in audit_log.search_audit(where)]
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)
         print()

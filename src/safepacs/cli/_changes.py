@@ -57,19 +57,19 @@ def record_change(args: argparse.Namespace, argv: Sequence[str], settings: Any) 
     change = change_of(args)
     if change is None:
         return
+    from safepacs.app import open_repositories
     from safepacs.audit import AuditTrail, Signer
     from safepacs.audit.recorder import Auditor, operator
-    from safepacs.db import SqlIndex
 
     type_code, target = change
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
         auditor = Auditor(
-            AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file),
+            AuditTrail(repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file),
             settings.server.ae_title,
         )
         auditor.changed(
             operator(args.command), type_code, target[:256], ("safepacs " + shlex.join(argv))[:1000]
         )
     finally:
-        index.close()
+        repos.close()

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs import __version__
 from safepacs.cli._access import add_parsers as add_access_parsers
@@ -36,6 +36,9 @@ from safepacs.cli._peers import (
 from safepacs.cli._scan import add_parsers as add_scan_parsers
 from safepacs.cli._scan import cmd_doctor, cmd_scan
 from safepacs.errors import SafePacsError, StorageFullError
+
+if TYPE_CHECKING:
+    from safepacs.app import Repositories
 
 __all__ = ["main"]
 
@@ -164,7 +167,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from safepacs.app import configure_logging, open_archive
     from safepacs.audit.recorder import operator
     from safepacs.audit.syslog import check_collectors
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
     from safepacs.protocols.dicomweb.server import run_https
     from safepacs.protocols.dimse.server import serve
     from safepacs.protocols.dimse.tls import ensure_client_certificate
@@ -181,7 +184,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     archive = open_archive(settings)  # fail here, once, with a clear message, not in every worker
     launcher = operator("serve")
     try:
-        peers = archive.index.list_peers()
+        peers = archive.directory.list_peers()
         if archive.reserve is not None:
             archive.reserve.ensure()  # the audit trail's disk space: created, or refilled after use
     finally:
@@ -284,12 +287,13 @@ def _check_host(host: str) -> str:
     raise UsageError(f"--host {host!r} is neither an IP address, a CIDR network nor a host name")
 
 
-def _open_index(args: argparse.Namespace) -> Any:
-    from safepacs.db import SqlIndex, migrate
+def _open_repositories(args: argparse.Namespace) -> Repositories:
+    from safepacs.app import open_repositories
+    from safepacs.db.database import migrate
 
     settings = _settings(args)
     migrate(settings.index_url)
-    return SqlIndex(settings.index_url)
+    return open_repositories(settings.index_url)
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
@@ -307,13 +311,14 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         peer = Peer(
             ae_title, _check_host(args.host), args.port, _parse_allow(args.allow), args.user, **security
         )
-    index = _open_index(args)
+    repos = _open_repositories(args)
+    directory = repos.directory
     try:
         if args.peer_command == "add":
-            if peer.user is not None and index.get_user(peer.user) is None:
+            if peer.user is not None and directory.get_user(peer.user) is None:
                 raise UsageError(f"no user named {peer.user!r}; add one with 'safepacs user add'")
-            index.add_peer(peer)
-            record_pinned(index, peer, pinned_pem)
+            directory.add_peer(peer)
+            record_pinned(directory, peer, pinned_pem)
             acting = f", acting for user {peer.user}" if peer.user else ""
             print(
                 f"Peer {peer.ae_title} registered: host {peer.host}, "
@@ -321,14 +326,14 @@ def _cmd_peer(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif args.peer_command == "cert":
-            return cmd_peer_cert(args, index, _settings(args).keys_dir)
+            return cmd_peer_cert(args, directory, _settings(args).keys_dir)
         elif args.peer_command == "revoke-cert":
-            return cmd_peer_revoke(args, index)
+            return cmd_peer_revoke(args, directory)
         elif args.peer_command == "remove":
-            index.remove_peer(args.ae_title.strip())
+            directory.remove_peer(args.ae_title.strip())
             print(f"Peer {args.ae_title.strip()} removed", file=sys.stderr)
         else:
-            peers = index.list_peers()
+            peers = directory.list_peers()
             if not peers:
                 print(
                     "No peers registered: nothing can connect. Add one with 'safepacs peer add'.",
@@ -340,30 +345,32 @@ def _cmd_peer(args: argparse.Namespace) -> int:
                 allow = ",".join(sorted(p.allow))
                 print(f"{p.ae_title:<16}  {p.host:<24}  {port!s:<5}  {allow}{user}{describe_security(p)}")
     finally:
-        index.close()
+        repos.close()
     return EXIT_OK
 
 
 def _cmd_access(args: argparse.Namespace) -> int:
-    index = _open_index(args)
+    repos = _open_repositories(args)
     try:
-        return (cmd_access if args.command == "access" else cmd_trash)(args, index)
+        if args.command == "access":
+            return cmd_access(args, repos.directory)
+        return cmd_trash(args, repos.instances)
     finally:
-        index.close()
+        repos.close()
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    index = _open_index(args)
+    repos = _open_repositories(args)
     try:
-        return cmd_audit(args, index, settings)
+        return cmd_audit(args, repos.audit_log, settings)
     finally:
-        index.close()
+        repos.close()
 
 
 def _cmd_with_archive(args: argparse.Namespace) -> int:
     from safepacs.app import open_archive
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
 
     settings = _settings(args)
     migrate(settings.index_url)
@@ -375,11 +382,11 @@ def _cmd_with_archive(args: argparse.Namespace) -> int:
 
 
 def _cmd_accounts(args: argparse.Namespace) -> int:
-    index = _open_index(args)
+    repos = _open_repositories(args)
     try:
-        return (cmd_user if args.command == "user" else cmd_token)(args, index)
+        return (cmd_user if args.command == "user" else cmd_token)(args, repos.directory)
     finally:
-        index.close()
+        repos.close()
 
 
 def _iter_files(paths: Sequence[str]) -> list[Path]:
@@ -401,7 +408,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive
     from safepacs.audit.recorder import StoreBatch, operator
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
     from safepacs.types import IngestOutcome, Principal
 
     settings = _settings(args)

@@ -19,10 +19,13 @@ import ipaddress
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs.errors import SafePacsError
 from safepacs.types import Peer, TlsMode, UserIdentityMode
+
+if TYPE_CHECKING:
+    from safepacs.db.ports import Directory
 
 __all__ = [
     "add_cert_parsers",
@@ -127,14 +130,14 @@ def peer_security(args: argparse.Namespace) -> tuple[dict[str, Any], bytes | Non
     return {"tls": tls, "cert_sha256": pinned, "user_identity": identity}, pem
 
 
-def record_pinned(index: Any, peer: Peer, pem: bytes | None) -> None:
+def record_pinned(directory: Directory, peer: Peer, pem: bytes | None) -> None:
     """Remember a certificate pinned with ``--cert`` (a trust anchor for this peer)."""
     if pem is None or peer.cert_sha256 is None:
         return
     from safepacs.auth.pki import load_certificate
 
     cert = load_certificate(pem)
-    index.record_certificate(
+    directory.record_certificate(
         peer.cert_sha256,
         peer.ae_title,
         source="pinned",
@@ -165,13 +168,13 @@ def _server_names(peer: Peer) -> list[str] | None:
     return [str(net.network_address)] if net.num_addresses == 1 else None
 
 
-def cmd_peer_cert(args: argparse.Namespace, index: Any, keys_dir: Path) -> int:
+def cmd_peer_cert(args: argparse.Namespace, directory: Directory, keys_dir: Path) -> int:
     """``peer cert AE --out DIR``: DIR/cert.pem, DIR/key.pem (0600), DIR/ca.pem; the certificate is
     recorded (so ``revoke-cert`` can revoke it)."""
     from safepacs.auth.pki import certificate_fingerprint, issue_certificate, load_certificate, write_private
 
     ae_title = args.ae_title.strip()
-    peer = index.get_peer(ae_title)
+    peer = directory.get_peer(ae_title)
     if peer is None:
         raise PeerOptionError(
             f"no peer with AE title {ae_title!r} is registered; add it with 'safepacs peer add'"
@@ -201,7 +204,7 @@ def cmd_peer_cert(args: argparse.Namespace, index: Any, keys_dir: Path) -> int:
         public.chmod(0o644)
     parsed = load_certificate(cert)
     digest = certificate_fingerprint(cert)
-    index.record_certificate(
+    directory.record_certificate(
         digest,
         ae_title,
         source="issued",
@@ -217,15 +220,15 @@ def cmd_peer_cert(args: argparse.Namespace, index: Any, keys_dir: Path) -> int:
     return 0
 
 
-def cmd_peer_revoke(args: argparse.Namespace, index: Any) -> int:
+def cmd_peer_revoke(args: argparse.Namespace, directory: Directory) -> int:
     """``peer revoke-cert AE [--fingerprint SHA256]``."""
     ae_title = args.ae_title.strip()
     only = _fingerprint(args.fingerprint, "--fingerprint") if args.fingerprint else None
-    peer = index.get_peer(ae_title)
+    peer = directory.get_peer(ae_title)
     count = 0
     if only is None and peer is not None and peer.cert_sha256 is not None:
-        count += index.revoke_certificates(ae_title, peer.cert_sha256)  # pinned by fingerprint only
-    count += index.revoke_certificates(ae_title, only)
+        count += directory.revoke_certificates(ae_title, peer.cert_sha256)  # pinned by fingerprint only
+    count += directory.revoke_certificates(ae_title, only)
     if count == 0 and only is None:
         print(f"No unrevoked certificate of {ae_title} is on record", file=sys.stderr)
         return 1

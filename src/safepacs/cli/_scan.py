@@ -17,9 +17,12 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safepacs.errors import SafePacsError
+
+if TYPE_CHECKING:
+    from safepacs.app import Repositories
 
 __all__ = ["add_parsers", "cmd_doctor", "cmd_scan"]
 
@@ -219,7 +222,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return _emit(args, report)
 
 
-def _read_only_index(url: str) -> Any:
+def _read_only_repositories(url: str) -> Repositories:
     """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
     changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``,
     PostgreSQL sessions with ``default_transaction_read_only``."""
@@ -229,7 +232,7 @@ def _read_only_index(url: str) -> Any:
     from alembic.script import ScriptDirectory
 
     import safepacs.db
-    from safepacs.db import SqlIndex
+    from safepacs.app import open_repositories
     from safepacs.errors import IndexError_
 
     parsed = sa.make_url(url)
@@ -263,7 +266,7 @@ def _read_only_index(url: str) -> Any:
             f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
             "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
         )
-    return SqlIndex(url)
+    return open_repositories(url)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -282,12 +285,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             raise ScanUsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
     check_index_choice(settings, record=False)  # the doctor writes nothing
-    index = _read_only_index(settings.index_url)
+    repos = _read_only_repositories(settings.index_url)
+    directory = repos.directory
     try:
-        peers = index.list_peers()
+        peers = directory.list_peers()
         accounts = []
-        for user in index.list_users():
-            state = index.get_login_state(user.name)
+        for user in directory.list_users():
+            state = directory.get_login_state(user.name)
             accounts.append(
                 AccountInfo(
                     user.name,
@@ -298,7 +302,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 )
             )
     finally:
-        index.close()
+        repos.close()
     reserve = audit_reserve(settings)
     disk = DiskInfo(
         [(str(path), free, needed) for path, free, needed in free_space(settings, reserve).below()],

@@ -1,6 +1,6 @@
 """Local login state and browser sessions: failed-login counters, lockouts, TOTP secrets, sessions.
 
-A mixin of :class:`safepacs.db.SqlIndex` (it uses its ``_run`` transactions).  The index stores
+Part of the directory repository (:class:`safepacs.db.directory.SqlDirectory`).  It stores
 what it is given: TOTP secrets arrive sealed, sessions as the SHA-256 of their cookie and of their
 CSRF token; deciding what is valid is :mod:`safepacs.auth.login`'s job.  Counters and the TOTP
 replay guard are single ``UPDATE`` statements, so concurrent logins cannot both pass.
@@ -8,19 +8,18 @@ replay guard are single ``UPDATE`` statements, so concurrent logins cannot both 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
+from safepacs.db.database import Database
 from safepacs.db.schema import sessions, users
 from safepacs.errors import NotFoundError
 from safepacs.records import LoginState, SessionRecord
 
 __all__ = ["LoginMixin"]
 
-_T = TypeVar("_T")
 _KEEP_ENDED = timedelta(days=1)  # ended sessions are deleted a day after they end
 
 
@@ -44,8 +43,7 @@ def _session(row: Any) -> SessionRecord:
 class LoginMixin:
     """Login counters, TOTP secrets and sessions (see the module docstring)."""
 
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
-        raise NotImplementedError
+    _db: Database
 
     # Login state ------------------------------------------------------------------------------------------
     def get_login_state(self, name: str) -> LoginState | None:
@@ -56,7 +54,7 @@ class LoginMixin:
                 return None
             return LoginState(int(row[0]), None if row[1] is None else _aware(row[1]), row[2])
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def record_failed_login(self, name: str, *, limit: int, lock_for: timedelta, now: datetime) -> bool:
         """Count a failed login of ``name``; at ``limit`` consecutive failures lock the account for
@@ -79,11 +77,11 @@ class LoginMixin:
             ).rowcount
             return bool(locked)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def record_login(self, name: str) -> None:
         """A successful login: the failure counter and any (expired) lock are cleared."""
-        self._run(
+        self._db.run(
             lambda conn: conn.execute(
                 sa.update(users).where(users.c.name == name).values(failed_logins=0, locked_until=None)
             ),
@@ -98,7 +96,7 @@ class LoginMixin:
             if conn.execute(stmt).rowcount == 0:
                 raise NotFoundError(f"no user named {name!r} exists")
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def set_totp_secret(self, name: str, sealed: str | None) -> None:
         """Store a (sealed) TOTP secret, or remove it with None; :class:`NotFoundError` when unknown."""
@@ -110,7 +108,7 @@ class LoginMixin:
             if conn.execute(stmt).rowcount == 0:
                 raise NotFoundError(f"no user named {name!r} exists")
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def claim_totp_step(self, name: str, step: int) -> bool:
         """Record that the code of time step ``step`` was used; False when that step or a later one
@@ -121,7 +119,7 @@ class LoginMixin:
             stmt = sa.update(users).where(users.c.name == name, fresh).values(totp_last_step=step)
             return bool(conn.execute(stmt).rowcount)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     # Sessions ---------------------------------------------------------------------------------------------
     def add_session(self, record: SessionRecord) -> None:
@@ -147,7 +145,7 @@ class LoginMixin:
                 )
             )
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def get_session(self, id_sha256: str) -> SessionRecord | None:
         def work(conn: sa.Connection) -> SessionRecord | None:
@@ -156,7 +154,7 @@ class LoginMixin:
             )
             return None if row is None else _session(row)
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def list_sessions(self, user_name: str) -> list[SessionRecord]:
         def work(conn: sa.Connection) -> list[SessionRecord]:
@@ -165,11 +163,11 @@ class LoginMixin:
             )
             return [_session(r) for r in conn.execute(stmt).mappings()]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def touch_session(self, id_sha256: str, now: datetime) -> None:
         """Note activity on a session (its idle timeout counts from here)."""
-        self._run(
+        self._db.run(
             lambda conn: conn.execute(
                 sa.update(sessions).where(sessions.c.id_sha256 == id_sha256).values(last_seen_at=now)
             ),
@@ -185,7 +183,7 @@ class LoginMixin:
             )
             return bool(conn.execute(stmt.values(revoked_at=now)).rowcount)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def revoke_user_sessions(self, user_name: str, now: datetime) -> int:
         """End every session of a user (new password, disabled account); how many were open."""
@@ -196,4 +194,4 @@ class LoginMixin:
             )
             return int(conn.execute(stmt.values(revoked_at=now)).rowcount)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 
 from safepacs.audit.recorder import Auditor, query_text
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.errors import AuditError, SafePacsError
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
 
@@ -51,14 +51,14 @@ class QueryService:
 
     def __init__(
         self,
-        index: SqlIndex,
+        instances: Instances,
         audit: Auditor,
         *,
         max_results: int,
         ae_title: str,
         max_scoped_results: int | None = None,
     ) -> None:
-        self._index = index
+        self._instances = instances
         self._audit = audit
         self._max_results = max_results or None
         scoped = max(max_results, max_scoped_results or 0)
@@ -85,7 +85,7 @@ class QueryService:
             principal,
             model,
             identifier,
-            lambda limit, scoped: self._index.find(
+            lambda limit, scoped: self._instances.find(
                 model, level, identifier, limit, principal.scope, scoped_limit=scoped
             ),
         )
@@ -111,7 +111,7 @@ class QueryService:
             principal,
             model,
             identifier,
-            lambda limit, scoped: self._index.find_encoded(
+            lambda limit, scoped: self._instances.find_encoded(
                 model,
                 level,
                 identifier,
@@ -163,7 +163,7 @@ class QueryService:
             self._record(principal, QIDO_RS, identifier, 0, None)
             return [], False
         try:
-            found = self._index.search(
+            found = self._instances.search(
                 level, identifier, page, offset, principal.scope, as_json=as_json, scoped_limit=scoped_page
             )
         except AuditError:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
 from safepacs.audit.recorder import Auditor, StudyFacts, study_facts
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.errors import AuditError, IntegrityError, NotFoundError, SafePacsError
 from safepacs.storage import BlobStore, EnvelopeCipher
 from safepacs.types import InstanceRef, Principal, QueryLevel, QueryModel, Service
@@ -30,8 +30,10 @@ NOTHING_FOUND = "no instance matched that the requestor may retrieve"
 class RetrieveService:
     """Find the instances a retrieve names and hand out their verified bytes."""
 
-    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor) -> None:
-        self._index = index
+    def __init__(
+        self, instances: Instances, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor
+    ) -> None:
+        self._instances = instances
         self._blobs = blobs
         self._cipher = cipher
         self._audit = audit
@@ -57,7 +59,7 @@ class RetrieveService:
         caller still has checks to make and calls :meth:`record` once they pass."""
         self._audit.require(principal, action)
         try:
-            refs = self._index.instances_for(model, level, identifier, principal.scope)
+            refs = self._instances.instances_for(model, level, identifier, principal.scope)
         except AuditError:
             raise
         except SafePacsError as exc:
@@ -81,7 +83,7 @@ class RetrieveService:
         destination: Participant | None = None,
     ) -> None:
         """Record that ``refs`` are handed out (see :meth:`locate`)."""
-        patients = self._index.study_patients if self._audit.enabled else None
+        patients = self._instances.study_patients if self._audit.enabled else None
         self._audit.retrieved(principal, study_facts(refs, patients), event, destination=destination)
 
     def fetch(
@@ -121,7 +123,7 @@ class RetrieveService:
         destination: Participant | None,
         exc: IntegrityError,
     ) -> None:
-        patients = self._index.study_patients if self._audit.enabled else None
+        patients = self._instances.study_patients if self._audit.enabled else None
         (study,) = study_facts([ref], patients)
         self._audit.integrity_failed(principal, study, ref, event, destination=destination, why=str(exc))
 

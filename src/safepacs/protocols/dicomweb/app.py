@@ -67,7 +67,7 @@ def create_app(archive: Archive) -> FastAPI:
     def principal_of(request: Request) -> Principal:
         agent = user_agent(request)
         try:
-            principal = authenticate(request, archive.index, backends)
+            principal = authenticate(request, archive.directory, backends)
         except Problem as exc:
             if exc.status in (401, 403):  # refused before anyone is known: recorded as a failed login
                 who = Participant(
@@ -88,7 +88,9 @@ def create_app(archive: Archive) -> FastAPI:
     idle = int(archive.settings.auth.session_idle_minutes * 60)
     sessions = make_session_router(principal_of, archive.logins, idle, auditor)
     app.include_router(sessions, prefix="/api", tags=["Session"])
-    app.include_router(make_audit_router(principal_of, archive.index, auditor), prefix="/api", tags=["Audit"])
+    app.include_router(
+        make_audit_router(principal_of, archive.audit_log, auditor), prefix="/api", tags=["Audit"]
+    )
     install_capabilities(app, principal_of)  # it describes the routes above
 
     @app.get(OPENAPI_URL, include_in_schema=False)

@@ -16,8 +16,8 @@ from safepacs.audit import from_canonical
 from safepacs.audit.recorder import Auditor, actor
 from safepacs.audit.report import summary_row
 from safepacs.auth.policy import decide
-from safepacs.db import SqlIndex
 from safepacs.db.auditlog import AuditFilter
+from safepacs.db.ports import AuditSearch
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.types import Principal, Service
 
@@ -36,7 +36,9 @@ def _when(text: str | None, name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, audit: Auditor) -> APIRouter:
+def make_router(
+    principal_of: Callable[[Request], Principal], audit_log: AuditSearch, audit: Auditor
+) -> APIRouter:
     router = APIRouter()
 
     @router.get("/audit", summary="Search the audit trail (auditors)")
@@ -56,7 +58,7 @@ def make_router(principal_of: Callable[[Request], Principal], index: SqlIndex, a
         where = AuditFilter(patient, study, user, _when(since, "since"), _when(until, "until"))
         asked = " ".join(f"{k}={v}" for k, v in request.query_params.items())
         audit.audit_used(actor(principal), asked)
-        rows = [summary_row(r.seq, from_canonical(r.body)) for r in index.search_audit(where, limit)]
+        rows = [summary_row(r.seq, from_canonical(r.body)) for r in audit_log.search_audit(where, limit)]
         return JSONResponse(rows)
 
     return router

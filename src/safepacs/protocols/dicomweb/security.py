@@ -26,7 +26,7 @@ from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier, oidc_principal
 from safepacs.auth.policy import user_principal
 from safepacs.auth.tokens import PREFIX, check_token_holder
-from safepacs.db import SqlIndex
+from safepacs.db.ports import TokenHolders
 from safepacs.errors import AccessDenied, AuthenticationError, IdentityProviderError
 from safepacs.protocols.dicomweb.problems import Problem
 from safepacs.records import SessionRecord, UserRecord
@@ -108,9 +108,9 @@ def _unauthorized(detail: str, error: str | None = None) -> Problem:
     return Problem(401, "Unauthorized", detail, {"WWW-Authenticate": challenge})
 
 
-def _bearer(token: str, index: SqlIndex, oidc: OidcVerifier | None, client: str | None) -> Principal:
+def _bearer(token: str, accounts: TokenHolders, oidc: OidcVerifier | None, client: str | None) -> Principal:
     if token.startswith(PREFIX + "_") or not oidc:
-        found = check_token_holder(token, index.get_token_holder)
+        found = check_token_holder(token, accounts.get_token_holder)
         if found is None:
             raise _unauthorized(
                 "the token is not valid (unknown, expired, revoked, or its user is disabled)", "invalid_token"
@@ -119,7 +119,7 @@ def _bearer(token: str, index: SqlIndex, oidc: OidcVerifier | None, client: str 
         return user_principal(user, address=client, scopes=record.scopes)
     try:
         person = oidc.verify(token)
-        return oidc_principal(person, index.get_user(person.name), address=client)
+        return oidc_principal(person, accounts.get_user(person.name), address=client)
     except IdentityProviderError as exc:
         raise Problem(503, "Service Unavailable", str(exc), {"Retry-After": "30"}) from None
     except AuthenticationError as exc:
@@ -153,7 +153,7 @@ def user_agent(request: Request) -> str | None:
     return request.headers.get("user-agent", "")[:200] or None
 
 
-def authenticate(request: Request, index: SqlIndex, backends: Backends | None = None) -> Principal:
+def authenticate(request: Request, accounts: TokenHolders, backends: Backends | None = None) -> Principal:
     """The principal of a request (see the module docstring); 401 with ``WWW-Authenticate`` otherwise.
 
     Blocking (database, and a JWKS fetch bounded by its timeout): call it from a synchronous route,
@@ -171,7 +171,7 @@ def authenticate(request: Request, index: SqlIndex, backends: Backends | None = 
                 "use 'Authorization: Bearer <token>'",
                 {"WWW-Authenticate": f'{REALM}, error="invalid_request"'},
             )
-        return _bearer(credentials.strip(), index, backends.oidc, client)
+        return _bearer(credentials.strip(), accounts, backends.oidc, client)
     if backends.logins is not None and SESSION_COOKIE in request.cookies:
         _, user = session_of(request, backends.logins)
         return user_principal(user, address=client)

@@ -91,7 +91,7 @@ def run_https(
     config.ssl.set_ciphers("ECDHE+AESGCM")  # TLS 1.2: the BCP 195 / PS3.15 B.12 suites only
     stop = threading.Event()
     # The audit trail goes to the configured collectors from this process only (one thread each).
-    forwarders = start_forwarders(archive.index, settings, stop)
+    forwarders = start_forwarders(archive.audit_log, settings, stop)
     purger = threading.Thread(target=_purge_loop, args=(archive, stop), name="safepacs-purge", daemon=True)
     purger.start()
     server = _Server(config, connections, s.http_head_timeout, s.shutdown_grace)

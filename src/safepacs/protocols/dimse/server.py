@@ -396,30 +396,32 @@ class DimseServer:
         self.ae.acse_timeout = s.acse_timeout
         self.ae.dimse_timeout = s.dimse_timeout
         self.ae.require_called_aet = False  # the gate checks it, with the right rejection reason
-        index = archive.index
-        self.tls = DicomTls(archive.settings.keys_dir, index.pinned_certificates) if tls_listener else None
+        directory = archive.directory
+        self.tls = (
+            DicomTls(archive.settings.keys_dir, directory.pinned_certificates) if tls_listener else None
+        )
         if self.tls is not None:
             self.tls.server_context()  # unreadable keys fail the worker now, not every connection
         oidc = archive.oidc
 
         def verify_jwt(token: str, address: str | None) -> Principal:
             person = oidc.verify(token)
-            return oidc_principal(person, index.get_user(person.name), address=address)
+            return oidc_principal(person, directory.get_user(person.name), address=address)
 
         secure = SecureAdmission(
             tls=self.tls,
-            revoked=index.certificate_revoked,
+            revoked=directory.certificate_revoked,
             authenticate=archive.logins.authenticate,
             verify_jwt=verify_jwt if oidc else None,
         )
-        self.ae.lookup_peer = index.get_peer  # C-MOVE destinations registered --tls required get TLS
+        self.ae.lookup_peer = directory.get_peer  # C-MOVE destinations registered --tls required get TLS
         self.ae.tls = self.tls
-        self.ae.revoked = index.certificate_revoked
+        self.ae.revoked = directory.certificate_revoked
         self.ae.send_path = s.dimse_send_path
         self.gate = AssociationGate(
             s.ae_title,
-            index.get_peer,
-            index.get_user,
+            directory.get_peer,
+            directory.get_user,
             secure=secure,
             audit=archive.auditor,
             max_associations=s.max_associations,
@@ -428,7 +430,7 @@ class DimseServer:
             pending.PendingConnections(s.max_pending_per_address, s.max_pending), s.associate_timeout
         )
         h = DimseHandlers(
-            archive.ingest, archive.query, archive.retrieve, archive.index.get_peer, archive.auditor
+            archive.ingest, archive.query, archive.retrieve, archive.directory.get_peer, archive.auditor
         )
         handlers = [
             (evt.EVT_C_ECHO, h.on_echo),
