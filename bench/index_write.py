@@ -1,4 +1,4 @@
-"""Index write micro-benchmark: ``Repositories.add_instance`` alone, ms per insert.
+"""Index write micro-benchmark: ``SqlInstances.add_instance`` alone, ms per insert.
 
     .venv/bin/python bench/index_write.py                        # SQLite on disk and on tmpfs
     .venv/bin/python bench/index_write.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
