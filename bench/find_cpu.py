@@ -227,9 +227,9 @@ def in_process(data: Path, studies: Studies, n: int, seed: int, days: int) -> No
     try:
         for ident in idents:
             t0 = time.process_time()
-            old = [encode(ds, True, True) for ds in archive.index.find(model, level, ident, None)]
+            old = [encode(ds, True, True) for ds in archive.instances.find(model, level, ident, None)]
             t1 = time.process_time()
-            new = archive.index.find_encoded(model, level, ident, None, implicit_vr=True)
+            new = archive.instances.find_encoded(model, level, ident, None, implicit_vr=True)
             t2 = time.process_time()
             if new != old:
                 raise RuntimeError("the two paths answered different bytes")

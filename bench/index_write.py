@@ -1,4 +1,4 @@
-"""Index write micro-benchmark: ``SqlIndex.add_instance`` alone, ms per insert.
+"""Index write micro-benchmark: ``SqlInstances.add_instance`` alone, ms per insert.
 
     .venv/bin/python bench/index_write.py                        # SQLite on disk and on tmpfs
     .venv/bin/python bench/index_write.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
@@ -38,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from safepacs.db import SqlIndex, migrate
+from safepacs.app import open_repositories
+from safepacs.db.database import migrate
 from safepacs.types import StoredBlob
 
 PG_ENV = "SAFEPACS_TEST_POSTGRES"
@@ -111,12 +112,12 @@ def run(target: str, pg_url: str | None, files: list[bytes], per_study: int, pro
     result = Result(target, [], [], [])
     with database(target, pg_url) as url:
         migrate(url)
-        ix = SqlIndex(url)
-        ix.count_instances()  # the pool's first connection
+        repos = open_repositories(url)
+        repos.instances.count_instances()  # the pool's first connection
         commit_started: list[float] = []
         connects: list[object] = []
-        event.listen(ix._engine, "commit", lambda _conn: commit_started.append(time.perf_counter()))
-        event.listen(ix._engine, "connect", lambda dbapi_conn, _record: connects.append(dbapi_conn))
+        event.listen(repos.db.engine, "commit", lambda _conn: commit_started.append(time.perf_counter()))
+        event.listen(repos.db.engine, "connect", lambda dbapi_conn, _record: connects.append(dbapi_conn))
         profiler = cProfile.Profile() if profile else None
         try:
             for n, header in enumerate(headers):
@@ -126,16 +127,16 @@ def run(target: str, pg_url: str | None, files: list[bytes], per_study: int, pro
                 if profiler:
                     profiler.enable()
                 start = time.perf_counter()
-                ix.add_instance(header, blob, ExplicitVRLittleEndian)
+                repos.instances.add_instance(header, blob, ExplicitVRLittleEndian)
                 end = time.perf_counter()
                 if profiler:
                     profiler.disable()
                 (result.first if n % per_study == 0 else result.others).append((end - start) * 1000)
                 result.work.append(((commit_started[-1] if commit_started else end) - start) * 1000)
-            assert ix.count_instances() == len(headers)
+            assert repos.instances.count_instances() == len(headers)
             result.connects = len(connects)
         finally:
-            ix.close()
+            repos.close()
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     return result

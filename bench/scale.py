@@ -60,7 +60,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from rich.console import Console
 
-from safepacs.db import SqlIndex
+from safepacs.app import open_repositories
 from safepacs.db.schema import instances, patients, series, studies
 from safepacs.db.write import InstanceRows, LevelRows, attribute_values
 from safepacs.dicom import attributes as A
@@ -290,9 +290,9 @@ def _now() -> dt.datetime:
 def fill(url: str, corpus: Corpus, start: int = 0) -> float:
     """Write the index rows of studies ``start..corpus.count`` into the (migrated) index at ``url``;
     the seconds it took."""
-    index = SqlIndex(url)
-    writer = index._instance_writer  # the write path add_instance runs, in batches
-    engine = index._writer  # BEGIN IMMEDIATE on SQLite
+    repos = open_repositories(url)
+    writer = repos.instances._instance_writer  # the write path add_instance runs, in batches
+    engine = repos.db._writer  # BEGIN IMMEDIATE on SQLite
     insert = sa.insert(instances)
     t0 = time.perf_counter()
     last = t0
@@ -349,7 +349,7 @@ def fill(url: str, corpus: Corpus, start: int = 0) -> float:
                 done = (min(corpus.count, batch + BATCH) - start) * PER_STUDY
                 console.print(f"  ... {done:,} instances, {done / (last - t0):,.0f}/s")
     finally:
-        index.close()
+        repos.close()
     return time.perf_counter() - t0
 
 

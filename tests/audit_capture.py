@@ -1,10 +1,10 @@
 """Catching the events an action records, for tests: what a path audits, read back from the trail.
 
->>> capture = AuditCapture(index)          # remembers where the trail ends now
+>>> capture = AuditCapture(audit_log)      # remembers where the trail ends now
 >>> ...                                    # do something against the archive
 >>> [e.event_id for e in capture.events()] # what was recorded since, oldest first
 
-It reads the trail in the index (any process may have written it), so it sees exactly what
+It reads the trail in the database (any process may have written it), so it sees exactly what
 ``safepacs audit query`` would.
 """
 
@@ -25,17 +25,17 @@ class AuditRecords(Protocol):
 
 
 class AuditCapture:
-    """The events appended to an index's audit trail since the capture was made (or last ``reset``)."""
+    """The events appended to the audit trail since the capture was made (or last ``reset``)."""
 
-    def __init__(self, index: AuditRecords) -> None:
-        self._index = index
+    def __init__(self, audit_log: AuditRecords) -> None:
+        self._audit_log = audit_log
         self.start = 0
         self.reset()
 
     def reset(self) -> None:
         """Forget what was recorded so far: later calls see only newer events."""
         seq = self.start
-        while chunk := self._index.audit_records(seq, 5000):
+        while chunk := self._audit_log.audit_records(seq, 5000):
             seq = chunk[-1].seq
         self.start = seq
 
@@ -43,7 +43,7 @@ class AuditCapture:
         """The events since the start, oldest first; only those of ``event_id`` / EventTypeCode if given."""
         out: list[AuditEvent] = []
         seq = self.start
-        while chunk := self._index.audit_records(seq, 5000):
+        while chunk := self._audit_log.audit_records(seq, 5000):
             out += [from_canonical(r.body) for r in chunk]
             seq = chunk[-1].seq
         return [

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from safepacs.app import initialize
+from safepacs.app import Repositories, initialize, open_repositories
 from safepacs.cli import main as safepacs_main
-from safepacs.db import SqlIndex
 
 DCMTK = ("echoscu", "storescu", "findscu", "getscu", "movescu", "storescp")
 POSTGRES_ENV = "SAFEPACS_TEST_POSTGRES"
@@ -42,13 +41,13 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def index(data_dir: Path) -> Iterator[SqlIndex]:
+def repos(data_dir: Path) -> Iterator[Repositories]:
     """The SQLite index of ``data_dir`` (the one a ``server``/``srv`` fixture serves), opened beside it."""
-    idx = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{data_dir / 'index.sqlite3'}")
     try:
-        yield idx
+        yield repos
     finally:
-        idx.close()
+        repos.close()
 
 
 def run_cli(*args: str) -> int:

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from safepacs.app import initialize
+from safepacs.app import Repositories, initialize, open_repositories
 from safepacs.audit import (
     Action,
     AuditEvent,
@@ -45,7 +45,6 @@ from safepacs.audit import (
 from safepacs.audit.chain import GENESIS, AuditRow, SignedHead, chain_hash
 from safepacs.audit.events import search_keys
 from safepacs.config import Settings, load_settings
-from safepacs.db import SqlIndex
 from safepacs.services.audittrail import verify_trail
 from tests.conftest import run_cli, start_server
 from tests.corpus import make_ct
@@ -115,8 +114,8 @@ def sql_of() -> Iterator[Callable[[Path], sa.Engine]]:
         e.dispose()
 
 
-def _rows(index: SqlIndex) -> list[AuditRow]:
-    with index.audit_snapshot() as snapshot, closing(snapshot.rows()) as rows:
+def _rows(repos: Repositories) -> list[AuditRow]:
+    with repos.audit_log.audit_snapshot() as snapshot, closing(snapshot.rows()) as rows:
         return [
             replace(r, recorded_at=r.recorded_at.replace(tzinfo=r.recorded_at.tzinfo or UTC)) for r in rows
         ]
@@ -248,14 +247,14 @@ def test_records_the_head_file_does_not_name_are_allowed_only_while_they_are_fre
     head_file = settings.audit_head_file
     lines = head_file.read_text().splitlines()
     head_file.write_text("\n".join(lines[:-2]) + "\n")  # as if the last two heads were still to come
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
         signer = Signer.load_or_create(settings.keys_dir)
-        recorded = max(r.recorded_at for r in _rows(index))
-        assert verify_trail(index, signer, head_file, now=recorded + timedelta(seconds=1)).ok
-        late = verify_trail(index, signer, head_file, now=recorded + timedelta(minutes=1))
+        recorded = max(r.recorded_at for r in _rows(repos))
+        assert verify_trail(repos.audit_log, signer, head_file, now=recorded + timedelta(seconds=1)).ok
+        late = verify_trail(repos.audit_log, signer, head_file, now=recorded + timedelta(minutes=1))
     finally:
-        index.close()
+        repos.close()
     assert not late.ok and late.problem is not None
     first = int(lines[-3].split()[0]) + 1
     assert f"records {first}-" in late.problem and "are not named by the signed head file" in late.problem
@@ -335,12 +334,12 @@ _APPENDER = textwrap.dedent(
     from safepacs.audit import Participant, Signer
     from safepacs.services.audittrail import AuditTrail
     from safepacs.config import load_settings
-    from safepacs.db import SqlIndex
+    from safepacs.app import Repositories, open_repositories
 
     settings = load_settings(Path(sys.argv[1]))
     name = sys.argv[2]
-    index = SqlIndex(settings.index_url)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+    index = open_repositories(settings.index_url)
+    trail = AuditTrail(index.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
     try:
         for n in range(40):
             event = AuditEvent(

@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
+from safepacs.app import Repositories
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from safepacs.db import SqlIndex
 from tests.audit_capture import AuditCapture
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
@@ -76,15 +76,15 @@ def _find(patient_id: str) -> Dataset:
 
 
 def test_dimse_paths_record_who_did_what_to_which_patient_from_where(
-    srv: Server, index: SqlIndex, tmp_path: Path
+    srv: Server, repos: Repositories, tmp_path: Path
 ) -> None:
-    started = AuditCapture(index)
+    started = AuditCapture(repos.audit_log)
     started.start = 0
     start = _one(started.events(), EventID.APPLICATION_ACTIVITY)
     assert start.type_code == ("110120", "Application Start")
 
     srv.add_peer("MOD", "echo,store,find,get,move")
-    capture = AuditCapture(index)
+    capture = AuditCapture(repos.audit_log)
     ct = make_ct(patient_id="AUD-1", patient_name="Audit^Alice")
     with associate(srv.port, [build_context(CTImageStorage)], calling="MOD") as assoc:
         assert assoc.send_c_store(ct).Status == 0x0000
@@ -163,11 +163,15 @@ def test_dimse_paths_record_who_did_what_to_which_patient_from_where(
     assert srv.stop() == 0
     stop = started.events(EventID.APPLICATION_ACTIVITY)[-1]
     assert stop.type_code == ("110121", "Application Stop")
-    assert index.audit_checkpoints()[-1].seq == index.audit_records(0, 10**6)[-1].seq  # signed at stop
+    assert (
+        repos.audit_log.audit_checkpoints()[-1].seq == repos.audit_log.audit_records(0, 10**6)[-1].seq
+    )  # signed at stop
     assert run_cli("audit", "verify", "--data", str(srv.data)) == 0
 
 
-def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlIndex, data_dir: Path) -> None:
+def test_an_access_that_cannot_be_recorded_is_refused(
+    srv: Server, repos: Repositories, data_dir: Path
+) -> None:
     srv.add_peer("MOD", "echo,store,find")
     contexts = [build_context(CTImageStorage), build_context(StudyRootQueryRetrieveInformationModelFind)]
     stored = make_ct(patient_id="AUD-2")
@@ -179,7 +183,7 @@ def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlInd
         assert "audit trail" in str(found[0][0].ErrorComment)
         refused_store = assoc.send_c_store(make_ct(patient_id="AUD-3"))
         assert refused_store.Status == 0xA700 and "audit trail" in str(refused_store.ErrorComment)
-    assert index.count_instances() == 1  # the refused instance was not kept
+    assert repos.instances.count_instances() == 1  # the refused instance was not kept
     with associate(srv.port, contexts, calling="MOD") as refused:
         assert not refused.is_established and rejection(refused) == (2, 1, 1)  # rejected-transient
 
@@ -190,7 +194,7 @@ def test_an_access_that_cannot_be_recorded_is_refused(srv: Server, index: SqlInd
 
 def test_dicomweb_and_sessions_record_user_address_and_user_agent(
     data_dir: Path,
-    index: SqlIndex,
+    repos: Repositories,
     capsys: pytest.CaptureFixture[str],
     schema: etree.RelaxNG,  # noqa: F811 - the fixture
 ) -> None:
@@ -208,7 +212,7 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
                 headers["Authorization"] = f"Bearer {tokens.get(user, user)}"
             return client.request(method, url, headers=headers, **kwargs)  # type: ignore[arg-type]
 
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         body, content_type = multipart([part10(ct)])
         assert (
             call(
@@ -319,9 +323,9 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
         body, content_type = multipart([part10(other)])
         headers = {"Content-Type": content_type}
         assert call("POST", "/dicomweb/studies", "rad", content=body, headers=headers).status_code == 503
-        assert archive.index.get_instance(str(other.SOPInstanceUID)) is None
+        assert archive.instances.get_instance(str(other.SOPInstanceUID)) is None
         assert call("DELETE", f"/dicomweb/studies/{kept.StudyInstanceUID}", "boss").status_code == 503
-        assert archive.index.get_instance(str(kept.SOPInstanceUID)) is not None
+        assert archive.instances.get_instance(str(kept.SOPInstanceUID)) is not None
         change = {"username": "newbie", "password": PASSWORD, "new_password": "a brand new passphrase"}
         assert client.post("/api/session/password", json=change).status_code == 503
         assert client.delete("/api/session", headers=session).status_code == 204  # a session still ends
@@ -338,8 +342,8 @@ def _token(data: Path, user: str, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out.strip()
 
 
-def test_administrative_changes_on_the_command_line_are_recorded(data_dir: Path, index: SqlIndex) -> None:
-    capture = AuditCapture(index)
+def test_administrative_changes_on_the_command_line_are_recorded(data_dir: Path, repos: Repositories) -> None:
+    capture = AuditCapture(repos.audit_log)
     data = ("--data", str(data_dir))
     assert (
         run_cli("peer", "add", "CT1", "--host", "127.0.0.1", "--allow", "store", "--tls", "off", *data) == 0
@@ -363,11 +367,11 @@ def test_administrative_changes_on_the_command_line_are_recorded(data_dir: Path,
     assert events[0].outcome_description is not None and "peer add CT1" in events[0].outcome_description
 
 
-def test_with_recording_off_only_the_gap_is_recorded(data_dir: Path, index: SqlIndex) -> None:
+def test_with_recording_off_only_the_gap_is_recorded(data_dir: Path, repos: Repositories) -> None:
     server = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_AUDIT__RECORD": "false"})
     try:
         server.add_peer("MOD", "echo,find")
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         assert c_find(server.port, _find("X"), calling="MOD")[1].Status == 0
         assert capture.events() == []
     finally:

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lxml import etree
 
+from safepacs.app import Repositories, open_repositories
 from safepacs.audit import (
     Action,
     AuditEvent,
@@ -36,7 +37,7 @@ from safepacs.audit import (
 from safepacs.audit.xml import AuditSource
 from safepacs.auth.pki import create_ca, issue_certificate
 from safepacs.config import AuditCollectorSettings, Settings
-from safepacs.db import SqlIndex, migrate
+from safepacs.db.database import migrate
 from safepacs.errors import ConfigError
 from safepacs.runtime.audit_export import Forwarder, check_collectors
 from safepacs.services.audittrail import AuditTrail
@@ -214,17 +215,17 @@ def receiver(pki: Pki) -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> Iterator[SqlIndex]:
+def repos(tmp_path: Path) -> Iterator[Repositories]:
     url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
     migrate(url)
-    ix = SqlIndex(url)
-    yield ix
-    ix.close()
+    repos = open_repositories(url)
+    yield repos
+    repos.close()
 
 
 @pytest.fixture
-def trail(index: SqlIndex, tmp_path: Path) -> AuditTrail:
-    return AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
+def trail(repos: Repositories, tmp_path: Path) -> AuditTrail:
+    return AuditTrail(repos.audit_log, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
 
 
 def event(n: int, outcome: Outcome = Outcome.SUCCESS) -> AuditEvent:
@@ -249,10 +250,10 @@ def collector(port: int, ca_file: Path, name: str = "siem") -> AuditCollectorSet
 
 
 def forwarder(
-    index: SqlIndex, port: int, ca_file: Path, name: str = "siem", signer: Signer | None = None
+    repos: Repositories, port: int, ca_file: Path, name: str = "siem", signer: Signer | None = None
 ) -> Forwarder:
     return Forwarder(
-        index,
+        repos.audit_log,
         collector(port, ca_file, name),
         AuditSource("SAFEPACS", "Hospital"),
         signer=signer or Signer(Ed25519PrivateKey.generate()),
@@ -270,11 +271,11 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def test_every_record_arrives_in_order_as_rfc5424_over_tls(
-    trail: AuditTrail, index: SqlIndex, receiver: Receiver, pki: Pki
+    trail: AuditTrail, repos: Repositories, receiver: Receiver, pki: Pki
 ) -> None:
     trail.record(*(event(n) for n in range(1, 6)))
     trail.record(event(6, Outcome.MINOR_FAILURE))
-    fwd = forwarder(index, receiver.port, pki.ca_file, signer=trail.signer)
+    fwd = forwarder(repos, receiver.port, pki.ca_file, signer=trail.signer)
     try:
         assert fwd.forward() == 6
         assert fwd.forward() == 0  # nothing new: nothing sent again
@@ -282,7 +283,7 @@ def test_every_record_arrives_in_order_as_rfc5424_over_tls(
         fwd.close()
     got = receiver.wait_for(6)
     assert [m.patient for m in got] == [f"P{n}" for n in range(1, 7)]
-    assert index.get_audit_cursor("siem") == 6
+    assert repos.audit_log.get_audit_cursor("siem") == 6
     for n, m in enumerate(got, start=1):
         assert m.pri == (10 * 8 + 5 if n < 6 else 10 * 8 + 4)  # authpriv.notice; authpriv.warning on failure
         assert m.timestamp == (T0 + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -292,7 +293,7 @@ def test_every_record_arrives_in_order_as_rfc5424_over_tls(
     schema = etree.RelaxNG(etree.parse(str(SCHEMA_FILE)))
     assert all(schema.validate(m.xml) for m in got), schema.error_log
     # Each message names its record in the chain; the last of the batch carries the signed head.
-    hashes = [r.hash for r in index.audit_records()]
+    hashes = [r.hash for r in repos.audit_log.audit_records()]
     params = [structured_data(m.sd) for m in got]
     assert [(p["seq"], p["hash"]) for p in params] == [(str(n), hashes[n - 1]) for n in range(1, 7)]
     assert [("sig" in p) for p in params] == [False] * 5 + [True]
@@ -303,26 +304,26 @@ def test_every_record_arrives_in_order_as_rfc5424_over_tls(
 
 
 def test_collector_outage_loses_nothing_and_sends_nothing_twice(
-    trail: AuditTrail, index: SqlIndex, receiver: Receiver, pki: Pki
+    trail: AuditTrail, repos: Repositories, receiver: Receiver, pki: Pki
 ) -> None:
-    fwd = forwarder(index, receiver.port, pki.ca_file)
+    fwd = forwarder(repos, receiver.port, pki.ca_file)
     stop = threading.Event()
     thread = threading.Thread(target=fwd.run, args=(stop, 0.02, 0.1), daemon=True)
     thread.start()
     try:
         trail.record(*(event(n) for n in range(1, 6)))
         receiver.wait_for(5)
-        _eventually(lambda: index.get_audit_cursor("siem") == 5)
+        _eventually(lambda: repos.audit_log.get_audit_cursor("siem") == 5)
 
         receiver.stop()  # the collector goes away; the trail goes on
         for n in range(6, 11):
             trail.record(event(n))
         time.sleep(0.4)  # several attempts fail meanwhile
-        assert index.get_audit_cursor("siem") == 5
+        assert repos.audit_log.get_audit_cursor("siem") == 5
 
         receiver.start()  # same port
         receiver.wait_for(10)
-        _eventually(lambda: index.get_audit_cursor("siem") == 10)
+        _eventually(lambda: repos.audit_log.get_audit_cursor("siem") == 10)
         trail.record(event(11))  # and forwarding goes on on the new connection
         receiver.wait_for(11)
     finally:
@@ -335,13 +336,13 @@ def test_collector_outage_loses_nothing_and_sends_nothing_twice(
 
 
 def test_cursor_is_per_collector_and_resumes_where_it_stopped(
-    trail: AuditTrail, index: SqlIndex, receiver: Receiver, pki: Pki
+    trail: AuditTrail, repos: Repositories, receiver: Receiver, pki: Pki
 ) -> None:
     trail.record(*(event(n) for n in range(1, 4)))
-    index.set_audit_cursor("siem", 2)  # as a previous run left it
+    repos.audit_log.set_audit_cursor("siem", 2)  # as a previous run left it
     fwd, other = (
-        forwarder(index, receiver.port, pki.ca_file),
-        forwarder(index, receiver.port, pki.ca_file, "other"),
+        forwarder(repos, receiver.port, pki.ca_file),
+        forwarder(repos, receiver.port, pki.ca_file, "other"),
     )
     try:
         assert fwd.forward() == 1
@@ -354,25 +355,25 @@ def test_cursor_is_per_collector_and_resumes_where_it_stopped(
 
 
 def test_collector_with_a_certificate_from_another_ca_gets_nothing(
-    trail: AuditTrail, index: SqlIndex, receiver: Receiver, pki: Pki
+    trail: AuditTrail, repos: Repositories, receiver: Receiver, pki: Pki
 ) -> None:
     trail.record(event(1))
-    fwd = forwarder(index, receiver.port, pki.other_ca_file)
+    fwd = forwarder(repos, receiver.port, pki.other_ca_file)
     with pytest.raises(ssl.SSLCertVerificationError):
         fwd.forward()
-    assert index.get_audit_cursor("siem") == 0
+    assert repos.audit_log.get_audit_cursor("siem") == 0
     time.sleep(0.1)
     assert receiver.messages == []
 
 
 def test_unreadable_record_is_forwarded_as_a_security_alert(
-    trail: AuditTrail, index: SqlIndex, receiver: Receiver, pki: Pki
+    trail: AuditTrail, repos: Repositories, receiver: Receiver, pki: Pki
 ) -> None:
     trail.record(*(event(n) for n in range(1, 4)))
-    with index._engine.connect() as c:  # somebody edits the trail behind our back
+    with repos.db.engine.connect() as c:  # somebody edits the trail behind our back
         c.execute(sa.text("UPDATE audit_log SET body = 'not json' WHERE seq = 2"))
         c.commit()
-    fwd = forwarder(index, receiver.port, pki.ca_file)
+    fwd = forwarder(repos, receiver.port, pki.ca_file)
     try:
         assert fwd.forward() == 3
     finally:

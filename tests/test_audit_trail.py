@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from safepacs.app import Repositories, open_repositories
 from safepacs.audit import (
     Action,
     AuditEvent,
@@ -26,13 +27,12 @@ from safepacs.audit import (
 )
 from safepacs.audit.chain import chain_hash, verify_chain
 from safepacs.audit.events import AuditFilter
-from safepacs.db import SqlIndex
 from safepacs.errors import AuditError
 from safepacs.services.audittrail import AuditTrail, MemoryAuditSink, verify_trail
 from tests import test_index as ti
 from tests.conftest import run_cli
 
-db_url, index = ti.db_url, ti.index
+db_url, repos = ti.db_url, ti.repos
 
 
 def event(n: int, *, patient: str = "P1", user: str = "dr.house") -> AuditEvent:
@@ -59,19 +59,19 @@ def test_events_round_trip_through_their_canonical_form() -> None:
 
 
 @pytest.fixture
-def trail(index: SqlIndex, tmp_path: Path) -> AuditTrail:
-    t = AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
+def trail(repos: Repositories, tmp_path: Path) -> AuditTrail:
+    t = AuditTrail(repos.audit_log, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
     for n in range(1, 251, 50):
         t.record(*(event(k, patient="P2" if k % 7 == 0 else "P1") for k in range(n, n + 50)))
     return t
 
 
-def _conn(index: SqlIndex) -> sa.Connection:
-    return index._engine.connect()  # the attacker's direct access to the database
+def _conn(repos: Repositories) -> sa.Connection:
+    return repos.db.engine.connect()  # the attacker's direct access to the database
 
 
-def _edit(index: SqlIndex) -> None:
-    with _conn(index) as c:
+def _edit(repos: Repositories) -> None:
+    with _conn(repos) as c:
         body = c.execute(sa.text("SELECT body FROM audit_log WHERE seq = 50")).scalar_one()
         c.execute(
             sa.text("UPDATE audit_log SET body = :b WHERE seq = 50"),
@@ -80,15 +80,15 @@ def _edit(index: SqlIndex) -> None:
         c.commit()
 
 
-def _delete(index: SqlIndex) -> None:
-    with _conn(index) as c:
+def _delete(repos: Repositories) -> None:
+    with _conn(repos) as c:
         c.execute(sa.text("DELETE FROM audit_refs WHERE seq = 70"))
         c.execute(sa.text("DELETE FROM audit_log WHERE seq = 70"))
         c.commit()
 
 
-def _insert(index: SqlIndex) -> None:
-    with _conn(index) as c:
+def _insert(repos: Repositories) -> None:
+    with _conn(repos) as c:
         prev = c.execute(sa.text("SELECT hash FROM audit_log WHERE seq = 249")).scalar_one()
         last = c.execute(sa.text("SELECT body, prev_hash, hash FROM audit_log WHERE seq = 250")).one()
         # Move the last record up by one and slip a well-formed forged record in before it.
@@ -113,8 +113,8 @@ def _parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
-def _reorder(index: SqlIndex) -> None:
-    with _conn(index) as c:
+def _reorder(repos: Repositories) -> None:
+    with _conn(repos) as c:
         a = c.execute(sa.text("SELECT body FROM audit_log WHERE seq = 30")).scalar_one()
         b = c.execute(sa.text("SELECT body FROM audit_log WHERE seq = 31")).scalar_one()
         c.execute(sa.text("UPDATE audit_log SET body = :b WHERE seq = 30"), {"b": b})
@@ -122,17 +122,17 @@ def _reorder(index: SqlIndex) -> None:
         c.commit()
 
 
-def _truncate(index: SqlIndex) -> None:
-    with _conn(index) as c:
+def _truncate(repos: Repositories) -> None:
+    with _conn(repos) as c:
         c.execute(sa.text("DELETE FROM audit_refs WHERE seq > 150"))
         c.execute(sa.text("DELETE FROM audit_log WHERE seq > 150"))
         c.commit()
 
 
-def _rewrite(index: SqlIndex) -> None:
+def _rewrite(repos: Repositories) -> None:
     """Edit record 10 (and its search key) and recompute every later hash, as an attacker without the
     signing key could."""
-    with _conn(index) as c:
+    with _conn(repos) as c:
         c.execute(sa.text("UPDATE audit_refs SET value = 'nobody' WHERE seq = 10 AND kind = 'user'"))
         rows = c.execute(sa.text("SELECT seq, body FROM audit_log ORDER BY seq")).all()
         prev = "0" * 64
@@ -160,38 +160,42 @@ def _rewrite(index: SqlIndex) -> None:
     ],
 )
 def test_tampering_is_found_and_located(
-    trail: AuditTrail, index: SqlIndex, tamper: Callable[[SqlIndex], None], where: int, words: str
+    trail: AuditTrail, repos: Repositories, tamper: Callable[[Repositories], None], where: int, words: str
 ) -> None:
-    intact = verify_trail(index, trail.signer, trail.head.path)
+    intact = verify_trail(repos.audit_log, trail.signer, trail.head.path)
     assert intact.ok and intact.records == 250 and intact.checkpoints == 2
-    tamper(index)
-    result = verify_trail(index, trail.signer, trail.head.path)
+    tamper(repos)
+    result = verify_trail(repos.audit_log, trail.signer, trail.head.path)
     assert not result.ok
     assert result.first_bad_seq == where
     assert result.problem is not None and words in result.problem
 
 
-def test_an_inserted_record_breaks_the_link_to_the_next(trail: AuditTrail, index: SqlIndex) -> None:
-    _insert(index)
-    result = verify_chain(index.audit_records(limit=1000), index.audit_checkpoints(), trail.signer.public_key)
+def test_an_inserted_record_breaks_the_link_to_the_next(trail: AuditTrail, repos: Repositories) -> None:
+    _insert(repos)
+    result = verify_chain(
+        repos.audit_log.audit_records(limit=1000),
+        repos.audit_log.audit_checkpoints(),
+        trail.signer.public_key,
+    )
     assert (result.ok, result.first_bad_seq) == (False, 251)
     assert result.problem is not None and "does not follow" in result.problem
 
 
-def test_search_by_patient_study_user_and_time(trail: AuditTrail, index: SqlIndex) -> None:
-    p2 = index.search_audit(AuditFilter(patient_id="P2"))
+def test_search_by_patient_study_user_and_time(trail: AuditTrail, repos: Repositories) -> None:
+    p2 = repos.audit_log.search_audit(AuditFilter(patient_id="P2"))
     assert [r.seq for r in p2] == [k for k in range(1, 251) if k % 7 == 0]
-    assert [r.seq for r in index.search_audit(AuditFilter(study_uid="1.2.3.42"))] == [42]
-    assert len(index.search_audit(AuditFilter(user="dr.house"))) == 250
-    assert index.search_audit(AuditFilter(user="SAFEPACS")) == []  # not a requestor
+    assert [r.seq for r in repos.audit_log.search_audit(AuditFilter(study_uid="1.2.3.42"))] == [42]
+    assert len(repos.audit_log.search_audit(AuditFilter(user="dr.house"))) == 250
+    assert repos.audit_log.search_audit(AuditFilter(user="SAFEPACS")) == []  # not a requestor
     since = datetime.now(UTC) - timedelta(minutes=5)
-    assert len(index.search_audit(AuditFilter(patient_id="P1", since=since))) == 250 - len(p2)
-    assert index.search_audit(AuditFilter(until=since)) == []
+    assert len(repos.audit_log.search_audit(AuditFilter(patient_id="P1", since=since))) == 250 - len(p2)
+    assert repos.audit_log.search_audit(AuditFilter(until=since)) == []
 
 
 def test_a_broken_store_fails_closed(tmp_path: Path) -> None:
     broken = AuditTrail(
-        SqlIndex(f"sqlite:///{tmp_path / 'unmigrated.sqlite3'}"),
+        open_repositories(f"sqlite:///{tmp_path / 'unmigrated.sqlite3'}").audit_log,
         Signer.load_or_create(tmp_path),
         tmp_path / "audit-head",
     )
@@ -209,12 +213,14 @@ def test_cli_verify_query_and_report(data_dir: Path, capsys: pytest.CaptureFixtu
     from safepacs.config import load_settings
 
     settings = load_settings(data_dir)
-    ix = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
-        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+        trail = AuditTrail(
+            repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file
+        )
         trail.record(event(1), event(2, patient="P9"))
     finally:
-        ix.close()
+        repos.close()
     assert run_cli("audit", "verify", "--data", str(data_dir)) == 0
     assert "Audit trail intact: 2 records" in capsys.readouterr().err
     assert run_cli("audit", "query", "--patient", "P9", "--format", "json", "--data", str(data_dir)) == 0
@@ -272,14 +278,14 @@ def test_auditors_read_the_trail_over_https(data_dir: Path, capsys: pytest.Captu
 
 
 def test_reads_recorded_without_waiting_for_the_sync_join_the_same_chain(
-    index: SqlIndex, tmp_path: Path
+    repos: Repositories, tmp_path: Path
 ) -> None:
-    trail = AuditTrail(index, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
+    trail = AuditTrail(repos.audit_log, Signer.load_or_create(tmp_path), tmp_path / "audit-head")
     for k in range(1, 7):
         trail.record(event(k), durable=k % 2 == 1)  # a store, a query, a store, ...
-    result = verify_trail(index, trail.signer, trail.head.path)
+    result = verify_trail(repos.audit_log, trail.signer, trail.head.path)
     assert result.ok and result.records == 6
-    assert [from_canonical(r.body).study_uids for r in index.audit_records()] == [
+    assert [from_canonical(r.body).study_uids for r in repos.audit_log.audit_records()] == [
         (f"1.2.3.{k}",) for k in range(1, 7)
     ]
 
@@ -288,18 +294,20 @@ def test_a_read_record_is_synced_to_disk_within_a_second(data_dir: Path) -> None
     from safepacs.config import load_settings
 
     settings = load_settings(data_dir)
-    ix = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
-        trail = AuditTrail(ix, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+        trail = AuditTrail(
+            repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file
+        )
         trail.record(event(1), durable=False)
-        sync = ix._relaxed  # the SQLite writer without a sync per commit, and its WAL-sync thread
+        sync = repos.db._relaxed  # the SQLite writer without a sync per commit, and its WAL-sync thread
         assert sync is not None and sync._pending.is_set()
         deadline = time.monotonic() + 1.5
         while sync._pending.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not sync._pending.is_set()  # the thread fsynced the WAL
         trail.record(event(2))  # a synced record: the normal writer
-        assert [r.seq for r in ix.audit_records()] == [1, 2]
+        assert [r.seq for r in repos.audit_log.audit_records()] == [1, 2]
     finally:
-        ix.close()
-    assert ix._relaxed is None
+        repos.close()
+    assert repos.db._relaxed is None

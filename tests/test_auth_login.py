@@ -72,7 +72,7 @@ def test_login_opens_a_session_with_a_strict_host_cookie(app: tuple[AppClient, A
     assert value.startswith(f"{COOKIE}=") and len(value) == len(COOKIE) + 1 + 43
     assert sorted(attributes) == ["HttpOnly", "Path=/", "SameSite=Strict", "Secure"]
     # The server keeps only hashes of the cookie and of the CSRF token.
-    stored = archive.index.list_sessions("alice")
+    stored = archive.directory.list_sessions("alice")
     assert len(stored) == 1
     cookie = _cookie(r)
     assert stored[0].id_sha256 == hashlib.sha256(cookie.encode()).hexdigest()
@@ -96,7 +96,7 @@ def test_unknown_user_wrong_password_disabled_user_answer_alike(app: tuple[AppCl
     client, archive = app
     add_user(archive, "alice", "radiologist")
     add_user(archive, "bob", "radiologist")
-    archive.index.update_user("bob", disabled=True)
+    archive.directory.update_user("bob", disabled=True)
     answers = [
         _login(client, "alice", "wrong password!"),
         _login(client, "nobody"),
@@ -120,17 +120,17 @@ def test_lockout_after_consecutive_failures(app: tuple[AppClient, Archive], data
     for _ in range(4):
         assert _login(client, "alice", "wrong password!").status_code == 401
     assert _login(client, "alice").status_code == 200
-    state = archive.index.get_login_state("alice")
+    state = archive.directory.get_login_state("alice")
     assert state is not None and state.failed_logins == 0
     # Five consecutive failures (auth.max_failed_logins) lock the account...
     wrong = [_login(client, "alice", "wrong password!") for _ in range(5)]
-    state = archive.index.get_login_state("alice")
+    state = archive.directory.get_login_state("alice")
     assert state is not None and state.locked_until is not None
     assert state.locked_until - dt.datetime.now(dt.UTC) > dt.timedelta(minutes=14)
     # ...and the right password is refused with the very same answer while it lasts.
     locked = _login(client, "alice")
     assert locked.status_code == 401 and locked.text == wrong[0].text
-    assert archive.index.get_login_state("alice").locked_until == state.locked_until  # type: ignore[union-attr]
+    assert archive.directory.get_login_state("alice").locked_until == state.locked_until  # type: ignore[union-attr]
     assert _login(client, "carol").status_code == 200  # other accounts are not affected
     # When the lock has run out, the right password works and clears it.
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
@@ -158,7 +158,7 @@ def test_totp_is_required_for_admins_and_codes_are_not_replayable(
     assert "secret=" not in out.err
     secret = _secret(uri)
     encoded = base64.b32encode(secret).decode().rstrip("=")
-    stored = archive.index.get_login_state("admin")
+    stored = archive.directory.get_login_state("admin")
     assert stored is not None and stored.totp_secret is not None
     assert encoded not in stored.totp_secret and secret not in base64.b64decode(stored.totp_secret)
 
@@ -234,7 +234,7 @@ def test_state_changing_requests_by_cookie_need_the_csrf_token(
         assert r.status_code == 403, r.text
         assert "X-CSRF-Token" in r.json()["detail"]
         assert client.delete("/api/session", headers=headers).status_code == 403
-    assert archive.index.count_instances() == 0
+    assert archive.instances.count_instances() == 0
     # Another session's CSRF token does not fit this one.
     other = _login(client, "alice")
     crossed = {**cookie_only, "X-CSRF-Token": other.json()["csrf_token"]}
@@ -247,7 +247,7 @@ def test_state_changing_requests_by_cookie_need_the_csrf_token(
         "/dicomweb/studies", content=body, headers={**_session_headers(login), "Content-Type": ctype}
     )
     assert r.status_code == 200, r.text
-    assert archive.index.count_instances() == 1
+    assert archive.instances.count_instances() == 1
     # A bearer token needs no CSRF token (a browser never sends one by itself).
     assert run_cli("token", "create", "--user", "alice", "--data", str(data_dir)) == 0
     token = capsys.readouterr().out.strip()
@@ -268,7 +268,7 @@ def test_logout_revokes_the_session_on_the_server(app: tuple[AppClient, Archive]
     r = client.delete("/api/session", headers=headers)
     assert r.status_code == 204
     assert "Max-Age=0" in r.headers["set-cookie"] and r.headers["set-cookie"].startswith(f"{COOKIE}=;")
-    assert archive.index.list_sessions("alice")[0].revoked_at is not None
+    assert archive.directory.list_sessions("alice")[0].revoked_at is not None
     # The old cookie (say, kept by an attacker) is worthless now.
     assert client.get("/api/session", headers=headers).status_code == 401
     assert client.get("/dicomweb/studies", headers=headers).status_code == 401
@@ -294,19 +294,19 @@ def test_idle_and_old_sessions_end(app: tuple[AppClient, Archive], data_dir: Pat
         assert 'error="invalid_token"' in r.headers["www-authenticate"]
     assert client.get("/api/session", headers=_session_headers(fresh, csrf=False)).status_code == 200
     # Disabling a user ends their sessions.
-    assert archive.index.update_user("alice", disabled=True) is None
+    assert archive.directory.update_user("alice", disabled=True) is None
     assert client.get("/api/session", headers=_session_headers(fresh, csrf=False)).status_code == 401
 
 
 def test_a_session_over_real_tls(data_dir: Path) -> None:
+    from safepacs.app import open_repositories
     from safepacs.auth.passwords import hash_password
-    from safepacs.db import SqlIndex
 
-    index = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{data_dir / 'index.sqlite3'}")
     try:
-        index.add_user("erin", hash_password(PASSWORD), frozenset({"radiologist"}))
+        repos.directory.add_user("erin", hash_password(PASSWORD), frozenset({"radiologist"}))
     finally:
-        index.close()
+        repos.close()
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:
         verify = ssl.create_default_context(cafile=str(srv.ca_file))
@@ -329,7 +329,8 @@ def test_a_session_over_real_tls(data_dir: Path) -> None:
 # The index side, on SQLite and PostgreSQL -------------------------------------------------------------
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def login_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    from safepacs.db import SqlIndex, migrate
+    from safepacs.app import open_repositories
+    from safepacs.db.database import migrate
 
     url = (
         f"sqlite:///{tmp_path / 'index.sqlite3'}"
@@ -337,61 +338,73 @@ def login_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]
         else str(request.getfixturevalue("postgres_url"))
     )
     migrate(url)
-    index = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        yield index
+        yield repos
     finally:
-        index.close()
+        repos.close()
 
 
 def test_login_counters_totp_steps_and_sessions_in_the_index(login_index: Any) -> None:
     from safepacs.errors import NotFoundError
     from safepacs.records import SessionRecord
 
-    ix = login_index
-    ix.add_user("alice", "h", frozenset({"radiologist"}))
+    repos = login_index
+    repos.directory.add_user("alice", "h", frozenset({"radiologist"}))
     now = dt.datetime.now(dt.UTC)
     lock = dt.timedelta(minutes=15)
-    assert ix.get_login_state("nobody") is None
-    assert ix.record_failed_login("nobody", limit=2, lock_for=lock, now=now) is False
-    assert ix.record_failed_login("alice", limit=2, lock_for=lock, now=now) is False
-    assert ix.record_failed_login("alice", limit=2, lock_for=lock, now=now) is True
-    state = ix.get_login_state("alice")
+    assert repos.directory.get_login_state("nobody") is None
+    assert repos.directory.record_failed_login("nobody", limit=2, lock_for=lock, now=now) is False
+    assert repos.directory.record_failed_login("alice", limit=2, lock_for=lock, now=now) is False
+    assert repos.directory.record_failed_login("alice", limit=2, lock_for=lock, now=now) is True
+    state = repos.directory.get_login_state("alice")
     assert state.failed_logins == 0 and state.locked_until == now + lock
     # Failures while locked are not counted and do not move the lock.
-    assert ix.record_failed_login("alice", limit=2, lock_for=lock, now=now + dt.timedelta(minutes=1)) is True
-    assert ix.get_login_state("alice") == state
+    assert (
+        repos.directory.record_failed_login(
+            "alice", limit=2, lock_for=lock, now=now + dt.timedelta(minutes=1)
+        )
+        is True
+    )
+    assert repos.directory.get_login_state("alice") == state
     # After the lock, counting starts again; a success clears everything.
     later = now + lock + dt.timedelta(seconds=1)
-    assert ix.record_failed_login("alice", limit=2, lock_for=lock, now=later) is False
-    assert ix.get_login_state("alice").failed_logins == 1
-    ix.record_login("alice")
-    assert ix.get_login_state("alice").failed_logins == 0 and ix.get_login_state("alice").locked_until is None
+    assert repos.directory.record_failed_login("alice", limit=2, lock_for=lock, now=later) is False
+    assert repos.directory.get_login_state("alice").failed_logins == 1
+    repos.directory.record_login("alice")
+    assert (
+        repos.directory.get_login_state("alice").failed_logins == 0
+        and repos.directory.get_login_state("alice").locked_until is None
+    )
 
     # TOTP: a step is accepted once, and never one older than the last accepted.
     with pytest.raises(NotFoundError):
-        ix.set_totp_secret("nobody", "sealed")
-    ix.set_totp_secret("alice", "sealed")
-    assert ix.get_login_state("alice").totp_secret == "sealed"
-    assert ix.claim_totp_step("alice", 100) is True
-    assert ix.claim_totp_step("alice", 100) is False
-    assert ix.claim_totp_step("alice", 99) is False
-    assert ix.claim_totp_step("alice", 101) is True
-    ix.set_totp_secret("alice", None)  # re-enrolment starts a new history
-    assert ix.get_login_state("alice").totp_secret is None
-    assert ix.claim_totp_step("alice", 50) is True
+        repos.directory.set_totp_secret("nobody", "sealed")
+    repos.directory.set_totp_secret("alice", "sealed")
+    assert repos.directory.get_login_state("alice").totp_secret == "sealed"
+    assert repos.directory.claim_totp_step("alice", 100) is True
+    assert repos.directory.claim_totp_step("alice", 100) is False
+    assert repos.directory.claim_totp_step("alice", 99) is False
+    assert repos.directory.claim_totp_step("alice", 101) is True
+    repos.directory.set_totp_secret("alice", None)  # re-enrolment starts a new history
+    assert repos.directory.get_login_state("alice").totp_secret is None
+    assert repos.directory.claim_totp_step("alice", 50) is True
 
     # Sessions.
     record = SessionRecord("a" * 64, "alice", "c" * 64, now, now, now + dt.timedelta(hours=12), None)
-    ix.add_session(record)
-    assert ix.get_session("a" * 64) == record
-    ix.touch_session("a" * 64, now + dt.timedelta(minutes=5))
-    assert ix.get_session("a" * 64).last_seen_at == now + dt.timedelta(minutes=5)
-    assert ix.revoke_session("a" * 64, now) is True
-    assert ix.revoke_session("a" * 64, now) is False
-    ix.add_session(SessionRecord("b" * 64, "alice", "c" * 64, now, now, now + dt.timedelta(hours=1), None))
-    assert ix.revoke_user_sessions("alice", now) == 1
+    repos.directory.add_session(record)
+    assert repos.directory.get_session("a" * 64) == record
+    repos.directory.touch_session("a" * 64, now + dt.timedelta(minutes=5))
+    assert repos.directory.get_session("a" * 64).last_seen_at == now + dt.timedelta(minutes=5)
+    assert repos.directory.revoke_session("a" * 64, now) is True
+    assert repos.directory.revoke_session("a" * 64, now) is False
+    repos.directory.add_session(
+        SessionRecord("b" * 64, "alice", "c" * 64, now, now, now + dt.timedelta(hours=1), None)
+    )
+    assert repos.directory.revoke_user_sessions("alice", now) == 1
     # Sessions that ended over a day ago are forgotten at the user's next login.
     next_week = now + dt.timedelta(days=7)
-    ix.add_session(SessionRecord("d" * 64, "alice", "c" * 64, next_week, next_week, next_week, None))
-    assert [s.id_sha256 for s in ix.list_sessions("alice")] == ["d" * 64]
+    repos.directory.add_session(
+        SessionRecord("d" * 64, "alice", "c" * 64, next_week, next_week, next_week, None)
+    )
+    assert [s.id_sha256 for s in repos.directory.list_sessions("alice")] == ["d" * 64]

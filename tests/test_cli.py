@@ -13,8 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from safepacs.app import open_repositories
 from safepacs.config import load_settings
-from safepacs.db import SqlIndex
 from tests.conftest import run_cli
 from tests.corpus import make_ct
 
@@ -39,12 +39,12 @@ def test_init_creates_a_private_data_directory(tmp_path: Path, capsys: pytest.Ca
     for key in ("ae_title", "dicom_port", "max_results", "overwrite"):
         assert f"\n{key} = " in toml
     assert '\n# url = "postgresql' in toml  # left out: the SQLite index in the data directory
-    index = SqlIndex(load_settings(data).index_url)
+    repos = open_repositories(load_settings(data).index_url)
     try:
-        admin = index.get_user("admin")
+        admin = repos.directory.get_user("admin")
         assert admin is not None and "admin" in admin.roles and password not in admin.password_hash
     finally:
-        index.close()
+        repos.close()
 
 
 def test_init_refuses_an_existing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,11 +147,11 @@ def test_import_stores_files_and_reports_rejections(
     # Importing the same files again: already present, nothing changes.
     assert run_cli("import", str(src / "0.dcm"), str(src / "1.dcm"), "--data", str(data_dir)) == 0
     assert "2 already present" in capsys.readouterr().err
-    index = SqlIndex(load_settings(data_dir).index_url)
+    repos = open_repositories(load_settings(data_dir).index_url)
     try:
-        assert index.count_instances() == 3
+        assert repos.instances.count_instances() == 3
     finally:
-        index.close()
+        repos.close()
 
 
 def test_stored_objects_are_encrypted_and_named_randomly(data_dir: Path, tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_stored_objects_are_encrypted_and_named_randomly(data_dir: Path, tmp_pat
 
     archive = open_archive(load_settings(data_dir))
     try:
-        ref = archive.index.get_instance(str(ds.SOPInstanceUID))
+        ref = archive.instances.get_instance(str(ds.SOPInstanceUID))
         assert ref is not None
         part10 = archive.retrieve.read(ref)
     finally:
@@ -188,7 +188,7 @@ def test_an_index_that_cannot_be_synced_refuses_the_file_but_loses_nothing(
     the object its committed row refers to stays, so sending it again finds it complete."""
     import errno
 
-    import safepacs.db as index_module
+    import safepacs.db.database as index_module
     from safepacs.app import open_archive
 
     ds = make_ct(patient_id="SYNC-1")
@@ -205,7 +205,7 @@ def test_an_index_that_cannot_be_synced_refuses_the_file_but_loses_nothing(
     assert "1 already present" in capsys.readouterr().err
     archive = open_archive(load_settings(data_dir))
     try:
-        ref = archive.index.get_instance(str(ds.SOPInstanceUID))
+        ref = archive.instances.get_instance(str(ds.SOPInstanceUID))
         assert ref is not None
         back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(archive.retrieve.read(ref)))
     finally:
@@ -230,7 +230,7 @@ def test_import_of_other_content_keeps_or_replaces_per_setting(
     def stored_name() -> str:
         archive = open_archive(load_settings(data_dir))
         try:
-            ref = archive.index.get_instance(str(first.SOPInstanceUID))
+            ref = archive.instances.get_instance(str(first.SOPInstanceUID))
             assert ref is not None
             return str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(archive.retrieve.read(ref))).PatientName)
         finally:

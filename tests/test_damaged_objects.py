@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import CTImageStorage
 
+from safepacs.app import Repositories
 from safepacs.audit.events import AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from safepacs.db import SqlIndex
 from tests.audit_capture import AuditCapture
 from tests.conftest import Server, dcmtk, run_cli
 from tests.corpus import make_ct
@@ -137,7 +137,7 @@ def _part_uids(body: bytes) -> list[str]:
 def test_wado_rs_answers_an_error_for_a_damaged_object_and_records_it(
     srv: Server,
     tmp_path: Path,
-    index: SqlIndex,
+    repos: Repositories,
     capsys: pytest.CaptureFixture[str],
     schema: etree.RelaxNG,  # noqa: F811 - the fixture
 ) -> None:
@@ -147,7 +147,7 @@ def test_wado_rs_answers_an_error_for_a_damaged_object_and_records_it(
     base = f"/dicomweb/studies/{study}/series/{series}/instances"
     with _client(srv, token) as client:
         # Instance level: a 500 problem before any part, and no transfer recorded as done.
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         r = client.get(f"{base}/{second.SOPInstanceUID}", headers={"Accept": DICOM_ACCEPT})
         assert r.status_code == 500
         assert r.headers["content-type"] == "application/problem+json"
@@ -206,12 +206,12 @@ def test_wado_rs_answers_an_error_for_a_damaged_object_and_records_it(
 
 
 def test_c_get_of_a_study_with_a_damaged_object_fails_that_one_and_releases_cleanly(
-    srv: Server, tmp_path: Path, index: SqlIndex
+    srv: Server, tmp_path: Path, repos: Repositories
 ) -> None:
     study, _, (first, second, third) = _study(srv, tmp_path)
     _damage(srv, second)
     srv.add_peer("VIEWER", "echo,find,get,move")
-    capture = AuditCapture(index)
+    capture = AuditCapture(repos.audit_log)
     out = tmp_path / "get"
     out.mkdir()
     got = dcmtk(
@@ -256,7 +256,7 @@ def test_c_get_of_a_study_with_a_damaged_object_fails_that_one_and_releases_clea
 
 
 def test_c_move_of_a_study_with_a_damaged_object_moves_the_others_and_records_it(
-    srv: Server, tmp_path: Path, index: SqlIndex
+    srv: Server, tmp_path: Path, repos: Repositories
 ) -> None:
     study, _, (first, second, third) = _study(srv, tmp_path)
     _damage(srv, first)
@@ -267,7 +267,7 @@ def test_c_move_of_a_study_with_a_damaged_object_moves_the_others_and_records_it
     srv.add_peer("ARCHIVE2", "echo", port=scp_port)
     moved = tmp_path / "moved"
     moved.mkdir()
-    capture = AuditCapture(index)
+    capture = AuditCapture(repos.audit_log)
     scp = subprocess.Popen(
         ["storescp", "-aet", "ARCHIVE2", "-od", str(moved), str(scp_port)],
         stdout=subprocess.DEVNULL,
@@ -301,7 +301,7 @@ def test_c_move_of_a_study_with_a_damaged_object_moves_the_others_and_records_it
 def test_an_object_missing_from_the_store_is_an_integrity_failure_recorded_as_such(
     srv: Server,
     tmp_path: Path,
-    index: SqlIndex,
+    repos: Repositories,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The index names an object that is no longer on disk (deleted by someone with access to the object
@@ -318,7 +318,7 @@ def test_an_object_missing_from_the_store_is_an_integrity_failure_recorded_as_su
     token = _token(srv, capsys)
     base = f"/dicomweb/studies/{study}/series/{series}/instances"
     with _client(srv, token) as client:
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         r = client.get(f"{base}/{second.SOPInstanceUID}", headers={"Accept": DICOM_ACCEPT})
         assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
         alert, _failed = _assert_recorded_as_damaged(capture.events(), second, EventID.INSTANCES_TRANSFERRED)

@@ -363,8 +363,8 @@ def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
     """An object whose SOP Instance UID is stored with other content is a failure for the sender (0xC111,
     "Error: Cannot understand" class; storescu exits non-zero and keeps it), not the misleading warning
     0xB006 "Elements Discarded"; the stored object is unchanged and the audit trail names what arrived."""
+    from safepacs.app import open_repositories
     from safepacs.audit import EventID, ObjectKind, Outcome
-    from safepacs.db import SqlIndex
     from tests.audit_capture import AuditCapture
 
     server.add_peer("CT1", "store")
@@ -375,9 +375,9 @@ def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
     store = ("storescu", "-v", "-aet", "CT1", "-aec", "SAFEPACS", server.host, str(server.port))
     assert dcmtk(*store, str(first)).returncode == 0
     assert dcmtk(*store, str(first)).returncode == 0  # the same bytes again: success
-    index = SqlIndex(f"sqlite:///{server.data / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{server.data / 'index.sqlite3'}")
     try:
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         result = dcmtk(*store, str(second))
         assert result.returncode != 0, result.stderr  # DCMTK reports the failure in its exit code
         assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
@@ -389,10 +389,10 @@ def test_dcmtk_storescu_is_told_an_instance_with_other_content_was_not_stored(
         detail = dict(study.detail)
         assert detail["SOP Instance UID"] == original.SOPInstanceUID
         assert detail["Received SHA-256"] != detail["Stored SHA-256"]
-        stored = index.get_instance(str(original.SOPInstanceUID))
+        stored = repos.instances.get_instance(str(original.SOPInstanceUID))
         assert stored is not None and stored.blob.sha256 == detail["Stored SHA-256"]
     finally:
-        index.close()
+        repos.close()
     deadline = time.monotonic() + 10  # the server's log is read by a thread of the test
     while "its SOP Instance UID is stored with other content" not in server.stderr_text():
         assert time.monotonic() < deadline, server.stderr_text()
@@ -606,11 +606,11 @@ def test_the_archive_on_postgresql(data_dir: Path, tmp_path: Path, postgres_url:
         assert {data for _, data in received.values()} == {_dataset_bytes(p) for p in paths}
     finally:
         srv.stop()
-    from safepacs.db import SqlIndex
+    from safepacs.app import open_repositories
 
-    local = SqlIndex(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    local = open_repositories(f"sqlite:///{data_dir / 'index.sqlite3'}")
     try:
-        assert local.count_instances() == 0  # everything went to PostgreSQL
+        assert local.instances.count_instances() == 0  # everything went to PostgreSQL
     finally:
         local.close()
 

@@ -25,11 +25,12 @@ from pynetdicom import build_context, build_role, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from safepacs.app import open_repositories
 from safepacs.audit import EventID, Outcome
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certificate
 from safepacs.cli.commands.serve import plain_peer_warning
-from safepacs.db import SqlIndex, migrate
+from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode
 from tests.audit_capture import AuditCapture
@@ -115,11 +116,11 @@ def handshake_refused(srv: Server, ctx: ssl.SSLContext) -> bool:
 
 
 def add_user(srv: Server, name: str, roles: str) -> None:
-    index = SqlIndex(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
+    repos = open_repositories(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
     try:
-        index.add_user(name, hash_password(PASSWORD), frozenset(roles.split(",")))
+        repos.directory.add_user(name, hash_password(PASSWORD), frozenset(roles.split(",")))
     finally:
-        index.close()
+        repos.close()
 
 
 def wait_for_log(srv: Server, text: str, timeout: float = 5.0) -> str:
@@ -375,7 +376,7 @@ def test_existing_peers_keep_plain_dicom_after_the_migration(tmp_path: Path) -> 
     from alembic import command
     from alembic.config import Config
 
-    import safepacs.db as index_module
+    import safepacs.db.database as index_module
 
     url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     config = Config()
@@ -392,24 +393,24 @@ def test_existing_peers_keep_plain_dicom_after_the_migration(tmp_path: Path) -> 
         )
     engine.dispose()
     migrate(url)
-    index = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        old = index.get_peer("OLDCT")
+        old = repos.directory.get_peer("OLDCT")
         assert old is not None and old.tls is TlsMode.OFF and old.user_identity is UserIdentityMode.NONE
-        index.add_peer(Peer("NEWCT", "10.0.0.6", None, frozenset({Service.STORE})))
-        new = index.get_peer("NEWCT")
+        repos.directory.add_peer(Peer("NEWCT", "10.0.0.6", None, frozenset({Service.STORE})))
+        new = repos.directory.get_peer("NEWCT")
         assert new is not None and new.tls is TlsMode.REQUIRED
-        with index._engine.begin() as conn:
+        with repos.db.engine.begin() as conn:
             conn.execute(
                 sa.text(
                     "INSERT INTO peers (ae_title, host, allow, created_at) "
                     "VALUES ('RAW', '10.0.0.7', 'echo', '2025-01-01 00:00:00')"
                 )
             )
-        raw = index.get_peer("RAW")
+        raw = repos.directory.get_peer("RAW")
         assert raw is not None and raw.tls is TlsMode.REQUIRED  # the column's default for new rows
     finally:
-        index.close()
+        repos.close()
 
 
 def test_posture_warning_names_the_plain_peers() -> None:
@@ -490,14 +491,14 @@ def test_dcmtk_storescu_with_username_and_password(
 
     # The audit trail has what the handshake and the user identity proved, for each association.
     fingerprint = certificate_fingerprint((ct1 / "cert.pem").read_bytes())
-    index = SqlIndex(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
+    repos = open_repositories(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
     try:
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         capture.start = 0
         nodes = capture.events(EventID.SECURITY_ALERT, "110126")
         stored = capture.events(EventID.INSTANCES_ACCESSED)
     finally:
-        index.close()
+        repos.close()
     accepted, wrong_password, anonymous = nodes
     assert [e.outcome for e in nodes] == [Outcome.SUCCESS, Outcome.MINOR_FAILURE, Outcome.MINOR_FAILURE]
     for event in nodes:

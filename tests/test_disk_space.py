@@ -19,9 +19,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from safepacs.app import initialize
+from safepacs.app import Repositories, initialize, open_repositories
 from safepacs.audit.events import Action, AuditEvent, EventID, Outcome
-from safepacs.db import SqlIndex
 from tests.audit_capture import AuditCapture
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
@@ -73,7 +72,7 @@ def _queries(capture: AuditCapture, count: int) -> list[AuditEvent]:
 
 def test_below_the_low_water_mark_stores_are_refused_and_reads_go_on(
     data_dir: Path,
-    index: SqlIndex,
+    repos: Repositories,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -87,7 +86,7 @@ def test_below_the_low_water_mark_stores_are_refused_and_reads_go_on(
     try:
         srv.add_peer("CT1", "store")
         srv.add_peer("VIEWER", "find,get")
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         # C-STORE: each instance refused A700 "Refused: Out of Resources" (PS3.4 B.2.3), saying why.
         with associate(srv.port, [build_context(CTImageStorage)], calling="CT1") as assoc:
             for _ in range(3):
@@ -142,7 +141,10 @@ def test_below_the_low_water_mark_stores_are_refused_and_reads_go_on(
     assert "safepacs: import stopped, 2 files not imported: refused: the disk has less free space" in err
     assert len(_store_refusals(capture.events())) == 1
     # Nothing refused was stored: the one instance is the one imported before the mark.
-    assert index.count_instances() == 1 and index.get_instance(stored.SOPInstanceUID) is not None
+    assert (
+        repos.instances.count_instances() == 1
+        and repos.instances.get_instance(stored.SOPInstanceUID) is not None
+    )
     assert run_cli("doctor", "--data", str(data_dir), "--no-network", "--format", "json") == 1
     report = json.loads(capsys.readouterr().out)
     (full,) = [f for f in report["findings"] if f["check"] == "config.disk-full"]
@@ -203,12 +205,12 @@ def test_a_full_disk_releases_the_audit_reserve_and_reads_go_on(
     token = _token(data, "rad", "radiologist", capsys)
     reserve = data / "index.sqlite3-audit-reserve"
     srv = start_server(data, env=settings)
-    index = SqlIndex(f"sqlite:///{data / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{data / 'index.sqlite3'}")
     try:
         assert reserve.stat().st_size == 8 << 20  # serve reserved it at start
         srv.add_peer("CT1", "store")
         srv.add_peer("VIEWER", "find")
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         # The disk fills up (another program; a log).  The index's write-ahead log is emptied first,
         # so that the next record needs new blocks rather than reusing the log's.
         with closing(sqlite3.connect(data / "index.sqlite3")) as db:
@@ -236,7 +238,7 @@ def test_a_full_disk_releases_the_audit_reserve_and_reads_go_on(
         assert reserve.stat().st_size == 8 << 20  # refilled before that store
     finally:
         srv.stop()
-        index.close()
+        repos.close()
     assert [q.outcome for q in queries] == [Outcome.SUCCESS, Outcome.SUCCESS]  # C-FIND, QIDO-RS
     assert "the space reserved for the audit trail was released" in log
     checks = {f["check"]: f["severity"] for f in report["findings"]}

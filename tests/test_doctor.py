@@ -180,16 +180,16 @@ def test_doctor_reads_the_index_without_changing_it(
 @pytest.mark.postgres
 def test_doctor_opens_postgresql_read_only(postgres_url: str) -> None:
     """On PostgreSQL the doctor's connection refuses writes, whatever code would try one."""
-    from safepacs.cli.commands.doctor import _read_only_index
-    from safepacs.db import migrate
+    from safepacs.cli.commands.doctor import _read_only_repositories
+    from safepacs.db.database import migrate
     from safepacs.errors import IndexError_
     from safepacs.types import Peer, Service
 
     migrate(postgres_url)
-    index = _read_only_index(postgres_url)
+    repos = _read_only_repositories(postgres_url)
     try:
-        assert index.list_peers() == []  # reads work, in the test's own schema (options kept)
+        assert repos.directory.list_peers() == []  # reads work, in the test's own schema (options kept)
         with pytest.raises(IndexError_):
-            index.add_peer(Peer("CT1", "127.0.0.1", 104, frozenset({Service.STORE})))
+            repos.directory.add_peer(Peer("CT1", "127.0.0.1", 104, frozenset({Service.STORE})))
     finally:
-        index.close()
+        repos.close()

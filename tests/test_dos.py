@@ -36,9 +36,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 import safepacs
+from safepacs.app import open_repositories
 from safepacs.audit import EventID
 from safepacs.config import load_settings
-from safepacs.db import SqlIndex
 from safepacs.errors import ConfigError
 from tests.audit_capture import AuditCapture
 from tests.conftest import Server, start_server
@@ -138,13 +138,13 @@ def echo_as(srv: Server, calling: str, port: int, **kwargs: Any) -> float:
 
 def node_refusals(srv: Server) -> list[Any]:
     """Node Authentication failures in the audit trail (rejected associations, dropped connections)."""
-    index = SqlIndex(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
+    repos = open_repositories(f"sqlite:///{(srv.data / 'index.sqlite3').resolve()}")
     try:
-        capture = AuditCapture(index)
+        capture = AuditCapture(repos.audit_log)
         capture.start = 0
         return [e for e in capture.events(EventID.SECURITY_ALERT, "110126") if e.outcome_description]
     finally:
-        index.close()
+        repos.close()
 
 
 class Stranger:

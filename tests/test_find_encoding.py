@@ -19,9 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import build_context, evt
 from pynetdicom.dsutils import decode, encode
 
-from safepacs.app import open_archive
+from safepacs.app import Repositories, open_archive
 from safepacs.config import load_settings
-from safepacs.db import SqlIndex, sql
+from safepacs.db import sql
 from safepacs.dicom import attributes as A
 from safepacs.dicom import dicombytes as B
 from safepacs.protocols.dimse.contexts import (
@@ -37,27 +37,29 @@ from tests.dicom_client import associate
 from tests.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, item, query
 
 # The index fixtures of test_index: SQLite, and PostgreSQL when SAFEPACS_TEST_POSTGRES is set.
-db_url, index, archive = ti.db_url, ti.index, ti.archive
+db_url, repos, archive = ti.db_url, ti.repos, ti.archive
 
 RETRIEVE_AE_TITLE = 0x00080054
 AE = "SAFEPACS"
 
 
 def reference(
-    ix: SqlIndex, model: QueryModel, level: QueryLevel, ident: Dataset, implicit: bool
+    repos: Repositories, model: QueryModel, level: QueryLevel, ident: Dataset, implicit: bool
 ) -> list[Any]:
     """The old path: the data sets, RetrieveAETitle set as the query service sets it, then encoded as
     pynetdicom encodes a pending response's identifier."""
-    found = ix.find(model, level, ident, None)
+    found = repos.instances.find(model, level, ident, None)
     if "RetrieveAETitle" in ident:
         for ds in found:
             ds.RetrieveAETitle = AE
     return [encode(ds, implicit, True) for ds in found]
 
 
-def ours(ix: SqlIndex, model: QueryModel, level: QueryLevel, ident: Dataset, implicit: bool) -> list[Any]:
+def ours(
+    repos: Repositories, model: QueryModel, level: QueryLevel, ident: Dataset, implicit: bool
+) -> list[Any]:
     fill = {RETRIEVE_AE_TITLE: AE} if "RetrieveAETitle" in ident else {}
-    return ix.find_encoded(model, level, ident, None, implicit_vr=implicit, fill=fill)
+    return repos.instances.find_encoded(model, level, ident, None, implicit_vr=implicit, fill=fill)
 
 
 @pytest.fixture
@@ -136,9 +138,9 @@ def test_every_key_at_every_level_is_written_as_pydicom_writes_it(
 ) -> None:
     _rich(archive)
     ident = _with_unsupported(_all_keys(level))
-    expected = reference(archive.ix, model, level, ident, implicit)
+    expected = reference(archive.repos, model, level, ident, implicit)
     assert len(expected) >= 4
-    assert ours(archive.ix, model, level, ident, implicit) == expected
+    assert ours(archive.repos, model, level, ident, implicit) == expected
 
 
 def _queries(a: Archive) -> list[tuple[QueryLevel, Dataset]]:
@@ -171,8 +173,8 @@ def test_matching_queries_are_written_as_pydicom_writes_them(
     _rich(archive)
     for level, ident in _queries(archive):
         for model in (PR, SR_):
-            expected = reference(archive.ix, model, level, ident, implicit)
-            assert ours(archive.ix, model, level, ident, implicit) == expected, (model, level, ident)
+            expected = reference(archive.repos, model, level, ident, implicit)
+            assert ours(archive.repos, model, level, ident, implicit) == expected, (model, level, ident)
 
 
 @pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
@@ -187,9 +189,9 @@ def test_identifiers_in_other_character_sets_are_answered_in_utf8(
     value += b" " * (len(value) % 2)
     ident[0x00100010] = RawDataElement(Tag(0x00100010), "PN", len(value), value, 0, False, True)
     for implicit in (True, False):
-        expected = reference(archive.ix, SR_, STUDY, ident, implicit)
+        expected = reference(archive.repos, SR_, STUDY, ident, implicit)
         assert len(expected) == 2  # the two studies of Müller^Hans
-        assert ours(archive.ix, SR_, STUDY, ident, implicit) == expected
+        assert ours(archive.repos, SR_, STUDY, ident, implicit) == expected
     assert b"ISO_IR 192" in expected[0] and "Müller".encode() in expected[0]
 
 
@@ -208,8 +210,8 @@ def test_what_it_does_not_write_goes_to_pydicom(archive: Archive, monkeypatch: p
     )
     ident.add(DataElement(0x00280106, "US or SS", None))  # SmallestImagePixelValue, left ambiguous
     for implicit in (True, False):
-        found = ours(a.ix, SR_, STUDY, ident, implicit)
-        datasets = a.ix.find(SR_, STUDY, ident, None)
+        found = ours(a.repos, SR_, STUDY, ident, implicit)
+        datasets = a.repos.instances.find(SR_, STUDY, ident, None)
         expected = [None if (e := encode(ds, implicit, True)) is None else e for ds in datasets]
         assert found == expected
         assert None in found  # the CS outside ISO 8859-1
@@ -218,8 +220,8 @@ def test_what_it_does_not_write_goes_to_pydicom(archive: Archive, monkeypatch: p
     calls: list[int] = []
     original = sql._pydicom_encoded
     monkeypatch.setattr(sql, "_pydicom_encoded", lambda *args: calls.append(1) or original(*args))
-    assert ours(a.ix, SR_, STUDY, ident, False) == [
-        encode(ds, False, True) for ds in a.ix.find(SR_, STUDY, ident, None)
+    assert ours(a.repos, SR_, STUDY, ident, False) == [
+        encode(ds, False, True) for ds in a.repos.instances.find(SR_, STUDY, ident, None)
     ]
     assert len(calls) == 2  # the long comment (UN in pydicom's output) and the CS outside ISO 8859-1
 

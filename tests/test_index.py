@@ -34,7 +34,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from safepacs.db import SqlIndex, migrate
+from safepacs.app import Repositories, open_repositories
+from safepacs.db.database import migrate
 from safepacs.db.schema import metadata
 from safepacs.db.write import driver_execute
 from safepacs.errors import (
@@ -67,11 +68,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def index(db_url: str) -> Iterator[SqlIndex]:
+def repos(db_url: str) -> Iterator[Repositories]:
     migrate(db_url)
-    ix = SqlIndex(db_url)
-    yield ix
-    ix.close()
+    repos = open_repositories(db_url)
+    yield repos
+    repos.close()
 
 
 def blob(n: int | str = 0) -> StoredBlob:
@@ -129,8 +130,8 @@ def item(**keys: Any) -> Dataset:
 class Archive:
     """A small archive: two named patients, one patient without an ID, five studies."""
 
-    def __init__(self, ix: SqlIndex) -> None:
-        self.ix = ix
+    def __init__(self, repos: Repositories) -> None:
+        self.repos = repos
         u = generate_uid
         self.a1, self.a2, self.b1, self.c1, self.c2 = u(), u(), u(), u(), u()
         self.a1_ct, self.a1_sr, self.a2_mr, self.b1_ct, self.c1_ot, self.c2_ot = u(), u(), u(), u(), u(), u()
@@ -191,13 +192,13 @@ class Archive:
 
     def _add(self, keys: dict[str, Any], study: str, series: str, **more: Any) -> None:
         ds = instance(study, series, **keys, **more)
-        self.ix.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
+        self.repos.instances.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
         self.sops.setdefault(series, []).append(ds.SOPInstanceUID)
 
 
 @pytest.fixture
-def archive(index: SqlIndex) -> Archive:
-    return Archive(index)
+def archive(repos: Repositories) -> Archive:
+    return Archive(repos)
 
 
 def uids(results: list[Dataset], keyword: str) -> set[str]:
@@ -205,9 +206,9 @@ def uids(results: list[Dataset], keyword: str) -> set[str]:
 
 
 def find(
-    ix: SqlIndex, model: QueryModel, level: QueryLevel, limit: int | None = None, **keys: Any
+    repos: Repositories, model: QueryModel, level: QueryLevel, limit: int | None = None, **keys: Any
 ) -> list[Dataset]:
-    return ix.find(model, level, query(level, **keys), limit)
+    return repos.instances.find(model, level, query(level, **keys), limit)
 
 
 # Schema ------------------------------------------------------------------------------------------------
@@ -226,15 +227,15 @@ def test_migrate_is_idempotent_and_matches_the_schema(db_url: str) -> None:
 def test_sqlite_connections_are_durable_and_concurrent(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
     migrate(url)
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        with ix._engine.connect() as conn:
+        with repos.db.engine.connect() as conn:
             pragma = {
                 name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
                 for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
             }
     finally:
-        ix.close()
+        repos.close()
     assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 30000}
 
 
@@ -243,9 +244,9 @@ def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
     busy handler: while another process holds it, a write waits and a read does not."""
     url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
     migrate(url)
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        ix.add_peer(Peer("FIRST", "127.0.0.1", None, frozenset({Service.ECHO})))
+        repos.directory.add_peer(Peer("FIRST", "127.0.0.1", None, frozenset({Service.ECHO})))
         lock = tmp_path / "i.sqlite3-writers"
         assert lock.stat().st_mode & 0o777 == 0o600
         other = os.open(lock, os.O_RDWR)  # another process's writer, as far as flock is concerned
@@ -253,18 +254,18 @@ def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
             fcntl.flock(other, fcntl.LOCK_EX)
             done = threading.Event()
             second = Peer("SECOND", "127.0.0.1", None, frozenset({Service.ECHO}))
-            writer = threading.Thread(target=lambda: (ix.add_peer(second), done.set()))
+            writer = threading.Thread(target=lambda: (repos.directory.add_peer(second), done.set()))
             writer.start()
             assert not done.wait(0.5)
-            assert [p.ae_title for p in ix.list_peers()] == ["FIRST"]
+            assert [p.ae_title for p in repos.directory.list_peers()] == ["FIRST"]
             fcntl.flock(other, fcntl.LOCK_UN)
             assert done.wait(10)
             writer.join(10)
         finally:
             os.close(other)
-        assert [p.ae_title for p in ix.list_peers()] == ["FIRST", "SECOND"]
+        assert [p.ae_title for p in repos.directory.list_peers()] == ["FIRST", "SECOND"]
     finally:
-        ix.close()
+        repos.close()
 
 
 def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_the_turn(
@@ -272,7 +273,7 @@ def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_t
 ) -> None:
     """Its commit is in the WAL and the WAL synced when add_instance returns; the sync happens once
     the writers' turn is free again, so other writers need not wait for it."""
-    import safepacs.db as index_module
+    import safepacs.db.database as index_module
 
     database = tmp_path / "i.sqlite3"
     url = f"sqlite:///{database}"
@@ -303,20 +304,20 @@ def test_an_instance_is_synced_to_disk_before_add_instance_returns_and_outside_t
         seen.append((path, committed, free))
         real_sync(fd)
 
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
         monkeypatch.setattr(index_module, "_sync_data", recording_sync)
-        ix.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
+        repos.instances.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
         monkeypatch.setattr(index_module, "_sync_data", real_sync)
     finally:
-        ix.close()
+        repos.close()
     assert seen == [(str(database) + "-wal", True, True)]
 
 
 def test_an_index_sync_that_fails_is_an_error_and_keeps_what_was_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safepacs.db as index_module
+    import safepacs.db.database as index_module
 
     url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
     migrate(url)
@@ -325,15 +326,15 @@ def test_an_index_sync_that_fails_is_an_error_and_keeps_what_was_committed(
     def failing_sync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
         monkeypatch.setattr(index_module, "_sync_data", failing_sync)
         with pytest.raises(UnsyncedCommitError, match="could not be synced"):
-            ix.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
+            repos.instances.add_instance(instance(generate_uid(), generate_uid(), sop=sop), blob(1), ELE)
         monkeypatch.undo()
-        assert ix.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
+        assert repos.instances.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
     finally:
-        ix.close()
+        repos.close()
 
 
 def test_writes_go_on_when_the_writers_lock_file_cannot_be_used(tmp_path: Path) -> None:
@@ -341,33 +342,33 @@ def test_writes_go_on_when_the_writers_lock_file_cannot_be_used(tmp_path: Path) 
     url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
     migrate(url)
     (tmp_path / "i.sqlite3-writers").mkdir()  # in the way: opening it for writing fails
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
         for title in ("ONE", "TWO"):
-            ix.add_peer(Peer(title, "127.0.0.1", None, frozenset({Service.ECHO})))
-        assert [p.ae_title for p in ix.list_peers()] == ["ONE", "TWO"]
+            repos.directory.add_peer(Peer(title, "127.0.0.1", None, frozenset({Service.ECHO})))
+        assert [p.ae_title for p in repos.directory.list_peers()] == ["ONE", "TWO"]
     finally:
-        ix.close()
+        repos.close()
 
 
 def test_unmigrated_database_and_bad_urls_raise_index_errors(tmp_path: Path) -> None:
-    ix = SqlIndex(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
     try:
         with pytest.raises(IndexError_):
-            ix.count_instances()
+            repos.instances.count_instances()
     finally:
-        ix.close()
+        repos.close()
     for url in ("nonsense", "mysql://x/y", "sqlite://"):
         with pytest.raises(IndexError_):
-            SqlIndex(url)
+            open_repositories(url)
 
 
 # Ingest bookkeeping ------------------------------------------------------------------------------------
 def test_counts_at_every_level(archive: Archive) -> None:
-    ix = archive.ix
-    assert ix.count_instances() == 9
+    repos = archive.repos
+    assert repos.instances.count_instances() == 9
     (pa,) = find(
-        ix,
+        repos,
         PR,
         PATIENT,
         PatientID="PA",
@@ -378,7 +379,7 @@ def test_counts_at_every_level(archive: Archive) -> None:
     assert (pa.NumberOfPatientRelatedStudies, pa.NumberOfPatientRelatedSeries) == (2, 3)
     assert pa.NumberOfPatientRelatedInstances == 6
     (a1,) = find(
-        ix,
+        repos,
         SR_,
         STUDY,
         StudyInstanceUID=archive.a1,
@@ -387,7 +388,12 @@ def test_counts_at_every_level(archive: Archive) -> None:
     )
     assert (a1.NumberOfStudyRelatedSeries, a1.NumberOfStudyRelatedInstances) == (2, 4)
     found = find(
-        ix, SR_, SERIES, StudyInstanceUID=archive.a1, SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""
+        repos,
+        SR_,
+        SERIES,
+        StudyInstanceUID=archive.a1,
+        SeriesInstanceUID="",
+        NumberOfSeriesRelatedInstances="",
     )
     assert {(r.SeriesInstanceUID, r.NumberOfSeriesRelatedInstances) for r in found} == {
         (archive.a1_ct, 3),
@@ -395,41 +401,43 @@ def test_counts_at_every_level(archive: Archive) -> None:
     }
     # Counts are matchable keys too.
     assert uids(
-        find(ix, SR_, STUDY, StudyInstanceUID="", NumberOfStudyRelatedInstances="2"), "StudyInstanceUID"
+        find(repos, SR_, STUDY, StudyInstanceUID="", NumberOfStudyRelatedInstances="2"), "StudyInstanceUID"
     ) == {archive.a2}
 
 
 def test_modalities_and_sop_classes_in_study(archive: Archive) -> None:
-    ix = archive.ix
-    (a1,) = find(ix, SR_, STUDY, StudyInstanceUID=archive.a1, ModalitiesInStudy="", SOPClassesInStudy="")
+    repos = archive.repos
+    (a1,) = find(repos, SR_, STUDY, StudyInstanceUID=archive.a1, ModalitiesInStudy="", SOPClassesInStudy="")
     assert list(a1.ModalitiesInStudy) == ["CT", "SR"]
     assert set(a1.SOPClassesInStudy) == {CT, SR}
-    got = find(ix, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy="MR")
+    got = find(repos, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy="MR")
     assert uids(got, "StudyInstanceUID") == {archive.a2}
-    got = find(ix, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy=["MR", "SR"])
+    got = find(repos, SR_, STUDY, StudyInstanceUID="", ModalitiesInStudy=["MR", "SR"])
     assert uids(got, "StudyInstanceUID") == {archive.a1, archive.a2}
-    got = find(ix, SR_, STUDY, StudyInstanceUID="", SOPClassesInStudy=SR)
+    got = find(repos, SR_, STUDY, StudyInstanceUID="", SOPClassesInStudy=SR)
     assert uids(got, "StudyInstanceUID") == {archive.a1}
 
 
 def test_patients_without_id_are_not_merged(archive: Archive) -> None:
     found = find(
-        archive.ix, PR, PATIENT, PatientID="", PatientName="Anonymous", NumberOfPatientRelatedStudies=""
+        archive.repos, PR, PATIENT, PatientID="", PatientName="Anonymous", NumberOfPatientRelatedStudies=""
     )
     assert len(found) == 2
     assert all(r.NumberOfPatientRelatedStudies == 1 for r in found)
 
 
-def test_replace_semantics(index: SqlIndex) -> None:
+def test_replace_semantics(repos: Repositories) -> None:
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     first = instance(study, series, sop=sop, PatientID="P1", PatientName="Old^Name", Modality="CT")
-    assert index.add_instance(first, blob("one"), ELE) is None
+    assert repos.instances.add_instance(first, blob("one"), ELE) is None
     with pytest.raises(ConflictError):
-        index.add_instance(first, blob("two"), ELE)
-    assert index.get_instance(sop).blob == blob("one")  # type: ignore[union-attr]
+        repos.instances.add_instance(first, blob("two"), ELE)
+    assert repos.instances.get_instance(sop).blob == blob("one")  # type: ignore[union-attr]
     second = instance(study, series, sop=sop, PatientID="P1", PatientName="New^Name", Modality="MR")
-    assert index.add_instance(second, blob("two"), "1.2.840.10008.1.2.4.50", replace=True) == blob("one")
-    ref = index.get_instance(sop)
+    assert repos.instances.add_instance(second, blob("two"), "1.2.840.10008.1.2.4.50", replace=True) == blob(
+        "one"
+    )
+    ref = repos.instances.get_instance(sop)
     assert ref is not None
     assert (ref.blob, ref.transfer_syntax_uid, ref.study_uid, ref.series_uid) == (
         blob("two"),
@@ -437,69 +445,77 @@ def test_replace_semantics(index: SqlIndex) -> None:
         study,
         series,
     )
-    assert index.count_instances() == 1
-    (row,) = find(index, SR_, SERIES, SeriesInstanceUID=series, Modality="", PatientName="")
+    assert repos.instances.count_instances() == 1
+    (row,) = find(repos, SR_, SERIES, SeriesInstanceUID=series, Modality="", PatientName="")
     assert (row.Modality, str(row.PatientName)) == ("MR", "New^Name")
     # Replacing the only instance of a study by one in another study leaves nothing empty behind.
     other = instance(generate_uid(), generate_uid(), sop=sop, PatientID="P2")
-    assert index.add_instance(other, blob("three"), ELE, replace=True) == blob("two")
-    assert uids(find(index, SR_, STUDY, StudyInstanceUID=""), "StudyInstanceUID") == {other.StudyInstanceUID}
-    assert uids(find(index, PR, PATIENT, PatientID=""), "PatientID") == {"P2"}
+    assert repos.instances.add_instance(other, blob("three"), ELE, replace=True) == blob("two")
+    assert uids(find(repos, SR_, STUDY, StudyInstanceUID=""), "StudyInstanceUID") == {other.StudyInstanceUID}
+    assert uids(find(repos, PR, PATIENT, PatientID=""), "PatientID") == {"P2"}
 
 
 def test_delete_instance_removes_empty_parents(archive: Archive) -> None:
-    ix = archive.ix
+    repos = archive.repos
     (sop,) = archive.sops[archive.b1_ct]
-    assert ix.delete_instance(sop) == blob(sop)
-    assert ix.delete_instance(sop) is None
-    assert ix.get_instance(sop) is None
-    assert find(ix, PR, PATIENT, PatientID="PB") == []
-    assert find(ix, SR_, STUDY, StudyInstanceUID=archive.b1) == []
-    assert ix.count_instances() == 8
+    assert repos.instances.delete_instance(sop) == blob(sop)
+    assert repos.instances.delete_instance(sop) is None
+    assert repos.instances.get_instance(sop) is None
+    assert find(repos, PR, PATIENT, PatientID="PB") == []
+    assert find(repos, SR_, STUDY, StudyInstanceUID=archive.b1) == []
+    assert repos.instances.count_instances() == 8
 
 
-def test_later_instances_update_study_and_series(index: SqlIndex) -> None:
+def test_later_instances_update_study_and_series(repos: Repositories) -> None:
     study, series = generate_uid(), generate_uid()
-    index.add_instance(instance(study, series, PatientID="P", StudyDescription="first"), blob(1), ELE)
-    index.add_instance(instance(study, series, PatientID="P", StudyDescription="second"), blob(2), ELE)
-    index.add_instance(instance(study, series, PatientID="P"), blob(3), ELE)  # lacks it: kept
-    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, StudyDescription="")
+    repos.instances.add_instance(
+        instance(study, series, PatientID="P", StudyDescription="first"), blob(1), ELE
+    )
+    repos.instances.add_instance(
+        instance(study, series, PatientID="P", StudyDescription="second"), blob(2), ELE
+    )
+    repos.instances.add_instance(instance(study, series, PatientID="P"), blob(3), ELE)  # lacks it: kept
+    (row,) = find(repos, SR_, STUDY, StudyInstanceUID=study, StudyDescription="")
     assert row.StudyDescription == "second"
     # An instance naming another patient does not move the study.
-    index.add_instance(instance(study, series, PatientID="Q"), blob(4), ELE)
-    assert uids(find(index, PR, PATIENT, PatientID=""), "PatientID") == {"P"}
+    repos.instances.add_instance(instance(study, series, PatientID="Q"), blob(4), ELE)
+    assert uids(find(repos, PR, PATIENT, PatientID=""), "PatientID") == {"P"}
 
 
-def test_series_under_another_study_is_refused(index: SqlIndex) -> None:
+def test_series_under_another_study_is_refused(repos: Repositories) -> None:
     series = generate_uid()
-    index.add_instance(instance(generate_uid(), series), blob(1), ELE)
+    repos.instances.add_instance(instance(generate_uid(), series), blob(1), ELE)
     with pytest.raises(InvalidObjectError):
-        index.add_instance(instance(generate_uid(), series), blob(2), ELE)
-    assert index.count_instances() == 1
+        repos.instances.add_instance(instance(generate_uid(), series), blob(2), ELE)
+    assert repos.instances.count_instances() == 1
 
 
-def test_missing_uids_are_refused(index: SqlIndex) -> None:
+def test_missing_uids_are_refused(repos: Repositories) -> None:
     ds = instance(generate_uid(), generate_uid())
     del ds.SeriesInstanceUID
     with pytest.raises(InvalidObjectError):
-        index.add_instance(ds, blob(1), ELE)
+        repos.instances.add_instance(ds, blob(1), ELE)
 
 
 def codes(*values: str) -> list[Dataset]:
     return [item(CodeValue=v, CodingSchemeDesignator="LOCAL", CodeMeaning=f"Code {v}") for v in values]
 
 
-def test_later_instances_update_patient_and_sequences(index: SqlIndex) -> None:
+def test_later_instances_update_patient_and_sequences(repos: Repositories) -> None:
     study, series = generate_uid(), generate_uid()
     requests = [item(RequestedProcedureID="RP1", ScheduledProcedureStepID="SPS1")]
     first = dict(PatientID="P", PatientName="Old^Name", ProcedureCodeSequence=codes("A"))
-    index.add_instance(instance(study, series, **first, RequestAttributesSequence=requests), blob(1), ELE)
-    index.add_instance(instance(study, series, **first), blob(2), ELE)  # the same items: kept as they are
+    repos.instances.add_instance(
+        instance(study, series, **first, RequestAttributesSequence=requests), blob(1), ELE
+    )
+    repos.instances.add_instance(
+        instance(study, series, **first), blob(2), ELE
+    )  # the same items: kept as they are
     later = dict(PatientID="P", PatientName="New^Name", ProcedureCodeSequence=codes("B", "C"))
-    index.add_instance(instance(study, series, **later, SeriesDescription="axial"), blob(3), ELE)
-    index.add_instance(instance(study, series, PatientID="P"), blob(4), ELE)  # lacks them: kept
+    repos.instances.add_instance(instance(study, series, **later, SeriesDescription="axial"), blob(3), ELE)
+    repos.instances.add_instance(instance(study, series, PatientID="P"), blob(4), ELE)  # lacks them: kept
     (row,) = find(
-        index,
+        repos,
         SR_,
         SERIES,
         SeriesInstanceUID=series,
@@ -509,28 +525,28 @@ def test_later_instances_update_patient_and_sequences(index: SqlIndex) -> None:
     )
     assert (str(row.PatientName), row.SeriesDescription) == ("New^Name", "axial")
     assert [i.RequestedProcedureID for i in row.RequestAttributesSequence] == ["RP1"]
-    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, ProcedureCodeSequence=[Dataset()])
+    (row,) = find(repos, SR_, STUDY, StudyInstanceUID=study, ProcedureCodeSequence=[Dataset()])
     assert [i.CodeValue for i in row.ProcedureCodeSequence] == ["B", "C"]
-    assert len(find(index, PR, PATIENT, PatientName="new^name")) == 1  # the folded copy follows
-    assert find(index, PR, PATIENT, PatientName="old^name") == []
+    assert len(find(repos, PR, PATIENT, PatientName="new^name")) == 1  # the folded copy follows
+    assert find(repos, PR, PATIENT, PatientName="old^name") == []
 
 
-def test_a_conflicting_instance_changes_nothing(index: SqlIndex) -> None:
+def test_a_conflicting_instance_changes_nothing(repos: Repositories) -> None:
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     keys = dict(PatientID="P", PatientName="Old^Name", StudyDescription="first", Modality="CT")
-    index.add_instance(
+    repos.instances.add_instance(
         instance(study, series, sop=sop, **keys, ProcedureCodeSequence=codes("A")), blob(1), ELE
     )
     newer = dict(PatientID="P", PatientName="New^Name", StudyDescription="second", Modality="MR")
     with pytest.raises(ConflictError):
-        index.add_instance(
+        repos.instances.add_instance(
             instance(study, series, sop=sop, **newer, ProcedureCodeSequence=codes("B")), blob(2), ELE
         )
     # Its series under another study would be refused, but the instance exists: a conflict first.
     with pytest.raises(ConflictError):
-        index.add_instance(instance(generate_uid(), series, sop=sop), blob(3), ELE)
+        repos.instances.add_instance(instance(generate_uid(), series, sop=sop), blob(3), ELE)
     (row,) = find(
-        index,
+        repos,
         SR_,
         SERIES,
         SeriesInstanceUID=series,
@@ -541,19 +557,19 @@ def test_a_conflicting_instance_changes_nothing(index: SqlIndex) -> None:
     )
     assert (str(row.PatientName), row.StudyDescription, row.Modality) == ("Old^Name", "first", "CT")
     assert [i.CodeValue for i in row.ProcedureCodeSequence] == ["A"]
-    assert len(find(index, SR_, STUDY, StudyInstanceUID="")) == 1
-    assert index.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
+    assert len(find(repos, SR_, STUDY, StudyInstanceUID="")) == 1
+    assert repos.instances.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
 
 
-def test_a_failed_instance_write_leaves_the_writer_usable(index: SqlIndex) -> None:
+def test_a_failed_instance_write_leaves_the_writer_usable(repos: Repositories) -> None:
     """A refused write (here: a conflict) rolls back; the next instance is stored as usual."""
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    index.add_instance(instance(study, series, sop=sop), blob(1), ELE)
+    repos.instances.add_instance(instance(study, series, sop=sop), blob(1), ELE)
     with pytest.raises(ConflictError):
-        index.add_instance(instance(study, series, sop=sop), blob(2), ELE)
-    index.add_instance(instance(study, series), blob(3), ELE)
-    assert index.count_instances() == 2
-    assert index.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
+        repos.instances.add_instance(instance(study, series, sop=sop), blob(2), ELE)
+    repos.instances.add_instance(instance(study, series), blob(3), ELE)
+    assert repos.instances.count_instances() == 2
+    assert repos.instances.get_instance(sop).blob == blob(1)  # type: ignore[union-attr]
 
 
 def test_driver_errors_carry_no_values_and_are_sqlalchemys(tmp_path: Path) -> None:
@@ -574,45 +590,51 @@ def test_driver_errors_carry_no_values_and_are_sqlalchemys(tmp_path: Path) -> No
         engine.dispose()
 
 
-def test_another_instance_of_a_known_series_costs_two_statements(index: SqlIndex) -> None:
+def test_another_instance_of_a_known_series_costs_two_statements(repos: Repositories) -> None:
     study, series = generate_uid(), generate_uid()
     keys = dict(PatientID="P", PatientName="A^B", StudyDescription="d", Modality="CT")
-    index.add_instance(instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(1), ELE)
+    repos.instances.add_instance(
+        instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(1), ELE
+    )
     statements: list[str] = []
 
     def record(statement: str) -> None:
         if statement.split()[0] in {"SELECT", "INSERT", "UPDATE", "DELETE"}:
             statements.append(statement.split()[0])
 
-    if index._sqlite:  # what SQLite itself runs: the common case goes to its driver directly
-        assert index._relaxed is not None  # instances are written on the writer whose commit skips the sync
-        engine = index._relaxed._engine
-        index._relaxed._drop_kept()  # its one kept connection, too, is made again: traced
+    if repos.db.sqlite:  # what SQLite itself runs: the common case goes to its driver directly
+        assert (
+            repos.db._relaxed is not None
+        )  # instances are written on the writer whose commit skips the sync
+        engine = repos.db._relaxed._engine
+        repos.db._relaxed._drop_kept()  # its one kept connection, too, is made again: traced
         engine.dispose()
         sa.event.listen(engine, "connect", lambda dbapi, _rec: dbapi.set_trace_callback(record))
     else:
-        sa.event.listen(index._engine, "before_cursor_execute", lambda *a: record(a[2]))
-    index.add_instance(instance(study, series, **keys), blob(2), ELE)
+        sa.event.listen(repos.db.engine, "before_cursor_execute", lambda *a: record(a[2]))
+    repos.instances.add_instance(instance(study, series, **keys), blob(2), ELE)
     assert statements == ["SELECT", "INSERT"]
     statements.clear()
-    index.add_instance(instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(3), ELE)
+    repos.instances.add_instance(
+        instance(study, series, **keys, ProcedureCodeSequence=codes("A")), blob(3), ELE
+    )
     assert statements == ["SELECT", "SELECT", "INSERT"]  # the items, found unchanged
     statements.clear()
-    index.add_instance(instance(study, series, **(keys | {"StudyDescription": "e"})), blob(4), ELE)
+    repos.instances.add_instance(instance(study, series, **(keys | {"StudyDescription": "e"})), blob(4), ELE)
     assert statements == ["SELECT", "UPDATE", "INSERT"]
 
 
-def test_rows_written_on_the_driver_path_are_stored_as_sqlalchemy_stores_them(index: SqlIndex) -> None:
+def test_rows_written_on_the_driver_path_are_stored_as_sqlalchemy_stores_them(repos: Repositories) -> None:
     """On SQLite the instance insert bypasses SQLAlchemy's execution; its timestamps must still be
     SQLAlchemy's text (not sqlite3's own adapter), like those of the series row written through it."""
     study, series = generate_uid(), generate_uid()
-    index.add_instance(instance(study, series, PatientID="P"), blob(1), ELE)
-    with index._engine.connect() as conn:
+    repos.instances.add_instance(instance(study, series, PatientID="P"), blob(1), ELE)
+    with repos.db.engine.connect() as conn:
         stored = conn.exec_driver_sql(
             "SELECT i.created_at, i.updated_at, s.created_at"
             " FROM instances i JOIN series s ON s.pk = i.series_pk"
         ).one()
-    if index._sqlite:
+    if repos.db.sqlite:
         assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", str(v)) for v in stored), stored
     else:
         assert all(isinstance(v, datetime) and v.tzinfo is not None for v in stored)
@@ -652,7 +674,7 @@ def test_single_value_matching(
     shown: str,
     expected: set[str],
 ) -> None:
-    results = archive.ix.find(model, level, query(level, **{shown: "", key: value}), None)
+    results = archive.repos.instances.find(model, level, query(level, **{shown: "", key: value}), None)
     assert {str(r[shown].value or "") for r in results} == expected
     assert all(
         r.QueryRetrieveLevel == level.value and r.SpecificCharacterSet == "ISO_IR 192" for r in results
@@ -662,17 +684,17 @@ def test_single_value_matching(
 def test_non_pn_matching_is_case_sensitive(archive: Archive) -> None:
     unknown = {archive.c1, archive.c2}  # no accession number: they match every query on it
     for value in ("acc_1", "acc*"):
-        found = find(archive.ix, SR_, STUDY, StudyInstanceUID="", AccessionNumber=value)
+        found = find(archive.repos, SR_, STUDY, StudyInstanceUID="", AccessionNumber=value)
         assert uids(found, "StudyInstanceUID") == unknown
-    assert find(archive.ix, SR_, STUDY, StudyDescription="chest*") == []  # an Optional Key
-    assert len(find(archive.ix, SR_, STUDY, PatientName="müller^HANS")) == 2
+    assert find(archive.repos, SR_, STUDY, StudyDescription="chest*") == []  # an Optional Key
+    assert len(find(archive.repos, SR_, STUDY, PatientName="müller^HANS")) == 2
 
 
 def test_uid_list_matching(archive: Archive) -> None:
-    got = find(archive.ix, SR_, STUDY, StudyInstanceUID=[archive.a1, archive.b1, generate_uid()])
+    got = find(archive.repos, SR_, STUDY, StudyInstanceUID=[archive.a1, archive.b1, generate_uid()])
     assert uids(got, "StudyInstanceUID") == {archive.a1, archive.b1}
     sops = archive.sops[archive.a1_ct][:2]
-    got = find(archive.ix, PR, IMAGE, PatientID="PA", StudyInstanceUID=archive.a1, SOPInstanceUID=sops)
+    got = find(archive.repos, PR, IMAGE, PatientID="PA", StudyInstanceUID=archive.a1, SOPInstanceUID=sops)
     assert uids(got, "SOPInstanceUID") == set(sops)
 
 
@@ -692,15 +714,15 @@ def test_uid_list_matching(archive: Archive) -> None:
     ],
 )
 def test_date_and_time_ranges(archive: Archive, keys: dict[str, str], expected: set[str]) -> None:
-    results = archive.ix.find(SR_, STUDY, query(STUDY, AccessionNumber="", **keys), None)
+    results = archive.repos.instances.find(SR_, STUDY, query(STUDY, AccessionNumber="", **keys), None)
     assert uids(results, "AccessionNumber") == expected
 
 
 def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
-    ix = archive.ix
+    repos = archive.repos
 
     def accessions(**keys: Any) -> set[str]:
-        return uids(find(ix, SR_, STUDY, **({"AccessionNumber": ""} | keys)), "AccessionNumber")
+        return uids(find(repos, SR_, STUDY, **({"AccessionNumber": ""} | keys)), "AccessionNumber")
 
     assert accessions(StudyDescription="Chest 100%") == {"ACC_1"}  # '%' is literal
     assert accessions(StudyDescription="Chest 100*") == {"ACC_1", "ACCX1"}
@@ -729,19 +751,21 @@ def test_wildcards_do_not_let_sql_wildcards_through(archive: Archive) -> None:
 )
 def test_sql_injection_values_are_plain_values(archive: Archive, evil: str) -> None:
     for keyword in ("PatientID", "PatientName", "StudyDescription"):
-        assert archive.ix.find(SR_, STUDY, query(STUDY, **{keyword: evil}), None) == []
+        assert archive.repos.instances.find(SR_, STUDY, query(STUDY, **{keyword: evil}), None) == []
     # only the studies without an accession number, which match every query on it
-    found = archive.ix.find(SR_, STUDY, query(STUDY, StudyInstanceUID="", AccessionNumber=evil), None)
+    found = archive.repos.instances.find(
+        SR_, STUDY, query(STUDY, StudyInstanceUID="", AccessionNumber=evil), None
+    )
     assert uids(found, "StudyInstanceUID") == {archive.c1, archive.c2}
     with pytest.raises(QueryError):
-        archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=""))
-    assert archive.ix.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=evil)) == []
-    assert archive.ix.count_instances() == 9
+        archive.repos.instances.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=""))
+    assert archive.repos.instances.instances_for(SR_, STUDY, query(STUDY, StudyInstanceUID=evil)) == []
+    assert archive.repos.instances.count_instances() == 9
 
 
 def test_universal_matching_and_response_keys(archive: Archive) -> None:
     results = find(
-        archive.ix, SR_, STUDY, PatientName="", StudyDate="", AccessionNumber="*", RetrieveAETitle=""
+        archive.repos, SR_, STUDY, PatientName="", StudyDate="", AccessionNumber="*", RetrieveAETitle=""
     )
     assert len(results) == 5
     for r in results:
@@ -756,16 +780,16 @@ def test_universal_matching_and_response_keys(archive: Archive) -> None:
         }
         assert r.RetrieveAETitle in (None, "", [])
     # Keys the index does not keep are returned empty and do not restrict.
-    results = find(archive.ix, SR_, STUDY, StudyInstanceUID=archive.a1, PatientMotherBirthName="X*")
+    results = find(archive.repos, SR_, STUDY, StudyInstanceUID=archive.a1, PatientMotherBirthName="X*")
     assert len(results) == 1 and results[0].PatientMotherBirthName in (None, "")
     # Keys of a lower level are not matched at a higher one.
-    assert len(find(archive.ix, SR_, STUDY, SOPInstanceUID="nothing")) == 5
+    assert len(find(archive.repos, SR_, STUDY, SOPInstanceUID="nothing")) == 5
 
 
 def test_sequence_matching(archive: Archive) -> None:
-    ix = archive.ix
+    repos = archive.repos
     got = find(
-        ix,
+        repos,
         SR_,
         SERIES,
         SeriesInstanceUID="",
@@ -778,22 +802,22 @@ def test_sequence_matching(archive: Archive) -> None:
     ]
     # Both keys must match within one item.
     seq = [item(ScheduledProcedureStepID="SPS1", RequestedProcedureID="RP2")]
-    assert find(ix, SR_, SERIES, RequestAttributesSequence=seq) == []
+    assert find(repos, SR_, SERIES, RequestAttributesSequence=seq) == []
     # An empty item is universal and returns every stored item.
-    rows = find(ix, SR_, SERIES, SeriesInstanceUID="", RequestAttributesSequence=[Dataset()])
+    rows = find(repos, SR_, SERIES, SeriesInstanceUID="", RequestAttributesSequence=[Dataset()])
     assert len(rows) == 6
     (b1,) = [r for r in rows if r.SeriesInstanceUID == archive.b1_ct]
     assert [i.RequestedProcedureID for i in b1.RequestAttributesSequence] == ["RP1", "RP2"]
     # Wild cards inside items; code sequences at study and image level.
-    got = find(ix, SR_, STUDY, ProcedureCodeSequence=[item(CodeValue="P?", CodeMeaning="")])
+    got = find(repos, SR_, STUDY, ProcedureCodeSequence=[item(CodeValue="P?", CodeMeaning="")])
     assert [i.CodeMeaning for r in got for i in r.ProcedureCodeSequence] == ["Chest"]
     got = find(
-        ix, SR_, IMAGE, ConceptNameCodeSequence=[item(CodeValue="18748-4", CodingSchemeDesignator="LN")]
+        repos, SR_, IMAGE, ConceptNameCodeSequence=[item(CodeValue="18748-4", CodingSchemeDesignator="LN")]
     )
     assert len(got) == 1
     with pytest.raises(QueryError):
         find(
-            ix,
+            repos,
             SR_,
             SERIES,
             RequestAttributesSequence=[item(RequestedProcedureID="A"), item(RequestedProcedureID="B")],
@@ -801,13 +825,13 @@ def test_sequence_matching(archive: Archive) -> None:
 
 
 def test_limit(archive: Archive) -> None:
-    ix = archive.ix
-    assert len(find(ix, SR_, STUDY, limit=5, StudyInstanceUID="")) == 5
-    assert len(find(ix, SR_, STUDY, limit=0, StudyInstanceUID="")) == 5
+    repos = archive.repos
+    assert len(find(repos, SR_, STUDY, limit=5, StudyInstanceUID="")) == 5
+    assert len(find(repos, SR_, STUDY, limit=0, StudyInstanceUID="")) == 5
     with pytest.raises(QueryLimitError, match="more than 4 studies"):
-        find(ix, SR_, STUDY, limit=4, StudyInstanceUID="")
+        find(repos, SR_, STUDY, limit=4, StudyInstanceUID="")
     with pytest.raises(QueryLimitError, match="more than 8 instances"):
-        find(ix, SR_, IMAGE, limit=8, SOPInstanceUID="")
+        find(repos, SR_, IMAGE, limit=8, SOPInstanceUID="")
 
 
 def test_non_ascii_identifier_decoded_with_its_character_set(archive: Archive) -> None:
@@ -821,7 +845,7 @@ def test_non_ascii_identifier_decoded_with_its_character_set(archive: Archive) -
     write_dataset(raw, ds)
     assert "Müller".encode("latin-1") in raw.getvalue()
     decoded = read_dataset(BytesIO(raw.getvalue()), is_implicit_VR=False, is_little_endian=True)
-    (row,) = archive.ix.find(PR, PATIENT, decoded, None)
+    (row,) = archive.repos.instances.find(PR, PATIENT, decoded, None)
     assert (row.PatientID, str(row.PatientName), row.SpecificCharacterSet) == (
         "PA",
         "Müller^Hans",
@@ -841,28 +865,30 @@ def test_non_ascii_identifier_decoded_with_its_character_set(archive: Archive) -
         query(STUDY, StudyDate="-"),
     ],
 )
-def test_malformed_identifiers(index: SqlIndex, identifier: Dataset) -> None:
+def test_malformed_identifiers(repos: Repositories, identifier: Dataset) -> None:
     with pytest.raises(QueryError):
-        index.find(SR_, STUDY, identifier, None)
+        repos.instances.find(SR_, STUDY, identifier, None)
 
 
-def test_wrong_vr_and_model_level(index: SqlIndex) -> None:
+def test_wrong_vr_and_model_level(repos: Repositories) -> None:
     ds = query(STUDY)
     ds.add_new(0x00080020, "LO", "20240101")  # StudyDate is DA
     with pytest.raises(QueryError, match="VR"):
-        index.find(SR_, STUDY, ds, None)
+        repos.instances.find(SR_, STUDY, ds, None)
     with pytest.raises(QueryError, match="PATIENT"):
-        index.find(SR_, PATIENT, query(PATIENT, PatientID=""), None)
+        repos.instances.find(SR_, PATIENT, query(PATIENT, PatientID=""), None)
 
 
 # Retrieval ---------------------------------------------------------------------------------------------
 def test_instances_for(archive: Archive) -> None:
-    ix = archive.ix
+    repos = archive.repos
     a1 = archive.sops[archive.a1_ct] + archive.sops[archive.a1_sr]
     a2 = archive.sops[archive.a2_mr]
 
     def sops(model: QueryModel, level: QueryLevel, **keys: Any) -> list[str]:
-        return [ref.sop_instance_uid for ref in ix.instances_for(model, level, query(level, **keys))]
+        return [
+            ref.sop_instance_uid for ref in repos.instances.instances_for(model, level, query(level, **keys))
+        ]
 
     assert sops(SR_, STUDY, StudyInstanceUID=archive.a1) == a1  # ordered by series, instance number
     assert sorted(sops(SR_, STUDY, StudyInstanceUID=[archive.a1, archive.a2])) == sorted(a1 + a2)
@@ -875,7 +901,7 @@ def test_instances_for(archive: Archive) -> None:
     )
     assert sops(SR_, SERIES, StudyInstanceUID=archive.a2, SeriesInstanceUID=archive.a1_sr) == []
     one = archive.sops[archive.a1_ct][1]
-    (ref,) = ix.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=one))
+    (ref,) = repos.instances.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=one))
     assert (ref.study_uid, ref.series_uid, ref.sop_class_uid, ref.transfer_syntax_uid) == (
         archive.a1,
         archive.a1_ct,
@@ -890,42 +916,42 @@ def test_instances_for(archive: Archive) -> None:
         (IMAGE, {}),
     ):
         with pytest.raises(QueryError):
-            ix.instances_for(SR_, level, query(level, **keys))
+            repos.instances.instances_for(SR_, level, query(level, **keys))
     with pytest.raises(QueryError):
-        ix.instances_for(SR_, PATIENT, query(PATIENT, PatientID="PA"))
+        repos.instances.instances_for(SR_, PATIENT, query(PATIENT, PatientID="PA"))
 
 
-def test_instances_for_long_uid_lists(index: SqlIndex) -> None:
+def test_instances_for_long_uid_lists(repos: Repositories) -> None:
     study, series = generate_uid(), generate_uid()
     ds_list = [instance(study, series, InstanceNumber=n) for n in range(3)]
     for ds in ds_list:
-        index.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
+        repos.instances.add_instance(ds, blob(ds.SOPInstanceUID), ELE)
     wanted = [ds.SOPInstanceUID for ds in ds_list] + [generate_uid() for _ in range(1500)]
-    refs = index.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=wanted))
+    refs = repos.instances.instances_for(SR_, IMAGE, query(IMAGE, SOPInstanceUID=wanted))
     assert [r.sop_instance_uid for r in refs] == [ds.SOPInstanceUID for ds in ds_list]
 
 
 # Peers and users ---------------------------------------------------------------------------------------
-def test_peers(index: SqlIndex) -> None:
+def test_peers(repos: Repositories) -> None:
     a = Peer("MODALITY", "10.0.0.0/8", None, frozenset({Service.STORE, Service.ECHO}))
     b = Peer("VIEWER", "viewer.example", 104, frozenset({Service.FIND, Service.MOVE, Service.GET}))
-    index.add_peer(b)
-    index.add_peer(a)
+    repos.directory.add_peer(b)
+    repos.directory.add_peer(a)
     with pytest.raises(ConflictError):
-        index.add_peer(a)
-    assert index.get_peer("MODALITY") == a
-    assert index.get_peer("NOBODY") is None
-    assert index.list_peers() == [a, b]
-    index.remove_peer("MODALITY")
+        repos.directory.add_peer(a)
+    assert repos.directory.get_peer("MODALITY") == a
+    assert repos.directory.get_peer("NOBODY") is None
+    assert repos.directory.list_peers() == [a, b]
+    repos.directory.remove_peer("MODALITY")
     with pytest.raises(NotFoundError):
-        index.remove_peer("MODALITY")
-    assert index.list_peers() == [b]
+        repos.directory.remove_peer("MODALITY")
+    assert repos.directory.list_peers() == [b]
 
 
-def test_get_peer_matches_the_sqlalchemy_reference(index: SqlIndex) -> None:
+def test_get_peer_matches_the_sqlalchemy_reference(repos: Repositories) -> None:
     """get_peer's driver statement (SQLite) reads exactly what the SQLAlchemy statement reads, for
     every kind of peer, and sees a peer removed or changed on the very next call (nothing cached)."""
-    index.add_user("reader", "$argon2id$hash", frozenset({"viewer"}))
+    repos.directory.add_user("reader", "$argon2id$hash", frozenset({"viewer"}))
     registered = [
         Peer("MODALITY", "10.0.0.0/8", None, frozenset({Service.STORE, Service.ECHO})),
         Peer("VIEWER", "viewer.example", 104, frozenset(Service), "reader"),
@@ -936,60 +962,69 @@ def test_get_peer_matches_the_sqlalchemy_reference(index: SqlIndex) -> None:
         Peer("NONE", "127.0.0.1/32", None, frozenset(), user_identity=UserIdentityMode.OPTIONAL),
     ]  # fmt: skip
     for peer in registered:
-        index.add_peer(peer)
+        repos.directory.add_peer(peer)
     for title in [p.ae_title for p in registered] + ["NOBODY", "", "modality", "MODALITY "]:
-        assert index.get_peer(title) == index._peer_reference(title)
-    assert [index.get_peer(p.ae_title) for p in registered] == registered
-    index.remove_peer("VIEWER")
-    assert index.get_peer("VIEWER") is None
+        assert repos.directory.get_peer(title) == repos.directory._peer_reference(title)
+    assert [repos.directory.get_peer(p.ae_title) for p in registered] == registered
+    repos.directory.remove_peer("VIEWER")
+    assert repos.directory.get_peer("VIEWER") is None
     narrowed = Peer("VIEWER", "viewer.example", 104, frozenset({Service.ECHO}))
-    index.add_peer(narrowed)
-    assert index.get_peer("VIEWER") == narrowed == index._peer_reference("VIEWER")
+    repos.directory.add_peer(narrowed)
+    assert repos.directory.get_peer("VIEWER") == narrowed == repos.directory._peer_reference("VIEWER")
 
 
-def test_users(index: SqlIndex) -> None:
-    index.add_user("admin", "$argon2id$hash", frozenset({"admin", "viewer"}), must_change_password=True)
+def test_users(repos: Repositories) -> None:
+    repos.directory.add_user(
+        "admin", "$argon2id$hash", frozenset({"admin", "viewer"}), must_change_password=True
+    )
     with pytest.raises(ConflictError):
-        index.add_user("admin", "x", frozenset())
-    assert index.get_user("admin") == UserRecord(
+        repos.directory.add_user("admin", "x", frozenset())
+    assert repos.directory.get_user("admin") == UserRecord(
         "admin", "$argon2id$hash", frozenset({"admin", "viewer"}), False, True
     )
-    assert index.get_user("nobody") is None
-    index.update_user("admin", password_hash="new", must_change_password=False, disabled=True)
-    assert index.get_user("admin") == UserRecord("admin", "new", frozenset({"admin", "viewer"}), True, False)
-    index.add_user("bob", "h", frozenset())
-    assert [u.name for u in index.list_users()] == ["admin", "bob"]
+    assert repos.directory.get_user("nobody") is None
+    repos.directory.update_user("admin", password_hash="new", must_change_password=False, disabled=True)
+    assert repos.directory.get_user("admin") == UserRecord(
+        "admin", "new", frozenset({"admin", "viewer"}), True, False
+    )
+    repos.directory.add_user("bob", "h", frozenset())
+    assert [u.name for u in repos.directory.list_users()] == ["admin", "bob"]
     with pytest.raises(NotFoundError):
-        index.update_user("nobody", disabled=True)
+        repos.directory.update_user("nobody", disabled=True)
 
 
-def test_tokens(index: SqlIndex) -> None:
+def test_tokens(repos: Repositories) -> None:
     import datetime as dt
 
     from safepacs.auth.tokens import check_token, issue_token
 
-    index.add_user("alice", "h", frozenset({"radiologist"}))
+    repos.directory.add_user("alice", "h", frozenset({"radiologist"}))
     issued = issue_token("alice", dt.timedelta(days=1), frozenset({"find"}))
-    index.add_token(issued.record)
-    assert index.get_token(issued.record.token_id) == issued.record
-    assert check_token(issued.token, index.get_token, index.get_user) is not None
-    assert [t.token_id for t in index.list_tokens("alice")] == [issued.record.token_id]
-    assert index.list_tokens("bob") == []
+    repos.directory.add_token(issued.record)
+    assert repos.directory.get_token(issued.record.token_id) == issued.record
+    assert check_token(issued.token, repos.directory.get_token, repos.directory.get_user) is not None
+    assert [t.token_id for t in repos.directory.list_tokens("alice")] == [issued.record.token_id]
+    assert repos.directory.list_tokens("bob") == []
     with pytest.raises(NotFoundError):
-        index.add_token(issue_token("bob", dt.timedelta(days=1)).record)
-    index.revoke_token(issued.record.token_id)
-    index.revoke_token(issued.record.token_id)  # revoking twice is harmless
-    revoked = index.get_token(issued.record.token_id)
+        repos.directory.add_token(issue_token("bob", dt.timedelta(days=1)).record)
+    repos.directory.revoke_token(issued.record.token_id)
+    repos.directory.revoke_token(issued.record.token_id)  # revoking twice is harmless
+    revoked = repos.directory.get_token(issued.record.token_id)
     assert revoked is not None and revoked.revoked_at is not None
-    assert check_token(issued.token, index.get_token, index.get_user) is None
+    assert check_token(issued.token, repos.directory.get_token, repos.directory.get_user) is None
     with pytest.raises(NotFoundError):
-        index.revoke_token("0000000000000000")
+        repos.directory.revoke_token("0000000000000000")
     later = issue_token("alice", dt.timedelta(hours=1))
-    index.add_token(later.record)
-    assert check_token(later.token, index.get_token, index.get_user, now=later.record.expires_at) is None
+    repos.directory.add_token(later.record)
+    assert (
+        check_token(
+            later.token, repos.directory.get_token, repos.directory.get_user, now=later.record.expires_at
+        )
+        is None
+    )
 
 
-def test_token_holder_agrees_with_token_and_user(index: SqlIndex) -> None:
+def test_token_holder_agrees_with_token_and_user(repos: Repositories) -> None:
     """Differential: the one-statement lookup a request makes (``get_token_holder``) gives what the token
     and user lookups give, for every way a token is refused and for a scoped user, and sees a revocation,
     a disabled user, and a changed scope on the very next check (nothing is cached)."""
@@ -999,56 +1034,56 @@ def test_token_holder_agrees_with_token_and_user(index: SqlIndex) -> None:
     from safepacs.types import Scope
 
     def both(token: str, now: dt.datetime | None = None) -> Any:
-        slow = check_token(token, index.get_token, index.get_user, now=now)
-        fast = check_token_holder(token, index.get_token_holder, now=now)
+        slow = check_token(token, repos.directory.get_token, repos.directory.get_user, now=now)
+        fast = check_token_holder(token, repos.directory.get_token_holder, now=now)
         assert fast == slow
         return fast
 
-    index.add_user("alice", "h", frozenset({"radiologist"}))
-    index.add_user("bob", "h", frozenset({"referrer"}))
+    repos.directory.add_user("alice", "h", frozenset({"radiologist"}))
+    repos.directory.add_user("bob", "h", frozenset({"referrer"}))
     alice = issue_token("alice", dt.timedelta(days=1), frozenset({"find"}))
     bob = issue_token("bob", dt.timedelta(days=1))
-    index.add_token(alice.record)
-    index.add_token(bob.record)
+    repos.directory.add_token(alice.record)
+    repos.directory.add_token(bob.record)
     found = both(alice.token)
     assert found is not None and found[1].name == "alice" and found[0].scopes == frozenset({"find"})
-    assert index.get_token_holder(alice.record.token_id) == (
-        index.get_token(alice.record.token_id),
-        index.get_user("alice"),
+    assert repos.directory.get_token_holder(alice.record.token_id) == (
+        repos.directory.get_token(alice.record.token_id),
+        repos.directory.get_user("alice"),
     )
-    assert index.get_token_holder("0000000000000000") is None
+    assert repos.directory.get_token_holder("0000000000000000") is None
     assert both("spat_0000000000000000_" + "A" * 43) is None  # unknown id
     assert both(alice.token[:-1] + ("B" if alice.token[-1] != "B" else "C")) is None  # wrong secret
     assert both("spat_" + alice.record.token_id) is None  # malformed
     assert both(alice.token, now=alice.record.expires_at) is None  # expired
-    index.set_user_scope("alice", Scope(modalities=frozenset({"CT"})))
+    repos.directory.set_user_scope("alice", Scope(modalities=frozenset({"CT"})))
     found = both(alice.token)
     assert found is not None and found[1].scope == Scope(modalities=frozenset({"CT"}))
-    index.set_user_scope("alice", None)
+    repos.directory.set_user_scope("alice", None)
     found = both(alice.token)
     assert found is not None and found[1].scope is None
-    index.update_user("alice", disabled=True)
+    repos.directory.update_user("alice", disabled=True)
     assert both(alice.token) is None  # a disabled user's token at once
-    index.update_user("alice", disabled=False)
+    repos.directory.update_user("alice", disabled=False)
     assert both(alice.token) is not None
-    index.revoke_token(alice.record.token_id)
+    repos.directory.revoke_token(alice.record.token_id)
     assert both(alice.token) is None  # a revoked token at once
     assert both(bob.token) is not None
 
 
 # Concurrency -------------------------------------------------------------------------------------------
 def _writer(url: str, study: str, series: str, worker: int, count: int) -> None:
-    ix = SqlIndex(url)
+    repos = open_repositories(url)
     try:
         for n in range(count):
             # Both workers create the same patient and study and their own series, interleaved.
             ds = instance(study, series, PatientID="SHARED", PatientName=f"W{worker}", InstanceNumber=n)
-            ix.add_instance(ds, blob(f"{worker}-{n}"), ELE)
+            repos.instances.add_instance(ds, blob(f"{worker}-{n}"), ELE)
     finally:
-        ix.close()
+        repos.close()
 
 
-def test_two_processes_write_concurrently(index: SqlIndex, db_url: str) -> None:
+def test_two_processes_write_concurrently(repos: Repositories, db_url: str) -> None:
     study = generate_uid()
     count = 40
     ctx = multiprocessing.get_context("spawn")
@@ -1058,10 +1093,10 @@ def test_two_processes_write_concurrently(index: SqlIndex, db_url: str) -> None:
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert index.count_instances() == 2 * count
-    (row,) = find(index, SR_, STUDY, StudyInstanceUID=study, NumberOfStudyRelatedSeries="")
+    assert repos.instances.count_instances() == 2 * count
+    (row,) = find(repos, SR_, STUDY, StudyInstanceUID=study, NumberOfStudyRelatedSeries="")
     assert row.NumberOfStudyRelatedSeries == 2
-    assert len(find(index, PR, PATIENT, PatientID="SHARED")) == 1
+    assert len(find(repos, PR, PATIENT, PatientID="SHARED")) == 1
 
 
 def _indexed_keys() -> list[tuple[int, str]]:

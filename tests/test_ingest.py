@@ -91,7 +91,7 @@ def test_a_truncated_data_set_is_refused_and_not_stored(data_dir: Path, cut: str
         principal = Principal(kind="peer", name="CT1", allow=frozenset({Service.STORE}))
         with pytest.raises(InvalidObjectError, match="truncated"):
             archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, body)
-        assert archive.index.get_instance(str(ds.SOPInstanceUID)) is None
+        assert archive.instances.get_instance(str(ds.SOPInstanceUID)) is None
         # Nor one whose data set names another instance than the request (its object was staged).
         with pytest.raises(InvalidObjectError, match="differs from the request"):
             archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), "1.2.3.4", ts, _whole(ds))

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from safepacs.db import SqlIndex, migrate
+from safepacs.app import open_repositories
+from safepacs.db.database import migrate
 from safepacs.db.sql import like_pattern
 from safepacs.dicom.attributes import ATTRIBUTES, REQUIRED_KEYS, SEQUENCES, UNIQUE_KEYS
 from safepacs.dicom.matching import (
@@ -632,17 +633,17 @@ def test_sql_matching_agrees_with_the_reference(tmp_path: Path) -> None:
     def check(data: st.DataObject, archive: list[dict[str, Any]]) -> None:
         path = tmp_path / f"db{next(counter)}.sqlite3"
         shutil.copyfile(template, path)
-        index = SqlIndex(f"sqlite:///{path}")
+        repos = open_repositories(f"sqlite:///{path}")
         try:
             for n, header in enumerate(headers(archive)):
-                index.add_instance(header, StoredBlob(f"b{n}", "k", "0" * 64, 1), ELE)
+                repos.instances.add_instance(header, StoredBlob(f"b{n}", "k", "0" * 64, 1), ELE)
             for _ in range(5):
                 model, level, keys = data.draw(queries(archive))
                 for keyword in _SHOWN:
                     if _LEVELS.index(KEYS[keyword][0]) <= _LEVELS.index(level):
                         keys.setdefault(keyword, "")
                 ident = identifier(level, **keys)
-                got = index.find(model, level, ident, None)
+                got = repos.instances.find(model, level, ident, None)
                 conditions = parse_identifier(model, level, ident).conditions
                 expected = [r for r in records(archive, level) if matches(conditions, r)]
                 key = UNIQUE_KEYS[level]
@@ -655,7 +656,7 @@ def test_sql_matching_agrees_with_the_reference(tmp_path: Path) -> None:
                             multi = keyword == "ModalitiesInStudy"
                             assert _shown(response[keyword].value, multi) == want[keyword], keyword
         finally:
-            index.close()
+            repos.close()
             path.unlink()
 
     check()

@@ -37,10 +37,9 @@ from pydicom.uid import (
 )
 from pynetdicom import build_context
 
-from safepacs.app import initialize, open_archive
+from safepacs.app import initialize, open_archive, open_repositories
 from safepacs.audit import EventID, Outcome
 from safepacs.config import load_settings
-from safepacs.db import SqlIndex
 from safepacs.dicom import nesting
 from safepacs.dicom.header import read_indexed_elements
 from safepacs.dicom.transcode import dataset_bytes
@@ -199,7 +198,7 @@ def test_items_at_level_32_are_stored_and_at_level_33_refused(data_dir: Path, en
             with pytest.raises(InvalidObjectError) as refused:
                 archive.ingest.ingest_dataset(STORE, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, body)
             assert str(refused.value) == TOO_DEEP, levels
-            assert archive.index.get_instance(str(ds.SOPInstanceUID)) is None
+            assert archive.instances.get_instance(str(ds.SOPInstanceUID)) is None
             # The same as a Part 10 file (import, STOW-RS).
             with pytest.raises(InvalidObjectError, match=TOO_DEEP):
                 archive.ingest.ingest_file(STORE, part10_of(ds, ts, body))
@@ -283,13 +282,13 @@ def put_directly(data: Path, part10: bytes, header: Dataset, ts: str) -> None:
     settings = load_settings(data)
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=False)
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
         sealed, key_id, tag = cipher.seal_noting(part10)
         blob = StoredBlob(blobs.put(sealed), key_id, hashlib.sha256(part10).hexdigest(), len(part10), tag)
-        index.add_instance(header, blob, ts)
+        repos.instances.add_instance(header, blob, ts)
     finally:
-        index.close()
+        repos.close()
 
 
 @dataclass
@@ -350,7 +349,7 @@ def test_c_store_answers_0xc000_for_items_below_level_32(served: Served, tmp_pat
     ds, ts, body = encoded_dataset(400, ENCODINGS[1])
     deepest = tmp_path / "deepest.dcm"
     deepest.write_bytes(part10_of(ds, ts, body))
-    capture = AuditCapture(SqlIndex(load_settings(srv.data).index_url))
+    capture = AuditCapture(open_repositories(load_settings(srv.data).index_url).audit_log)
     with associate(
         srv.port, [build_context(CTImageStorage, [ExplicitVRLittleEndian])], calling="CT1"
     ) as assoc:
@@ -360,11 +359,11 @@ def test_c_store_answers_0xc000_for_items_below_level_32(served: Served, tmp_pat
             rsp = assoc.send_c_store(sent)
             assert rsp.Status == 0xC000 and rsp.ErrorComment == TOO_DEEP
         assert assoc.send_c_store(make_ct()).Status == 0x0000  # the association goes on
-    index = SqlIndex(load_settings(srv.data).index_url)
+    repos = open_repositories(load_settings(srv.data).index_url)
     try:
-        assert index.get_instance(str(shallow.SOPInstanceUID)) is not None
-        assert index.get_instance(str(deeper.SOPInstanceUID)) is None
-        assert index.get_instance(str(ds.SOPInstanceUID)) is None
+        assert repos.instances.get_instance(str(shallow.SOPInstanceUID)) is not None
+        assert repos.instances.get_instance(str(deeper.SOPInstanceUID)) is None
+        assert repos.instances.get_instance(str(ds.SOPInstanceUID)) is None
         refused = [
             e
             for e in capture.events(EventID.INSTANCES_ACCESSED)
@@ -372,7 +371,7 @@ def test_c_store_answers_0xc000_for_items_below_level_32(served: Served, tmp_pat
         ]
         assert len(refused) == 2
     finally:
-        index.close()
+        repos.close()
 
 
 def test_stow_rs_refuses_each_part_nested_too_deeply(served: Served) -> None:
@@ -497,11 +496,11 @@ def test_an_object_stored_400_levels_deep_is_restored_after_deletion(data_dir: P
     finally:
         archive.close()
     assert run_cli("restore", str(ds.StudyInstanceUID), "--data", str(data_dir)) == 0
-    index = SqlIndex(load_settings(data_dir).index_url)
+    repos = open_repositories(load_settings(data_dir).index_url)
     try:
-        assert index.get_instance(str(ds.SOPInstanceUID)) is not None
+        assert repos.instances.get_instance(str(ds.SOPInstanceUID)) is not None
     finally:
-        index.close()
+        repos.close()
 
 
 def test_an_instance_pydicom_cannot_convert_is_a_clear_error_and_still_renders(served: Served) -> None:

@@ -23,21 +23,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
-    from safepacs.app import initialize
+    from safepacs.app import initialize, open_repositories
     from safepacs.auth.tokens import issue_token
-    from safepacs.db import SqlIndex
 
     data = tmp_path_factory.mktemp("fuzz") / "data"
     initialize(data)
     assert run_cli("user", "add", "fuzz", "--role", "admin", "--data", str(data)) == 0
-    index = SqlIndex(f"sqlite:///{data / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{data / 'index.sqlite3'}")
     try:
         import datetime as dt
 
         issued = issue_token("fuzz", dt.timedelta(hours=1))
-        index.add_token(issued.record)
+        repos.directory.add_token(issued.record)
     finally:
-        index.close()
+        repos.close()
     srv = start_server(data, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:
         yield srv, issued.token

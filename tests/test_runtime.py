@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from safepacs.app import Repositories
 from safepacs.auth.pki import create_ca, issue_certificate
-from safepacs.db import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct, part10_bytes
 from tests.test_audit_syslog import Receiver
@@ -57,14 +57,14 @@ def _eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> 
         time.sleep(0.05)
 
 
-def _trash_one(data_dir: Path, index: SqlIndex, tmp_path: Path) -> str:
+def _trash_one(data_dir: Path, repos: Repositories, tmp_path: Path) -> str:
     """Import an instance and put it in the trash, due for destruction already; its SOP Instance UID."""
     ds = make_ct()
     path = tmp_path / "ct.dcm"
     path.write_bytes(part10_bytes(ds))
     assert run_cli("import", str(path), "--data", str(data_dir)) == 0
     sop = str(ds.SOPInstanceUID)
-    assert index.trash_instances([sop], "admin", datetime.now(UTC) - timedelta(seconds=1)) == 1
+    assert repos.instances.trash_instances([sop], "admin", datetime.now(UTC) - timedelta(seconds=1)) == 1
     return sop
 
 
@@ -124,22 +124,22 @@ def supervisor(data_dir: Path) -> Iterator[Callable[..., _Supervisor]]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
 def test_the_trash_is_purged_without_an_https_listener(
-    data_dir: Path, index: SqlIndex, tmp_path: Path, supervisor: Callable[..., _Supervisor]
+    data_dir: Path, repos: Repositories, tmp_path: Path, supervisor: Callable[..., _Supervisor]
 ) -> None:
     """With no HTTPS listener, the trash whose retention has ended is still purged (it used to be
     purged by the HTTPS process only): at the jobs process's start, bytes and entry, with its audit
     record.  The supervisor runs a DIMSE worker and the jobs process, and stops cleanly."""
-    _trash_one(data_dir, index, tmp_path)
+    _trash_one(data_dir, repos, tmp_path)
     assert len(_objects(data_dir)) == 1
     sup = supervisor()
-    _eventually(lambda: index.list_trash() == [], "the purge")
+    _eventually(lambda: repos.instances.list_trash() == [], "the purge")
     assert _objects(data_dir) == []
     assert len(_children(sup.proc.pid)) == 2  # one DIMSE worker and the jobs process, no HTTPS one
     assert sup.stop() == 0
     log = sup.log()
     assert "trash purged" in log and "instances=1" in log, log
     assert "uvicorn" not in log and "Traceback" not in log, log
-    bodies = [r.body for r in index.audit_records()]
+    bodies = [r.body for r in repos.audit_log.audit_records()]
     assert any("1 instances destroyed from the trash after the retention period" in b for b in bodies)
 
 
@@ -183,17 +183,17 @@ def _jobs_pid(srv: Server) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
 def test_serve_restarts_its_jobs_process_which_purges_at_start(
-    data_dir: Path, index: SqlIndex, tmp_path: Path
+    data_dir: Path, repos: Repositories, tmp_path: Path
 ) -> None:
     """``safepacs serve`` runs the jobs in a process of its own, restarted like the others when it dies;
     the new one purges the trash at its start."""
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:
         jobs = _jobs_pid(srv)
-        _trash_one(data_dir, index, tmp_path)
+        _trash_one(data_dir, repos, tmp_path)
         os.kill(jobs, signal.SIGKILL)
         _eventually(lambda: "child=safepacs-jobs" in srv.stderr_text(), "the restart")
-        _eventually(lambda: index.list_trash() == [], "the purge")
+        _eventually(lambda: repos.instances.list_trash() == [], "the purge")
         assert _objects(data_dir) == []
     finally:
         assert srv.stop() == 0

@@ -18,8 +18,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
+from safepacs.app import open_repositories
 from safepacs.auth.tokens import issue_token
-from safepacs.db import SqlIndex
 from tests.conftest import Server, run_cli, start_server
 from tests.corpus import make_ct
 from tests.dicom_client import associate, c_find
@@ -84,14 +84,14 @@ def test_no_or_bad_credentials_answer_401_with_www_authenticate(
     _user(web.data, "alice", "radiologist", capsys)
     good = _token(web.data, "alice", capsys)
     token_id = good.split("_")[1]
-    index = SqlIndex(f"sqlite:///{web.data / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{web.data / 'index.sqlite3'}")
     try:
         expired = issue_token(
             "alice", dt.timedelta(hours=1), now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
         )
-        index.add_token(expired.record)
+        repos.directory.add_token(expired.record)
     finally:
-        index.close()
+        repos.close()
     revoked = _token(web.data, "alice", capsys)
     assert run_cli("token", "revoke", revoked.split("_")[1], "--data", str(web.data)) == 0
     with _client(web) as client:
@@ -479,7 +479,7 @@ def _stow_client_token(archive: object) -> str:
 
     add_user(archive, "tech", "technologist")  # type: ignore[arg-type]
     token = issue_token("tech", dt.timedelta(hours=1))
-    archive.index.add_token(token.record)  # type: ignore[attr-defined]
+    archive.directory.add_token(token.record)  # type: ignore[attr-defined]
     return token.token
 
 
@@ -508,13 +508,13 @@ def test_stow_rs_refuses_more_parts_than_allowed_whole_with_one_record(
     monkeypatch.setenv("SAFEPACS_SERVER__MAX_REQUEST_BYTES", "300000")
     with inprocess(data_dir) as (client, archive):
         headers = {"Authorization": f"Bearer {_stow_client_token(archive)}"}
-        capture = AuditCapture(archive.index)
+        capture = AuditCapture(archive.audit_log)
         body, ctype = _multipart_body([_file(make_ct()) for _ in range(5)])
         r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
         assert r.status_code == 413, r.text
         assert r.headers["content-type"] == "application/problem+json"
         assert "at most 4 instances" in r.json()["detail"]
-        assert archive.index.count_instances() == 0
+        assert archive.instances.count_instances() == 0
         assert [p for p in (data_dir / "objects").rglob("*") if p.is_file()] == []
         (event,) = capture.events()
         assert (event.event_id, event.action, event.outcome) == (
@@ -534,7 +534,7 @@ def test_stow_rs_refuses_more_parts_than_allowed_whole_with_one_record(
         body, ctype = _multipart_body([_file(make_ct(rows=16, cols=16)) for _ in range(4)])
         r = client.post("/dicomweb/studies", content=body, headers={**headers, "Content-Type": ctype})
         assert r.status_code == 200, r.text
-        assert archive.index.count_instances() == 4
+        assert archive.instances.count_instances() == 4
 
 
 def test_the_stow_part_limit_is_a_validated_setting(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -559,7 +559,7 @@ def test_stow_rs_refuses_non_dicom_parts_cheaply_with_one_record_per_request(dat
     good = make_ct(rows=16, cols=16, patient_id="STOW-1")
     with inprocess(data_dir) as (client, archive):
         headers = {"Authorization": f"Bearer {_stow_client_token(archive)}"}
-        capture = AuditCapture(archive.index)
+        capture = AuditCapture(archive.audit_log)
         parts = (
             [("text/plain", b"hello %d" % i) for i in range(10)]
             + [("application/dicom", b"\x00" * 200) for _ in range(10)]  # no "DICM" after the preamble
@@ -573,7 +573,7 @@ def test_stow_rs_refuses_non_dicom_parts_cheaply_with_one_record_per_request(dat
         failed = r.json()["00081198"]["Value"]
         assert len(failed) == 26 and {f["00081197"]["Value"][0] for f in failed} == {0xC000}
         assert len(r.json()["00081199"]["Value"]) == 1
-        assert archive.index.count_instances() == 1
+        assert archive.instances.count_instances() == 1
         events = capture.events()
         # The stored instance's own record, then the request's summary: nothing per refused part.
         assert [e.event_id for e in events] == [EventID.INSTANCES_ACCESSED, EventID.INSTANCES_TRANSFERRED]
@@ -615,8 +615,8 @@ def test_stow_rs_answers_an_instance_with_other_content_as_a_failure(data_dir: P
 
         assert stow(original).status_code == 200
         assert stow(original).status_code == 200  # the same bytes again: stored already, success
-        before = archive.index.get_instance(str(original.SOPInstanceUID))
-        capture = AuditCapture(archive.index)
+        before = archive.instances.get_instance(str(original.SOPInstanceUID))
+        capture = AuditCapture(archive.audit_log)
         r = stow(changed)
         assert r.status_code == 409, r.text
         (failed,) = r.json()["00081198"]["Value"]
@@ -632,7 +632,7 @@ def test_stow_rs_answers_an_instance_with_other_content_as_a_failure(data_dir: P
         assert r.status_code == 202, r.text
         assert [i["00081155"]["Value"] for i in r.json()["00081199"]["Value"]] == [[other.SOPInstanceUID]]
         assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC111]
-        assert archive.index.get_instance(str(original.SOPInstanceUID)) == before
+        assert archive.instances.get_instance(str(original.SOPInstanceUID)) == before
 
 
 def test_multipart_stream_sends_what_multipart_makes_in_batches() -> None:
@@ -809,7 +809,7 @@ def test_an_unexpected_failure_is_a_500_problem_with_the_security_headers(data_d
     try:
         add_user(archive, "rad", "radiologist")
         token = issue_token("rad", dt.timedelta(hours=1))
-        archive.index.add_token(token.record)
+        archive.directory.add_token(token.record)
 
         def broken_search(*_: object, **__: object) -> None:
             raise RuntimeError("secret internal state Doe^Jane")

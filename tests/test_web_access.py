@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
-from safepacs.db import SqlIndex
+from safepacs.app import open_repositories
 from tests import test_web
 from tests.conftest import Server, run_cli
 from tests.corpus import make_ct
@@ -176,12 +176,12 @@ def test_delete_is_soft_until_purged_and_only_for_those_allowed(
     _cli(web.data, "purge", "--now")
     assert "Purged 2 " in capsys.readouterr().err
     assert _objects(web.data) == stored - 2
-    index = SqlIndex(f"sqlite:///{web.data / 'index.sqlite3'}")
+    repos = open_repositories(f"sqlite:///{web.data / 'index.sqlite3'}")
     try:
-        assert index.list_trash() == []
-        assert index.count_instances() == 1
+        assert repos.instances.list_trash() == []
+        assert repos.instances.count_instances() == 1
     finally:
-        index.close()
+        repos.close()
 
 
 def test_peers_cannot_be_allowed_to_delete(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

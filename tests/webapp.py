@@ -64,7 +64,7 @@ def inprocess(data: Path) -> Iterator[tuple[AppClient, Archive]]:
 
 
 def add_user(archive: Archive, name: str, roles: str, *, must_change: bool = False) -> None:
-    archive.index.add_user(
+    archive.directory.add_user(
         name, hash_password(PASSWORD), frozenset(roles.split(",")), must_change_password=must_change
     )
 

@@ -22,7 +22,11 @@ from safepacs.auth.oidc import OidcVerifier
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
-from safepacs.db import SqlIndex, migrate
+from safepacs.db.auditlog import SqlAuditLog
+from safepacs.db.database import Database, migrate
+from safepacs.db.directory import SqlDirectory
+from safepacs.db.instances import SqlInstances
+from safepacs.db.ports import AuditLog, Directory, Instances
 from safepacs.errors import ConfigError, DataDirError
 from safepacs.services.admin import AdminService
 from safepacs.services.audit import Auditor
@@ -40,6 +44,7 @@ from safepacs.storage.space import AuditReserve, FreeSpace
 __all__ = [
     "Administration",
     "Archive",
+    "Repositories",
     "audit_reserve",
     "check_data_dir",
     "check_index_choice",
@@ -48,6 +53,7 @@ __all__ = [
     "initialize",
     "open_admin",
     "open_archive",
+    "open_repositories",
     "sqlite_database",
 ]
 
@@ -56,12 +62,35 @@ RESERVE_SUFFIX = "-audit-reserve"  # beside the SQLite index: index.sqlite3-audi
 INDEX_BACKEND_FILE = "index-backend"  # "postgresql" once the archive was opened on PostgreSQL
 
 
+@dataclass(frozen=True)
+class Repositories:
+    """One :class:`~safepacs.db.database.Database` and the repositories built on it (what the command
+    line opens without the rest of the archive, and tests)."""
+
+    db: Database
+    instances: SqlInstances
+    directory: SqlDirectory
+    audit_log: SqlAuditLog
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_repositories(url: str) -> Repositories:
+    """The database at ``url`` (its schema not created nor upgraded: :func:`migrate`) and its repositories."""
+    db = Database(url)
+    return Repositories(db, SqlInstances(db), SqlDirectory(db), SqlAuditLog(db))
+
+
 @dataclass
 class Archive:
     """Everything one process needs to serve: backends and the services built on them."""
 
     settings: Settings
-    index: SqlIndex
+    db: Database  # engines and transactions, shared by the repositories below
+    instances: Instances  # instance rows, queries, the trash
+    directory: Directory  # peers, users, tokens, logins, certificates, access rules
+    audit_log: AuditLog  # the audit trail's tables
     ingest: IngestService
     query: QueryService
     retrieve: RetrieveService
@@ -76,7 +105,7 @@ class Archive:
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
     def close(self) -> None:
-        self.index.close()
+        self.db.close()
 
 
 def check_data_dir(settings: Settings) -> None:
@@ -127,19 +156,25 @@ def open_archive(settings: Settings) -> Archive:
     """Open an initialised data directory: index, encrypted store, services."""
     check_data_dir(settings)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
+    instances = repos.instances
     cipher = EnvelopeCipher(FileKeyProvider(settings.keys_dir))
     blobs = FileBlobStore(settings.objects_dir, settings.data_dir / "tmp", fsync=settings.storage.fsync)
     reserve = audit_reserve(settings)
     space = free_space(settings, reserve)
-    trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve)
+    trail = AuditTrail(
+        repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file, reserve
+    )
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
-    gate = Gate(index, auditor)
+    gate = Gate(repos.directory, auditor)
     return Archive(
         settings=settings,
-        index=index,
+        db=repos.db,
+        instances=instances,
+        directory=repos.directory,
+        audit_log=repos.audit_log,
         ingest=IngestService(
-            index,
+            instances,
             blobs,
             cipher,
             auditor,
@@ -149,23 +184,23 @@ def open_archive(settings: Settings) -> Archive:
             space=space,
         ),
         query=QueryService(
-            index,
+            instances,
             auditor,
             gate,
             max_results=settings.query.max_results,
             max_scoped_results=settings.query.max_scoped_results,
             ae_title=settings.server.ae_title,
         ),
-        retrieve=RetrieveService(index, blobs, cipher, auditor, gate),
+        retrieve=RetrieveService(instances, blobs, cipher, auditor, gate),
         delete=DeleteService(
-            index, blobs, auditor, gate, retention=timedelta(days=settings.storage.retention_days)
+            instances, blobs, auditor, gate, retention=timedelta(days=settings.storage.retention_days)
         ),
-        restore=RestoreService(index, blobs, cipher, auditor),
-        logins=LoginService(index, cipher, settings.auth),
+        restore=RestoreService(instances, blobs, cipher, auditor),
+        logins=LoginService(repos.directory, cipher, settings.auth),
         oidc=OidcVerifier(settings.auth.oidc),
         gate=gate,
         auditor=auditor,
-        audits=AuditSearch(index, gate, auditor),
+        audits=AuditSearch(repos.audit_log, gate, auditor),
         space=space,
         reserve=reserve,
     )
@@ -175,12 +210,12 @@ def open_archive(settings: Settings) -> Archive:
 class Administration:
     """What the ``safepacs`` administrative commands use: the changes, and reading the audit trail."""
 
-    index: SqlIndex
+    repos: Repositories
     admin: AdminService
     trail: TrailService
 
     def close(self) -> None:
-        self.index.close()
+        self.repos.close()
 
 
 def open_admin(settings: Settings) -> Administration:
@@ -188,18 +223,24 @@ def open_admin(settings: Settings) -> Administration:
     are recorded on the trail whatever ``audit.record`` says; the key that seals TOTP secrets is read
     only when one is enrolled."""
     check_data_dir(settings)
-    index = SqlIndex(settings.index_url)
+    repos = open_repositories(settings.index_url)
     try:
-        trail = AuditTrail(index, Signer.load_or_create(settings.keys_dir), settings.audit_head_file)
+        trail = AuditTrail(
+            repos.audit_log, Signer.load_or_create(settings.keys_dir), settings.audit_head_file
+        )
     except BaseException:
-        index.close()
+        repos.close()
         raise
     auditor = Auditor(trail, settings.server.ae_title)  # enabled: administration is always recorded
     keys_dir = settings.keys_dir
+
+    def sealer() -> EnvelopeCipher:  # read only when a TOTP secret is enrolled
+        return EnvelopeCipher(FileKeyProvider(keys_dir))
+
     return Administration(
-        index,
-        AdminService(index, auditor, lambda: EnvelopeCipher(FileKeyProvider(keys_dir))),
-        TrailService(index, trail, settings.audit_head_file),
+        repos,
+        AdminService(repos.directory, repos.instances, auditor, sealer),
+        TrailService(repos.audit_log, trail, settings.audit_head_file),
     )
 
 
@@ -267,11 +308,13 @@ def initialize(data_dir: Path) -> str:
     write_private(db, b"")
     migrate(url)
     password = generate_password()
-    index = SqlIndex(url)
+    repos = open_repositories(url)
     try:
-        index.add_user("admin", hash_password(password), frozenset({"admin"}), must_change_password=True)
+        repos.directory.add_user(
+            "admin", hash_password(password), frozenset({"admin"}), must_change_password=True
+        )
     finally:
-        index.close()
+        repos.close()
     write_private(data_dir / ADMIN_PASSWORD_FILE, (password + "\n").encode())
     return password
 

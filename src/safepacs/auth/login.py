@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from safepacs.auth.passwords import hash_password, needs_rehash, verify_password
 from safepacs.auth.policy import ROLES
 from safepacs.auth.totp import Sealer, matching_step, open_secret
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Logins
 from safepacs.errors import AuthenticationError, ConfigError, IntegrityError
 from safepacs.records import SessionRecord, UserRecord
 
@@ -80,17 +80,17 @@ def _now() -> datetime:
 
 
 class LoginService:
-    """Logins, password changes and sessions over one index (see the module docstring); TOTP secrets are
-    enrolled by :meth:`safepacs.services.admin.AdminService.enrol_totp`."""
+    """Logins, password changes and sessions over the directory (see the module docstring); TOTP secrets
+    are enrolled by :meth:`safepacs.services.admin.AdminService.enrol_totp`."""
 
-    def __init__(self, index: SqlIndex, sealer: Sealer, settings: AuthSettings) -> None:
+    def __init__(self, directory: Logins, sealer: Sealer, settings: AuthSettings) -> None:
         unknown = sorted(set(settings.totp_required_roles) - set(ROLES))
         if unknown:
             known = ", ".join(ROLES)
             raise ConfigError(
                 f"setting 'auth.totp_required_roles' names unknown role {unknown[0]!r}; use {known}"
             )
-        self._index = index
+        self._directory = directory
         self._sealer = sealer
         self._settings = settings
         self._totp_roles = frozenset(settings.totp_required_roles)
@@ -101,7 +101,7 @@ class LoginService:
 
     # Login ------------------------------------------------------------------------------------------------
     def _failed(self, name: str, now: datetime) -> AuthenticationError:
-        locked = self._index.record_failed_login(
+        locked = self._directory.record_failed_login(
             name, limit=self._settings.max_failed_logins, lock_for=self._lock_for, now=now
         )
         if locked:
@@ -118,8 +118,8 @@ class LoginService:
             self._slots.release()
 
     def _check_factors(self, name: str, password: str, code: str | None, now: datetime) -> UserRecord:
-        user = self._index.get_user(name) if 0 < len(name) <= 256 else None
-        state = self._index.get_login_state(name) if user is not None else None
+        user = self._directory.get_user(name) if 0 < len(name) <= 256 else None
+        state = self._directory.get_login_state(name) if user is not None else None
         right = verify_password(user.password_hash if user is not None else None, password)
         if user is None or state is None or user.disabled:
             raise AuthenticationError(_FAILED)
@@ -141,11 +141,11 @@ class LoginService:
                 log.error("a stored TOTP secret could not be opened", extra={"user": name})
                 raise AuthenticationError(_FAILED) from None
             step = matching_step(secret, code or "", now=now.timestamp())
-            if step is None or not self._index.claim_totp_step(name, step):
+            if step is None or not self._directory.claim_totp_step(name, step):
                 raise self._failed(name, now)
-        self._index.record_login(name)
+        self._directory.record_login(name)
         if needs_rehash(user.password_hash):
-            self._index.update_user(name, password_hash=hash_password(password))
+            self._directory.update_user(name, password_hash=hash_password(password))
         return user
 
     def login(self, name: str, password: str, code: str | None = None) -> NewSession:
@@ -195,8 +195,10 @@ class LoginService:
             raise AuthenticationError("the new password must differ from the old one", code="weak_password")
         if before_change is not None:
             before_change()
-        self._index.update_user(name, password_hash=hash_password(new_password), must_change_password=False)
-        self._index.revoke_user_sessions(name, now)
+        self._directory.update_user(
+            name, password_hash=hash_password(new_password), must_change_password=False
+        )
+        self._directory.revoke_user_sessions(name, now)
         log.info("a user changed their password", extra={"user": name})
         return self._open(user, now)
 
@@ -206,7 +208,7 @@ class LoginService:
         record = SessionRecord(
             _digest(cookie), user.name, _digest(csrf), now, now, now + self._lifetime, None
         )
-        self._index.add_session(record)
+        self._directory.add_session(record)
         log.info("a user logged in", extra={"user": user.name})
         return NewSession(cookie, csrf, record, user)
 
@@ -215,20 +217,20 @@ class LoginService:
         if not _SECRET_RE.match(cookie):
             return None
         now = _now()
-        record = self._index.get_session(_digest(cookie))
+        record = self._directory.get_session(_digest(cookie))
         if record is None or record.revoked_at is not None:
             return None
         if now >= record.expires_at or now - record.last_seen_at >= self._idle:
             return None
-        user = self._index.get_user(record.user_name)
+        user = self._directory.get_user(record.user_name)
         if user is None or user.disabled or user.must_change_password:
             return None
         if user.roles & self._totp_roles:  # a role that needs TOTP may have been granted since the login
-            state = self._index.get_login_state(user.name)
+            state = self._directory.get_login_state(user.name)
             if state is None or state.totp_secret is None:
                 return None
         if now - record.last_seen_at >= _TOUCH_EVERY:
-            self._index.touch_session(record.id_sha256, now)
+            self._directory.touch_session(record.id_sha256, now)
         return record, user
 
     @staticmethod
@@ -237,5 +239,5 @@ class LoginService:
         return hmac.compare_digest(_digest(presented or ""), record.csrf_sha256)
 
     def logout(self, record: SessionRecord) -> None:
-        self._index.revoke_session(record.id_sha256, _now())
+        self._directory.revoke_session(record.id_sha256, _now())
         log.info("a user logged out", extra={"user": record.user_name})

@@ -87,8 +87,8 @@ def check_token_holder(
     now: dt.datetime | None = None,
 ) -> tuple[TokenRecord, UserRecord] | None:
     """:func:`check_token` with one lookup of the token and its user together
-    (:meth:`~safepacs.db.SqlIndex.get_token_holder`: one statement per request, not two transactions);
-    the same checks in the same order."""
+    (:meth:`~safepacs.db.ports.TokenHolders.get_token_holder`: one statement per request, not two
+    transactions); the same checks in the same order."""
     m = _TOKEN_RE.match(token)
     found = lookup(m.group(1)) if m else None
     record = found[0] if found is not None else None

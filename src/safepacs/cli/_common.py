@@ -72,7 +72,7 @@ def settings_of(
 @contextlib.contextmanager
 def _administration(args: argparse.Namespace) -> Iterator[Administration]:
     from safepacs.app import open_admin
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
 
     settings = settings_of(args)
     migrate(settings.index_url)

@@ -1,39 +1,25 @@
-"""Who sees which study, and deleted instances: user scopes, access groups, grants, the trash.
+"""Who sees which study: user scopes, study access groups, grants.
 
-A mixin of :class:`safepacs.db.SqlIndex` (it uses its ``_run`` transactions); the matching SQL
-that applies a scope to a query is :func:`safepacs.db.sql.visible_clause`.
+Part of the directory repository (:class:`safepacs.db.directory.SqlDirectory`, whose
+:class:`~safepacs.db.database.Database` runs its transactions); the matching SQL that applies a
+scope to a query is :func:`safepacs.db.sql.visible_clause`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
-from safepacs.db.schema import (
-    instances,
-    series,
-    studies,
-    study_grants,
-    study_groups,
-    trash,
-    user_scopes,
-    users,
-)
+from safepacs.db.database import Database
+from safepacs.db.schema import study_grants, study_groups, user_scopes, users
 from safepacs.errors import NotFoundError
-from safepacs.records import GrantRecord, TrashRecord
-from safepacs.types import Scope, StoredBlob
-
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
-    from safepacs.db.write import Writer
+from safepacs.records import GrantRecord
+from safepacs.types import Scope
 
 __all__ = ["AccessMixin", "scope_from_json", "scope_to_json"]
-
-_T = TypeVar("_T")
 
 
 def scope_to_json(scope: Scope) -> dict[str, Any]:
@@ -64,12 +50,9 @@ def _user_must_exist(conn: sa.Connection, name: str) -> None:
 
 
 class AccessMixin:
-    """Scopes, groups, grants and the trash (see the module docstring)."""
+    """Scopes, groups and grants (see the module docstring)."""
 
-    _instance_writer: Writer
-
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
-        raise NotImplementedError
+    _db: Database
 
     # Scopes -----------------------------------------------------------------------------------------------
     def set_user_scope(
@@ -86,7 +69,7 @@ class AccessMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     # Access groups ----------------------------------------------------------------------------------------
     def add_study_group(
@@ -108,7 +91,7 @@ class AccessMixin:
                 also(conn)
             return not found
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def remove_study_group(
         self, study_uid: str, group: str, *, also: Callable[[sa.Connection], object] | None = None
@@ -120,7 +103,7 @@ class AccessMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def list_study_groups(self, study_uid: str | None = None) -> list[tuple[str, str]]:
         """(study UID, group) pairs, for one study or all."""
@@ -133,7 +116,7 @@ class AccessMixin:
                 stmt = stmt.where(study_groups.c.study_instance_uid == study_uid)
             return [(r[0], r[1]) for r in conn.execute(stmt)]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     # Grants -----------------------------------------------------------------------------------------------
     def grant_study(
@@ -161,7 +144,7 @@ class AccessMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def revoke_grant(
         self, study_uid: str, user_name: str, *, also: Callable[[sa.Connection], object] | None = None
@@ -173,7 +156,7 @@ class AccessMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def list_grants(self, user_name: str | None = None) -> list[GrantRecord]:
         def work(conn: sa.Connection) -> list[GrantRecord]:
@@ -190,135 +173,4 @@ class AccessMixin:
                 for r in conn.execute(stmt).mappings()
             ]
 
-        return self._run(work, write=False)
-
-    # Trash ------------------------------------------------------------------------------------------------
-    def trash_instances(
-        self,
-        sop_instance_uids: Iterable[str],
-        deleted_by: str,
-        purge_after: datetime,
-        *,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> int:
-        """Take instances out of the index (with the series, study and patient rows they leave empty) and
-        keep their blobs in the trash until ``purge_after``; all or nothing.  Returns how many.
-        ``also`` runs in the same transaction (the deletion's audit record)."""
-        uids = sorted(set(sop_instance_uids))
-
-        def work(conn: sa.Connection) -> int:
-            now = datetime.now(UTC)
-            done = 0
-            for uid in uids:
-                row = (
-                    conn.execute(
-                        sa.select(
-                            instances,
-                            series.c.series_instance_uid,
-                            studies.c.study_instance_uid,
-                        )
-                        .select_from(
-                            instances.join(series, instances.c.series_pk == series.c.pk).join(
-                                studies, instances.c.study_pk == studies.c.pk
-                            )
-                        )
-                        .where(instances.c.sop_instance_uid == uid)
-                    )
-                    .mappings()
-                    .first()
-                )
-                if row is None:
-                    continue
-                conn.execute(
-                    sa.insert(trash).values(
-                        sop_instance_uid=uid,
-                        series_instance_uid=row["series_instance_uid"],
-                        study_instance_uid=row["study_instance_uid"],
-                        sop_class_uid=row["sop_class_uid"],
-                        transfer_syntax_uid=row["transfer_syntax_uid"],
-                        blob_id=row["blob_id"],
-                        key_id=row["key_id"],
-                        sha256=row["sha256"],
-                        size=row["size"],
-                        seal_tag=row["seal_tag"],
-                        deleted_by=deleted_by,
-                        deleted_at=now,
-                        purge_after=purge_after,
-                    )
-                )
-                self._instance_writer.remove(conn, row["pk"], row["series_pk"], row["study_pk"])
-                done += 1
-            if also is not None:
-                also(conn)
-            return done
-
-        return self._run(work, write=True)
-
-    def list_trash(self, *, due_before: datetime | None = None) -> list[TrashRecord]:
-        """The trash, oldest deletion first; only what is due for purging before ``due_before`` if given."""
-
-        def work(conn: sa.Connection) -> list[TrashRecord]:
-            stmt = sa.select(trash).order_by(trash.c.deleted_at, trash.c.pk)
-            if due_before is not None:
-                stmt = stmt.where(trash.c.purge_after <= due_before)
-            return [
-                TrashRecord(
-                    r["pk"],
-                    r["sop_instance_uid"],
-                    r["series_instance_uid"],
-                    r["study_instance_uid"],
-                    StoredBlob(r["blob_id"], r["key_id"], r["sha256"], r["size"], r["seal_tag"]),
-                    r["deleted_by"],
-                    _aware(r["deleted_at"]),
-                    _aware(r["purge_after"]),
-                )
-                for r in conn.execute(stmt).mappings()
-            ]
-
-        return self._run(work, write=False)
-
-    def restore_from_trash(self, pk: int, header: Dataset) -> bool:
-        """Put a trashed instance back in the index (its blob as it was) and drop its trash row, in one
-        transaction; False when an instance with its SOP Instance UID was stored since (it stays in
-        the trash).  ``header`` is the stored object's header."""
-        from safepacs.db.write import read_header
-
-        rows = read_header(header)
-
-        def work(conn: sa.Connection) -> bool:
-            r = conn.execute(sa.select(trash).where(trash.c.pk == pk)).mappings().first()
-            if r is None:
-                raise NotFoundError("this instance is not in the trash (purged or restored already)")
-            values = {
-                "transfer_syntax_uid": r["transfer_syntax_uid"],
-                "blob_id": r["blob_id"],
-                "key_id": r["key_id"],
-                "sha256": r["sha256"],
-                "size": r["size"],
-                "seal_tag": r["seal_tag"],
-            }
-            taken = sa.select(instances.c.pk).where(instances.c.sop_instance_uid == r["sop_instance_uid"])
-            if conn.execute(taken).first() is not None:
-                return False  # checked first: a failed add would leave its parent updates behind
-            self._instance_writer.add(conn, rows, values, datetime.now(UTC), replace=False)
-            conn.execute(sa.delete(trash).where(trash.c.pk == pk))
-            return True
-
-        return self._run(work, write=True)
-
-    def blob_in_use(self, blob_id: str) -> bool:
-        """Whether an indexed instance refers to ``blob_id`` (purge never destroys such bytes)."""
-
-        def work(conn: sa.Connection) -> bool:
-            stmt = sa.select(instances.c.pk).where(instances.c.blob_id == blob_id).limit(1)
-            return conn.execute(stmt).first() is not None
-
-        return self._run(work, write=False)
-
-    def forget_trash(self, pk: int) -> None:
-        """Drop one trash row (after its blob was destroyed)."""
-
-        def work(conn: sa.Connection) -> None:
-            conn.execute(sa.delete(trash).where(trash.c.pk == pk))
-
-        self._run(work, write=True)
+        return self._db.run(work, write=False)

@@ -1,18 +1,18 @@
-"""The audit trail's tables: append (hash chain, checkpoints), read, search, collector cursors.
+"""The audit log repository: append (hash chain, checkpoints), read, search, collector cursors.
 
-A mixin of :class:`safepacs.db.SqlIndex`.  :func:`append_events` also runs inside another
-write transaction (the index row of a stored instance and its audit record commit together, so
-recording costs no extra sync and neither exists without the other).  It leaves the new head of the
-chain in the connection's ``info`` under :data:`AUDIT_HEAD`; once the transaction has committed, the
-index hands that head to its :class:`HeadListener` (the head file, ``db/headfile.py``).
+:func:`append_events` also runs inside another repository's write transaction (the index row of a
+stored instance and its audit record commit together, so recording costs no extra sync and neither
+exists without the other).  It leaves the new head of the chain in the connection's ``info`` under
+:data:`~safepacs.db.database.AUDIT_HEAD`; once the transaction has committed, the
+:class:`~safepacs.db.database.Database` hands that head to its
+:class:`~safepacs.db.database.HeadListener` (the head file, ``db/headfile.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
 
 import sqlalchemy as sa
 
@@ -28,25 +28,12 @@ from safepacs.audit.chain import (
     chain_hash,
 )
 from safepacs.audit.events import AuditEvent, AuditFilter, canonical, search_keys
+from safepacs.db.database import AUDIT_HEAD, Database, HeadListener
 from safepacs.db.schema import audit_checkpoints, audit_cursors, audit_log, audit_refs, instances, trash
-from safepacs.errors import IndexError_
 
-__all__ = ["AUDIT_HEAD", "AuditLogMixin", "AuditSnapshot", "HeadListener", "append_events"]
+__all__ = ["AuditSnapshot", "SqlAuditLog", "append_events"]
 
-_T = TypeVar("_T")
 _AUDIT_LOCK = 0x5AFE_A0D1  # pg_advisory_xact_lock key: one appender at a time keeps the chain linear
-#: Where :func:`append_events` leaves ``(seq, hash)`` of the new head in ``Connection.info``.
-AUDIT_HEAD = "safepacs.audit_head"
-
-
-class HeadListener(Protocol):
-    """Told of each new head of the chain once its transaction has committed (``db/headfile.py``)."""
-
-    def committed(self, seq: int, digest: str, *, durable: bool) -> None:
-        """Records up to ``seq`` are committed; ``durable``: and synced to disk."""
-
-    def close(self) -> None:
-        """Write what is pending; the index closes after this."""
 
 
 # Built once: SQLAlchemy then finds their compiled forms in its cache (an instance's record is appended
@@ -109,7 +96,7 @@ def append_events(
 
 
 class AuditSnapshot:
-    """The whole trail as of one moment, read in one transaction (``SqlIndex.audit_snapshot``).  The
+    """The whole trail as of one moment, read in one transaction (``SqlAuditLog.audit_snapshot``).  The
     streams are to be closed (``close()``) before the transaction ends, read to the end or not."""
 
     def __init__(self, conn: sa.Connection) -> None:
@@ -145,22 +132,27 @@ class AuditSnapshot:
         return count
 
 
-class AuditLogMixin:
-    """Reading and writing the audit trail (see the module docstring)."""
+class SqlAuditLog:
+    """Reading and writing the audit trail on a :class:`~safepacs.db.database.Database` (see the module
+    docstring).  Thread-safe; one per process."""
 
-    _engine: sa.Engine
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
-    def _run(
-        self, work: Callable[[sa.Connection], _T], *, write: bool, relaxed: bool = False
-    ) -> _T:  # pragma: no cover
-        raise NotImplementedError
+    def set_audit_listener(self, listener: HeadListener | None) -> None:
+        """Who is told of each new head of the chain once it is committed (the head file)."""
+        self._db.set_audit_listener(listener)
+
+    def sync_audit(self) -> None:
+        """Make every committed audit record durable (those recorded "within a second" too)."""
+        self._db.sync_audit()
 
     def append_audit(
         self, events: Sequence[AuditEvent], signer: Signer, *, checkpoint: bool = False, durable: bool = True
     ) -> int:
         """Append events, committed before returning (and synced, unless ``durable`` is False: then
         within a second); the last sequence number."""
-        return self._run(
+        return self._db.run(
             lambda conn: append_events(conn, events, signer, checkpoint=checkpoint),
             write=True,
             relaxed=not durable,
@@ -170,16 +162,8 @@ class AuditLogMixin:
     def audit_snapshot(self) -> Iterator[AuditSnapshot]:
         """The trail as of one moment (a read transaction; PostgreSQL: REPEATABLE READ), for verifying
         records, search keys and checkpoints together while other processes append."""
-        try:
-            with self._engine.connect() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.execution_options(isolation_level="REPEATABLE READ")
-                with conn.begin():
-                    yield AuditSnapshot(conn)
-        except sa.exc.SQLAlchemyError as exc:
-            raise IndexError_(
-                f"the index database failed ({type(exc).__name__}); check that it is reachable"
-            ) from exc
+        with self._db.snapshot() as conn:
+            yield AuditSnapshot(conn)
 
     def audit_head(self) -> tuple[int, str] | None:
         """``(seq, hash)`` of the last record; None when the trail is empty."""
@@ -188,15 +172,15 @@ class AuditLogMixin:
             row = conn.execute(_HEAD).first()
             return None if row is None else (int(row[0]), str(row[1]))
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def audit_anchor(self) -> int | None:
         """The record where the head file began (its ``anchor`` row in ``audit_refs``); None: not yet."""
-        return self._run(lambda conn: conn.execute(_ANCHOR).scalar(), write=False)
+        return self._db.run(lambda conn: conn.execute(_ANCHOR).scalar(), write=False)
 
     def set_audit_anchor(self, seq: int) -> None:
         """Mark record ``seq`` as where the head file began."""
-        self._run(
+        self._db.run(
             lambda conn: conn.execute(
                 sa.insert(audit_refs).values(seq=seq, kind=ANCHOR_KIND, value=ANCHOR_VALUE)
             ),
@@ -215,7 +199,7 @@ class AuditLogMixin:
             )
             return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def audit_checkpoints(self) -> list[Checkpoint]:
         def work(conn: sa.Connection) -> list[Checkpoint]:
@@ -224,7 +208,7 @@ class AuditLogMixin:
                 Checkpoint(int(r["seq"]), r["hash"], r["signature"]) for r in conn.execute(stmt).mappings()
             ]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]:
         """Records matching every given filter, oldest first."""
@@ -254,7 +238,7 @@ class AuditLogMixin:
                 stmt = stmt.limit(limit)
             return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def get_audit_cursor(self, collector: str) -> int:
         def work(conn: sa.Connection) -> int:
@@ -263,7 +247,7 @@ class AuditLogMixin:
             ).first()
             return 0 if row is None else int(row[0])
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def set_audit_cursor(self, collector: str, seq: int) -> None:
         def work(conn: sa.Connection) -> None:
@@ -276,4 +260,4 @@ class AuditLogMixin:
             if done.rowcount == 0:
                 conn.execute(sa.insert(audit_cursors).values(collector=collector, seq=seq, updated_at=now))
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)

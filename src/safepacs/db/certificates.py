@@ -1,25 +1,24 @@
 """Client certificates of DICOM peers: issued by ``safepacs peer cert``, pinned with ``peer add --cert``,
 revoked with ``peer revoke-cert``.
 
-A mixin of :class:`safepacs.db.SqlIndex`.  Rows are keyed by the certificate's SHA-256 (of its DER
-encoding, lowercase hex) and are not tied to the peers table, so a revocation outlives the peer it
-was issued to and a certificate revoked once stays refused.
+Part of the directory repository (:class:`safepacs.db.directory.SqlDirectory`).  Rows are keyed by
+the certificate's SHA-256 (of its DER encoding, lowercase hex) and are not tied to the peers table,
+so a revocation outlives the peer it was issued to and a certificate revoked once stays refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
+from safepacs.db.database import Database
 from safepacs.db.schema import peer_certificates, peers
 from safepacs.records import CertificateRecord
 
 __all__ = ["CertificateMixin", "write_certificate"]
-
-_T = TypeVar("_T")
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -43,8 +42,7 @@ def _record(row: Any) -> CertificateRecord:
 class CertificateMixin:
     """Issued, pinned and revoked peer certificates (see the module docstring)."""
 
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
-        raise NotImplementedError
+    _db: Database
 
     def record_certificate(
         self,
@@ -67,7 +65,7 @@ class CertificateMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def revoke_certificates(
         self,
@@ -111,7 +109,7 @@ class CertificateMixin:
             )
             return int(conn.execute(stmt.values(revoked_at=now)).rowcount or 0)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def certificate_revoked(self, sha256: str) -> bool:
         """Whether the certificate with this SHA-256 was revoked."""
@@ -121,7 +119,7 @@ class CertificateMixin:
             row = conn.execute(sa.select(t.c.revoked_at).where(t.c.sha256 == sha256)).first()
             return row is not None and row[0] is not None
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def pinned_certificates(self) -> list[bytes]:
         """The PEM of every unrevoked certificate pinned for a registered peer (``peer add --cert``):
@@ -138,7 +136,7 @@ class CertificateMixin:
             )
             return [str(row[0]).encode("ascii") for row in conn.execute(stmt)]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def list_certificates(self, ae_title: str | None = None) -> list[CertificateRecord]:
         def work(conn: sa.Connection) -> list[CertificateRecord]:
@@ -148,7 +146,7 @@ class CertificateMixin:
                 stmt = stmt.where(t.c.ae_title == ae_title)
             return [_record(r) for r in conn.execute(stmt).mappings()]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
 
 def write_certificate(

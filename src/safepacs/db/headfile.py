@@ -83,10 +83,10 @@ class HeadFile:
     The index calls :meth:`committed` after each commit that appended audit records.  Thread-safe.
     """
 
-    def __init__(self, path: Path, signer: Signer, index: TrailDurability) -> None:
+    def __init__(self, path: Path, signer: Signer, audit_log: TrailDurability) -> None:
         self.path = path
         self._signer = signer
-        self._index = index
+        self._audit_log = audit_log
         self._mutex = threading.Lock()  # one writer per process at a time (flock is per open file)
         self._state = threading.Lock()  # guards the fields below
         self._fd: int | None = None
@@ -126,7 +126,7 @@ class HeadFile:
         if lazy is None:
             return
         try:
-            self._index.sync_audit()
+            self._audit_log.sync_audit()
         except Exception:
             with self._state:
                 if self._lazy is None or lazy[0] > self._lazy[0]:
@@ -196,9 +196,9 @@ class HeadFile:
     def _begin(self, seq: int) -> None:
         """The file is new: mark record ``seq`` as where it begins - or, when a record was marked
         before, the file was deleted: say so (``audit verify`` reports it) and go on anchoring."""
-        started = self._index.audit_anchor()
+        started = self._audit_log.audit_anchor()
         if started is None:
-            self._index.set_audit_anchor(seq)
+            self._audit_log.set_audit_anchor(seq)
             log.info("the audit trail's signed head file begins", extra={"seq": seq, "path": str(self.path)})
         else:
             log.error(

@@ -1,6 +1,6 @@
 """Local login state and browser sessions: failed-login counters, lockouts, TOTP secrets, sessions.
 
-A mixin of :class:`safepacs.db.SqlIndex` (it uses its ``_run`` transactions).  The index stores
+Part of the directory repository (:class:`safepacs.db.directory.SqlDirectory`).  It stores
 what it is given: TOTP secrets arrive sealed, sessions as the SHA-256 of their cookie and of their
 CSRF token; deciding what is valid is :mod:`safepacs.auth.login`'s job.  Counters and the TOTP
 replay guard are single ``UPDATE`` statements, so concurrent logins cannot both pass.
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
+from safepacs.db.database import Database
 from safepacs.db.schema import sessions, users
 from safepacs.errors import NotFoundError
 from safepacs.records import LoginState, SessionRecord
 
 __all__ = ["LoginMixin"]
 
-_T = TypeVar("_T")
 _KEEP_ENDED = timedelta(days=1)  # ended sessions are deleted a day after they end
 
 
@@ -44,8 +44,7 @@ def _session(row: Any) -> SessionRecord:
 class LoginMixin:
     """Login counters, TOTP secrets and sessions (see the module docstring)."""
 
-    def _run(self, work: Callable[[sa.Connection], _T], *, write: bool) -> _T:  # pragma: no cover
-        raise NotImplementedError
+    _db: Database
 
     # Login state ------------------------------------------------------------------------------------------
     def get_login_state(self, name: str) -> LoginState | None:
@@ -56,7 +55,7 @@ class LoginMixin:
                 return None
             return LoginState(int(row[0]), None if row[1] is None else _aware(row[1]), row[2])
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def record_failed_login(self, name: str, *, limit: int, lock_for: timedelta, now: datetime) -> bool:
         """Count a failed login of ``name``; at ``limit`` consecutive failures lock the account for
@@ -79,11 +78,11 @@ class LoginMixin:
             ).rowcount
             return bool(locked)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def record_login(self, name: str) -> None:
         """A successful login: the failure counter and any (expired) lock are cleared."""
-        self._run(
+        self._db.run(
             lambda conn: conn.execute(
                 sa.update(users).where(users.c.name == name).values(failed_logins=0, locked_until=None)
             ),
@@ -101,7 +100,7 @@ class LoginMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def set_totp_secret(
         self, name: str, sealed: str | None, *, also: Callable[[sa.Connection], object] | None = None
@@ -118,7 +117,7 @@ class LoginMixin:
             if also is not None:
                 also(conn)
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def claim_totp_step(self, name: str, step: int) -> bool:
         """Record that the code of time step ``step`` was used; False when that step or a later one
@@ -129,7 +128,7 @@ class LoginMixin:
             stmt = sa.update(users).where(users.c.name == name, fresh).values(totp_last_step=step)
             return bool(conn.execute(stmt).rowcount)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     # Sessions ---------------------------------------------------------------------------------------------
     def add_session(self, record: SessionRecord) -> None:
@@ -155,7 +154,7 @@ class LoginMixin:
                 )
             )
 
-        self._run(work, write=True)
+        self._db.run(work, write=True)
 
     def get_session(self, id_sha256: str) -> SessionRecord | None:
         def work(conn: sa.Connection) -> SessionRecord | None:
@@ -164,7 +163,7 @@ class LoginMixin:
             )
             return None if row is None else _session(row)
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def list_sessions(self, user_name: str) -> list[SessionRecord]:
         def work(conn: sa.Connection) -> list[SessionRecord]:
@@ -173,11 +172,11 @@ class LoginMixin:
             )
             return [_session(r) for r in conn.execute(stmt).mappings()]
 
-        return self._run(work, write=False)
+        return self._db.run(work, write=False)
 
     def touch_session(self, id_sha256: str, now: datetime) -> None:
         """Note activity on a session (its idle timeout counts from here)."""
-        self._run(
+        self._db.run(
             lambda conn: conn.execute(
                 sa.update(sessions).where(sessions.c.id_sha256 == id_sha256).values(last_seen_at=now)
             ),
@@ -193,12 +192,12 @@ class LoginMixin:
             )
             return bool(conn.execute(stmt.values(revoked_at=now)).rowcount)
 
-        return self._run(work, write=True)
+        return self._db.run(work, write=True)
 
     def revoke_user_sessions(self, user_name: str, now: datetime) -> int:
         """End every session of a user (new password, disabled account); how many were open."""
 
-        return self._run(lambda conn: revoke_sessions(conn, user_name, now), write=True)
+        return self._db.run(lambda conn: revoke_sessions(conn, user_name, now), write=True)
 
 
 def revoke_sessions(conn: sa.Connection, user_name: str, now: datetime) -> int:

@@ -12,7 +12,7 @@ The statements of adding are built once per :class:`Writer` and run with their p
 SQLAlchemy finds the compiled form in its cache instead of building and hashing a statement per call
 (replacing and deleting, rare, build theirs as they go).  Races between writers are left to the unique
 constraints (``ON CONFLICT DO NOTHING``, then a lookup of the winner's row) and, on PostgreSQL, to the
-retries of :class:`~safepacs.db.SqlIndex` (a foreign key race raises 23503).
+retries of :class:`~safepacs.db.database.Database` (a foreign key race raises 23503).
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ class Writer:
         *,
         replace: bool,
     ) -> StoredBlob | None:
-        """Index an instance (see :meth:`safepacs.db.SqlIndex.add_instance`); ``values`` are the
+        """Index an instance (see :meth:`safepacs.db.instances.SqlInstances.add_instance`); ``values`` are the
         instance columns that do not come from the header."""
         old: StoredBlob | None = None
         created = now

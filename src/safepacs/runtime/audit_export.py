@@ -62,7 +62,7 @@ from safepacs.config import AuditCollectorSettings, Settings
 from safepacs.errors import ConfigError, SafePacsError
 
 if TYPE_CHECKING:
-    from safepacs.db import SqlIndex
+    from safepacs.db.ports import AuditCursors
 
 try:  # Linux: the bytes of a TCP socket the peer has not acknowledged yet
     import fcntl
@@ -198,7 +198,7 @@ class Forwarder:
 
     def __init__(
         self,
-        index: SqlIndex,
+        audit_log: AuditCursors,
         collector: AuditCollectorSettings,
         source: AuditSource,
         *,
@@ -210,7 +210,7 @@ class Forwarder:
         hostname: str | None = None,
     ) -> None:
         self.collector = collector
-        self._index = index
+        self._audit_log = audit_log
         self._source = source
         self._signer = signer
         self._context = tls_context(collector, where)
@@ -227,10 +227,10 @@ class Forwarder:
         collector cannot be reached or the connection fails: the cursor then stays after the last
         record the collector acknowledged."""
         name = self.collector.name
-        cursor = self._index.get_audit_cursor(name)
+        cursor = self._audit_log.get_audit_cursor(name)
         sent = 0
         while True:
-            records = self._index.audit_records(cursor, self._batch)
+            records = self._audit_log.audit_records(cursor, self._batch)
             if not records:
                 return sent
             last = records[-1]
@@ -244,7 +244,7 @@ class Forwarder:
                 self._abort()
                 raise
             cursor = records[-1].seq
-            self._index.set_audit_cursor(name, cursor)
+            self._audit_log.set_audit_cursor(name, cursor)
             sent += len(records)
 
     def _message(self, record: StoredRecord, signed: SignedHead | None) -> bytes:
@@ -369,13 +369,15 @@ def check_collectors(settings: Settings) -> None:
         tls_context(collector, f"audit.collectors[{i}]")
 
 
-def start_forwarders(index: SqlIndex, settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+def start_forwarders(
+    audit_log: AuditCursors, settings: Settings, stop: threading.Event
+) -> list[threading.Thread]:
     """One daemon thread per configured collector, forwarding until ``stop`` is set."""
     source = _source(settings)
     signer = Signer.load_or_create(settings.keys_dir)
     threads = []
     for i, collector in enumerate(settings.audit.collectors):
-        forwarder = Forwarder(index, collector, source, signer=signer, where=f"audit.collectors[{i}]")
+        forwarder = Forwarder(audit_log, collector, source, signer=signer, where=f"audit.collectors[{i}]")
         thread = threading.Thread(
             target=forwarder.run,
             args=(stop, settings.audit.forward_interval),

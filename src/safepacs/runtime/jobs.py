@@ -49,7 +49,7 @@ def run_jobs(
     done = threading.Event()
     try:
         # The audit trail goes to the configured collectors from this process only (one thread each).
-        forwarders = start_forwarders(archive.index, settings, done)
+        forwarders = start_forwarders(archive.audit_log, settings, done)
         purger = threading.Thread(target=purge_loop, args=(archive, done), name="safepacs-purge", daemon=True)
         purger.start()
         stop.wait()

@@ -42,7 +42,7 @@ from safepacs._stop import CHILD_EXIT_MARGIN, STOP_SIGNALS, StopRequest
 from safepacs.app import Archive, open_archive
 from safepacs.audit.events import Participant
 from safepacs.config import Settings
-from safepacs.db import migrate
+from safepacs.db.database import migrate
 from safepacs.errors import ConfigError, SafePacsError
 from safepacs.protocols.dicomweb.server import run_https
 from safepacs.protocols.dimse.engine import check_pynetdicom
@@ -79,7 +79,7 @@ def prepare(settings: Settings) -> list[Peer]:
     migrate(settings.index_url)
     archive = open_archive(settings)
     try:
-        peers = archive.index.list_peers()
+        peers = archive.directory.list_peers()
         if archive.reserve is not None:
             archive.reserve.ensure()  # the audit trail's disk space: created, or refilled after use
     finally:

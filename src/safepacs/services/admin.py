@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from safepacs.audit.events import Participant
 from safepacs.auth.passwords import generate_password, hash_password
@@ -33,100 +33,9 @@ from safepacs.types import Peer, Scope
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-__all__ = ["AdminService", "AdminStore", "Change"]
+    from safepacs.db.ports import Directory, Instances
 
-
-class AdminStore(Protocol):
-    """What the service reads and writes (the directory of peers, users, tokens, certificates, scopes,
-    groups and grants; the trash).  Every write takes ``also``: run in its transaction."""
-
-    def get_peer(self, ae_title: str) -> Peer | None: ...
-    def list_peers(self) -> list[Peer]: ...
-    def add_peer(
-        self,
-        peer: Peer,
-        *,
-        pin: PinnedCertificate | None = None,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> None: ...
-    def remove_peer(
-        self, ae_title: str, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def record_certificate(
-        self,
-        sha256: str,
-        ae_title: str,
-        *,
-        source: str,
-        serial: str = "",
-        not_after: datetime | None = None,
-        pem: bytes | None = None,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> None: ...
-    def revoke_certificates(
-        self,
-        ae_title: str,
-        sha256: str | None = None,
-        *,
-        pinned: str | None = None,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> int: ...
-    def get_user(self, name: str) -> UserRecord | None: ...
-    def list_users(self) -> list[UserRecord]: ...
-    def add_user(
-        self,
-        name: str,
-        password_hash: str,
-        roles: frozenset[str],
-        *,
-        must_change_password: bool = False,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> None: ...
-    def update_user(
-        self,
-        name: str,
-        *,
-        password_hash: str | None = None,
-        roles: frozenset[str] | None = None,
-        disabled: bool | None = None,
-        must_change_password: bool | None = None,
-        end_sessions: datetime | None = None,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> None: ...
-    def unlock_user(self, name: str, *, also: Callable[[sa.Connection], object] | None = None) -> None: ...
-    def set_totp_secret(
-        self, name: str, sealed: str | None, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def add_token(
-        self, record: TokenRecord, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def list_tokens(self, user_name: str | None = None) -> list[TokenRecord]: ...
-    def revoke_token(
-        self, token_id: str, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def set_user_scope(
-        self, name: str, scope: Scope | None, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def add_study_group(
-        self, study_uid: str, group: str, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> bool: ...
-    def remove_study_group(
-        self, study_uid: str, group: str, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def list_study_groups(self, study_uid: str | None = None) -> list[tuple[str, str]]: ...
-    def grant_study(
-        self,
-        study_uid: str,
-        user_name: str,
-        expires_at: datetime | None,
-        *,
-        also: Callable[[sa.Connection], object] | None = None,
-    ) -> None: ...
-    def revoke_grant(
-        self, study_uid: str, user_name: str, *, also: Callable[[sa.Connection], object] | None = None
-    ) -> None: ...
-    def list_grants(self, user_name: str | None = None) -> list[GrantRecord]: ...
-    def list_trash(self, *, due_before: datetime | None = None) -> list[TrashRecord]: ...
+__all__ = ["AdminService", "Change"]
 
 
 @dataclass(frozen=True)
@@ -150,8 +59,11 @@ class AdminService:
     ``audit.record`` says (built enabled by the composition root); ``sealer`` makes the key that seals
     TOTP secrets, when one is enrolled."""
 
-    def __init__(self, store: AdminStore, auditor: Auditor, sealer: Callable[[], Sealer]) -> None:
+    def __init__(
+        self, store: Directory, instances: Instances, auditor: Auditor, sealer: Callable[[], Sealer]
+    ) -> None:
         self._store = store
+        self._instances = instances  # the trash's listing
         self._audit = auditor
         self._sealer = sealer
 
@@ -305,4 +217,4 @@ class AdminService:
 
     def trash(self) -> list[TrashRecord]:
         """Deleted instances whose bytes are still kept."""
-        return self._store.list_trash()
+        return self._instances.list_trash()

@@ -194,7 +194,7 @@ def facts_of(header: Dataset) -> StudyFacts:
 
 def study_facts(refs: Iterable[InstanceRef], patients: StudyPatients | None = None) -> list[StudyFacts]:
     """The studies of ``refs`` with their instance counts per SOP class, and their patients when
-    ``patients`` (the index's :meth:`~safepacs.db.SqlIndex.study_patients`) is given."""
+    ``patients`` (the index's :meth:`~safepacs.db.ports.Instances.study_patients`) is given."""
     by_study: dict[str, StudyFacts] = {}
     for ref in refs:
         by_study.setdefault(ref.study_uid, StudyFacts(ref.study_uid)).add(ref.sop_class_uid)

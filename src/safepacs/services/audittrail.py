@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from safepacs.audit.chain import SignedHead, Signer, Verification, verify_chain
 from safepacs.audit.events import AuditEvent, AuditFilter
 from safepacs.auth.policy import decide
-from safepacs.db import SqlIndex
 from safepacs.db.auditlog import append_events
 from safepacs.db.headfile import HeadFile, read_head_lines
+from safepacs.db.ports import AuditLog
 from safepacs.errors import AccessDenied, AuditError, DataDirError, SafePacsError
 from safepacs.services.audit import Auditor, actor
 from safepacs.services.gate import Gate
@@ -49,24 +49,24 @@ class AuditTrail:
     recorded (:mod:`safepacs.storage.space`)."""
 
     def __init__(
-        self, index: SqlIndex, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
+        self, audit_log: AuditLog, signer: Signer, head_file: Path, reserve: AuditReserve | None = None
     ) -> None:
-        self._index = index
+        self._audit_log = audit_log
         self.signer = signer
         self._reserve = reserve
-        self.head = HeadFile(head_file, signer, index)
-        index.set_audit_listener(self.head)
+        self.head = HeadFile(head_file, signer, audit_log)
+        audit_log.set_audit_listener(self.head)
 
     def record(self, *events: AuditEvent, checkpoint: bool = False, durable: bool = True) -> None:
         if not events:
             return
         try:
             try:
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+                self._audit_log.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
             except SafePacsError as exc:
                 if not self._released_for(exc):
                     raise
-                self._index.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
+                self._audit_log.append_audit(events, self.signer, checkpoint=checkpoint, durable=durable)
         except SafePacsError as exc:
             raise AuditError("the audit trail cannot be written; the request is refused") from exc
 
@@ -112,7 +112,7 @@ class MemoryAuditSink:
 
 
 def verify_trail(
-    index: SqlIndex,
+    audit_log: AuditLog,
     signer: Signer,
     head_file: Path,
     against: Sequence[SignedHead] = (),
@@ -123,7 +123,7 @@ def verify_trail(
     head file and the heads in ``against`` (exported earlier), streamed in one read transaction.
     ``now``: the time records that no signed head names yet are judged by (default: now)."""
     try:
-        return _verify(index, signer, head_file, against, now)
+        return _verify(audit_log, signer, head_file, against, now)
     except OSError as exc:
         raise DataDirError(
             f"the audit head file {head_file} cannot be read ({exc.strerror or type(exc).__name__})"
@@ -131,13 +131,13 @@ def verify_trail(
 
 
 def _verify(
-    index: SqlIndex, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
+    audit_log: AuditLog, signer: Signer, head_file: Path, against: Sequence[SignedHead], now: datetime | None
 ) -> Verification:
     try:
         size: int | None = head_file.stat().st_size  # before the snapshot: every line read names a
     except FileNotFoundError:  # record that the snapshot holds (a head follows its record's commit)
         size = None
-    with index.audit_snapshot() as snapshot:
+    with audit_log.audit_snapshot() as snapshot:
         checkpoints, holdings = snapshot.checkpoints(), snapshot.holdings()
         heads = None if size is None else read_head_lines(head_file, size)
         with closing(snapshot.rows()) as rows, closing(snapshot.refs()) as refs:
@@ -165,8 +165,8 @@ class AuditSearch:
     """The trail's search for the adapters (``GET /api/audit``): auditors and administrators only, each
     search itself recorded (110101 Audit Log Used) before its records are returned."""
 
-    def __init__(self, index: SqlIndex, gate: Gate, auditor: Auditor) -> None:
-        self._index = index
+    def __init__(self, audit_log: AuditLog, gate: Gate, auditor: Auditor) -> None:
+        self._audit_log = audit_log
         self._gate = gate
         self._audit = auditor
 
@@ -184,4 +184,4 @@ class AuditSearch:
         the requestor put it, for the record of the search."""
         self.admit(principal)
         self._audit.audit_used(actor(principal), asked)
-        return self._index.search_audit(where, limit)
+        return self._audit_log.search_audit(where, limit)

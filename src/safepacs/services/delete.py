@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.errors import NotFoundError
 from safepacs.services.audit import Auditor, StudyFacts, actor, study_facts
 from safepacs.services.gate import Gate
@@ -37,9 +37,9 @@ class DeleteService:
     """Soft-delete studies, series and instances; destroy them once their retention has passed."""
 
     def __init__(
-        self, index: SqlIndex, blobs: BlobStore, audit: Auditor, gate: Gate, *, retention: timedelta
+        self, instances: Instances, blobs: BlobStore, audit: Auditor, gate: Gate, *, retention: timedelta
     ) -> None:
-        self._index = index
+        self._instances = instances
         self._blobs = blobs
         self._audit = audit
         self._gate = gate
@@ -62,17 +62,17 @@ class DeleteService:
             identifier.SOPInstanceUID = sop_uid
             level = QueryLevel.IMAGE
         identifier.QueryRetrieveLevel = level.value
-        refs = self._index.instances_for(QueryModel.STUDY_ROOT, level, identifier, principal.scope)
+        refs = self._instances.instances_for(QueryModel.STUDY_ROOT, level, identifier, principal.scope)
         if not refs:
             raise NotFoundError("no such resource")
         purge_after = datetime.now(UTC) + self._retention
-        patients = self._index.study_patients if self._audit.enabled else None
+        patients = self._instances.study_patients if self._audit.enabled else None
         event = self._audit.deletion(
             actor(principal),
             study_facts(refs, patients),
             f"moved to the trash; destroyed after {purge_after:%Y-%m-%d}",
         )
-        done = self._index.trash_instances(
+        done = self._instances.trash_instances(
             (r.sop_instance_uid for r in refs), principal.name, purge_after, also=self._audit.writer(event)
         )
         log.info("instances deleted", extra={"instances": done, "by": principal.name})
@@ -85,7 +85,7 @@ class DeleteService:
         it (None: the archive's hourly purge)."""
         due = None if everything else (now or datetime.now(UTC))
         count = size = 0
-        records = self._index.list_trash(due_before=due)
+        records = self._instances.list_trash(due_before=due)
         if records:  # recorded first: bytes are never destroyed without a trace
             studies = [StudyFacts(uid) for uid in dict.fromkeys(r.study_instance_uid for r in records)]
             why = f"{len(records)} instances destroyed from the trash" + (
@@ -93,9 +93,9 @@ class DeleteService:
             )
             self._audit.record(self._audit.deletion(who, studies, why))
         for record in records:
-            if not self._index.blob_in_use(record.blob.blob_id):  # never the bytes of a live instance
+            if not self._instances.blob_in_use(record.blob.blob_id):  # never the bytes of a live instance
                 self._blobs.delete(record.blob.blob_id)
-            self._index.forget_trash(record.pk)
+            self._instances.forget_trash(record.pk)
             count += 1
             size += record.blob.size
         if count:

@@ -28,7 +28,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.db.write import InstanceRows, read_header
 from safepacs.dicom import nesting
 from safepacs.dicom.attributes import HEADER_TAGS
@@ -119,7 +119,7 @@ class IngestService:
 
     def __init__(
         self,
-        index: SqlIndex,
+        instances: Instances,
         blobs: BlobStore,
         cipher: EnvelopeCipher,
         audit: Auditor,
@@ -132,7 +132,7 @@ class IngestService:
     ) -> None:
         """``max_sequence_depth``: the deepest level a sequence item may be at
         (:mod:`safepacs.dicom.nesting`); what docs/conformance.md promises, not a setting."""
-        self._index = index
+        self._instances = instances
         self._audit = audit
         self._gate = gate
         self._blobs = blobs
@@ -358,9 +358,9 @@ class IngestService:
         keep = False
         try:
             try:
-                self._index.add_instance(c.rows, blob, c.transfer_syntax_uid, replace=False, also=stored)
+                self._instances.add_instance(c.rows, blob, c.transfer_syntax_uid, replace=False, also=stored)
             except ConflictError:
-                existing = self._index.get_instance(c.sop_instance_uid)
+                existing = self._instances.get_instance(c.sop_instance_uid)
                 if existing is not None and existing.blob.sha256 == digest:
                     if event is not None:
                         self._audit.record(event)
@@ -369,7 +369,7 @@ class IngestService:
                     return self._conflict(principal, c, facts, existing, imported=imported)
                 # Always recorded, first of its study or not: stored content was replaced.
                 replaced = self._audit.stored(principal, facts, imported=imported, replaced=True)
-                old = self._index.add_instance(
+                old = self._instances.add_instance(
                     c.rows, blob, c.transfer_syntax_uid, replace=True, also=self._audit.writer(replaced)
                 )
                 keep = True

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.errors import AuditError, SafePacsError
 from safepacs.services.audit import Auditor, query_text
 from safepacs.services.gate import Gate
@@ -55,7 +55,7 @@ class QueryService:
 
     def __init__(
         self,
-        index: SqlIndex,
+        instances: Instances,
         audit: Auditor,
         gate: Gate,
         *,
@@ -63,7 +63,7 @@ class QueryService:
         ae_title: str,
         max_scoped_results: int | None = None,
     ) -> None:
-        self._index = index
+        self._instances = instances
         self._audit = audit
         self._gate = gate
         self._max_results = max_results or None
@@ -91,7 +91,7 @@ class QueryService:
             principal,
             model,
             identifier,
-            lambda limit, scoped: self._index.find(
+            lambda limit, scoped: self._instances.find(
                 model, level, identifier, limit, principal.scope, scoped_limit=scoped
             ),
         )
@@ -117,7 +117,7 @@ class QueryService:
             principal,
             model,
             identifier,
-            lambda limit, scoped: self._index.find_encoded(
+            lambda limit, scoped: self._instances.find_encoded(
                 model,
                 level,
                 identifier,
@@ -169,7 +169,7 @@ class QueryService:
             self._record(principal, QIDO_RS, identifier, 0, None)
             return [], False
         try:
-            found = self._index.search(
+            found = self._instances.search(
                 level, identifier, page, offset, principal.scope, as_json=as_json, scoped_limit=scoped_page
             )
         except AuditError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import Participant
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.dicom import bulkdata
 from safepacs.errors import IntegrityError, NotFoundError
 from safepacs.records import TrashRecord
@@ -30,8 +30,10 @@ class RestoreReport:
 
 
 class RestoreService:
-    def __init__(self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor) -> None:
-        self._index = index
+    def __init__(
+        self, instances: Instances, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor
+    ) -> None:
+        self._instances = instances
         self._blobs = blobs
         self._cipher = cipher
         self._audit = audit
@@ -39,7 +41,7 @@ class RestoreService:
     def restore(self, study_uid: str, who: Participant) -> RestoreReport:
         """Restore every trashed instance of a study for ``who`` (recorded first);
         :class:`NotFoundError` when none is in the trash."""
-        records = [r for r in self._index.list_trash() if r.study_instance_uid == study_uid]
+        records = [r for r in self._instances.list_trash() if r.study_instance_uid == study_uid]
         if not records:
             raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
         headers = [(record, self._header(record)) for record in records]  # all checked before any change
@@ -49,7 +51,7 @@ class RestoreService:
         self._audit.restored(who, [facts])
         restored = kept = 0
         for record, header in headers:
-            if self._index.restore_from_trash(record.pk, header):
+            if self._instances.restore_from_trash(record.pk, header):
                 restored += 1
             else:
                 kept += 1

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from safepacs.audit.events import EventID, Participant
-from safepacs.db import SqlIndex
+from safepacs.db.ports import Instances
 from safepacs.errors import AuditError, IntegrityError, NotFoundError, SafePacsError
 from safepacs.services.audit import Auditor, StudyFacts, study_facts
 from safepacs.services.gate import Gate
@@ -32,9 +32,9 @@ class RetrieveService:
     """Find the instances a retrieve names and hand out their verified bytes."""
 
     def __init__(
-        self, index: SqlIndex, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor, gate: Gate
+        self, instances: Instances, blobs: BlobStore, cipher: EnvelopeCipher, audit: Auditor, gate: Gate
     ) -> None:
-        self._index = index
+        self._instances = instances
         self._blobs = blobs
         self._cipher = cipher
         self._audit = audit
@@ -61,7 +61,7 @@ class RetrieveService:
         caller still has checks to make and calls :meth:`record` once they pass."""
         self._gate.require(principal, action)
         try:
-            refs = self._index.instances_for(model, level, identifier, principal.scope)
+            refs = self._instances.instances_for(model, level, identifier, principal.scope)
         except AuditError:
             raise
         except SafePacsError as exc:
@@ -85,7 +85,7 @@ class RetrieveService:
         destination: Participant | None = None,
     ) -> None:
         """Record that ``refs`` are handed out (see :meth:`locate`)."""
-        patients = self._index.study_patients if self._audit.enabled else None
+        patients = self._instances.study_patients if self._audit.enabled else None
         self._audit.retrieved(principal, study_facts(refs, patients), event, destination=destination)
 
     def fetch(
@@ -125,7 +125,7 @@ class RetrieveService:
         destination: Participant | None,
         exc: IntegrityError,
     ) -> None:
-        patients = self._index.study_patients if self._audit.enabled else None
+        patients = self._instances.study_patients if self._audit.enabled else None
         (study,) = study_facts([ref], patients)
         self._audit.integrity_failed(principal, study, ref, event, destination=destination, why=str(exc))
 

@@ -25,16 +25,16 @@ from safepacs.services.audittrail import AuditTrail, verify_trail
 
 if TYPE_CHECKING:
     from safepacs.audit.events import AuditFilter
-    from safepacs.db import SqlIndex
+    from safepacs.db.ports import AuditLog
 
 __all__ = ["TrailService"]
 
 
 class TrailService:
-    """The audit trail of one index, read by ``reader`` (see the module docstring)."""
+    """The audit trail of one database, read by ``reader`` (see the module docstring)."""
 
-    def __init__(self, index: SqlIndex, trail: AuditTrail, head_file: Path) -> None:
-        self._index = index
+    def __init__(self, audit_log: AuditLog, trail: AuditTrail, head_file: Path) -> None:
+        self._audit_log = audit_log
         self._trail = trail
         self._head_file = head_file
 
@@ -60,12 +60,12 @@ class TrailService:
         """The signed head of the trail, recorded first so that it covers its own export (None: the
         trail is empty)."""
         self._used(reader, "head")
-        head = self._index.audit_head()
+        head = self._audit_log.audit_head()
         return None if head is None else self._trail.signer.head(*head)
 
     def verify(self, reader: Participant, against: Sequence[SignedHead] = ()) -> Verification:
         """Check the chain, its checkpoints, search keys and signed heads (``against``: exported earlier)."""
-        result = verify_trail(self._index, self._trail.signer, self._head_file, against)
+        result = verify_trail(self._audit_log, self._trail.signer, self._head_file, against)
         self._used(reader, "verify")
         return result
 
@@ -74,4 +74,4 @@ class TrailService:
     ) -> list[StoredRecord]:
         """The records matching ``where`` (``asked``: the filters as the reader gave them)."""
         self._used(reader, operation, asked)
-        return self._index.search_audit(where)
+        return self._audit_log.search_audit(where)

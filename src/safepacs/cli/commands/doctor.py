@@ -13,8 +13,8 @@ from safepacs.cli._common import UsageError, add_data_option
 from safepacs.cli.commands.scan import emit, output_options
 
 if TYPE_CHECKING:
+    from safepacs.app import Repositories
     from safepacs.cli._common import Subparsers
-    from safepacs.db import SqlIndex
 
 __all__ = ["register", "run"]
 
@@ -36,7 +36,7 @@ def register(sub: Subparsers) -> None:
     sp.set_defaults(handler=run)
 
 
-def _read_only_index(url: str) -> SqlIndex:
+def _read_only_repositories(url: str) -> Repositories:
     """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
     changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``,
     PostgreSQL sessions with ``default_transaction_read_only``."""
@@ -46,7 +46,7 @@ def _read_only_index(url: str) -> SqlIndex:
     from alembic.script import ScriptDirectory
 
     import safepacs.db
-    from safepacs.db import SqlIndex
+    from safepacs.app import open_repositories
     from safepacs.errors import IndexError_
 
     parsed = sa.make_url(url)
@@ -80,7 +80,7 @@ def _read_only_index(url: str) -> SqlIndex:
             f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
             "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
         )
-    return SqlIndex(url)
+    return open_repositories(url)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -99,12 +99,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise UsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
     check_index_choice(settings, record=False)  # the doctor writes nothing
-    index = _read_only_index(settings.index_url)
+    repos = _read_only_repositories(settings.index_url)
+    directory = repos.directory
     try:
-        peers = index.list_peers()
+        peers = directory.list_peers()
         accounts = []
-        for user in index.list_users():
-            state = index.get_login_state(user.name)
+        for user in directory.list_users():
+            state = directory.get_login_state(user.name)
             accounts.append(
                 AccountInfo(
                     user.name,
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 )
             )
     finally:
-        index.close()
+        repos.close()
     reserve = audit_reserve(settings)
     disk = DiskInfo(
         [(str(path), free, needed) for path, free, needed in free_space(settings, reserve).below()],

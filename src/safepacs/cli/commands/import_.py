@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
     from safepacs.services.audit import StoreBatch, operator
     from safepacs.types import IngestOutcome, Principal
 

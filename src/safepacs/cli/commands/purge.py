@@ -24,7 +24,7 @@ def register(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from safepacs.app import open_archive
-    from safepacs.db import migrate
+    from safepacs.db.database import migrate
     from safepacs.services.audit import operator
 
     settings = settings_of(args)
