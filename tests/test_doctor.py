@@ -180,13 +180,13 @@ def test_doctor_reads_the_index_without_changing_it(
 @pytest.mark.postgres
 def test_doctor_opens_postgresql_read_only(postgres_url: str) -> None:
     """On PostgreSQL the doctor's connection refuses writes, whatever code would try one."""
-    from safepacs.cli.commands.doctor import _read_only_repositories
+    from safepacs.app import open_repositories_read_only
     from safepacs.db.database import migrate
     from safepacs.errors import IndexError_
     from safepacs.types import Peer, Service
 
     migrate(postgres_url)
-    repos = _read_only_repositories(postgres_url)
+    repos = open_repositories_read_only(postgres_url)
     try:
         assert repos.directory.list_peers() == []  # reads work, in the test's own schema (options kept)
         with pytest.raises(IndexError_):

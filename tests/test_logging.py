@@ -74,7 +74,7 @@ def test_a_failing_request_logs_a_bounded_traceback_without_values(
     for secretive in (token_id, secret[:12], ROW_MARKER, QUERY_VALUE, HEADER_VALUE, USER, *LOCALS_MARKERS):
         assert secretive not in text, secretive
     assert "Invalid isoformat" not in text  # the ValueError's message: not logged
-    assert "safepacs/db/__init__.py" in text  # the frames are: where it failed
+    assert "safepacs/db/directory.py" in text  # the frames are: where it failed
     if log_format == "json":
         records = [json.loads(line) for line in added]  # one JSON object per line, nothing else
         (failure,) = [r for r in records if "exception" in r]

@@ -23,7 +23,7 @@ from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
 from safepacs.db.auditlog import SqlAuditLog
-from safepacs.db.database import Database, migrate
+from safepacs.db.database import MIGRATIONS, Database, migrate
 from safepacs.db.directory import SqlDirectory
 from safepacs.db.instances import SqlInstances
 from safepacs.db.ports import AuditLog, Directory, Instances
@@ -54,7 +54,9 @@ __all__ = [
     "open_admin",
     "open_archive",
     "open_repositories",
+    "open_repositories_read_only",
     "sqlite_database",
+    "upgrade_index",
 ]
 
 ADMIN_PASSWORD_FILE = "admin-password.txt"  # noqa: S105 - a file name, not a password
@@ -80,6 +82,56 @@ def open_repositories(url: str) -> Repositories:
     """The database at ``url`` (its schema not created nor upgraded: :func:`migrate`) and its repositories."""
     db = Database(url)
     return Repositories(db, SqlInstances(db), SqlDirectory(db), SqlAuditLog(db))
+
+
+def upgrade_index(settings: Settings) -> None:
+    """Create the index schema, or upgrade it to this SafePACS's (Alembic, serialized between processes)."""
+    migrate(settings.index_url)
+
+
+def open_repositories_read_only(url: str) -> Repositories:
+    """The index opened for reading only: its schema is checked, never created or upgraded (the doctor
+    changes nothing, and runs on a read-only data directory).  SQLite is opened with ``mode=ro``,
+    PostgreSQL sessions with ``default_transaction_read_only``."""
+    from urllib.parse import quote
+
+    import sqlalchemy as sa
+    from alembic.script import ScriptDirectory
+
+    from safepacs.errors import IndexError_
+
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = Path(parsed.database).resolve()
+        if not path.is_file():
+            raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
+        query = {**parsed.query, "mode": "ro", "uri": "true"}
+        parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
+    elif parsed.get_backend_name() == "postgresql":
+        # Every transaction of this connection read-only: the server refuses a write, whatever runs.
+        options = parsed.query.get("options", "")
+        options = " ".join(options) if isinstance(options, tuple) else options
+        read_only = f"{options} -c default_transaction_read_only=on".strip()
+        parsed = parsed.update_query_dict({"options": read_only})
+    url = parsed.render_as_string(hide_password=False)
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    engine = sa.create_engine(url, hide_parameters=True)
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.SQLAlchemyError as exc:
+        raise IndexError_(
+            f"the index cannot be read ({type(exc).__name__}): no schema, or index.url is wrong; "
+            "'safepacs doctor' does not create or change it"
+        ) from exc
+    finally:
+        engine.dispose()
+    if version != head:
+        raise IndexError_(
+            f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
+            "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
+        )
+    return open_repositories(url)
 
 
 @dataclass

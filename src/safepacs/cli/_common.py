@@ -71,11 +71,10 @@ def settings_of(
 
 @contextlib.contextmanager
 def _administration(args: argparse.Namespace) -> Iterator[Administration]:
-    from safepacs.app import open_admin
-    from safepacs.db.database import migrate
+    from safepacs.app import open_admin, upgrade_index
 
     settings = settings_of(args)
-    migrate(settings.index_url)
+    upgrade_index(settings)
     administration = open_admin(settings)
     try:
         yield administration

@@ -57,7 +57,7 @@ class HeadListener(Protocol):
 _BUSY_SECONDS = 30
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RETRIES = 8
-_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"  # the Alembic scripts, shipped in the package
 _MIGRATION_LOCK = 0x5AFE_9AC5  # pg_advisory_xact_lock key serializing concurrent migrations
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock not available, and the
 # foreign key / unique races of two writers creating or removing the same study at once.
@@ -126,7 +126,7 @@ def migrate(url: str) -> None:
     engine = _make_engine(url)
     try:
         config = Config()
-        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.set_main_option("script_location", str(MIGRATIONS))
         with engine.execution_options(safepacs_write=True).begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from safepacs._memory import keep_large_buffers, share_with_children
 from safepacs._net import bind_listener
 from safepacs._stop import CHILD_EXIT_MARGIN, STOP_SIGNALS, StopRequest
-from safepacs.app import Archive, open_archive
+from safepacs.app import Archive, open_archive, upgrade_index
 from safepacs.audit.events import Participant
 from safepacs.config import Settings
-from safepacs.db.database import migrate
 from safepacs.errors import ConfigError, SafePacsError
 from safepacs.protocols.dicomweb.server import run_https
 from safepacs.protocols.dimse.engine import check_pynetdicom
@@ -76,7 +75,7 @@ def prepare(settings: Settings) -> list[Peer]:
     one it was not checked with, unless ``server.unchecked_pynetdicom`` says so."""
     check_pynetdicom(allow_unchecked=settings.server.unchecked_pynetdicom)
     keep_large_buffers()  # before the workers fork: they inherit it
-    migrate(settings.index_url)
+    upgrade_index(settings)
     archive = open_archive(settings)
     try:
         peers = archive.directory.list_peers()

@@ -53,15 +53,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rich.progress import Progress
 
     from safepacs._memory import keep_large_buffers
-    from safepacs.app import open_archive
-    from safepacs.db.database import migrate
+    from safepacs.app import open_archive, upgrade_index
     from safepacs.services.audit import StoreBatch, operator
     from safepacs.types import IngestOutcome, Principal
 
     settings = settings_of(args)
     files = _iter_files(args.paths)
     keep_large_buffers()
-    migrate(settings.index_url)
+    upgrade_index(settings)
     archive = open_archive(settings)
     principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)
     batch = StoreBatch()

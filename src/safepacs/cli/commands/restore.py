@@ -24,12 +24,11 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from safepacs.app import open_archive
-    from safepacs.db.database import migrate
+    from safepacs.app import open_archive, upgrade_index
     from safepacs.services.audit import operator
 
     settings = settings_of(args)
-    migrate(settings.index_url)
+    upgrade_index(settings)
     archive = open_archive(settings)
     try:
         report = archive.restore.restore(study_uid(args.study_uid), operator("restore"))
