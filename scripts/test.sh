@@ -14,4 +14,5 @@ fi
 bash scripts/install.sh test
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"
