@@ -1,1 +1,1 @@
-"""SafePACS tests (a package so that ``from tests.corpus import ...`` works from the repo root)."""
+"""SafePACS tests (a package so that ``from tests.support.corpus import ...`` works from the repo root)."""

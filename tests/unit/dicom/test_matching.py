@@ -1,6 +1,6 @@
 """C-FIND matching rules (safepacs.dicom.matching) as a user of a query sees them: one identifier, one
-stored record, match or not; and the refusals a malformed identifier gets.  tests/test_matching.py holds
-the SQL translation against this reference; these are the rules themselves, case by case."""
+stored record, match or not; and the refusals a malformed identifier gets.
+tests/unit/db/test_sql_matching.py holds the SQL translation against this reference; these are the rules themselves, case by case."""
 
 from __future__ import annotations
 

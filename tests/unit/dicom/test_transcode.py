@@ -1,6 +1,6 @@
 """Transfer syntax conversion (safepacs.dicom.transcode), the parts that need no codec: reading the
 file meta, choosing a syntax, bounded inflation and the checks made on an image's header before any
-pixel is decoded.  tests/test_transcode.py converts the corpus itself."""
+pixel is decoded.  tests/unit/dicom/test_transcode_corpus.py converts the corpus itself."""
 
 from __future__ import annotations
 
