@@ -29,8 +29,8 @@ from safepacs.audit.chain import chain_hash, verify_chain
 from safepacs.audit.events import AuditFilter
 from safepacs.errors import AuditError
 from safepacs.services.audittrail import AuditTrail, MemoryAuditSink, verify_trail
-from tests.unit.db import test_index as ti
 from tests.conftest import run_cli
+from tests.unit.db import test_index as ti
 
 db_url, repos = ti.db_url, ti.repos
 

@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
-from tests.interop import test_web
 from tests.conftest import Server, run_cli
+from tests.interop import test_web
 from tests.interop.test_web import _client, _store, _token, _user
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import FIND_CONTEXTS, associate, c_find, c_get

@@ -2,8 +2,9 @@
 empty values as F.2.5 says, person names by their non-empty groups.
 
 Checked three ways: against the reference of tests/support/dicom_json.py on every file of the test
-corpus, on a data set holding every case, and with dicomweb-client against a running ``safepacs serve`` that was sent
-an object carrying group lengths (at the top and inside a sequence item) over DIMSE.
+corpus, on a data set holding every case, and with dicomweb-client against a running
+``safepacs serve`` that was sent an object carrying group lengths (at the top and inside a sequence
+item) over DIMSE.
 """
 
 from __future__ import annotations

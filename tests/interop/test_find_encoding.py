@@ -30,10 +30,10 @@ from safepacs.protocols.dimse.contexts import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
-from tests.unit.db import test_index as ti
 from tests.conftest import dcmtk, run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate
+from tests.unit.db import test_index as ti
 from tests.unit.db.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, item, query
 
 # The index fixtures of test_index: SQLite, and PostgreSQL when SAFEPACS_TEST_POSTGRES is set.

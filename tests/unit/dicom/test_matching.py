@@ -1,6 +1,7 @@
 """C-FIND matching rules (safepacs.dicom.matching) as a user of a query sees them: one identifier, one
 stored record, match or not; and the refusals a malformed identifier gets.
-tests/unit/db/test_sql_matching.py holds the SQL translation against this reference; these are the rules themselves, case by case."""
+tests/unit/db/test_sql_matching.py holds the SQL translation against this reference; these are
+the rules themselves, case by case."""
 
 from __future__ import annotations
 
