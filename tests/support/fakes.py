@@ -1,11 +1,11 @@
 """In-memory stand-ins for what the services call, for unit tests without a database.
 
-The services take the index (``SqlIndex`` today; repositories behind Protocols once issue 18 lands),
-a blob store, a cipher, an auditor and the gate.  Blob store, cipher and audit sink have in-memory
+The services take the instances repository (typed by :class:`safepacs.db.ports.Instances`), a blob
+store, a cipher, an auditor and the gate.  Blob store, cipher and audit sink have in-memory
 versions in ``src`` already (:class:`~safepacs.storage.MemoryBlobStore`,
 :class:`~safepacs.storage.EnvelopeCipher` over :class:`~safepacs.storage.MemoryKeyProvider`,
 :class:`~safepacs.services.audittrail.MemoryAuditSink`); the gate is the real one over
-:class:`EmptyDirectory` (the policy decides from the principal alone); the index is faked here.
+:class:`EmptyDirectory` (the policy decides from the principal alone); the instances repository is faked here.
 :class:`FakeIndex` has exactly the methods the query, retrieve, delete and restore services call,
 with the same signatures, and is typed structurally: it imports nothing of ``safepacs.db``.  It does
 no matching: it answers what a test put in it, filters instances by the unique keys a retrieve names,
