@@ -47,13 +47,13 @@ def _read_only_repositories(url: str) -> Repositories:
 
     import safepacs.db
     from safepacs.app import open_repositories
-    from safepacs.errors import IndexError_
+    from safepacs.errors import DatabaseError
 
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         path = Path(parsed.database).resolve()
         if not path.is_file():
-            raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
+            raise DatabaseError(f"the index {path} does not exist; 'safepacs doctor' does not create it")
         query = {**parsed.query, "mode": "ro", "uri": "true"}
         parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
     elif parsed.get_backend_name() == "postgresql":
@@ -69,14 +69,14 @@ def _read_only_repositories(url: str) -> Repositories:
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
     except sa.exc.SQLAlchemyError as exc:
-        raise IndexError_(
+        raise DatabaseError(
             f"the index cannot be read ({type(exc).__name__}): no schema, or index.url is wrong; "
             "'safepacs doctor' does not create or change it"
         ) from exc
     finally:
         engine.dispose()
     if version != head:
-        raise IndexError_(
+        raise DatabaseError(
             f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
             "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
         )
