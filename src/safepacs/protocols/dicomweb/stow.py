@@ -38,7 +38,7 @@ from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePa
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import DICOM_JSON, checked_uid
 from safepacs.services.audit import StoreBatch
-from safepacs.services.ingest import IngestService, SopClassMismatch
+from safepacs.services.ingest import IngestService, SopClassMismatch, SopInstanceMismatch
 from safepacs.types import IngestOutcome, Principal
 
 __all__ = ["TooManyParts", "make_router", "split_multipart"]
@@ -51,7 +51,7 @@ _TYPE_RE = re.compile(r'type\s*=\s*"?([^";\s]+)"?', re.IGNORECASE)
 # PS3.18 Table 10.5.3-2 and PS3.4 B.2.3 status codes used as Failure/Warning Reason
 _PROCESSING_FAILURE = 0x0110
 _OUT_OF_RESOURCES = 0xA700
-_SOP_CLASS_MISMATCH = 0xA900
+_SOP_CLASS_MISMATCH = 0xA900  # also for a mismatched SOP Instance UID
 _CANNOT_UNDERSTAND = 0xC000
 #: Its SOP Instance UID is stored with other content; not stored (as C-STORE answers, docs/conformance.md)
 _DIFFERENT_INSTANCE_STORED = 0xC111
@@ -139,7 +139,7 @@ _OTHER_STUDY = "not of the study named in the request's path"
 
 
 def _reason(exc: SafePacsError) -> int:
-    if isinstance(exc, SopClassMismatch):
+    if isinstance(exc, (SopClassMismatch, SopInstanceMismatch)):
         return _SOP_CLASS_MISMATCH
     if isinstance(exc, InvalidObjectError):
         return _CANNOT_UNDERSTAND
