@@ -20,7 +20,7 @@ from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.services.audittrail import AuditSearch
 from safepacs.types import Principal
 
-__all__ = ["make_router"]
+__all__ = ["audit_search_router"]
 
 MAX_ROWS = 10_000
 
@@ -35,7 +35,7 @@ def _when(text: str | None, name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def make_router(principal_of: Callable[[Request], Principal], audits: AuditSearch) -> APIRouter:
+def audit_search_router(principal_of: Callable[[Request], Principal], audits: AuditSearch) -> APIRouter:
     router = APIRouter()
 
     @router.get("/audit", summary="Search the audit trail (auditors)")

@@ -45,7 +45,7 @@ from safepacs.protocols.dicomweb.retrieval import (
 from safepacs.services.retrieve import RetrieveService
 from safepacs.types import Principal
 
-__all__ = ["check_frames", "load_instance", "make_router", "pixel_geometry"]
+__all__ = ["check_frames", "load_instance", "pixel_data_router", "pixel_geometry"]
 
 Choice = Literal["native", "stored"]
 _T = TypeVar("_T")
@@ -169,7 +169,7 @@ def _response(parts: Iterator[Part], part_type: str) -> StreamingResponse:
     return StreamingResponse(multipart_stream(parts, mark), media_type=multipart_media(part_type, mark))
 
 
-def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
+def pixel_data_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
     instance_path = "/studies/{study}/series/{series}/instances/{instance}"
 

@@ -37,7 +37,7 @@ from safepacs.types import Principal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_router"]
+__all__ = ["session_router"]
 
 _COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Strict"
 _MAX_BODY = 8 * 1024
@@ -96,7 +96,7 @@ def _opened(session: NewSession, idle_seconds: int) -> JSONResponse:
     return response
 
 
-def make_router(
+def session_router(
     principal_of: Callable[[Request], Principal], logins: LoginService, idle_seconds: int, audit: Auditor
 ) -> APIRouter:
     """The ``/api/session`` routes (mount under ``/api``).  Every login, failed login and logout is

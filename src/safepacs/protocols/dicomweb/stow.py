@@ -41,7 +41,7 @@ from safepacs.services.audit import StoreBatch
 from safepacs.services.ingest import IngestService, SopClassMismatch, SopInstanceMismatch
 from safepacs.types import IngestOutcome, Principal
 
-__all__ = ["TooManyParts", "make_router", "split_multipart"]
+__all__ = ["TooManyParts", "split_multipart", "stow_router"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _insufficient_storage() -> Problem:
     )
 
 
-def make_router(
+def stow_router(
     principal_of: Callable[[Request], Principal],
     ingest: IngestService,
     max_request_bytes: int,
