@@ -48,7 +48,7 @@ __all__ = [
     "TlsSession",
     "certificate_refusal",
     "ensure_client_certificate",
-    "session_of",
+    "tls_session_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class TlsSession:
     sha256: str | None
 
 
-def session_of(sock: Any) -> TlsSession | None:
+def tls_session_of(sock: Any) -> TlsSession | None:
     """The TLS session of a connected socket (None: a plain TCP connection)."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
