@@ -32,7 +32,7 @@ from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certific
 from safepacs.cli.commands.serve import plain_peer_warning
 from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
-from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode
+from safepacs.types import Peer, Principal, PrincipalKind, Service, TlsMode, UserIdentityMode
 from tests.audit_capture import AuditCapture
 from tests.conftest import Server, dcmtk, run_cli, start_server
 from tests.corpus import make_ct
@@ -624,7 +624,9 @@ def test_credentials_over_plain_dicom_from_the_network_are_refused() -> None:
         "WS1", "10.0.0.0/24", None, frozenset({Service.FIND}), tls=TlsMode.OFF,
         user_identity=UserIdentityMode.OPTIONAL,
     )  # fmt: skip
-    principal = Principal(kind="peer", name="WS1", allow=frozenset({Service.FIND}), address="10.0.0.9")
+    principal = Principal(
+        kind=PrincipalKind.PEER, name="WS1", allow=frozenset({Service.FIND}), address="10.0.0.9"
+    )
     never = SecureAdmission(authenticate=lambda *_: pytest.fail("must not be checked"))
     creds = Credentials(2, b"rad", b"secret", False)
     verdict = never.admit(peer, principal, "10.0.0.9", None, creds)

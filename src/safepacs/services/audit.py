@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
-from safepacs.types import InstanceRef, Principal
+from safepacs.types import InstanceRef, Principal, PrincipalKind
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -206,7 +206,7 @@ def study_facts(refs: Iterable[InstanceRef], patients: StudyPatients | None = No
 
 def actor(principal: Principal, role: str | None = None) -> Participant:
     """The requesting participant: a peer's AE title (and the person it acts for), a user, or a process."""
-    peer = principal.kind == "peer"
+    peer = principal.kind is PrincipalKind.PEER
     return Participant(
         user_id=principal.name,
         requestor=True,
