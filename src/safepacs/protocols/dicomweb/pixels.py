@@ -29,8 +29,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
 from safepacs.dicom import bulkdata
-from safepacs.dicom.bulkdata import NATIVE_MEDIA_TYPE, Geometry
-from safepacs.dicom.transcode import can_convert
+from safepacs.dicom.bulkdata import NATIVE_MEDIA_TYPE
+from safepacs.dicom.transcode import Geometry, can_convert
 from safepacs.errors import RetrieveError
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import acceptable, frame_numbers, media_ranges

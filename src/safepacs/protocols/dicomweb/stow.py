@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
 from fastapi import APIRouter, Request
@@ -105,8 +105,17 @@ def _item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
     return item
 
 
-def _uids(data: bytes) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study, Series Instance UID) of a part, best effort, for the response: from
+class _PartUids(NamedTuple):
+    """The UIDs of a STOW-RS part that its response item and Retrieve URL name ("" when unknown)."""
+
+    sop_class: str
+    sop_instance: str
+    study: str
+    series: str
+
+
+def _uids(data: bytes) -> _PartUids:
+    """The UIDs of a part, best effort, for the response: from
     the data set, else (a data set pydicom cannot read, e.g. nested too deeply) the SOP Class and
     Instance UID from the file meta, else none."""
     keys = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -115,17 +124,17 @@ def _uids(data: bytes) -> tuple[str, str, str, str]:
     except Exception:  # noqa: BLE001 - unreadable: the file meta alone, if it can be read
         return _meta_uids(data)
     a, b, c, d = (str(ds.get(k, "")) for k in keys)
-    return a, b, c, d
+    return _PartUids(a, b, c, d)
 
 
-def _meta_uids(data: bytes) -> tuple[str, str, str, str]:
+def _meta_uids(data: bytes) -> _PartUids:
     try:
         _, encoded = dataset_bytes(data)
         meta = pydicom.dcmread(BytesIO(data[: len(data) - len(encoded)])).file_meta
     except Exception:  # noqa: BLE001 - unreadable: the failure item carries no UIDs
-        return "", "", "", ""
+        return _PartUids("", "", "", "")
     keys = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
-    return str(meta.get(keys[0], "")), str(meta.get(keys[1], "")), "", ""
+    return _PartUids(str(meta.get(keys[0], "")), str(meta.get(keys[1], "")), "", "")
 
 
 def _is_part10(data: bytes) -> bool:
