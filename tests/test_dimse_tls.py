@@ -1,4 +1,4 @@
-"""DICOM TLS, mutual authentication and User Identity Negotiation against a running server (issue 4).
+"""DICOM TLS, mutual authentication and User Identity Negotiation against a running server.
 
 Real peers: DCMTK (``+tls key cert +cf ca``, ``storescu --user/--password/--jwt``), pynetdicom with
 ``tls_args`` and user identity items, and raw TLS clients for the protocol refusals.

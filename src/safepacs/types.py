@@ -108,7 +108,7 @@ class Peer:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which studies a restricted principal may see (issue 3).
+    """Which studies a restricted principal may see.
 
     A study is visible when it satisfies *every* attribute constraint (an institution among
     ``institutions`` in one of its series, a modality among ``modalities`` in one of its series, its

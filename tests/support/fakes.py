@@ -1,6 +1,6 @@
 """In-memory stand-ins for what the services call, for unit tests without a database.
 
-The services take the index (``SqlIndex`` today; repositories behind Protocols once issue 18 lands),
+The services take the instances repository (typed by the Protocols of ``safepacs.db.ports``),
 a blob store, a cipher, an auditor and the gate.  Blob store, cipher and audit sink have in-memory
 versions in ``src`` already (:class:`~safepacs.storage.MemoryBlobStore`,
 :class:`~safepacs.storage.EnvelopeCipher` over :class:`~safepacs.storage.MemoryKeyProvider`,

@@ -29,8 +29,9 @@ __all__ = [
     "user_principal",
 ]
 
-#: What each role may do (issue 3).  The services are the DIMSE ones; DICOMweb maps onto them
-#: (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants nothing.
+#: What each role may do (docs/security.md lists the roles).  The services are the DIMSE ones;
+#: DICOMweb maps onto them (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants
+#: nothing.
 ROLES: dict[str, frozenset[Service]] = {
     "admin": frozenset(Service),
     "radiologist": frozenset({Service.ECHO, Service.FIND, Service.GET, Service.MOVE, Service.STORE}),

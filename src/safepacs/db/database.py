@@ -146,8 +146,9 @@ class WriterTurns:
     """SQLite writers of every SafePACS process take turns through an ``flock`` on ``<index>-writers``.
 
     SQLite lets one writer in at a time; the others wait in its busy handler, which polls with sleeps
-    of 1, 2, 5, 10 ... ms, while a store's transaction holds the lock well under a millisecond plus
-    its commit's sync: at four associations the handler slept ~1,300 times per 1,000 instances.  The
+    of 1, 2, 5, 10 ... ms, while a store's transaction holds the lock far shorter than that plus its
+    commit's sync: at four associations the handler slept more often than instances were stored
+    (measured with bench/ingest.py).  The
     kernel wakes the next ``flock`` waiter the moment the lock is released.  Within a process the
     threads queue on a mutex first (``flock`` is per open file, not per thread).  Only the order and
     the waiting change: SQLite's own locking still guards the data, so a process without this (an

@@ -109,9 +109,10 @@ class SqlDirectory(AccessMixin, LoginMixin, CertificateMixin):
         """The peer registered under ``ae_title``, read afresh on every call (a peer removed or changed
         is refused or narrowed from the next association on: nothing is cached).  Every association
         asks this before it is admitted; on SQLite the statement goes to the driver directly (the
-        peers' columns are text and integers: nothing for SQLAlchemy to convert), which spares the
-        ~100 us of SQLAlchemy's statement machinery per association (bench/README.md, "Per-association
-        cost"); ``_peer_reference`` is the same lookup through SQLAlchemy, for the differential test."""
+        peers' columns are text and integers: nothing for SQLAlchemy to convert), which spares
+        SQLAlchemy's statement machinery on every association (measured in bench/README.md,
+        "Per-association cost"); ``_peer_reference`` is the same lookup through SQLAlchemy, for the
+        differential test."""
         if not self._db.sqlite:
             return self._peer_reference(ae_title)
 

@@ -1,4 +1,4 @@
-"""What each access path records: the services' and adapters' one way into the audit trail (issue 5).
+"""What each access path records: the services' and adapters' one way into the audit trail.
 
 :class:`Auditor` has one method per kind of access.  Each builds the PS3.15 A.5.3 event from the
 :class:`~safepacs.types.Principal` that acted (who, from which address, on what device: AE title, TLS

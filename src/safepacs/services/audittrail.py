@@ -1,4 +1,4 @@
-"""The audit trail: who touched which patient's data, when, from where, on what device (issue 5).
+"""The audit trail: who touched which patient's data, when, from where, on what device.
 
 :class:`AuditTrail` records :class:`~safepacs.audit.events.AuditEvent` values durably in the index
 database, hash-chained and checkpointed (``audit/chain.py``), *before* the response they describe

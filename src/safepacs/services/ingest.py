@@ -303,8 +303,9 @@ class IngestService:
         :class:`SopClassMismatch` with ``differs``' message for the SOP Instance UID or the SOP Class UID.
 
         The object is staged before the header is parsed: the disk writes it while the parse runs,
-        and the sync that makes it durable later waits less (on this VM ~150 -> ~75 us for a 10 KB
-        object).  A data set refused here leaves nothing: a staged object has no name."""
+        and the sync that makes it durable later waits less (about half as long for a 10 KB object,
+        measured with bench/ingest.py).  A data set refused here leaves nothing: a staged object has
+        no name."""
         part10 = _part10(sop_class_uid, sop_instance_uid, ts, encoded)
         sealed = self._seal(part10)
         try:
@@ -476,7 +477,7 @@ _IMPLEMENTATION = _uid(0x0012, IMPLEMENTATION_CLASS_UID) + _short(
 def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
     """Our File Meta Information (PS3.10 7.1), Explicit VR Little Endian, as pydicom's
     ``write_file_meta_info`` writes it (a test holds them equal).  Encoded here because pydicom's general
-    writer costs ~0.3-0.6 ms per instance, a tenth of the time a small instance may take to store."""
+    writer costs up to a tenth of the time a small instance may take to store (bench/README.md)."""
     body = b"".join(
         (
             _VERSION,

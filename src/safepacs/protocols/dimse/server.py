@@ -496,8 +496,8 @@ def run_worker(
     stop = StopRequest()
     stop.install()
     setup()
-    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (bench/README.md baseline) measured no better here,
-    # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
+    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms measured no better, and worse for 0.5 MB
+    # instances over 4 associations (bench/README.md, "Baseline measurements").
     archive = open_archive(settings)
     server = DimseServer(archive, listener, tls_listener, loads=loads, slot=slot)
     freeze_start_up()
