@@ -30,7 +30,7 @@ from safepacs.db.ports import AuditLog, Directory, Instances
 from safepacs.errors import ConfigError, DataDirError
 from safepacs.services.admin import AdminService
 from safepacs.services.audit import Auditor
-from safepacs.services.audittrail import AuditSearch, AuditTrail
+from safepacs.services.audittrail import AuditSearchService, AuditTrail
 from safepacs.services.delete import DeleteService
 from safepacs.services.gate import Gate
 from safepacs.services.ingest import IngestService
@@ -100,7 +100,7 @@ class Archive:
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     gate: Gate  # who may do what (every refusal recorded); who a peer, user or token is
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
-    audits: AuditSearch  # the trail's search for auditors (``/api/audit``), itself recorded
+    audits: AuditSearchService  # the trail's search for auditors (``/api/audit``), itself recorded
     space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
@@ -200,7 +200,7 @@ def open_archive(settings: Settings) -> Archive:
         oidc=OidcVerifier(settings.auth.oidc),
         gate=gate,
         auditor=auditor,
-        audits=AuditSearch(repos.audit_log, gate, auditor),
+        audits=AuditSearchService(repos.audit_log, gate, auditor),
         space=space,
         reserve=reserve,
     )
