@@ -11,7 +11,7 @@ of a stored patient (one match each), Study Root, alternating between the two se
 25 so that whatever else the machine does hits both alike.  With recording on, the first instance
 of each study in the association is recorded in the index transaction that stores it and the
 association's end sums up the rest; each association and each query is recorded (committed before
-the answer, synced within a second).  Target (issue 5): auditing costs under 10% of the throughput
+the answer, synced within a second).  Target: auditing costs under 10% of the throughput
 without it.  All traffic is on 127.0.0.1.
 """
 

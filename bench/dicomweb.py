@@ -1030,7 +1030,8 @@ def verdicts(
         )
     elif wrong:
         out.append(f"QIDO-RS: SafePACS gave {wrong} wrong answers -> FAILED")
-    # issue 17: >= 1.2x Orthanc behind nginx TLS (the same transport), >= 0.8x Orthanc's plain HTTP
+    # target (bench/README.md, first table): >= 1.2x Orthanc behind nginx TLS (the same transport),
+    # >= 0.8x Orthanc's plain HTTP
     goals = (("orthanc-https", "HTTPS through nginx", 1.2), ("orthanc", "plain HTTP", 0.8))
     for client in dict.fromkeys(c for c, _ in wado):
         sp = wado.get((client, "safepacs"))

@@ -72,7 +72,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 BENCH_USER = "bench"
 FLAT = 0.05  # growth after warm-up under which the curve counts as flat
-TARGET_MB = 200.0  # issue 17: SafePACS at rest, summed PSS
+TARGET_MB = 200.0  # target (bench/README.md, first table): SafePACS at rest, summed PSS
 LABELS = {"safepacs": "SafePACS", "orthanc": "Orthanc"}
 
 

@@ -24,7 +24,7 @@ measurement counts only if every storescu exited 0, every C-STORE was acknowledg
 Warning and the store holds exactly the instances sent.  The receivers alternate within each run (the
 order reversed every other run), so drift of the machine hits all alike.  All traffic is on 127.0.0.1.
 
-Targets: issue 4, TLS costs SafePACS under 15% of its plain throughput; issue 17, SafePACS over TLS
+Targets: TLS costs SafePACS under 15% of its plain throughput; SafePACS over TLS (bench/README.md)
 ingests >= 1.5x Orthanc over TLS on CT slices over 4 associations and >= 1.2x on 10 KB instances.
 """
 
@@ -78,8 +78,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
 
 PLAIN_AET, TLS_AET = "BENCH", "BENCHTLS"
-TARGET_COST = 0.15  # issue 4: TLS costs under 15% of the plain throughput
-#: issue 17: SafePACS over TLS against Orthanc over TLS, per (corpus, associations); None: no target
+TARGET_COST = 0.15  # target: TLS costs under 15% of the plain throughput
+#: Target (bench/README.md, first table): SafePACS over TLS against Orthanc over TLS, per (corpus,
+#: associations); None: no target
 TARGET_RATIO: dict[tuple[str, int], float] = {("CT 512", 4): 1.5, ("small 64", 1): 1.2, ("small 64", 4): 1.2}
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 170)

@@ -5,10 +5,11 @@ modules shared with the processes it forks.
 Storing a 0.5 MB CT slice makes about six buffers of its size (the received data set, the Part 10
 bytes, pydicom's pixel data, the ciphertext, the sealed object...).  glibc serves allocations that
 large with a fresh ``mmap`` each time and gives the memory back on ``free`` (or trims it off the top
-of the heap), so every buffer is paid for again in page faults and zeroed pages: measured here, 40%
-of the CPU of ingesting CT slices.  Raising the mmap threshold to 4 MiB and the trim threshold to
-64 MiB keeps those pages in the process for the next object; objects over 4 MiB are mapped as before,
-so what a worker holds on to stays bounded by the objects it handles at once.
+of the heap), so every buffer is paid for again in page faults and zeroed pages, a large share of the
+CPU of ingesting CT slices (measured in bench/README.md, "Ingest benchmark").  Raising the mmap
+threshold to 4 MiB and the trim threshold to 64 MiB keeps those pages in the process for the next
+object; objects over 4 MiB are mapped as before, so what a worker holds on to stays bounded by the
+objects it handles at once.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def freeze_start_up() -> None:
     """Leave what a server process made while starting (modules, pydicom's dictionaries, SQLAlchemy's
     compiled statements, the web app: hundreds of thousands of objects that live as long as the
     process) out of every later garbage collection.  Each full collection traversed them all and
-    held the GIL for ~100 ms: the slowest 2% of QIDO-RS searches at 100,000 studies took 106-140 ms
-    instead of 25-67 ms.  Call it once the process is ready to serve."""
+    held the GIL long enough to make the slowest 2% of QIDO-RS searches at 100,000 studies about twice
+    as slow (measured in bench/README.md, "DICOMweb benchmark").  Call it once the process is ready to
+    serve."""
     gc.collect()
     gc.freeze()
 

@@ -30,7 +30,7 @@ from safepacs.db.ports import AuditLog, Directory, Instances
 from safepacs.errors import ConfigError, DataDirError
 from safepacs.services.admin import AdminService
 from safepacs.services.audit import Auditor
-from safepacs.services.audittrail import AuditSearch, AuditTrail
+from safepacs.services.audittrail import AuditSearchService, AuditTrail
 from safepacs.services.delete import DeleteService
 from safepacs.services.gate import Gate
 from safepacs.services.ingest import IngestService
@@ -98,13 +98,13 @@ def open_repositories_read_only(url: str) -> Repositories:
     import sqlalchemy as sa
     from alembic.script import ScriptDirectory
 
-    from safepacs.errors import IndexError_
+    from safepacs.errors import DatabaseError
 
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         path = Path(parsed.database).resolve()
         if not path.is_file():
-            raise IndexError_(f"the index {path} does not exist; 'safepacs doctor' does not create it")
+            raise DatabaseError(f"the index {path} does not exist; 'safepacs doctor' does not create it")
         query = {**parsed.query, "mode": "ro", "uri": "true"}
         parsed = parsed.set(database=f"file:{quote(str(path))}", query=query)
     elif parsed.get_backend_name() == "postgresql":
@@ -120,14 +120,14 @@ def open_repositories_read_only(url: str) -> Repositories:
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
     except sa.exc.SQLAlchemyError as exc:
-        raise IndexError_(
+        raise DatabaseError(
             f"the index cannot be read ({type(exc).__name__}): no schema, or index.url is wrong; "
             "'safepacs doctor' does not create or change it"
         ) from exc
     finally:
         engine.dispose()
     if version != head:
-        raise IndexError_(
+        raise DatabaseError(
             f"the index schema is at revision {version}, this SafePACS expects {head}; 'safepacs doctor' "
             "does not change it: upgrade it with 'safepacs serve' (run once), then run the doctor again"
         )
@@ -152,7 +152,7 @@ class Archive:
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
     gate: Gate  # who may do what (every refusal recorded); who a peer, user or token is
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
-    audits: AuditSearch  # the trail's search for auditors (``/api/audit``), itself recorded
+    audits: AuditSearchService  # the trail's search for auditors (``/api/audit``), itself recorded
     space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
@@ -252,7 +252,7 @@ def open_archive(settings: Settings) -> Archive:
         oidc=OidcVerifier(settings.auth.oidc),
         gate=gate,
         auditor=auditor,
-        audits=AuditSearch(repos.audit_log, gate, auditor),
+        audits=AuditSearchService(repos.audit_log, gate, auditor),
         space=space,
         reserve=reserve,
     )

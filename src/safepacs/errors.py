@@ -14,8 +14,8 @@ for DIMSE status codes, the CLI's ``main`` for exit codes).
     ├── StorageError             the blob store failed (disk, permissions)
     │   ├── IntegrityError       stored bytes do not decrypt or do not match their hash
     │   └── StorageFullError     free disk space is below storage.min_free_bytes: stores are refused
-    ├── KeyError_                key material missing or unusable
-    ├── IndexError_              the index (database) failed
+    ├── KeyMaterialError         key material missing or unusable
+    ├── DatabaseError            the index (database) failed
     ├── ConflictError            same SOP Instance UID, different bytes, overwrite off
     ├── NotFoundError            a peer, user or object that does not exist
     ├── QueryError               a C-FIND identifier that cannot be answered
@@ -38,11 +38,11 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DataDirError",
+    "DatabaseError",
     "IdentityProviderError",
-    "IndexError_",
     "IntegrityError",
     "InvalidObjectError",
-    "KeyError_",
+    "KeyMaterialError",
     "NotFoundError",
     "QueryError",
     "QueryLimitError",
@@ -85,15 +85,15 @@ class StorageFullError(StorageError):
     stored can still be read and each read recorded."""
 
 
-class KeyError_(SafePacsError):
+class KeyMaterialError(SafePacsError):
     """Key material is missing or unusable."""
 
 
-class IndexError_(SafePacsError):
+class DatabaseError(SafePacsError):
     """The index database failed."""
 
 
-class UnsyncedCommitError(IndexError_):
+class UnsyncedCommitError(DatabaseError):
     """A write was committed to the index but could not be synced to disk: not known to be durable.
 
     Unlike other index errors, what the write refers to (a stored object) must be kept."""

@@ -12,6 +12,7 @@ __all__ = [
     "InstanceRef",
     "Peer",
     "Principal",
+    "PrincipalKind",
     "QueryLevel",
     "QueryModel",
     "Scope",
@@ -107,7 +108,7 @@ class Peer:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which studies a restricted principal may see (issue 3).
+    """Which studies a restricted principal may see.
 
     A study is visible when it satisfies *every* attribute constraint (an institution among
     ``institutions`` in one of its series, a modality among ``modalities`` in one of its series, its
@@ -127,6 +128,14 @@ class Scope:
         return bool(self.institutions or self.modalities or self.referring_physician)
 
 
+class PrincipalKind(enum.StrEnum):
+    """Who a :class:`Principal` is; a string enum, so logs and JSON show the same words as before."""
+
+    PEER = "peer"  # a DIMSE peer (AE title)
+    USER = "user"  # a person: token, OIDC, session
+    SYSTEM = "system"  # SafePACS itself (``safepacs import``, tests)
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is acting: a DIMSE peer, a person (by token, OIDC or session), or the system itself.
@@ -134,7 +143,7 @@ class Principal:
     ``scope`` None means unrestricted: every study the services in ``allow`` reach.
     """
 
-    kind: str  # "peer", "user", "system"
+    kind: PrincipalKind
     name: str
     roles: frozenset[str] = frozenset()
     allow: frozenset[Service] = frozenset()

@@ -182,14 +182,14 @@ def test_doctor_opens_postgresql_read_only(postgres_url: str) -> None:
     """On PostgreSQL the doctor's connection refuses writes, whatever code would try one."""
     from safepacs.app import open_repositories_read_only
     from safepacs.db.database import migrate
-    from safepacs.errors import IndexError_
+    from safepacs.errors import DatabaseError
     from safepacs.types import Peer, Service
 
     migrate(postgres_url)
     repos = open_repositories_read_only(postgres_url)
     try:
         assert repos.directory.list_peers() == []  # reads work, in the test's own schema (options kept)
-        with pytest.raises(IndexError_):
+        with pytest.raises(DatabaseError):
             repos.directory.add_peer(Peer("CT1", "127.0.0.1", 104, frozenset({Service.STORE})))
     finally:
         repos.close()

@@ -93,8 +93,8 @@ def _deep(n: int) -> None:
 
 def _chained() -> None:
     """A KeyError 300 frames deep, raised from as a RuntimeError, during whose handling an
-    IndexError_ (a SafePACS error) happens: three exceptions, each with patient data but the last."""
-    from safepacs.errors import IndexError_
+    DatabaseError (a SafePACS error) happens: three exceptions, each with patient data but the last."""
+    from safepacs.errors import DatabaseError
 
     try:
         try:
@@ -102,7 +102,7 @@ def _chained() -> None:
         except KeyError as exc:
             raise RuntimeError("while reading Doe^Jane") from exc
     except RuntimeError:
-        raise IndexError_("the index database failed (OperationalError)")  # noqa: B904
+        raise DatabaseError("the index database failed (OperationalError)")  # noqa: B904
 
 
 def test_a_chain_of_deep_exceptions_renders_in_a_bounded_number_of_lines() -> None:
@@ -122,7 +122,7 @@ def test_a_chain_of_deep_exceptions_renders_in_a_bounded_number_of_lines() -> No
         "During handling of the above exception, another exception occurred:",
         "Traceback (frames only; values and messages are not logged):",
         # SafePACS's own errors say what failed (their messages never carry PHI); others only their type.
-        "safepacs.errors.IndexError_: the index database failed (OperationalError)",
+        "safepacs.errors.DatabaseError: the index database failed (OperationalError)",
     ]
     assert "frames not shown" in lines[1]
     disk = OSError(28, "No space left on device", "/scans/Doe^Jane.dcm")

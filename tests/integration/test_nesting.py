@@ -46,7 +46,7 @@ from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import InvalidObjectError
 from safepacs.services.ingest import file_meta
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
-from safepacs.types import IngestOutcome, Principal, Service, StoredBlob
+from safepacs.types import IngestOutcome, Principal, PrincipalKind, Service, StoredBlob
 from tests.conftest import Server, run_cli, start_server
 from tests.interop.test_web import _client, _multipart_body, _parts
 from tests.support.audit_capture import AuditCapture
@@ -56,7 +56,7 @@ from tests.support.dicom_client import associate, c_get
 TOO_DEEP = "the data set is nested deeper than 32 sequence levels"
 CONTENT = 0x0040A730  # Content Sequence
 _UNDEFINED = 0xFFFFFFFF
-STORE = Principal(kind="peer", name="CT1", allow=frozenset({Service.STORE}))
+STORE = Principal(kind=PrincipalKind.PEER, name="CT1", allow=frozenset({Service.STORE}))
 
 
 # Building nested data sets ---------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_an_object_stored_400_levels_deep_is_restored_after_deletion(data_dir: P
     put_directly(data_dir, part10_of(ds, ts, body), ds, ts)
     archive = open_archive(load_settings(data_dir))
     try:
-        admin = Principal(kind="system", name="test", allow=frozenset(Service))
+        admin = Principal(kind=PrincipalKind.SYSTEM, name="test", allow=frozenset(Service))
         assert archive.delete.delete(admin, str(ds.StudyInstanceUID)) == 1
     finally:
         archive.close()

@@ -28,7 +28,7 @@ from safepacs.auth.pki import (
     issue_certificate,
     write_private,
 )
-from safepacs.errors import DataDirError, KeyError_
+from safepacs.errors import DataDirError, KeyMaterialError
 
 
 @dataclass(frozen=True)
@@ -198,13 +198,13 @@ def test_validity_days_and_ca_expiry(ca: Pair) -> None:
 
 
 def test_mismatched_or_unusable_ca_material(ca: Pair, other_ca: Pair, server: Pair) -> None:
-    with pytest.raises(KeyError_, match="does not belong"):
+    with pytest.raises(KeyMaterialError, match="does not belong"):
         issue_certificate(ca.cert, other_ca.key, "x")
-    with pytest.raises(KeyError_, match="not a CA"):
+    with pytest.raises(KeyMaterialError, match="not a CA"):
         issue_certificate(server.cert, server.key, "x")
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         issue_certificate(b"garbage", ca.key, "x")
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         issue_certificate(ca.cert, b"garbage", "x")
 
 
@@ -409,7 +409,7 @@ def test_fingerprint(ca: Pair, server: Pair) -> None:
     assert fingerprint == certificate_fingerprint(der)
     assert len(fingerprint) == 64 and fingerprint == fingerprint.lower() and ":" not in fingerprint
     assert fingerprint != certificate_fingerprint(ca.cert)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         certificate_fingerprint(b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
 
 

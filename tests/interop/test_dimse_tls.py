@@ -1,4 +1,4 @@
-"""DICOM TLS, mutual authentication and User Identity Negotiation against a running server (issue 4).
+"""DICOM TLS, mutual authentication and User Identity Negotiation against a running server.
 
 Real peers: DCMTK (``+tls key cert +cf ca``, ``storescu --user/--password/--jwt``), pynetdicom with
 ``tls_args`` and user identity items, and raw TLS clients for the protocol refusals.
@@ -32,7 +32,7 @@ from safepacs.auth.pki import certificate_fingerprint, create_ca, issue_certific
 from safepacs.cli.commands.serve import plain_peer_warning
 from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
-from safepacs.types import Peer, Principal, Service, TlsMode, UserIdentityMode
+from safepacs.types import Peer, Principal, PrincipalKind, Service, TlsMode, UserIdentityMode
 from tests.conftest import Server, dcmtk, run_cli, start_server
 from tests.integration.test_auth_oidc import IdentityProvider, idp  # noqa: F401 - the JWKS fixture
 from tests.interop.test_web import _client, _token
@@ -624,7 +624,9 @@ def test_credentials_over_plain_dicom_from_the_network_are_refused() -> None:
         "WS1", "10.0.0.0/24", None, frozenset({Service.FIND}), tls=TlsMode.OFF,
         user_identity=UserIdentityMode.OPTIONAL,
     )  # fmt: skip
-    principal = Principal(kind="peer", name="WS1", allow=frozenset({Service.FIND}), address="10.0.0.9")
+    principal = Principal(
+        kind=PrincipalKind.PEER, name="WS1", allow=frozenset({Service.FIND}), address="10.0.0.9"
+    )
     never = SecureAdmission(authenticate=lambda *_: pytest.fail("must not be checked"))
     creds = Credentials(2, b"rad", b"secret", False)
     verdict = never.admit(peer, principal, "10.0.0.9", None, creds)

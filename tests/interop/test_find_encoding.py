@@ -29,7 +29,7 @@ from safepacs.protocols.dimse.contexts import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from safepacs.types import Principal, QueryLevel, QueryModel, Service
+from safepacs.types import Principal, PrincipalKind, QueryLevel, QueryModel, Service
 from tests.conftest import dcmtk, run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate
@@ -292,7 +292,7 @@ def test_a_real_association_receives_the_old_bytes(data_dir: Path, tmp_path: Pat
     ``server.dimse_send_path`` off (pynetdicom encoding the data sets and sending every response), and
     from the data sets of QueryService.find encoded in this process; the statuses are the same too."""
     _network_corpus(tmp_path / "corpus", data_dir)
-    viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+    viewer = Principal(kind=PrincipalKind.PEER, name="VIEWER", allow=frozenset({Service.FIND}))
     run_cli(
         "peer",
         "add",
@@ -349,7 +349,7 @@ def _c_find_raw(port: int, model: Any, syntax: str, ident: Dataset) -> tuple[lis
 def test_findscu_reads_what_the_old_path_answered(data_dir: Path, tmp_path: Path) -> None:
     """DCMTK's findscu, writing each response it decoded to a file, reads the old path's answers."""
     _network_corpus(tmp_path / "corpus", data_dir)
-    viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+    viewer = Principal(kind=PrincipalKind.PEER, name="VIEWER", allow=frozenset({Service.FIND}))
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     local = open_archive(load_settings(data_dir))
     out = tmp_path / "responses"

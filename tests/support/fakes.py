@@ -34,7 +34,17 @@ from safepacs.services.audit import Auditor
 from safepacs.services.audittrail import MemoryAuditSink
 from safepacs.services.gate import Gate
 from safepacs.storage import EnvelopeCipher, MemoryBlobStore, MemoryKeyProvider
-from safepacs.types import InstanceRef, Peer, Principal, QueryLevel, QueryModel, Scope, Service, StoredBlob
+from safepacs.types import (
+    InstanceRef,
+    Peer,
+    Principal,
+    PrincipalKind,
+    QueryLevel,
+    QueryModel,
+    Scope,
+    Service,
+    StoredBlob,
+)
 
 __all__ = [
     "ARCHIVE_AE",
@@ -62,12 +72,16 @@ _UNIQUE = {
 
 def peer(*allow: Service, scope: Scope | None = None) -> Principal:
     """A DIMSE peer allowed ``allow``."""
-    return Principal("peer", "MODALITY1", allow=frozenset(allow), address="192.0.2.10", scope=scope)
+    return Principal(
+        PrincipalKind.PEER, "MODALITY1", allow=frozenset(allow), address="192.0.2.10", scope=scope
+    )
 
 
 def user(*allow: Service, scope: Scope | None = None) -> Principal:
     """A person (DICOMweb) allowed ``allow``."""
-    return Principal("user", "alice", allow=frozenset(allow), address="192.0.2.20", scope=scope, user="alice")
+    return Principal(
+        PrincipalKind.USER, "alice", allow=frozenset(allow), address="192.0.2.20", scope=scope, user="alice"
+    )
 
 
 def part10(

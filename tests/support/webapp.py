@@ -18,7 +18,7 @@ from safepacs.app import Archive, open_archive
 from safepacs.auth.passwords import hash_password
 from safepacs.config import load_settings
 from safepacs.protocols.dicomweb.app import create_app
-from safepacs.types import Principal
+from safepacs.types import Principal, PrincipalKind
 
 PASSWORD = "correct horse battery"
 
@@ -86,7 +86,7 @@ def part10(ds: Dataset) -> bytes:
 
 
 def store(archive: Archive, ds: Dataset) -> None:
-    archive.ingest.ingest_file(Principal(kind="system", name="test"), part10(ds))
+    archive.ingest.ingest_file(Principal(kind=PrincipalKind.SYSTEM, name="test"), part10(ds))
 
 
 def multipart(files: list[bytes], boundary: str = "safepacs-test-boundary") -> tuple[bytes, str]:

@@ -1,4 +1,4 @@
-"""The audit record model (issue 5): what an audit record is, how the trail is chained, how it is shown.
+"""The audit record model: what an audit record is, how the trail is chained, how it is shown.
 
 * ``events.py``: :class:`~safepacs.audit.events.AuditEvent` (PS3.15 A.5.3), its canonical JSON and
   search keys, and :class:`~safepacs.audit.events.AuditFilter`, a search over those keys;

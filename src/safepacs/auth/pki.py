@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from safepacs.errors import DataDirError, KeyError_
+from safepacs.errors import DataDirError, KeyMaterialError
 
 __all__ = [
     "CA_VALIDITY_DAYS",
@@ -171,22 +171,22 @@ def _load_ca(ca_cert_pem: bytes, ca_key_pem: bytes) -> tuple[x509.Certificate, e
     try:
         ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     except ValueError as exc:
-        raise KeyError_("the CA certificate is not a PEM X.509 certificate") from exc
+        raise KeyMaterialError("the CA certificate is not a PEM X.509 certificate") from exc
     try:
         ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyError_("the CA key is not an unencrypted PEM private key") from exc
+        raise KeyMaterialError("the CA key is not an unencrypted PEM private key") from exc
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise KeyError_("the CA key is not an ECDSA key (SafePACS CAs use P-256)")
+        raise KeyMaterialError("the CA key is not an ECDSA key (SafePACS CAs use P-256)")
     public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if ca_key.public_key().public_bytes(*public) != ca_cert.public_key().public_bytes(*public):
-        raise KeyError_("the CA key does not belong to the CA certificate")
+        raise KeyMaterialError("the CA key does not belong to the CA certificate")
     try:
         constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
-        raise KeyError_("the CA certificate is not a CA (BasicConstraints CA:TRUE missing)")
+        raise KeyMaterialError("the CA certificate is not a CA (BasicConstraints CA:TRUE missing)")
     return ca_cert, ca_key
 
 
@@ -219,7 +219,7 @@ def issue_certificate(
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     if not_after <= now:
-        raise KeyError_("the CA certificate has expired; create a new CA")
+        raise KeyMaterialError("the CA certificate has expired; create a new CA")
 
     usages: list[x509.ObjectIdentifier] = []
     names: list[x509.GeneralName] = []
@@ -281,13 +281,13 @@ def certificate_fingerprint(cert_pem: bytes) -> str:
 
 
 def load_certificate(data: bytes) -> x509.Certificate:
-    """A certificate from PEM or DER bytes; :class:`KeyError_` when it is neither."""
+    """A certificate from PEM or DER bytes; :class:`KeyMaterialError` when it is neither."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except ValueError as exc:
-        raise KeyError_("not an X.509 certificate (PEM or DER)") from exc
+        raise KeyMaterialError("not an X.509 certificate (PEM or DER)") from exc
 
 
 def normalize_fingerprint(text: str) -> str:

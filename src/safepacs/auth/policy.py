@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from safepacs.errors import AccessDenied
-from safepacs.types import DIMSE_SERVICES, Peer, Principal, Scope, Service
+from safepacs.types import DIMSE_SERVICES, Peer, Principal, PrincipalKind, Scope, Service
 
 if TYPE_CHECKING:
     from safepacs.records import UserRecord
@@ -29,8 +29,9 @@ __all__ = [
     "user_principal",
 ]
 
-#: What each role may do (issue 3).  The services are the DIMSE ones; DICOMweb maps onto them
-#: (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants nothing.
+#: What each role may do (docs/security.md lists the roles).  The services are the DIMSE ones;
+#: DICOMweb maps onto them (QIDO-RS = find, WADO-RS = get, STOW-RS = store).  An unknown role grants
+#: nothing.
 ROLES: dict[str, frozenset[Service]] = {
     "admin": frozenset(Service),
     "radiologist": frozenset({Service.ECHO, Service.FIND, Service.GET, Service.MOVE, Service.STORE}),
@@ -67,7 +68,7 @@ def user_principal(
     if scopes:
         allow &= frozenset(Service(s) for s in scopes if s in Service._value2member_map_)
     return Principal(
-        kind="user",
+        kind=PrincipalKind.USER,
         name=user.name,
         roles=user.roles,
         allow=allow,
@@ -98,11 +99,15 @@ def peer_principal(peer: Peer, user: UserRecord | None, address: str | None) -> 
     unknown or disabled is refused.
     """
     if peer.user is None:
-        return Principal(kind="peer", name=peer.ae_title, allow=peer.allow & DIMSE_SERVICES, address=address)
+        return Principal(
+            kind=PrincipalKind.PEER, name=peer.ae_title, allow=peer.allow & DIMSE_SERVICES, address=address
+        )
     if user is None or user.disabled or user.name != peer.user:
         return None
     person = user_principal(user, address=address)
-    return replace(person, kind="peer", name=peer.ae_title, allow=peer.allow & person.allow & DIMSE_SERVICES)
+    return replace(
+        person, kind=PrincipalKind.PEER, name=peer.ae_title, allow=peer.allow & person.allow & DIMSE_SERVICES
+    )
 
 
 def identified_principal(peer: Peer, person: Principal, how: str) -> Principal:
@@ -114,7 +119,7 @@ def identified_principal(peer: Peer, person: Principal, how: str) -> Principal:
     """
     return replace(
         person,
-        kind="peer",
+        kind=PrincipalKind.PEER,
         name=peer.ae_title,
         allow=peer.allow & person.allow & DIMSE_SERVICES,
         user=person.user or person.name,
@@ -140,7 +145,7 @@ def decide(principal: Principal | None, action: Service, resource: Resource | No
     """
     if principal is None:
         return False
-    if principal.kind == "system":
+    if principal.kind is PrincipalKind.SYSTEM:
         return True
     return action in principal.allow
 
@@ -148,5 +153,5 @@ def decide(principal: Principal | None, action: Service, resource: Resource | No
 def require(principal: Principal | None, action: Service, resource: Resource | None = None) -> None:
     """Raise :class:`AccessDenied` unless :func:`decide` allows the action."""
     if not decide(principal, action, resource):
-        who = "this user" if principal is not None and principal.kind == "user" else "this peer"
+        who = "this user" if principal is not None and principal.kind is PrincipalKind.USER else "this peer"
         raise AccessDenied(f"{who} is not allowed to use {action.value}; ask the administrator to allow it")

@@ -114,7 +114,7 @@ class AccessMixin:
             )
             if study_uid is not None:
                 stmt = stmt.where(study_groups.c.study_instance_uid == study_uid)
-            return [(r[0], r[1]) for r in conn.execute(stmt)]
+            return [(r.study_instance_uid, r.group_name) for r in conn.execute(stmt)]
 
         return self._db.run(work, write=False)
 

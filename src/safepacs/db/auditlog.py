@@ -61,7 +61,7 @@ def append_events(
     if conn.dialect.name == "postgresql":
         conn.execute(_LOCK)
     head = conn.execute(_HEAD).first()
-    seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, GENESIS)
+    seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
     now = datetime.now(UTC)
     records: list[dict[str, object]] = []
     refs: list[dict[str, object]] = []
@@ -108,7 +108,9 @@ class AuditSnapshot:
         stmt = sa.select(c.seq, c.body, c.prev_hash, c.hash, c.recorded_at, c.event_id, c.outcome)
         with self._conn.execute(stmt.order_by(c.seq).execution_options(yield_per=2000)) as result:
             for r in result:
-                yield AuditRow(int(r[0]), r[1], r[2], r[3], r[4], str(r[5]), int(r[6]))
+                yield AuditRow(
+                    int(r.seq), r.body, r.prev_hash, r.hash, r.recorded_at, str(r.event_id), int(r.outcome)
+                )
 
     def refs(self) -> Generator[tuple[int, str, str]]:
         """Every ``audit_refs`` row as (seq, kind, value), ordered by seq, streamed."""
@@ -116,7 +118,7 @@ class AuditSnapshot:
         stmt = sa.select(c.seq, c.kind, c.value).order_by(c.seq).execution_options(yield_per=5000)
         with self._conn.execute(stmt) as result:
             for r in result:
-                yield int(r[0]), str(r[1]), str(r[2])
+                yield int(r.seq), str(r.kind), str(r.value)
 
     def checkpoints(self) -> list[Checkpoint]:
         stmt = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.seq)
@@ -170,7 +172,7 @@ class SqlAuditLog:
 
         def work(conn: sa.Connection) -> tuple[int, str] | None:
             row = conn.execute(_HEAD).first()
-            return None if row is None else (int(row[0]), str(row[1]))
+            return None if row is None else (int(row.seq), str(row.hash))
 
         return self._db.run(work, write=False)
 
@@ -197,7 +199,7 @@ class SqlAuditLog:
                 .order_by(audit_log.c.seq)
                 .limit(limit)
             )
-            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+            return [StoredRecord(int(r.seq), r.body, r.prev_hash, r.hash) for r in conn.execute(stmt)]
 
         return self._db.run(work, write=False)
 
@@ -236,16 +238,16 @@ class SqlAuditLog:
             stmt = stmt.order_by(audit_log.c.seq)
             if limit:
                 stmt = stmt.limit(limit)
-            return [StoredRecord(int(r[0]), r[1], r[2], r[3]) for r in conn.execute(stmt)]
+            return [StoredRecord(int(r.seq), r.body, r.prev_hash, r.hash) for r in conn.execute(stmt)]
 
         return self._db.run(work, write=False)
 
     def get_audit_cursor(self, collector: str) -> int:
         def work(conn: sa.Connection) -> int:
-            row = conn.execute(
+            seq = conn.execute(
                 sa.select(audit_cursors.c.seq).where(audit_cursors.c.collector == collector)
-            ).first()
-            return 0 if row is None else int(row[0])
+            ).scalar()
+            return 0 if seq is None else int(seq)
 
         return self._db.run(work, write=False)
 

@@ -116,8 +116,8 @@ class CertificateMixin:
 
         def work(conn: sa.Connection) -> bool:
             t = peer_certificates
-            row = conn.execute(sa.select(t.c.revoked_at).where(t.c.sha256 == sha256)).first()
-            return row is not None and row[0] is not None
+            revoked_at = conn.execute(sa.select(t.c.revoked_at).where(t.c.sha256 == sha256)).scalar()
+            return revoked_at is not None
 
         return self._db.run(work, write=False)
 
@@ -134,7 +134,7 @@ class CertificateMixin:
                 .distinct()
                 .order_by(t.c.pem)
             )
-            return [str(row[0]).encode("ascii") for row in conn.execute(stmt)]
+            return [str(pem).encode("ascii") for pem in conn.execute(stmt).scalars()]
 
         return self._db.run(work, write=False)
 

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from safepacs.db.write import driver_execute
-from safepacs.errors import IndexError_, UnsyncedCommitError
+from safepacs.errors import DatabaseError, UnsyncedCommitError
 
 __all__ = ["AUDIT_HEAD", "Database", "HeadListener", "RelaxedSync", "WriterTurns", "migrate"]
 
@@ -99,7 +99,7 @@ def _make_engine(url: str, *, relaxed: bool = False) -> sa.Engine:
         backend = parsed.get_backend_name()
         if backend == "sqlite":
             if parsed.database in (None, "", ":memory:"):
-                raise IndexError_("the index needs a SQLite file, not an in-memory database; set index.url")
+                raise DatabaseError("the index needs a SQLite file, not an in-memory database; set index.url")
             # hide_parameters: an error's message never carries the values of a statement (patient
             # names and IDs, audit records) into a log or a traceback.
             engine = sa.create_engine(parsed, connect_args={"timeout": _BUSY_SECONDS}, hide_parameters=True)
@@ -109,8 +109,10 @@ def _make_engine(url: str, *, relaxed: bool = False) -> sa.Engine:
         if backend == "postgresql":
             return sa.create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
     except sa.exc.SQLAlchemyError as exc:
-        raise IndexError_("index.url is not a usable database URL; check its spelling and driver") from exc
-    raise IndexError_("index.url must name SQLite (sqlite:///file) or PostgreSQL (postgresql+psycopg://...)")
+        raise DatabaseError("index.url is not a usable database URL; check its spelling and driver") from exc
+    raise DatabaseError(
+        "index.url must name SQLite (sqlite:///file) or PostgreSQL (postgresql+psycopg://...)"
+    )
 
 
 def migrate(url: str) -> None:
@@ -133,7 +135,7 @@ def migrate(url: str) -> None:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
     except (sa.exc.SQLAlchemyError, CommandError) as exc:
-        raise IndexError_(
+        raise DatabaseError(
             f"the index schema could not be created or upgraded ({type(exc).__name__}); check index.url"
         ) from exc
     finally:
@@ -144,8 +146,9 @@ class WriterTurns:
     """SQLite writers of every SafePACS process take turns through an ``flock`` on ``<index>-writers``.
 
     SQLite lets one writer in at a time; the others wait in its busy handler, which polls with sleeps
-    of 1, 2, 5, 10 ... ms, while a store's transaction holds the lock well under a millisecond plus
-    its commit's sync: at four associations the handler slept ~1,300 times per 1,000 instances.  The
+    of 1, 2, 5, 10 ... ms, while a store's transaction holds the lock far shorter than that plus its
+    commit's sync: at four associations the handler slept more often than instances were stored
+    (measured with bench/ingest.py).  The
     kernel wakes the next ``flock`` waiter the moment the lock is released.  Within a process the
     threads queue on a mutex first (``flock`` is per open file, not per thread).  Only the order and
     the waiting change: SQLite's own locking still guards the data, so a process without this (an
@@ -420,7 +423,7 @@ class Database:
                 with conn.begin():
                     yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise IndexError_(
+            raise DatabaseError(
                 f"the index database failed ({type(exc).__name__}); check that it is reachable"
             ) from exc
 
@@ -465,9 +468,9 @@ class Database:
                     time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not security
                     delay = min(delay * 2, 1.0)
                     continue
-                raise IndexError_(
+                raise DatabaseError(
                     f"the index database failed ({type(exc.orig).__name__}); check that it is reachable"
                 ) from exc
             except sa.exc.SQLAlchemyError as exc:
-                raise IndexError_(f"the index database failed ({type(exc).__name__})") from exc
+                raise DatabaseError(f"the index database failed ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")  # pragma: no cover

@@ -22,7 +22,7 @@ from safepacs.db.database import Database
 from safepacs.db.logins import LoginMixin, revoke_sessions
 from safepacs.db.schema import peers, tokens, user_scopes, users
 from safepacs.db.write import driver_execute
-from safepacs.errors import ConflictError, IndexError_, NotFoundError
+from safepacs.errors import ConflictError, DatabaseError, NotFoundError
 from safepacs.records import PinnedCertificate, TokenRecord, UserRecord
 from safepacs.types import Peer, Service, TlsMode, UserIdentityMode
 
@@ -37,7 +37,7 @@ def _services(text: str) -> frozenset[Service]:
     try:
         return frozenset(Service(part) for part in text.split(",") if part)
     except ValueError as exc:
-        raise IndexError_("the peer table holds an unknown service name; re-add the peer") from exc
+        raise DatabaseError("the peer table holds an unknown service name; re-add the peer") from exc
 
 
 def _join(values: frozenset[str] | frozenset[Service]) -> str:
@@ -109,9 +109,10 @@ class SqlDirectory(AccessMixin, LoginMixin, CertificateMixin):
         """The peer registered under ``ae_title``, read afresh on every call (a peer removed or changed
         is refused or narrowed from the next association on: nothing is cached).  Every association
         asks this before it is admitted; on SQLite the statement goes to the driver directly (the
-        peers' columns are text and integers: nothing for SQLAlchemy to convert), which spares the
-        ~100 us of SQLAlchemy's statement machinery per association (bench/README.md, "Per-association
-        cost"); ``_peer_reference`` is the same lookup through SQLAlchemy, for the differential test."""
+        peers' columns are text and integers: nothing for SQLAlchemy to convert), which spares
+        SQLAlchemy's statement machinery on every association (measured in bench/README.md,
+        "Per-association cost"); ``_peer_reference`` is the same lookup through SQLAlchemy, for the
+        differential test."""
         if not self._db.sqlite:
             return self._peer_reference(ae_title)
 
@@ -338,7 +339,7 @@ def _peer(row: Any) -> Peer:
     try:
         tls, identity = TlsMode(row["tls"]), UserIdentityMode(row["user_identity"])
     except ValueError as exc:
-        raise IndexError_(
+        raise DatabaseError(
             "the peer table holds an unknown TLS or user identity mode; re-add the peer"
         ) from exc
     return Peer(

@@ -69,7 +69,15 @@ class SqlInstances:
             r = conn.execute(stmt).first()
             if r is None:
                 return None
-            return InstanceRef(r[0], r[1], r[2], r[3], r[4], StoredBlob(r[5], r[6], r[7], r[8], r[9]))
+            blob = StoredBlob(r.blob_id, r.key_id, r.sha256, r.size, r.seal_tag)
+            return InstanceRef(
+                r.study_instance_uid,
+                r.series_instance_uid,
+                r.sop_class_uid,
+                r.sop_instance_uid,
+                r.transfer_syntax_uid,
+                blob,
+            )
 
         return self._db.run(work, write=False)
 

@@ -53,7 +53,10 @@ class LoginMixin:
             row = conn.execute(stmt.where(users.c.name == name)).first()
             if row is None:
                 return None
-            return LoginState(int(row[0]), None if row[1] is None else _aware(row[1]), row[2])
+            locked = row.locked_until
+            return LoginState(
+                int(row.failed_logins), None if locked is None else _aware(locked), row.totp_secret
+            )
 
         return self._db.run(work, write=False)
 

@@ -5,7 +5,7 @@ They are typed against these, never against the repositories that implement them
 :class:`~safepacs.db.auditlog.SqlAuditLog`), which only the composition root (``app.py``), the command
 line and tests construct.  A smaller protocol lists what one consumer calls (:class:`Peers`,
 :class:`Accounts`, :class:`Logins` ...); the three large ones are the unions a whole repository
-offers.  ``tests/test_db_ports.py`` checks that each repository satisfies its protocols.
+offers.  ``tests/unit/db/test_ports.py`` checks that each repository satisfies its protocols.
 
 A method taking ``also`` runs it inside its own write transaction, with the :data:`Transaction`
 (the audit record of what the method changes: both commit or neither).

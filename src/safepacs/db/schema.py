@@ -255,7 +255,7 @@ sessions = sa.Table(
     sa.Column("revoked_at", _TS, nullable=True),
 )
 
-# Access scopes (migration 0004, issue 3) -----------------------------------------------------------------
+# Access scopes (migration 0004) ------------------------------------------------------------------------
 # What a restricted user sees (see safepacs.types.Scope): JSON {"referring_physician": str,
 # "institutions": [...], "modalities": [...], "groups": [...]}.  Without a row: restricted only by role.
 user_scopes = sa.Table(
@@ -287,7 +287,7 @@ study_grants = sa.Table(
     sa.Index(None, "user_name", "study_instance_uid"),
 )
 
-# Deleted instances (soft delete, issue 3): out of the index at once, their bytes kept until purge_after
+# Deleted instances (soft delete): out of the index at once, their bytes kept until purge_after
 # (the retention period), then destroyed by `safepacs purge` (or the server's daily purge).
 trash = sa.Table(
     "trash",
@@ -310,7 +310,7 @@ trash = sa.Table(
     sa.Index(None, "study_instance_uid"),
 )
 
-# The audit trail (migration 0005, issue 5) -----------------------------------------------------------------
+# The audit trail (migration 0005) ------------------------------------------------------------------------
 # Append-only, hash-chained (safepacs.audit.chain); the body is the event's canonical JSON.
 audit_log = sa.Table(
     "audit_log",

@@ -132,7 +132,7 @@ def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | None:
     """The text of a still undecoded element as pydicom would give it, or None when only pydicom can
     say (ISO 2022 escapes, unknown VR or codec, undecodable bytes).
 
-    Converting through pydicom costs ~15 us per element and the index reads ~30 per instance; the
+    Converting through pydicom is slow per element and the index reads ~30 per instance; the
     bytes of these VRs decode with one codec, which is what pydicom does too (``charset.decode_bytes``
     without escape sequences), value by value after splitting on the backslash.
     """
@@ -327,11 +327,11 @@ class _Driver:
     """The two statements of the common case - the series lookup and the instance insert - compiled once
     and sent to SQLite's driver directly.
 
-    Through SQLAlchemy each cost ~40-60 us of Python per instance (cache key, execution context,
-    result metadata) for a statement SQLite runs in ~6 us, inside the transaction that holds the
-    index's write lock.  Only statements whose columns need no SQLAlchemy type processing on the way
-    out, and whose inserts have no Python-side defaults, qualify; errors are raised as SQLAlchemy
-    would raise them (and retried alike), without their parameters.
+    Through SQLAlchemy each cost several times more Python per instance (cache key, execution context,
+    result metadata) than SQLite takes to run the statement, inside the transaction that holds the
+    index's write lock (bench/README.md, "Ingest benchmark").  Only statements whose columns need no
+    SQLAlchemy type processing on the way out, and whose inserts have no Python-side defaults, qualify;
+    errors are raised as SQLAlchemy would raise them (and retried alike), without their parameters.
     """
 
     def __init__(self, series_lookup: sa.Select[Any], instance_insert: sa.Executable) -> None:

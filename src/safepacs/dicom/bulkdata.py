@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from io import BytesIO
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -46,14 +46,13 @@ from pydicom.uid import (
 
 from safepacs.dicom import nesting
 from safepacs.dicom.dicomjson import dataset_json
-from safepacs.dicom.transcode import can_convert, check_pixel_header, dataset_bytes, transcode
+from safepacs.dicom.transcode import Geometry, can_convert, check_pixel_header, dataset_bytes, transcode
 from safepacs.errors import InvalidObjectError, RetrieveError
 
 __all__ = [
     "BULK_THRESHOLD",
     "MAX_FRAME_BYTES",
     "NATIVE_MEDIA_TYPE",
-    "Geometry",
     "element_at",
     "element_bytes",
     "geometry",
@@ -108,14 +107,6 @@ _MEDIA_TYPES = {
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
 _PATH_RE = re.compile(r"^[0-9A-Fa-f]{8}(/[0-9]{1,6}/[0-9A-Fa-f]{8})*$")
-
-
-class Geometry(NamedTuple):
-    rows: int
-    columns: int
-    samples: int
-    bits_allocated: int
-    frames: int
 
 
 # Reading --------------------------------------------------------------------------------------------
@@ -185,7 +176,7 @@ def geometry(ds: Dataset) -> Geometry:
     """The validated pixel geometry of ``ds`` (see :func:`check_pixel_header`)."""
     if not has_pixels(ds):
         raise RetrieveError("the instance has no pixel data")
-    return Geometry(*check_pixel_header(ds, transfer_syntax(ds)))
+    return check_pixel_header(ds, transfer_syntax(ds))
 
 
 # Frames ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A C-FIND answers each match with an identifier of a dozen short elements.  Building a pydicom
 ``Dataset`` per match (:func:`safepacs.db.sql.run_find`) and having pynetdicom encode it cost
-~0.4 ms of CPU per match, several times what the query itself costs (bench/README.md, "C-FIND
+several times the CPU of the query itself per match (measured in bench/README.md, "C-FIND
 encoding").  This module writes the elements of one value each, as pydicom's writer
 (``pydicom.filewriter.write_dataset``) writes them for the data set
 :func:`~safepacs.db.sql.run_find` builds, in Implicit or Explicit VR Little Endian:

@@ -15,7 +15,8 @@ them:
 
 :func:`element_json` is the DICOM JSON of one value of an index row (QIDO-RS) and writes the plain
 cases - single text values, numbers, person names without component groups - directly: building a
-pydicom ``DataElement`` per value and converting it costs ~0.4 ms per study (bench/README).  Every
+pydicom ``DataElement`` per value and converting it was the larger part of a search's CPU per study
+(measured in bench/README.md).  Every
 other value goes through :func:`data_element_json`, and a test holds both equal on every attribute of
 the test archive.
 """

@@ -1,7 +1,8 @@
 """The elements of a received data set that the index reads, found without pydicom's element reader.
 
 Storing an instance reads ~30 of its elements; pydicom's reader makes an element object of each of
-them and costs ~60 us for a 10 KB instance, a sixth of everything else an instance costs.  This walks
+them, which for a 10 KB instance was a sixth of everything else an instance costs (measured in
+bench/README.md, "Ingest benchmark").  This walks
 the data set's bytes (PS3.5 7.1) once, keeps the values of :data:`~safepacs.dicom.attributes.HEADER_TAGS`
 as pydicom's raw elements and steps over everything else (the pixel data, private elements, other
 sequences, through their items).  Sequences long enough to nest deeply are walked in the same pass

@@ -27,7 +27,7 @@ import enum
 import math
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -189,10 +189,21 @@ def render(ds: Dataset, frame: int, options: RenderOptions) -> bytes:
 # Geometry ---------------------------------------------------------------------------------------------
 
 
-def _box(region: Region | None, cols: int, rows: int) -> tuple[int, int, int, int, bool, bool]:
-    """(left, top, right, bottom, flip x, flip y) of the source region, clipped to the image."""
+class _Box(NamedTuple):
+    """The source region of a rendering, clipped to the image, and whether to mirror it."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+    flip_x: bool
+    flip_y: bool
+
+
+def _box(region: Region | None, cols: int, rows: int) -> _Box:
+    """The source region, clipped to the image (all of it without ``region``)."""
     if region is None:
-        return 0, 0, cols, rows, False, False
+        return _Box(0, 0, cols, rows, False, False)
     sx, sy = (cols, rows) if region.fractional else (1, 1)
     left = math.floor(region.left * sx)
     top = math.floor(region.top * sy)
@@ -202,13 +213,13 @@ def _box(region: Region | None, cols: int, rows: int) -> tuple[int, int, int, in
         raise RenderRequestError(
             f"the source region lies outside the image, which is {cols} pixels wide and {rows} high"
         )
-    return (
+    return _Box(
         left,
         top,
         right,
         bottom,
-        region.width is not None and region.width < 0,
-        region.height is not None and region.height < 0,
+        flip_x=region.width is not None and region.width < 0,
+        flip_y=region.height is not None and region.height < 0,
     )
 
 

@@ -34,7 +34,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
@@ -68,6 +68,7 @@ from safepacs.errors import InvalidObjectError, RetrieveError, SafePacsError
 __all__ = [
     "MAX_PIXEL_BYTES",
     "PRODUCIBLE",
+    "Geometry",
     "can_convert",
     "can_produce",
     "check_pixel_header",
@@ -400,10 +401,20 @@ def _decompress(ds: Dataset, uid: UID, limit: int) -> None:
             ds.LossyImageCompressionMethod = _LOSSY[uid]
 
 
-def check_pixel_header(ds: Dataset, transfer_syntax: str) -> tuple[int, int, int, int, int]:
-    """(Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames) of ``ds``, checked as before
-    decoding: the values valid (PS3.3 C.7.6.3) and, for encapsulated pixel data, no frame's JPEG or
-    JPEG 2000 header promising a larger image than they say (decompression bombs).
+class Geometry(NamedTuple):
+    """An image's pixel geometry as its header states it (PS3.3 C.7.6.3)."""
+
+    rows: int
+    columns: int
+    samples: int  # Samples per Pixel
+    bits_allocated: int
+    frames: int  # Number of Frames (1 when absent)
+
+
+def check_pixel_header(ds: Dataset, transfer_syntax: str) -> Geometry:
+    """The :class:`Geometry` of ``ds``, checked as before decoding: the values valid (PS3.3 C.7.6.3)
+    and, for encapsulated pixel data, no frame's JPEG or JPEG 2000 header promising a larger image
+    than they say (decompression bombs).
 
     For callers that decode one frame at a time (WADO-RS frames, rendering).  Raises
     :class:`~safepacs.errors.RetrieveError` with a one-sentence reason.
@@ -428,8 +439,8 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _geometry(ds: Dataset) -> tuple[int, int, int, int, int]:
-    """(Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames), validated (PS3.3 C.7.6.3)."""
+def _geometry(ds: Dataset) -> Geometry:
+    """The image's :class:`Geometry`, validated (PS3.3 C.7.6.3)."""
 
     def need(keyword: str, low: int, high: int) -> int:
         value = ds.get(keyword)
@@ -450,7 +461,7 @@ def _geometry(ds: Dataset) -> tuple[int, int, int, int, int]:
         raise RetrieveError("the image's BitsAllocated value is invalid, so its pixel data cannot be decoded")
     frames = ds.get("NumberOfFrames")
     count = 1 if frames in (None, "", 0, "0") else need("NumberOfFrames", 1, 2**31 - 1)
-    return rows, cols, spp, bits, count
+    return Geometry(rows, cols, spp, bits, count)
 
 
 def _check_codestreams(ds: Dataset, uid: UID, rows: int, cols: int, spp: int, frames: int) -> None:

@@ -26,7 +26,7 @@ import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -238,6 +238,16 @@ def _status(rsp: Any) -> int | None:
     return int(rsp.Status)
 
 
+class _FindCount(NamedTuple):
+    """What one counting C-FIND found."""
+
+    matches: int | None  # None when refused
+    total: int  # the sum of the ``count_key`` values
+    with_key: int  # matches that carried ``count_key``
+    refused: str  # why the peer refused ("" when it answered)
+    complete: bool  # whether the matches are all there were
+
+
 def _count_find(
     session: _Session,
     model: str,
@@ -245,9 +255,9 @@ def _count_find(
     cap: int,
     count_key: str | None = None,
     collect: Callable[[Dataset], None] | None = None,
-) -> tuple[int | None, int, int, str, bool]:
-    """(matches or None when refused, sum of ``count_key``, matches carrying it, refusal text, whether
-    the matches are all there were).
+) -> _FindCount:
+    """The matches of ``identifier`` counted (None when refused), the sum of ``count_key`` and how many
+    matches carried it, the refusal text, and whether the matches are all there were.
 
     C-CANCEL (PS3.7 9.3.2.3) once ``cap`` matches arrived; matches after it are not counted, and a peer
     that ignores the cancel has its association aborted after another ``cap`` responses.  A peer that
@@ -257,7 +267,7 @@ def _count_find(
     """
     assoc = session.get()
     if assoc is None:
-        return None, 0, 0, "association refused", False
+        return _FindCount(None, 0, 0, "association refused", False)
     matches = total = with_key = extra = 0
     cancelled = False
     final: int | None = None
@@ -289,11 +299,11 @@ def _count_find(
             assoc.send_c_cancel(msg_id, query_model=model)
     if final is None and not cancelled:
         if matches:
-            return matches, total, with_key, "", False
-        return None, 0, 0, "association aborted by the peer", False
+            return _FindCount(matches, total, with_key, "", False)
+        return _FindCount(None, 0, 0, "association aborted by the peer", False)
     if final is not None and final not in (0x0000, 0xFE00) and final & 0xF000 != 0xB000 and not matches:
-        return None, 0, 0, f"status 0x{final:04X}", False
-    return matches, total, with_key, "", not cancelled
+        return _FindCount(None, 0, 0, f"status 0x{final:04X}", False)
+    return _FindCount(matches, total, with_key, "", not cancelled)
 
 
 def _count_images(session: _Session, probe: DicomProbe) -> int | None:
@@ -313,8 +323,8 @@ def _count_images(session: _Session, probe: DicomProbe) -> int | None:
         for keyword, value in keys.items():
             setattr(q, keyword, value)
         probe.limiter.wait()  # one request each: the global rate limit holds for these too
-        matches, _, _, refused, complete = _count_find(session, model, q, cap, collect=collect)
-        return None if refused or not complete else matches
+        found = _count_find(session, model, q, cap, collect=collect)
+        return None if found.refused or not found.complete else found.matches
 
     studies: list[str] = []
     series: list[str] = []
@@ -544,9 +554,8 @@ def _probe_accepted(
             q.QueryRetrieveLevel = "PATIENT"
             q.PatientID = ""
             q.NumberOfPatientRelatedStudies = ""
-            patients, _, _, refused, complete = _count_find(
-                session, PatientRootQueryRetrieveInformationModelFind, q, probe.find_cap
-            )
+            found = _count_find(session, PatientRootQueryRetrieveInformationModelFind, q, probe.find_cap)
+            patients, refused, complete = found.matches, found.refused, found.complete
             result.patients = patients
             result.patients_capped = bool(patients) and not complete
             result.find_incomplete = result.find_incomplete or (
@@ -558,9 +567,8 @@ def _probe_accepted(
             step = Dataset()
             step.Modality = ""
             q.ScheduledProcedureStepSequence = [step]
-            result.worklist, _, _, _, complete = _count_find(
-                session, ModalityWorklistInformationFind, q, probe.find_cap
-            )
+            found = _count_find(session, ModalityWorklistInformationFind, q, probe.find_cap)
+            result.worklist, complete = found.matches, found.complete
             result.worklist_capped = bool(result.worklist) and not complete
             result.find_incomplete = result.find_incomplete or (
                 bool(result.worklist) and not complete and (result.worklist or 0) < probe.find_cap

@@ -1,4 +1,4 @@
-"""What each access path records: the services' and adapters' one way into the audit trail (issue 5).
+"""What each access path records: the services' and adapters' one way into the audit trail.
 
 :class:`Auditor` has one method per kind of access.  Each builds the PS3.15 A.5.3 event from the
 :class:`~safepacs.types.Principal` that acted (who, from which address, on what device: AE title, TLS
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
-from safepacs.types import InstanceRef, Principal
+from safepacs.types import InstanceRef, Principal, PrincipalKind
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -206,7 +206,7 @@ def study_facts(refs: Iterable[InstanceRef], patients: StudyPatients | None = No
 
 def actor(principal: Principal, role: str | None = None) -> Participant:
     """The requesting participant: a peer's AE title (and the person it acts for), a user, or a process."""
-    peer = principal.kind == "peer"
+    peer = principal.kind is PrincipalKind.PEER
     return Participant(
         user_id=principal.name,
         requestor=True,

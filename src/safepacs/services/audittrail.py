@@ -1,12 +1,12 @@
-"""The audit trail: who touched which patient's data, when, from where, on what device (issue 5).
+"""The audit trail: who touched which patient's data, when, from where, on what device.
 
 :class:`AuditTrail` records :class:`~safepacs.audit.events.AuditEvent` values durably in the index
 database, hash-chained and checkpointed (``audit/chain.py``), *before* the response they describe
 is sent; when it cannot, it raises :class:`~safepacs.errors.AuditError` and the caller refuses the
 access.  The signed head of the chain is kept outside the index, in the head file
 (``db/headfile.py``).  :class:`MemoryAuditSink` is the in-memory stand-in that tests use.
-:func:`verify_trail` checks the whole trail; :class:`AuditSearch` is the trail's search for the
-adapters (``/api/audit``): the policy, then the record of the search, then the records.
+:func:`verify_trail` checks the whole trail; :class:`AuditSearchService` is the trail's search for
+the adapters (``/api/audit``): the policy, then the record of the search, then the records.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["AuditSearch", "AuditTrail", "MemoryAuditSink", "verify_trail"]
+__all__ = ["AuditSearchService", "AuditTrail", "MemoryAuditSink", "verify_trail"]
 
 
 class AuditTrail:
@@ -161,7 +161,7 @@ def _verify(
 AUDIT_READERS_ONLY = "reading the audit trail needs the auditor or admin role"
 
 
-class AuditSearch:
+class AuditSearchService:
     """The trail's search for the adapters (``GET /api/audit``): auditors and administrators only, each
     search itself recorded (110101 Audit Log Used) before its records are returned."""
 

@@ -1,4 +1,4 @@
-"""The authorizer: whether a principal may use a service, and the record of every refusal (issue 18).
+"""The authorizer: whether a principal may use a service, and the record of every refusal.
 
 Every access path asks :meth:`Gate.require` before it touches data: the policy decides
 (:func:`~safepacs.auth.policy.require`: role, token scopes, a peer's allowed services) and a refusal is

@@ -62,6 +62,7 @@ __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "IngestService",
     "SopClassMismatch",
+    "SopInstanceMismatch",
     "valid_uid",
 ]
 
@@ -75,7 +76,13 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class SopClassMismatch(InvalidObjectError):
-    """The data set's SOP Class or Instance UID differs from the one the request announced (PS3.4 B.2.3)."""
+    """The data set's SOP Class UID differs from the one the request announced (PS3.4 B.2.3)."""
+
+
+class SopInstanceMismatch(InvalidObjectError):
+    """The data set's SOP Instance UID differs from the one the request announced (PS3.4 B.2.3).
+
+    Answered like :class:`SopClassMismatch` (C-STORE 0xA900, STOW-RS FailureReason 0xA900)."""
 
 
 def valid_uid(value: object) -> bool:
@@ -292,12 +299,13 @@ class IngestService:
         """The Part 10 file of the data set ``encoded`` (in transfer syntax ``ts``), sealed and staged,
         once its header is parsed and its indexed attributes read: the checks here, the audit facts
         and the index rows use them.  The UIDs given are the request's or the file meta's; the data
-        set's must be the same (PS3.4 B.2.3), else :class:`SopClassMismatch` with ``differs``' message
-        for the SOP Instance UID or the SOP Class UID.
+        set's must be the same (PS3.4 B.2.3), else :class:`SopInstanceMismatch` or
+        :class:`SopClassMismatch` with ``differs``' message for the SOP Instance UID or the SOP Class UID.
 
         The object is staged before the header is parsed: the disk writes it while the parse runs,
-        and the sync that makes it durable later waits less (on this VM ~150 -> ~75 us for a 10 KB
-        object).  A data set refused here leaves nothing: a staged object has no name."""
+        and the sync that makes it durable later waits less (about half as long for a 10 KB object,
+        measured with bench/ingest.py).  A data set refused here leaves nothing: a staged object has
+        no name."""
         part10 = _part10(sop_class_uid, sop_instance_uid, ts, encoded)
         sealed = self._seal(part10)
         try:
@@ -317,7 +325,7 @@ class IngestService:
                 if not valid_uid(value):
                     raise InvalidObjectError(f"the data set has no valid {keyword}")
             if rows.sop_uid != sop_instance_uid:
-                raise SopClassMismatch(differs[0])
+                raise SopInstanceMismatch(differs[0])
             if sop_class != sop_class_uid:
                 raise SopClassMismatch(differs[1])
         except BaseException:
@@ -469,7 +477,7 @@ _IMPLEMENTATION = _uid(0x0012, IMPLEMENTATION_CLASS_UID) + _short(
 def file_meta(sop_class_uid: str, sop_instance_uid: str, ts: str) -> bytes:
     """Our File Meta Information (PS3.10 7.1), Explicit VR Little Endian, as pydicom's
     ``write_file_meta_info`` writes it (a test holds them equal).  Encoded here because pydicom's general
-    writer costs ~0.3-0.6 ms per instance, a tenth of the time a small instance may take to store."""
+    writer costs up to a tenth of the time a small instance may take to store (bench/README.md)."""
     body = b"".join(
         (
             _VERSION,

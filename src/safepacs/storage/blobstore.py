@@ -19,8 +19,8 @@ unnamed temporary file leaves nothing at all.
 Once synced, an object's pages are dropped from the page cache (``POSIX_FADV_DONTNEED``): an
 archive writes each object once, and keeping the pages would push the index and the objects being
 read out of memory.  The kernel reuses the freed pages for the next object instead of taking fresh
-ones: on the 2-core VMs measured (``bench/ingest.py``), writing 0.5 MB into pages the guest had not
-touched yet cost 1.5-2 ms of kernel time; four associations of CT slices went 8% faster with it.
+ones: writing into pages the guest had not touched yet cost kernel time, and four associations of CT
+slices went faster with it (measured in bench/README.md, "Ingest benchmark").
 """
 
 from __future__ import annotations

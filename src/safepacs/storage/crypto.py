@@ -53,7 +53,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from safepacs.errors import IntegrityError, KeyError_
+from safepacs.errors import IntegrityError, KeyMaterialError
 from safepacs.storage.blobstore import _ensure_dir, _fsync_dir
 
 __all__ = [
@@ -106,7 +106,7 @@ class KeyProvider(Protocol):
         ...
 
     def get_key(self, key_id: str) -> bytes:
-        """The 32-byte KEK named ``key_id``; :class:`KeyError_` if there is none."""
+        """The 32-byte KEK named ``key_id``; :class:`KeyMaterialError` if there is none."""
         ...
 
 
@@ -119,11 +119,11 @@ class MemoryKeyProvider:
         if keys:
             for key_id, key in keys.items():
                 if not is_valid_key_id(key_id) or len(key) != KEK_BYTES:
-                    raise KeyError_("a test key must have a 16-hex-digit id and 32 bytes")
+                    raise KeyMaterialError("a test key must have a 16-hex-digit id and 32 bytes")
                 self._keys[key_id] = bytes(key)
             self._current = current if current is not None else next(iter(self._keys))
             if self._current not in self._keys:
-                raise KeyError_("the current key id names none of the given keys")
+                raise KeyMaterialError("the current key id names none of the given keys")
         else:
             self._current = _new_key_id()
             self._keys[self._current] = secrets.token_bytes(KEK_BYTES)
@@ -137,7 +137,7 @@ class MemoryKeyProvider:
             try:
                 return self._keys[key_id]
             except (KeyError, TypeError):
-                raise KeyError_("unknown key-encryption key id") from None
+                raise KeyMaterialError("unknown key-encryption key id") from None
 
     def rotate(self) -> str:
         """Add a new random KEK, make it current, return its id."""
@@ -173,7 +173,7 @@ class FileKeyProvider:
         self._cache: dict[str, bytes] = {}
         self._current_cache: tuple[tuple[int, int, int], str] | None = None
         if not self.keys_dir.is_dir():
-            raise KeyError_(
+            raise KeyMaterialError(
                 f"the key directory {self.keys_dir} does not exist; "
                 "run `safepacs init` or restore it from backup"
             )
@@ -184,16 +184,16 @@ class FileKeyProvider:
     def create(keys_dir: Path) -> FileKeyProvider:
         """Create ``keys_dir`` (0700) if needed and generate its first KEK.
 
-        Refuses (:class:`KeyError_`) when the directory already holds a KEK or a
+        Refuses (:class:`KeyMaterialError`) when the directory already holds a KEK or a
         ``current-kek`` file: existing keys are never overwritten.
         """
         keys_dir = Path(keys_dir)
         try:
             _ensure_dir(keys_dir, fsync=True)
         except OSError as exc:
-            raise KeyError_(f"cannot create the key directory {keys_dir}: {exc.strerror}") from exc
+            raise KeyMaterialError(f"cannot create the key directory {keys_dir}: {exc.strerror}") from exc
         if (keys_dir / _CURRENT_FILE).exists() or any(keys_dir.glob("kek-*.key")):
-            raise KeyError_(
+            raise KeyMaterialError(
                 f"{keys_dir} already holds a key-encryption key; refusing to replace it "
                 "(use key rotation to add a new one)"
             )
@@ -227,11 +227,11 @@ class FileKeyProvider:
         try:
             info = os.stat(path)
         except FileNotFoundError:
-            raise KeyError_(
+            raise KeyMaterialError(
                 f"{path} is missing; it names the current key-encryption key (restore it from backup)"
             ) from None
         except OSError as exc:
-            raise KeyError_(f"cannot read {path}: {exc.strerror}") from exc
+            raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from exc
         stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         with self._lock:
             if self._current_cache is not None and self._current_cache[0] == stamp:
@@ -240,17 +240,17 @@ class FileKeyProvider:
             with open(path, "rb") as handle:
                 raw = handle.read(64)
         except OSError as exc:
-            raise KeyError_(f"cannot read {path}: {exc.strerror}") from exc
+            raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from exc
         key_id = raw.strip().decode("ascii", errors="replace")
         if not is_valid_key_id(key_id):
-            raise KeyError_(f"{path} does not hold a key id (16 lowercase hex digits)")
+            raise KeyMaterialError(f"{path} does not hold a key id (16 lowercase hex digits)")
         with self._lock:
             self._current_cache = (stamp, key_id)
         return key_id
 
     def get_key(self, key_id: str) -> bytes:
         if not is_valid_key_id(key_id):
-            raise KeyError_("refused a malformed key id (must be 16 lowercase hex digits)")
+            raise KeyMaterialError("refused a malformed key id (must be 16 lowercase hex digits)")
         with self._lock:
             cached = self._cache.get(key_id)
             if cached is not None:
@@ -264,28 +264,30 @@ def _load_kek(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except FileNotFoundError:
-        raise KeyError_(
+        raise KeyMaterialError(
             f"the key-encryption key file {path} is missing; restore it from backup "
             "(objects sealed with it cannot be read without it)"
         ) from None
     except OSError as exc:
-        raise KeyError_(f"cannot open the key file {path}: {exc.strerror}") from exc
+        raise KeyMaterialError(f"cannot open the key file {path}: {exc.strerror}") from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise KeyError_(f"the key file {path} is not a regular file")
+            raise KeyMaterialError(f"the key file {path} is not a regular file")
         if info.st_mode & 0o077:
-            raise KeyError_(
+            raise KeyMaterialError(
                 f"the key file {path} is accessible to group or others; "
                 f"run `chmod 600 {path}` (and consider the key exposed)"
             )
         data = os.read(fd, KEK_BYTES + 1)
     except OSError as exc:
-        raise KeyError_(f"cannot read the key file {path}: {exc.strerror}") from exc
+        raise KeyMaterialError(f"cannot read the key file {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
     if len(data) != KEK_BYTES:
-        raise KeyError_(f"the key file {path} does not hold a {KEK_BYTES}-byte key; restore it from backup")
+        raise KeyMaterialError(
+            f"the key file {path} does not hold a {KEK_BYTES}-byte key; restore it from backup"
+        )
     return data
 
 
@@ -299,7 +301,7 @@ def _write_new_kek(keys_dir: Path) -> str:
         except FileExistsError:  # pragma: no cover - 2**-64
             continue
         except OSError as exc:
-            raise KeyError_(f"cannot create a key file in {keys_dir}: {exc.strerror}") from exc
+            raise KeyMaterialError(f"cannot create a key file in {keys_dir}: {exc.strerror}") from exc
         try:
             try:
                 if os.write(fd, secrets.token_bytes(KEK_BYTES)) != KEK_BYTES:  # pragma: no cover
@@ -310,9 +312,9 @@ def _write_new_kek(keys_dir: Path) -> str:
             _fsync_dir(keys_dir)
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise KeyError_(f"cannot write the key file {path}: {exc.strerror}") from exc
+            raise KeyMaterialError(f"cannot write the key file {path}: {exc.strerror}") from exc
         return key_id
-    raise KeyError_("could not find a free key id")  # pragma: no cover
+    raise KeyMaterialError("could not find a free key id")  # pragma: no cover
 
 
 def _write_current(keys_dir: Path, key_id: str) -> None:
@@ -330,7 +332,7 @@ def _write_current(keys_dir: Path, key_id: str) -> None:
         _fsync_dir(keys_dir)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise KeyError_(f"cannot update {target}: {exc.strerror}") from exc
+        raise KeyMaterialError(f"cannot update {target}: {exc.strerror}") from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -383,13 +385,13 @@ class EnvelopeCipher:
     def _kek(self, key_id: str) -> bytes:
         key = self._keys.get_key(key_id)
         if not isinstance(key, bytes) or len(key) != KEK_BYTES:
-            raise KeyError_(f"key-encryption key {key_id} is not a {KEK_BYTES}-byte AES-256 key")
+            raise KeyMaterialError(f"key-encryption key {key_id} is not a {KEK_BYTES}-byte AES-256 key")
         return key
 
     def _current(self) -> tuple[str, bytes]:
         key_id = self._keys.current_key_id()
         if not is_valid_key_id(key_id):
-            raise KeyError_("the current key id is malformed (must be 16 lowercase hex digits)")
+            raise KeyMaterialError("the current key id is malformed (must be 16 lowercase hex digits)")
         return key_id, self._kek(key_id)
 
     def _unwrap(self, parsed: _Parsed) -> bytes:
@@ -430,7 +432,7 @@ class EnvelopeCipher:
         """Decrypt and authenticate ``sealed``.
 
         :class:`IntegrityError` on any alteration, truncation or bad magic (the GCM tag,
-        SP 800-38D 7.2, and the RFC 3394 integrity check); :class:`KeyError_` when the
+        SP 800-38D 7.2, and the RFC 3394 integrity check); :class:`KeyMaterialError` when the
         KEK it names is unknown.  No plaintext is returned unless the tag verified.
 
         ``expect_tag`` (hex, :meth:`tag_of` at sealing time, kept elsewhere): the object must carry

@@ -40,7 +40,7 @@ from safepacs.db.schema import metadata
 from safepacs.db.write import driver_execute
 from safepacs.errors import (
     ConflictError,
-    IndexError_,
+    DatabaseError,
     InvalidObjectError,
     NotFoundError,
     QueryError,
@@ -354,12 +354,12 @@ def test_writes_go_on_when_the_writers_lock_file_cannot_be_used(tmp_path: Path) 
 def test_unmigrated_database_and_bad_urls_raise_index_errors(tmp_path: Path) -> None:
     repos = open_repositories(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
     try:
-        with pytest.raises(IndexError_):
+        with pytest.raises(DatabaseError):
             repos.instances.count_instances()
     finally:
         repos.close()
     for url in ("nonsense", "mysql://x/y", "sqlite://"):
-        with pytest.raises(IndexError_):
+        with pytest.raises(DatabaseError):
             open_repositories(url)
 
 

@@ -20,6 +20,7 @@ from pydicom.uid import (
 )
 
 from safepacs.dicom import bulkdata
+from safepacs.dicom.transcode import Geometry
 from safepacs.errors import RetrieveError
 
 
@@ -79,7 +80,7 @@ def test_the_transfer_syntax_defaults_to_explicit_little_endian() -> None:
 def test_native_frames_are_read_one_at_a_time() -> None:
     ds = bulkdata.load(part10(image()))
     shape = bulkdata.geometry(ds)
-    assert shape == bulkdata.Geometry(rows=2, columns=3, samples=1, bits_allocated=16, frames=2)
+    assert shape == Geometry(rows=2, columns=3, samples=1, bits_allocated=16, frames=2)
     assert bulkdata.native_frame(ds, 1, shape) == np.arange(6, 12, dtype="<u2").tobytes()
 
 
@@ -112,7 +113,7 @@ def test_no_pixels_is_a_retrieve_error() -> None:
 
 def test_a_frame_too_large_to_decode_is_refused() -> None:
     ds = image(frames=1)
-    shape = bulkdata.Geometry(rows=20000, columns=20000, samples=1, bits_allocated=16, frames=1)
+    shape = Geometry(rows=20000, columns=20000, samples=1, bits_allocated=16, frames=1)
     with pytest.raises(RetrieveError, match="would decode to more than"):
         bulkdata.native_frame(ds, 0, shape)
 

@@ -21,7 +21,7 @@ from safepacs.dicom.attributes import HEADER_TAGS
 from safepacs.dicom.transcode import dataset_bytes
 from safepacs.errors import InvalidObjectError
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, file_meta
-from safepacs.types import Principal, Service
+from safepacs.types import Principal, PrincipalKind, Service
 from tests.support.corpus import make_ct, part10_bytes, storable_files
 
 uids = st.lists(st.integers(0, 99999), min_size=2, max_size=12).map(lambda p: ".".join(map(str, p)))
@@ -88,7 +88,7 @@ def test_a_truncated_data_set_is_refused_and_not_stored(data_dir: Path, cut: str
         body = body[: at + 5]
     archive = open_archive(load_settings(data_dir))
     try:
-        principal = Principal(kind="peer", name="CT1", allow=frozenset({Service.STORE}))
+        principal = Principal(kind=PrincipalKind.PEER, name="CT1", allow=frozenset({Service.STORE}))
         with pytest.raises(InvalidObjectError, match="truncated"):
             archive.ingest.ingest_dataset(principal, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, body)
         assert archive.instances.get_instance(str(ds.SOPInstanceUID)) is None

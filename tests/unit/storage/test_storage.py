@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safepacs.errors import IntegrityError, KeyError_, NotFoundError, StorageError
+from safepacs.errors import IntegrityError, KeyMaterialError, NotFoundError, StorageError
 from safepacs.storage import (
     BlobStore,
     EnvelopeCipher,
@@ -371,7 +371,7 @@ def test_file_key_provider_refuses_to_create_twice(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     provider = FileKeyProvider.create(keys_dir)
     before = provider.get_key(provider.current_key_id())
-    with pytest.raises(KeyError_, match="already holds"):
+    with pytest.raises(KeyMaterialError, match="already holds"):
         FileKeyProvider.create(keys_dir)
     assert FileKeyProvider(keys_dir).get_key(provider.current_key_id()) == before
 
@@ -406,7 +406,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> No
     key_id = FileKeyProvider.create(keys_dir).current_key_id()
     key_file = keys_dir / f"kek-{key_id}.key"
     key_file.chmod(mode)
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(KeyMaterialError) as info:
         FileKeyProvider(keys_dir)
     assert str(key_file) in str(info.value)
     assert "chmod 600" in str(info.value)
@@ -418,7 +418,7 @@ def test_key_file_of_wrong_size_is_refused(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     key_id = FileKeyProvider.create(keys_dir).current_key_id()
     (keys_dir / f"kek-{key_id}.key").write_bytes(b"short")
-    with pytest.raises(KeyError_, match="32-byte"):
+    with pytest.raises(KeyMaterialError, match="32-byte"):
         FileKeyProvider(keys_dir)
 
 
@@ -429,31 +429,31 @@ def test_key_file_symlink_is_refused(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere.key"
     key_file.rename(elsewhere)
     key_file.symlink_to(elsewhere)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         FileKeyProvider(keys_dir)
 
 
 def test_missing_key_material(tmp_path: Path) -> None:
-    with pytest.raises(KeyError_, match="does not exist"):
+    with pytest.raises(KeyMaterialError, match="does not exist"):
         FileKeyProvider(tmp_path / "nowhere")
     keys_dir = tmp_path / "keys"
     provider = FileKeyProvider.create(keys_dir)
-    with pytest.raises(KeyError_, match="missing"):
+    with pytest.raises(KeyMaterialError, match="missing"):
         provider.get_key("0123456789abcdef")
     (keys_dir / "current-kek").write_text("../../etc/passwd\n")
-    with pytest.raises(KeyError_, match="does not hold a key id"):
+    with pytest.raises(KeyMaterialError, match="does not hold a key id"):
         provider.current_key_id()
     (keys_dir / "current-kek").unlink()
-    with pytest.raises(KeyError_, match="current-kek"):
+    with pytest.raises(KeyMaterialError, match="current-kek"):
         FileKeyProvider(keys_dir)
 
 
 @pytest.mark.parametrize("bad", ["../kek", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef\n", ""])
 def test_malformed_key_ids_are_refused(tmp_path: Path, bad: str) -> None:
     provider = FileKeyProvider.create(tmp_path / "keys")
-    with pytest.raises(KeyError_, match="malformed"):
+    with pytest.raises(KeyMaterialError, match="malformed"):
         provider.get_key(bad)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         MemoryKeyProvider().get_key(bad)
 
 
@@ -522,7 +522,7 @@ def test_tampering_any_byte_is_detected() -> None:
             expected: tuple[type[Exception], ...] = (IntegrityError,)
             if KEY_ID.start <= index < KEY_ID.stop:
                 # Still a well-formed id, but one no KEK has: "unknown key" is all we can know.
-                expected = (IntegrityError, KeyError_)
+                expected = (IntegrityError, KeyMaterialError)
             with pytest.raises(expected):
                 cipher.open(bytes(tampered))
 
@@ -605,9 +605,9 @@ def test_unknown_key_id() -> None:
     old = keys.current_key_id()
     keys.rotate()
     keys.forget(old)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         cipher.open(sealed)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         cipher.rewrap(sealed)
     assert EnvelopeCipher.key_id_of(sealed) == old
 
@@ -618,7 +618,7 @@ def test_unknown_key_id_on_disk(tmp_path: Path) -> None:
     old = keys.current_key_id()
     keys.rotate()
     (tmp_path / "keys" / f"kek-{old}.key").unlink()
-    with pytest.raises(KeyError_, match="missing"):
+    with pytest.raises(KeyMaterialError, match="missing"):
         EnvelopeCipher(FileKeyProvider(tmp_path / "keys")).open(sealed)
 
 
@@ -659,7 +659,7 @@ def test_rotation_and_rewrap(keys: KeyProvider) -> None:
     # Once every object is re-wrapped, the old KEK can go.
     without_old = EnvelopeCipher(_drop_kek(keys, old))
     assert without_old.open(rewrapped) == plaintext
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         without_old.open(sealed)
 
 
@@ -681,16 +681,16 @@ def test_provider_returning_a_bad_key_is_refused() -> None:
         def get_key(self, key_id: str) -> bytes:
             return b"too short"
 
-    with pytest.raises(KeyError_, match="32-byte"):
+    with pytest.raises(KeyMaterialError, match="32-byte"):
         EnvelopeCipher(ShortKeys()).seal(b"x")
 
 
 def test_memory_key_provider_validates_keys() -> None:
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         MemoryKeyProvider({"0123456789abcdef": b"short"})
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         MemoryKeyProvider({"not-an-id": os.urandom(32)})
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyMaterialError):
         MemoryKeyProvider({"0123456789abcdef": os.urandom(32)}, current="fedcba9876543210")
 
 

@@ -55,14 +55,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from safepacs._memory import keep_large_buffers
     from safepacs.app import open_archive, upgrade_index
     from safepacs.services.audit import StoreBatch, operator
-    from safepacs.types import IngestOutcome, Principal
+    from safepacs.types import IngestOutcome, Principal, PrincipalKind
 
     settings = settings_of(args)
     files = _iter_files(args.paths)
     keep_large_buffers()
     upgrade_index(settings)
     archive = open_archive(settings)
-    principal = Principal(kind="system", name="safepacs import", user=operator("import").user_id)
+    principal = Principal(kind=PrincipalKind.SYSTEM, name="safepacs import", user=operator("import").user_id)
     batch = StoreBatch()
     conflict = "not stored (other content under the same UID)"
     counts = {"stored": 0, "already present": 0, "replaced": 0, conflict: 0}

@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from safepacs.cli._common import EXIT_OK, UsageError, add_data_option, admin_service, change, settings_of
 from safepacs.errors import SafePacsError
@@ -143,19 +143,19 @@ def _add(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(str(exc)) from None
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
-    tls, pinned, identity, pin = _security(args)
+    security = _security(args)
     peer = Peer(
         ae_title,
         _check_host(args.host),
         args.port,
         _parse_allow(args.allow),
         args.user,
-        tls=tls,
-        cert_sha256=pinned,
-        user_identity=identity,
+        tls=security.tls,
+        cert_sha256=security.pinned,
+        user_identity=security.identity,
     )
     with admin_service(args) as admin:
-        admin.add_peer(peer, change("peer", argv), pin)
+        admin.add_peer(peer, change("peer", argv), security.pin)
     acting = f", acting for user {peer.user}" if peer.user else ""
     print(
         f"Peer {peer.ae_title} registered: host {peer.host}, "
@@ -197,9 +197,16 @@ def _fingerprint(text: str, option: str) -> str:
         raise UsageError(f"{option}: {exc}") from None
 
 
-def _security(
-    args: argparse.Namespace,
-) -> tuple[TlsMode, str | None, UserIdentityMode, PinnedCertificate | None]:
+class _Security(NamedTuple):
+    """The security settings of the peer ``peer add`` registers."""
+
+    tls: TlsMode
+    pinned: str | None  # SHA-256 fingerprint of the pinned certificate
+    identity: UserIdentityMode
+    pin: PinnedCertificate | None  # the certificate pinned with ``--cert`` (None without one)
+
+
+def _security(args: argparse.Namespace) -> _Security:
     """The TLS mode, pinned fingerprint and user identity mode of the peer ``peer add`` registers, and
     the certificate pinned with ``--cert`` (None without one)."""
     from safepacs.auth.pki import certificate_fingerprint
@@ -233,7 +240,7 @@ def _security(
     identity = UserIdentityMode(args.user_identity)
     if identity is UserIdentityMode.REQUIRED and args.user:
         raise UsageError("--user-identity required names the user on every association; drop --user")
-    return tls, pinned, identity, pin
+    return _Security(tls, pinned, identity, pin)
 
 
 def describe_security(peer: Peer, separator: str = "  ") -> str:

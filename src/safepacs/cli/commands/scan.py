@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_PORTS", "FORMATS", "SEVERITIES", "emit", "output_options", "
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 # Kept here so that building the parser does not import the scanner (pynetdicom, httpx: 0.6 s);
-# tests/test_scan.py checks they equal safepacs.scan's.
+# tests/interop/test_scan.py checks they equal safepacs.scan's.
 FORMATS = ("text", "json", "sarif", "html")
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 DEFAULT_PORTS = (80, 104, 443, 2761, 2762, 4242, 8042, 8080, 8443, 11112)

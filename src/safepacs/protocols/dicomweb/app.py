@@ -15,11 +15,11 @@ from starlette.types import ASGIApp
 
 from safepacs import __version__
 from safepacs.audit.events import Participant
-from safepacs.protocols.dicomweb.audit import make_router as make_audit_router
+from safepacs.protocols.dicomweb.audit import audit_search_router
 from safepacs.protocols.dicomweb.capabilities import install_capabilities
-from safepacs.protocols.dicomweb.delete import make_router as make_delete_router
+from safepacs.protocols.dicomweb.delete import delete_router
 from safepacs.protocols.dicomweb.problems import Problem, install_problem_handlers
-from safepacs.protocols.dicomweb.qido import make_router
+from safepacs.protocols.dicomweb.qido import qido_router
 from safepacs.protocols.dicomweb.security import (
     Backends,
     SecurityHeaders,
@@ -27,10 +27,10 @@ from safepacs.protocols.dicomweb.security import (
     client_address,
     user_agent,
 )
-from safepacs.protocols.dicomweb.session import make_router as make_session_router
-from safepacs.protocols.dicomweb.stow import make_router as make_stow_router
-from safepacs.protocols.dicomweb.wado import make_router as make_wado_router
-from safepacs.protocols.dicomweb.wadouri import make_router as make_wadouri_router
+from safepacs.protocols.dicomweb.session import session_router
+from safepacs.protocols.dicomweb.stow import stow_router
+from safepacs.protocols.dicomweb.wado import wado_router
+from safepacs.protocols.dicomweb.wadouri import wadouri_router
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -77,18 +77,18 @@ def create_app(archive: Archive) -> FastAPI:
             raise
         return replace(principal, user_agent=agent)
 
-    app.include_router(make_router(principal_of, archive.query.search), prefix="/dicomweb", tags=["QIDO-RS"])
-    app.include_router(make_wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
-    wado_uri = make_wadouri_router(principal_of, archive.retrieve)
+    app.include_router(qido_router(principal_of, archive.query.search), prefix="/dicomweb", tags=["QIDO-RS"])
+    app.include_router(wado_router(principal_of, archive.retrieve), prefix="/dicomweb", tags=["WADO-RS"])
+    wado_uri = wadouri_router(principal_of, archive.retrieve)
     app.include_router(wado_uri, prefix="/dicomweb", tags=["WADO-URI"])
     server = archive.settings.server
-    stow = make_stow_router(principal_of, archive.ingest, server.max_request_bytes, server.max_stow_parts)
+    stow = stow_router(principal_of, archive.ingest, server.max_request_bytes, server.max_stow_parts)
     app.include_router(stow, prefix="/dicomweb", tags=["STOW-RS"])
-    app.include_router(make_delete_router(principal_of, archive.delete), prefix="/dicomweb", tags=["Delete"])
+    app.include_router(delete_router(principal_of, archive.delete), prefix="/dicomweb", tags=["Delete"])
     idle = int(archive.settings.auth.session_idle_minutes * 60)
-    sessions = make_session_router(principal_of, archive.logins, idle, auditor)
+    sessions = session_router(principal_of, archive.logins, idle, auditor)
     app.include_router(sessions, prefix="/api", tags=["Session"])
-    app.include_router(make_audit_router(principal_of, archive.audits), prefix="/api", tags=["Audit"])
+    app.include_router(audit_search_router(principal_of, archive.audits), prefix="/api", tags=["Audit"])
     install_capabilities(app, principal_of)  # it describes the routes above
 
     @app.get(OPENAPI_URL, include_in_schema=False)

@@ -1,8 +1,8 @@
 """``GET /api/audit``: the audit trail over HTTPS, for auditors (and administrators).
 
 The same filters and rows as ``safepacs audit query``; the read is itself recorded (110101 Audit
-Log Used) before the answer is sent (:class:`~safepacs.services.audittrail.AuditSearch`).  Anyone else
-gets 404, like every refusal.
+Log Used) before the answer is sent (:class:`~safepacs.services.audittrail.AuditSearchService`).
+Anyone else gets 404, like every refusal.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from safepacs.audit.events import AuditFilter, from_canonical
 from safepacs.audit.report import summary_row
 from safepacs.errors import AccessDenied
 from safepacs.protocols.dicomweb.problems import Problem, not_found
-from safepacs.services.audittrail import AuditSearch
+from safepacs.services.audittrail import AuditSearchService
 from safepacs.types import Principal
 
-__all__ = ["make_router"]
+__all__ = ["audit_search_router"]
 
 MAX_ROWS = 10_000
 
@@ -35,7 +35,9 @@ def _when(text: str | None, name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def make_router(principal_of: Callable[[Request], Principal], audits: AuditSearch) -> APIRouter:
+def audit_search_router(
+    principal_of: Callable[[Request], Principal], audits: AuditSearchService
+) -> APIRouter:
     router = APIRouter()
 
     @router.get("/audit", summary="Search the audit trail (auditors)")

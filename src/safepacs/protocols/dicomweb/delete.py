@@ -17,10 +17,10 @@ from safepacs.protocols.dicomweb.requests import checked_uid
 from safepacs.services.delete import DeleteService
 from safepacs.types import Principal
 
-__all__ = ["make_router"]
+__all__ = ["delete_router"]
 
 
-def make_router(principal_of: Callable[[Request], Principal], deleter: DeleteService) -> APIRouter:
+def delete_router(principal_of: Callable[[Request], Principal], deleter: DeleteService) -> APIRouter:
     router = APIRouter()
 
     def delete(

@@ -29,8 +29,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
 from safepacs.dicom import bulkdata
-from safepacs.dicom.bulkdata import NATIVE_MEDIA_TYPE, Geometry
-from safepacs.dicom.transcode import can_convert
+from safepacs.dicom.bulkdata import NATIVE_MEDIA_TYPE
+from safepacs.dicom.transcode import Geometry, can_convert
 from safepacs.errors import RetrieveError
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import acceptable, frame_numbers, media_ranges
@@ -45,7 +45,7 @@ from safepacs.protocols.dicomweb.retrieval import (
 from safepacs.services.retrieve import RetrieveService
 from safepacs.types import Principal
 
-__all__ = ["check_frames", "load_instance", "make_router", "pixel_geometry"]
+__all__ = ["check_frames", "load_instance", "pixel_data_router", "pixel_geometry"]
 
 Choice = Literal["native", "stored"]
 _T = TypeVar("_T")
@@ -169,7 +169,7 @@ def _response(parts: Iterator[Part], part_type: str) -> StreamingResponse:
     return StreamingResponse(multipart_stream(parts, mark), media_type=multipart_media(part_type, mark))
 
 
-def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
+def pixel_data_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
     instance_path = "/studies/{study}/series/{series}/instances/{instance}"
 

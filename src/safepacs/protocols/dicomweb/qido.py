@@ -27,7 +27,7 @@ from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import DICOM_JSON, checked_uid, media_ranges
 from safepacs.types import Principal, QueryLevel
 
-__all__ = ["build_identifier", "make_router"]
+__all__ = ["build_identifier", "qido_router"]
 
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching", "emptyvaluematching"}
 _RETRIEVE_URL = "00081190"
@@ -215,7 +215,7 @@ def with_retrieve_urls(results: list[dict[str, Any]], level: QueryLevel, base: s
     return out
 
 
-def make_router(principal_of: Any, search: Any) -> APIRouter:
+def qido_router(principal_of: Any, search: Any) -> APIRouter:
     """The QIDO-RS routes; ``principal_of(request)`` authenticates, ``search(...)`` is QueryService.search."""
     router = APIRouter()
 

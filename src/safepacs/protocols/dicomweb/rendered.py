@@ -61,12 +61,12 @@ from safepacs.types import InstanceRef, Principal
 
 __all__ = [
     "Renderer",
-    "make_router",
     "parse_quality",
     "parse_viewport",
     "parse_window",
     "problem",
     "refuse_unsupported",
+    "rendered_router",
 ]
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def _representatives(refs: list[InstanceRef]) -> list[InstanceRef]:
     return (middles + others)[:_THUMBNAIL_TRIES]
 
 
-def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
+def rendered_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
     renderer = Renderer()
     instance_path = "/studies/{study}/series/{series}/instances/{instance}"

@@ -40,7 +40,7 @@ __all__ = [
     "SecurityHeaders",
     "authenticate",
     "client_address",
-    "session_of",
+    "login_session_of",
     "user_agent",
 ]
 
@@ -129,7 +129,7 @@ def _bearer(token: str, gate: Gate, oidc: OidcVerifier | None, client: str | Non
         raise Problem(403, "Forbidden", str(exc), {"WWW-Authenticate": challenge}) from None
 
 
-def session_of(request: Request, logins: LoginService) -> tuple[SessionRecord, UserRecord]:
+def login_session_of(request: Request, logins: LoginService) -> tuple[SessionRecord, UserRecord]:
     """The live login session of a request's cookie, CSRF-checked unless the method is safe."""
     found = logins.session(request.cookies.get(SESSION_COOKIE, ""))
     if found is None:
@@ -173,6 +173,6 @@ def authenticate(request: Request, gate: Gate, backends: Backends | None = None)
             )
         return _bearer(credentials.strip(), gate, backends.oidc, client)
     if backends.logins is not None and SESSION_COOKIE in request.cookies:
-        _, user = session_of(request, backends.logins)
+        _, user = login_session_of(request, backends.logins)
         return user_principal(user, address=client)
     raise _unauthorized("this request needs a bearer token or a login session")

@@ -31,13 +31,19 @@ from safepacs.audit.events import Participant
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
 from safepacs.errors import AuditError, AuthenticationError
 from safepacs.protocols.dicomweb.problems import Problem
-from safepacs.protocols.dicomweb.security import REALM, SESSION_COOKIE, client_address, session_of, user_agent
+from safepacs.protocols.dicomweb.security import (
+    REALM,
+    SESSION_COOKIE,
+    client_address,
+    login_session_of,
+    user_agent,
+)
 from safepacs.services.audit import Auditor, Types
 from safepacs.types import Principal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_router"]
+__all__ = ["session_router"]
 
 _COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Strict"
 _MAX_BODY = 8 * 1024
@@ -96,7 +102,7 @@ def _opened(session: NewSession, idle_seconds: int) -> JSONResponse:
     return response
 
 
-def make_router(
+def session_router(
     principal_of: Callable[[Request], Principal], logins: LoginService, idle_seconds: int, audit: Auditor
 ) -> APIRouter:
     """The ``/api/session`` routes (mount under ``/api``).  Every login, failed login and logout is
@@ -154,7 +160,7 @@ def make_router(
 
     @router.delete("/session", status_code=204, summary="Log out (the session ends on the server)")
     def logout(request: Request) -> Response:
-        record, user = session_of(request, logins)
+        record, user = login_session_of(request, logins)
         logins.logout(record)  # first: a session must end even when its end cannot be recorded
         try:
             audit.authenticated(person(request, user.name), logout=True)

@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
 from fastapi import APIRouter, Request
@@ -38,10 +38,10 @@ from safepacs.errors import AccessDenied, AuditError, InvalidObjectError, SafePa
 from safepacs.protocols.dicomweb.problems import Problem, not_found
 from safepacs.protocols.dicomweb.requests import DICOM_JSON, checked_uid
 from safepacs.services.audit import StoreBatch
-from safepacs.services.ingest import IngestService, SopClassMismatch
+from safepacs.services.ingest import IngestService, SopClassMismatch, SopInstanceMismatch
 from safepacs.types import IngestOutcome, Principal
 
-__all__ = ["TooManyParts", "make_router", "split_multipart"]
+__all__ = ["TooManyParts", "split_multipart", "stow_router"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _TYPE_RE = re.compile(r'type\s*=\s*"?([^";\s]+)"?', re.IGNORECASE)
 # PS3.18 Table 10.5.3-2 and PS3.4 B.2.3 status codes used as Failure/Warning Reason
 _PROCESSING_FAILURE = 0x0110
 _OUT_OF_RESOURCES = 0xA700
-_SOP_CLASS_MISMATCH = 0xA900
+_SOP_CLASS_MISMATCH = 0xA900  # also for a mismatched SOP Instance UID
 _CANNOT_UNDERSTAND = 0xC000
 #: Its SOP Instance UID is stored with other content; not stored (as C-STORE answers, docs/conformance.md)
 _DIFFERENT_INSTANCE_STORED = 0xC111
@@ -105,8 +105,17 @@ def _item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
     return item
 
 
-def _uids(data: bytes) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study, Series Instance UID) of a part, best effort, for the response: from
+class _PartUids(NamedTuple):
+    """The UIDs of a STOW-RS part that its response item and Retrieve URL name ("" when unknown)."""
+
+    sop_class: str
+    sop_instance: str
+    study: str
+    series: str
+
+
+def _uids(data: bytes) -> _PartUids:
+    """The UIDs of a part, best effort, for the response: from
     the data set, else (a data set pydicom cannot read, e.g. nested too deeply) the SOP Class and
     Instance UID from the file meta, else none."""
     keys = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -115,17 +124,17 @@ def _uids(data: bytes) -> tuple[str, str, str, str]:
     except Exception:  # noqa: BLE001 - unreadable: the file meta alone, if it can be read
         return _meta_uids(data)
     a, b, c, d = (str(ds.get(k, "")) for k in keys)
-    return a, b, c, d
+    return _PartUids(a, b, c, d)
 
 
-def _meta_uids(data: bytes) -> tuple[str, str, str, str]:
+def _meta_uids(data: bytes) -> _PartUids:
     try:
         _, encoded = dataset_bytes(data)
         meta = pydicom.dcmread(BytesIO(data[: len(data) - len(encoded)])).file_meta
     except Exception:  # noqa: BLE001 - unreadable: the failure item carries no UIDs
-        return "", "", "", ""
+        return _PartUids("", "", "", "")
     keys = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
-    return str(meta.get(keys[0], "")), str(meta.get(keys[1], "")), "", ""
+    return _PartUids(str(meta.get(keys[0], "")), str(meta.get(keys[1], "")), "", "")
 
 
 def _is_part10(data: bytes) -> bool:
@@ -139,7 +148,7 @@ _OTHER_STUDY = "not of the study named in the request's path"
 
 
 def _reason(exc: SafePacsError) -> int:
-    if isinstance(exc, SopClassMismatch):
+    if isinstance(exc, (SopClassMismatch, SopInstanceMismatch)):
         return _SOP_CLASS_MISMATCH
     if isinstance(exc, InvalidObjectError):
         return _CANNOT_UNDERSTAND
@@ -159,7 +168,7 @@ def _insufficient_storage() -> Problem:
     )
 
 
-def make_router(
+def stow_router(
     principal_of: Callable[[Request], Principal],
     ingest: IngestService,
     max_request_bytes: int,

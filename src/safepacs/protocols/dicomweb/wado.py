@@ -57,7 +57,7 @@ from safepacs.protocols.dicomweb.retrieval import (
 from safepacs.services.retrieve import RetrieveService
 from safepacs.types import InstanceRef, Principal
 
-__all__ = ["make_router"]
+__all__ = ["wado_router"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _bulk_uri(base: str, ref: InstanceRef) -> Callable[[str], str]:
     return lambda path: prefix + path
 
 
-def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
+def wado_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
 
     def instances(request: Request, *uids: str) -> MultipartResponse:
@@ -247,6 +247,6 @@ def make_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
     def instance_metadata(request: Request, study: str, series: str, instance: str) -> JSONResponse:
         return metadata(request, study, series, instance)
 
-    router.include_router(pixels.make_router(principal_of, retrieve))
-    router.include_router(rendered.make_router(principal_of, retrieve))
+    router.include_router(pixels.pixel_data_router(principal_of, retrieve))
+    router.include_router(rendered.rendered_router(principal_of, retrieve))
     return router

@@ -44,7 +44,7 @@ from safepacs.services.ingest import valid_uid
 from safepacs.services.retrieve import RetrieveService
 from safepacs.types import InstanceRef, Principal
 
-__all__ = ["make_router"]
+__all__ = ["wadouri_router"]
 
 DICOM = "application/dicom"
 _CONTENT_TYPES = {DICOM: DICOM, "image/jpeg": JPEG, "image/png": PNG, "image/*": JPEG, "*/*": JPEG}
@@ -174,7 +174,7 @@ def _event(media: str | None) -> EventID:
     return EventID.INSTANCES_TRANSFERRED if media == DICOM else EventID.INSTANCES_ACCESSED
 
 
-def make_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
+def wadouri_router(principal_of: Callable[[Request], Principal], retrieve: RetrieveService) -> APIRouter:
     router = APIRouter()
     renderer = Renderer()
 

@@ -27,7 +27,7 @@ from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.protocols.dimse.contexts import negotiable_contexts
 from safepacs.protocols.dimse.engine.acse import Accept, AssociateRequest, Reject, install_acse
 from safepacs.protocols.dimse.engine.slots import AssociationSlot
-from safepacs.protocols.dimse.tls import TlsSession, session_of
+from safepacs.protocols.dimse.tls import TlsSession, tls_session_of
 from safepacs.services.audit import Auditor, actor
 from safepacs.types import Peer, Principal
 
@@ -206,7 +206,7 @@ class AssociationGate:
         """Admission of one association (``engine.acse.GateACSE`` asks, in the association's thread):
         decided, reserved a place, recorded on the audit trail and logged."""
         calling, called, address = request.calling, request.called, request.address
-        session = session_of(request.socket)
+        session = tls_session_of(request.socket)
         credentials = Credentials.of(request.identity)
         principal, rejection, reason = self.admit(
             calling, called, address, len(request.contexts), session=session, credentials=credentials

@@ -61,7 +61,7 @@ from safepacs.protocols.dimse.engine.transport import (
 )
 from safepacs.protocols.dimse.gate import AssociationGate, install_gate
 from safepacs.protocols.dimse.handlers import DimseHandlers
-from safepacs.protocols.dimse.tls import DicomTls, certificate_refusal, session_of
+from safepacs.protocols.dimse.tls import DicomTls, certificate_refusal, tls_session_of
 from safepacs.services.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from safepacs.types import Peer, Principal, TlsMode
 
@@ -91,7 +91,7 @@ class _SafeAE(EngineAE):
         assoc = super().associate(*args, **kwargs)
         sock = socket_of(assoc)
         if peer is not None and assoc.is_established:
-            session = session_of(sock)
+            session = tls_session_of(sock)
             refusal = (
                 certificate_refusal(peer, session, self.tls.ca, self.revoked or _never_revoked)
                 if session is not None and self.tls is not None
@@ -496,8 +496,8 @@ def run_worker(
     stop = StopRequest()
     stop.install()
     setup()
-    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms (bench/README.md baseline) measured no better here,
-    # and 25% worse for 0.5 MB instances over 4 associations (bench/README.md).
+    # sys.setswitchinterval stays at Python's 5 ms: 0.5 ms measured no better, and worse for 0.5 MB
+    # instances over 4 associations (bench/README.md, "Baseline measurements").
     archive = open_archive(settings)
     server = DimseServer(archive, listener, tls_listener, loads=loads, slot=slot)
     freeze_start_up()

@@ -14,7 +14,7 @@ from safepacs.errors import (
     StorageError,
     StorageFullError,
 )
-from safepacs.services.ingest import SopClassMismatch
+from safepacs.services.ingest import SopClassMismatch, SopInstanceMismatch
 
 __all__ = ["SUCCESS", "find_failure", "retrieve_failure", "status", "store_conflict", "store_failure"]
 
@@ -65,7 +65,7 @@ def store_failure(exc: SafePacsError) -> Dataset:
     """C-STORE failure for ``exc`` (PS3.4 B.2.3)."""
     if (ds := _generic(exc)) is not None:
         return ds
-    if isinstance(exc, SopClassMismatch):
+    if isinstance(exc, (SopClassMismatch, SopInstanceMismatch)):
         return status(DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if isinstance(exc, InvalidObjectError):
         return status(CANNOT_UNDERSTAND, str(exc))

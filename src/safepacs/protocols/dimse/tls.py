@@ -37,7 +37,7 @@ from safepacs.auth.pki import (
     load_certificate,
     write_private,
 )
-from safepacs.errors import KeyError_
+from safepacs.errors import KeyMaterialError
 from safepacs.types import Peer
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
     "TlsSession",
     "certificate_refusal",
     "ensure_client_certificate",
-    "session_of",
+    "tls_session_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class TlsSession:
     sha256: str | None
 
 
-def session_of(sock: Any) -> TlsSession | None:
+def tls_session_of(sock: Any) -> TlsSession | None:
     """The TLS session of a connected socket (None: a plain TCP connection)."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
@@ -149,7 +149,9 @@ class DicomTls:
         try:
             self.ca = load_certificate((keys_dir / "ca.pem").read_bytes())
         except OSError as exc:
-            raise KeyError_(f"cannot read the CA certificate {keys_dir / 'ca.pem'} ({exc.strerror})") from exc
+            raise KeyMaterialError(
+                f"cannot read the CA certificate {keys_dir / 'ca.pem'} ({exc.strerror})"
+            ) from exc
 
     def _refresh(self) -> None:
         anchors = self._pinned()
@@ -191,7 +193,7 @@ def ensure_client_certificate(keys_dir: Path, ae_title: str) -> Path:
     try:
         ca_cert, ca_key = (keys_dir / "ca.pem").read_bytes(), (keys_dir / "ca.key").read_bytes()
     except OSError as exc:
-        raise KeyError_(
+        raise KeyMaterialError(
             f"cannot read the CA in {keys_dir} ({exc.strerror}); it issues SafePACS's DICOM TLS client "
             "certificate"
         ) from exc

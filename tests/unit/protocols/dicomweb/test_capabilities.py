@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 
 from safepacs.protocols.dicomweb.capabilities import WADL, install_capabilities
 from safepacs.protocols.dicomweb.problems import Problem, install_problem_handlers
-from safepacs.types import Principal
+from safepacs.types import Principal, PrincipalKind
 
 NS = {"w": "http://wadl.dev.java.net/2009/02"}
 
@@ -21,7 +21,7 @@ NS = {"w": "http://wadl.dev.java.net/2009/02"}
 def principal_of(request: Request) -> Principal:
     if request.headers.get("authorization") != "Bearer ok":
         raise Problem(401, "Unauthorized", "credentials are needed", {"WWW-Authenticate": "Bearer"})
-    return Principal("user", "alice")
+    return Principal(PrincipalKind.USER, "alice")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from safepacs.config import load_settings
 from safepacs.protocols.dimse.contexts import StudyRootQueryRetrieveInformationModelFind
 from safepacs.protocols.dimse.gate import _PRINCIPAL_ATTR
 from safepacs.protocols.dimse.handlers import DimseHandlers
-from safepacs.types import Principal, QueryLevel, QueryModel, Service
+from safepacs.types import Principal, PrincipalKind, QueryLevel, QueryModel, Service
 from tests.conftest import run_cli
 from tests.support.corpus import make_ct
 
@@ -54,7 +54,7 @@ def test_find_handler_stops_at_cancel(data_dir: Path, tmp_path: Path) -> None:
         q.StudyInstanceUID = study
         q.SeriesInstanceUID = series
         q.SOPInstanceUID = ""
-        viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+        viewer = Principal(kind=PrincipalKind.PEER, name="VIEWER", allow=frozenset({Service.FIND}))
         event = _Event(q, viewer, after=3)
         statuses = []
         for status, _ in handlers.on_find(event):
@@ -148,7 +148,7 @@ def test_fast_find_responses_stop_at_cancel_and_decode_as_before(data_dir: Path,
         q.SOPInstanceUID = ""
         q.InstanceNumber = ""
         q.PatientName = ""
-        viewer = Principal(kind="peer", name="VIEWER", allow=frozenset({Service.FIND}))
+        viewer = Principal(kind=PrincipalKind.PEER, name="VIEWER", allow=frozenset({Service.FIND}))
         found = archive.query.find(viewer, QueryModel.STUDY_ROOT, QueryLevel.IMAGE, q)
         expected = [decode(BytesIO(encode(ds, True, True)), True, True) for ds in found]
         assert len(expected) == 10

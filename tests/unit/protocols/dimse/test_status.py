@@ -25,7 +25,7 @@ from safepacs.protocols.dimse.status import (
     store_conflict,
     store_failure,
 )
-from safepacs.services.ingest import SopClassMismatch
+from safepacs.services.ingest import SopClassMismatch, SopInstanceMismatch
 
 LONG = "x" * 100
 
@@ -47,6 +47,7 @@ def test_the_error_comment_is_cut_to_64_characters() -> None:
         (AccessDenied("no"), 0x0124, "refused: not authorized for this service"),
         (AuditError("down"), 0xA700, "refused: the audit trail cannot be written; try again later"),
         (SopClassMismatch("the SOP Class UID differs"), 0xA900, "the SOP Class UID differs"),
+        (SopInstanceMismatch("the SOP Instance UID differs"), 0xA900, "the SOP Instance UID differs"),
         (InvalidObjectError("not a DICOM file"), 0xC000, "not a DICOM file"),
         (StorageFullError("full"), 0xA700, "refused: out of disk space (storage.min_free_bytes)"),
         (IntegrityError("bad tag"), 0xA700, "the archive could not store the object; try again later"),

@@ -9,7 +9,8 @@ any of the following, between any two releases, so ``pyproject.toml`` pins the m
 :data:`CHECKED` unless ``server.unchecked_pynetdicom`` is set (:func:`check_pynetdicom`).
 
 On an upgrade of pynetdicom, read its changes to each of these, then run the differential tests
-(``tests/test_dimse_fastpath.py``, ``tests/test_dimse_sendpath.py``, ``tests/test_find_encoding.py``)
+(``tests/integration/test_dimse_fastpath.py``, ``tests/interop/test_dimse_sendpath.py``,
+``tests/interop/test_find_encoding.py``)
 and the DIMSE tests, and only then add the version to :data:`CHECKED` (and move the pin):
 
 ``fastpath.py`` (the C-STORE receive path)

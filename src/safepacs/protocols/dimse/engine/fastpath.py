@@ -3,8 +3,8 @@
 pynetdicom hands every received PDU from its DUL thread through an event queue, a Python state
 machine and a message queue to the association thread, which polls that queue every millisecond;
 the response goes back through another queue the DUL thread polls.  Each instance waits for
-those polls and costs ~3 ms of CPU (bench/README.md, "Baseline measurements"): more than Orthanc
-spends on the whole store.  A modality sends thousands of instances one after the other, so that
+those polls and costs more CPU than Orthanc spends on the whole store (measured in bench/README.md,
+"Baseline measurements").  A modality sends thousands of instances one after the other, so that
 is where the time goes.
 
 :class:`StoreDUL` is pynetdicom's DUL provider with two changes:
@@ -113,8 +113,8 @@ def encode_store_response(
 ) -> bytes:
     """A C-STORE-RSP command set (PS3.7 9.3.1.2), Implicit VR Little Endian as PS3.7 6.3.1 requires.
 
-    Written here because pynetdicom's and pydicom's general encoders cost ~0.2-0.3 ms for these
-    seven elements, as much as storing a small instance; tests decode it with pynetdicom.
+    Written here because pynetdicom's and pydicom's general encoders cost as much for these seven
+    elements as storing a small instance (bench/README.md); tests decode it with pynetdicom.
     """
     elements = [
         _element(0x0000, 0x0002, _ui(sop_class_uid)),
@@ -173,7 +173,8 @@ def parse_store_command(raw: bytes) -> StoreCommand | None:
     Little Endian encoding (PS3.7 6.3.1); None for any other command and anything unusual (an element
     outside group 0000, a length past the end, a malformed value), which pynetdicom then decodes.
 
-    pydicom's decoder and its value converters cost ~0.1 ms per command; this is every instance.
+    pydicom's decoder and its value converters are slow for this (bench/README.md), and it is every
+    instance.
     """
     values = command_elements(raw)
     if values is None:

@@ -3,8 +3,8 @@
 pynetdicom sends each pending C-FIND-RSP by encoding the handler's ``Dataset`` with pydicom, building
 and encoding a command set, fragmenting both into P-DATA primitives and queueing those for the DUL
 thread, which polls its queue, runs the state machine and encodes each PDU again.  With the data set
-built per match, that was ~1 ms of server CPU per match, where the query itself costs a tenth of it
-(bench/README.md, "C-FIND encoding").
+built per match, that took about ten times the server CPU the query itself costs per match
+(measured in bench/README.md, "C-FIND encoding").
 
 :class:`FindResponder` takes identifiers encoded already (from the index rows:
 :meth:`~safepacs.services.query.QueryService.find_encoded`) and writes each pending response as

@@ -69,8 +69,8 @@ class RawInstance(Dataset):
     true (``status == Pending and dataset``), and whose ``SOPInstanceUID`` goes into the Failed SOP
     Instance UID List when its sub-operation fails.  They read nothing else of it (no SafePACS model
     is Composite Instance Retrieve Without Bulk Data, whose service class removes elements).  Setting
-    those two UIDs and a file meta group as data elements cost ~0.5 ms per instance (pydicom checks
-    each UID against a regular expression), half the CPU the whole sub-operation may take; so nothing
+    those two UIDs and a file meta group as data elements cost (pydicom checks each UID against a
+    regular expression) half the CPU the whole sub-operation may take (bench/README.md); so nothing
     of ``Dataset`` is initialised here, and the UIDs are plain attributes read off the reference.
     """
 
@@ -188,7 +188,8 @@ def _send_slow(
 class StoreStatus:
     """The status of a C-STORE sub-operation whose response carried nothing else: all pynetdicom's
     service class reads of what ``send_c_store`` returns (``.Status``).  pynetdicom's own check
-    (``Association._check_received_status``) builds a pydicom ``Dataset`` for it, ~0.1 ms."""
+    (``Association._check_received_status``) builds a pydicom ``Dataset`` for it, which costs more
+    than the rest of handling the response."""
 
     __slots__ = ("Status",)
 
