@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +103,19 @@ def measure(
         console.print(f"round {r + 1}/{rounds} done")
 
 
+def _settings_of_base(data: Path, scratch: Path, env: dict[str, str]) -> None:
+    """The base's own default ``safepacs.toml`` in its copy of the data directory: a setting the base
+    does not know (one added since) would stop it, and both run on defaults."""
+    defaults = scratch / "base-defaults"
+    subprocess.run(
+        [sys.executable, "-m", "safepacs", "init", "--data", str(defaults)],
+        env={**os.environ, **env},
+        capture_output=True,
+        check=True,
+    )
+    shutil.copyfile(defaults / "safepacs.toml", data / "safepacs.toml")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, help="a checkout of the code to compare with (its src/ is used)")
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 env = {}
                 if label == "base":
                     env["PYTHONPATH"] = str(args.base.resolve() / "src")
+                    _settings_of_base(data, scratch, env)
                 else:
                     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
                 server = Server(name=f"serve-{label}", aet="SAFEPACS", workdir=scratch, env=env)
