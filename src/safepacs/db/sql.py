@@ -508,17 +508,19 @@ def run_search_json(
     return [_response_json(query, row, extra) for row in rows], more
 
 
-def _response_json(
+def _answered(
     query: Query, row: sa.RowMapping, extra: Mapping[str, Mapping[int, Any]]
-) -> dict[str, Any]:
-    out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": [RESPONSE_CHARSET]}}
+) -> Iterator[tuple[str, str, object]]:
+    """(keyword, VR, value) of each key the query asked for, from one result row: a sequence (VR SQ) as
+    the matching items of the row's record, a derived key (ModalitiesInStudy, SOPClassesInStudy,
+    InstanceAvailability) as computed, any other key as its column.  What both the C-FIND data sets
+    and the QIDO-RS DICOM JSON answer."""
     for cond in query.conditions:
         if cond.kind is MatchKind.SEQUENCE:
             spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
             items = extra[cond.keyword].get(row[_pk_label(spec.level)], [])
             chosen = [i for i in items if cond.is_universal or matches(cond.items, i)]
-            sequence = DicomSequence([_item_dataset(cond, spec, i) for i in chosen])
-            out[tag_key(cond.keyword)] = data_element_json(_element(cond.keyword, "SQ", sequence))
+            yield cond.keyword, "SQ", DicomSequence([_item_dataset(cond, spec, i) for i in chosen])
             continue
         attr = A.BY_KEYWORD[cond.keyword]
         if attr.derived is A.Derived.ONLINE:
@@ -527,7 +529,18 @@ def _response_json(
             value = extra[cond.keyword].get(row[_pk_label(QueryLevel.STUDY)], [])
         else:
             value = row[cond.keyword]
-        out[tag_key(cond.keyword)] = element_json(cond.keyword, attr.vr, value)
+        yield cond.keyword, attr.vr, value
+
+
+def _response_json(
+    query: Query, row: sa.RowMapping, extra: Mapping[str, Mapping[int, Any]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": [RESPONSE_CHARSET]}}
+    for keyword, vr, value in _answered(query, row, extra):
+        if vr == "SQ":
+            out[tag_key(keyword)] = data_element_json(_element(keyword, vr, value))
+        else:
+            out[tag_key(keyword)] = element_json(keyword, vr, value)
     for tag, vr in query.unsupported:
         if not (tag >> 16) & 1:
             out[f"{tag:08X}"] = {"vr": vr}  # asked for, not indexed: empty (PS3.18 F.2.5)
@@ -697,23 +710,8 @@ def _response(query: Query, row: sa.RowMapping, extra: Mapping[str, Mapping[int,
     ds = Dataset()
     ds.SpecificCharacterSet = RESPONSE_CHARSET
     ds.QueryRetrieveLevel = query.level.value
-    for cond in query.conditions:
-        if cond.kind is MatchKind.SEQUENCE:
-            spec = A.SEQUENCE_BY_KEYWORD[cond.keyword]
-            items = extra[cond.keyword].get(row[_pk_label(spec.level)], [])
-            chosen = [i for i in items if cond.is_universal or matches(cond.items, i)]
-            ds.add(
-                _element(cond.keyword, "SQ", DicomSequence([_item_dataset(cond, spec, i) for i in chosen]))
-            )
-            continue
-        attr = A.BY_KEYWORD[cond.keyword]
-        if attr.derived is A.Derived.ONLINE:
-            value: object = "ONLINE"
-        elif attr.derived in {A.Derived.MODALITIES, A.Derived.SOP_CLASSES}:
-            value = extra[cond.keyword].get(row[_pk_label(QueryLevel.STUDY)], [])
-        else:
-            value = row[cond.keyword]
-        ds.add(_element(cond.keyword, attr.vr, value))
+    for keyword, vr, value in _answered(query, row, extra):
+        ds.add(_element(keyword, vr, value))
     for tag, vr in query.unsupported:
         if not (tag >> 16) & 1:  # private keys are not answered
             ds.add(DataElement(tag, vr, [] if vr == "SQ" else None))
