@@ -50,7 +50,7 @@ _SKIP_SUFFIXES = {".py", ".pyc", ".json", ".txt", ".md", ".dump", ".icc", ".gz",
 def _corpus_dirs() -> list[Path]:
     dirs = [Path(pydicom.data.__file__).resolve().parent / "test_files"]
     try:
-        import data_store  # pydicom-data, from the test extra
+        import data_store  # type: ignore[import-untyped]  # pydicom-data, from the test extra
     except ImportError:  # pragma: no cover - pydicom-data is in the test extra
         return dirs
     dirs.append(Path(data_store.__file__).resolve().parent / "data")

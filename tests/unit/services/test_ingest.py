@@ -48,7 +48,7 @@ def test_file_meta_is_byte_identical_to_pydicoms(sop_class: str, sop_instance: s
 
 @pytest.mark.parametrize("odd", [True, False])
 def test_file_meta_reads_back(odd: bool) -> None:
-    uid = generate_uid()
+    uid: str = generate_uid()
     uid = uid[:-1] if (len(uid) % 2 == 1) != odd else uid
     data = b"\x00" * 128 + b"DICM" + file_meta("1.2.840.10008.5.1.4.1.1.2", uid, ExplicitVRLittleEndian)
     ds = pydicom.dcmread(BytesIO(data))
