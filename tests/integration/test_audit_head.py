@@ -46,7 +46,7 @@ from safepacs.audit.chain import GENESIS, AuditRow, SignedHead, chain_hash
 from safepacs.audit.events import search_keys
 from safepacs.config import Settings, load_settings
 from safepacs.services.audittrail import verify_trail
-from tests.conftest import run_cli, start_server
+from tests.support.server import run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find
 

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from safepacs.app import Repositories
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.conftest import Server, run_cli, start_server
+from tests.support.server import Server, run_cli, start_server
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, c_get, c_move, rejection

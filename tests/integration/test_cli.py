@@ -15,7 +15,7 @@ import pytest
 
 from safepacs.app import open_repositories
 from safepacs.config import load_settings
-from tests.conftest import run_cli
+from tests.support.server import run_cli
 from tests.support.corpus import make_ct
 
 

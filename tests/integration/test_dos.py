@@ -40,7 +40,7 @@ from safepacs.app import open_repositories
 from safepacs.audit import EventID
 from safepacs.config import load_settings
 from safepacs.errors import ConfigError
-from tests.conftest import Server, start_server
+from tests.support.server import Server, start_server
 from tests.interop.test_dimse_tls import context, issue, tls
 from tests.interop.test_web import _client, _token, _user
 from tests.support.audit_capture import AuditCapture

@@ -23,7 +23,7 @@ import pytest
 
 from safepacs.app import Repositories
 from safepacs.auth.pki import create_ca, issue_certificate
-from tests.conftest import Server, run_cli, start_server
+from tests.support.server import Server, run_cli, start_server
 from tests.support.corpus import make_ct, part10_bytes
 from tests.unit.runtime.test_audit_export import Receiver
 

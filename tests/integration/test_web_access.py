@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
-from tests.conftest import Server, run_cli
+from tests.support.server import Server, run_cli
 from tests.interop import test_web
 from tests.interop.test_web import _client, _store, _token, _user
 from tests.support.corpus import make_ct

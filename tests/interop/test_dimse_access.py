@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from tests.conftest import Server, dcmtk
+from tests.support.server import Server, dcmtk
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, echo, rejection
 

@@ -33,7 +33,7 @@ from safepacs.protocols.dimse.engine.sendpath import (
     parse_store_response,
     pdata_pdus,
 )
-from tests.conftest import dcmtk, start_server
+from tests.support.server import dcmtk, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import c_move, store_files
 

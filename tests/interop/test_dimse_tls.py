@@ -33,7 +33,7 @@ from safepacs.cli.commands.serve import plain_peer_warning
 from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, PrincipalKind, Service, TlsMode, UserIdentityMode
-from tests.conftest import Server, dcmtk, run_cli, start_server
+from tests.support.server import Server, dcmtk, run_cli, start_server
 from tests.integration.test_auth_oidc import IdentityProvider, idp  # noqa: F401 - the JWKS fixture
 from tests.interop.test_web import _client, _token
 from tests.support.audit_capture import AuditCapture

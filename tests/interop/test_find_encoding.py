@@ -30,7 +30,7 @@ from safepacs.protocols.dimse.contexts import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 from safepacs.types import Principal, PrincipalKind, QueryLevel, QueryModel, Service
-from tests.conftest import dcmtk, run_cli, start_server
+from tests.support.server import dcmtk, run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate
 from tests.unit.db import test_index as ti

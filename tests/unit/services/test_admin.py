@@ -25,7 +25,7 @@ from safepacs.services.audit import Auditor, Types, operator
 from safepacs.services.audittrail import AuditTrail
 from safepacs.storage import EnvelopeCipher, FileKeyProvider
 from safepacs.types import Peer, Service, TlsMode
-from tests.conftest import run_cli
+from tests.support.server import run_cli
 from tests.support.audit_capture import AuditCapture
 from tests.support.webapp import execute
 
