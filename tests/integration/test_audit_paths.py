@@ -24,10 +24,10 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from safepacs.app import Repositories
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.support.server import Server, run_cli, start_server
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, c_get, c_move, rejection
+from tests.support.server import Server, run_cli, start_server
 from tests.support.webapp import PASSWORD, add_user, execute, inprocess, multipart, part10
 from tests.unit.audit.test_xml import _assert_valid, schema  # noqa: F401 - the schema fixture
 

@@ -26,8 +26,8 @@ from safepacs.app import Archive, open_archive
 from safepacs.auth.pki import create_ca, issue_certificate
 from safepacs.config import load_settings
 from safepacs.errors import ConfigError
-from tests.support.server import run_cli, start_server
 from tests.support.corpus import make_ct
+from tests.support.server import run_cli, start_server
 from tests.support.webapp import AppClient, add_user, inprocess, store
 
 AUDIENCE = "safepacs"

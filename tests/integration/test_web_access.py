@@ -10,11 +10,11 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
-from tests.support.server import Server, run_cli
 from tests.interop import test_web
 from tests.interop.test_web import _client, _store, _token, _user
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import FIND_CONTEXTS, associate, c_find, c_get
+from tests.support.server import Server, run_cli
 
 ELE = "1.2.840.10008.1.2.1"
 

@@ -24,10 +24,10 @@ from pynetdicom.sop_class import CTImageStorage
 from safepacs.app import Repositories
 from safepacs.audit.events import AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.support.server import Server, dcmtk, run_cli
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import c_get, store_files
+from tests.support.server import Server, dcmtk, run_cli
 from tests.unit.audit.test_xml import _assert_valid, schema  # noqa: F401 - the schema fixture
 
 pytestmark = pytest.mark.dcmtk

@@ -20,9 +20,9 @@ from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
 from safepacs.auth.tokens import issue_token
-from tests.support.server import Server, run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find
+from tests.support.server import Server, run_cli, start_server
 
 SECURITY_HEADERS = {
     "strict-transport-security",
