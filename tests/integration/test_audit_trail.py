@@ -251,8 +251,8 @@ def test_cli_verify_query_and_report(data_dir: Path, capsys: pytest.CaptureFixtu
 
 
 def test_auditors_read_the_trail_over_https(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.interop.test_web import _client, _token, _user
     from tests.support.server import start_server
+    from tests.support.web import _client, _token, _user
 
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:

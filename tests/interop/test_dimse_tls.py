@@ -34,11 +34,11 @@ from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, PrincipalKind, Service, TlsMode, UserIdentityMode
 from tests.integration.test_auth_oidc import IdentityProvider, idp  # noqa: F401 - the JWKS fixture
-from tests.interop.test_web import _client, _token
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import FIND_CONTEXTS, associate, rejection
 from tests.support.server import Server, dcmtk, run_cli, start_server
+from tests.support.web import _client, _token
 
 REJECTED_PERMANENT, REJECTED_TRANSIENT, SERVICE_USER = 0x01, 0x02, 0x01
 CALLING_AE_NOT_RECOGNIZED, NO_REASON = 0x03, 0x01
