@@ -46,9 +46,9 @@ from safepacs.audit.chain import GENESIS, AuditRow, SignedHead, chain_hash
 from safepacs.audit.events import search_keys
 from safepacs.config import Settings, load_settings
 from safepacs.services.audittrail import verify_trail
-from tests.conftest import run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find
+from tests.support.server import run_cli, start_server
 
 STUDIES = 110  # one record each: the trail passes its checkpoint at record 100
 

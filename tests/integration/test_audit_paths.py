@@ -24,14 +24,16 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from safepacs.app import Repositories
 from safepacs.audit import Action, AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.conftest import Server, run_cli, start_server
+from tests.support import auditxml
 from tests.support.audit_capture import AuditCapture
+from tests.support.auditxml import _assert_valid
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, c_get, c_move, rejection
+from tests.support.server import Server, run_cli, start_server
 from tests.support.webapp import PASSWORD, add_user, execute, inprocess, multipart, part10
-from tests.unit.audit.test_xml import _assert_valid, schema  # noqa: F401 - the schema fixture
 
 pytestmark = pytest.mark.dcmtk
+schema = auditxml.schema  # the standard's RELAX NG schema, compiled once per module
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -196,7 +198,7 @@ def test_dicomweb_and_sessions_record_user_address_and_user_agent(
     data_dir: Path,
     repos: Repositories,
     capsys: pytest.CaptureFixture[str],
-    schema: etree.RelaxNG,  # noqa: F811 - the fixture
+    schema: etree.RelaxNG,
 ) -> None:
     ct = make_ct(patient_id="WEB-1", patient_name="Web^Wendy")
     study = str(ct.StudyInstanceUID)

@@ -29,8 +29,8 @@ from safepacs.audit.chain import chain_hash, verify_chain
 from safepacs.audit.events import AuditFilter
 from safepacs.errors import AuditError
 from safepacs.services.audittrail import AuditTrail, MemoryAuditSink, verify_trail
-from tests.conftest import run_cli
-from tests.unit.db import test_index as ti
+from tests.support import index as ti
+from tests.support.server import run_cli
 
 db_url, repos = ti.db_url, ti.repos
 
@@ -251,8 +251,8 @@ def test_cli_verify_query_and_report(data_dir: Path, capsys: pytest.CaptureFixtu
 
 
 def test_auditors_read_the_trail_over_https(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import start_server
-    from tests.interop.test_web import _client, _token, _user
+    from tests.support.server import start_server
+    from tests.support.web import _client, _token, _user
 
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:

@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from safepacs.app import Archive
 from safepacs.auth.totp import code_at
 from safepacs.db.schema import sessions, users
-from tests.conftest import run_cli, start_server
 from tests.support.corpus import make_ct
+from tests.support.server import run_cli, start_server
 from tests.support.webapp import PASSWORD, AppClient, add_user, execute, inprocess, multipart, part10
 
 COOKIE = "__Host-safepacs_session"

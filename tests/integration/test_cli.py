@@ -15,8 +15,8 @@ import pytest
 
 from safepacs.app import open_repositories
 from safepacs.config import load_settings
-from tests.conftest import run_cli
 from tests.support.corpus import make_ct
+from tests.support.server import run_cli
 
 
 def _mode(path: Path) -> int:

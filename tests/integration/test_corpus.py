@@ -13,9 +13,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from safepacs.dicom.transcode import dataset_bytes
-from tests.conftest import Server, run_cli, start_server
 from tests.support.corpus import storable_files, unreadable_files
 from tests.support.dicom_client import c_get, file_context, store_files
+from tests.support.server import Server, run_cli, start_server
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,9 @@ from safepacs.protocols.dimse.engine.fastpath import (
     encode_store_response,
     parse_store_command,
 )
-from tests.conftest import Server, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_get
+from tests.support.server import Server, start_server
 
 STORE_CONTEXTS = [
     build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),

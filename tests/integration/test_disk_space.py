@@ -21,10 +21,10 @@ from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import Repositories, initialize, open_repositories
 from safepacs.audit.events import Action, AuditEvent, EventID, Outcome
-from tests.conftest import Server, run_cli, start_server
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, c_get
+from tests.support.server import Server, run_cli, start_server
 from tests.support.webapp import multipart, part10
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

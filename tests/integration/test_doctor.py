@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli, start_server
+from tests.support.server import run_cli, start_server
 
 
 def _free_port() -> int:

@@ -40,12 +40,12 @@ from safepacs.app import open_repositories
 from safepacs.audit import EventID
 from safepacs.config import load_settings
 from safepacs.errors import ConfigError
-from tests.conftest import Server, start_server
-from tests.interop.test_dimse_tls import context, issue, tls
-from tests.interop.test_web import _client, _token, _user
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, rejection
+from tests.support.server import Server, start_server
+from tests.support.tls import context, issue, tls
+from tests.support.web import _client, _token, _user
 
 ASSOCIATE_TIMEOUT = 5.0  # server.associate_timeout's default
 HEAD_TIMEOUT = 5.0  # server.http_head_timeout's default

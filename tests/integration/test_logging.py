@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from safepacs._logging import format_exception
-from tests.conftest import Server, run_cli, start_server
+from tests.support.server import Server, run_cli, start_server
 
 USER = "ulrike"
 ROW_MARKER = "Mustermann-row-value"  # in the corrupted row; a ValueError's message repeats it

@@ -47,11 +47,11 @@ from safepacs.errors import InvalidObjectError
 from safepacs.services.ingest import file_meta
 from safepacs.storage import EnvelopeCipher, FileBlobStore, FileKeyProvider
 from safepacs.types import IngestOutcome, Principal, PrincipalKind, Service, StoredBlob
-from tests.conftest import Server, run_cli, start_server
-from tests.interop.test_web import _client, _multipart_body, _parts
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct, part10_bytes, storable_files
 from tests.support.dicom_client import associate, c_get
+from tests.support.server import Server, run_cli, start_server
+from tests.support.web import _client, _multipart_body, _parts
 
 TOO_DEEP = "the data set is nested deeper than 32 sequence levels"
 CONTENT = 0x0040A730  # Content Sequence

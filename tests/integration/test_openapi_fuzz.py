@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import Server, run_cli, start_server
+from tests.support.server import Server, run_cli, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -23,9 +23,9 @@ import pytest
 
 from safepacs.app import Repositories
 from safepacs.auth.pki import create_ca, issue_certificate
-from tests.conftest import Server, run_cli, start_server
 from tests.support.corpus import make_ct, part10_bytes
-from tests.unit.runtime.test_audit_export import Receiver
+from tests.support.server import Server, run_cli, start_server
+from tests.support.syslog import Receiver
 
 #: ``safepacs serve`` without its HTTPS listener: the supervisor's own start-up, no HTTPS socket.
 WITHOUT_HTTPS = """

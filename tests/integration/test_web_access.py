@@ -10,16 +10,16 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
-from tests.conftest import Server, run_cli
-from tests.interop import test_web
-from tests.interop.test_web import _client, _store, _token, _user
+from tests.support import web as support_web
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import FIND_CONTEXTS, associate, c_find, c_get
+from tests.support.server import Server, run_cli
+from tests.support.web import _client, _store, _token, _user
 
 ELE = "1.2.840.10008.1.2.1"
 
 
-web = test_web.web  # one DICOM worker and the HTTPS listener, on a fresh data directory
+web = support_web.web  # one DICOM worker and the HTTPS listener, on a fresh data directory
 
 
 def _cli(data: Path, *args: str) -> None:

@@ -24,13 +24,15 @@ from pynetdicom.sop_class import CTImageStorage
 from safepacs.app import Repositories
 from safepacs.audit.events import AuditEvent, EventID, ObjectKind, Outcome
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.conftest import Server, dcmtk, run_cli
+from tests.support import auditxml
 from tests.support.audit_capture import AuditCapture
+from tests.support.auditxml import _assert_valid
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import c_get, store_files
-from tests.unit.audit.test_xml import _assert_valid, schema  # noqa: F401 - the schema fixture
+from tests.support.server import Server, dcmtk, run_cli
 
 pytestmark = pytest.mark.dcmtk
+schema = auditxml.schema  # the standard's RELAX NG schema, compiled once per module
 
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -139,7 +141,7 @@ def test_wado_rs_answers_an_error_for_a_damaged_object_and_records_it(
     tmp_path: Path,
     repos: Repositories,
     capsys: pytest.CaptureFixture[str],
-    schema: etree.RelaxNG,  # noqa: F811 - the fixture
+    schema: etree.RelaxNG,
 ) -> None:
     study, series, (first, second, third) = _study(srv, tmp_path)
     _damage(srv, second)

@@ -29,10 +29,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from safepacs.dicom import bulkdata
 from safepacs.dicom.dicomjson import dataset_json
 from safepacs.errors import RetrieveError
-from tests.conftest import Server, run_cli, start_server
 from tests.support.corpus import make_ct, storable_files
 from tests.support.dicom_client import store_files
 from tests.support.dicom_json import group_length_keys, reference_json
+from tests.support.server import Server, run_cli, start_server
 
 
 def _no_uris(model: Any) -> Any:

@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from tests.conftest import Server, dcmtk
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, echo, rejection
+from tests.support.server import Server, dcmtk
 
 REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07

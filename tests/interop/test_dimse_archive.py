@@ -25,9 +25,9 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.transport import AssociationSocket
 
-from tests.conftest import Server, dcmtk, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate, c_find, c_get, c_move, store_files
+from tests.support.server import Server, dcmtk, start_server
 
 
 def _write(ds: Dataset, path: Path) -> Path:

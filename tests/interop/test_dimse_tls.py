@@ -33,12 +33,14 @@ from safepacs.cli.commands.serve import plain_peer_warning
 from safepacs.db.database import migrate
 from safepacs.protocols.dimse.admission import Credentials, SecureAdmission
 from safepacs.types import Peer, Principal, PrincipalKind, Service, TlsMode, UserIdentityMode
-from tests.conftest import Server, dcmtk, run_cli, start_server
-from tests.integration.test_auth_oidc import IdentityProvider, idp  # noqa: F401 - the JWKS fixture
-from tests.interop.test_web import _client, _token
+from tests.support import oidc
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import FIND_CONTEXTS, associate, rejection
+from tests.support.oidc import IdentityProvider
+from tests.support.server import Server, dcmtk, run_cli, start_server
+from tests.support.tls import context, issue, tls
+from tests.support.web import _client, _token
 
 REJECTED_PERMANENT, REJECTED_TRANSIENT, SERVICE_USER = 0x01, 0x02, 0x01
 CALLING_AE_NOT_RECOGNIZED, NO_REASON = 0x03, 0x01
@@ -51,41 +53,10 @@ GCM_TLS12 = {
     "ECDHE-RSA-AES256-GCM-SHA384",
 }
 PASSWORD = "correct horse battery staple"  # a test user's
+idp = oidc.idp  # a JWKS endpoint over TLS on 127.0.0.1, for the JWT user identity
 
 
 # Helpers -----------------------------------------------------------------------------------------------
-def issue(srv: Server, ae: str, out: Path) -> Path:
-    """``safepacs peer cert AE --out DIR``."""
-    assert run_cli("peer", "cert", ae, "--out", str(out), "--data", str(srv.data)) == 0
-    return out
-
-
-def context(
-    srv: Server,
-    cert_dir: Path | None = None,
-    *,
-    cert_pair: tuple[Path, Path] | None = None,
-    maximum: ssl.TLSVersion | None = None,
-    ciphers: str | None = None,
-) -> ssl.SSLContext:
-    """A TLS client context that trusts the SafePACS CA, with a client certificate when given."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(srv.ca_file))
-    if cert_dir is not None:
-        ctx.load_cert_chain(cert_dir / "cert.pem", cert_dir / "key.pem")
-    if cert_pair is not None:
-        ctx.load_cert_chain(*cert_pair)
-    if maximum is not None:
-        ctx.maximum_version = maximum
-    if ciphers is not None:
-        ctx.set_ciphers(ciphers)
-    return ctx
-
-
-def tls(ctx: ssl.SSLContext) -> tuple[ssl.SSLContext, str]:
-    return (ctx, "127.0.0.1")  # the server certificate names 127.0.0.1: the host name is checked
-
-
 def identity(kind: int, primary: bytes, secondary: bytes = b"", *, response: bool = False) -> Any:
     item = UserIdentityNegotiation()
     item.user_identity_type = kind
@@ -586,7 +557,7 @@ def test_c_find_with_user_identity_sees_what_qido_rs_shows_the_same_user(
     assert study_uids(srv, "VIEWER", viewer, as_rad) == qido("rad") == everything
 
 
-def test_jwt_user_identity(data_dir: Path, tmp_path: Path, idp: IdentityProvider) -> None:  # noqa: F811
+def test_jwt_user_identity(data_dir: Path, tmp_path: Path, idp: IdentityProvider) -> None:
     env = {"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_AUTH__OIDC": json.dumps([idp.settings()])}
     srv = start_server(data_dir, env=env)
     try:

@@ -30,11 +30,11 @@ from safepacs.protocols.dimse.contexts import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 from safepacs.types import Principal, PrincipalKind, QueryLevel, QueryModel, Service
-from tests.conftest import dcmtk, run_cli, start_server
+from tests.support import index as ti
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate
-from tests.unit.db import test_index as ti
-from tests.unit.db.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, item, query
+from tests.support.index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, item, query
+from tests.support.server import dcmtk, run_cli, start_server
 
 # The index fixtures of test_index: SQLite, and PostgreSQL when SAFEPACS_TEST_POSTGRES is set.
 db_url, repos, archive = ti.db_url, ti.repos, ti.archive
@@ -91,8 +91,8 @@ def _rich(a: Archive) -> None:
             StudyTime="1",
             OtherPatientIDsSequence=[item(PatientID="OLD-1", IssuerOfPatientID="ÄRZTE")],
         ),
-        ti.generate_uid(),
-        ti.generate_uid(),
+        generate_uid(),
+        generate_uid(),
         Modality="MR",
         SeriesNumber=3,
         SeriesDescription="ax ",
@@ -102,7 +102,7 @@ def _rich(a: Archive) -> None:
         ContentCreatorName="Doe^Jane\\\\=Roe^Jane",
         ConceptNameCodeSequence=[item(CodeValue="C1", CodingSchemeDesignator="L", CodeMeaning="Café")],
     )
-    a._add(dict(PatientID="PY", PatientName="Ōtsuka^Ĳ=", StudyDate=""), ti.generate_uid(), ti.generate_uid())
+    a._add(dict(PatientID="PY", PatientName="Ōtsuka^Ĳ=", StudyDate=""), generate_uid(), generate_uid())
 
 
 def _all_keys(level: QueryLevel) -> Dataset:
@@ -199,11 +199,11 @@ def test_what_it_does_not_write_goes_to_pydicom(archive: Archive, monkeypatch: p
     """A VR it does not write (an ambiguous one), a text value pydicom cannot encode (a CS outside ISO
     8859-1: no answer, as pynetdicom's 0xC312 before), a value too long for Explicit VR's 16-bit length."""
     a = archive
-    a._add(dict(PatientID="PZ", StudyDate="20240301"), ti.generate_uid(), ti.generate_uid(), Modality="ΩΨ")
+    a._add(dict(PatientID="PZ", StudyDate="20240301"), generate_uid(), generate_uid(), Modality="ΩΨ")
     a._add(
         dict(PatientID="PW", StudyDate="20240302", PatientComments="x" * 70_000),
-        ti.generate_uid(),
-        ti.generate_uid(),
+        generate_uid(),
+        generate_uid(),
     )
     ident = query(
         STUDY, StudyDate="20240301-20240302", PatientID="", ModalitiesInStudy="", PatientComments=""

@@ -25,9 +25,9 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import initialize
-from tests.conftest import Server, dcmtk, run_cli, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import associate
+from tests.support.server import Server, dcmtk, run_cli, start_server
 
 _counter = itertools.count()
 

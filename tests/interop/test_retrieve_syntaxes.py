@@ -41,9 +41,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from safepacs.dicom.transcode import dataset_bytes
-from tests.conftest import Server, dcmtk, start_server
 from tests.support.corpus import make_ct
 from tests.support.dicom_client import c_get, store_files
+from tests.support.server import Server, dcmtk, start_server
 
 pytestmark = pytest.mark.dcmtk
 

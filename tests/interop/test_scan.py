@@ -31,7 +31,7 @@ from safepacs.cli.commands import scan as cli_scan
 from safepacs.scan import DEFAULT_PORTS, SEVERITIES, ScanError, parse_ports, parse_target, read_targets_file
 from safepacs.scan.report import FORMATS
 from safepacs.scan.targets import expand
-from tests.conftest import run_cli, start_server
+from tests.support.server import run_cli, start_server
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 needs_orthanc = pytest.mark.skipif(

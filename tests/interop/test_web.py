@@ -15,14 +15,14 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pynetdicom import build_context
-from pynetdicom.sop_class import CTImageStorage
 
 from safepacs.app import open_repositories
 from safepacs.auth.tokens import issue_token
-from tests.conftest import Server, run_cli, start_server
+from tests.support import web as support_web
 from tests.support.corpus import make_ct
-from tests.support.dicom_client import associate, c_find
+from tests.support.dicom_client import c_find
+from tests.support.server import Server, run_cli, start_server
+from tests.support.web import _client, _multipart_body, _parts, _store, _token, _user
 
 SECURITY_HEADERS = {
     "strict-transport-security",
@@ -32,36 +32,7 @@ SECURITY_HEADERS = {
 }
 
 
-def _token(data: Path, user: str, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
-    assert run_cli("token", "create", "--user", user, "--data", str(data), *extra) == 0
-    return capsys.readouterr().out.strip()
-
-
-def _user(data: Path, name: str, role: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("user", "add", name, "--role", role, "--data", str(data)) == 0
-    capsys.readouterr()
-
-
-@pytest.fixture
-def web(data_dir: Path) -> Iterator[Server]:
-    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-def _client(srv: Server, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    verify = ssl.create_default_context(cafile=str(srv.ca_file))
-    return httpx.Client(base_url=srv.base_url, verify=verify, headers=headers, timeout=20)
-
-
-def _store(srv: Server, datasets: list[Dataset]) -> None:
-    srv.add_peer("CT1", "store")
-    with associate(srv.port, [build_context(CTImageStorage)], calling="CT1") as assoc:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0x0000
+web = support_web.web  # one DICOM worker and the HTTPS listener, on a fresh data directory
 
 
 def _studies(n: int) -> list[Dataset]:
@@ -264,23 +235,6 @@ def test_the_https_port_in_use_is_explained(data_dir: Path) -> None:
         busy.close()
 
 
-def _parts(response: httpx.Response) -> list[tuple[str, bytes]]:
-    """(Content-Type, body) of each part of a multipart/related answer."""
-    media = response.headers["content-type"]
-    assert media.startswith("multipart/related")
-    boundary = media.split("boundary=")[1].strip('"').encode()
-    out = []
-    for chunk in response.content.split(b"--" + boundary)[1:-1]:
-        head, _, body = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
-        ctype = next(
-            line.split(b":", 1)[1].strip().decode()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-type")
-        )
-        out.append((ctype, body[:-2] if body.endswith(b"\r\n") else body))
-    return out
-
-
 def test_wado_rs_retrieves_studies_series_instances_and_metadata(
     web: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -376,17 +330,6 @@ def test_wado_rs_decodes_compressed_instances_by_default(
         )
         assert f"transfer-syntax={original.file_meta.TransferSyntaxUID}" in as_stored[0][0]
         assert pydicom.dcmread(BytesIO(as_stored[0][1])).PixelData == original.PixelData
-
-
-def _multipart_body(files: list[bytes], boundary: str = "safepacs-test-boundary") -> tuple[bytes, str]:
-    body = b"".join(
-        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f + b"\r\n"
-        for f in files
-    )
-    return (
-        body + b"--" + boundary.encode() + b"--\r\n",
-        f'multipart/related; type="application/dicom"; boundary={boundary}',
-    )
 
 
 def _file(ds: Dataset) -> bytes:

@@ -22,9 +22,9 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from safepacs.app import initialize
-from tests.conftest import Server, run_cli, start_server
-from tests.interop.test_web import _client, _multipart_body, _parts
 from tests.support.corpus import make_ct, part10_bytes
+from tests.support.server import Server, run_cli, start_server
+from tests.support.web import _client, _multipart_body, _parts
 
 DICOMWEB = "/dicomweb"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'

@@ -1,1 +1,3 @@
-"""Small in-memory stand-ins the unit tests share."""
+"""What the tests share: helpers, fixtures and in-memory stand-ins.
+
+Test modules import from here, never from one another."""

@@ -15,9 +15,10 @@ from lxml import etree
 
 from safepacs.audit import Action, AuditEvent, AuditObject, EventID, ObjectKind, Outcome, Participant
 from safepacs.audit.xml import AuditSource, to_xml
-from tests.support.paths import DATA
+from tests.support import auditxml
+from tests.support.auditxml import _assert_valid, _parse
 
-SCHEMA_FILE = DATA / "audit-message.rng"
+schema = auditxml.schema  # the standard's RELAX NG schema, compiled once per module
 SOURCE = AuditSource("SAFEPACS", "St. Elsewhere Radiology")
 WHEN = datetime(2026, 11, 22, 8, 30, 15, 123456, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -142,21 +143,6 @@ SAMPLES: dict[EventID, Callable[[], AuditEvent]] = {
         outcome_description="wrong password; account locked",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def schema() -> etree.RelaxNG:
-    return etree.RelaxNG(etree.parse(str(SCHEMA_FILE)))
-
-
-def _parse(data: bytes) -> etree._Element:
-    return etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
-
-
-def _assert_valid(schema: etree.RelaxNG, data: bytes) -> etree._Element:
-    root = _parse(data)
-    assert schema.validate(root), schema.error_log
-    return root
 
 
 def test_every_event_id_has_a_sample() -> None:

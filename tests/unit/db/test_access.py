@@ -8,14 +8,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydicom.uid import generate_uid
 
 from safepacs.app import Repositories
 from safepacs.auth.policy import peer_principal, scope_of, user_principal
 from safepacs.errors import QueryLimitError
 from safepacs.records import UserRecord
 from safepacs.types import Peer, QueryLevel, Scope, Service
-from tests.unit.db import test_index as ti
-from tests.unit.db.test_index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, query, uids
+from tests.support import index as ti
+from tests.support.index import IMAGE, PATIENT, PR, SERIES, SR_, STUDY, Archive, query, uids
 
 # The index fixtures of test_index: SQLite, and PostgreSQL when SAFEPACS_TEST_POSTGRES is set.
 db_url, repos, archive = ti.db_url, ti.repos, ti.archive
@@ -203,8 +204,8 @@ def test_qido_json_is_what_pydicom_would_write(archive: Archive, level: QueryLev
             ReferringPhysicianName="A^B\\C^D",
             Occupation="Nurse\\\\Clerk",  # an empty value between two: null (PS3.18 F.2.5)
         ),
-        ti.generate_uid(),
-        ti.generate_uid(),
+        generate_uid(),
+        generate_uid(),
         Modality="CT",
         SeriesNumber=3,
         ContentCreatorName="Doe^Jane\\\\=Roe^Jane",  # the same for PN; no alphabetic group (F.2.2)

@@ -25,8 +25,8 @@ from safepacs.services.audit import Auditor, Types, operator
 from safepacs.services.audittrail import AuditTrail
 from safepacs.storage import EnvelopeCipher, FileKeyProvider
 from safepacs.types import Peer, Service, TlsMode
-from tests.conftest import run_cli
 from tests.support.audit_capture import AuditCapture
+from tests.support.server import run_cli
 from tests.support.webapp import execute
 
 DENY_AUDIT = sa.text(

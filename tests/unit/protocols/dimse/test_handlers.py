@@ -18,8 +18,8 @@ from safepacs.protocols.dimse.contexts import StudyRootQueryRetrieveInformationM
 from safepacs.protocols.dimse.gate import _PRINCIPAL_ATTR
 from safepacs.protocols.dimse.handlers import DimseHandlers
 from safepacs.types import Principal, PrincipalKind, QueryLevel, QueryModel, Service
-from tests.conftest import run_cli
 from tests.support.corpus import make_ct
+from tests.support.server import run_cli
 
 
 class _Event:
