@@ -171,14 +171,15 @@ class SafePacsServer(Receiver):
         return sum(len(files) for _d, _s, files in os.walk(self.data / "objects"))
 
     def roles(self) -> dict[int, str]:
-        """Which process is which: the workers log their pid; the other child is the HTTPS process."""
+        """Which process is which: the workers log their pid; the other two children are the HTTPS
+        process and the jobs process (purge, audit export), which log nothing that tells them apart."""
         assert self.proc is not None and self.log_path is not None
         text = self.log_path.read_text(errors="replace")
         workers = {int(p) for p in re.findall(r"DIMSE worker accepting.*pid=(\d+)", text)}
         roles = {self.proc.pid: "parent"}
         for pid in group_pids(self.proc.pid):
             if pid != self.proc.pid:
-                roles[pid] = "DIMSE worker" if pid in workers else "HTTPS"
+                roles[pid] = "DIMSE worker" if pid in workers else "HTTPS or jobs"
         return roles
 
     def base_url(self) -> str:
