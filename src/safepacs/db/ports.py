@@ -47,6 +47,7 @@ __all__ = [
     "AuditSearch",
     "Certificates",
     "Directory",
+    "Identities",
     "Instances",
     "Logins",
     "Peers",
@@ -168,6 +169,18 @@ class TokenHolders(Protocol):
     def get_token_holder(self, token_id: str) -> tuple[TokenRecord, UserRecord | None] | None: ...
 
     def get_user(self, name: str) -> UserRecord | None: ...
+
+
+@runtime_checkable
+class Identities(TokenHolders, Protocol):
+    """Who is asking, as the gate reads it for the adapters: a peer by AE title, a user, a token's
+    holder, the certificates pinned for peers and whether one was revoked."""
+
+    def get_peer(self, ae_title: str) -> Peer | None: ...
+
+    def pinned_certificates(self) -> list[bytes]: ...
+
+    def certificate_revoked(self, sha256: str) -> bool: ...
 
 
 @runtime_checkable
@@ -319,7 +332,7 @@ class AccessRules(Protocol):
 
 
 @runtime_checkable
-class Directory(Peers, Accounts, Logins, Certificates, AccessRules, Protocol):
+class Directory(Identities, Peers, Accounts, Logins, Certificates, AccessRules, Protocol):
     """Everything the directory repository offers (:class:`~safepacs.db.directory.SqlDirectory`)."""
 
     def unlock_user(self, name: str, *, also: Callable[[sa.Connection], object] | None = None) -> None: ...

@@ -18,7 +18,7 @@ the database itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from safepacs.audit.events import Action, AuditEvent, AuditObject, EventID, Outcome
 from safepacs.auth.policy import require
@@ -27,28 +27,16 @@ from safepacs.records import TokenRecord, UserRecord
 from safepacs.services.audit import Auditor, Types, actor
 from safepacs.types import Peer, Principal, Service
 
-__all__ = ["Directory", "Gate"]
+if TYPE_CHECKING:
+    from safepacs.db.ports import Identities
 
-
-class Directory(Protocol):
-    """The registered identities the gate reads (the index; a repository of peers, users, tokens and
-    certificates)."""
-
-    def get_peer(self, ae_title: str) -> Peer | None: ...
-
-    def get_user(self, name: str) -> UserRecord | None: ...
-
-    def get_token_holder(self, token_id: str) -> tuple[TokenRecord, UserRecord | None] | None: ...
-
-    def pinned_certificates(self) -> list[bytes]: ...
-
-    def certificate_revoked(self, sha256: str) -> bool: ...
+__all__ = ["Gate"]
 
 
 class Gate:
     """The one place access is decided (see the module docstring)."""
 
-    def __init__(self, directory: Directory, auditor: Auditor) -> None:
+    def __init__(self, directory: Identities, auditor: Auditor) -> None:
         self._directory = directory
         self._audit = auditor
 

@@ -39,6 +39,7 @@ def test_the_repositories_satisfy_their_protocols_for_mypy(db: Database) -> None
     peers: ports.Peers = SqlDirectory(db)
     accounts: ports.Accounts = SqlDirectory(db)
     holders: ports.TokenHolders = SqlDirectory(db)
+    identities: ports.Identities = SqlDirectory(db)
     logins: ports.Logins = SqlDirectory(db)
     certificates: ports.Certificates = SqlDirectory(db)
     rules: ports.AccessRules = SqlDirectory(db)
@@ -49,6 +50,7 @@ def test_the_repositories_satisfy_their_protocols_for_mypy(db: Database) -> None
     assert instances.count_instances() == 0
     assert directory.list_peers() == peers.list_peers() == []
     assert accounts.list_users() == [] and holders.get_user("nobody") is None
+    assert identities.get_peer("NOBODY") is None and identities.pinned_certificates() == []
     assert logins.get_login_state("nobody") is None
     assert certificates.list_certificates() == [] and rules.list_grants() == []
     assert audit_log.audit_head() is None and records.audit_records() == []
@@ -62,6 +64,7 @@ SATISFIES: list[tuple[type, type]] = [
     (SqlDirectory, ports.Peers),
     (SqlDirectory, ports.Accounts),
     (SqlDirectory, ports.TokenHolders),
+    (SqlDirectory, ports.Identities),
     (SqlDirectory, ports.Logins),
     (SqlDirectory, ports.Certificates),
     (SqlDirectory, ports.AccessRules),
