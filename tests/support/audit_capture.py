@@ -10,18 +10,10 @@ It reads the trail in the database (any process may have written it), so it sees
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from safepacs.audit.chain import StoredRecord
 from safepacs.audit.events import AuditEvent, EventID, from_canonical
+from safepacs.db.ports import AuditRecords
 
 __all__ = ["AuditCapture"]
-
-
-class AuditRecords(Protocol):
-    """The index's reading of the trail in order."""
-
-    def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]: ...
 
 
 class AuditCapture:
