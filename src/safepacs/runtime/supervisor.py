@@ -10,7 +10,8 @@ is shared):
 
 * ``server.workers`` DIMSE workers (``protocols/dimse/server.run_worker``), accepting on the shared
   DICOM and DICOM TLS sockets;
-* the HTTPS process (``protocols/dicomweb/server.run_https``), when an HTTPS socket is given;
+* the HTTPS process (``protocols/dicomweb/server.run_https`` serving ``protocols/webui/site.create_site``:
+  DICOMweb and the web UI), when an HTTPS socket is given;
 * the jobs process (``runtime/jobs.run_jobs``): the hourly trash purge and the audit export, whichever
   listeners run.
 
@@ -47,6 +48,7 @@ from safepacs.protocols.dicomweb.server import run_https
 from safepacs.protocols.dimse.engine import check_pynetdicom
 from safepacs.protocols.dimse.server import run_worker, shared_loads, withdraw_load
 from safepacs.protocols.dimse.tls import ensure_client_certificate
+from safepacs.protocols.webui.site import create_site
 from safepacs.runtime.audit_export import check_collectors
 from safepacs.runtime.jobs import run_jobs
 from safepacs.services.audit import operator
@@ -201,7 +203,10 @@ def supervise(
     ]
     if https is not None:
         children.append(
-            _Child("safepacs-https", functools.partial(run_https, settings, https, open_archive, setup))
+            _Child(
+                "safepacs-https",
+                functools.partial(run_https, settings, https, open_archive, setup, create_site),
+            )
         )
     children.append(_Child("safepacs-jobs", functools.partial(run_jobs, settings, open_archive, setup)))
     started: dict[int | None, float] = {}
