@@ -21,7 +21,7 @@ from safepacs.app import Repositories
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.totp import code_at
 from tests.support.browser import accessibility_problems, browser, pixel_spread, save_screenshot
-from tests.support.corpus import make_ct
+from tests.support.corpus import make_ct, phantom_pixels
 from tests.support.server import Server, run_cli, start_server
 from tests.support.webapp import PASSWORD
 
@@ -39,6 +39,7 @@ def site(data_dir: Path, repos: Repositories, tmp_path: Path) -> Iterator[tuple[
     for n in range(SLICES):
         ds = make_ct(256, 256, patient_id="UI-0001", patient_name="Doe^Jane", study_uid=study,
                      series_uid=series, instance_number=n + 1, seed=n)  # fmt: skip
+        ds.PixelData = phantom_pixels(256, 256, n / (SLICES - 1))
         ds.save_as(files / f"{n}.dcm", enforce_file_format=True)
     assert run_cli("import", str(files), "--data", str(data_dir)) == 0
     for name, roles in (("rad", "radiologist"), ("ref", "referrer"), ("boss", "admin"), ("aud", "auditor")):
