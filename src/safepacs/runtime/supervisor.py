@@ -1,5 +1,5 @@
 """The parent process of ``safepacs serve``: it binds the listeners, forks the processes that serve
-them and those that run the background jobs, restarts any listener's process that dies, and stops them
+them and those that run the background jobs, restarts any long-lived one that dies, and stops them
 all.
 
 Start-up (:func:`prepare`, :func:`bind_https`, :func:`run`): the index is migrated and the archive
@@ -20,7 +20,8 @@ is shared):
 
 A long-lived child that exits is restarted (logged as an error); when they keep dying within 5 s of
 their start (more than three times), the supervisor stops everything and exits with status 1.  A purge
-child is not restarted: the next purge is due an hour after the last one began.  The supervisor runs no
+child is not restarted: the next purge is due an hour after the last one began (or once it ended, if
+it took longer).  The supervisor runs no
 threads of its own: it forks while they would run, and a lock one of them held at the fork would hang
 the child.
 
