@@ -330,8 +330,8 @@ def _rewrite_tree(dist: Path, mount: str) -> None:
     (dist / "app-config.js").write_text(app_config(mount), encoding="utf-8")
 
 
-def _marker(mount: str) -> dict[str, str]:
-    return {"package": OHIF_PACKAGE, "version": OHIF_VERSION, "integrity": OHIF_INTEGRITY, "mount": mount}
+def _marker(mount: str, integrity: str) -> dict[str, str]:
+    return {"package": OHIF_PACKAGE, "version": OHIF_VERSION, "integrity": integrity, "mount": mount}
 
 
 def install(
@@ -340,17 +340,19 @@ def install(
     *,
     mount: str = MOUNT,
     fetch: Callable[[Path], Path] = npm_pack,
+    integrity: str = OHIF_INTEGRITY,
 ) -> Installed:
     """Install the pinned OHIF viewer into ``viewer_dir``, from ``tarball`` or else ``fetch`` (``npm pack``).
 
-    Nothing is done when the same version is installed there for the same mount.  The new tree is
+    Nothing is done when the same version is installed there for the same mount.  ``integrity`` is
+    only for tests of the install itself, on tarballs they make.  The new tree is
     built beside ``viewer_dir`` and swapped in at the end: an install that fails leaves the old one.
     """
     try:
         marker = json.loads((viewer_dir / _MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         marker = None
-    if marker == _marker(mount) and viewer_installed(viewer_dir):
+    if marker == _marker(mount, integrity) and viewer_installed(viewer_dir):
         return Installed(OHIF_VERSION, viewer_dir, already=True)
     if marker is None and viewer_dir.is_dir() and any(viewer_dir.iterdir()):
         raise ViewerInstallError(
@@ -367,10 +369,10 @@ def install(
             download = staging / "npm"
             download.mkdir()
             tarball = fetch(download)
-        verify_integrity(tarball)
+        verify_integrity(tarball, integrity)
         dist = _unpack_dist(tarball, staging / "unpacked")
         _rewrite_tree(dist, mount)
-        (dist / _MARKER).write_text(json.dumps(_marker(mount)) + "\n", encoding="utf-8")
+        (dist / _MARKER).write_text(json.dumps(_marker(mount, integrity)) + "\n", encoding="utf-8")
         old = staging / "old"
         if viewer_dir.exists():
             os.replace(viewer_dir, old)
