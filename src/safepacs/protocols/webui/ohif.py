@@ -47,6 +47,7 @@ __all__ = [
     "OHIF_INTEGRITY",
     "OHIF_PACKAGE",
     "OHIF_VERSION",
+    "WORKER_CSP",
     "Installed",
     "ViewerInstallError",
     "app_config",
@@ -76,18 +77,27 @@ INSTALL_HINT = (
     "'apt-get install npm'); the built-in viewer works without it"
 )
 
-#: What OHIF needs and nothing more: its scripts, workers (some from ``blob:`` URLs) and wasm from
-#: this origin, images and fonts it makes itself (``data:``, ``blob:``), DICOMweb on this origin.
-CSP = (
-    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+_POLICY = (
+    "default-src 'self'; script-src 'self' {eval}; worker-src 'self' blob:; "
     "img-src 'self' data: blob:; connect-src 'self'; style-src 'self' 'unsafe-inline'; "
     "font-src 'self' data:; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
+#: The page's policy, what OHIF needs and nothing more: its scripts, workers (some from ``blob:`` URLs)
+#: and wasm from this origin, images and fonts it makes itself (``data:``, ``blob:``), DICOMweb on this
+#: origin.  Found in Chromium: with it OHIF reports no violation, and the page evaluates no string.
+CSP = _POLICY.format(eval="'wasm-unsafe-eval'")
+#: The policy of a script answer, which is the policy of a worker started from that script (a
+#: ``<script src>`` in the page is governed by the page's policy alone).  The image decoders of the
+#: DICOM image loader's worker are Emscripten builds whose embind glue makes functions with
+#: ``new Function``: without ``'unsafe-eval'`` every compressed image (JPEG, JPEG-LS, JPEG 2000, RLE)
+#: fails to decode.  Workers have no DOM, cookies or page to act on, so this is kept to them.
+WORKER_CSP = _POLICY.format(eval="'unsafe-eval' 'wasm-unsafe-eval'")
 _IMMUTABLE = "max-age=31536000, immutable"
 _REVALIDATE = "no-cache"
 #: webpack names its chunks, workers, wasm and fonts after a 16-hex-digit content hash.
 _HASHED = re.compile(r"(?:^|[.])[0-9a-f]{16}\.(?:js|wasm|woff2?)$")
 #: Types ``mimetypes`` may not know on every system; wasm must be ``application/wasm`` to stream.
+_SCRIPTS = frozenset({".js", ".mjs"})
 _MEDIA_TYPES = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
 
 _MARKER = ".safepacs-viewer.json"
@@ -411,7 +421,7 @@ def viewer_app(viewer_dir: Path) -> ASGIApp:
             suffix = PurePosixPath(name).suffix
             if suffix in _MEDIA_TYPES and response.status_code == 200:
                 response.headers["content-type"] = _MEDIA_TYPES[suffix]
-            response.headers["content-security-policy"] = CSP
+            response.headers["content-security-policy"] = WORKER_CSP if suffix in _SCRIPTS else CSP
             response.headers["cache-control"] = _IMMUTABLE if _HASHED.search(name) else _REVALIDATE
             return response
 

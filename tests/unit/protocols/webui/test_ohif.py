@@ -21,6 +21,7 @@ from starlette.routing import Mount
 from safepacs.protocols.webui import ohif
 from safepacs.protocols.webui.ohif import (
     CSP,
+    WORKER_CSP,
     ViewerInstallError,
     app_config,
     install,
@@ -234,7 +235,7 @@ def test_without_npm_the_message_says_how_to_install(tmp_path: Path, monkeypatch
 def test_files_have_the_viewer_csp_and_hashed_ones_are_cached(installed: Path) -> None:
     app = site(installed)
     bundle = get(app, "/viewer/app.bundle.0123456789abcdef.js")
-    assert bundle.status_code == 200 and bundle.headers["content-security-policy"] == CSP
+    assert bundle.status_code == 200 and bundle.headers["content-security-policy"] == WORKER_CSP
     assert bundle.headers["content-type"].startswith("text/javascript")
     assert bundle.headers["cache-control"] == "max-age=31536000, immutable"
     wasm = get(app, "/viewer/0ddf166f7a343eda.wasm")
@@ -242,10 +243,11 @@ def test_files_have_the_viewer_csp_and_hashed_ones_are_cached(installed: Path) -
     for path in ("/viewer/", "/viewer/app-config.js", "/viewer/app.bundle.css"):
         answer = get(app, path)
         assert answer.status_code == 200 and answer.headers["cache-control"] == "no-cache", path
-        assert answer.headers["content-security-policy"] == CSP
-    again = get(
-        app, "/viewer/app-config.js", {"if-none-match": get(app, "/viewer/app-config.js").headers["etag"]}
-    )
+        assert answer.headers["content-security-policy"] == (WORKER_CSP if path.endswith(".js") else CSP)
+    page_scripts = CSP.split("script-src")[1].split(";")[0]
+    assert "'unsafe-eval'" not in page_scripts and "'unsafe-inline'" not in page_scripts
+    etag = get(app, "/viewer/app.bundle.css").headers["etag"]
+    again = get(app, "/viewer/app.bundle.css", {"if-none-match": etag})
     assert again.status_code == 304 and again.headers["content-security-policy"] == CSP
 
 
