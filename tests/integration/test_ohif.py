@@ -257,6 +257,12 @@ def test_install_again_status_and_refusals(
     assert "refusing to install it" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
 
+    monkeypatch.chdir(tmp_path)  # no data directory: the setting's default and the environment hold
+    monkeypatch.delenv("SAFEPACS_DATA", raising=False)
+    monkeypatch.setenv("SAFEPACS_UI__VIEWER_DIR", str(viewer_dir))
+    assert run_cli("viewer", "status") == 0
+    assert str(viewer_dir) in capsys.readouterr().out
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm on it
     assert run_cli("viewer", "install", "--to", str(tmp_path / "v")) == 2
     assert "npm is not installed" in capsys.readouterr().err

@@ -13,7 +13,8 @@ install of the same version does nothing.
 
 :func:`viewer_app` serves the directory: every file with the viewer's CSP (workers and wasm from the
 same origin, ``blob:`` workers, nothing from elsewhere), hashed bundles cacheable for a year (they hold
-no PHI), everything else revalidated; ``index.html`` for OHIF's client-side routes.
+no PHI), ``index.html`` never cached (it answers OHIF's client-side routes, whose URLs name studies),
+everything else revalidated.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ CSP = _POLICY.format(eval="'wasm-unsafe-eval'")
 WORKER_CSP = _POLICY.format(eval="'unsafe-eval' 'wasm-unsafe-eval'")
 _IMMUTABLE = "max-age=31536000, immutable"
 _REVALIDATE = "no-cache"
+#: index.html answers OHIF's routes, whose URLs name studies: none of them goes into a cache.
+_UNCACHED = "no-store"
 #: webpack names its chunks, workers, wasm and fonts after a 16-hex-digit content hash.
 _HASHED = re.compile(r"(?:^|[.])[0-9a-f]{16}\.(?:js|wasm|woff2?)$")
 #: Types ``mimetypes`` may not know on every system; wasm must be ``application/wasm`` to stream.
@@ -422,7 +425,10 @@ def viewer_app(viewer_dir: Path) -> ASGIApp:
             if suffix in _MEDIA_TYPES and response.status_code == 200:
                 response.headers["content-type"] = _MEDIA_TYPES[suffix]
             response.headers["content-security-policy"] = WORKER_CSP if suffix in _SCRIPTS else CSP
-            response.headers["cache-control"] = _IMMUTABLE if _HASHED.search(name) else _REVALIDATE
+            if name == "index.html":
+                response.headers["cache-control"] = _UNCACHED
+            else:
+                response.headers["cache-control"] = _IMMUTABLE if _HASHED.search(name) else _REVALIDATE
             return response
 
     files: list[StaticFiles] = []

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from safepacs.config import load_settings, render_default_toml
 from safepacs.protocols.webui import ohif
 from safepacs.protocols.webui.ohif import (
     CSP,
@@ -240,9 +242,11 @@ def test_files_have_the_viewer_csp_and_hashed_ones_are_cached(installed: Path) -
     assert bundle.headers["cache-control"] == "max-age=31536000, immutable"
     wasm = get(app, "/viewer/0ddf166f7a343eda.wasm")
     assert wasm.headers["content-type"] == "application/wasm" and "immutable" in wasm.headers["cache-control"]
+    assert get(app, "/viewer/").headers["cache-control"] == "no-store"
     for path in ("/viewer/", "/viewer/app-config.js", "/viewer/app.bundle.css"):
         answer = get(app, path)
-        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-cache", path
+        assert answer.status_code == 200, path
+        assert answer.headers["cache-control"] == ("no-store" if path == "/viewer/" else "no-cache"), path
         assert answer.headers["content-security-policy"] == (WORKER_CSP if path.endswith(".js") else CSP)
     page_scripts = CSP.split("script-src")[1].split(";")[0]
     assert "'unsafe-eval'" not in page_scripts and "'unsafe-inline'" not in page_scripts
@@ -256,7 +260,7 @@ def test_client_side_routes_get_index_html_and_missing_files_a_404(installed: Pa
     index = (installed / "index.html").read_bytes()
     route = get(app, "/viewer/viewer?StudyInstanceUIDs=1.2.3")
     assert (
-        route.status_code == 200 and route.content == index and route.headers["cache-control"] == "no-cache"
+        route.status_code == 200 and route.content == index and route.headers["cache-control"] == "no-store"
     )
     assert get(app, "/viewer/viewer/dicomweb").content == index
     assert get(app, "/viewer/missing.bundle.0123456789abcdef.js").status_code == 404  # a broken rewrite shows
@@ -269,3 +273,12 @@ def test_before_install_every_path_says_how_to_install(tmp_path: Path, installed
     assert answer.status_code == 404 and "safepacs viewer install" in answer.text
     assert answer.headers["content-security-policy"] == CSP
     assert not viewer_installed(tmp_path / "nothing")
+
+
+def test_the_setting_defaults_to_the_python_environment_and_can_be_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(tmp_path / "no-data").viewer_dir == Path(sys.prefix) / "share" / "safepacs" / "ohif"
+    monkeypatch.setenv("SAFEPACS_UI__VIEWER_DIR", str(tmp_path / "elsewhere"))
+    assert load_settings(tmp_path / "no-data").viewer_dir == tmp_path / "elsewhere"
+    assert "[ui]\n" in render_default_toml() and '\nviewer_dir = ""\n' in render_default_toml()
