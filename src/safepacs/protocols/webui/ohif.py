@@ -357,9 +357,10 @@ def install(
 ) -> Installed:
     """Install the pinned OHIF viewer into ``viewer_dir``, from ``tarball`` or else ``fetch`` (``npm pack``).
 
-    Nothing is done when the same version is installed there for the same mount.  ``integrity`` is
-    only for tests of the install itself, on tarballs they make.  The new tree is
+    Nothing is done when the same version is installed there for the same mount.  The new tree is
     built beside ``viewer_dir`` and swapped in at the end: an install that fails leaves the old one.
+    A directory holding anything but a viewer installed here is refused, never replaced.
+    ``integrity`` is for the tests of the install itself, on tarballs they make.
     """
     try:
         marker = json.loads((viewer_dir / _MARKER).read_text(encoding="utf-8"))
