@@ -38,6 +38,7 @@ from safepacs.config import load_settings
 from safepacs.protocols.dicomweb.app import create_app
 from safepacs.protocols.dicomweb.security import SecurityHeaders
 from safepacs.protocols.webui.ohif import MOUNT, OHIF_VERSION, installed_version, npm_pack, viewer_app
+from tests.support.browser import CANVAS_SPREAD
 from tests.support.corpus import make_ct
 from tests.support.server import run_cli
 from tests.support.webapp import store
@@ -57,19 +58,6 @@ RECORD_VIOLATIONS = (
     "document.addEventListener('securitypolicyviolation', e => window.__violations.push("
     "e.effectiveDirective + ' ' + e.blockedURI + ' ' + e.sourceFile + ':' + e.lineNumber));"
 )
-
-
-#: The standard deviation of a canvas's grey levels: 0 for a blank viewport, large for the random CT.
-PIXEL_STD = """c => {
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  let n = 0, sum = 0, squares = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    const g = (d[i] + d[i + 1] + d[i + 2]) / 3;
-    n++; sum += g; squares += g * g;
-  }
-  const mean = sum / n;
-  return Math.sqrt(Math.max(squares / n - mean * mean, 0));
-}"""
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +203,7 @@ def test_a_jpeg_ls_series_is_decoded_in_the_worker_and_drawn(viewer_dir: Path, d
             canvas.wait_for(timeout=60_000)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # the canvas's own pixels: overlays and tooltips are not in it
-                drawn.append(canvas.evaluate(PIXEL_STD))
+                drawn.append(canvas.evaluate(CANVAS_SPREAD))
                 if drawn[-1] > 20:
                     return
                 page.wait_for_timeout(500)
