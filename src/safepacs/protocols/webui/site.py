@@ -18,6 +18,7 @@ from safepacs.protocols.dicomweb.app import create_app
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
+from safepacs.protocols.webui.study_actions import study_actions_router
 from safepacs.protocols.webui.visitors import SignInRequired
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ def create_site(archive: Archive) -> FastAPI:
     app = create_app(archive)
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
+    app.include_router(
+        study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
+    )  # before the study pages: /studies/trash is not a study
     app.include_router(studies_router(logins, archive.query, viewer_installed=False))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
