@@ -51,6 +51,7 @@ from safepacs.protocols.dimse.tls import ensure_client_certificate
 from safepacs.protocols.webui.site import create_site
 from safepacs.runtime.audit_export import check_collectors
 from safepacs.runtime.jobs import run_jobs
+from safepacs.runtime.posture import configuration_review
 from safepacs.services.audit import operator
 from safepacs.types import Peer
 
@@ -205,7 +206,14 @@ def supervise(
         children.append(
             _Child(
                 "safepacs-https",
-                functools.partial(run_https, settings, https, open_archive, setup, create_site),
+                functools.partial(
+                    run_https,
+                    settings,
+                    https,
+                    open_archive,
+                    setup,
+                    functools.partial(create_site, review=configuration_review),
+                ),
             )
         )
     children.append(_Child("safepacs-jobs", functools.partial(run_jobs, settings, open_archive, setup)))
