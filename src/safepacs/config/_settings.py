@@ -426,6 +426,12 @@ class Settings(BaseSettings):
         return self.data_dir / "keys"
 
     @property
+    def scan_report_file(self) -> Path:
+        """The latest ``safepacs scan --save-to-data`` report (JSON, counts only, never patient data),
+        which the web UI's posture page shows."""
+        return self.data_dir / "reports" / "scan-latest.json"
+
+    @property
     def audit_head_file(self) -> Path:
         """The audit trail's signed head, kept outside the index (``safepacs.db.headfile``)."""
         return self.data_dir / "audit-head"

@@ -8,7 +8,9 @@ problem document.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -21,9 +23,11 @@ from safepacs.auth.login import LoginService
 from safepacs.protocols.dicomweb.app import create_app
 from safepacs.protocols.dicomweb.security import SESSION_COOKIE
 from safepacs.protocols.webui.ohif import MOUNT, viewer_app, viewer_installed
+from safepacs.protocols.webui.posture import Review, posture_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
+from safepacs.protocols.webui.study_actions import study_actions_router
 from safepacs.protocols.webui.visitors import SignInRequired, local_path
 
 if TYPE_CHECKING:
@@ -32,13 +36,23 @@ if TYPE_CHECKING:
 __all__ = ["create_site"]
 
 
-def create_site(archive: Archive) -> FastAPI:
-    """The FastAPI application the HTTPS process serves."""
+def _bound(review: Callable[[Archive], Mapping[str, Any]] | None, archive: Archive) -> Review | None:
+    return None if review is None else functools.partial(review, archive)
+
+
+def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, Any]] | None = None) -> FastAPI:
+    """The FastAPI application the HTTPS process serves.  ``review``: the doctor's configuration review
+    of an archive for the posture page (``safepacs.runtime.posture.configuration_review``, which the UI
+    may not import itself; None: the page says to run ``safepacs doctor``)."""
     app = create_app(archive)
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
     viewer_dir = archive.settings.viewer_dir
+    app.include_router(
+        study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
+    )  # before the study pages: /studies/trash is not a study
     app.include_router(studies_router(logins, archive.query, viewer_installed=viewer_installed(viewer_dir)))
+    app.include_router(posture_router(logins, archive.settings, _bound(review, archive)))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(MOUNT, _SignedIn(viewer_app(viewer_dir), logins), name="viewer")
 
