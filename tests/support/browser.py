@@ -57,9 +57,11 @@ CANVAS_SPREAD = """c => {
 SCREENSHOTS = REPO / "docs" / "screenshots"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium for the whole session."""
+    """A headless Chromium for one test module.  Not for the session: Playwright's synchronous API
+    runs an event loop in the main thread while it is open, and a later test calling
+    ``asyncio.run`` would find it running."""
     if not CHROMIUM.exists():
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
