@@ -6,6 +6,7 @@ address and browser, and refused to anyone but an administrator or to a forged p
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import ssl
@@ -18,10 +19,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from safepacs.app import Archive
 from safepacs.audit.events import AuditEvent, EventID, Participant
 from safepacs.auth.totp import code_at
+from safepacs.protocols.webui.admin_users import qr_data_uri
 from safepacs.services.admin import Change
 from safepacs.services.audit import Types
 from safepacs.types import Peer, Service, TlsMode
@@ -292,6 +296,9 @@ def test_a_totp_enrolment_s_qr_code_and_secret_give_codes_that_sign_in(
     assert re.search(r'<img class="qr" src="data:image/svg\+xml[^"]+" alt="[^"]+"', r.text)
     typed = shown_once(r.text).replace(" ", "")
     secret = base64.b32decode(typed + "=" * (-len(typed) % 8))
+    # The QR code carries the otpauth:// URI of that same secret (what an authenticator app scans).
+    uri = TOTP(secret, 6, SHA1(), 30).get_provisioning_uri("erin", "SafePACS")  # noqa: S303
+    assert f'src="{html.escape(qr_data_uri(uri))}"' in r.text
     assert "TOTP enrolled" in admin.get("/admin/users").text
     assert erin.sign_in("erin", totp=_code(secret)).status_code == 303 and erin.cookie
     assert erin.get("/admin").status_code == 200
@@ -411,3 +418,41 @@ def test_a_post_without_the_form_token_or_from_another_origin_changes_nothing(
     assert archive.admin.peers() == [] and archive.admin.user("forged") is None
     assert archive.admin.tokens() == [] and _changes(capture) == []
     assert admin.post("/admin/peers", form).status_code == 303  # the same post, from the page, is made
+
+
+def test_a_locked_out_user_is_shown_locked_and_unlocked_on_the_users_page(
+    app: tuple[AppClient, Archive], admin: Browser
+) -> None:
+    client, archive = app
+    add_user(archive, "alice", "radiologist")
+    alice = Browser(client)
+    for _ in range(archive.settings.auth.max_failed_logins):
+        assert alice.sign_in("alice", "wrong password!").status_code == 401
+    assert alice.sign_in("alice").status_code == 401  # locked: the right password is refused too
+    row = re.search(r"<th scope=\"row\">alice</th>.*?</tr>", admin.get("/admin/users").text, re.S)
+    assert row is not None and "until " in row.group(0) and "/admin/users/unlock" in row.group(0)
+    r = admin.post("/admin/users/unlock", {"name": "alice"})
+    assert r.headers["location"] == "/admin/users?done=user-unlocked"
+    assert alice.sign_in("alice").status_code == 303
+
+
+def test_a_confirmation_is_only_one_of_the_fixed_messages(admin: Browser) -> None:
+    page = admin.get("/admin/tokens?done=%3Cb%3EYou+were+hacked%3C/b%3E").text
+    assert "hacked" not in page and 'class="notice done"' not in page
+    assert "The token was revoked." in admin.get("/admin/tokens?done=token-revoked").text
+
+
+def test_changes_on_the_pages_are_recorded_even_when_accesses_are_not(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAFEPACS_AUDIT__RECORD", "false")
+    with inprocess(data_dir) as (client, archive):
+        assert not archive.settings.audit.record
+        add_user(archive, "boss", "admin")
+        secret = _secret(archive.admin.enrol_totp("boss", SETUP))
+        browser = Browser(client, user_agent=AGENT)
+        assert browser.sign_in("boss", totp=_code(secret)).status_code == 303
+        capture = AuditCapture(archive.audit_log)
+        assert browser.post("/admin/users", {"name": "zoe", "role_technologist": "1"}).status_code == 200
+        (event,) = _changes(capture)
+        _by_the_admin(event, "added user zoe")
