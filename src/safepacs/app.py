@@ -153,6 +153,7 @@ class Archive:
     gate: Gate  # who may do what (every refusal recorded); who a peer, user or token is
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
     audits: AuditSearchService  # the trail's search for auditors (``/api/audit``), itself recorded
+    admin: AdminService  # the administrative changes (the web UI's pages), always recorded
     space: FreeSpace  # the low-water mark under which stores are refused (storage.min_free_bytes)
     reserve: AuditReserve | None  # disk space kept for the audit trail (SQLite index only)
 
@@ -253,6 +254,7 @@ def open_archive(settings: Settings) -> Archive:
         gate=gate,
         auditor=auditor,
         audits=AuditSearchService(repos.audit_log, gate, auditor),
+        admin=_admin_service(settings, repos, trail),
         space=space,
         reserve=reserve,
     )
@@ -283,17 +285,24 @@ def open_admin(settings: Settings) -> Administration:
     except BaseException:
         repos.close()
         raise
-    auditor = Auditor(trail, settings.server.ae_title)  # enabled: administration is always recorded
-    keys_dir = settings.keys_dir
-
-    def sealer() -> EnvelopeCipher:  # read only when a TOTP secret is enrolled
-        return EnvelopeCipher(FileKeyProvider(keys_dir))
-
     return Administration(
         repos,
-        AdminService(repos.directory, repos.instances, auditor, sealer),
+        _admin_service(settings, repos, trail),
         TrailService(repos.audit_log, trail, settings.audit_head_file),
     )
+
+
+def _admin_service(settings: Settings, repos: Repositories, trail: AuditTrail) -> AdminService:
+    """The administrative service over ``repos``, recording on ``trail`` whatever ``audit.record``
+    says (administration is always recorded: the CLI's and the web UI's alike); the key that seals
+    TOTP secrets is read only when one is enrolled."""
+    auditor = Auditor(trail, settings.server.ae_title)  # enabled, whatever audit.record says
+    keys_dir = settings.keys_dir
+
+    def sealer() -> EnvelopeCipher:
+        return EnvelopeCipher(FileKeyProvider(keys_dir))
+
+    return AdminService(repos.directory, repos.instances, auditor, sealer)
 
 
 def sqlite_database(settings: Settings) -> Path | None:

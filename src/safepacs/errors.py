@@ -17,6 +17,7 @@ for DIMSE status codes, the CLI's ``main`` for exit codes).
     ├── KeyMaterialError         key material missing or unusable
     ├── DatabaseError            the index (database) failed
     ├── ConflictError            same SOP Instance UID, different bytes, overwrite off
+    ├── InputError               an administrator's value for a change is not valid (CLI or web form)
     ├── NotFoundError            a peer, user or object that does not exist
     ├── QueryError               a C-FIND identifier that cannot be answered
     │   └── QueryLimitError      more matches than the per-query limit allows
@@ -40,6 +41,7 @@ __all__ = [
     "DataDirError",
     "DatabaseError",
     "IdentityProviderError",
+    "InputError",
     "IntegrityError",
     "InvalidObjectError",
     "KeyMaterialError",
@@ -101,6 +103,11 @@ class UnsyncedCommitError(DatabaseError):
 
 class ConflictError(SafePacsError):
     """An instance with this SOP Instance UID is stored already with different bytes."""
+
+
+class InputError(SafePacsError):
+    """What an administrator typed for a change is not valid (a command line or a web form): the
+    message says which value and what to give instead."""
 
 
 class NotFoundError(SafePacsError):

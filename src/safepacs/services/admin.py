@@ -16,6 +16,7 @@ grants, the trash), so that the command line never opens the database itself.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,8 +26,16 @@ from safepacs.audit.events import Participant
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.tokens import IssuedToken, issue_token
 from safepacs.auth.totp import Sealer, enrol
-from safepacs.errors import NotFoundError
-from safepacs.records import GrantRecord, PinnedCertificate, TokenRecord, TrashRecord, UserRecord
+from safepacs.errors import InputError, NotFoundError
+from safepacs.records import (
+    CertificateRecord,
+    GrantRecord,
+    LoginState,
+    PinnedCertificate,
+    TokenRecord,
+    TrashRecord,
+    UserRecord,
+)
 from safepacs.services.audit import Auditor, Types
 from safepacs.types import Peer, Scope
 
@@ -35,7 +44,7 @@ if TYPE_CHECKING:
 
     from safepacs.db.ports import Directory, Instances
 
-__all__ = ["AdminService", "Change"]
+__all__ = ["AdminService", "Change", "IssuedCertificate"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,27 @@ class Change:
 
     who: Participant
     command: str
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A client certificate issued to a peer and its new private key (PEM): the key is handed out
+    once, never kept by SafePACS."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    sha256: str
+
+
+def _server_names(peer: Peer) -> list[str] | None:
+    """SAN entries for a peer that is also a C-MOVE destination (it then serves TLS to us)."""
+    if peer.port is None:
+        return None
+    try:
+        net = ipaddress.ip_network(peer.host, strict=False)
+    except ValueError:
+        return [peer.host]  # a host name
+    return [str(net.network_address)] if net.num_addresses == 1 else None
 
 
 _SECURITY, _ROLES, _ATTRIBUTES = (
@@ -102,6 +132,32 @@ class AdminService:
             also=self._record(by, _SECURITY, ae_title),
         )
 
+    def issue_certificate(
+        self, ae_title: str, days: int, ca: tuple[bytes, bytes], by: Change
+    ) -> IssuedCertificate:
+        """A client certificate for a registered peer from the SafePACS CA (``ca``: its certificate and
+        key, PEM), valid ``days`` days (1-3650), with server names when the peer is also a C-MOVE
+        destination.  It is recorded (so it can be revoked) before it is returned: never a certificate
+        out of the record."""
+        from safepacs.auth.pki import certificate_fingerprint, issue_certificate, load_certificate
+
+        peer = self._store.get_peer(ae_title)
+        if peer is None:
+            raise NotFoundError(f"no peer with AE title {ae_title!r} is registered; add it first")
+        if not 1 <= days <= 3650:
+            raise InputError("a certificate's validity is 1 to 3650 days")
+        cert, key = issue_certificate(*ca, ae_title, server_names=_server_names(peer), client=True, days=days)
+        parsed = load_certificate(cert)
+        digest = certificate_fingerprint(cert)
+        self.record_issued_certificate(
+            ae_title, digest, format(parsed.serial_number, "x"), parsed.not_valid_after_utc, by
+        )
+        return IssuedCertificate(cert, key, digest)
+
+    def certificates(self, ae_title: str | None = None) -> list[CertificateRecord]:
+        """The certificates issued to or pinned for peers (all peers, or one), revoked ones too."""
+        return self._store.list_certificates(ae_title)
+
     def revoke_certificates(self, ae_title: str, by: Change, only: str | None = None) -> int:
         """Revoke the certificates of a peer (all, with the one it is pinned to, or ``only`` that one);
         how many were newly revoked.  Nothing is recorded when nothing was there to revoke, except
@@ -120,6 +176,10 @@ class AdminService:
 
     def users(self) -> list[UserRecord]:
         return self._store.list_users()
+
+    def login_state(self, name: str) -> LoginState | None:
+        """Whether a user is locked out and has a TOTP secret (never the secret itself to show)."""
+        return self._store.get_login_state(name)
 
     def add_user(
         self, name: str, roles: frozenset[str], by: Change, password: str | None = None

@@ -17,13 +17,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from safepacs.cli._common import EXIT_OK, UsageError, add_data_option, admin_service, change
+from safepacs.services.admininput import describe_scope, lifetime, study_uid, word
+from safepacs.services.admininput import scope as parse_scope
 from safepacs.types import Scope
 
 if TYPE_CHECKING:
     from safepacs.cli._common import Subparsers
     from safepacs.services.admin import AdminService
 
-__all__ = ["register", "run", "study_uid"]
+__all__ = ["register", "run"]
 
 
 def register(sub: Subparsers) -> None:
@@ -73,53 +75,12 @@ def register(sub: Subparsers) -> None:
     sp.add_argument("--user", metavar="NAME")
 
 
-def study_uid(text: str) -> str:
-    """A valid Study Instance UID (a clear error otherwise)."""
-    from safepacs.services.ingest import valid_uid
-
-    if not valid_uid(text):
-        raise UsageError(f"{text!r} is not a valid Study Instance UID (digits and dots, 64 at most)")
-    return text
-
-
-def _word(text: str, what: str) -> str:
-    value = text.strip()
-    if not value or len(value) > 64 or any(c in value for c in "*?\\\n\r"):
-        raise UsageError(f"{what} must be 1-64 characters without * ? or \\")
-    return value
-
-
 def _scope(args: argparse.Namespace) -> Scope | None:
     if args.clear:
         if args.institution or args.modality or args.group or args.referring_physician:
             raise UsageError("--clear cannot be combined with other scope options")
         return None
-    scope = Scope(
-        institutions=frozenset(_word(v, "an institution") for v in args.institution),
-        modalities=frozenset(_word(v, "a modality").upper() for v in args.modality),
-        referring_physician=(
-            _word(args.referring_physician, "a person name") if args.referring_physician else None
-        ),
-        groups=frozenset(_word(v, "a group") for v in args.group),
-    )
-    if not scope.has_attributes and not scope.groups:
-        raise UsageError(
-            "give at least one of --institution, --modality, --referring-physician, --group (or --clear)"
-        )
-    return scope
-
-
-def _describe(scope: Scope) -> str:
-    parts = []
-    if scope.institutions:
-        parts.append("institutions " + ", ".join(sorted(scope.institutions)))
-    if scope.modalities:
-        parts.append("modalities " + ",".join(sorted(scope.modalities)))
-    if scope.referring_physician:
-        parts.append("referred by " + scope.referring_physician)
-    if scope.groups:
-        parts.append("groups " + ",".join(sorted(scope.groups)))
-    return "; ".join(parts) or "nothing but explicit grants"
+    return parse_scope(args.institution, args.modality, args.referring_physician, args.group)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -138,18 +99,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -> 
         if scope is None:
             print(f"User {args.name} is no longer restricted by a scope", file=sys.stderr)
         else:
-            print(f"User {args.name} now sees: {_describe(scope)} (and their grants)", file=sys.stderr)
+            print(f"User {args.name} now sees: {describe_scope(scope)} (and their grants)", file=sys.stderr)
     elif action == "show":
         for user in admin.users():
             seen = scope_of(user)
-            print(f"{user.name:<24}  {'everything' if seen is None else _describe(seen)}")
+            print(f"{user.name:<24}  {'everything' if seen is None else describe_scope(seen)}")
     elif action == "group":
         if args.group_command == "list":
             for study, group in admin.study_groups(study_uid(args.study) if args.study else None):
                 print(f"{group:<24}  {study}")
         elif args.group_command == "add":
             added = admin.add_study_group(
-                study_uid(args.study_uid), _word(args.group, "a group"), change("access", argv)
+                study_uid(args.study_uid), word(args.group, "a group"), change("access", argv)
             )
             state = "added to" if added else "already in"
             print(f"Study {args.study_uid} {state} group {args.group}", file=sys.stderr)
@@ -159,12 +120,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -> 
     elif action == "grant":
         expires = None
         if args.expires:
-            from safepacs.auth.tokens import parse_lifetime
-
-            try:
-                expires = datetime.now(UTC) + parse_lifetime(args.expires)
-            except ValueError as exc:
-                raise UsageError(f"--expires: {exc}") from None
+            expires = datetime.now(UTC) + lifetime(args.expires, "--expires")
         admin.grant_study(study_uid(args.study_uid), args.user, expires, change("access", argv))
         until = "until revoked" if expires is None else "until " + expires.strftime("%Y-%m-%d %H:%M UTC")
         print(f"User {args.user} may see study {args.study_uid} {until}", file=sys.stderr)

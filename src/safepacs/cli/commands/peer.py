@@ -16,27 +16,20 @@ Every change is recorded on the audit trail with the change itself (:mod:`safepa
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from safepacs.cli._common import EXIT_OK, UsageError, add_data_option, admin_service, change, settings_of
-from safepacs.errors import SafePacsError
-from safepacs.records import PinnedCertificate
-from safepacs.types import Peer, Service, TlsMode, UserIdentityMode
+from safepacs.services.admininput import CLI_PEER_FIELDS, PeerEntry, fingerprint, new_peer
+from safepacs.types import Peer, TlsMode, UserIdentityMode
 
 if TYPE_CHECKING:
     from safepacs.cli._common import Subparsers
     from safepacs.services.admin import AdminService
 
 __all__ = ["describe_security", "register", "run"]
-
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 
 
 def register(sub: Subparsers) -> None:
@@ -135,27 +128,26 @@ def _list(admin: AdminService) -> None:
 
 
 def _add(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from safepacs.config._settings import validate_ae_title
-
-    try:
-        ae_title = validate_ae_title(args.ae_title)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.port is not None and not 0 < args.port < 65536:
-        raise UsageError("--port must be between 1 and 65535")
-    security = _security(args)
-    peer = Peer(
-        ae_title,
-        _check_host(args.host),
+    cert_pem: bytes | None = None
+    if args.cert:
+        try:
+            cert_pem = Path(args.cert).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--cert: cannot read {args.cert} ({exc.strerror})") from None
+    entry = PeerEntry(
+        args.ae_title,
+        args.host,
+        args.allow.split(","),
         args.port,
-        _parse_allow(args.allow),
         args.user,
-        tls=security.tls,
-        cert_sha256=security.pinned,
-        user_identity=security.identity,
+        tls=args.tls,
+        cert_fingerprint=args.cert_fingerprint,
+        cert_pem=cert_pem,
+        user_identity=args.user_identity,
     )
+    peer, pin = new_peer(entry, {**CLI_PEER_FIELDS, "cert": f"--cert {args.cert}"})
     with admin_service(args) as admin:
-        admin.add_peer(peer, change("peer", argv), security.pin)
+        admin.add_peer(peer, change("peer", argv), pin)
     acting = f", acting for user {peer.user}" if peer.user else ""
     print(
         f"Peer {peer.ae_title} registered: host {peer.host}, "
@@ -163,84 +155,6 @@ def _add(args: argparse.Namespace, argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
-
-
-def _parse_allow(text: str) -> frozenset[Service]:
-    from safepacs.types import DIMSE_SERVICES
-
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if not names:
-        raise UsageError("--allow needs at least one of echo,store,find,get,move")
-    known = {s.value: s for s in DIMSE_SERVICES}
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise UsageError(f"unknown service {bad[0]!r} in --allow; use echo,store,find,get,move")
-    return frozenset(known[n] for n in names)
-
-
-def _check_host(host: str) -> str:
-    try:
-        return str(ipaddress.ip_network(host, strict=False))
-    except ValueError:
-        pass
-    if _HOSTNAME_RE.match(host):
-        return host.lower()
-    raise UsageError(f"--host {host!r} is neither an IP address, a CIDR network nor a host name")
-
-
-def _fingerprint(text: str, option: str) -> str:
-    from safepacs.auth.pki import normalize_fingerprint
-
-    try:
-        return normalize_fingerprint(text)
-    except ValueError as exc:
-        raise UsageError(f"{option}: {exc}") from None
-
-
-class _Security(NamedTuple):
-    """The security settings of the peer ``peer add`` registers."""
-
-    tls: TlsMode
-    pinned: str | None  # SHA-256 fingerprint of the pinned certificate
-    identity: UserIdentityMode
-    pin: PinnedCertificate | None  # the certificate pinned with ``--cert`` (None without one)
-
-
-def _security(args: argparse.Namespace) -> _Security:
-    """The TLS mode, pinned fingerprint and user identity mode of the peer ``peer add`` registers, and
-    the certificate pinned with ``--cert`` (None without one)."""
-    from safepacs.auth.pki import certificate_fingerprint
-
-    tls = TlsMode(args.tls)
-    pinned = _fingerprint(args.cert_fingerprint, "--cert-fingerprint") if args.cert_fingerprint else None
-    pin: PinnedCertificate | None = None
-    if args.cert:
-        try:
-            raw = Path(args.cert).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--cert: cannot read {args.cert} ({exc.strerror})") from None
-        if not raw.lstrip().startswith(b"-----BEGIN CERTIFICATE"):
-            raise UsageError(f"--cert: {args.cert} is not a PEM certificate")
-        from cryptography.hazmat.primitives import serialization
-
-        from safepacs.auth.pki import load_certificate
-
-        try:
-            cert = load_certificate(raw)
-        except SafePacsError:
-            raise UsageError(f"--cert: {args.cert} is not a PEM certificate") from None
-        pem = cert.public_bytes(serialization.Encoding.PEM)  # the first certificate only
-        digest = certificate_fingerprint(pem)
-        if pinned is not None and pinned != digest:
-            raise UsageError("--cert and --cert-fingerprint name different certificates")
-        pinned = digest
-        pin = PinnedCertificate(pem, format(cert.serial_number, "x"), cert.not_valid_after_utc)
-    if pinned is not None and tls is TlsMode.OFF:
-        raise UsageError("a pinned certificate needs DICOM TLS: drop --tls off or the pin")
-    identity = UserIdentityMode(args.user_identity)
-    if identity is UserIdentityMode.REQUIRED and args.user:
-        raise UsageError("--user-identity required names the user on every association; drop --user")
-    return _Security(tls, pinned, identity, pin)
 
 
 def describe_security(peer: Peer, separator: str = "  ") -> str:
@@ -253,21 +167,10 @@ def describe_security(peer: Peer, separator: str = "  ") -> str:
     return out
 
 
-def _server_names(peer: Peer) -> list[str] | None:
-    """SAN entries for a peer that is also a C-MOVE destination (it then serves TLS to us)."""
-    if peer.port is None:
-        return None
-    try:
-        net = ipaddress.ip_network(peer.host, strict=False)
-    except ValueError:
-        return [peer.host]  # a host name
-    return [str(net.network_address)] if net.num_addresses == 1 else None
-
-
 def _issue(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -> int:
     """``peer cert AE --out DIR``: DIR/cert.pem, DIR/key.pem (0600), DIR/ca.pem; the certificate is
-    recorded (so ``revoke-cert`` can revoke it)."""
-    from safepacs.auth.pki import certificate_fingerprint, issue_certificate, load_certificate, write_private
+    recorded (so ``revoke-cert`` can revoke it) before its files exist."""
+    from safepacs.auth.pki import write_private
 
     keys_dir = settings_of(args).keys_dir
     ae_title = args.ae_title.strip()
@@ -289,24 +192,16 @@ def _issue(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -
         ca_cert, ca_key = (keys_dir / "ca.pem").read_bytes(), (keys_dir / "ca.key").read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read the CA in {keys_dir} ({exc.strerror})") from None
-    cert, key = issue_certificate(
-        ca_cert, ca_key, ae_title, server_names=_server_names(peer), client=True, days=args.days
-    )
-    parsed = load_certificate(cert)
-    digest = certificate_fingerprint(cert)
-    # Recorded (with its audit record) before its files exist: never a certificate out of the record.
-    admin.record_issued_certificate(
-        ae_title, digest, format(parsed.serial_number, "x"), parsed.not_valid_after_utc, change("peer", argv)
-    )
-    write_private(targets[1], key)
-    write_private(targets[0], cert)
+    issued = admin.issue_certificate(ae_title, args.days, (ca_cert, ca_key), change("peer", argv))
+    write_private(targets[1], issued.key_pem)
+    write_private(targets[0], issued.cert_pem)
     write_private(targets[2], ca_cert)
     for public in (targets[0], targets[2]):
         public.chmod(0o644)
     note = "" if peer.tls is TlsMode.REQUIRED else " (the peer is registered --tls off: it may connect plain)"
     print(
         f"Certificate for {ae_title} written to {out}: cert.pem, key.pem (keep it secret), ca.pem; "
-        f"SHA-256 {digest}{note}",
+        f"SHA-256 {issued.sha256}{note}",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -315,7 +210,7 @@ def _issue(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -
 def _revoke(args: argparse.Namespace, argv: Sequence[str], admin: AdminService) -> int:
     """``peer revoke-cert AE [--fingerprint SHA256]``."""
     ae_title = args.ae_title.strip()
-    only = _fingerprint(args.fingerprint, "--fingerprint") if args.fingerprint else None
+    only = fingerprint(args.fingerprint, "--fingerprint") if args.fingerprint else None
     count = admin.revoke_certificates(ae_title, change("peer", argv), only)
     if count == 0 and only is None:
         print(f"No unrevoked certificate of {ae_title} is on record", file=sys.stderr)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from safepacs.cli._common import EXIT_OK, add_data_option, settings_of
-from safepacs.cli.commands.access import study_uid
+from safepacs.services.admininput import study_uid
 
 if TYPE_CHECKING:
     from safepacs.cli._common import Subparsers

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from safepacs.cli._common import EXIT_OK, UsageError, add_data_option, admin_service, change
+from safepacs.services.admininput import lifetime, token_scopes
 
 if TYPE_CHECKING:
     from safepacs.cli._common import Subparsers
@@ -41,31 +42,19 @@ def register(sub: Subparsers) -> None:
     sp.add_argument("token_id", metavar="ID")
 
 
-def _scopes(text: str | None) -> frozenset[str]:
-    from safepacs.types import Service
-
-    if text is None:
-        return frozenset()
-    names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
-    bad = sorted(n for n in names if n not in {s.value for s in Service})
-    if not names or bad:
-        raise UsageError(f"unknown scope {bad[0]!r}; use find,get,store" if bad else "--scope is empty")
-    return names
-
-
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from safepacs.auth.tokens import parse_lifetime
-
     action = str(args.token_action)
     with admin_service(args) as admin:
         if action == "create":
-            try:
-                lifetime = parse_lifetime(args.expires)
-            except ValueError as exc:
-                raise UsageError(f"--expires: {exc}") from None
+            expires_in = lifetime(args.expires, "--expires")
             if admin.user(args.user) is None:
                 raise UsageError(f"no user named {args.user!r}; add one with 'safepacs user add'")
-            issued = admin.issue_token(args.user, lifetime, _scopes(args.scope), change("token", argv))
+            issued = admin.issue_token(
+                args.user,
+                expires_in,
+                token_scopes(args.scope.split(",") if args.scope is not None else None, "--scope"),
+                change("token", argv),
+            )
             expires = issued.record.expires_at.strftime("%Y-%m-%d %H:%M UTC")
             print(
                 f"Token {issued.record.token_id} for {issued.record.user_name}, valid until {expires}. "

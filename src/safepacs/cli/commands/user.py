@@ -9,19 +9,18 @@ error.  Every change is recorded on the audit trail with the change itself
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from safepacs.cli._common import EXIT_OK, UsageError, add_data_option, admin_service, change
+from safepacs.services.admininput import roles as parse_roles
+from safepacs.services.admininput import user_name
 
 if TYPE_CHECKING:
     from safepacs.cli._common import Subparsers
 
 __all__ = ["register", "run", "user_name"]
-
-_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 def register(sub: Subparsers) -> None:
@@ -66,32 +65,13 @@ def register(sub: Subparsers) -> None:
         sp.add_argument("name", metavar="NAME")
 
 
-def _roles(text: str) -> frozenset[str]:
-    from safepacs.auth.policy import ROLES
-
-    roles = frozenset(r.strip().lower() for r in text.split(",") if r.strip())
-    unknown = sorted(roles - set(ROLES))
-    if not roles or unknown:
-        raise UsageError(
-            f"unknown role {unknown[0]!r}; use {','.join(ROLES)}" if unknown else "--role needs a role"
-        )
-    return roles
-
-
-def user_name(text: str) -> str:
-    """A valid new user name (a clear error otherwise)."""
-    if not _USER_RE.match(text):
-        raise UsageError("a user name is 1-64 letters, digits and . _ @ - (starting with a letter or digit)")
-    return text
-
-
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     action = str(args.user_command)
     name: str | None = getattr(args, "name", None)
     with admin_service(args) as admin:
         by = change("user", argv)
         if action == "add":
-            name, roles = user_name(args.name), _roles(args.role)
+            name, roles = user_name(args.name), parse_roles(args.role.split(","), "--role")
             if args.password_stdin:
                 password = sys.stdin.readline().rstrip("\r\n")
                 if len(password) < 12:
