@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from safepacs.protocols.dicomweb.app import create_app
+from safepacs.protocols.webui.audit import audit_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
@@ -32,6 +33,7 @@ def create_site(archive: Archive) -> FastAPI:
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
     app.include_router(studies_router(logins, archive.query, viewer_installed=False))
+    app.include_router(audit_router(logins, archive.audits))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -1,0 +1,299 @@
+"""The audit pages: ``/audit`` (search the trail, and whether it verifies), ``/audit/records/{seq}``
+(one record, every field), ``/audit/verify`` (verify now), ``/audit/report`` (the patient access
+report as HTML, CSV or PDF) and ``/activity`` (a person's own records).
+
+Everything goes through :class:`~safepacs.services.audittrail.AuditSearchService`, as ``/api/audit``
+does: the policy decides who reads the trail (auditors, and administrators, whose role allows
+everything; anyone else gets the refusal page, recorded as a Security Alert), and every reading -
+a search, a record, a report, a verification, one's own activity - is itself recorded (110101 Audit
+Log Used) before anything is shown.  Rows are :func:`~safepacs.audit.report.summary_row`, as in
+``safepacs audit query|report``; a CSV cell goes through :func:`~safepacs.audit.report.for_csv`.
+
+The search fields are GET parameters, so a search can be bookmarked and paged: the patient ID and
+study UID an auditor types then appear in the URL (and the server's access log), which the trail
+itself holds anyway.  Pages go newest first, continuing before the last record shown (``before``),
+so records added meanwhile - this page's own record among them - do not shift the pages.
+
+Verifying the whole trail reads every record, which takes a while on a large trail, and the chain
+cannot be checked from a checkpoint onward without trusting what came before it.  So ``/audit`` shows
+the last verification made by this process while it is fresh: for 60 times as long as it took (a
+check that takes 0.1 s is redone after 6 s, one that takes a minute after an hour), so that verifying
+costs at most about 2 % of the time; ``/audit/verify`` verifies at once.  One verification runs at a
+time; whoever asks meanwhile gets its result.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from safepacs.audit.chain import StoredRecord, Verification
+from safepacs.audit.events import AuditFilter, ObjectKind, recorded_time
+from safepacs.audit.pdf import report_pdf
+from safepacs.audit.report import ACTIONS, FIELDS, OUTCOMES, described, for_csv, summary_row, verified
+from safepacs.auth.login import LoginService
+from safepacs.errors import AccessDenied, AuditError
+from safepacs.protocols.webui.render import PageError, page
+from safepacs.protocols.webui.visitors import Visitor, visitor_of
+from safepacs.services.audittrail import AuditSearchService
+
+__all__ = ["MAX_REPORT_ROWS", "PAGE_SIZE", "audit_router"]
+
+PAGE_SIZE = 50
+#: The most rows a report shows (HTML, CSV or PDF alike); more are announced, not silently dropped.
+MAX_REPORT_ROWS = 10_000
+#: How long a verification is shown, as a multiple of how long it took (bounded below and above).
+_FRESH_FACTOR = 60
+_FRESH_MAX = timedelta(hours=1)
+_SEARCH_FIELDS = ("who", "patient", "study", "from", "to", "outcome", "address")
+_REPORT_FIELDS = ("patient", "study", "from", "to")
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+_REFUSED = PageError(403, "Not allowed", "Reading the audit trail needs the auditor role.")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A verification of the trail: what it found, when it finished, how long it took (seconds)."""
+
+    result: Verification
+    at: datetime
+    took: float
+
+    @property
+    def text(self) -> str:
+        return verified(self.result)
+
+    def fresh(self, now: datetime) -> bool:
+        return now - self.at < min(_FRESH_MAX, timedelta(seconds=self.took * _FRESH_FACTOR))
+
+
+class _Verifier:
+    """The last verification made by this process; one at a time (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last: Checked | None = None
+
+    def status(self, verify: Callable[[], Verification], *, now: bool) -> Checked:
+        """The last verification if it is fresh (and ``now`` is False), else ``verify()``'s."""
+        asked = datetime.now(UTC)
+        last = self.last
+        if last is not None and not now and last.fresh(asked):
+            return last
+        with self._lock:
+            last = self.last
+            if last is not None and last.at >= asked:  # made while this request waited for it
+                return last
+            started = time.monotonic()
+            result = verify()
+            self.last = Checked(result, datetime.now(UTC), time.monotonic() - started)
+            return self.last
+
+
+# Reading the fields ---------------------------------------------------------------------------------
+def _text(request: Request, name: str, limit: int = 64) -> str:
+    value = request.query_params.get(name, "").strip()
+    if len(value) > limit or not _PRINTABLE.match(value):
+        raise PageError(400, "Search not understood", f"The {name} field is too long or not text.")
+    return value
+
+
+def _day(text: str, label: str, *, end: bool) -> datetime | None:
+    """A date field as the first (or, ``end``, the last) moment of that day in UTC, as the CLI reads
+    ``--since``/``--until`` dates."""
+    if not text:
+        return None
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise PageError(400, "Search not understood", f"{label} must be a date (YYYY-MM-DD).") from None
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return start + timedelta(days=1, microseconds=-1) if end else start
+
+
+def _before(request: Request) -> int | None:
+    raw = request.query_params.get("before", "")
+    return int(raw) if raw.isdigit() and 0 < len(raw) <= 18 else None
+
+
+def _asked(form: dict[str, str], *extra: str) -> str:
+    """The search as the auditor put it, for its record (as ``/api/audit`` records its query)."""
+    return " ".join([*extra, *(f"{k}={v}" for k, v in form.items() if v)])
+
+
+def _link_query(form: dict[str, str]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode({k: v for k, v in form.items() if v})
+
+
+def _rows(records: list[StoredRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for record in records:
+        event, _ = recorded_time(record.body)
+        row = summary_row(record.seq, event)
+        row["outcome_text"] = OUTCOMES.get(row["outcome"], str(row["outcome"]))
+        row["what"] = described(row)
+        rows.append(row)
+    return rows
+
+
+def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    verifier = _Verifier()
+
+    def auditor_of(request: Request) -> Visitor:
+        """The signed-in visitor, if the policy lets them read the trail (the refusal is recorded)."""
+        visitor = visitor_of(request, logins)
+        try:
+            audits.admit(visitor.principal)
+        except AccessDenied:
+            raise _REFUSED from None
+        return visitor
+
+    def status(visitor: Visitor, *, now: bool) -> Checked:
+        return verifier.status(lambda: audits.verify(visitor.principal), now=now)
+
+    def unavailable() -> PageError:
+        return PageError(
+            503, "Audit trail unavailable", "The audit trail cannot be written; try again later."
+        )
+
+    @router.get("/audit")
+    def search(request: Request) -> HTMLResponse:
+        visitor = auditor_of(request)
+        form = {field: _text(request, field, 256 if field == "who" else 64) for field in _SEARCH_FIELDS}
+        if form["outcome"] not in ("", "success", "failure"):
+            raise PageError(400, "Search not understood", "Outcome is success or failure.")
+        where = AuditFilter(
+            patient_id=form["patient"] or None,
+            study_uid=form["study"] or None,
+            user=form["who"] or None,
+            since=_day(form["from"], "From", end=False),
+            until=_day(form["to"], "To", end=True),
+            failed=None if not form["outcome"] else form["outcome"] == "failure",
+            address=form["address"] or None,
+        )
+        before = _before(request)
+        try:
+            checked = status(visitor, now=False)
+            found = audits.search(visitor.principal, where, PAGE_SIZE + 1, before=before, newest_first=True,
+                                  asked=_asked(form, "web search"))  # fmt: skip
+        except AuditError:
+            raise unavailable() from None
+        rows = _rows(found[:PAGE_SIZE])
+        older = rows[-1]["seq"] if len(found) > PAGE_SIZE else None
+        return page(request, "audit_search.html", visitor=visitor, form=form, rows=rows, older=older,
+                    before=before, query=_link_query(form), checked=checked)  # fmt: skip
+
+    @router.get("/audit/verify")
+    def verify(request: Request) -> HTMLResponse:
+        visitor = auditor_of(request)
+        try:
+            checked = status(visitor, now=True)
+        except AuditError:
+            raise unavailable() from None
+        return page(request, "audit_verify.html", visitor=visitor, checked=checked)
+
+    @router.get("/audit/records/{seq}")
+    def record(request: Request, seq: str) -> HTMLResponse:
+        visitor = auditor_of(request)
+        if not seq.isdigit() or len(seq) > 18:
+            raise PageError(404, "No such record", "There is no audit record with this number.")
+        try:
+            found = audits.record(visitor.principal, int(seq))
+        except AuditError:
+            raise unavailable() from None
+        if found is None:
+            raise PageError(404, "No such record", "There is no audit record with this number.")
+        event, recorded = recorded_time(found.body)
+        row = summary_row(found.seq, event)
+        row["outcome_text"] = OUTCOMES.get(row["outcome"], str(row["outcome"]))
+        return page(request, "audit_record.html", visitor=visitor, record=found, event=event, row=row,
+                    recorded=recorded, action=ACTIONS.get(event.action.value, event.action.value),
+                    patient_kind=ObjectKind.PATIENT)  # fmt: skip
+
+    @router.get("/audit/report", response_model=None)
+    def report(request: Request) -> Response:
+        visitor = auditor_of(request)
+        form = {field: _text(request, field) for field in _REPORT_FIELDS}
+        kind = request.query_params.get("format", "html")
+        if kind not in ("html", "csv", "pdf"):
+            raise PageError(400, "Report not understood", "The format is html, csv or pdf.")
+        if not form["patient"]:
+            if kind != "html":
+                raise PageError(400, "Report not understood", "Give the patient ID the report is about.")
+            return page(request, "audit_report.html", visitor=visitor, form=form, rows=None)
+        where = AuditFilter(
+            patient_id=form["patient"],
+            study_uid=form["study"] or None,
+            since=_day(form["from"], "From", end=False),
+            until=_day(form["to"], "To", end=True),
+        )
+        try:
+            found = audits.search(visitor.principal, where, MAX_REPORT_ROWS + 1,
+                                  asked=_asked(form, "report", f"format={kind}"))  # fmt: skip
+        except AuditError:
+            raise unavailable() from None
+        rows = _rows(found[:MAX_REPORT_ROWS])
+        note = (
+            f"Only the first {MAX_REPORT_ROWS} events are shown: narrow the report by study or dates."
+            if len(found) > MAX_REPORT_ROWS
+            else ""
+        )
+        made = datetime.now(UTC)
+        name = f"patient-access-report-{made.strftime('%Y%m%dT%H%M%SZ')}"  # no PHI in the file name
+        if kind == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=list(FIELDS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(for_csv(row) for row in rows)
+            return Response(
+                out.getvalue(), media_type="text/csv; charset=utf-8", headers=_download(f"{name}.csv")
+            )
+        if kind == "pdf":
+            scope = ", ".join(
+                part
+                for part in (
+                    f"study {form['study']}" if form["study"] else "",
+                    f"from {form['from']}" if form["from"] else "",
+                    f"to {form['to']}" if form["to"] else "",
+                )
+                if part
+            )
+            body = report_pdf(rows, patient_id=form["patient"], made_by=visitor.name, made_at=made,
+                              scope=scope, note=note)  # fmt: skip
+            return Response(body, media_type="application/pdf", headers=_download(f"{name}.pdf"))
+        return page(request, "audit_report.html", visitor=visitor, form=form, rows=rows, note=note,
+                    query=_link_query(form), made=made)  # fmt: skip
+
+    @router.get("/activity")
+    def activity(request: Request) -> HTMLResponse:
+        visitor = visitor_of(request, logins)
+        before = _before(request)
+        try:
+            found, older = audits.activity(visitor.principal, PAGE_SIZE, before=before)
+        except AuditError:
+            raise unavailable() from None
+        except AccessDenied:
+            raise PageError(
+                403, "Not allowed", "Only a signed-in person has an activity of their own."
+            ) from None
+        return page(request, "activity.html", visitor=visitor, rows=_rows(found), older=older, before=before)
+
+    return router
+
+
+def _download(filename: str) -> dict[str, str]:
+    """Headers of a file to save (never shown inline, never cached: it holds patient data)."""
+    return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"}
