@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from safepacs.app import Archive
 from safepacs.audit.events import AuditFilter, EventID, Outcome, from_canonical
 from tests.support.corpus import make_ct
+from tests.support.server import run_cli
 from tests.support.ui import ORIGIN, sign_in, text_of
 from tests.support.webapp import AppClient, add_user, execute, inprocess, store
 
@@ -141,7 +142,7 @@ def test_the_auditor_finds_a_retrieval_and_reports_it_as_html_csv_and_pdf(
 
 
 def test_the_verification_says_intact_then_broken_where_a_record_was_changed(
-    app: tuple[AppClient, Archive, str], data_dir: Path
+    app: tuple[AppClient, Archive, str], data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client, archive, study = app
     carol, rad = sign_in(client, "carol"), sign_in(client, "rad")
@@ -161,6 +162,9 @@ def test_the_verification_says_intact_then_broken_where_a_record_was_changed(
     )
     now = text_of(client.get("/audit/verify", headers=carol).text)
     assert f"Audit trail TAMPERED at record {record.seq}" in now
+    assert run_cli("audit", "verify", "--data", str(data_dir)) == 1  # the page says what the CLI says
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("Audit trail TAMPERED") and said in now
     assert f"Audit trail TAMPERED at record {record.seq}" in text_of(client.get("/audit", headers=carol).text)
     # Each verification is on the trail.
     verifications = [

@@ -14,18 +14,23 @@ study UID an auditor types then appear in the URL (and the server's access log),
 itself holds anyway.  Pages go newest first, continuing before the last record shown (``before``),
 so records added meanwhile - this page's own record among them - do not shift the pages.
 
-Verifying the whole trail reads every record, which takes a while on a large trail, and the chain
-cannot be checked from a checkpoint onward without trusting what came before it.  So ``/audit`` shows
-the last verification made by this process while it is fresh: for 60 times as long as it took (a
-check that takes 0.1 s is redone after 6 s, one that takes a minute after an hour), so that verifying
-costs at most about 2 % of the time; ``/audit/verify`` verifies at once.  One verification runs at a
-time; whoever asks meanwhile gets its result.
+Verifying the whole trail reads every record: about 23 s for 100,000 records on the development
+machine, so minutes on a large trail.  The chain cannot be checked from a signed checkpoint onward
+without trusting every record before it (the verifier has no such mode, and a record changed after
+an earlier check would go unnoticed), so the pages never do less than the whole check; instead it
+runs in the background, one at a time, and a page waits for it only briefly (``/audit`` 2 s,
+``/audit/verify`` 20 s), showing the last result meanwhile.  ``/audit`` starts a new one when the last
+is older than 60 times what it took (a check of a minute is redone after an hour; at least every
+hour, at most every 10 s), so verifying takes at most about 2 % of the time; ``/audit/verify`` starts one
+at once (or waits for the one under way, then starts one).  Each check is recorded on the trail,
+naming the auditor whose page started it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import threading
 import time
@@ -33,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -42,18 +48,21 @@ from safepacs.audit.events import AuditFilter, ObjectKind, recorded_time
 from safepacs.audit.pdf import report_pdf
 from safepacs.audit.report import ACTIONS, FIELDS, OUTCOMES, described, for_csv, summary_row, verified
 from safepacs.auth.login import LoginService
-from safepacs.errors import AccessDenied, AuditError
+from safepacs.errors import AccessDenied, AuditError, SafePacsError
 from safepacs.protocols.webui.render import PageError, page
 from safepacs.protocols.webui.visitors import Visitor, visitor_of
 from safepacs.services.audittrail import AuditSearchService
 
-__all__ = ["MAX_REPORT_ROWS", "PAGE_SIZE", "audit_router"]
+__all__ = ["MAX_REPORT_ROWS", "PAGE_SIZE", "Checked", "Status", "Verifier", "audit_router"]
+
+_log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 #: The most rows a report shows (HTML, CSV or PDF alike); more are announced, not silently dropped.
 MAX_REPORT_ROWS = 10_000
 #: How long a verification is shown, as a multiple of how long it took (bounded below and above).
 _FRESH_FACTOR = 60
+_FRESH_MIN = timedelta(seconds=10)  # a small trail: not a check (and its record) per page view
 _FRESH_MAX = timedelta(hours=1)
 _SEARCH_FIELDS = ("who", "patient", "study", "from", "to", "outcome", "address")
 _REPORT_FIELDS = ("patient", "study", "from", "to")
@@ -63,9 +72,10 @@ _REFUSED = PageError(403, "Not allowed", "Reading the audit trail needs the audi
 
 @dataclass(frozen=True)
 class Checked:
-    """A verification of the trail: what it found, when it finished, how long it took (seconds)."""
+    """A verification of the trail: what it found, when it began and ended, how long it took (s)."""
 
     result: Verification
+    began: datetime
     at: datetime
     took: float
 
@@ -74,30 +84,70 @@ class Checked:
         return verified(self.result)
 
     def fresh(self, now: datetime) -> bool:
-        return now - self.at < min(_FRESH_MAX, timedelta(seconds=self.took * _FRESH_FACTOR))
+        return now - self.at < min(_FRESH_MAX, max(_FRESH_MIN, timedelta(seconds=self.took * _FRESH_FACTOR)))
 
 
-class _Verifier:
-    """The last verification made by this process; one at a time (see the module docstring)."""
+@dataclass(frozen=True)
+class Status:
+    """What a page shows of the verification: the last one (None: none yet), when the one under way
+    began (None: none is), and why the last attempt gave no result (None: it did)."""
+
+    last: Checked | None
+    running_since: datetime | None
+    error: str | None
+
+
+class Verifier:
+    """The verifications of this process, in the background, one at a time (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.last: Checked | None = None
+        self._cond = threading.Condition()
+        self._last: Checked | None = None
+        self._began: datetime | None = None  # of the verification under way
+        self._error: str | None = None
 
-    def status(self, verify: Callable[[], Verification], *, now: bool) -> Checked:
-        """The last verification if it is fresh (and ``now`` is False), else ``verify()``'s."""
+    def status(self, verify: Callable[[], Verification], *, now: bool, wait: float) -> Status:
+        """The last verification once there is a good one - fresh, or (``now``) begun after this call
+        - or once ``wait`` seconds have passed; ``verify()`` is started in a thread when needed."""
         asked = datetime.now(UTC)
-        last = self.last
-        if last is not None and not now and last.fresh(asked):
-            return last
-        with self._lock:
-            last = self.last
-            if last is not None and last.at >= asked:  # made while this request waited for it
-                return last
-            started = time.monotonic()
+        end = time.monotonic() + wait
+        started = False
+        with self._cond:
+            while True:
+                last = self._last
+                if last is not None and (last.began >= asked if now else last.fresh(asked)):
+                    break
+                if self._began is None:
+                    if started:  # it ended without a result (the error is logged and shown)
+                        break
+                    self._start(verify)
+                    started = True
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return Status(self._last, self._began, self._error)
+
+    def _start(self, verify: Callable[[], Verification]) -> None:
+        self._began = began = datetime.now(UTC)
+        threading.Thread(target=self._run, args=(verify, began), name="audit-verify", daemon=True).start()
+
+    def _run(self, verify: Callable[[], Verification], began: datetime) -> None:
+        clock = time.monotonic()
+        checked: Checked | None = None
+        error: str | None = "the verification failed (see the server's log)"  # unless it ends below
+        try:
             result = verify()
-            self.last = Checked(result, datetime.now(UTC), time.monotonic() - started)
-            return self.last
+            checked, error = Checked(result, began, datetime.now(UTC), time.monotonic() - clock), None
+        except SafePacsError as exc:  # the head file unreadable, the check not recordable...
+            error = str(exc)
+            _log.error("the audit trail could not be verified for the audit page: %s", exc)
+        finally:  # anything else goes on to the thread's hook, which logs it
+            with self._cond:
+                self._last = checked or self._last
+                self._error = error
+                self._began = None
+                self._cond.notify_all()
 
 
 # Reading the fields ---------------------------------------------------------------------------------
@@ -132,8 +182,6 @@ def _asked(form: dict[str, str], *extra: str) -> str:
 
 
 def _link_query(form: dict[str, str]) -> str:
-    from urllib.parse import urlencode
-
     return urlencode({k: v for k, v in form.items() if v})
 
 
@@ -150,7 +198,7 @@ def _rows(records: list[StoredRecord]) -> list[dict[str, Any]]:
 
 def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
     router = APIRouter(include_in_schema=False)
-    verifier = _Verifier()
+    verifier = Verifier()
 
     def auditor_of(request: Request) -> Visitor:
         """The signed-in visitor, if the policy lets them read the trail (the refusal is recorded)."""
@@ -161,8 +209,9 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             raise _REFUSED from None
         return visitor
 
-    def status(visitor: Visitor, *, now: bool) -> Checked:
-        return verifier.status(lambda: audits.verify(visitor.principal), now=now)
+    def status(visitor: Visitor, *, now: bool) -> Status:
+        principal = visitor.principal
+        return verifier.status(lambda: audits.verify(principal), now=now, wait=20.0 if now else 2.0)
 
     def unavailable() -> PageError:
         return PageError(
@@ -186,7 +235,7 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
         )
         before = _before(request)
         try:
-            checked = status(visitor, now=False)
+            verification = status(visitor, now=False)
             found = audits.search(visitor.principal, where, PAGE_SIZE + 1, before=before, newest_first=True,
                                   asked=_asked(form, "web search"))  # fmt: skip
         except AuditError:
@@ -194,16 +243,12 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
         rows = _rows(found[:PAGE_SIZE])
         older = rows[-1]["seq"] if len(found) > PAGE_SIZE else None
         return page(request, "audit_search.html", visitor=visitor, form=form, rows=rows, older=older,
-                    before=before, query=_link_query(form), checked=checked)  # fmt: skip
+                    before=before, query=_link_query(form), verification=verification)  # fmt: skip
 
     @router.get("/audit/verify")
     def verify(request: Request) -> HTMLResponse:
         visitor = auditor_of(request)
-        try:
-            checked = status(visitor, now=True)
-        except AuditError:
-            raise unavailable() from None
-        return page(request, "audit_verify.html", visitor=visitor, checked=checked)
+        return page(request, "audit_verify.html", visitor=visitor, verification=status(visitor, now=True))
 
     @router.get("/audit/records/{seq}")
     def record(request: Request, seq: str) -> HTMLResponse:
