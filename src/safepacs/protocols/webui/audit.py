@@ -44,7 +44,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from safepacs.audit.chain import StoredRecord, Verification
-from safepacs.audit.events import AuditFilter, ObjectKind, recorded_time
+from safepacs.audit.events import AuditEvent, AuditFilter, ObjectKind, from_canonical, recorded_time
 from safepacs.audit.pdf import report_pdf
 from safepacs.audit.report import ACTIONS, FIELDS, OUTCOMES, described, for_csv, summary_row, verified
 from safepacs.auth.login import LoginService
@@ -185,15 +185,21 @@ def _link_query(form: dict[str, str]) -> str:
     return urlencode({k: v for k, v in form.items() if v})
 
 
+def _shown(seq: int, event: AuditEvent) -> dict[str, Any]:
+    """The summary row of a record (as ``audit query`` has it) with its outcome and action in words."""
+    row = summary_row(seq, event)
+    row["outcome_text"] = OUTCOMES.get(row["outcome"], str(row["outcome"]))
+    row["what"] = described(row)
+    return row
+
+
 def _rows(records: list[StoredRecord]) -> list[dict[str, Any]]:
-    rows = []
-    for record in records:
-        event, _ = recorded_time(record.body)
-        row = summary_row(record.seq, event)
-        row["outcome_text"] = OUTCOMES.get(row["outcome"], str(row["outcome"]))
-        row["what"] = described(row)
-        rows.append(row)
-    return rows
+    return [_shown(record.seq, from_canonical(record.body)) for record in records]
+
+
+def _unavailable() -> PageError:
+    """The page when the trail cannot record a reading of it (nothing is shown unrecorded)."""
+    return PageError(503, "Audit trail unavailable", "The audit trail cannot be written; try again later.")
 
 
 def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
@@ -207,16 +213,13 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             audits.admit(visitor.principal)
         except AccessDenied:
             raise _REFUSED from None
+        except AuditError:  # the refusal could not be recorded: refused all the same
+            raise _unavailable() from None
         return visitor
 
     def status(visitor: Visitor, *, now: bool) -> Status:
         principal = visitor.principal
         return verifier.status(lambda: audits.verify(principal), now=now, wait=20.0 if now else 2.0)
-
-    def unavailable() -> PageError:
-        return PageError(
-            503, "Audit trail unavailable", "The audit trail cannot be written; try again later."
-        )
 
     @router.get("/audit")
     def search(request: Request) -> HTMLResponse:
@@ -239,7 +242,7 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             found = audits.search(visitor.principal, where, PAGE_SIZE + 1, before=before, newest_first=True,
                                   asked=_asked(form, "web search"))  # fmt: skip
         except AuditError:
-            raise unavailable() from None
+            raise _unavailable() from None
         rows = _rows(found[:PAGE_SIZE])
         older = rows[-1]["seq"] if len(found) > PAGE_SIZE else None
         return page(request, "audit_search.html", visitor=visitor, form=form, rows=rows, older=older,
@@ -258,12 +261,11 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
         try:
             found = audits.record(visitor.principal, int(seq))
         except AuditError:
-            raise unavailable() from None
+            raise _unavailable() from None
         if found is None:
             raise PageError(404, "No such record", "There is no audit record with this number.")
         event, recorded = recorded_time(found.body)
-        row = summary_row(found.seq, event)
-        row["outcome_text"] = OUTCOMES.get(row["outcome"], str(row["outcome"]))
+        row = _shown(found.seq, event)
         return page(request, "audit_record.html", visitor=visitor, record=found, event=event, row=row,
                     recorded=recorded, action=ACTIONS.get(event.action.value, event.action.value),
                     patient_kind=ObjectKind.PATIENT)  # fmt: skip
@@ -289,7 +291,7 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             found = audits.search(visitor.principal, where, MAX_REPORT_ROWS + 1,
                                   asked=_asked(form, "report", f"format={kind}"))  # fmt: skip
         except AuditError:
-            raise unavailable() from None
+            raise _unavailable() from None
         rows = _rows(found[:MAX_REPORT_ROWS])
         note = (
             f"Only the first {MAX_REPORT_ROWS} events are shown: narrow the report by study or dates."
@@ -329,7 +331,7 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
         try:
             found, older = audits.activity(visitor.principal, PAGE_SIZE, before=before)
         except AuditError:
-            raise unavailable() from None
+            raise _unavailable() from None
         except AccessDenied:
             raise PageError(
                 403, "Not allowed", "Only a signed-in person has an activity of their own."
