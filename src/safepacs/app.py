@@ -253,7 +253,7 @@ def open_archive(settings: Settings) -> Archive:
         oidc=OidcVerifier(settings.auth.oidc),
         gate=gate,
         auditor=auditor,
-        audits=AuditSearchService(repos.audit_log, gate, auditor),
+        audits=AuditSearchService(repos.audit_log, gate, auditor, trail),
         admin=_admin_service(settings, repos, trail),
         space=space,
         reserve=reserve,

@@ -193,6 +193,32 @@ def test_search_by_patient_study_user_and_time(trail: AuditTrail, repos: Reposit
     assert repos.audit_log.search_audit(AuditFilter(until=since)) == []
 
 
+def test_search_by_outcome_and_address_newest_first_in_pages(trail: AuditTrail, repos: Repositories) -> None:
+    odd = event(251, user="mallory")
+    trail.record(
+        replace(
+            odd,
+            outcome=Outcome.MINOR_FAILURE,
+            participants=(Participant("mallory", True, address="192.0.2.9"), *odd.participants[1:]),
+        ),
+        event(252),
+    )
+    search = repos.audit_log.search_audit
+    assert [r.seq for r in search(AuditFilter(failed=True))] == [251]
+    assert len(search(AuditFilter(failed=False))) == 251
+    assert [r.seq for r in search(AuditFilter(address="192.0.2.9"))] == [251]
+    assert len(search(AuditFilter(address="10.0.0.7"))) == 251
+    assert search(AuditFilter(address="10.0.0.%")) == search(AuditFilter(address="10.0.0")) == []  # exact
+    assert search(AuditFilter(address="viewer/1.0")) == []  # a user agent is not an address
+    # Newest first, a page at a time, each continuing before the last one shown.
+    assert [r.seq for r in search(AuditFilter(), 3, newest_first=True)] == [252, 251, 250]
+    assert [r.seq for r in search(AuditFilter(patient_id="P2"), 2, before=250, newest_first=True)] == [
+        245,
+        238,
+    ]
+    assert [r.seq for r in search(AuditFilter(), 2, before=3)] == [1, 2]
+
+
 def test_a_broken_store_fails_closed(tmp_path: Path) -> None:
     broken = AuditTrail(
         open_repositories(f"sqlite:///{tmp_path / 'unmigrated.sqlite3'}").audit_log,

@@ -738,11 +738,22 @@ class FakeAuditLog:
         self.appended.extend(events)
         return len(self.appended)
 
-    def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]:
+    def search_audit(
+        self,
+        where: AuditFilter,
+        limit: int | None = None,
+        *,
+        before: int | None = None,
+        newest_first: bool = False,
+    ) -> list[StoredRecord]:
         if self.on_search is not None:
             self.on_search()
         self.searches.append((where, limit))
-        return list(self.records)
+        found = [r for r in self.records if before is None or r.seq < before]
+        return found[::-1] if newest_first else found
+
+    def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRecord]:
+        return [r for r in self.records if r.seq > after_seq][:limit]
 
     # What the head file asks (it is built by the trail, and not used by these tests)
     def sync_audit(self) -> None:

@@ -4,6 +4,7 @@ token from a page, post forms with the browser's ``Origin`` (see :mod:`tests.sup
 from __future__ import annotations
 
 import base64
+import html
 import re
 import time
 import urllib.parse
@@ -18,18 +19,21 @@ from safepacs.auth.totp import code_at
 from tests.support.server import run_cli
 from tests.support.webapp import PASSWORD, AppClient, add_user
 
-__all__ = ["ORIGIN", "SESSION_COOKIE", "add_admin", "form_token", "post_form", "sign_in"]
+__all__ = ["COOKIE", "ORIGIN", "SESSION_COOKIE", "add_admin", "form_token", "post_form", "sign_in", "text_of"]
 
-SESSION_COOKIE = "__Host-safepacs_session"
+SESSION_COOKIE = COOKIE = "__Host-safepacs_session"
 ORIGIN = {"Origin": "https://testserver"}
 _TOKEN = re.compile(r'name="form_token" value="([^"]+)"')
+_TAGS = re.compile(r"<[^>]+>")
 
 
-def sign_in(client: AppClient, name: str, *, totp: str | None = None, agent: str = "") -> dict[str, str]:
+def sign_in(
+    client: AppClient, name: str, *, password: str = PASSWORD, totp: str | None = None, agent: str = ""
+) -> dict[str, str]:
     """Sign ``name`` in with the sign-in form; the headers a browser then sends (its session cookie,
     and ``agent`` as its User-Agent when given)."""
-    fields = {"username": name, "password": PASSWORD, "next": "/studies"}
-    if totp is not None:
+    fields = {"username": name, "password": password, "next": "/studies"}
+    if totp:
         fields["totp"] = totp
     r = client.post("/login", data=fields, headers=ORIGIN)
     assert r.status_code == 303, r.text
@@ -64,3 +68,8 @@ def form_token(html: str) -> str:
 def post_form(client: AppClient, url: str, headers: dict[str, str], **fields: Any) -> httpx.Response:
     """POST a page's form as the browser does (same-origin ``Origin``, urlencoded)."""
     return client.post(url, data={k: str(v) for k, v in fields.items()}, headers={**headers, **ORIGIN})
+
+
+def text_of(page: str) -> str:
+    """A page's text as a reader sees it: tags dropped, entities decoded, white space collapsed."""
+    return " ".join(html.unescape(_TAGS.sub(" ", page)).split())

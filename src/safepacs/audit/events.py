@@ -22,6 +22,7 @@ __all__ = [
     "ObjectKind",
     "Outcome",
     "Participant",
+    "address_fragment",
     "canonical",
     "format_time",
     "from_canonical",
@@ -184,15 +185,25 @@ def search_keys(event: AuditEvent) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class AuditFilter:
-    """A search of the trail (``audit query``, ``/api/audit``): the records whose search keys
-    (:func:`search_keys`) name this patient, this study and this user, recorded from ``since`` to
-    ``until``; None: any."""
+    """A search of the trail (``audit query``, ``/api/audit``, the web UI's audit page): the records
+    whose search keys (:func:`search_keys`) name this patient, this study and this user, recorded
+    from ``since`` to ``until``; ``failed``: only failures (outcome not 0, True) or only successes
+    (False); ``address``: a participant's network address is exactly this one.  None: any."""
 
     patient_id: str | None = None
     study_uid: str | None = None
     user: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    failed: bool | None = None
+    address: str | None = None
+
+
+def address_fragment(address: str) -> str:
+    """The text a canonical body holds for a participant at ``address`` (``"address":"..."``): a
+    search by address looks for it, since an address is not a search key.  Only a participant's
+    address can produce it: a quote inside any recorded value is escaped (``\\"``)."""
+    return '"address":' + json.dumps(address, ensure_ascii=False)
 
 
 def canonical(event: AuditEvent, *, recorded: datetime | None = None) -> str:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from safepacs.audit.chain import Verification
 from safepacs.audit.events import AuditEvent
 
-__all__ = ["FIELDS", "for_csv", "for_terminal", "summary_row"]
+__all__ = ["ACTIONS", "FIELDS", "OUTCOMES", "described", "for_csv", "for_terminal", "summary_row", "verified"]
+
+#: What an outcome code means, in the reader's words (PS3.15 EventOutcomeIndicator).
+OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12: "major failure"}
+#: What an action code means (PS3.15 EventActionCode).
+ACTIONS = {"C": "create", "R": "read", "U": "update", "D": "delete", "E": "execute"}
 
 FIELDS = (
     "seq",
@@ -71,3 +78,34 @@ def summary_row(seq: int, event: AuditEvent) -> dict[str, Any]:
         "studies": " ".join(event.study_uids),
         "why": event.outcome_description or "",
     }
+
+
+def described(row: Mapping[str, Any]) -> str:
+    """What a summary row's event did, in words: its action, its type and why it failed
+    (``read; Login; wrong password``)."""
+    return "; ".join(
+        filter(None, [ACTIONS.get(str(row["action"]), str(row["action"])), str(row["type"]), str(row["why"])])
+    )
+
+
+def verified(result: Verification) -> str:
+    """What a verification found, as ``safepacs audit verify`` and the web UI's audit page say it:
+    intact (how much, what is anchored, what is not checked), or tampered at which record and how."""
+    if not result.ok:
+        at = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+        return f"Audit trail TAMPERED{at}: {result.problem}."
+    text = f"Audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
+    if result.anchored_from is None:
+        text += "; no signed head file yet (truncation cannot be detected until one is written)"
+    else:
+        text += f"; the signed head file names record {result.head_seq}"
+        if result.anchored_from > 1:
+            text += f" (it began at record {result.anchored_from}: truncation before that is not detected)"
+    if result.against is not None:
+        text += f"; the exported head of record {result.against} matches"
+    if result.unchecked_times:
+        text += (
+            f"; the recording times of the {result.unchecked_times} records made before they were "
+            "hashed are not checked"
+        )
+    return text + "."

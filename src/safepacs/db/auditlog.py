@@ -27,7 +27,7 @@ from safepacs.audit.chain import (
     StoredRecord,
     chain_hash,
 )
-from safepacs.audit.events import AuditEvent, AuditFilter, canonical, search_keys
+from safepacs.audit.events import AuditEvent, AuditFilter, address_fragment, canonical, search_keys
 from safepacs.db.database import AUDIT_HEAD, Database, HeadListener
 from safepacs.db.schema import audit_checkpoints, audit_cursors, audit_log, audit_refs, instances, trash
 
@@ -212,8 +212,16 @@ class SqlAuditLog:
 
         return self._db.run(work, write=False)
 
-    def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]:
-        """Records matching every given filter, oldest first."""
+    def search_audit(
+        self,
+        where: AuditFilter,
+        limit: int | None = None,
+        *,
+        before: int | None = None,
+        newest_first: bool = False,
+    ) -> list[StoredRecord]:
+        """Records matching every given filter, oldest first (``newest_first``: newest first);
+        ``before``: only records before that sequence number (the next page of a newest-first search)."""
 
         def work(conn: sa.Connection) -> list[StoredRecord]:
             stmt = sa.select(audit_log.c.seq, audit_log.c.body, audit_log.c.prev_hash, audit_log.c.hash)
@@ -235,7 +243,13 @@ class SqlAuditLog:
                 stmt = stmt.where(audit_log.c.recorded_at >= where.since)
             if where.until is not None:
                 stmt = stmt.where(audit_log.c.recorded_at <= where.until)
-            stmt = stmt.order_by(audit_log.c.seq)
+            if where.failed is not None:
+                stmt = stmt.where(audit_log.c.outcome != 0 if where.failed else audit_log.c.outcome == 0)
+            if where.address is not None:  # not a search key: the body's text (a scan, see the docs)
+                stmt = stmt.where(audit_log.c.body.contains(address_fragment(where.address), autoescape=True))
+            if before is not None:
+                stmt = stmt.where(audit_log.c.seq < before)
+            stmt = stmt.order_by(audit_log.c.seq.desc() if newest_first else audit_log.c.seq)
             if limit:
                 stmt = stmt.limit(limit)
             return [StoredRecord(int(r.seq), r.body, r.prev_hash, r.hash) for r in conn.execute(stmt)]

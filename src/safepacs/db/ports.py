@@ -361,7 +361,14 @@ class AuditCursors(AuditRecords, Protocol):
 class AuditSearch(Protocol):
     """Searching the trail by patient, study, user and time."""
 
-    def search_audit(self, where: AuditFilter, limit: int | None = None) -> list[StoredRecord]: ...
+    def search_audit(
+        self,
+        where: AuditFilter,
+        limit: int | None = None,
+        *,
+        before: int | None = None,
+        newest_first: bool = False,
+    ) -> list[StoredRecord]: ...
 
 
 @runtime_checkable

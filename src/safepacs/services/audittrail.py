@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safepacs.audit.chain import SignedHead, Signer, Verification, verify_chain
-from safepacs.audit.events import AuditEvent, AuditFilter
+from safepacs.audit.events import AuditEvent, AuditFilter, from_canonical
 from safepacs.auth.policy import decide
 from safepacs.db.auditlog import append_events
 from safepacs.db.headfile import HeadFile, read_head_lines
@@ -29,7 +29,7 @@ from safepacs.errors import AccessDenied, AuditError, DataDirError, SafePacsErro
 from safepacs.services.audit import Auditor, actor
 from safepacs.services.gate import Gate
 from safepacs.storage.space import is_disk_full
-from safepacs.types import Principal, Service
+from safepacs.types import Principal, PrincipalKind, Service
 
 if TYPE_CHECKING:
     from safepacs.audit.chain import StoredRecord
@@ -37,7 +37,14 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["AuditSearchService", "AuditTrail", "MemoryAuditSink", "verify_trail"]
+__all__ = [
+    "AUDIT_READERS_ONLY",
+    "PEOPLE_ONLY",
+    "AuditSearchService",
+    "AuditTrail",
+    "MemoryAuditSink",
+    "verify_trail",
+]
 
 
 class AuditTrail:
@@ -159,16 +166,24 @@ def _verify(
 
 #: Why a search of the trail is refused (the Security Alert's description).
 AUDIT_READERS_ONLY = "reading the audit trail needs the auditor or admin role"
+#: Why a principal that is not a person is refused its own activity.
+PEOPLE_ONLY = "only a signed-in person has an activity of their own"
 
 
 class AuditSearchService:
-    """The trail's search for the adapters (``GET /api/audit``): auditors and administrators only, each
-    search itself recorded (110101 Audit Log Used) before its records are returned."""
+    """The trail's search for the adapters (``GET /api/audit``, the web UI's audit pages): auditors
+    and administrators only, each search itself recorded (110101 Audit Log Used) before its records
+    are returned.  A person's own activity (:meth:`activity`) needs no role, and is recorded alike.
 
-    def __init__(self, audit_log: AuditLog, gate: Gate, auditor: Auditor) -> None:
+    ``trail``: the trail whose chain :meth:`verify` checks (None: not offered)."""
+
+    def __init__(
+        self, audit_log: AuditLog, gate: Gate, auditor: Auditor, trail: AuditTrail | None = None
+    ) -> None:
         self._audit_log = audit_log
         self._gate = gate
         self._audit = auditor
+        self._trail = trail
 
     def admit(self, principal: Principal) -> None:
         """:class:`~safepacs.errors.AccessDenied` (the refusal recorded first) unless ``principal`` may
@@ -178,10 +193,64 @@ class AuditSearchService:
             raise AccessDenied(AUDIT_READERS_ONLY)
 
     def search(
-        self, principal: Principal, where: AuditFilter, limit: int | None, *, asked: str
+        self,
+        principal: Principal,
+        where: AuditFilter,
+        limit: int | None,
+        *,
+        asked: str,
+        before: int | None = None,
+        newest_first: bool = False,
     ) -> list[StoredRecord]:
-        """The records matching ``where`` (at most ``limit``), oldest first; ``asked``: the search as
-        the requestor put it, for the record of the search."""
+        """The records matching ``where`` (at most ``limit``), oldest first (``newest_first``: newest
+        first; ``before``: before that sequence number); ``asked``: the search as the requestor put
+        it, for the record of the search."""
         self.admit(principal)
         self._audit.audit_used(actor(principal), asked)
-        return self._audit_log.search_audit(where, limit)
+        return self._audit_log.search_audit(where, limit, before=before, newest_first=newest_first)
+
+    def record(self, principal: Principal, seq: int) -> StoredRecord | None:
+        """Record ``seq`` of the trail (None: there is none), its reading recorded first."""
+        self.admit(principal)
+        self._audit.audit_used(actor(principal), f"record={seq}")
+        found = self._audit_log.audit_records(seq - 1, 1) if seq > 0 else []
+        return found[0] if found and found[0].seq == seq else None
+
+    def verify(self, principal: Principal) -> Verification:
+        """The whole trail checked as ``safepacs audit verify`` checks it (chain, checkpoints, search
+        keys, the signed head file), the check recorded right after it, as the CLI's is (so that it
+        never changes what it verified)."""
+        self.admit(principal)
+        if self._trail is None:
+            raise AuditError("this process cannot verify the audit trail")
+        result = verify_trail(self._audit_log, self._trail.signer, self._trail.head.path)
+        self._audit.audit_used(actor(principal), "verify")
+        return result
+
+    def activity(
+        self, principal: Principal, limit: int, *, before: int | None = None
+    ) -> tuple[list[StoredRecord], int | None]:
+        """A person's own records on the trail, newest first: those where they acted, by their user
+        name (not a peer whose AE title happens to be the same; a peer acting for them is theirs), at
+        most ``limit``; and the sequence number to continue before (None: no more).  Reading it is
+        recorded first, as every reading of the trail is (so it shows on the page it lists)."""
+        name = principal.user or principal.name
+        if principal.kind is not PrincipalKind.USER or not name:
+            self._gate.refused(principal, PEOPLE_ONLY)
+            raise AccessDenied(PEOPLE_ONLY)
+        self._audit.audit_used(actor(principal), "own activity")
+        found = self._audit_log.search_audit(
+            AuditFilter(user=name), limit + 1, before=before, newest_first=True
+        )
+        page = found[:limit]
+        mine = [r for r in page if _acted(from_canonical(r.body), name)]
+        return mine, (page[-1].seq if len(found) > limit else None)
+
+
+def _acted(event: AuditEvent, name: str) -> bool:
+    """Whether the person ``name`` acted in ``event``: as the user requesting it, or as the person
+    behind the peer requesting it."""
+    return any(
+        p.requestor and ((p.user_id == name and p.ae_title is None) or p.user_name == name)
+        for p in event.participants
+    )

@@ -1,6 +1,7 @@
 """The audit trail as a sink and its search (services/audittrail.py) over a fake audit log: a full disk
 releases the trail's reserve once and the record is written again; a search of the trail is for
-auditors only, refused on the record, and itself recorded before its records are returned."""
+auditors only, refused on the record, and itself recorded before its records are returned; a person's
+own activity needs no role, holds only what they did, and is recorded alike."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from safepacs.audit import AuditEvent, EventID, ObjectKind, Outcome, Signer
+from safepacs.audit import AuditEvent, EventID, ObjectKind, Outcome, Participant, Signer, canonical
 from safepacs.audit.chain import StoredRecord
 from safepacs.audit.events import Action, AuditFilter
 from safepacs.errors import AccessDenied, AuditError, DatabaseError, SafePacsError
 from safepacs.services.audit import Auditor, Types
-from safepacs.services.audittrail import AUDIT_READERS_ONLY, AuditSearchService, AuditTrail, MemoryAuditSink
+from safepacs.services.audittrail import (
+    AUDIT_READERS_ONLY,
+    PEOPLE_ONLY,
+    AuditSearchService,
+    AuditTrail,
+    MemoryAuditSink,
+)
 from safepacs.services.gate import Gate
 from safepacs.storage.space import AuditReserve
 from safepacs.types import Principal, PrincipalKind, Service
@@ -167,3 +174,60 @@ def test_a_search_that_cannot_be_recorded_returns_nothing() -> None:
     with pytest.raises(AuditError):
         service.search(AUDITOR, AuditFilter(), None, asked="")
     assert log.searches == []
+
+
+# One's own activity -------------------------------------------------------------------------------------
+RAD = Principal(
+    PrincipalKind.USER, "rad", roles=frozenset({"radiologist"}), allow=frozenset({Service.GET}), user="rad"
+)
+
+
+def _stored(seq: int, *requestors: Participant) -> StoredRecord:
+    event = AuditEvent(EventID.QUERY, Action.EXECUTE, Outcome.SUCCESS, requestors)
+    return StoredRecord(seq, canonical(event), "0" * 64, "1" * 64)
+
+
+def test_own_activity_needs_no_role_and_keeps_only_the_persons_own_records() -> None:
+    log = FakeAuditLog(
+        records=[
+            _stored(1, Participant("rad", True, address="10.0.0.1")),  # rad at a browser
+            _stored(2, Participant("rad", True, ae_title="rad")),  # a peer whose AE title is "rad"
+            _stored(3, Participant("CT1", True, ae_title="CT1", user_name="rad")),  # a peer acting for rad
+            _stored(4, Participant("rad", False), Participant("carol", True)),  # rad named, carol acting
+        ]
+    )
+    service, sink = search_service(log)
+    seen: list[list[EventID]] = []
+    log.on_search = lambda: seen.append([e.event_id for e in sink.events])
+    found, older = service.activity(RAD, 10)
+    assert [r.seq for r in found] == [3, 1] and older is None  # newest first
+    assert seen == [[EventID.AUDIT_LOG_USED]]  # recorded before the trail is read
+    assert log.searches == [(AuditFilter(user="rad"), 11)]
+    (event,) = sink.events
+    assert event.participants[0].user_id == "rad" and event.objects[0].query == "own activity"
+    # A page of 2: two records read, one of them rad's; the next page continues before the second.
+    found, older = service.activity(RAD, 2)
+    assert [r.seq for r in found] == [3] and older == 3
+    found, older = service.activity(RAD, 2, before=older)
+    assert [r.seq for r in found] == [1] and older is None
+
+
+def test_only_a_person_has_an_activity_of_their_own() -> None:
+    log = FakeAuditLog(records=[_stored(1, Participant("CT1", True, ae_title="CT1"))])
+    service, sink = search_service(log)
+    peer = Principal(PrincipalKind.PEER, "CT1", allow=frozenset({Service.FIND}))
+    with pytest.raises(AccessDenied, match=PEOPLE_ONLY):
+        service.activity(peer, 10)
+    assert log.searches == [] and [e.event_id for e in sink.events] == [EventID.SECURITY_ALERT]
+
+
+def test_one_record_is_read_on_the_record_by_auditors_only() -> None:
+    log = FakeAuditLog(records=[_stored(1, Participant("rad", True)), _stored(2, Participant("rad", True))])
+    service, sink = search_service(log)
+    assert service.record(AUDITOR, 2) == log.records[1]
+    assert service.record(AUDITOR, 3) is None and service.record(AUDITOR, 0) is None
+    assert [e.objects[0].query for e in sink.events] == ["record=2", "record=3", "record=0"]
+    with pytest.raises(AccessDenied):
+        service.record(RAD, 1)
+    with pytest.raises(AuditError, match="cannot verify"):
+        service.verify(AUDITOR)  # built without a trail to verify

@@ -24,12 +24,9 @@ from safepacs.cli._common import EXIT_OK, EXIT_REFUSED, UsageError, add_data_opt
 
 if TYPE_CHECKING:
     from safepacs.audit import SignedHead
-    from safepacs.audit.chain import Verification
     from safepacs.cli._common import Subparsers
 
 __all__ = ["register", "run"]
-
-_OUTCOMES = {0: "success", 4: "refused/minor failure", 8: "serious failure", 12: "major failure"}
 
 
 def register(sub: Subparsers) -> None:
@@ -107,28 +104,10 @@ def _exported(path: str) -> list[SignedHead]:
     return heads
 
 
-def _intact(result: Verification) -> str:
-    text = f"Audit trail intact: {result.records} records, {result.checkpoints} signed checkpoints"
-    if result.anchored_from is None:
-        text += "; no signed head file yet (truncation cannot be detected until one is written)"
-    else:
-        text += f"; the signed head file names record {result.head_seq}"
-        if result.anchored_from > 1:
-            text += f" (it began at record {result.anchored_from}: truncation before that is not detected)"
-    if result.against is not None:
-        text += f"; the exported head of record {result.against} matches"
-    if result.unchecked_times:
-        text += (
-            f"; the recording times of the {result.unchecked_times} records made before they were "
-            "hashed are not checked"
-        )
-    return text + "."
-
-
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from safepacs.audit import Participant, from_canonical
     from safepacs.audit.events import AuditFilter
-    from safepacs.audit.report import FIELDS, for_csv, for_terminal, summary_row
+    from safepacs.audit.report import FIELDS, OUTCOMES, for_csv, for_terminal, summary_row, verified
 
     with trail_service(args) as trail:
         reader = Participant(user_id=getpass.getuser(), requestor=True, role="Application Launcher")
@@ -150,12 +129,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if action == "verify":
             against = _exported(args.against) if args.against else []
             result = trail.verify(reader, against)
-            if result.ok:
-                print(_intact(result), file=sys.stderr)
-                return EXIT_OK
-            at = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
-            print(f"Audit trail TAMPERED{at}: {result.problem}.", file=sys.stderr)
-            return EXIT_REFUSED
+            print(verified(result), file=sys.stderr)
+            return EXIT_OK if result.ok else EXIT_REFUSED
         where = AuditFilter(
             patient_id=args.patient,
             study_uid=args.study,
@@ -186,7 +161,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     elif action == "report":
         print(f"Accesses to the data of patient {args.patient}: {len(rows)} events")
         for row in map(for_terminal, rows):
-            outcome = _OUTCOMES.get(row["outcome"], str(row["outcome"]))
+            outcome = OUTCOMES.get(row["outcome"], str(row["outcome"]))
             parts = [
                 f"{row['time'][:19]}Z",
                 f"{row['event']:<40}",

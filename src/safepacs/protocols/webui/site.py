@@ -23,6 +23,7 @@ from safepacs.auth.login import LoginService
 from safepacs.protocols.dicomweb.app import create_app
 from safepacs.protocols.dicomweb.security import SESSION_COOKIE
 from safepacs.protocols.webui.admin import admin_router
+from safepacs.protocols.webui.audit import audit_router
 from safepacs.protocols.webui.ohif import MOUNT, viewer_app, viewer_installed
 from safepacs.protocols.webui.posture import Review, posture_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
@@ -55,6 +56,7 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
     app.include_router(studies_router(logins, archive.query, viewer_installed=viewer_installed(viewer_dir)))
     app.include_router(posture_router(logins, archive.settings, _bound(review, archive)))
     app.include_router(admin_router(logins, archive.admin, archive.settings.keys_dir))
+    app.include_router(audit_router(logins, archive.audits))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(MOUNT, _SignedIn(viewer_app(viewer_dir), logins), name="viewer")
 
