@@ -1,0 +1,1 @@
+"""The web UI for people, served by the HTTPS listener beside DICOMweb."""
