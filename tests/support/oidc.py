@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -127,9 +127,18 @@ class IdentityProvider:
             self.token_errors.append(kind)
             return (401 if kind == "invalid_client" else 400), {"error": kind}
 
-        if self.client_secret is not None:
-            expected = base64.b64encode(f"{CLIENT_ID}:{self.client_secret}".encode()).decode()
-            if not hmac.compare_digest(authorization.encode(), f"Basic {expected}".encode()):
+        if self.client_secret is not None:  # RFC 6749 2.3.1: Basic of the form-urlencoded id and secret
+            scheme, _, encoded = authorization.partition(" ")
+            try:
+                pair = base64.b64decode(encoded, validate=True).decode()
+            except ValueError:
+                pair = ""
+            client, _, secret = pair.partition(":")
+            if (
+                scheme != "Basic"
+                or unquote_plus(client) != CLIENT_ID
+                or unquote_plus(secret) != self.client_secret
+            ):
                 return error("invalid_client")
         elif form.get("client_id") != CLIENT_ID:
             return error("invalid_client")

@@ -130,7 +130,15 @@ class _Client:
 class OidcSignIn:
     """The sign-in flow of every issuer with a ``client_id`` (see the module docstring).  Thread-safe."""
 
-    def __init__(self, issuers: Sequence[OidcIssuerSettings], verifier: OidcVerifier, sealer: Sealer) -> None:
+    def __init__(
+        self,
+        issuers: Sequence[OidcIssuerSettings],
+        verifier: OidcVerifier,
+        sealer: Sealer,
+        *,
+        lifetime: float = SIGN_IN_SECONDS,
+    ) -> None:
+        self._lifetime = lifetime  # seconds a sign-in may take at the provider
         self._verifier = verifier
         self._sealer = sealer
         self._lock = threading.Lock()
@@ -229,7 +237,7 @@ class OidcSignIn:
             age = time.time() - float(content["t"])
         except (ValueError, KeyError, TypeError):  # sealed by this key, but not by this code
             raise _refused("the sign-in cookie is missing or not valid; start the sign-in again") from None
-        if not 0 <= age <= SIGN_IN_SECONDS:
+        if not 0 <= age <= self._lifetime:
             raise _refused("the sign-in took too long; start it again")
         return content
 
@@ -270,6 +278,12 @@ class OidcSignIn:
                     "error": str(error)[:64],
                 },
             )
+            if error == "invalid_client":  # RFC 6749 5.2: a configuration problem, not the person's
+                raise IdentityProviderError(
+                    "the identity provider does not accept SafePACS's client credentials; tell the "
+                    "administrator",
+                    code="temporarily_unavailable",
+                )
             if response.status_code >= 500 or response.status_code == 429:
                 raise IdentityProviderError(
                     "the identity provider could not complete the sign-in; try again later",
