@@ -291,12 +291,17 @@ def test_the_provider_refusing_is_a_page_and_a_record(site: Site) -> None:
     assert "access_denied" in (site.logins()[-1].outcome_description or "")
 
 
-@pytest.mark.parametrize(
-    "next_path", ["https://evil.example/", "//evil.example/x", "/\\evil.example", "studies", None]
-)
-def test_a_foreign_next_is_ignored(site: Site, next_path: str | None) -> None:
-    r = site.sign_in(next_path=next_path)
-    assert r.status_code == 303 and r.headers["location"] == "/"
+def test_a_foreign_next_is_ignored(site: Site) -> None:
+    for next_path in (
+        "https://evil.example/",
+        "//evil.example/x",
+        "/\\evil.example",
+        "studies",
+        "/\u00e9",
+        None,
+    ):
+        r = site.sign_in(next_path=next_path)
+        assert r.status_code == 303 and r.headers["location"] == "/", next_path
 
 
 def test_unknown_issuers_answer_not_found(site: Site) -> None:
@@ -306,6 +311,39 @@ def test_unknown_issuers_answer_not_found(site: Site) -> None:
     assert OIDC_COOKIE not in site.browser.cookies
     assert [c.position for c in site.archive.oidc_sign_in.clients()] == [0]
     assert site.archive.oidc_sign_in.clients()[0].display_name == "127.0.0.1"
+
+
+# The provider's configuration ------------------------------------------------------------------------------
+def test_the_discovery_document_is_cached(site: Site) -> None:
+    for _ in range(3):
+        site.start()
+    assert site.idp.discoveries == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"issuer": "https://login.example.org/realms/test"},  # Discovery 4.3: must be the issuer itself
+        {"token_endpoint": "http://127.0.0.1:1/token"},
+        {"authorization_endpoint": None},
+        {"code_challenge_methods_supported": ["plain"]},
+    ],
+)
+def test_an_unusable_discovery_document_stops_the_sign_in(site: Site, change: dict[str, Any]) -> None:
+    site.idp.discovery_changes = change
+    r = site.browser.get("/login/oidc/0")
+    assert r.status_code == 503 and "not usable" in r.json()["detail"], r.text
+    assert OIDC_COOKIE not in site.browser.cookies
+
+
+def test_an_unreachable_provider_answers_503(
+    data_dir: Path, idp: IdentityProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _env(monkeypatch, idp.settings(issuer="https://127.0.0.1:1/realms/gone", client_id=CLIENT_ID))
+    for site in _site(data_dir, idp):
+        r = site.browser.get("/login/oidc/0")
+        assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
+        assert "cannot be reached" in r.json()["detail"]
 
 
 # A confidential client --------------------------------------------------------------------------------------

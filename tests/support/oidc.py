@@ -51,6 +51,8 @@ class IdentityProvider:
     client_secret: str | None = None
     authorize_error: str | None = None  # /authorize answers this error instead of a code
     codes: dict[str, dict[str, str]] = field(default_factory=dict)
+    discovery_changes: dict[str, Any] = field(default_factory=dict)  # over the discovery document
+    discoveries: int = 0  # discovery documents served
     token_errors: list[str] = field(default_factory=list)
 
     def jwks(self) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class IdentityProvider:
             "jwks_uri": self.jwks_uri,
             "response_types_supported": ["code"],
             "code_challenge_methods_supported": ["S256"],
+            **self.discovery_changes,
         }
 
     def authorize(self, query: dict[str, str]) -> str:
@@ -187,6 +190,7 @@ def idp(tmp_path: Path) -> Iterator[IdentityProvider]:
                 provider.fetches += 1
                 self.answer(200, provider.jwks())
             elif url.path == "/realms/test/.well-known/openid-configuration":
+                provider.discoveries += 1
                 self.answer(200, provider.discovery())
             elif url.path == "/authorize":
                 self.send_response(302)

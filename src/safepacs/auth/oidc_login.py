@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
@@ -118,6 +118,34 @@ def _refused(detail: str, code: str = "invalid_request") -> AuthenticationError:
     return AuthenticationError(detail, code=code)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """What the sign-in cookie holds (sealed): the sign-in the browser began."""
+
+    position: int
+    state: str
+    nonce: str
+    verifier: str
+    redirect_uri: str
+    next_path: str
+    issued: float  # time.time() of the authorization request
+
+    def seal(self, sealer: Sealer) -> str:
+        return _b64(sealer.seal(_PURPOSE + json.dumps(asdict(self), separators=(",", ":")).encode()))
+
+    @classmethod
+    def open(cls, cookie: str, sealer: Sealer) -> _Pending:
+        """The sign-in a cookie holds; :class:`AuthenticationError` for one not sealed here."""
+        try:
+            plain = sealer.open(_unb64(cookie))
+            if not plain.startswith(_PURPOSE):
+                raise ValueError("sealed for another purpose")
+            pending = cls(**json.loads(plain[len(_PURPOSE) :]))
+        except (SafePacsError, ValueError, TypeError):
+            raise _refused("the sign-in cookie is missing or not valid; start the sign-in again") from None
+        return pending
+
+
 @dataclass
 class _Client:
     settings: OidcIssuerSettings
@@ -197,17 +225,8 @@ class OidcSignIn:
         )
         endpoint = endpoints["authorization_endpoint"]
         location = endpoint + ("&" if urlsplit(endpoint).query else "?") + query
-        content = {
-            "p": position,
-            "s": state,
-            "n": nonce,
-            "v": verifier,
-            "r": redirect_uri,
-            "x": local_path(next_path),
-            "t": int(time.time()),
-        }
-        sealed = self._sealer.seal(_PURPOSE + json.dumps(content, separators=(",", ":")).encode())
-        return SignInStart(location, _b64(sealed))
+        pending = _Pending(position, state, nonce, verifier, redirect_uri, local_path(next_path), time.time())
+        return SignInStart(location, pending.seal(self._sealer))
 
     # The redirect back ---------------------------------------------------------------------------------
     def finish(self, cookie: str, state: str, code: str) -> SignedIn:
@@ -215,31 +234,17 @@ class OidcSignIn:
         :class:`AuthenticationError` when the cookie is missing, forged, expired or of another
         sign-in, when the code is refused or the ID token is not valid; :class:`IdentityProviderError`
         when the provider cannot be reached."""
-        content = self._open(cookie)
-        if not hmac.compare_digest(state.encode(), str(content["s"]).encode()):
+        pending = _Pending.open(cookie, self._sealer)
+        if not 0 <= time.time() - pending.issued <= self._lifetime:
+            raise _refused("the sign-in took too long; start it again")
+        if not hmac.compare_digest(state.encode(), pending.state.encode()):
             raise _refused("the sign-in answer does not belong to this browser's sign-in (state); try again")
-        client = self._clients.get(content["p"])
+        client = self._clients.get(pending.position)
         if client is None:  # the settings changed during the sign-in
             raise _refused("this identity provider no longer offers sign-in here")
-        id_token = self._exchange(client, code, content["r"], content["v"])
-        person = self._verifier.verify_id_token(id_token, client.settings.issuer, nonce=content["n"])
-        return SignedIn(person, local_path(content["x"]))
-
-    def _open(self, cookie: str) -> dict[str, Any]:
-        try:
-            plain = self._sealer.open(_unb64(cookie))
-        except (SafePacsError, ValueError):
-            raise _refused("the sign-in cookie is missing or not valid; start the sign-in again") from None
-        if not plain.startswith(_PURPOSE):
-            raise _refused("the sign-in cookie is missing or not valid; start the sign-in again")
-        try:
-            content: dict[str, Any] = json.loads(plain[len(_PURPOSE) :])
-            age = time.time() - float(content["t"])
-        except (ValueError, KeyError, TypeError):  # sealed by this key, but not by this code
-            raise _refused("the sign-in cookie is missing or not valid; start the sign-in again") from None
-        if not 0 <= age <= self._lifetime:
-            raise _refused("the sign-in took too long; start it again")
-        return content
+        id_token = self._exchange(client, code, pending.redirect_uri, pending.verifier)
+        person = self._verifier.verify_id_token(id_token, client.settings.issuer, nonce=pending.nonce)
+        return SignedIn(person, local_path(pending.next_path))
 
     def _exchange(self, client: _Client, code: str, redirect_uri: str, verifier: str) -> str:
         """The ID token the token endpoint answers for ``code`` (RFC 6749 4.1.3, RFC 7636 4.5)."""

@@ -83,7 +83,7 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
         return _page(status, title, detail)
 
     # Declared before /login/oidc/{position}, which would otherwise match "callback".
-    @router.get(CALLBACK_PATH, summary="Where the identity provider returns after a sign-in")
+    @router.get(CALLBACK_PATH, include_in_schema=False)
     def callback(request: Request) -> Response:
         query = request.query_params
         error = query.get("error")
@@ -120,7 +120,7 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
         opened.headers.append("Set-Cookie", f"{OIDC_COOKIE}=; {_OIDC_ATTRIBUTES}; Max-Age=0")
         return opened
 
-    @router.get("/login/oidc/{position}", summary="Sign in with an OpenID Connect provider")
+    @router.get("/login/oidc/{position}", include_in_schema=False)
     def begin(request: Request, position: str) -> Response:
         if not position.isascii() or not position.isdigit() or len(position) > 4:
             raise not_found()
