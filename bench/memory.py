@@ -171,15 +171,21 @@ class SafePacsServer(Receiver):
         return sum(len(files) for _d, _s, files in os.walk(self.data / "objects"))
 
     def roles(self) -> dict[int, str]:
-        """Which process is which: the workers log their pid; the other two children are the HTTPS
-        process and the jobs process (purge, audit export), which log nothing that tells them apart."""
+        """Which process is which, from the log: the workers and the audit export process log their pid,
+        uvicorn the HTTPS process's.  Any other child is a purge child (forked at the start and hourly,
+        it exits once it has purged), caught while it runs."""
         assert self.proc is not None and self.log_path is not None
         text = self.log_path.read_text(errors="replace")
-        workers = {int(p) for p in re.findall(r"DIMSE worker accepting.*pid=(\d+)", text)}
+        logged = {
+            "DIMSE worker": r"DIMSE worker accepting.*pid=(\d+)",
+            "HTTPS": r"Started server process \[(\d+)\]",
+            "audit export": r"audit export running.*pid=(\d+)",
+        }
+        known = {int(pid): role for role, pattern in logged.items() for pid in re.findall(pattern, text)}
         roles = {self.proc.pid: "parent"}
         for pid in group_pids(self.proc.pid):
             if pid != self.proc.pid:
-                roles[pid] = "DIMSE worker" if pid in workers else "HTTPS or jobs"
+                roles[pid] = known.get(pid, "purge")
         return roles
 
     def base_url(self) -> str:

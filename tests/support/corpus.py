@@ -260,3 +260,20 @@ def part10_bytes(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def phantom_pixels(rows: int, cols: int, position: float) -> bytes:
+    """Pixel data (the stored values of :func:`make_ct`, HU + 1024) of a head-like phantom: air, a
+    skull ring, brain, and two ventricles whose size follows ``position`` (0 to 1 through the
+    series), so that the slices of a series differ visibly and a screenshot shows an image."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    u, v = (x - cols / 2) / (cols * 0.42), (y - rows / 2) / (rows * 0.47)
+    r = np.sqrt(u**2 + v**2)
+    hu = np.full((rows, cols), -1000.0)
+    hu[r < 1.0] = 800.0  # skull
+    hu[r < 0.9] = 35.0  # brain
+    size = 0.05 + 0.12 * np.sin(np.pi * min(max(position, 0.0), 1.0))
+    for side in (-0.22, 0.22):
+        hu[np.sqrt(((u - side) / 1.6) ** 2 + (v / 2.2) ** 2) < size] = 5.0  # ventricles
+    hu[np.sqrt((u + 0.35) ** 2 + (v + 0.4) ** 2) < 0.06] = 70.0  # a small bright lesion
+    return np.clip(hu + 1024, 0, 4095).astype("<u2").tobytes()

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from safepacs.app import Archive, open_archive
 from safepacs.auth.passwords import hash_password
 from safepacs.config import load_settings
-from safepacs.protocols.dicomweb.app import create_app
+from safepacs.protocols.webui.site import create_site
 from safepacs.types import Principal, PrincipalKind
 
 PASSWORD = "correct horse battery"
@@ -58,7 +58,7 @@ class AppClient:
 def inprocess(data: Path) -> Iterator[tuple[AppClient, Archive]]:
     """A client of the app built from ``data``'s settings (and the SAFEPACS_ environment)."""
     archive = open_archive(load_settings(data))
-    transport = httpx.ASGITransport(app=create_app(archive), client=("127.0.0.1", 40000))
+    transport = httpx.ASGITransport(app=create_site(archive), client=("127.0.0.1", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="https://testserver", timeout=30)
     try:
         with start_blocking_portal() as portal:

@@ -284,6 +284,19 @@ class LoginService:
         """Whether ``presented`` is the CSRF token of ``record`` (constant-time)."""
         return hmac.compare_digest(_digest(presented or ""), record.csrf_sha256)
 
+    @staticmethod
+    def form_token(record: SessionRecord) -> str:
+        """The token the web UI's forms carry for ``record`` (a synchronizer token, OWASP CSRF cheat
+        sheet): an HMAC keyed with the session's stored CSRF digest, so it is derived on every page
+        without storing the token itself, and is unknown to anyone who cannot read the session."""
+        key = bytes.fromhex(record.csrf_sha256)
+        return hmac.new(key, b"safepacs-ui-form", hashlib.sha256).hexdigest()
+
+    @classmethod
+    def form_token_ok(cls, record: SessionRecord, presented: str | None) -> bool:
+        """Whether ``presented`` is :meth:`form_token` of ``record`` (constant-time)."""
+        return hmac.compare_digest(cls.form_token(record), presented or "")
+
     def logout(self, record: SessionRecord) -> None:
         self._directory.revoke_session(record.id_sha256, _now())
         log.info("a user logged out", extra={"user": record.user_name})

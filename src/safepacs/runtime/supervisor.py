@@ -1,5 +1,6 @@
 """The parent process of ``safepacs serve``: it binds the listeners, forks the processes that serve
-them and the one that runs the background jobs, restarts any that dies, and stops them all.
+them and those that run the background jobs, restarts any long-lived one that dies, and stops them
+all.
 
 Start-up (:func:`prepare`, :func:`bind_https`, :func:`run`): the index is migrated and the archive
 opened once here, so that a broken data directory fails with one clear message rather than in every
@@ -10,18 +11,26 @@ is shared):
 
 * ``server.workers`` DIMSE workers (``protocols/dimse/server.run_worker``), accepting on the shared
   DICOM and DICOM TLS sockets;
-* the HTTPS process (``protocols/dicomweb/server.run_https``), when an HTTPS socket is given;
-* the jobs process (``runtime/jobs.run_jobs``): the hourly trash purge and the audit export, whichever
-  listeners run.
+* the HTTPS process (``protocols/dicomweb/server.run_https`` serving ``protocols/webui/site.create_site``:
+  DICOMweb and the web UI), when an HTTPS socket is given;
+* the audit export process (``runtime/jobs.run_export``), only when ``[[audit.collectors]]`` are
+  configured;
+* a purge child (``runtime/jobs.run_purge``) at the start and then every ``jobs.PURGE_INTERVAL``
+  seconds (hourly), which purges the trash and exits, whichever listeners run.  It is reaped like the
+  others without the loop ever waiting on it, and a new one is not forked while the last one runs.
 
-A child that exits is restarted (logged as an error); when children keep dying within 5 s of their
-start (more than three times), the supervisor stops everything and exits with status 1.
+A long-lived child that exits is restarted (logged as an error); when they keep dying within 5 s of
+their start (more than three times), the supervisor stops everything and exits with status 1.  A purge
+child is not restarted: the next purge is due an hour after the last one began (or once it ended, if
+it took longer).  The supervisor runs no
+threads of its own: it forks while they would run, and a lock one of them held at the fork would hang
+the child.
 
-SIGTERM/SIGINT: the supervisor passes it on to every child; each gives what is running
-``server.shutdown_grace`` seconds and has exited by itself ``_stop.CHILD_EXIT_MARGIN`` seconds later;
-a child still there a second after that is killed.  So every process has exited within the grace plus
-``_stop.STOP_MARGIN`` seconds.  Children start with the stop signals blocked until they have their
-own handlers, so a signal sent during start-up is not lost.
+SIGTERM/SIGINT: the supervisor passes it on to every child, a running purge child included; each gives
+what is running ``server.shutdown_grace`` seconds and has exited by itself ``_stop.CHILD_EXIT_MARGIN``
+seconds later; a child still there a second after that is killed.  So every process has exited within
+the grace plus ``_stop.STOP_MARGIN`` seconds.  Children start with the stop signals blocked until they
+have their own handlers, so a signal sent during start-up is not lost.
 """
 
 from __future__ import annotations
@@ -47,8 +56,9 @@ from safepacs.protocols.dicomweb.server import run_https
 from safepacs.protocols.dimse.engine import check_pynetdicom
 from safepacs.protocols.dimse.server import run_worker, shared_loads, withdraw_load
 from safepacs.protocols.dimse.tls import ensure_client_certificate
+from safepacs.protocols.webui.site import create_site
 from safepacs.runtime.audit_export import check_collectors
-from safepacs.runtime.jobs import run_jobs
+from safepacs.runtime.jobs import PURGE_FAILED, PURGE_INTERVAL, run_export, run_purge
 from safepacs.services.audit import operator
 from safepacs.types import Peer
 
@@ -105,13 +115,16 @@ def run(
     https: socket.socket | None,
     setup: Callable[[], None] = lambda: None,
     ready: Ready | None = None,
+    purge_interval: float = PURGE_INTERVAL,
 ) -> int:
     """Record Application Start, :func:`supervise` until SIGTERM/SIGINT, record Application Stop;
     returns the exit status.  Nothing is served unless the start is recorded."""
     launcher = operator("serve")
     _record_activity(settings, launcher, start=True)
     try:
-        return supervise(settings, open_archive, https=https, setup=setup, ready=ready)
+        return supervise(
+            settings, open_archive, https=https, setup=setup, ready=ready, purge_interval=purge_interval
+        )
     finally:
         _record_activity(settings, launcher, start=False)
 
@@ -168,13 +181,15 @@ def supervise(
     https: socket.socket | None,
     setup: Callable[[], None] = lambda: None,
     ready: Ready | None = None,
+    purge_interval: float = PURGE_INTERVAL,
 ) -> int:
     """Serve DICOM and DICOM TLS, and HTTPS on ``https`` unless it is None, and run the background jobs,
     until SIGTERM/SIGINT; returns the exit status (0, or 1 when children kept failing at start).
 
     ``open_archive`` builds a child's backends (after the fork); ``setup`` configures logging in each
     child.  ``ready`` is called with the DICOM and the DICOM TLS listener's (host, port) once they
-    listen.  The listening sockets, ``https`` included, are closed on return.
+    listen.  A purge child is forked at the start and then every ``purge_interval`` seconds.  The
+    listening sockets, ``https`` included, are closed on return.
     """
     s = settings.server
     try:
@@ -201,12 +216,19 @@ def supervise(
     ]
     if https is not None:
         children.append(
-            _Child("safepacs-https", functools.partial(run_https, settings, https, open_archive, setup))
+            _Child(
+                "safepacs-https",
+                functools.partial(run_https, settings, https, open_archive, setup, create_site),
+            )
         )
-    children.append(_Child("safepacs-jobs", functools.partial(run_jobs, settings, open_archive, setup)))
+    if settings.audit.collectors:  # no process at all without them
+        children.append(
+            _Child("safepacs-audit-export", functools.partial(run_export, settings, open_archive, setup))
+        )
+    purge = _Child("safepacs-purge", functools.partial(run_purge, settings, open_archive, setup))
     started: dict[int | None, float] = {}
 
-    def spawn(child: _Child) -> multiprocessing.process.BaseProcess:
+    def fork(child: _Child) -> multiprocessing.process.BaseProcess:
         proc = ctx.Process(target=_logged(child.name, child.target), name=child.name, daemon=False)
         # The child starts with the stop signals blocked until it has its own handlers (StopRequest).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -214,12 +236,18 @@ def supervise(
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return proc
+
+    def spawn(child: _Child) -> multiprocessing.process.BaseProcess:
+        proc = fork(child)
         started[proc.pid] = time.monotonic()
         return proc
 
     quick_deaths = 0
     share_with_children()  # before the first fork: the children share the parent's modules
     procs = [spawn(child) for child in children]
+    purges = _Purges(functools.partial(fork, purge), purge_interval)
+    purges.tick()  # the first purge at the start
     log.info(
         "DIMSE listening",
         extra={
@@ -235,7 +263,7 @@ def supervise(
     while not stop.wait(0.5):
         for i, proc in enumerate(procs):
             if not proc.is_alive():
-                if time.monotonic() - started.get(proc.pid, 0.0) < QUICK_DEATH_SECONDS:
+                if time.monotonic() - started.pop(proc.pid, 0.0) < QUICK_DEATH_SECONDS:
                     quick_deaths += 1
                 if quick_deaths > MAX_QUICK_DEATHS:
                     log.error("SafePACS processes keep failing at start; stopping (see the errors above)")
@@ -248,13 +276,50 @@ def supervise(
                 slot = children[i].slot
                 if slot is not None:
                     withdraw_load(loads, slot)  # until the new worker publishes its own
+                proc.close()  # its sentinel descriptor: a restarted child is a new process object
                 procs[i] = spawn(children[i])
-    _stop_children(procs, s.shutdown_grace)
+        if not stop.requested:
+            purges.tick()
+    _stop_children([*procs, *purges.running()], s.shutdown_grace)
     for sock in (listener, tls_listener, https):
         if sock is not None:
             sock.close()
     log.info("DIMSE stopped")
     return 1 if quick_deaths > MAX_QUICK_DEATHS else 0
+
+
+class _Purges:
+    """When the supervisor forks a purge child: at the start, then ``interval`` seconds after the last
+    one was forked, never while one runs.  :meth:`tick` reaps a purge child that has exited without
+    waiting for one that has not."""
+
+    def __init__(self, spawn: Callable[[], multiprocessing.process.BaseProcess], interval: float) -> None:
+        self._spawn = spawn
+        self._interval = interval
+        self._due = time.monotonic()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+
+    def tick(self) -> None:
+        """Reap the last purge child if it has exited; fork the next one if it is due."""
+        proc = self._proc
+        if proc is not None:
+            if proc.is_alive():
+                return
+            if proc.exitcode not in (0, PURGE_FAILED):  # PURGE_FAILED: the child has logged why
+                log.error(
+                    "the trash purge process ended abnormally; the next purge tries again",
+                    extra={"child": proc.name, "exitcode": proc.exitcode},
+                )
+            proc.close()
+            self._proc = None
+        now = time.monotonic()
+        if now >= self._due:
+            self._due = now + self._interval
+            self._proc = self._spawn()
+
+    def running(self) -> list[multiprocessing.process.BaseProcess]:
+        """The purge child not yet reaped, if any (to be stopped with the others)."""
+        return [] if self._proc is None else [self._proc]
 
 
 def _stop_children(procs: list[multiprocessing.process.BaseProcess], grace: float) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from safepacs._memory import freeze_start_up
@@ -56,19 +57,18 @@ def run_https(
     sock: socket.socket,
     open_archive: Callable[[Settings], Archive],
     setup: Callable[[], None],
+    make_app: Callable[[Archive], ASGIApp],
 ) -> None:
     """The body of the HTTPS process, forked by the supervisor (``runtime/supervisor.py``) with the stop
-    signals blocked: serve DICOMweb on ``sock`` until SIGTERM/SIGINT (uvicorn finishes the requests in
-    progress)."""
-    from safepacs.protocols.dicomweb.app import create_app
-
+    signals blocked: serve ``make_app(archive)`` (DICOMweb and the web UI) on ``sock`` until
+    SIGTERM/SIGINT (uvicorn finishes the requests in progress)."""
     setup()
     archive = open_archive(settings)
     keys = settings.keys_dir
     s = settings.server
     connections = _Connections(s.http_max_connections, RefusalTally(_report_refusals))
     config = uvicorn.Config(
-        create_app(archive),
+        make_app(archive),
         ssl_certfile=str(keys / "server.pem"),
         ssl_keyfile=str(keys / "server.key"),
         log_config=None,

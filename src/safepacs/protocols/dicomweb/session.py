@@ -43,7 +43,7 @@ from safepacs.types import Principal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["session_router"]
+__all__ = ["ended_session_cookie", "session_cookie", "session_router"]
 
 _COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Strict"
 _MAX_BODY = 8 * 1024
@@ -81,6 +81,16 @@ def _parse(request_body: bytes, content_type: str, model: type[_M]) -> _M:
         raise Problem(400, "Bad Request", f"send a JSON object with {fields}") from None
 
 
+def session_cookie(value: str) -> str:
+    """The ``Set-Cookie`` value that gives the browser a session (see the module docstring)."""
+    return f"{SESSION_COOKIE}={value}; {_COOKIE_ATTRIBUTES}"
+
+
+def ended_session_cookie() -> str:
+    """The ``Set-Cookie`` value that makes the browser forget its session cookie."""
+    return f"{SESSION_COOKIE}=; {_COOKIE_ATTRIBUTES}; Max-Age=0"
+
+
 def _refused(exc: AuthenticationError) -> Problem:
     status, title = _STATUS.get(exc.code, (401, "Unauthorized"))
     headers = {"WWW-Authenticate": REALM} if status == 401 else {}
@@ -98,7 +108,7 @@ def _opened(session: NewSession, idle_seconds: int) -> JSONResponse:
         "idle_timeout_seconds": idle_seconds,
     }
     response = JSONResponse(body)
-    response.headers.append("Set-Cookie", f"{SESSION_COOKIE}={session.cookie}; {_COOKIE_ATTRIBUTES}")
+    response.headers.append("Set-Cookie", session_cookie(session.cookie))
     return response
 
 
@@ -167,7 +177,7 @@ def session_router(
         except AuditError:
             log.error("the audit trail cannot be written; a logout was not recorded")
         response = Response(status_code=204)
-        response.headers.append("Set-Cookie", f"{SESSION_COOKIE}=; {_COOKIE_ATTRIBUTES}; Max-Age=0")
+        response.headers.append("Set-Cookie", ended_session_cookie())
         return response
 
     return router
