@@ -1,6 +1,7 @@
 """'Sign in with <provider>': the authorization code flow with PKCE against the test identity provider
-(real TLS on 127.0.0.1), the web UI's sign-in routes mounted on the DICOMweb app under uvicorn over
-real TLS, a browser played by hand (redirects followed and cookies kept by the test itself)."""
+(real TLS on 127.0.0.1), the whole site (``create_site``) under uvicorn over real TLS, and once a
+running ``safepacs serve``; a browser played by hand (redirects followed and cookies kept by the
+test itself)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from safepacs.app import Archive, open_archive
 from safepacs.audit.events import AuditEvent, EventID, Outcome
 from safepacs.auth.oidc_login import OidcSignIn
 from safepacs.config import load_settings
 from safepacs.errors import ConfigError
-from safepacs.protocols.dicomweb.app import create_app
-from safepacs.protocols.webui.oidc import CSRF_COOKIE, OIDC_COOKIE, oidc_login_router
+from safepacs.protocols.webui.oidc import OIDC_COOKIE
+from safepacs.protocols.webui.site import create_site
 from safepacs.storage.crypto import EnvelopeCipher, FileKeyProvider
 from tests.support import oidc
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.oidc import CLIENT_ID, IdentityProvider
+from tests.support.pages import form_token
+from tests.support.server import start_server
 from tests.support.webapp import add_user, served, store
 
 idp = oidc.idp
@@ -51,14 +53,16 @@ class Browser:
         self._site.close()
         self._idp.close()
 
-    def request(self, method: str, url: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, data: dict[str, str] | None = None
+    ) -> httpx.Response:
         url = self.base + url if url.startswith("/") else url
         if not url.startswith(self.base + "/"):
             return self._idp.request(method, url, headers=headers)
         sent = dict(headers or {})
         if self.cookies:
             sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        r = self._site.request(method, url, headers=sent)
+        r = self._site.request(method, url, headers=sent, data=data)
         self._site.cookies.clear()  # only what the test keeps is sent
         for header in r.headers.get_list("set-cookie"):
             name, _, rest = header.partition("=")
@@ -102,17 +106,11 @@ def _env(monkeypatch: pytest.MonkeyPatch, *issuers: dict[str, Any]) -> None:
     monkeypatch.setenv("SAFEPACS_AUTH__OIDC", json.dumps(list(issuers)))
 
 
-def _app(archive: Archive, sign_in: OidcSignIn | None = None) -> FastAPI:
-    app = create_app(archive)
-    router = oidc_login_router(sign_in or archive.oidc_sign_in, archive.logins, archive.auditor)
-    app.include_router(router)
-    return app
-
-
 def _site(data_dir: Path, idp: IdentityProvider, sign_in: OidcSignIn | None = None) -> Iterator[Site]:
     archive = open_archive(load_settings(data_dir))
+    archive.oidc_sign_in = sign_in or archive.oidc_sign_in
     try:
-        with served(_app(archive, sign_in), data_dir / "keys") as base:
+        with served(create_site(archive), data_dir / "keys") as base:
             browser = Browser(base, data_dir / "keys" / "ca.pem", idp.ca_file)
             try:
                 yield Site(archive, base, browser, idp, AuditCapture(archive.audit_log))
@@ -166,7 +164,6 @@ def test_sign_in_opens_a_session_like_a_password_login(site: Site) -> None:
         "HttpOnly",
         "SameSite=Strict",
     }
-    assert _attributes(site.browser.set_cookie[CSRF_COOKIE]) == {"Path=/", "Secure", "SameSite=Strict"}
     assert OIDC_COOKIE not in site.browser.cookies
 
     who = site.browser.get("/api/session")
@@ -175,10 +172,14 @@ def test_sign_in_opens_a_session_like_a_password_login(site: Site) -> None:
     found = site.browser.get("/dicomweb/studies")
     assert found.status_code == 200, found.text
     assert [s["0020000D"]["Value"][0] for s in found.json()] == [study.StudyInstanceUID]
-    # The session is a login session: logout needs the CSRF token, then it is over on the server.
-    assert site.browser.request("DELETE", "/api/session").status_code == 403
-    csrf = site.browser.cookies[CSRF_COOKIE]
-    assert site.browser.request("DELETE", "/api/session", {"X-CSRF-Token": csrf}).status_code == 204
+    # The pages take the session as a password sign-in's: the studies page, and signing out with
+    # its form token (refused without), after which the session is over on the server.
+    studies = site.browser.get("/studies")
+    assert studies.status_code == 200 and "u-1234" in studies.text, studies.text
+    origin = {"Origin": site.base}
+    assert site.browser.request("POST", "/logout", origin, {"form_token": "0" * 64}).status_code == 403
+    out = site.browser.request("POST", "/logout", origin, {"form_token": form_token(studies.text)})
+    assert out.status_code == 303, out.text
     assert site.browser.get("/api/session").status_code == 401
 
     login, logout = site.logins()[:2]
@@ -292,6 +293,7 @@ def test_the_provider_refusing_is_a_page_and_a_record(site: Site) -> None:
 
 
 def test_a_foreign_next_is_ignored(site: Site) -> None:
+    """Whatever is not a local path becomes the studies page, on the way out and on the way back."""
     for next_path in (
         "https://evil.example/",
         "//evil.example/x",
@@ -301,7 +303,7 @@ def test_a_foreign_next_is_ignored(site: Site) -> None:
         None,
     ):
         r = site.sign_in(next_path=next_path)
-        assert r.status_code == 303 and r.headers["location"] == "/", next_path
+        assert r.status_code == 303 and r.headers["location"] == "/studies", next_path
 
 
 def test_unknown_issuers_answer_not_found(site: Site) -> None:
@@ -344,6 +346,26 @@ def test_an_unreachable_provider_answers_503(
         r = site.browser.get("/login/oidc/0")
         assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
         assert "cannot be reached" in r.json()["detail"]
+
+
+# A running server -------------------------------------------------------------------------------------------
+def test_sign_in_against_a_running_server(data_dir: Path, idp: IdentityProvider) -> None:
+    issuers = [idp.settings(client_id=CLIENT_ID, display_name="Test IdP")]
+    env = {"SAFEPACS_SERVER__WORKERS": "1", "SAFEPACS_AUTH__OIDC": json.dumps(issuers)}
+    srv = start_server(data_dir, env=env)
+    browser = Browser(srv.base_url, srv.ca_file, idp.ca_file)
+    try:
+        signin_page = browser.get("/login?next=/studies")
+        assert 'href="/login/oidc/0?next=/studies"' in signin_page.text and "Test IdP" in signin_page.text
+        begun = browser.get("/login/oidc/0?next=/studies")
+        assert begun.status_code == 303, begun.text
+        back = browser.get(browser.get(begun.headers["location"]).headers["location"])
+        assert back.status_code == 303 and back.headers["location"] == "/studies", back.text
+        assert browser.get("/api/session").json()["user"] == "u-1234"
+        assert browser.get("/studies").status_code == 200
+    finally:
+        browser.close()
+        srv.stop()
 
 
 # A confidential client --------------------------------------------------------------------------------------

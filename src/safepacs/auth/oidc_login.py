@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from safepacs.auth.totp import Sealer
     from safepacs.config import OidcIssuerSettings
 
-__all__ = ["SIGN_IN_SECONDS", "OidcSignIn", "SignInClient", "SignInStart", "SignedIn", "local_path"]
+__all__ = ["SIGN_IN_SECONDS", "OidcSignIn", "SignInClient", "SignInStart", "SignedIn"]
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +88,6 @@ class SignedIn:
 
     person: ExternalUser
     next_path: str
-
-
-def local_path(value: str | None) -> str:
-    """``value`` when it is a path on this site ("/..." but not "//..." or "/\\..."), else "/"; a
-    foreign ``next`` would make the sign-in an open redirect."""
-    if (
-        not value
-        or len(value) > _MAX_NEXT
-        or not value.startswith("/")
-        or value.startswith(("//", "/\\"))
-        or not value.isascii()
-        or not value.isprintable()
-        or "\\" in value
-    ):
-        return "/"
-    return value
 
 
 def _b64(data: bytes) -> str:
@@ -197,10 +181,11 @@ class OidcSignIn:
         ]
 
     # The authorization request -------------------------------------------------------------------------
-    def begin(self, position: int, redirect_uri: str, next_path: str | None) -> SignInStart:
+    def begin(self, position: int, redirect_uri: str, next_path: str) -> SignInStart:
         """The authorization request for the issuer at ``position``; :class:`NotFoundError` when
         there is none there or it has no client, :class:`IdentityProviderError` when its discovery
-        document cannot be had."""
+        document cannot be had.  ``next_path`` (the page to return to) is kept as given: the
+        adapter makes sure it is a local path, and checks it again when it redirects."""
         client = self._clients.get(position)
         if client is None:
             raise NotFoundError("no identity provider offers sign-in here")
@@ -225,7 +210,15 @@ class OidcSignIn:
         )
         endpoint = endpoints["authorization_endpoint"]
         location = endpoint + ("&" if urlsplit(endpoint).query else "?") + query
-        pending = _Pending(position, state, nonce, verifier, redirect_uri, local_path(next_path), time.time())
+        pending = _Pending(
+            position,
+            state,
+            nonce,
+            verifier,
+            redirect_uri,
+            next_path if len(next_path) <= _MAX_NEXT else "/",
+            time.time(),
+        )
         return SignInStart(location, pending.seal(self._sealer))
 
     # The redirect back ---------------------------------------------------------------------------------
@@ -244,7 +237,7 @@ class OidcSignIn:
             raise _refused("this identity provider no longer offers sign-in here")
         id_token = self._exchange(client, code, pending.redirect_uri, pending.verifier)
         person = self._verifier.verify_id_token(id_token, client.settings.issuer, nonce=pending.nonce)
-        return SignedIn(person, local_path(pending.next_path))
+        return SignedIn(person, pending.next_path)
 
     def _exchange(self, client: _Client, code: str, redirect_uri: str, verifier: str) -> str:
         """The ID token the token endpoint answers for ``code`` (RFC 6749 4.1.3, RFC 7636 4.5)."""

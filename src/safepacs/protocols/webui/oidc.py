@@ -8,18 +8,16 @@
   ``https://<Host>/login/oidc/callback``, the provider must list it for the client.  404 (problem)
   for a position without a client; ``next`` other than a local path becomes ``/``.
 * ``/login/oidc/callback?code&state`` (or ``?error``): on success the login session cookie
-  ``__Host-safepacs_session`` (as ``POST /api/session`` sets it), the session's CSRF token in
-  ``__Host-safepacs_csrf`` (``SameSite=Strict``, not HttpOnly: the page reads it to send
-  ``X-CSRF-Token``; another site can neither read nor send it), the sign-in cookie cleared, and 303 to
-  ``next``.  A refusal is a short HTML page (400 for a bad or stale answer, 403 for a person SafePACS
-  refuses, 503 when the provider cannot be reached) and clears the sign-in cookie.
+  ``__Host-safepacs_session`` (as ``POST /api/session`` and ``/login`` set it; the pages derive their
+  form token from the session as for a password sign-in), the sign-in cookie cleared, and 303 to
+  ``next``.  A refusal is the UI's error page (400 for a bad or stale answer, 403 for a person
+  SafePACS refuses, 503 when the provider cannot be reached) and clears the sign-in cookie.
 
 Every sign-in, refused or not, is recorded (110114) with the address and user agent.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 
@@ -31,32 +29,26 @@ from safepacs.auth.login import LoginService
 from safepacs.auth.oidc_login import SIGN_IN_SECONDS, OidcSignIn
 from safepacs.errors import AccessDenied, AuthenticationError, IdentityProviderError, NotFoundError
 from safepacs.protocols.dicomweb.problems import Problem, not_found
-from safepacs.protocols.dicomweb.security import SESSION_COOKIE, client_address, user_agent
+from safepacs.protocols.dicomweb.security import client_address, user_agent
+from safepacs.protocols.dicomweb.session import session_cookie
+from safepacs.protocols.webui.render import page
+from safepacs.protocols.webui.visitors import local_path
 from safepacs.services.audit import Auditor
 
-__all__ = ["CALLBACK_PATH", "CSRF_COOKIE", "OIDC_COOKIE", "oidc_login_router"]
+__all__ = ["CALLBACK_PATH", "OIDC_COOKIE", "oidc_login_router"]
 
 log = logging.getLogger(__name__)
 
 OIDC_COOKIE = "__Host-safepacs_oidc"
-CSRF_COOKIE = "__Host-safepacs_csrf"
 CALLBACK_PATH = "/login/oidc/callback"
 _OIDC_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Lax"
-_SESSION_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Strict"  # as POST /api/session sets it
-_CSRF_ATTRIBUTES = "Path=/; Secure; SameSite=Strict"
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
 _UNKNOWN = "(unauthenticated)"  # the participant of a refusal before the provider named anyone
 
 
-def _page(status: int, title: str, detail: str) -> HTMLResponse:
-    """A plain page (no script, no style: the Content-Security-Policy allows none)."""
-    body = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)} - SafePACS</title></head>\n"
-        f"<body><main><h1>{html.escape(title)}</h1>\n<p>{html.escape(detail)}</p>\n"
-        '<p><a href="/">Back to sign-in</a></p></main></body></html>\n'
-    )
-    response = HTMLResponse(body, status_code=status)
+def _page(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
+    """The UI's error page, and the sign-in cookie cleared: this sign-in is over."""
+    response = page(request, "error.html", status, title=title, detail=detail)
     response.headers.append("Set-Cookie", f"{OIDC_COOKIE}=; {_OIDC_ATTRIBUTES}; Max-Age=0")
     return response
 
@@ -80,7 +72,7 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
 
     def refused(request: Request, name: str, status: int, title: str, detail: str) -> HTMLResponse:
         audit.authenticated(person(request, name), why=detail)
-        return _page(status, title, detail)
+        return _page(request, status, title, detail)
 
     # Declared before /login/oidc/{position}, which would otherwise match "callback".
     @router.get(CALLBACK_PATH, include_in_schema=False)
@@ -114,9 +106,8 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
         except (AuthenticationError, AccessDenied) as exc:
             return refused(request, who, 403, "Sign-in refused", str(exc))
         audit.authenticated(person(request, who))
-        opened = RedirectResponse(signed_in.next_path, status_code=303)
-        opened.headers.append("Set-Cookie", f"{SESSION_COOKIE}={session.cookie}; {_SESSION_ATTRIBUTES}")
-        opened.headers.append("Set-Cookie", f"{CSRF_COOKIE}={session.csrf_token}; {_CSRF_ATTRIBUTES}")
+        opened = RedirectResponse(local_path(signed_in.next_path), status_code=303)
+        opened.headers.append("Set-Cookie", session_cookie(session.cookie))
         opened.headers.append("Set-Cookie", f"{OIDC_COOKIE}=; {_OIDC_ATTRIBUTES}; Max-Age=0")
         return opened
 
@@ -125,7 +116,8 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
         if not position.isascii() or not position.isdigit() or len(position) > 4:
             raise not_found()
         try:
-            start = sign_in.begin(int(position), _redirect_uri(request), request.query_params.get("next"))
+            next_path = local_path(request.query_params.get("next"))
+            start = sign_in.begin(int(position), _redirect_uri(request), next_path)
         except NotFoundError:
             raise not_found() from None
         except IdentityProviderError as exc:

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from safepacs.protocols.dicomweb.app import create_app
+from safepacs.protocols.webui.oidc import oidc_login_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
@@ -31,6 +32,7 @@ def create_site(archive: Archive) -> FastAPI:
     app = create_app(archive)
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
+    app.include_router(oidc_login_router(archive.oidc_sign_in, logins, archive.auditor))
     app.include_router(studies_router(logins, archive.query, viewer_installed=False))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
