@@ -19,12 +19,14 @@ import pytest
 
 from safepacs.app import Archive, open_archive
 from safepacs.audit.events import AuditEvent, EventID, Outcome
+from safepacs.auth.login import LoginService
 from safepacs.auth.oidc_login import OidcSignIn
 from safepacs.config import load_settings
 from safepacs.errors import ConfigError
 from safepacs.protocols.webui.oidc import OIDC_COOKIE
 from safepacs.protocols.webui.site import create_site
 from safepacs.storage.crypto import EnvelopeCipher, FileKeyProvider
+from safepacs.types import Scope
 from tests.support import oidc
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
@@ -193,13 +195,35 @@ def test_sign_in_opens_a_session_like_a_password_login(site: Site) -> None:
 def test_the_session_acts_as_the_bearer_path_would(site: Site) -> None:
     """Roles from the ID token, a local account of the same name lends none, and is read afresh on
     each request: disabling it ends what the session may do."""
+    store(site.archive, make_ct(patient_id="OIDCWEB2"))  # a CT study
     add_user(site.archive, "u-1234", "admin")  # the local account's roles are not lent
     assert site.sign_in().status_code == 303
     who = site.browser.get("/api/session").json()
     bearer = site.browser.get("/api/session", {"Authorization": f"Bearer {site.idp.token()}"}).json()
     assert who == bearer and who["roles"] == ["radiologist"]
+    assert len(site.browser.get("/dicomweb/studies").json()) == 1
+    site.archive.directory.set_user_scope("u-1234", Scope(modalities=frozenset({"MR"})))
+    assert site.browser.get("/dicomweb/studies").json() == []  # the local scope narrows
     site.archive.directory.update_user("u-1234", disabled=True)
     assert site.browser.get("/api/session").status_code == 401
+
+
+def test_a_session_keeps_only_what_the_settings_still_give(site: Site, data_dir: Path) -> None:
+    assert site.sign_in().status_code == 303
+    cookie = site.browser.cookies[SESSION]
+    auth = load_settings(data_dir).auth
+    cipher = EnvelopeCipher(FileKeyProvider(load_settings(data_dir).keys_dir))
+
+    def roles(**changes: Any) -> frozenset[str] | None:
+        issuer = auth.oidc[0].model_copy(update=changes)
+        found = LoginService(site.archive.directory, cipher, auth.model_copy(update={"oidc": (issuer,)}))
+        session = found.session(cookie)
+        return None if session is None else session[1].roles
+
+    assert roles() == {"radiologist"}
+    assert roles(role_map={"pacs-rad": "technologist"}) is None  # the mapping was taken back
+    assert roles(role_map={**oidc.ROLE_MAP, "x": "auditor"}) == {"radiologist"}  # nothing is added
+    assert roles(client_id=None) is None  # the issuer no longer offers sign-in
 
 
 # Refusals ---------------------------------------------------------------------------------------------------
