@@ -251,7 +251,7 @@ class OidcSignIn:
         if client.secret is None:
             form["client_id"] = client.client_id  # a public client names itself (RFC 6749 4.1.3)
         else:  # RFC 6749 2.3.1: both form-urlencoded, then Basic
-            pair = f"{urlencode_part(client.client_id)}:{urlencode_part(client.secret)}"
+            pair = f"{_form_encoded(client.client_id)}:{_form_encoded(client.secret)}"
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         endpoint = self._endpoints(client)["token_endpoint"]
         try:
@@ -339,7 +339,7 @@ class OidcSignIn:
             return endpoints
 
 
-def urlencode_part(value: str) -> str:
+def _form_encoded(value: str) -> str:
     """RFC 6749 2.3.1: the client id and secret are form-urlencoded before HTTP Basic."""
     return urlencode({"": value})[1:]
 
