@@ -20,3 +20,10 @@ if [ "${1:-}" = test ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# The OHIF viewer the web UI serves at /viewer: fetched with npm and checked against its pinned integrity.
+# Optional: without npm (or when the download fails) the UI's built-in viewer still works.
+if command -v npm >/dev/null 2>&1; then
+  .venv/bin/safepacs viewer install || echo "The OHIF viewer was not installed (see above); the built-in viewer still works. Retry with: .venv/bin/safepacs viewer install" >&2
+else
+  echo "The OHIF viewer was not installed (no npm): install npm (e.g. apt-get install npm), then run .venv/bin/safepacs viewer install; the built-in viewer works without it." >&2
+fi

@@ -20,7 +20,15 @@ from pydicom.uid import generate_uid
 from safepacs.app import Repositories
 from safepacs.auth.passwords import hash_password
 from safepacs.auth.totp import code_at
-from tests.support.browser import accessibility_problems, browser, pixel_spread, save_screenshot
+from safepacs.config import load_settings
+from safepacs.protocols.webui.ohif import viewer_installed
+from tests.support.browser import (
+    CANVAS_SPREAD,
+    accessibility_problems,
+    browser,
+    pixel_spread,
+    save_screenshot,
+)
 from tests.support.corpus import make_ct, phantom_pixels
 from tests.support.server import Server, run_cli, start_server
 from tests.support.webapp import PASSWORD
@@ -161,3 +169,31 @@ def test_an_admin_signs_in_with_totp(
     assert "/login" in page.url
     page.goto(srv.base_url + "/studies")
     assert "/login?next=" in page.url  # the session ended on the server
+
+
+def test_open_in_viewer_shows_the_study_in_ohif_with_the_session(
+    browser: Any, site: tuple[Server, dict[str, str]], tmp_path: Path
+) -> None:
+    srv, uids = site
+    if not viewer_installed(load_settings(srv.data).viewer_dir):
+        pytest.skip("the OHIF viewer is not installed (safepacs viewer install; scripts/install.sh does it)")
+    page = _page(browser)
+    answer = page.goto(f"{srv.base_url}/viewer/viewer?StudyInstanceUIDs={uids['study']}")
+    assert answer is not None and "/login?next=/viewer/viewer" in page.url  # no session, no viewer
+    hosts: set[str] = set()
+    failures: list[str] = []
+    page.on("request", lambda r: hosts.add(r.url.split("/")[2]) if r.url.startswith("http") else None)
+    page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    _sign_in(page, srv, "rad", path=f"/studies/{uids['study']}")
+    page.get_by_role("link", name="Open in viewer").click()
+    canvas = page.locator("canvas.cornerstone-canvas").first
+    canvas.wait_for(timeout=60_000)
+    deadline = time.monotonic() + 60
+    spread = 0.0
+    while time.monotonic() < deadline and spread <= 20:
+        spread = canvas.evaluate(CANVAS_SPREAD)
+        page.wait_for_timeout(250)
+    assert spread > 20, "the OHIF viewport shows the image"
+    assert hosts == {srv.base_url.split("/")[2]}, hosts  # nothing but this server, no second login
+    assert not failures, failures
+    save_screenshot(page, "ohif", tmp_path)

@@ -21,6 +21,7 @@ from PIL import Image
 from tests.support.paths import REPO
 
 __all__ = [
+    "CANVAS_SPREAD",
     "CHROMIUM",
     "SCREENSHOTS",
     "accessibility_problems",
@@ -39,6 +40,19 @@ _ARGS = [
     "--disable-quic",
     "--no-first-run",
 ]
+#: The standard deviation of a canvas's grey levels, read from the canvas itself (overlays and tooltips
+#: are not in it): 0 for a blank viewport, large when an image is drawn.  ``locator.evaluate(...)``.
+CANVAS_SPREAD = """c => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, sum = 0, squares = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    const g = (d[i] + d[i + 1] + d[i + 2]) / 3;
+    n++; sum += g; squares += g * g;
+  }
+  const mean = sum / n;
+  return Math.sqrt(Math.max(squares / n - mean * mean, 0));
+}"""
+
 #: Where the screenshots of the main pages go when SAFEPACS_UPDATE_SCREENSHOTS=1 (README, docs).
 SCREENSHOTS = REPO / "docs" / "screenshots"
 

@@ -23,6 +23,7 @@ from safepacs.app import Archive, open_archive
 from safepacs.auth.passwords import hash_password
 from safepacs.config import load_settings
 from safepacs.protocols.webui.site import create_site
+from safepacs.runtime.posture import configuration_review
 from safepacs.types import Principal, PrincipalKind
 
 PASSWORD = "correct horse battery"
@@ -58,7 +59,8 @@ class AppClient:
 def inprocess(data: Path) -> Iterator[tuple[AppClient, Archive]]:
     """A client of the app built from ``data``'s settings (and the SAFEPACS_ environment)."""
     archive = open_archive(load_settings(data))
-    transport = httpx.ASGITransport(app=create_site(archive), client=("127.0.0.1", 40000))
+    site = create_site(archive, review=configuration_review)  # as the HTTPS process builds it
+    transport = httpx.ASGITransport(app=site, client=("127.0.0.1", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="https://testserver", timeout=30)
     try:
         with start_blocking_portal() as portal:

@@ -1,4 +1,5 @@
-"""``safepacs``: init, serve, peer, user, token, access, trash, restore, purge, audit, scan, doctor, import.
+"""``safepacs``: init, serve, peer, user, token, access, trash, restore, purge, audit, scan, doctor,
+import, viewer.
 
 Each command is one module of :mod:`safepacs.cli.commands`; this builds the parser from them and runs
 the one asked for.  Exit status: 0 success, 1 the command ran but something was refused (e.g. an import

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +411,14 @@ class AuditSettings(_Section):
         return value
 
 
+class UiSettings(_Section):
+    viewer_dir: str = Field(
+        "",
+        description="Directory of the OHIF viewer ('safepacs viewer install' puts it there); empty: "
+        "share/safepacs/ohif in the Python environment SafePACS runs in.",
+    )
+
+
 class Settings(BaseSettings):
     """All settings.  Sections map to TOML tables and to ``SAFEPACS_<SECTION>__<KEY>``."""
 
@@ -426,6 +435,7 @@ class Settings(BaseSettings):
     query: QuerySettings = Field(default_factory=QuerySettings)  # type: ignore[arg-type]
     auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
+    ui: UiSettings = Field(default_factory=UiSettings)  # type: ignore[arg-type]
 
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), exclude=True)
 
@@ -456,8 +466,21 @@ class Settings(BaseSettings):
         return Path(self.storage.path) if self.storage.path else self.data_dir / "objects"
 
     @property
+    def viewer_dir(self) -> Path:
+        """Where the OHIF viewer is installed (``safepacs viewer install``), outside the data directory."""
+        if self.ui.viewer_dir:
+            return Path(self.ui.viewer_dir)
+        return Path(sys.prefix) / "share" / "safepacs" / "ohif"
+
+    @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def scan_report_file(self) -> Path:
+        """The latest ``safepacs scan --save-to-data`` report (JSON, counts only, never patient data),
+        which the web UI's posture page shows."""
+        return self.data_dir / "reports" / "scan-latest.json"
 
     @property
     def audit_head_file(self) -> Path:

@@ -59,6 +59,7 @@ from safepacs.protocols.dimse.tls import ensure_client_certificate
 from safepacs.protocols.webui.site import create_site
 from safepacs.runtime.audit_export import check_collectors
 from safepacs.runtime.jobs import PURGE_FAILED, PURGE_INTERVAL, run_export, run_purge
+from safepacs.runtime.posture import configuration_review
 from safepacs.services.audit import operator
 from safepacs.types import Peer
 
@@ -218,7 +219,14 @@ def supervise(
         children.append(
             _Child(
                 "safepacs-https",
-                functools.partial(run_https, settings, https, open_archive, setup, create_site),
+                functools.partial(
+                    run_https,
+                    settings,
+                    https,
+                    open_archive,
+                    setup,
+                    functools.partial(create_site, review=configuration_review),
+                ),
             )
         )
     if settings.audit.collectors:  # no process at all without them

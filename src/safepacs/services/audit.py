@@ -67,6 +67,7 @@ __all__ = [
     "StudyFacts",
     "Types",
     "actor",
+    "because",
     "facts_of",
     "operator",
     "query_text",
@@ -227,6 +228,13 @@ def operator(command: str) -> Participant:
     except (KeyError, OSError):  # no passwd entry (a container's arbitrary UID)
         account = f"uid {os.getuid()}"
     return Participant(account, requestor=True, role=LAUNCHER, user_agent=f"safepacs {command}")
+
+
+def because(reason: str | None) -> str:
+    """The reason a person gave for a change (a deletion, a restore) as the end of its audit record's
+    description: ``"; reason: ..."`` on one line, or nothing when none was given."""
+    text = " ".join((reason or "").split())
+    return f"; reason: {text}" if text else ""
 
 
 def query_text(identifier: Dataset) -> str:
@@ -485,7 +493,7 @@ class Auditor:
             outcome_description=detail,
         )
 
-    def restored(self, who: Participant, studies: Sequence[StudyFacts]) -> None:
+    def restored(self, who: Participant, studies: Sequence[StudyFacts], reason: str | None = None) -> None:
         self.record(
             AuditEvent(
                 EventID.INSTANCES_ACCESSED,
@@ -493,7 +501,7 @@ class Auditor:
                 Outcome.SUCCESS,
                 (who, self.archive(APPLICATION)),
                 _study_objects(studies),
-                outcome_description="restored from the trash",
+                outcome_description="restored from the trash" + because(reason),
             )
         )
 

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from safepacs.audit.events import Participant
 from safepacs.db.ports import Instances
 from safepacs.errors import NotFoundError
-from safepacs.services.audit import Auditor, StudyFacts, actor, study_facts
+from safepacs.services.audit import Auditor, StudyFacts, actor, because, study_facts
 from safepacs.services.gate import Gate
 from safepacs.storage import BlobStore
 from safepacs.types import Principal, QueryLevel, QueryModel, Service
@@ -46,11 +46,17 @@ class DeleteService:
         self._retention = retention
 
     def delete(
-        self, principal: Principal, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        principal: Principal,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        *,
+        reason: str | None = None,
     ) -> int:
         """Move what the UIDs name (a study, a series of it, or an instance of that) to the trash; how
         many instances.  :class:`NotFoundError` when the principal sees nothing there.  The deletion and
-        its audit record (110105) commit together."""
+        its audit record (110105, with the ``reason`` given, if any) commit together."""
         self._gate.require(principal, Service.DELETE)
         identifier = Dataset()
         identifier.StudyInstanceUID = study_uid
@@ -70,7 +76,7 @@ class DeleteService:
         event = self._audit.deletion(
             actor(principal),
             study_facts(refs, patients),
-            f"moved to the trash; destroyed after {purge_after:%Y-%m-%d}",
+            f"moved to the trash; destroyed after {purge_after:%Y-%m-%d}" + because(reason),
         )
         done = self._instances.trash_instances(
             (r.sop_instance_uid for r in refs), principal.name, purge_after, also=self._audit.writer(event)

@@ -38,9 +38,13 @@ class RestoreService:
         self._cipher = cipher
         self._audit = audit
 
-    def restore(self, study_uid: str, who: Participant) -> RestoreReport:
-        """Restore every trashed instance of a study for ``who`` (recorded first);
-        :class:`NotFoundError` when none is in the trash."""
+    def trash(self) -> list[TrashRecord]:
+        """The deleted instances whose bytes are still kept: what :meth:`restore` can bring back."""
+        return self._instances.list_trash()
+
+    def restore(self, study_uid: str, who: Participant, *, reason: str | None = None) -> RestoreReport:
+        """Restore every trashed instance of a study for ``who`` (recorded first, with the ``reason``
+        given, if any); :class:`NotFoundError` when none is in the trash."""
         records = [r for r in self._instances.list_trash() if r.study_instance_uid == study_uid]
         if not records:
             raise NotFoundError(f"no deleted instance of study {study_uid} is in the trash")
@@ -48,7 +52,7 @@ class RestoreService:
         facts = facts_of(headers[0][1])
         for _, header in headers[1:]:
             facts.add(str(header.get("SOPClassUID", "")))
-        self._audit.restored(who, [facts])
+        self._audit.restored(who, [facts], reason)
         restored = kept = 0
         for record, header in headers:
             if self._instances.restore_from_trash(record.pk, header):

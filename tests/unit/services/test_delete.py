@@ -172,3 +172,17 @@ def test_an_empty_trash_is_purged_without_a_record() -> None:
     a = archive()
     assert service(a).purge(everything=True) == PurgeReport(0, 0)
     assert a.events == []
+
+
+def test_the_reason_given_ends_the_deletions_record_on_one_line() -> None:
+    a = archive()
+    stored(a)
+    service(a).delete(user(Service.DELETE), STUDY, reason="  wrong patient,\n sent again ")
+    (event,) = a.events
+    assert event.outcome_description is not None
+    assert event.outcome_description.startswith("moved to the trash; destroyed after ")
+    assert event.outcome_description.endswith("; reason: wrong patient, sent again")
+    b = archive()
+    stored(b)
+    service(b).delete(user(Service.DELETE), STUDY, reason=" ")  # a blank reason is none
+    assert "reason" not in (b.events[0].outcome_description or "")

@@ -104,3 +104,13 @@ def test_the_index_gets_each_objects_own_header() -> None:
         "1.2.826.0.3.1.2",
     ]
     assert all(o.kind is not ObjectKind.QUERY for o in a.sink.events[0].objects)
+
+
+def test_the_trash_lists_what_can_be_restored_and_the_reason_is_recorded() -> None:
+    a = archive()
+    deleted(a)
+    assert {r.study_instance_uid for r in service(a).trash()} == {STUDY, OTHER}
+    service(a).restore(STUDY, ADMIN, reason="deleted by mistake")
+    (event,) = a.events
+    assert event.outcome_description == "restored from the trash; reason: deleted by mistake"
+    assert {r.study_instance_uid for r in service(a).trash()} == {OTHER}

@@ -21,6 +21,7 @@ from safepacs.cli.commands import (
     token,
     trash,
     user,
+    viewer,
 )
 
 if TYPE_CHECKING:
@@ -43,4 +44,5 @@ REGISTRATIONS: tuple[Callable[[Subparsers], None], ...] = (
     scan.register,
     doctor.register,
     import_.register,
+    viewer.register,
 )

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from safepacs.app import audit_reserve, check_index_choice, free_space, open_repositories_read_only
     from safepacs.config import data_dir_from, load_settings
     from safepacs.errors import DataDirError
-    from safepacs.scan.doctor import AccountInfo, DiskInfo, DoctorInput, run_doctor
+    from safepacs.runtime.posture import doctor_input
+    from safepacs.scan.doctor import run_doctor
 
     data = data_dir_from(args.data)
     if not (data / "safepacs.toml").is_file():
@@ -50,32 +51,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise UsageError("--dicom-port and --http-port must be between 1 and 65535")
     settings = load_settings(data)
     check_index_choice(settings, record=False)  # the doctor writes nothing
+    reserve = audit_reserve(settings)
     repos = open_repositories_read_only(settings.index_url)
-    directory = repos.directory
     try:
-        peers = directory.list_peers()
-        accounts = []
-        for user in directory.list_users():
-            state = directory.get_login_state(user.name)
-            accounts.append(
-                AccountInfo(
-                    user.name,
-                    frozenset(user.roles),
-                    user.disabled,
-                    user.must_change_password,
-                    state is not None and state.totp_secret is not None,
-                )
-            )
+        inp = doctor_input(settings, repos.directory, free_space(settings, reserve), reserve)
     finally:
         repos.close()
-    reserve = audit_reserve(settings)
-    disk = DiskInfo(
-        [(str(path), free, needed) for path, free, needed in free_space(settings, reserve).below()],
-        str(reserve.path) if reserve is not None else None,
-        reserve.held() if reserve is not None else None,
-    )
     report = run_doctor(
-        DoctorInput(settings, peers, accounts, disk),
+        inp,
         dicom_port=args.dicom_port,
         http_port=args.http_port,
         network=not args.no_network,

@@ -1,7 +1,9 @@
 """``safepacs scan``: the scanner's command line, and the report options ``doctor`` shares.
 
-* ``scan TARGET... [--targets-file FILE] [--ports LIST]``: what a stranger can do with the DICOM and
-  DICOMweb services of address ranges you own.  Reports hold counts, never patient data.
+* ``scan TARGET... [--targets-file FILE] [--ports LIST] [--save-to-data DIR]``: what a stranger can do
+  with the DICOM and DICOMweb services of address ranges you own.  Reports hold counts, never patient
+  data; ``--save-to-data`` also keeps the report as ``DIR/reports/scan-latest.json`` for the web UI's
+  posture page.
 * ``doctor [--data DIR]``: the local SafePACS (settings, files, peers, accounts) and its listeners.
 
 Both print a table on the terminal (``--format text``) or write ``--format json|sarif|html`` to
@@ -119,8 +121,46 @@ def register(sub: Subparsers) -> None:
         metavar="N",
         help="refuse targets larger than this (a /16)",
     )
+    sp.add_argument(
+        "--save-to-data",
+        metavar="DIR",
+        help="also keep the report (JSON, mode 0600) in this SafePACS data directory as "
+        "reports/scan-latest.json, for the web UI's posture page",
+    )
     output_options(sp)
     sp.set_defaults(handler=run)
+
+
+def _saved_report_file(option: str) -> Path:
+    """Where ``--save-to-data DIR`` keeps the report (``Settings.scan_report_file``), checked before
+    the scan starts so that a long scan does not fail at its end."""
+    from safepacs.config import load_settings
+
+    data = Path(option)
+    if not (data / "safepacs.toml").is_file():
+        raise UsageError(f"{data} is not a SafePACS data directory; give --save-to-data the server's --data")
+    return load_settings(data).scan_report_file
+
+
+def _save(report: ScanReport, path: Path) -> None:
+    """Write the report as JSON to ``path`` (mode 0600, its folder 0700), replacing the previous one at
+    once: the posture page never reads half a report.  The report holds counts and the scanner's own
+    words, never patient data (:mod:`safepacs.scan`), so it may sit beside the index."""
+    from safepacs.scan.report import render
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(render(report, "json"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UsageError(f"cannot save the report to {path} ({exc.strerror or exc})") from exc
+    print(f"Report saved to {path} (shown on the posture page).", file=sys.stderr)
 
 
 class _Bar:
@@ -183,6 +223,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         targets += read_targets_file(Path(args.targets_file))
     if not targets:
         raise UsageError("nothing to scan: give a TARGET (host, host:port, CIDR) or --targets-file FILE")
+    saved = _saved_report_file(args.save_to_data) if args.save_to_data else None
     options = ScanOptions(
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
@@ -205,4 +246,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     with Progress(*columns, transient=True, disable=not show) as progress:
         hook: ProgressHook = _Bar(progress)
         report = run_scan(targets, options, hook)
+    if saved is not None:
+        _save(report, saved)
     return emit(args, report)

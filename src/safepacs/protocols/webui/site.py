@@ -8,18 +8,28 @@ problem document.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from safepacs.auth.login import LoginService
 from safepacs.protocols.dicomweb.app import create_app
+from safepacs.protocols.dicomweb.security import SESSION_COOKIE
+from safepacs.protocols.webui.ohif import MOUNT, viewer_app, viewer_installed
 from safepacs.protocols.webui.oidc import oidc_login_router
+from safepacs.protocols.webui.posture import Review, posture_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
-from safepacs.protocols.webui.visitors import SignInRequired
+from safepacs.protocols.webui.study_actions import study_actions_router
+from safepacs.protocols.webui.visitors import SignInRequired, local_path
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -27,14 +37,26 @@ if TYPE_CHECKING:
 __all__ = ["create_site"]
 
 
-def create_site(archive: Archive) -> FastAPI:
-    """The FastAPI application the HTTPS process serves."""
+def _bound(review: Callable[[Archive], Mapping[str, Any]] | None, archive: Archive) -> Review | None:
+    return None if review is None else functools.partial(review, archive)
+
+
+def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, Any]] | None = None) -> FastAPI:
+    """The FastAPI application the HTTPS process serves.  ``review``: the doctor's configuration review
+    of an archive for the posture page (``safepacs.runtime.posture.configuration_review``, which the UI
+    may not import itself; None: the page says to run ``safepacs doctor``)."""
     app = create_app(archive)
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
     app.include_router(oidc_login_router(archive.oidc_sign_in, logins, archive.auditor))
-    app.include_router(studies_router(logins, archive.query, viewer_installed=False))
+    viewer_dir = archive.settings.viewer_dir
+    app.include_router(
+        study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
+    )  # before the study pages: /studies/trash is not a study
+    app.include_router(studies_router(logins, archive.query, viewer_installed=viewer_installed(viewer_dir)))
+    app.include_router(posture_router(logins, archive.settings, _bound(review, archive)))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(MOUNT, _SignedIn(viewer_app(viewer_dir), logins), name="viewer")
 
     @app.get("/", include_in_schema=False)
     def home() -> Response:
@@ -49,3 +71,27 @@ def create_site(archive: Archive) -> FastAPI:
         return RedirectResponse(exc.location, status_code=303)
 
     return app
+
+
+class _SignedIn:
+    """The OHIF viewer's pages (paths whose last part has no dot: ``/viewer/``, ``/viewer/viewer``)
+    only for a signed-in person, who is otherwise sent to sign in and back; its scripts, styles and
+    wasm (no patient data) are served to anyone, as any static file.  Its DICOMweb requests carry
+    the session cookie (same origin) and are authenticated like any other."""
+
+    def __init__(self, app: ASGIApp, logins: LoginService) -> None:
+        self.app = app
+        self.logins = logins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "." not in scope["path"].rsplit("/", 1)[-1]:
+            request = Request(scope)
+            found = await run_in_threadpool(self.logins.session, request.cookies.get(SESSION_COOKIE, ""))
+            if found is None:
+                query = scope.get("query_string", b"").decode("latin-1")
+                target = local_path(scope["path"] + (f"?{query}" if query else ""), MOUNT + "/")
+                await RedirectResponse("/login?next=" + quote(target, safe="/"), status_code=303)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)

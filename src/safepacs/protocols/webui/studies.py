@@ -25,7 +25,7 @@ from safepacs.protocols.dicomweb.qido import build_identifier
 from safepacs.protocols.webui.render import PageError, page
 from safepacs.protocols.webui.visitors import Visitor, visitor_of
 from safepacs.services.query import QueryService
-from safepacs.types import QueryLevel
+from safepacs.types import QueryLevel, Service
 
 __all__ = ["PAGE_SIZE", "studies_router"]
 
@@ -188,8 +188,10 @@ def studies_router(logins: LoginService, query: QueryService, *, viewer_installe
             "referring": value(found, "00080090"),
             "modalities": ", ".join(values(found, "00080061")),
         }
+        allow = visitor.principal.allow  # the actions offered (each route asks the services again)
         return page(request, "study.html", visitor=visitor, study=facts, series=rows,
-                    viewer_installed=viewer_installed)  # fmt: skip
+                    viewer_installed=viewer_installed, may_download=Service.GET in allow,
+                    may_delete=Service.DELETE in allow)  # fmt: skip
 
     @router.get("/studies/{study}/series/{series}/view")
     def view(request: Request, study: str, series: str) -> HTMLResponse:
