@@ -18,7 +18,6 @@ Every sign-in, refused or not, is recorded (110114) with the address and user ag
 
 from __future__ import annotations
 
-import logging
 import re
 
 from fastapi import APIRouter, Request
@@ -36,8 +35,6 @@ from safepacs.protocols.webui.visitors import local_path
 from safepacs.services.audit import Auditor
 
 __all__ = ["CALLBACK_PATH", "OIDC_COOKIE", "oidc_login_router"]
-
-log = logging.getLogger(__name__)
 
 OIDC_COOKIE = "__Host-safepacs_oidc"
 CALLBACK_PATH = "/login/oidc/callback"
