@@ -19,6 +19,7 @@ import structlog
 from safepacs.audit.chain import Signer
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier
+from safepacs.auth.oidc_login import OidcSignIn
 from safepacs.auth.passwords import generate_password, hash_password
 from safepacs.auth.pki import create_ca, issue_certificate, write_private
 from safepacs.config import Settings, render_default_toml
@@ -150,6 +151,7 @@ class Archive:
     restore: RestoreService  # undo a deletion while its retention lasts
     logins: LoginService  # local password login, TOTP, browser sessions
     oidc: OidcVerifier  # bearer JWTs of the configured OpenID Connect providers
+    oidc_sign_in: OidcSignIn  # "Sign in with" for the providers with a client_id (web UI)
     gate: Gate  # who may do what (every refusal recorded); who a peer, user or token is
     auditor: Auditor  # what every access path records, into the tamper-evident trail (``auditor.sink``)
     audits: AuditSearchService  # the trail's search for auditors (``/api/audit``), itself recorded
@@ -220,6 +222,7 @@ def open_archive(settings: Settings) -> Archive:
     )
     auditor = Auditor(trail, settings.server.ae_title, enabled=settings.audit.record)
     gate = Gate(repos.directory, auditor)
+    oidc = OidcVerifier(settings.auth.oidc)
     return Archive(
         settings=settings,
         db=repos.db,
@@ -250,7 +253,8 @@ def open_archive(settings: Settings) -> Archive:
         ),
         restore=RestoreService(instances, blobs, cipher, auditor),
         logins=LoginService(repos.directory, cipher, settings.auth),
-        oidc=OidcVerifier(settings.auth.oidc),
+        oidc=oidc,
+        oidc_sign_in=OidcSignIn(settings.auth.oidc, oidc, cipher),
         gate=gate,
         auditor=auditor,
         audits=AuditSearchService(repos.audit_log, gate, auditor, trail),

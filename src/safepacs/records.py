@@ -56,7 +56,13 @@ class LoginState:
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """A browser session as stored: the SHA-256 of its cookie and of its CSRF token, never either."""
+    """A browser session as stored: the SHA-256 of its cookie and of its CSRF token, never either.
+
+    ``issuer`` is None for a local user's session (``user_name`` names their account).  A session
+    opened by an OpenID Connect sign-in names the issuer, and ``user_name`` is the person as that
+    issuer names them (there may be no local account of that name); ``roles`` are the SafePACS roles
+    its ID token mapped to at sign-in.
+    """
 
     id_sha256: str
     user_name: str
@@ -65,6 +71,8 @@ class SessionRecord:
     last_seen_at: datetime
     expires_at: datetime
     revoked_at: datetime | None
+    issuer: str | None = None
+    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,17 @@
-"""An OpenID Connect identity provider for the tests: a JWKS served over real TLS on 127.0.0.1 (the
-``idp`` fixture), the keys it lists, and bearer JWTs signed with them."""
+"""An OpenID Connect identity provider for the tests, over real TLS on 127.0.0.1 (the ``idp``
+fixture): a JWKS, the keys it lists and bearer JWTs signed with them; and for "Sign in with" a
+discovery document, ``/authorize`` (approves ``IdentityProvider.person`` at once: redirects to the
+redirect URI with a code and the state, keeping the nonce and the PKCE challenge) and ``/token``
+(checks the code, its single use, the redirect URI, the code verifier against the S256 challenge and
+the client's authentication; answers an ID token signed with ``rsa1``, with the nonce)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
+import secrets
 import ssl
 import threading
 import time
@@ -12,6 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -20,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from safepacs.auth.pki import create_ca, issue_certificate
 
 AUDIENCE = "safepacs"
+CLIENT_ID = "safepacs-web"
 ROLE_MAP = {"pacs-rad": "radiologist", "pacs-tech": "technologist", "pacs-admin": "admin"}
 
 
@@ -33,6 +43,17 @@ class IdentityProvider:
     keys: dict[str, Any] = field(default_factory=dict)  # kid -> private key
     listed: set[str] = field(default_factory=set)  # the kids the JWKS shows
     fetches: int = 0
+    # Sign-in: the person /authorize approves (claims of the ID token), the client's secret (None: a
+    # public client), the codes handed out (code -> what /authorize was asked) and the /token errors.
+    person: dict[str, Any] = field(
+        default_factory=lambda: {"sub": "u-1234", "realm_access": {"roles": ["pacs-rad"]}}
+    )
+    client_secret: str | None = None
+    authorize_error: str | None = None  # /authorize answers this error instead of a code
+    codes: dict[str, dict[str, str]] = field(default_factory=dict)
+    discovery_changes: dict[str, Any] = field(default_factory=dict)  # over the discovery document
+    discoveries: int = 0  # discovery documents served
+    token_errors: list[str] = field(default_factory=list)
 
     def jwks(self) -> dict[str, Any]:
         out = []
@@ -78,6 +99,67 @@ class IdentityProvider:
             **overrides,
         }
 
+    # Sign-in ------------------------------------------------------------------------------------------
+    def discovery(self) -> dict[str, Any]:
+        base = self.issuer.rsplit("/realms/", 1)[0]
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": f"{base}/authorize",
+            "token_endpoint": f"{base}/token",
+            "jwks_uri": self.jwks_uri,
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+            **self.discovery_changes,
+        }
+
+    def authorize(self, query: dict[str, str]) -> str:
+        """Where /authorize sends the browser: back to the redirect URI with a code and the state."""
+        redirect_uri = query["redirect_uri"]
+        if self.authorize_error is not None:
+            return f"{redirect_uri}?{urlencode({'error': self.authorize_error, 'state': query['state']})}"
+        assert query["response_type"] == "code" and query["client_id"] == CLIENT_ID, query
+        assert query["code_challenge_method"] == "S256" and "openid" in query["scope"].split(), query
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = {**query, "used": ""}
+        return f"{redirect_uri}?{urlencode({'code': code, 'state': query['state']})}"
+
+    def exchange(self, form: dict[str, str], authorization: str) -> tuple[int, dict[str, Any]]:
+        """The token endpoint: (status, JSON body)."""
+
+        def error(kind: str) -> tuple[int, dict[str, Any]]:
+            self.token_errors.append(kind)
+            return (401 if kind == "invalid_client" else 400), {"error": kind}
+
+        if self.client_secret is not None:  # RFC 6749 2.3.1: Basic of the form-urlencoded id and secret
+            scheme, _, encoded = authorization.partition(" ")
+            try:
+                pair = base64.b64decode(encoded, validate=True).decode()
+            except ValueError:
+                pair = ""
+            client, _, secret = pair.partition(":")
+            if (
+                scheme != "Basic"
+                or unquote_plus(client) != CLIENT_ID
+                or unquote_plus(secret) != self.client_secret
+            ):
+                return error("invalid_client")
+        elif form.get("client_id") != CLIENT_ID:
+            return error("invalid_client")
+        asked = self.codes.get(form.get("code", ""))
+        if form.get("grant_type") != "authorization_code" or asked is None or asked["used"]:
+            return error("invalid_grant")
+        asked["used"] = "yes"
+        if form.get("redirect_uri") != asked["redirect_uri"]:
+            return error("invalid_grant")
+        verifier = form.get("code_verifier", "")
+        digest = hashlib.sha256(verifier.encode()).digest()
+        challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        if not verifier or not hmac.compare_digest(challenge, asked["code_challenge"]):
+            return error("invalid_grant")  # RFC 7636 4.6
+        claims = {"aud": CLIENT_ID, "nonce": asked["nonce"], "preferred_username": None, **self.person}
+        id_token = self.token(**claims)  # the person's claims may override aud and nonce
+        return 200, {"access_token": "opaque", "token_type": "Bearer", "id_token": id_token}
+
 
 def _alg_of(key: Any) -> str:
     return "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
@@ -94,17 +176,37 @@ def idp(tmp_path: Path) -> Iterator[IdentityProvider]:
     provider: IdentityProvider
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/jwks":
-                self.send_error(404)
-                return
-            provider.fetches += 1
-            body = json.dumps(provider.jwks()).encode()
-            self.send_response(200)
+        def answer(self, status: int, document: dict[str, Any]) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            if url.path == "/jwks":
+                provider.fetches += 1
+                self.answer(200, provider.jwks())
+            elif url.path == "/realms/test/.well-known/openid-configuration":
+                provider.discoveries += 1
+                self.answer(200, provider.discovery())
+            elif url.path == "/authorize":
+                self.send_response(302)
+                self.send_header("Location", provider.authorize(dict(parse_qsl(url.query))))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def do_POST(self) -> None:
+            if self.path != "/token":
+                self.send_error(404)
+                return
+            length = int(self.headers.get("Content-Length", "0"))
+            form = dict(parse_qsl(self.rfile.read(length).decode()))
+            self.answer(*provider.exchange(form, self.headers.get("Authorization", "")))
 
         def log_message(self, *args: Any) -> None:
             pass

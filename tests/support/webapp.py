@@ -1,7 +1,11 @@
-"""The DICOMweb application in-process (httpx's ASGI transport) on a real data directory."""
+"""The DICOMweb application in-process (httpx's ASGI transport, or uvicorn over TLS on 127.0.0.1)
+on a real data directory."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -11,6 +15,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+import uvicorn
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from pydicom.dataset import Dataset
 
@@ -63,6 +68,35 @@ def inprocess(data: Path) -> Iterator[tuple[AppClient, Archive]]:
             portal.call(client.aclose)
     finally:
         archive.close()
+
+
+@contextmanager
+def served(app: Any, keys: Path) -> Iterator[str]:
+    """``app`` under uvicorn over real TLS (the data directory's server certificate) on a port of
+    127.0.0.1, in a thread: its base URL.  For routes not yet in ``safepacs serve``'s app."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app,
+        ssl_certfile=str(keys / "server.pem"),
+        ssl_keyfile=str(keys / "server.key"),
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def add_user(archive: Archive, name: str, roles: str, *, must_change: bool = False) -> None:

@@ -18,6 +18,14 @@ Login (``POST /api/session``) checks, in this order and answering every failure 
 A session is a random 256-bit id (the cookie) and a random 256-bit CSRF token, both stored as
 SHA-256 only; it ends after ``auth.session_idle_minutes`` without a request, after
 ``auth.session_max_hours`` in any case, on logout, on a new password, or when the user is disabled.
+
+A person who signed in through OpenID Connect (:mod:`safepacs.auth.oidc_login`) gets the same kind
+of session (:meth:`LoginService.open_external`), which records the issuer and the roles their ID
+token mapped to.  On each request it acts as :func:`safepacs.auth.oidc.oidc_user` makes them, as a
+bearer token's person would be: a local account of the same name, read afresh, can refuse them
+(disabled) or narrow them (its scope) but lends no role; the issuer must still offer sign-in, and
+only roles its ``role_map`` still gives are kept.  Such a session needs no SafePACS TOTP (the
+provider authenticated the person: multi-factor is its policy, like for its bearer tokens).
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from safepacs.auth.oidc import ExternalUser, oidc_user
 from safepacs.auth.passwords import hash_password, needs_rehash, verify_password
 from safepacs.auth.policy import ROLES
 from safepacs.auth.totp import Sealer, matching_step, open_secret
 from safepacs.db.ports import Logins
-from safepacs.errors import AuthenticationError, ConfigError, IntegrityError
+from safepacs.errors import AccessDenied, AuthenticationError, ConfigError, IntegrityError
 from safepacs.records import SessionRecord, UserRecord
 
 if TYPE_CHECKING:
@@ -98,6 +107,10 @@ class LoginService:
         self._idle = timedelta(minutes=settings.session_idle_minutes)
         self._lifetime = timedelta(hours=settings.session_max_hours)
         self._slots = threading.BoundedSemaphore(_VERIFY_SLOTS)
+        # issuer -> the roles its role_map gives, for the issuers that offer sign-in
+        self._sign_in_roles = {
+            o.issuer: frozenset(o.role_map.values()) for o in settings.oidc if o.client_id is not None
+        }
 
     # Login ------------------------------------------------------------------------------------------------
     def _failed(self, name: str, now: datetime) -> AuthenticationError:
@@ -203,17 +216,45 @@ class LoginService:
         return self._open(user, now)
 
     # Sessions ---------------------------------------------------------------------------------------------
-    def _open(self, user: UserRecord, now: datetime) -> NewSession:
+    def _open(self, user: UserRecord, now: datetime, issuer: str | None = None) -> NewSession:
         cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         record = SessionRecord(
-            _digest(cookie), user.name, _digest(csrf), now, now, now + self._lifetime, None
+            _digest(cookie),
+            user.name,
+            _digest(csrf),
+            now,
+            now,
+            now + self._lifetime,
+            None,
+            issuer,
+            user.roles if issuer is not None else frozenset(),
         )
         self._directory.add_session(record)
-        log.info("a user logged in", extra={"user": user.name})
+        log.info("a user logged in", extra={"user": user.name, "issuer": issuer})
         return NewSession(cookie, csrf, record, user)
 
+    def open_external(self, person: ExternalUser) -> NewSession:
+        """Open a session for a person an OpenID Connect provider just vouched for (an ID token
+        verified by :mod:`safepacs.auth.oidc_login`).  :class:`AuthenticationError` when a local
+        account of the same name is disabled, :class:`AccessDenied` when they have no SafePACS role."""
+        user = oidc_user(person, self._directory.get_user(person.name))
+        return self._open(user, _now(), person.issuer)
+
+    def _external(self, record: SessionRecord, local: UserRecord | None) -> UserRecord | None:
+        """The account an OpenID Connect session acts as now, or None when it may no longer."""
+        mapped = self._sign_in_roles.get(record.issuer or "")
+        if mapped is None:  # the issuer no longer offers sign-in
+            return None
+        try:
+            return oidc_user(
+                ExternalUser(record.user_name, record.roles & mapped, record.issuer or ""), local
+            )
+        except (AuthenticationError, AccessDenied):
+            return None
+
     def session(self, cookie: str) -> tuple[SessionRecord, UserRecord] | None:
-        """The live session of a cookie and its (enabled) user, or None; notes the activity."""
+        """The live session of a cookie and the (enabled) account it acts as, or None; notes the
+        activity.  For an OpenID Connect session the account is :func:`safepacs.auth.oidc.oidc_user`'s."""
         if not _SECRET_RE.match(cookie):
             return None
         now = _now()
@@ -223,12 +264,17 @@ class LoginService:
         if now >= record.expires_at or now - record.last_seen_at >= self._idle:
             return None
         user = self._directory.get_user(record.user_name)
-        if user is None or user.disabled or user.must_change_password:
-            return None
-        if user.roles & self._totp_roles:  # a role that needs TOTP may have been granted since the login
-            state = self._directory.get_login_state(user.name)
-            if state is None or state.totp_secret is None:
+        if record.issuer is not None:
+            user = self._external(record, user)
+            if user is None:
                 return None
+        else:
+            if user is None or user.disabled or user.must_change_password:
+                return None
+            if user.roles & self._totp_roles:  # a role that needs TOTP may have been granted since the login
+                state = self._directory.get_login_state(user.name)
+                if state is None or state.totp_secret is None:
+                    return None
         if now - record.last_seen_at >= _TOUCH_EVERY:
             self._directory.touch_session(record.id_sha256, now)
         return record, user

@@ -25,6 +25,7 @@ runs the synchronous routes that authenticate in its thread pool), bounded by ``
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import ssl
@@ -46,7 +47,14 @@ if TYPE_CHECKING:
     from safepacs.config import OidcIssuerSettings
     from safepacs.types import Principal
 
-__all__ = ["MAX_TOKEN_LENGTH", "ExternalUser", "OidcVerifier", "looks_like_jwt", "oidc_principal"]
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "ExternalUser",
+    "OidcVerifier",
+    "looks_like_jwt",
+    "oidc_principal",
+    "oidc_user",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,7 @@ class _Issuer:
             raise ConfigError(f"setting '{where}.ca_file' holds no usable PEM certificates") from exc
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.settings = settings
+        self.tls = context  # also for the sign-in's discovery and token requests (auth.oidc_login)
         # The JWK Set is cached for jwks_cache_seconds; the re-fetch an unknown kid causes is rate-limited
         # here (not every PyJWT version has a cooldown of its own).
         self.jwks = jwt.PyJWKClient(
@@ -178,6 +187,34 @@ class OidcVerifier:
     def verify(self, token: str) -> ExternalUser:
         """The person a valid token names; :class:`AuthenticationError` (``invalid_token``) otherwise,
         :class:`IdentityProviderError` when the issuer's keys cannot be fetched."""
+        claims, issuer = self._decode(token, None)
+        return _person(claims, issuer.settings)
+
+    def tls(self, issuer: str) -> ssl.SSLContext:
+        """The TLS context trusted for ``issuer``'s endpoints (its ``ca_file`` or the system CAs)."""
+        return self._issuers[issuer].tls
+
+    def verify_id_token(self, token: str, issuer: str, *, nonce: str) -> ExternalUser:
+        """The person of an ID token that ``issuer``'s token endpoint just returned to SafePACS's
+        client (OIDC Core 3.1.3.7): checked like a bearer token (keys, algorithm, signature, times),
+        but ``iss`` must be ``issuer``, ``aud`` must contain the issuer's ``client_id`` (and when it
+        names others, ``azp`` must be that client) and ``nonce`` must be the one the sign-in sent."""
+        expected = self._issuers.get(issuer)
+        if expected is None or expected.settings.client_id is None:
+            raise _invalid("the ID token's issuer offers no sign-in here")
+        claims, _ = self._decode(token, expected)
+        client_id = expected.settings.client_id
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if len(audiences) > 1 and claims.get("azp") != client_id:
+            raise _invalid("the ID token was issued to another client (azp)")
+        presented = claims.get("nonce")
+        if not isinstance(presented, str) or not hmac.compare_digest(presented.encode(), nonce.encode()):
+            raise _invalid("the ID token does not carry this sign-in's nonce")
+        return _person(claims, expected.settings)
+
+    def _decode(self, token: str, expected: _Issuer | None) -> tuple[dict[str, Any], _Issuer]:
+        """The verified claims of a token and its issuer: a bearer token's (``expected`` None:
+        audience ``audience``) or an ID token of ``expected`` (audience its ``client_id``)."""
         if not looks_like_jwt(token):
             raise _invalid("the token is malformed")
         try:
@@ -187,7 +224,7 @@ class OidcVerifier:
             raise _invalid("the token is malformed") from exc
         iss = unverified.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
+        if issuer is None or (expected is not None and issuer is not expected):
             raise _invalid("the token's issuer is not accepted")
         settings = issuer.settings
         alg, kid = header.get("alg"), header.get("kid")
@@ -203,7 +240,7 @@ class OidcVerifier:
                 token,
                 key=key,
                 algorithms=[alg],
-                audience=settings.audience,
+                audience=settings.audience if expected is None else settings.client_id,
                 issuer=settings.issuer,
                 leeway=settings.leeway_seconds,
                 options={"require": ["exp", "iss", "aud"]},
@@ -213,26 +250,29 @@ class OidcVerifier:
                 if isinstance(exc, kind):
                     raise _invalid(detail) from exc
             raise _invalid("the token is not valid") from exc
-        name = claims.get(settings.username_claim)
-        if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise _invalid(f"the token has no usable {settings.username_claim!r} claim")
-        values = _claim(claims, settings.roles_claim)
-        if isinstance(values, str):
-            values = values.split()
-        if not isinstance(values, list):
-            values = []
-        roles = frozenset(
-            settings.role_map[v] for v in values if isinstance(v, str) and v in settings.role_map
-        )
-        return ExternalUser(name, roles, settings.issuer)
+        return claims, issuer
 
 
-def oidc_principal(person: ExternalUser, local: UserRecord | None, *, address: str | None) -> Principal:
-    """The principal of a verified token's person, built like every person's by ``user_principal``.
+def _person(claims: dict[str, Any], settings: OidcIssuerSettings) -> ExternalUser:
+    """The person verified claims name, with the roles ``role_map`` gives their ``roles_claim``."""
+    name = claims.get(settings.username_claim)
+    if not isinstance(name, str) or not name.strip() or len(name) > 256:
+        raise _invalid(f"the token has no usable {settings.username_claim!r} claim")
+    values = _claim(claims, settings.roles_claim)
+    if isinstance(values, str):
+        values = values.split()
+    if not isinstance(values, list):
+        values = []
+    roles = frozenset(settings.role_map[v] for v in values if isinstance(v, str) and v in settings.role_map)
+    return ExternalUser(name, roles, settings.issuer)
 
-    Roles come from the token alone; a local account of the same name can only refuse the person
-    (disabled) or narrow what they see (its scope).  :class:`AuthenticationError` for a disabled
-    local account, :class:`AccessDenied` when the token maps to no SafePACS role.
+
+def oidc_user(person: ExternalUser, local: UserRecord | None) -> UserRecord:
+    """The account a verified person acts as: the local one of the same name (its scope narrows
+    them) or a blank one, with the roles from the provider alone.
+
+    :class:`AuthenticationError` for a disabled local account, :class:`AccessDenied` when the
+    provider's claims map to no SafePACS role.
     """
     if local is not None and local.disabled:
         raise _invalid("this user is disabled in SafePACS")
@@ -242,4 +282,13 @@ def oidc_principal(person: ExternalUser, local: UserRecord | None, *, address: s
             "in auth.oidc.role_map"
         )
     base = local if local is not None else UserRecord(person.name, "", frozenset(), False, False)
-    return user_principal(replace(base, roles=person.roles, must_change_password=False), address=address)
+    return replace(base, roles=person.roles, must_change_password=False)
+
+
+def oidc_principal(person: ExternalUser, local: UserRecord | None, *, address: str | None) -> Principal:
+    """The principal of a verified token's person, built like every person's by ``user_principal``.
+
+    Roles come from the token alone; a local account of the same name can only refuse the person
+    (disabled) or narrow what they see (its scope): see :func:`oidc_user`.
+    """
+    return user_principal(oidc_user(person, local), address=address)

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -241,7 +249,13 @@ OIDC_ALGORITHMS = frozenset(
 
 
 class OidcIssuerSettings(_Section):
-    """One OpenID Connect provider whose bearer JWTs DICOMweb accepts (``[[auth.oidc]]``)."""
+    """One OpenID Connect provider whose bearer JWTs DICOMweb accepts (``[[auth.oidc]]``).
+
+    With a ``client_id`` the web UI also offers "Sign in with ``display_name``": the authorization code
+    flow with PKCE (S256) at the endpoints of the issuer's discovery document
+    (``{issuer}/.well-known/openid-configuration``, fetched over https like the JWKS).  The provider
+    must list ``https://<SafePACS host>/login/oidc/callback`` as a redirect URI of that client.
+    """
 
     issuer: str = Field(description="The provider's issuer ('iss' claim) exactly as it writes it; https.")
     audience: str = Field(description="The audience ('aud') tokens must name: SafePACS's client id there.")
@@ -264,6 +278,18 @@ class OidcIssuerSettings(_Section):
     jwks_cache_seconds: int = Field(300, ge=10, le=86400, description="Seconds the JWKS is cached.")
     jwks_refresh_cooldown: float = Field(
         30.0, ge=0, le=3600, description="Least seconds between JWKS re-fetches caused by an unknown key id."
+    )
+    client_id: str | None = Field(
+        None, description="SafePACS's client id at the provider; set it to offer sign-in in the web UI."
+    )
+    client_secret_file: Path | None = Field(
+        None, description="File holding the client secret of a confidential client (PKCE is used anyway)."
+    )
+    display_name: str | None = Field(
+        None, max_length=64, description="Name on the 'Sign in with' button; the issuer's host when unset."
+    )
+    scopes: tuple[str, ...] = Field(
+        ("openid", "profile", "email"), description="Scopes asked for at sign-in; 'openid' is required."
     )
 
     @field_validator("issuer", "jwks_uri")
@@ -290,6 +316,31 @@ class OidcIssuerSettings(_Section):
         if not value:
             raise ValueError("name at least one algorithm")
         return value
+
+    @field_validator("client_id", "display_name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip() or not value.isprintable():
+            raise ValueError("must be printable text, not empty")
+        return value.strip()
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError("must include 'openid' (without it the provider issues no ID token)")
+        bad = [v for v in value if not v or not all("!" <= c <= "~" and c not in '"\\' for c in v)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a scope token (RFC 6749 3.3)")
+        return value
+
+    @model_validator(mode="after")
+    def _client(self) -> OidcIssuerSettings:
+        if self.client_secret_file is not None and self.client_id is None:
+            raise ValueError("client_secret_file needs client_id")
+        return self
 
 
 class AuthSettings(_Section):
@@ -494,6 +545,10 @@ _TOML_EXAMPLES: dict[str, dict[str, list[str]]] = {
             '# jwks_uri = "https://login.example.org/realms/hospital/protocol/openid-connect/certs"',
             '# roles_claim = "realm_access.roles"',
             '# role_map = { "pacs-radiologists" = "radiologist", "pacs-admins" = "admin" }',
+            "# # For 'Sign in with' in the web UI (redirect URI: https://<host>/login/oidc/callback):",
+            '# client_id = "safepacs-web"',
+            '# display_name = "Hospital login"',
+            '# client_secret_file = "/etc/safepacs/oidc-client-secret"',
         ]
     },
     "audit": {

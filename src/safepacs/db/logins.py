@@ -2,7 +2,9 @@
 
 Part of the directory repository (:class:`safepacs.db.directory.SqlDirectory`).  It stores
 what it is given: TOTP secrets arrive sealed, sessions as the SHA-256 of their cookie and of their
-CSRF token; deciding what is valid is :mod:`safepacs.auth.login`'s job.  Counters and the TOTP
+CSRF token; deciding what is valid is :mod:`safepacs.auth.login`'s job.  Sessions of people who
+signed in through OpenID Connect (``SessionRecord.issuer`` set) are kept in ``oidc_sessions``, since
+they may have no local account; every session method below covers both tables.  Counters and the TOTP
 replay guard are single ``UPDATE`` statements, so concurrent logins cannot both pass.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from safepacs.db.database import Database
-from safepacs.db.schema import sessions, users
+from safepacs.db.schema import oidc_sessions, sessions, users
 from safepacs.errors import NotFoundError
 from safepacs.records import LoginState, SessionRecord
 
@@ -29,7 +31,11 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+_SESSION_TABLES = (sessions, oidc_sessions)
+
+
 def _session(row: Any) -> SessionRecord:
+    issuer = row.get("issuer")
     return SessionRecord(
         row["id_sha256"],
         row["user_name"],
@@ -38,6 +44,8 @@ def _session(row: Any) -> SessionRecord:
         _aware(row["last_seen_at"]),
         _aware(row["expires_at"]),
         None if row["revoked_at"] is None else _aware(row["revoked_at"]),
+        issuer,
+        frozenset(r for r in row["roles"].split(",") if r) if issuer is not None else frozenset(),
     )
 
 
@@ -135,18 +143,24 @@ class LoginMixin:
 
     # Sessions ---------------------------------------------------------------------------------------------
     def add_session(self, record: SessionRecord) -> None:
-        """Store a new session (and forget the user's sessions that ended over a day ago)."""
+        """Store a new session (and forget the person's sessions that ended over a day ago)."""
+        table = sessions if record.issuer is None else oidc_sessions
+        extra = (
+            {}
+            if record.issuer is None
+            else {"issuer": record.issuer, "roles": ",".join(sorted(record.roles))}
+        )
 
         def work(conn: sa.Connection) -> None:
             old = record.created_at - _KEEP_ENDED
             conn.execute(
-                sa.delete(sessions).where(
-                    sessions.c.user_name == record.user_name,
-                    sa.or_(sessions.c.expires_at < old, sessions.c.revoked_at < old),
+                sa.delete(table).where(
+                    table.c.user_name == record.user_name,
+                    sa.or_(table.c.expires_at < old, table.c.revoked_at < old),
                 )
             )
             conn.execute(
-                sa.insert(sessions).values(
+                sa.insert(table).values(
                     id_sha256=record.id_sha256,
                     user_name=record.user_name,
                     csrf_sha256=record.csrf_sha256,
@@ -154,6 +168,7 @@ class LoginMixin:
                     last_seen_at=record.last_seen_at,
                     expires_at=record.expires_at,
                     revoked_at=record.revoked_at,
+                    **extra,
                 )
             )
 
@@ -161,49 +176,60 @@ class LoginMixin:
 
     def get_session(self, id_sha256: str) -> SessionRecord | None:
         def work(conn: sa.Connection) -> SessionRecord | None:
-            row = (
-                conn.execute(sa.select(sessions).where(sessions.c.id_sha256 == id_sha256)).mappings().first()
-            )
-            return None if row is None else _session(row)
+            for table in _SESSION_TABLES:
+                row = conn.execute(sa.select(table).where(table.c.id_sha256 == id_sha256)).mappings().first()
+                if row is not None:
+                    return _session(row)
+            return None
 
         return self._db.run(work, write=False)
 
     def list_sessions(self, user_name: str) -> list[SessionRecord]:
+        """Every stored session of the name, local and OpenID Connect alike, oldest first."""
+
         def work(conn: sa.Connection) -> list[SessionRecord]:
-            stmt = (
-                sa.select(sessions).where(sessions.c.user_name == user_name).order_by(sessions.c.created_at)
-            )
-            return [_session(r) for r in conn.execute(stmt).mappings()]
+            found = [
+                _session(r)
+                for table in _SESSION_TABLES
+                for r in conn.execute(sa.select(table).where(table.c.user_name == user_name)).mappings()
+            ]
+            return sorted(found, key=lambda r: r.created_at)
 
         return self._db.run(work, write=False)
 
     def touch_session(self, id_sha256: str, now: datetime) -> None:
         """Note activity on a session (its idle timeout counts from here)."""
-        self._db.run(
-            lambda conn: conn.execute(
-                sa.update(sessions).where(sessions.c.id_sha256 == id_sha256).values(last_seen_at=now)
-            ),
-            write=True,
-        )
+
+        def work(conn: sa.Connection) -> None:
+            for table in _SESSION_TABLES:
+                conn.execute(sa.update(table).where(table.c.id_sha256 == id_sha256).values(last_seen_at=now))
+
+        self._db.run(work, write=True)
 
     def revoke_session(self, id_sha256: str, now: datetime) -> bool:
         """End one session (logout); False when it was unknown or ended already."""
 
         def work(conn: sa.Connection) -> bool:
-            stmt = sa.update(sessions).where(
-                sessions.c.id_sha256 == id_sha256, sessions.c.revoked_at.is_(None)
-            )
-            return bool(conn.execute(stmt.values(revoked_at=now)).rowcount)
+            ended = 0
+            for table in _SESSION_TABLES:
+                stmt = sa.update(table).where(table.c.id_sha256 == id_sha256, table.c.revoked_at.is_(None))
+                ended += conn.execute(stmt.values(revoked_at=now)).rowcount
+            return bool(ended)
 
         return self._db.run(work, write=True)
 
     def revoke_user_sessions(self, user_name: str, now: datetime) -> int:
-        """End every session of a user (new password, disabled account); how many were open."""
+        """End every session of a user (new password, disabled account), and those of people of the
+        same name signed in through OpenID Connect (a local account can refuse them); how many were open."""
 
         return self._db.run(lambda conn: revoke_sessions(conn, user_name, now), write=True)
 
 
 def revoke_sessions(conn: sa.Connection, user_name: str, now: datetime) -> int:
-    """End every open session of a user in this transaction; how many were open."""
-    stmt = sa.update(sessions).where(sessions.c.user_name == user_name, sessions.c.revoked_at.is_(None))
-    return int(conn.execute(stmt.values(revoked_at=now)).rowcount)
+    """End every open session of a user in this transaction (OpenID Connect sessions of the same name
+    too: a local account that is disabled refuses them); how many were open."""
+    ended = 0
+    for table in _SESSION_TABLES:
+        stmt = sa.update(table).where(table.c.user_name == user_name, table.c.revoked_at.is_(None))
+        ended += int(conn.execute(stmt.values(revoked_at=now)).rowcount)
+    return ended

@@ -38,6 +38,7 @@ __all__ = [
     "audit_refs",
     "instances",
     "metadata",
+    "oidc_sessions",
     "patients",
     "peer_certificates",
     "peers",
@@ -252,6 +253,22 @@ sessions = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("last_seen_at", _TS, nullable=False),  # idle expiry counts from here
     sa.Column("expires_at", _TS, nullable=False),  # absolute expiry
+    sa.Column("revoked_at", _TS, nullable=True),
+)
+
+# Sessions of people signed in through OpenID Connect (migration 0008).  Apart from ``sessions``: the
+# person may have no local account, so ``user_name`` (as the issuer names them) has no foreign key.
+oidc_sessions = sa.Table(
+    "oidc_sessions",
+    metadata,
+    sa.Column("id_sha256", sa.String(64), primary_key=True),  # of the cookie value; never the cookie
+    sa.Column("user_name", sa.String, nullable=False, index=True),
+    sa.Column("issuer", sa.String, nullable=False),  # the configured issuer that vouched for them
+    sa.Column("roles", sa.String, nullable=False),  # comma-separated SafePACS roles from the ID token
+    sa.Column("csrf_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("last_seen_at", _TS, nullable=False),
+    sa.Column("expires_at", _TS, nullable=False),
     sa.Column("revoked_at", _TS, nullable=True),
 )
 

@@ -25,6 +25,7 @@ from safepacs.protocols.dicomweb.security import SESSION_COOKIE
 from safepacs.protocols.webui.admin import admin_router
 from safepacs.protocols.webui.audit import audit_router
 from safepacs.protocols.webui.ohif import MOUNT, viewer_app, viewer_installed
+from safepacs.protocols.webui.oidc import oidc_login_router
 from safepacs.protocols.webui.posture import Review, posture_router
 from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
@@ -49,6 +50,7 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
     app = create_app(archive)
     logins = archive.logins
     app.include_router(signin_router(logins, archive.auditor, archive.settings))
+    app.include_router(oidc_login_router(archive.oidc_sign_in, logins, archive.auditor))
     viewer_dir = archive.settings.viewer_dir
     app.include_router(
         study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
