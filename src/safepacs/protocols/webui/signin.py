@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.events import Participant
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
+from safepacs.auth.oidc_login import SignInClient
 from safepacs.config import Settings
 from safepacs.errors import AuditError, AuthenticationError
 from safepacs.protocols.dicomweb.security import SESSION_COOKIE, client_address, user_agent
@@ -35,13 +36,12 @@ def _person(request: Request, name: str) -> Participant:
     return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
 
 
-def signin_router(logins: LoginService, auditor: Auditor, settings: Settings) -> APIRouter:
+def signin_router(
+    logins: LoginService, auditor: Auditor, settings: Settings, providers: list[SignInClient]
+) -> APIRouter:
+    """The sign-in pages; ``providers`` are the identity providers a browser can sign in with
+    (``[[auth.oidc]]`` issuers with a client, :meth:`safepacs.auth.oidc_login.OidcSignIn.clients`)."""
     router = APIRouter(include_in_schema=False)
-    providers = [  # the identity providers a browser can sign in with (those with a client)
-        (position, str(getattr(issuer, "display_name", None) or issuer.issuer))
-        for position, issuer in enumerate(settings.auth.oidc)
-        if getattr(issuer, "client_id", None)
-    ]
     idle_minutes = settings.auth.session_idle_minutes
 
     def form(request: Request, status: int = 200, **context: object) -> HTMLResponse:

@@ -49,8 +49,9 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
     may not import itself; None: the page says to run ``safepacs doctor``)."""
     app = create_app(archive)
     logins = archive.logins
-    app.include_router(signin_router(logins, archive.auditor, archive.settings))
-    app.include_router(oidc_login_router(archive.oidc_sign_in, logins, archive.auditor))
+    oidc = archive.oidc_sign_in
+    app.include_router(signin_router(logins, archive.auditor, archive.settings, oidc.clients()))
+    app.include_router(oidc_login_router(oidc, logins, archive.auditor))
     viewer_dir = archive.settings.viewer_dir
     app.include_router(
         study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
