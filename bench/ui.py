@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
@@ -41,12 +40,13 @@ from typing import Any
 
 import httpx
 from _common import HOST, free_port, git_revision, make_corpus, markdown_table, rich_table
-from PIL import Image
 from rich.console import Console
 from scale import Corpus, fill
 
 from safepacs.app import open_repositories
 from safepacs.auth.passwords import hash_password
+from safepacs.config import load_settings
+from safepacs.protocols.webui.ohif import viewer_installed
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 SAFEPACS = [sys.executable, "-m", "safepacs"]
@@ -189,9 +189,17 @@ def time_pages(server: Server, data: Path, requests: int) -> list[list[str]]:
     return rows
 
 
-def _spread(png: bytes) -> float:
-    grey = Image.open(io.BytesIO(png)).convert("L")
-    return statistics.pstdev(grey.tobytes())
+#: The standard deviation of a canvas's grey levels (0: blank), read from the canvas itself.
+CANVAS_SPREAD = """c => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, sum = 0, squares = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    const g = (d[i] + d[i + 1] + d[i + 2]) / 3;
+    n++; sum += g; squares += g * g;
+  }
+  const mean = sum / n;
+  return Math.sqrt(Math.max(squares / n - mean * mean, 0));
+}"""
 
 
 def _browser_page(browser: Any, base: str) -> Any:
@@ -306,9 +314,9 @@ def _ohif(browser: Any, server: Server, study: str, slices: int, runs: int) -> l
         page.on("response", seen)
         t0 = time.perf_counter()
         page.goto(f"{server.base}/viewer/viewer?StudyInstanceUIDs={study}")
-        canvas = page.locator("canvas").first
+        canvas = page.locator("canvas.cornerstone-canvas").first
         canvas.wait_for()
-        while _spread(canvas.screenshot()) < 5:
+        while canvas.evaluate(CANVAS_SPREAD) < 5:
             if time.perf_counter() - t0 > 60:
                 raise RuntimeError("OHIF showed no image within 60 s")
             time.sleep(0.05)
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     server = Server(data)
     try:
-        ohif = httpx.get(server.base + "/viewer/", verify=False, timeout=30).status_code == 200  # noqa: S501 - loopback, own CA
+        ohif = viewer_installed(load_settings(data).viewer_dir)
         rows = time_pages(server, data, args.requests)
         rows += time_browser(server, study, args.slices, args.runs, ohif)
         if not ohif:

@@ -31,8 +31,8 @@ from tests.support import oidc
 from tests.support.audit_capture import AuditCapture
 from tests.support.corpus import make_ct
 from tests.support.oidc import CLIENT_ID, IdentityProvider
-from tests.support.pages import form_token
 from tests.support.server import start_server
+from tests.support.ui import form_token
 from tests.support.webapp import add_user, served, store
 
 idp = oidc.idp
