@@ -321,6 +321,10 @@ def _ohif(browser: Any, server: Server, study: str, slices: int, runs: int) -> l
                 raise RuntimeError("OHIF showed no image within 60 s")
             time.sleep(0.05)
         firsts.append(time.perf_counter() - t0)
+        for dismiss in ("Skip all", "Confirm and hide"):  # OHIF's first-visit tour and banner
+            button = page.get_by_text(dismiss, exact=True)
+            if button.count() and button.first.is_visible():
+                button.first.click()
         canvas.click()
         t0 = time.perf_counter()
         for _ in range(slices):

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import segno
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +44,8 @@ _TOKEN_SCOPES = (Service.FIND.value, Service.GET.value, Service.STORE.value)
 
 def qr_data_uri(text: str) -> str:
     """``text`` as a QR code, an SVG ``data:`` URI (the UI's CSP allows ``data:`` images)."""
+    import segno  # only when a secret is shown: the HTTPS process does not carry it otherwise
+
     return str(segno.make(text, error="m").svg_data_uri(scale=5, border=4))
 
 

@@ -45,7 +45,6 @@ from fastapi.responses import HTMLResponse, Response
 
 from safepacs.audit.chain import StoredRecord, Verification
 from safepacs.audit.events import AuditEvent, AuditFilter, ObjectKind, from_canonical, recorded_time
-from safepacs.audit.pdf import report_pdf
 from safepacs.audit.report import ACTIONS, FIELDS, OUTCOMES, described, for_csv, summary_row, verified
 from safepacs.auth.login import LoginService
 from safepacs.errors import AccessDenied, AuditError, SafePacsError
@@ -318,6 +317,8 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
                 )
                 if part
             )
+            from safepacs.audit.pdf import report_pdf  # fpdf2 only when a PDF is asked for (memory)
+
             body = report_pdf(rows, patient_id=form["patient"], made_by=visitor.name, made_at=made,
                               scope=scope, note=note)  # fmt: skip
             return Response(body, media_type="application/pdf", headers=_download(f"{name}.pdf"))

@@ -56,7 +56,11 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
     app.include_router(
         study_actions_router(logins, archive.retrieve, archive.delete, archive.restore, archive.gate)
     )  # before the study pages: /studies/trash is not a study
-    app.include_router(studies_router(logins, archive.query, viewer_installed=viewer_installed(viewer_dir)))
+    app.include_router(
+        studies_router(
+            logins, archive.query, viewer_installed=functools.partial(viewer_installed, viewer_dir)
+        )
+    )
     app.include_router(posture_router(logins, archive.settings, _bound(review, archive)))
     app.include_router(admin_router(logins, archive.admin, archive.settings.keys_dir))
     app.include_router(audit_router(logins, archive.audits))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -94,7 +95,11 @@ def search_keys(form: dict[str, str]) -> list[tuple[str, str]]:
     return keys
 
 
-def studies_router(logins: LoginService, query: QueryService, *, viewer_installed: bool) -> APIRouter:
+def studies_router(
+    logins: LoginService, query: QueryService, *, viewer_installed: Callable[[], bool]
+) -> APIRouter:
+    """The study pages; ``viewer_installed()`` says whether to offer OHIF (asked on each study page, so
+    an installation made while the server runs shows at once)."""
     router = APIRouter(include_in_schema=False)
 
     def search(
@@ -190,7 +195,7 @@ def studies_router(logins: LoginService, query: QueryService, *, viewer_installe
         }
         allow = visitor.principal.allow  # the actions offered (each route asks the services again)
         return page(request, "study.html", visitor=visitor, study=facts, series=rows,
-                    viewer_installed=viewer_installed, may_download=Service.GET in allow,
+                    viewer_installed=viewer_installed(), may_download=Service.GET in allow,
                     may_delete=Service.DELETE in allow)  # fmt: skip
 
     @router.get("/studies/{study}/series/{series}/view")
