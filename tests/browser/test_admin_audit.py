@@ -87,6 +87,12 @@ def test_an_admin_adds_a_peer_whose_downloaded_certificate_associates_over_dicom
     assert "No peers are registered" in page.locator("main").inner_text()
     assert_accessible(page)
     page.get_by_label("AE title").fill("WEBPEER")
+    page.get_by_label("Host or network").fill("not a host!")
+    page.get_by_role("button", name="Add peer").click()
+    page.wait_for_load_state()
+    assert "neither an IP address" in page.get_by_role("alert").inner_text()  # refused, said why
+    assert page.get_by_label("AE title").input_value() == "WEBPEER"  # what was typed is kept
+    assert_accessible(page)
     page.get_by_label("Host or network").fill("127.0.0.1")
     for service in ("echo", "find"):
         page.get_by_role("checkbox", name=service, exact=True).check()
