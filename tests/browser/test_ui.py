@@ -7,98 +7,46 @@ pages, and what the audit trail recorded about it.  axe-core checks every page i
 
 from __future__ import annotations
 
-import base64
 import time
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
 
-from safepacs.app import Repositories
-from safepacs.auth.passwords import hash_password
-from safepacs.auth.totp import code_at
 from safepacs.config import load_settings
 from safepacs.protocols.webui.ohif import viewer_installed
 from tests.support.browser import (
     CANVAS_SPREAD,
-    accessibility_problems,
+    SLICES,
+    assert_accessible,
     browser,
+    new_page,
     pixel_spread,
     save_screenshot,
+    sign_in_on,
+    site,
 )
-from tests.support.corpus import make_ct, phantom_pixels
-from tests.support.server import Server, run_cli, start_server
-from tests.support.webapp import PASSWORD
+from tests.support.server import Server
+from tests.support.ui import enrol_totp, totp_now
 
-__all__ = ["browser"]  # the fixture, imported for pytest
-
-SLICES = 12
-
-
-@pytest.fixture
-def site(data_dir: Path, repos: Repositories, tmp_path: Path) -> Iterator[tuple[Server, dict[str, str]]]:
-    """A running server with one CT series of 12 slices and the people of these tests."""
-    study, series = generate_uid(), generate_uid()
-    files = tmp_path / "series"
-    files.mkdir()
-    for n in range(SLICES):
-        ds = make_ct(256, 256, patient_id="UI-0001", patient_name="Doe^Jane", study_uid=study,
-                     series_uid=series, instance_number=n + 1, seed=n)  # fmt: skip
-        ds.PixelData = phantom_pixels(256, 256, n / (SLICES - 1))
-        ds.save_as(files / f"{n}.dcm", enforce_file_format=True)
-    assert run_cli("import", str(files), "--data", str(data_dir)) == 0
-    for name, roles in (("rad", "radiologist"), ("ref", "referrer"), ("boss", "admin"), ("aud", "auditor")):
-        repos.directory.add_user(
-            name, hash_password(PASSWORD), frozenset({roles}), must_change_password=False
-        )
-    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
-    try:
-        yield srv, {"study": study, "series": series}
-    finally:
-        srv.stop()
-
-
-def _page(browser: Any) -> Any:
-    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    return page
-
-
-def _sign_in(page: Any, srv: Server, user: str, totp: str | None = None, path: str = "/studies") -> None:
-    page.goto(srv.base_url + path)
-    assert page.url.startswith(srv.base_url + "/login?next=")
-    page.get_by_label("User name").fill(user)
-    page.get_by_label("Password").fill(PASSWORD)
-    if totp:
-        page.get_by_label("One-time code").fill(totp)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_load_state()
-
-
-def _accessible(page: Any) -> None:
-    problems = accessibility_problems(page)
-    assert not problems, f"{page.url}: {problems}"
+__all__ = ["browser", "site"]  # the fixtures, imported for pytest
 
 
 def test_a_radiologist_finds_a_study_and_scrolls_its_series(
     browser: Any, site: tuple[Server, dict[str, str]], tmp_path: Path
 ) -> None:
     srv, uids = site
-    page = _page(browser)
+    page = new_page(browser)
     page.goto(srv.base_url + "/login")
-    _accessible(page)
+    assert_accessible(page)
     save_screenshot(page, "sign-in", tmp_path)
-    _sign_in(page, srv, "rad")
+    sign_in_on(page, srv, "rad")
     assert page.url == srv.base_url + "/studies", page.locator("main").inner_text()
     page.get_by_label("Patient ID").fill("UI-0001")
     page.get_by_role("button", name="Search").click()
     page.wait_for_load_state()
     assert "patient_id=UI-0001" in page.url
-    _accessible(page)
+    assert_accessible(page)
     save_screenshot(page, "studies", tmp_path)
     page.get_by_role("link", name="Doe Jane").click()
     page.wait_for_load_state()
@@ -106,7 +54,7 @@ def test_a_radiologist_finds_a_study_and_scrolls_its_series(
     thumbnail = page.locator("ul.series img").first
     thumbnail.wait_for()
     page.wait_for_function("() => document.querySelector('ul.series img').naturalWidth > 0")
-    _accessible(page)
+    assert_accessible(page)
     save_screenshot(page, "study", tmp_path)
 
     thumbnail.click()
@@ -129,7 +77,7 @@ def test_a_radiologist_finds_a_study_and_scrolls_its_series(
     for _ in range(SLICES):
         page.locator("#viewer").press("ArrowDown")
     assert status.inner_text().startswith(f"Image {SLICES} of {SLICES}")
-    _accessible(page)
+    assert_accessible(page)
     save_screenshot(page, "viewer", tmp_path)
 
 
@@ -137,31 +85,26 @@ def test_a_referrer_without_grants_sees_no_study_and_gets_not_found(
     browser: Any, site: tuple[Server, dict[str, str]]
 ) -> None:
     srv, uids = site
-    page = _page(browser)
-    _sign_in(page, srv, "ref")
+    page = new_page(browser)
+    sign_in_on(page, srv, "ref")
     assert page.locator("table.list").count() == 0
     assert "No studies found" in page.locator("main").inner_text()
     answer = page.goto(f"{srv.base_url}/studies/{uids['study']}")
     assert answer is not None and answer.status == 404
     assert page.get_by_role("heading", level=1).inner_text() == "Study not found"
     assert "Doe" not in page.content() and "UI-0001" not in page.content()
-    _accessible(page)
+    assert_accessible(page)
 
 
 def test_an_admin_signs_in_with_totp(
     browser: Any, site: tuple[Server, dict[str, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     srv, _ = site
-    page = _page(browser)
-    _sign_in(page, srv, "boss")
+    page = new_page(browser)
+    sign_in_on(page, srv, "boss")
     assert page.url.startswith(srv.base_url + "/login")  # no second factor yet: refused, told why
     assert "totp-enroll" in page.locator("main").inner_text()
-    capsys.readouterr()
-    assert run_cli("user", "totp-enroll", "boss", "--data", str(srv.data)) == 0
-    uri = capsys.readouterr().out.strip()
-    encoded = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)["secret"][0]
-    secret = base64.b32decode(encoded + "=" * (-len(encoded) % 8))
-    _sign_in(page, srv, "boss", code_at(secret, time.time()))
+    sign_in_on(page, srv, "boss", totp_now(enrol_totp(srv.data, "boss", capsys)))
     assert page.url == srv.base_url + "/studies"
     assert page.get_by_role("link", name="Administration").count() == 1
     page.get_by_role("button", name="Sign out").click()
@@ -177,14 +120,14 @@ def test_open_in_viewer_shows_the_study_in_ohif_with_the_session(
     srv, uids = site
     if not viewer_installed(load_settings(srv.data).viewer_dir):
         pytest.skip("the OHIF viewer is not installed (safepacs viewer install; scripts/install.sh does it)")
-    page = _page(browser)
+    page = new_page(browser)
     answer = page.goto(f"{srv.base_url}/viewer/viewer?StudyInstanceUIDs={uids['study']}")
     assert answer is not None and "/login?next=/viewer/viewer" in page.url  # no session, no viewer
     hosts: set[str] = set()
     failures: list[str] = []
     page.on("request", lambda r: hosts.add(r.url.split("/")[2]) if r.url.startswith("http") else None)
     page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    _sign_in(page, srv, "rad", path=f"/studies/{uids['study']}")
+    sign_in_on(page, srv, "rad", path=f"/studies/{uids['study']}")
     page.get_by_role("link", name="Open in viewer").click()
     canvas = page.locator("canvas.cornerstone-canvas").first
     canvas.wait_for(timeout=60_000)

@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
-import ssl
 import time
 import urllib.parse
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
@@ -32,7 +27,7 @@ from safepacs.types import Peer, Service, TlsMode
 from tests.support.audit_capture import AuditCapture
 from tests.support.dicom_client import echo
 from tests.support.server import start_server
-from tests.support.tls import tls
+from tests.support.tls import bundle_context, tls
 from tests.support.uibrowser import Browser, shown_once
 from tests.support.webapp import AppClient, add_user, inprocess
 
@@ -138,29 +133,14 @@ def test_an_admin_adds_a_peer_issues_its_certificate_and_a_real_server_admits_it
         r.headers["cache-control"] == "no-store"
         and "WEBPEER-certificate.zip" in r.headers["content-disposition"]
     )
-    files = zipfile.ZipFile(io.BytesIO(r.content))
-    assert sorted(files.namelist()) == ["ca.pem", "cert.pem", "key.pem"]
-    ca_pem = (data_dir / "keys" / "ca.pem").read_bytes()
-    assert files.read("ca.pem") == ca_pem
-    cert = x509.load_pem_x509_certificate(files.read("cert.pem"))
-    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))  # raises unless the CA signed it
-    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "WEBPEER"
-    key = serialization.load_pem_private_key(files.read("key.pem"), password=None)
-    assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+    ctx = bundle_context(r.content, data_dir / "keys" / "ca.pem", "WEBPEER", data_dir.parent / "bundle")
     assert b"PRIVATE KEY" not in admin.get("/admin/peers").content  # the key left only in the download
     issued = archive.directory.list_certificates("WEBPEER")
     assert [c.source for c in issued] == ["issued"] and issued[0].revoked_at is None
 
     # A real server admits the peer over DICOM TLS with the downloaded bundle.
-    bundle = data_dir.parent / "bundle"
-    bundle.mkdir()
-    for name in files.namelist():
-        (bundle / name).write_bytes(files.read(name))
     srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
     try:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cafile=str(bundle / "ca.pem"))
-        ctx.load_cert_chain(bundle / "cert.pem", bundle / "key.pem")
         status = echo(srv.tls_port, calling="WEBPEER", tls_args=tls(ctx))
         assert status is not None and getattr(status, "Status", None) == 0x0000
 

@@ -3,6 +3,8 @@
 Playwright's own browser download is not used (nor reachable here): the tests launch the system
 Chromium (``apt-get install chromium``, done by ``scripts/test.sh``) through its executable path.
 Background networking is switched off so the browser talks to nothing but the server under test.
+
+The ``site`` fixture is the server the browser tests share: one CT series and a person of each role.
 """
 
 from __future__ import annotations
@@ -17,17 +19,30 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from pydicom.uid import generate_uid
 
+from safepacs.app import Repositories
+from safepacs.auth.passwords import hash_password
+from tests.support.corpus import make_ct, phantom_pixels
 from tests.support.paths import REPO
+from tests.support.server import Server, run_cli, start_server
+from tests.support.webapp import PASSWORD
 
 __all__ = [
     "CANVAS_SPREAD",
     "CHROMIUM",
+    "PATIENT_ID",
+    "PEOPLE",
     "SCREENSHOTS",
+    "SLICES",
     "accessibility_problems",
+    "assert_accessible",
     "browser",
+    "new_page",
     "pixel_spread",
     "save_screenshot",
+    "sign_in_on",
+    "site",
 ]
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the /usr/bin/chromium wrapper script fails here
@@ -52,6 +67,12 @@ CANVAS_SPREAD = """c => {
   const mean = sum / n;
   return Math.sqrt(Math.max(squares / n - mean * mean, 0));
 }"""
+
+#: The site's one series: its slices and its patient (Doe^Jane).
+SLICES = 12
+PATIENT_ID = "UI-0001"
+#: The site's people (password :data:`tests.support.webapp.PASSWORD`) and their roles.
+PEOPLE = (("rad", "radiologist"), ("ref", "referrer"), ("boss", "admin"), ("aud", "auditor"))
 
 #: Where the screenshots of the main pages go when SAFEPACS_UPDATE_SCREENSHOTS=1 (README, docs).
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -102,3 +123,58 @@ def save_screenshot(page: Any, name: str, tmp_path: Path) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, SCREENSHOTS / f"{name}.png")
     return target
+
+
+@pytest.fixture
+def site(data_dir: Path, repos: Repositories, tmp_path: Path) -> Iterator[tuple[Server, dict[str, str]]]:
+    """A running server with one CT series of :data:`SLICES` slices of patient :data:`PATIENT_ID`
+    and the people of :data:`PEOPLE`; the study's and series' UIDs."""
+    study, series = generate_uid(), generate_uid()
+    files = tmp_path / "series"
+    files.mkdir()
+    for n in range(SLICES):
+        ds = make_ct(256, 256, patient_id=PATIENT_ID, patient_name="Doe^Jane", study_uid=study,
+                     series_uid=series, instance_number=n + 1, seed=n)  # fmt: skip
+        ds.PixelData = phantom_pixels(256, 256, n / (SLICES - 1))
+        ds.save_as(files / f"{n}.dcm", enforce_file_format=True)
+    assert run_cli("import", str(files), "--data", str(data_dir)) == 0
+    for name, role in PEOPLE:
+        repos.directory.add_user(name, hash_password(PASSWORD), frozenset({role}), must_change_password=False)
+    srv = start_server(data_dir, env={"SAFEPACS_SERVER__WORKERS": "1"})
+    try:
+        yield srv, {"study": study, "series": series}
+    finally:
+        srv.stop()
+
+
+def new_page(browser: Any) -> Any:
+    """A page in a browser context of its own (its own cookies: one person), with a desktop viewport."""
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    return page
+
+
+def sign_in_on(
+    page: Any,
+    srv: Server,
+    user: str,
+    totp: str | None = None,
+    path: str = "/studies",
+    password: str = PASSWORD,
+) -> None:
+    """Go to ``path``, be sent to the sign-in page, and sign in there as ``user`` as a person would."""
+    page.goto(srv.base_url + path)
+    assert page.url.startswith(srv.base_url + "/login?next=")
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(password)
+    if totp:
+        page.get_by_label("One-time code").fill(totp)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_load_state()
+
+
+def assert_accessible(page: Any) -> None:
+    """No serious or critical axe-core violation on the page as it is now."""
+    problems = accessibility_problems(page)
+    assert not problems, f"{page.url}: {problems}"

@@ -19,7 +19,18 @@ from safepacs.auth.totp import code_at
 from tests.support.server import run_cli
 from tests.support.webapp import PASSWORD, AppClient, add_user
 
-__all__ = ["COOKIE", "ORIGIN", "SESSION_COOKIE", "add_admin", "form_token", "post_form", "sign_in", "text_of"]
+__all__ = [
+    "COOKIE",
+    "ORIGIN",
+    "SESSION_COOKIE",
+    "add_admin",
+    "enrol_totp",
+    "form_token",
+    "post_form",
+    "sign_in",
+    "text_of",
+    "totp_now",
+]
 
 SESSION_COOKIE = COOKIE = "__Host-safepacs_session"
 ORIGIN = {"Origin": "https://testserver"}
@@ -50,12 +61,22 @@ def add_admin(
 ) -> dict[str, str]:
     """An administrator (TOTP enrolled, as administrators must be), signed in: their browser's headers."""
     add_user(archive, name, "admin")
+    return sign_in(client, name, totp=totp_now(enrol_totp(data, name, capsys)))
+
+
+def enrol_totp(data: Path, name: str, capsys: pytest.CaptureFixture[str]) -> bytes:
+    """``safepacs user totp-enroll NAME`` as an administrator runs it: the secret of the
+    ``otpauth://`` URI it prints, as an authenticator app would read it."""
     capsys.readouterr()
     assert run_cli("user", "totp-enroll", name, "--data", str(data)) == 0
     uri = capsys.readouterr().out.strip()
     encoded = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)["secret"][0]
-    secret = base64.b32decode(encoded + "=" * (-len(encoded) % 8))
-    return sign_in(client, name, totp=code_at(secret, time.time()))
+    return base64.b32decode(encoded + "=" * (-len(encoded) % 8))
+
+
+def totp_now(secret: bytes) -> str:
+    """The one-time code an authenticator shows now for ``secret``."""
+    return code_at(secret, time.time())
 
 
 def form_token(html: str) -> str:
