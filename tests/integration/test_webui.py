@@ -34,7 +34,7 @@ def test_pages_send_a_stranger_to_sign_in_and_back(app: Client) -> None:
     add_user(archive, "rad", "radiologist")
     r = client.get("/studies?modality=CT")
     assert r.status_code == 303 and r.headers["location"] == "/login?next=/studies%3Fmodality%3DCT"
-    assert client.get("/").headers["location"] == "/studies"
+    assert client.get("/").headers["location"] == "/login?next=/"
     page = client.get("/login?next=/studies%3Fmodality%3DCT")
     assert page.status_code == 200 and 'value="/studies?modality=CT"' in page.text
     assert page.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self';")
@@ -57,7 +57,7 @@ def test_pages_send_a_stranger_to_sign_in_and_back(app: Client) -> None:
             data={"username": "rad", "password": PASSWORD, "next": foreign},
             headers=SAME_ORIGIN,
         )
-        assert r.headers["location"] == "/studies", foreign
+        assert r.headers["location"] == "/", foreign
 
 
 def test_a_failed_sign_in_says_the_same_whatever_was_wrong_and_is_recorded(app: Client) -> None:
@@ -134,6 +134,23 @@ def test_studies_show_only_what_the_person_may_see(app: Client) -> None:
     assert "PID-0" not in hidden.text and hidden.text == missing.text  # 404, not 403: nothing confirmed
     view = client.get(f"/studies/{uids[0]}/series/1.2.3/view", headers=ref)
     assert view.status_code == 404
+    assert client.get("/", headers=ref).headers["location"] == "/studies"  # a referrer searches studies
+
+
+def test_people_land_where_their_role_works_and_error_pages_keep_the_navigation(app: Client) -> None:
+    client, archive = app
+    add_user(archive, "aud", "auditor")
+    add_user(archive, "rad", "radiologist")
+    aud = sign_in(client, "aud")
+    assert client.get("/", headers=aud).headers["location"] == "/audit"
+    listing = client.get("/studies", headers=aud)  # an auditor searches no studies: said, not hidden
+    assert listing.status_code == 403 and "Your role does not search studies" in listing.text
+    assert 'href="/studies"' not in listing.text and 'href="/audit"' in listing.text  # navigation
+    assert 'action="/logout"' in listing.text
+    rad = sign_in(client, "rad")
+    assert client.get("/", headers=rad).headers["location"] == "/studies"
+    missing = client.get("/studies/1.2.3.4", headers=rad)
+    assert missing.status_code == 404 and 'href="/activity"' in missing.text
 
 
 def test_search_fields_and_paging(app: Client) -> None:

@@ -317,7 +317,7 @@ def test_the_provider_refusing_is_a_page_and_a_record(site: Site) -> None:
 
 
 def test_a_foreign_next_is_ignored(site: Site) -> None:
-    """Whatever is not a local path becomes the studies page, on the way out and on the way back."""
+    """Whatever is not a local path becomes the start page, on the way out and on the way back."""
     for next_path in (
         "https://evil.example/",
         "//evil.example/x",
@@ -327,7 +327,7 @@ def test_a_foreign_next_is_ignored(site: Site) -> None:
         None,
     ):
         r = site.sign_in(next_path=next_path)
-        assert r.status_code == 303 and r.headers["location"] == "/studies", next_path
+        assert r.status_code == 303 and r.headers["location"] == "/", next_path
 
 
 def test_unknown_issuers_answer_not_found(site: Site) -> None:

@@ -8,6 +8,7 @@ problem document.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,8 @@ from safepacs.protocols.webui.render import STATIC_DIR, PageError, page
 from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
 from safepacs.protocols.webui.study_actions import study_actions_router
-from safepacs.protocols.webui.visitors import SignInRequired, local_path
+from safepacs.protocols.webui.visitors import SignInRequired, local_path, visitor_of
+from safepacs.types import Service
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -68,12 +70,21 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
     app.mount(MOUNT, _SignedIn(viewer_app(viewer_dir), logins), name="viewer")
 
     @app.get("/", include_in_schema=False)
-    def home() -> Response:
-        return RedirectResponse("/studies", status_code=303)
+    def home(request: Request) -> Response:
+        """Where a person starts (and lands after signing in): the studies, or for a role that does
+        not search them (an auditor) the audit trail, else their own activity."""
+        visitor = visitor_of(request, logins)
+        if Service.FIND in visitor.principal.allow:
+            return RedirectResponse("/studies", status_code=303)
+        landing = "/audit" if visitor.has("auditor") or visitor.has("admin") else "/activity"
+        return RedirectResponse(landing, status_code=303)
 
     @app.exception_handler(PageError)
     def page_error(request: Request, exc: PageError) -> HTMLResponse:
-        return page(request, "error.html", exc.status, title=exc.title, detail=exc.detail)
+        visitor = None  # the navigation, for a signed-in person: an error page is never a dead end
+        with contextlib.suppress(SignInRequired):
+            visitor = visitor_of(request, logins)
+        return page(request, "error.html", exc.status, title=exc.title, detail=exc.detail, visitor=visitor)
 
     @app.exception_handler(SignInRequired)
     def sign_in(request: Request, exc: SignInRequired) -> Response:

@@ -136,6 +136,8 @@ def studies_router(
     @router.get("/studies")
     def studies(request: Request) -> HTMLResponse:
         visitor = visitor_of(request, logins)
+        if Service.FIND not in visitor.principal.allow:  # nothing hidden: the role searches no studies
+            raise PageError(403, "Not available to your role", "Your role does not search studies.")
         params = request.query_params
         form = {field: params.get(field, "").strip()[:64] for field in _SEARCH_FIELDS}
         raw_page = params.get("page", "1")

@@ -25,7 +25,7 @@ from safepacs.auth.policy import user_principal
 from safepacs.protocols.dicomweb.security import SESSION_COOKIE, client_address, user_agent
 from safepacs.protocols.webui.render import PageError
 from safepacs.records import SessionRecord, UserRecord
-from safepacs.types import Principal
+from safepacs.types import Principal, Service
 
 __all__ = ["MAX_FORM_BYTES", "SignInRequired", "Visitor", "checked_form", "local_path", "visitor_of"]
 
@@ -48,6 +48,11 @@ class Visitor:
     def has(self, role: str) -> bool:
         return role in self.user.roles
 
+    @property
+    def may_search(self) -> bool:
+        """Whether the person's roles search studies (the Studies page and its navigation)."""
+        return Service.FIND in self.principal.allow
+
 
 class SignInRequired(Exception):
     """No live session: the answer sends the browser to the sign-in page, then back to ``next``."""
@@ -61,7 +66,7 @@ class SignInRequired(Exception):
         return "/login?next=" + quote(self.next_path, safe="/")
 
 
-def local_path(candidate: str | None, default: str = "/studies") -> str:
+def local_path(candidate: str | None, default: str = "/") -> str:
     """``candidate`` when it is a path on this server (``/x``, not ``//host`` or ``/\\host``), else
     ``default``: the sign-in page never sends a browser to another site."""
     if candidate and candidate.startswith("/") and not candidate.startswith(("//", "/\\")):
@@ -76,7 +81,7 @@ def visitor_of(request: Request, logins: LoginService) -> Visitor:
     found = logins.session(request.cookies.get(SESSION_COOKIE, ""))
     if found is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise SignInRequired(local_path(target) if request.method == "GET" else "/studies")
+        raise SignInRequired(local_path(target) if request.method == "GET" else "/")
     record, user = found
     principal = replace(user_principal(user, address=client_address(request)), user_agent=user_agent(request))
     return Visitor(principal, record, user, LoginService.form_token(record))
