@@ -156,7 +156,7 @@ def test_an_admin_s_pages_users_tokens_access_posture_and_trash(
     assert page.get_by_role("img", name=re.compile("QR code")).count() == 1
     typed = page.locator("#shown-once").inner_text().replace(" ", "")
     assert_accessible(page)
-    save_screenshot(page, "users-totp", tmp_path)
+    save_screenshot(page, "users-totp", tmp_path, publish=False)  # a (test) TOTP secret
     secret = base64.b32decode(typed + "=" * (-len(typed) % 8))
     radiologist = new_page(browser)
     sign_in_on(radiologist, srv, "rad", totp_now(secret))

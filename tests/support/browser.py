@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,14 +113,17 @@ def accessibility_problems(page: Any) -> list[str]:
     ]
 
 
-def save_screenshot(page: Any, name: str, tmp_path: Path) -> Path:
-    """A full-page screenshot under ``tmp_path``; also into docs/screenshots when
-    SAFEPACS_UPDATE_SCREENSHOTS=1 (how the README's pictures are made)."""
+def save_screenshot(page: Any, name: str, tmp_path: Path, *, publish: bool = True) -> Path:
+    """A screenshot of the viewport under ``tmp_path``; also into docs/screenshots when
+    SAFEPACS_UPDATE_SCREENSHOTS=1 and ``publish`` (how the README's pictures are made), reduced to
+    a 128-colour palette to keep the repository small.  A page that shows a secret, even a test
+    one, is not published."""
     target = tmp_path / f"{name}.png"
     page.screenshot(path=str(target), full_page=False)
-    if os.environ.get("SAFEPACS_UPDATE_SCREENSHOTS") == "1":
+    if publish and os.environ.get("SAFEPACS_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(target, SCREENSHOTS / f"{name}.png")
+        with Image.open(target) as shot:
+            shot.convert("RGB").quantize(colors=128).save(SCREENSHOTS / f"{name}.png", optimize=True)
     return target
 
 
