@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from safepacs.app import Archive
@@ -125,6 +126,7 @@ def test_studies_show_only_what_the_person_may_see(app: Client) -> None:
     assert sorted(_studies(client.get("/studies", headers=rad).text)) == sorted(uids)
     study = client.get(f"/studies/{uids[0]}", headers=rad)
     assert study.status_code == 200 and "PID-0" in study.text and "/thumbnail" in study.text
+    assert "Instances (1)" in study.text and "64x64" in study.text  # the series' instances
     ref = sign_in(client, "ref")
     listing = client.get("/studies", headers=ref)
     assert listing.status_code == 200 and _studies(listing.text) == [] and "No studies found" in listing.text
@@ -162,27 +164,40 @@ def test_search_fields_and_paging(app: Client) -> None:
         store(archive, make_ct(patient_id=f"CT-{n}", patient_name="Brown^Cy", StudyDate="20240105"))
     rad = sign_in(client, "rad")
 
-    def found(query: str) -> list[str]:
-        r = client.get(f"/studies?{query}", headers=rad)
+    token = form_token(client.get("/studies", headers=rad).text)
+
+    def search(**fields: str) -> httpx.Response:
+        return post_form(client, "/studies", rad, **{"form_token": token, **fields})
+
+    def found(**fields: str) -> list[str]:
+        r = search(**fields)
         assert r.status_code == 200, r.text
         return re.findall(r"<td>((?:MR|CT)-\d+)</td>", r.text)
 
-    assert found("name=Jon") == ["MR-1"]
-    assert found("name=jon") == ["MR-1"]  # people type names in any case
-    assert found("patient_id=MR-1") == ["MR-1"]
-    assert found("modality=mr") == ["MR-1"]
-    assert found("accession=A-77") == ["MR-1"]
-    assert found("referring=House") == ["MR-1"]
-    assert found("date_from=2024-03-01&date_to=2024-03-31") == ["MR-1"]
-    first = client.get("/studies?name=Brown", headers=rad).text
-    assert len(re.findall(r"<td>CT-\d+</td>", first)) == 25 and 'rel="next"' in first
-    second = client.get("/studies?name=Brown&page=2", headers=rad).text
-    assert len(re.findall(r"<td>CT-\d+</td>", second)) == 2 and 'rel="next"' not in second
-    assert 'rel="prev"' in second
-    for bad in ("date_from=2024-13-45", "modality=C%3BT"):
-        r = client.get(f"/studies?{bad}", headers=rad)
+    assert found(name="Jon") == ["MR-1"]
+    assert found(name="jon") == ["MR-1"]  # people type names in any case
+    assert found(patient_id="MR-1") == ["MR-1"]
+    assert found(modality="mr") == ["MR-1"]
+    assert found(accession="A-77") == ["MR-1"]
+    assert found(referring="House") == ["MR-1"]
+    assert found(date_from="2024-03-01", date_to="2024-03-31") == ["MR-1"]
+    first = search(name="Brown").text
+    assert len(re.findall(r"<td>CT-\d+</td>", first)) == 25 and 'data-rel="next"' in first
+    # The next page is a form carrying the criteria, never a URL holding the patient's name.
+    assert 'name="name" value="Brown"' in first and "?name=" not in first
+    second = search(name="Brown", page="2").text
+    assert len(re.findall(r"<td>CT-\d+</td>", second)) == 2 and 'data-rel="next"' not in second
+    assert 'data-rel="prev"' in second
+    for bad in ({"date_from": "2024-13-45"}, {"modality": "C;T"}):
+        r = search(**bad)
         assert r.status_code == 400 and "<h1>Search not understood</h1>" in r.text, bad
-    assert client.get("/studies?page=abc", headers=rad).status_code == 200
+    assert search(page="abc").status_code == 200
+    # Criteria in a URL are not used (the page never makes such URLs): the plain first page.
+    assert (
+        len(re.findall(r"<td>(?:MR|CT)-\d+</td>", client.get("/studies?patient_id=MR-1", headers=rad).text))
+        == 25
+    )
+    assert search(patient_id="MR-1", form_token="0" * 64).status_code == 403  # not this session's form
 
 
 def test_viewing_a_study_is_recorded_with_person_address_and_browser(app: Client) -> None:

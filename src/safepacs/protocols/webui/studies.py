@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import ImmutableMultiDict
 
 from safepacs.auth.login import LoginService
@@ -24,7 +25,7 @@ from safepacs.errors import AccessDenied, QueryError
 from safepacs.protocols.dicomweb.problems import Problem
 from safepacs.protocols.dicomweb.qido import build_identifier
 from safepacs.protocols.webui.render import PageError, page
-from safepacs.protocols.webui.visitors import Visitor, visitor_of
+from safepacs.protocols.webui.visitors import Visitor, checked_form, visitor_of
 from safepacs.services.query import QueryService
 from safepacs.types import QueryLevel, Service
 
@@ -70,6 +71,11 @@ def _dicom_date(text: str, field: str) -> str:
 def _prefix(text: str) -> str:
     """What a person types, as a DICOM match: a prefix unless they gave wildcards themselves."""
     return text if ("*" in text or "?" in text) else text + "*"
+
+
+def _number(text: str) -> int:
+    """A series or instance number for sorting (those without one last)."""
+    return int(text) if text.lstrip("-").isdigit() else 1 << 30
 
 
 def search_keys(form: dict[str, str]) -> list[tuple[str, str]]:
@@ -133,20 +139,13 @@ def studies_router(
             raise _NOT_FOUND
         return found[0]
 
-    @router.get("/studies")
-    def studies(request: Request) -> HTMLResponse:
-        visitor = visitor_of(request, logins)
+    def listing(request: Request, visitor: Visitor, form: dict[str, str], number: int) -> HTMLResponse:
         if Service.FIND not in visitor.principal.allow:  # nothing hidden: the role searches no studies
             raise PageError(403, "Not available to your role", "Your role does not search studies.")
-        params = request.query_params
-        form = {field: params.get(field, "").strip()[:64] for field in _SEARCH_FIELDS}
-        raw_page = params.get("page", "1")
-        number = int(raw_page) if raw_page.isdigit() and 0 < int(raw_page) <= _MAX_PAGE else 1
         keys = [*search_keys(form), ("includefield", "StudyDescription")]
         found, more = search(
             visitor, QueryLevel.STUDY, keys, {}, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE
         )
-        query = "&".join(f"{k}={v}" for k, v in params.multi_items() if k in _SEARCH_FIELDS and v)
         rows = [
             {
                 "uid": value(r, "0020000D"),
@@ -163,14 +162,41 @@ def studies_router(
             for r in found
         ]
         return page(request, "studies.html", visitor=visitor, form=form, rows=rows, page_number=number,
-                    more=more, query=query, page_size=PAGE_SIZE)  # fmt: skip
+                    more=more, searched=any(form.values()), page_size=PAGE_SIZE)  # fmt: skip
+
+    @router.get("/studies")
+    def studies(request: Request) -> HTMLResponse:
+        """The search form and the most recent studies.  Search criteria never come in the URL (a
+        patient's name or ID would stay in the browser's history): the form posts them."""
+        visitor = visitor_of(request, logins)
+        return listing(request, visitor, dict.fromkeys(_SEARCH_FIELDS, ""), 1)
+
+    @router.post("/studies")
+    async def studies_search(request: Request) -> HTMLResponse:
+        visitor = await run_in_threadpool(visitor_of, request, logins)
+        fields = await checked_form(request, visitor)
+        form = {field: fields.get(field, "").strip()[:64] for field in _SEARCH_FIELDS}
+        raw_page = fields.get("page", "1")
+        number = int(raw_page) if raw_page.isdigit() and 0 < int(raw_page) <= _MAX_PAGE else 1
+        return await run_in_threadpool(listing, request, visitor, form, number)
 
     @router.get("/studies/{study}")
     def study(request: Request, study: str) -> HTMLResponse:
         visitor = visitor_of(request, logins)
         found = study_of(visitor, study)
         series, _ = search(visitor, QueryLevel.SERIES, [], {"StudyInstanceUID": study}, limit=None)
-        rows = sorted(
+        images, more_images = search(visitor, QueryLevel.IMAGE, [], {"StudyInstanceUID": study}, limit=None)
+        by_series: dict[str, list[dict[str, str]]] = {}
+        for r in sorted(images, key=lambda r: _number(value(r, "00200013"))):
+            by_series.setdefault(value(r, "0020000E"), []).append(
+                {
+                    "number": value(r, "00200013"),
+                    "uid": value(r, "00080018"),
+                    "size": "x".join(v for v in (value(r, "00280010"), value(r, "00280011")) if v),
+                    "frames": value(r, "00280008"),
+                }
+            )
+        rows: list[dict[str, Any]] = sorted(
             (
                 {
                     "uid": value(r, "0020000E"),
@@ -178,10 +204,11 @@ def studies_router(
                     "modality": value(r, "00080060"),
                     "description": value(r, "0008103E"),
                     "instances": value(r, "00201209"),
+                    "images": by_series.get(value(r, "0020000E"), []),
                 }
                 for r in series
             ),
-            key=lambda row: int(row["number"]) if row["number"].lstrip("-").isdigit() else 1 << 30,
+            key=lambda row: _number(str(row["number"])),
         )
         facts = {
             "uid": study,
@@ -197,8 +224,8 @@ def studies_router(
         }
         allow = visitor.principal.allow  # the actions offered (each route asks the services again)
         return page(request, "study.html", visitor=visitor, study=facts, series=rows,
-                    viewer_installed=viewer_installed(), may_download=Service.GET in allow,
-                    may_delete=Service.DELETE in allow)  # fmt: skip
+                    images_cut=more_images, viewer_installed=viewer_installed(),
+                    may_download=Service.GET in allow, may_delete=Service.DELETE in allow)  # fmt: skip
 
     @router.get("/studies/{study}/series/{series}/view")
     def view(request: Request, study: str, series: str) -> HTMLResponse:
