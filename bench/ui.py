@@ -165,19 +165,28 @@ def time_pages(server: Server, data: Path, requests: int) -> list[list[str]]:
     rows = []
     with httpx.Client(verify=context, timeout=60, follow_redirects=False) as client:
         sign_in(client, server.base)
-        for label, path, rows_expected in (
-            ("first page, no filter", "/studies", 25),
-            ("first page, name prefix", "/studies?name=Ka", None),
-            ("page 40, no filter", "/studies?page=40", 25),
+        first = client.get(server.base + "/studies")
+        token = re.search(r'name="form_token" value="([0-9a-f]+)"', first.text)
+        if token is None:
+            raise RuntimeError("the study list has no search form")
+        origin = {"Origin": server.base}
+        for label, fields, rows_expected in (  # the page (GET), and the search form's posts
+            ("first page, no filter", None, 25),
+            ("first page, name prefix", {"name": "Ka"}, None),
+            ("page 40, no filter", {"page": "40"}, 25),
         ):
             samples = []
             for _ in range(requests):
                 t0 = time.perf_counter()
-                answer = client.get(server.base + path)
+                if fields is None:
+                    answer = client.get(server.base + "/studies")
+                else:
+                    data = {**fields, "form_token": token.group(1)}
+                    answer = client.post(server.base + "/studies", data=data, headers=origin)
                 samples.append(time.perf_counter() - t0)
                 shown = len(re.findall(r'<a href="/studies/[0-9.]+">', answer.text))
-                if answer.status_code != 200 or (rows_expected and shown != rows_expected):
-                    raise RuntimeError(f"{path}: {answer.status_code}, {shown} rows")
+                if answer.status_code != 200 or (rows_expected and shown != rows_expected) or not shown:
+                    raise RuntimeError(f"{label}: {answer.status_code}, {shown} rows")
             rows.append(
                 [
                     f"study list over HTTPS, {label}",
