@@ -6,7 +6,8 @@ then associates over DICOM TLS with it; removing the peer asks first, and only a
 removes it.  The administrator's other pages (users with a second factor's QR code and a one-time
 password, tokens, access, posture, the trash) and the first-login password change are used as a
 person would.  An auditor finds a radiologist's viewing of a study in the trail, with who, from
-where and which patient, and downloads the patient access report.  axe-core checks every page on
+where and which patient, and downloads the patient access report; the patient ID never shows in the
+address bar (the forms post).  axe-core checks every page on
 the way (no serious or critical violation), error pages included.
 """
 
@@ -270,12 +271,15 @@ def test_an_auditor_finds_a_radiologist_s_viewing_and_reports_the_patient_s_acce
 
     # The auditor searches the trail by the patient.
     aud = new_page(browser)
+    visited: list[str] = []  # every address the auditor's browser asks for, pages and downloads alike
+    aud.on("request", lambda request: visited.append(request.url))
     sign_in_on(aud, srv, "aud", path="/audit")
     assert aud.url == srv.base_url + "/audit" and _heading(aud) == "Audit trail"
     aud.get_by_label("Patient ID").fill(PATIENT_ID)
     aud.get_by_role("button", name="Search").click()
     aud.wait_for_load_state()
-    assert f"patient={PATIENT_ID}" in aud.url
+    assert aud.url == srv.base_url + "/audit" and PATIENT_ID not in aud.url  # posted, answered in place
+    assert aud.get_by_label("Patient ID").input_value() == PATIENT_ID  # the search is kept in the form
     viewed = [r for r in _table(aud, "table.audit") if r["Event"].startswith("110103") and r["Who"] == "rad"]
     assert len(viewed) >= 3, "each image the radiologist looked at is recorded"
     for r in viewed:
@@ -292,16 +296,17 @@ def test_an_auditor_finds_a_radiologist_s_viewing_and_reports_the_patient_s_acce
     assert requestor.locator("xpath=.//dt[.='Address']/following-sibling::dd[1]").inner_text() == "127.0.0.1"
     assert_accessible(aud)
 
-    aud.get_by_role("link", name="Access report for this patient").click()
+    aud.get_by_role("button", name="Access report for this patient").click()
     aud.wait_for_load_state()
     assert _heading(aud) == f"Patient access report: patient {PATIENT_ID}"
+    assert aud.url == srv.base_url + "/audit/report"
     reported = _table(aud, "table.audit")
     assert sum(1 for r in reported if r["Event"].startswith("110103") and r["Who"] == "rad") == len(viewed)
     assert_accessible(aud)
     save_screenshot(aud, "audit-report", tmp_path)
 
     with aud.expect_download() as downloading:
-        aud.get_by_role("link", name="Download CSV").click()
+        aud.get_by_role("button", name="Download CSV").click()
     download = downloading.value
     assert re.fullmatch(r"patient-access-report-\d{8}T\d{6}Z\.csv", download.suggested_filename)
     with Path(download.path()).open(newline="", encoding="utf-8") as fh:
@@ -310,9 +315,18 @@ def test_an_auditor_finds_a_radiologist_s_viewing_and_reports_the_patient_s_acce
     assert len(rows) == len(viewed)
     assert all(r["from"] == "127.0.0.1" and r["patients"] == PATIENT_ID for r in rows)
     with aud.expect_download() as downloading:
-        aud.get_by_role("link", name="Download PDF").click()
-    assert downloading.value.suggested_filename.endswith(".pdf")
+        aud.get_by_role("button", name="Download PDF").click()
+    assert re.fullmatch(r"patient-access-report-\d{8}T\d{6}Z\.pdf", downloading.value.suggested_filename)
     assert Path(downloading.value.path()).read_bytes().startswith(b"%PDF-")
+    assert aud.url == srv.base_url + "/audit/report" and _heading(aud).endswith(PATIENT_ID)  # still there
+
+    # No address the browser asked for on the way holds the patient ID (nor its history, nor a log).
+    assert len(visited) > 10 and not [url for url in visited if PATIENT_ID in url]
+    # An old bookmark's search is not run: the empty form, and the newest records.
+    aud.goto(f"{srv.base_url}/audit?patient={PATIENT_ID}&who=rad")
+    assert aud.get_by_label("Patient ID").input_value() == ""
+    assert aud.get_by_label("Who (user or AE title)").input_value() == ""
+    assert_accessible(aud)
 
     aud.goto(srv.base_url + "/audit/report")  # the form alone
     assert_accessible(aud)

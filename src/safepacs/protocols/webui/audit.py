@@ -9,10 +9,15 @@ a search, a record, a report, a verification, one's own activity - is itself rec
 Log Used) before anything is shown.  Rows are :func:`~safepacs.audit.report.summary_row`, as in
 ``safepacs audit query|report``; a CSV cell goes through :func:`~safepacs.audit.report.for_csv`.
 
-The search fields are GET parameters, so a search can be bookmarked and paged: the patient ID and
-study UID an auditor types then appear in the URL (and the server's access log), which the trail
-itself holds anyway.  Pages go newest first, continuing before the last record shown (``before``),
-so records added meanwhile - this page's own record among them - do not shift the pages.
+No patient ID, user name or address goes into a URL (the browser's history, the server's access log,
+a proxy's): the search and the report are forms that POST (urlencoded, origin and form token checked
+by :func:`~safepacs.protocols.webui.visitors.checked_form`) and the answer to the POST is the page
+itself, never a redirect.  Paging, the report of a patient and its CSV/PDF downloads are POST buttons
+too, carrying the criteria as hidden fields.  ``GET /audit`` is the search without criteria (the
+newest records) and ``GET /audit/report`` the empty report form: both ignore any parameter, so an old
+bookmark with a patient ID in it searches nothing, and the sign-in page is not sent it either.
+Pages go newest first, continuing before the last record shown (``before``), so records added
+meanwhile - this page's own record among them - do not shift the pages.
 
 Verifying the whole trail reads every record: about 23 s for 100,000 records on the development
 machine, so minutes on a large trail.  The chain cannot be checked from a signed checkpoint onward
@@ -34,14 +39,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from safepacs.audit.chain import StoredRecord, Verification
 from safepacs.audit.events import AuditEvent, AuditFilter, ObjectKind, from_canonical, recorded_time
@@ -49,7 +54,7 @@ from safepacs.audit.report import ACTIONS, FIELDS, OUTCOMES, described, for_csv,
 from safepacs.auth.login import LoginService
 from safepacs.errors import AccessDenied, AuditError, SafePacsError
 from safepacs.protocols.webui.render import PageError, page
-from safepacs.protocols.webui.visitors import Visitor, visitor_of
+from safepacs.protocols.webui.visitors import SignInRequired, Visitor, checked_form, visitor_of
 from safepacs.services.audittrail import AuditSearchService
 
 __all__ = ["MAX_REPORT_ROWS", "PAGE_SIZE", "Checked", "Status", "Verifier", "audit_router"]
@@ -150,8 +155,8 @@ class Verifier:
 
 
 # Reading the fields ---------------------------------------------------------------------------------
-def _text(request: Request, name: str, limit: int = 64) -> str:
-    value = request.query_params.get(name, "").strip()
+def _text(fields: Mapping[str, str], name: str, limit: int = 64) -> str:
+    value = fields.get(name, "").strip()
     if len(value) > limit or not _PRINTABLE.match(value):
         raise PageError(400, "Search not understood", f"The {name} field is too long or not text.")
     return value
@@ -170,18 +175,14 @@ def _day(text: str, label: str, *, end: bool) -> datetime | None:
     return start + timedelta(days=1, microseconds=-1) if end else start
 
 
-def _before(request: Request) -> int | None:
-    raw = request.query_params.get("before", "")
+def _before(raw: str) -> int | None:
+    """The paging cursor (a record's sequence number: no PHI), None when absent or not a number."""
     return int(raw) if raw.isdigit() and 0 < len(raw) <= 18 else None
 
 
 def _asked(form: dict[str, str], *extra: str) -> str:
     """The search as the auditor put it, for its record (as ``/api/audit`` records its query)."""
     return " ".join([*extra, *(f"{k}={v}" for k, v in form.items() if v)])
-
-
-def _link_query(form: dict[str, str]) -> str:
-    return urlencode({k: v for k, v in form.items() if v})
 
 
 def _shown(seq: int, event: AuditEvent) -> dict[str, Any]:
@@ -206,8 +207,13 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
     verifier = Verifier()
 
     def auditor_of(request: Request) -> Visitor:
-        """The signed-in visitor, if the policy lets them read the trail (the refusal is recorded)."""
-        visitor = visitor_of(request, logins)
+        """The signed-in visitor, if the policy lets them read the trail (the refusal is recorded).
+        Without a session the sign-in page brings the browser back to the page's path alone: any
+        query (an old bookmark's patient ID) is left out of the sign-in URL."""
+        try:
+            visitor = visitor_of(request, logins)
+        except SignInRequired:
+            raise SignInRequired(request.url.path if request.method == "GET" else "/") from None
         try:
             audits.admit(visitor.principal)
         except AccessDenied:
@@ -216,14 +222,19 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             raise _unavailable() from None
         return visitor
 
+    async def posted(request: Request) -> tuple[Visitor, dict[str, str]]:
+        """The auditor posting a form and its fields: the role first (a refusal is recorded whatever
+        the post holds), then the origin and form token."""
+        visitor = await run_in_threadpool(auditor_of, request)
+        return visitor, await checked_form(request, visitor)
+
     def status(visitor: Visitor, *, now: bool) -> Status:
         principal = visitor.principal
         return verifier.status(lambda: audits.verify(principal), now=now, wait=20.0 if now else 2.0)
 
-    @router.get("/audit")
-    def search(request: Request) -> HTMLResponse:
-        visitor = auditor_of(request)
-        form = {field: _text(request, field, 256 if field == "who" else 64) for field in _SEARCH_FIELDS}
+    def search_page(request: Request, visitor: Visitor, fields: Mapping[str, str]) -> HTMLResponse:
+        """The trail's page: the search of ``fields`` (none: the newest records), recorded first."""
+        form = {field: _text(fields, field, 256 if field == "who" else 64) for field in _SEARCH_FIELDS}
         if form["outcome"] not in ("", "success", "failure"):
             raise PageError(400, "Search not understood", "Outcome is success or failure.")
         where = AuditFilter(
@@ -235,7 +246,7 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             failed=None if not form["outcome"] else form["outcome"] == "failure",
             address=form["address"] or None,
         )
-        before = _before(request)
+        before = _before(fields.get("before", ""))
         try:
             verification = status(visitor, now=False)
             found = audits.search(visitor.principal, where, PAGE_SIZE + 1, before=before, newest_first=True,
@@ -245,7 +256,16 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
         rows = _rows(found[:PAGE_SIZE])
         older = rows[-1]["seq"] if len(found) > PAGE_SIZE else None
         return page(request, "audit_search.html", visitor=visitor, form=form, rows=rows, older=older,
-                    before=before, query=_link_query(form), verification=verification)  # fmt: skip
+                    before=before, searched=any(form.values()), verification=verification)  # fmt: skip
+
+    @router.get("/audit")
+    def search(request: Request) -> HTMLResponse:
+        return search_page(request, auditor_of(request), {})  # any parameter is ignored
+
+    @router.post("/audit")
+    async def search_posted(request: Request) -> HTMLResponse:
+        visitor, fields = await posted(request)
+        return await run_in_threadpool(search_page, request, visitor, fields)
 
     @router.get("/audit/verify")
     def verify(request: Request) -> HTMLResponse:
@@ -269,11 +289,11 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
                     recorded=recorded, action=ACTIONS.get(event.action.value, event.action.value),
                     patient_kind=ObjectKind.PATIENT)  # fmt: skip
 
-    @router.get("/audit/report", response_model=None)
-    def report(request: Request) -> Response:
-        visitor = auditor_of(request)
-        form = {field: _text(request, field) for field in _REPORT_FIELDS}
-        kind = request.query_params.get("format", "html")
+    def report_page(request: Request, visitor: Visitor, fields: Mapping[str, str]) -> Response:
+        """The patient access report of ``fields`` as HTML, CSV or PDF (recorded first); the empty
+        form when no patient is given."""
+        form = {field: _text(fields, field) for field in _REPORT_FIELDS}
+        kind = fields.get("format") or "html"
         if kind not in ("html", "csv", "pdf"):
             raise PageError(400, "Report not understood", "The format is html, csv or pdf.")
         if not form["patient"]:
@@ -322,13 +342,21 @@ def audit_router(logins: LoginService, audits: AuditSearchService) -> APIRouter:
             body = report_pdf(rows, patient_id=form["patient"], made_by=visitor.name, made_at=made,
                               scope=scope, note=note)  # fmt: skip
             return Response(body, media_type="application/pdf", headers=_download(f"{name}.pdf"))
-        return page(request, "audit_report.html", visitor=visitor, form=form, rows=rows, note=note,
-                    query=_link_query(form), made=made)  # fmt: skip
+        return page(request, "audit_report.html", visitor=visitor, form=form, rows=rows, note=note, made=made)
+
+    @router.get("/audit/report", response_model=None)
+    def report(request: Request) -> Response:
+        return report_page(request, auditor_of(request), {})  # the empty form: any parameter is ignored
+
+    @router.post("/audit/report", response_model=None)
+    async def report_posted(request: Request) -> Response:
+        visitor, fields = await posted(request)
+        return await run_in_threadpool(report_page, request, visitor, fields)
 
     @router.get("/activity")
     def activity(request: Request) -> HTMLResponse:
         visitor = visitor_of(request, logins)
-        before = _before(request)
+        before = _before(request.query_params.get("before", ""))
         try:
             found, older = audits.activity(visitor.principal, PAGE_SIZE, before=before)
         except AuditError:
