@@ -10,7 +10,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom import config as dicom_config
 from pydicom.dataset import FileMetaDataset
@@ -373,6 +373,7 @@ def data_sets(draw: st.DrawFn) -> bytes:
 @given(data_sets())
 def test_generated_data_sets_give_the_slow_paths_json_or_decline(part10: bytes) -> None:
     quick = fast(part10)
+    event("declined" if quick is None else "answered")  # about 3 in 5 decline: the values are often odd
     if quick is not None:
         assert quick == slow(part10)
 
