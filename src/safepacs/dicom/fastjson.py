@@ -89,7 +89,6 @@ _NUMBERS = {
         ("UV", "Q"),
     )
 }
-_US, _SS = _NUMBERS["US"][0], _NUMBERS["SS"][0]
 #: Strings in the default character set that pydicom's ``multi_string`` splits after stripping
 #: trailing spaces and NULs (DA, DT and TM stay strings: ``config.datetime_conversion`` is off).
 _PLAIN = frozenset({"AS", "CS", "DA", "DT", "TM"})
@@ -330,6 +329,8 @@ def _decimal(piece: str) -> float:
 
 
 def _person_name(piece: str) -> dict[str, str] | None:
+    """One PN value's non-empty component groups of the first three (pydicom's ``components``); None
+    when it has none (dicomjson's ``_person_name``)."""
     groups = piece.split("=")
     named = {key: group for key, group in zip(_PN_GROUPS, groups, strict=False) if group}
     return named or None
