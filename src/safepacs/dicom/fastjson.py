@@ -131,6 +131,9 @@ _LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
 #: A Pixel Representation that is absent, empty, or not one value of 0 or 1 (not the plain cases).
 _ABSENT, _EMPTY, _ODD = -1, -2, -3
 
+#: The caches below fill from stored data (tags, private creators, character sets, transfer syntaxes),
+#: so each keeps at most this many entries; what is not kept is looked up again.
+_CACHE_MAX = 16384
 _KEYS: dict[int, str] = {}
 _DICTIONARY_VR: dict[int, str | None] = {}
 _PRIVATE_VR: dict[tuple[int, str], str] = {}
@@ -218,6 +221,8 @@ def _pydicom_as_configured() -> bool:
 def _syntax(ts: str) -> bool | None:
     """Whether ``ts`` is implicit VR; None unless it is a little endian, not deflated syntax pydicom knows."""
     if ts not in _SYNTAXES:
+        if len(_SYNTAXES) >= _CACHE_MAX:
+            _SYNTAXES.clear()
         uid = UID(ts)
         implicit: bool | None = None
         if ts == _IMPLICIT_VR_LE:
@@ -231,17 +236,22 @@ def _syntax(ts: str) -> bool | None:
 def _key(tag: int) -> str:
     key = _KEYS.get(tag)
     if key is None:
-        key = _KEYS[tag] = f"{tag:08X}"
+        key = f"{tag:08X}"
+        if len(_KEYS) < _CACHE_MAX:
+            _KEYS[tag] = key
     return key
 
 
 def _dictionary_vr(tag: int) -> str | None:
-    if tag not in _DICTIONARY_VR:
-        try:
-            _DICTIONARY_VR[tag] = dictionary_VR(tag)
-        except KeyError:
-            _DICTIONARY_VR[tag] = None
-    return _DICTIONARY_VR[tag]
+    if tag in _DICTIONARY_VR:
+        return _DICTIONARY_VR[tag]
+    try:
+        vr: str | None = dictionary_VR(tag)
+    except KeyError:
+        vr = None
+    if len(_DICTIONARY_VR) < _CACHE_MAX:
+        _DICTIONARY_VR[tag] = vr
+    return vr
 
 
 def _private_vr(tag: int, ctx: _Context) -> str:
@@ -263,7 +273,8 @@ def _private_vr(tag: int, ctx: _Context) -> str:
             found = private_dictionary_VR(tag, creator)
         except KeyError:
             found = "UN"
-        _PRIVATE_VR[(tag, creator)] = found
+        if len(_PRIVATE_VR) < _CACHE_MAX:
+            _PRIVATE_VR[(tag, creator)] = found
     return found
 
 
