@@ -17,10 +17,12 @@ default).  The multipart body is streamed, made in the thread pool about 1 MB at
 whole series in memory; sent as stored, its ``Content-Length`` is known beforehand from the sizes the
 index records (h11 then passes each instance through as it is, where the chunked coding cost a copy
 of each), converted it is chunked.  In metadata, Pixel Data and every binary value over 1 KiB is a
-``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers.  An instance stored before ingest
-refused sequences nested deeper than 32 levels is sent with its deeper items left out (those sequences
-empty) and a ``Warning: 299`` header saying so; an instance whose data set cannot be read is left out
-with a ``Warning: 299``, and when none of them can be, the answer is a 500 problem.
+``BulkDataURI`` (PS3.18 F.2) that the bulkdata resource answers; metadata is written straight from
+the stored bytes (:mod:`safepacs.dicom.fastjson`), through pydicom only for an instance that path
+declines.  An instance stored before ingest refused sequences nested deeper than 32 levels is sent
+with its deeper items left out (those sequences empty) and a ``Warning: 299`` header saying so; an
+instance whose data set cannot be read is left out with a ``Warning: 299``, and when none of them can
+be, the answer is a 500 problem.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fastapi.responses import JSONResponse
 from pydicom.uid import ExplicitVRLittleEndian
 
 from safepacs.audit.events import EventID
-from safepacs.dicom import bulkdata
+from safepacs.dicom import fastjson
 from safepacs.dicom.nesting import MAX_SEQUENCE_DEPTH
 from safepacs.dicom.transcode import can_convert
 from safepacs.errors import AuditError, IntegrityError, SafePacsError
@@ -200,8 +202,9 @@ def wado_router(principal_of: Callable[[Request], Principal], retrieve: Retrieve
         failures: list[SafePacsError] = []
         for ref in refs:
             try:
-                ds, deep = bulkdata.load_pruned(retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED))
-                out.append(bulkdata.metadata(ds, _bulk_uri(base, ref)))
+                part10 = retrieve.fetch(principal, ref, EventID.INSTANCES_ACCESSED)
+                json_model, deep = fastjson.instance_metadata(part10, _bulk_uri(base, ref))
+                out.append(json_model)
                 pruned |= deep
             except (IntegrityError, AuditError):
                 raise  # a damaged object (recorded): 500, the answer is not sent incomplete
