@@ -40,8 +40,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-import httpx
-
 from safepacs.auth.oidc import ExternalUser, OidcVerifier
 from safepacs.errors import (
     AuthenticationError,
@@ -52,6 +50,8 @@ from safepacs.errors import (
 )
 
 if TYPE_CHECKING:
+    import httpx
+
     from safepacs.auth.totp import Sealer
     from safepacs.config import OidcIssuerSettings
 
@@ -254,6 +254,8 @@ class OidcSignIn:
             pair = f"{_form_encoded(client.client_id)}:{_form_encoded(client.secret)}"
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         endpoint = self._endpoints(client)["token_endpoint"]
+        import httpx  # here: every process builds this service, only the HTTPS one signs people in
+
         try:
             with self._http(client) as http:
                 response = http.post(endpoint, data=form, headers=headers)
@@ -297,6 +299,8 @@ class OidcSignIn:
 
     # Discovery -----------------------------------------------------------------------------------------
     def _http(self, client: _Client) -> httpx.Client:
+        import httpx
+
         return httpx.Client(
             verify=self._verifier.tls(client.settings.issuer),
             timeout=client.settings.jwks_timeout,
@@ -313,6 +317,8 @@ class OidcSignIn:
             if client.discovered is not None and now - client.discovered_at < settings.jwks_cache_seconds:
                 return client.discovered
             url = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            import httpx
+
             try:
                 with self._http(client) as http:
                     response = http.get(url, headers={"Accept": "application/json"})

@@ -44,6 +44,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from safepacs._memory import keep_large_buffers, share_with_children
 from safepacs._net import bind_listener
@@ -56,12 +57,13 @@ from safepacs.protocols.dicomweb.server import run_https
 from safepacs.protocols.dimse.engine import check_pynetdicom
 from safepacs.protocols.dimse.server import run_worker, shared_loads, withdraw_load
 from safepacs.protocols.dimse.tls import ensure_client_certificate
-from safepacs.protocols.webui.site import create_site
 from safepacs.runtime.audit_export import check_collectors
 from safepacs.runtime.jobs import PURGE_FAILED, PURGE_INTERVAL, run_export, run_purge
-from safepacs.runtime.posture import configuration_review
 from safepacs.services.audit import operator
 from safepacs.types import Peer
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 __all__ = ["Address", "bind_https", "prepare", "run", "supervise"]
 
@@ -175,6 +177,16 @@ def _bind_dicom(settings: Settings) -> tuple[socket.socket, socket.socket]:
     return bound[0], bound[1]
 
 
+def _site(archive: Archive) -> ASGIApp:
+    """The HTTPS process's application: DICOMweb and the web UI, with the posture page's review.
+    Imported here, in the HTTPS process only: the supervisor and the DIMSE workers never carry
+    FastAPI, Jinja2 and the pages (about 11 MB a process tree, issue 17's memory target)."""
+    from safepacs.protocols.webui.site import create_site
+    from safepacs.runtime.posture import configuration_review
+
+    return create_site(archive, review=configuration_review)
+
+
 def supervise(
     settings: Settings,
     open_archive: OpenArchive,
@@ -225,7 +237,7 @@ def supervise(
                     https,
                     open_archive,
                     setup,
-                    functools.partial(create_site, review=configuration_review),
+                    _site,
                 ),
             )
         )
