@@ -20,14 +20,7 @@ import logging
 import os
 import platform
 
-__all__ = [
-    "MMAP_THRESHOLD",
-    "TRIM_THRESHOLD",
-    "freeze_start_up",
-    "give_back_free_memory",
-    "keep_large_buffers",
-    "share_with_children",
-]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze_start_up", "keep_large_buffers", "share_with_children"]
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +79,3 @@ def share_with_children() -> None:
     children's first allocations fill, writing to (and so copying) the pages around them.
     """
     gc.freeze()
-
-
-def give_back_free_memory() -> bool:
-    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); whether it was done.
-
-    :func:`keep_large_buffers` keeps up to ``TRIM_THRESHOLD`` of freed memory in a process so the next
-    object reuses it; a process that has gone idle calls this once, so what its last requests left
-    free (a WADO-RS series leaves tens of MB) does not stay resident while it waits.  It costs a walk
-    of the heap (about a millisecond), only when idle."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    trim(0)
-    return True

@@ -39,7 +39,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from safepacs._memory import freeze_start_up, give_back_free_memory
+from safepacs._memory import freeze_start_up
 from safepacs._net import RefusalTally
 from safepacs._stop import CHILD_EXIT_MARGIN, exit_after
 from safepacs.config import Settings
@@ -108,10 +108,6 @@ _EVICTED = "closed to make room: server.http_max_connections connections at once
 _REFUSED = "refused: server.http_max_connections connections busy with requests"
 _SLOW_BODY = "request body slower than the minimum rate"
 
-#: Seconds without a request being handled after which the process gives its free heap back to the
-#: system (``_memory.give_back_free_memory``), once per idle spell.
-IDLE_TRIM_AFTER = 2.0
-
 #: The least a request body must deliver in each ``server.http_head_timeout`` window (a real client
 #: sends its body as fast as the network allows; this only stops a trickle).
 MIN_BODY_BYTES = 1024
@@ -126,7 +122,6 @@ class _Connections:
         self.refusals = refusals
         self._open: set[_GuardedH11] = set()
         self._waiting: dict[_GuardedH11, float] = {}
-        self.last_busy = time.monotonic()
 
     def opened(self, conn: _GuardedH11) -> bool:
         """Count a new connection, closing the one that has waited longest for a request head when
@@ -142,19 +137,10 @@ class _Connections:
 
     def waiting(self, conn: _GuardedH11) -> None:
         if conn in self._open:
-            if conn not in self._waiting:
-                self.last_busy = time.monotonic()  # a request just ended (or the connection opened)
             self._waiting.setdefault(conn, time.monotonic())
 
     def busy(self, conn: _GuardedH11) -> None:
         self._waiting.pop(conn, None)
-        self.last_busy = time.monotonic()
-
-    def idle_for(self) -> float:
-        """Seconds since the last request was being handled (0 while one is)."""
-        if len(self._waiting) < len(self._open):
-            return 0.0
-        return time.monotonic() - self.last_busy
 
     def closed(self, conn: _GuardedH11) -> None:
         self._open.discard(conn)
@@ -280,7 +266,6 @@ class _Server(uvicorn.Server):
         self._connections = connections
         self._head_timeout = head_timeout
         self._grace = grace
-        self._trimmed = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -304,11 +289,6 @@ class _Server(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if counter % 10 == 0:
             self._connections.refusals.flush_due()
-            idle = self._connections.idle_for()
-            if idle >= IDLE_TRIM_AFTER and not self._trimmed:  # once per idle spell
-                self._trimmed = give_back_free_memory()
-            elif idle < IDLE_TRIM_AFTER:
-                self._trimmed = False
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
