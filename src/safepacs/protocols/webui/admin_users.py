@@ -23,6 +23,7 @@ from safepacs.auth.policy import ROLES
 from safepacs.auth.tokens import IssuedToken
 from safepacs.protocols.webui.adminkit import (
     Refusal,
+    T,
     admin_form,
     admin_visitor,
     change_by,
@@ -139,19 +140,26 @@ def users_router(logins: LoginService, admin: AdminService) -> APIRouter:
             value=password,
         )
 
+    async def change_user(
+        request: Request, what: str, act: Callable[[str, Change], T]
+    ) -> tuple[Visitor, str, T] | Response:
+        """The change a form makes to one user (its ``name`` field), recorded as ``what`` and the
+        name; the users page with the refusal when it is refused."""
+        visitor, fields = await admin_form(request, logins)
+        name = fields.get("name", "").strip()
+        by = change_by(request, visitor, f"{what} {name}")
+        try:
+            return visitor, name, await changing(lambda: act(name, by))
+        except Refusal as exc:
+            return await run_in_threadpool(users_page, request, visitor, exc.status, exc.message)
+
     def user_action(path: str, key: str, what: str, act: Callable[[str, Change], None]) -> None:
         """A POST that changes one user (``name``) and redirects with ``key``."""
 
         @router.post(path)
         async def action(request: Request) -> Response:
-            visitor, fields = await admin_form(request, logins)
-            name = fields.get("name", "").strip()
-            by = change_by(request, visitor, f"{what} {name}")
-            try:
-                await changing(lambda: act(name, by))
-            except Refusal as exc:
-                return await run_in_threadpool(users_page, request, visitor, exc.status, exc.message)
-            return done("/admin/users", key)
+            changed = await change_user(request, what, act)
+            return changed if isinstance(changed, Response) else done("/admin/users", key)
 
     user_action(
         "/admin/users/disable",
@@ -172,13 +180,10 @@ def users_router(logins: LoginService, admin: AdminService) -> APIRouter:
 
     @router.post("/admin/users/reset-password")
     async def reset_password(request: Request) -> Response:
-        visitor, fields = await admin_form(request, logins)
-        name = fields.get("name", "").strip()
-        by = change_by(request, visitor, f"reset the password of user {name}")
-        try:
-            password = await changing(lambda: admin.reset_password(name, by))
-        except Refusal as exc:
-            return await run_in_threadpool(users_page, request, visitor, exc.status, exc.message)
+        changed = await change_user(request, "reset the password of user", admin.reset_password)
+        if isinstance(changed, Response):
+            return changed
+        visitor, name, password = changed
         return shown_once(
             request,
             visitor,
@@ -193,13 +198,10 @@ def users_router(logins: LoginService, admin: AdminService) -> APIRouter:
 
     @router.post("/admin/users/totp")
     async def enrol_totp(request: Request) -> Response:
-        visitor, fields = await admin_form(request, logins)
-        name = fields.get("name", "").strip()
-        by = change_by(request, visitor, f"enrolled a TOTP secret for user {name}")
-        try:
-            uri = await changing(lambda: admin.enrol_totp(name, by))
-        except Refusal as exc:
-            return await run_in_threadpool(users_page, request, visitor, exc.status, exc.message)
+        changed = await change_user(request, "enrolled a TOTP secret for user", admin.enrol_totp)
+        if isinstance(changed, Response):
+            return changed
+        visitor, name, uri = changed
         return shown_once(
             request,
             visitor,
