@@ -10,21 +10,13 @@ from typing import Any
 
 import httpx
 
+from tests.support.ui import COOKIE, form_token
 from tests.support.webapp import PASSWORD, AppClient
 
 __all__ = ["ORIGIN", "Browser", "form_token", "shown_once"]
 
 ORIGIN = "https://testserver"
-COOKIE = "__Host-safepacs_session"
-_TOKEN = re.compile(r'name="form_token" value="([^"]+)"')
 _ONCE = re.compile(r'<code class="secret" id="shown-once">([^<]*)</code>')
-
-
-def form_token(page: str) -> str:
-    """The form token of a page's forms."""
-    found = _TOKEN.search(page)
-    assert found is not None, "the page has no form"
-    return found.group(1)
 
 
 def shown_once(page: str) -> str:

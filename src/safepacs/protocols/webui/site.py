@@ -33,7 +33,6 @@ from safepacs.protocols.webui.signin import signin_router
 from safepacs.protocols.webui.studies import studies_router
 from safepacs.protocols.webui.study_actions import study_actions_router
 from safepacs.protocols.webui.visitors import SignInRequired, local_path, visitor_of
-from safepacs.types import Service
 
 if TYPE_CHECKING:
     from safepacs.app import Archive
@@ -74,7 +73,7 @@ def create_site(archive: Archive, *, review: Callable[[Archive], Mapping[str, An
         """Where a person starts (and lands after signing in): the studies, or for a role that does
         not search them (an auditor) the audit trail, else their own activity."""
         visitor = visitor_of(request, logins)
-        if Service.FIND in visitor.principal.allow:
+        if visitor.may_search:
             return RedirectResponse("/studies", status_code=303)
         landing = "/audit" if visitor.has("auditor") or visitor.has("admin") else "/activity"
         return RedirectResponse(landing, status_code=303)

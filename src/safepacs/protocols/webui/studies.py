@@ -140,7 +140,7 @@ def studies_router(
         return found[0]
 
     def listing(request: Request, visitor: Visitor, form: dict[str, str], number: int) -> HTMLResponse:
-        if Service.FIND not in visitor.principal.allow:  # nothing hidden: the role searches no studies
+        if not visitor.may_search:  # nothing hidden: the role searches no studies
             raise PageError(403, "Not available to your role", "Your role does not search studies.")
         keys = [*search_keys(form), ("includefield", "StudyDescription")]
         found, more = search(
