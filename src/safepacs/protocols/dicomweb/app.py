@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from safepacs import __version__
-from safepacs.audit.events import Participant
 from safepacs.protocols.dicomweb.audit import audit_search_router
 from safepacs.protocols.dicomweb.capabilities import install_capabilities
 from safepacs.protocols.dicomweb.delete import delete_router
@@ -24,7 +23,7 @@ from safepacs.protocols.dicomweb.security import (
     Backends,
     SecurityHeaders,
     authenticate,
-    client_address,
+    requestor,
     user_agent,
 )
 from safepacs.protocols.dicomweb.session import session_router
@@ -70,10 +69,7 @@ def create_app(archive: Archive) -> FastAPI:
             principal = authenticate(request, archive.gate, backends)
         except Problem as exc:
             if exc.status in (401, 403):  # refused before anyone is known: recorded as a failed login
-                who = Participant(
-                    "(unauthenticated)", True, address=client_address(request), user_agent=agent
-                )
-                auditor.authenticated(who, why=exc.detail)
+                auditor.authenticated(requestor(request, "(unauthenticated)"), why=exc.detail)
             raise
         return replace(principal, user_agent=agent)
 

@@ -22,6 +22,7 @@ from fastapi import Request
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from safepacs.audit.events import Participant
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc import OidcVerifier, oidc_principal
 from safepacs.auth.policy import user_principal
@@ -41,6 +42,7 @@ __all__ = [
     "authenticate",
     "client_address",
     "login_session_of",
+    "requestor",
     "user_agent",
 ]
 
@@ -151,6 +153,12 @@ def client_address(request: Request) -> str | None:
 def user_agent(request: Request) -> str | None:
     """The request's User-Agent for the audit trail (at most 200 characters)."""
     return request.headers.get("user-agent", "")[:200] or None
+
+
+def requestor(request: Request, name: str) -> Participant:
+    """The audit trail's requesting participant of an HTTP request made as ``name`` (at most 256
+    characters): its client address and user agent."""
+    return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
 
 
 def authenticate(request: Request, gate: Gate, backends: Backends | None = None) -> Principal:

@@ -27,16 +27,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from safepacs.audit.events import Participant
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
 from safepacs.errors import AuditError, AuthenticationError
 from safepacs.protocols.dicomweb.problems import Problem
 from safepacs.protocols.dicomweb.security import (
     REALM,
     SESSION_COOKIE,
-    client_address,
     login_session_of,
-    user_agent,
+    requestor,
 )
 from safepacs.services.audit import Auditor, Types
 from safepacs.types import Principal
@@ -119,15 +117,12 @@ def session_router(
     recorded (110114) before it is answered."""
     router = APIRouter()
 
-    def person(request: Request, name: str) -> Participant:
-        return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
-
     # The POSTs are async only to read the body; the blocking work (Argon2id, the database) runs in
     # the thread pool, as the synchronous routes do.
     @router.post("/session", summary="Log in with a local user name, password and TOTP code")
     async def login(request: Request) -> JSONResponse:
         form = _parse(await request.body(), request.headers.get("content-type", ""), _Login)
-        who = person(request, form.username)
+        who = requestor(request, form.username)
         try:
             session = await run_in_threadpool(logins.login, form.username, form.password, form.totp)
         except AuthenticationError as exc:
@@ -139,7 +134,7 @@ def session_router(
     @router.post("/session/password", summary="Change the password (required at first login)")
     async def change_password(request: Request) -> JSONResponse:
         form = _parse(await request.body(), request.headers.get("content-type", ""), _ChangePassword)
-        who = person(request, form.username)
+        who = requestor(request, form.username)
 
         def record_change() -> None:  # before the change: no new password without its record
             audit.changed(who, Types.USER_ATTRIBUTES_CHANGED, form.username[:256], "password changed")
@@ -173,7 +168,7 @@ def session_router(
         record, user = login_session_of(request, logins)
         logins.logout(record)  # first: a session must end even when its end cannot be recorded
         try:
-            audit.authenticated(person(request, user.name), logout=True)
+            audit.authenticated(requestor(request, user.name), logout=True)
         except AuditError:
             log.error("the audit trail cannot be written; a logout was not recorded")
         response = Response(status_code=204)

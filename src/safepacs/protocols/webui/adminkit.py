@@ -19,10 +19,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from safepacs.audit.events import Participant
 from safepacs.auth.login import LoginService
 from safepacs.errors import AuditError, ConflictError, InputError, NotFoundError, SafePacsError
-from safepacs.protocols.dicomweb.security import client_address, user_agent
+from safepacs.protocols.dicomweb.security import requestor
 from safepacs.protocols.webui.render import PageError, page
 from safepacs.protocols.webui.visitors import Visitor, checked_form, visitor_of
 from safepacs.services.admin import Change
@@ -92,9 +91,7 @@ async def admin_form(request: Request, logins: LoginService) -> tuple[Visitor, d
 
 def change_by(request: Request, visitor: Visitor, what: str) -> Change:
     """The audited author of a change made on a page: the administrator, their address and browser."""
-    address, agent = client_address(request), user_agent(request)
-    who = Participant(visitor.name[:256], True, address=address, user_agent=agent)
-    return Change(who, f"web UI: {what}")
+    return Change(requestor(request, visitor.name), f"web UI: {what}")
 
 
 async def changing(call: Callable[[], T]) -> T:

@@ -23,12 +23,11 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from safepacs.audit.events import Participant
 from safepacs.auth.login import LoginService
 from safepacs.auth.oidc_login import SIGN_IN_SECONDS, OidcSignIn
 from safepacs.errors import AccessDenied, AuthenticationError, IdentityProviderError, NotFoundError
 from safepacs.protocols.dicomweb.problems import Problem, not_found
-from safepacs.protocols.dicomweb.security import client_address, user_agent
+from safepacs.protocols.dicomweb.security import requestor
 from safepacs.protocols.dicomweb.session import session_cookie
 from safepacs.protocols.webui.render import page
 from safepacs.protocols.webui.visitors import local_path
@@ -64,11 +63,8 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
     them in its thread pool, where the discovery and token requests may block."""
     router = APIRouter()
 
-    def person(request: Request, name: str) -> Participant:
-        return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
-
     def refused(request: Request, name: str, status: int, title: str, detail: str) -> HTMLResponse:
-        audit.authenticated(person(request, name), why=detail)
+        audit.authenticated(requestor(request, name), why=detail)
         return _page(request, status, title, detail)
 
     # Declared before /login/oidc/{position}, which would otherwise match "callback".
@@ -102,7 +98,7 @@ def oidc_login_router(sign_in: OidcSignIn, logins: LoginService, audit: Auditor)
             session = logins.open_external(signed_in.person)
         except (AuthenticationError, AccessDenied) as exc:
             return refused(request, who, 403, "Sign-in refused", str(exc))
-        audit.authenticated(person(request, who))
+        audit.authenticated(requestor(request, who))
         opened = RedirectResponse(local_path(signed_in.next_path), status_code=303)
         opened.headers.append("Set-Cookie", session_cookie(session.cookie))
         opened.headers.append("Set-Cookie", f"{OIDC_COOKIE}=; {_OIDC_ATTRIBUTES}; Max-Age=0")

@@ -16,12 +16,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from safepacs.audit.events import Participant
 from safepacs.auth.login import MAX_PASSWORD_LENGTH, LoginService, NewSession
 from safepacs.auth.oidc_login import SignInClient
 from safepacs.config import Settings
 from safepacs.errors import AuditError, AuthenticationError
-from safepacs.protocols.dicomweb.security import SESSION_COOKIE, client_address, user_agent
+from safepacs.protocols.dicomweb.security import SESSION_COOKIE, requestor
 from safepacs.protocols.dicomweb.session import ended_session_cookie, session_cookie
 from safepacs.protocols.webui.render import page
 from safepacs.protocols.webui.visitors import Visitor, checked_form, local_path, visitor_of
@@ -30,10 +29,6 @@ from safepacs.services.audit import Auditor, Types
 __all__ = ["signin_router"]
 
 log = logging.getLogger(__name__)
-
-
-def _person(request: Request, name: str) -> Participant:
-    return Participant(name[:256], True, address=client_address(request), user_agent=user_agent(request))
 
 
 def signin_router(
@@ -64,7 +59,7 @@ def signin_router(
     async def attempt(
         request: Request, name: str, open_session: Callable[[], NewSession], record_first: bool = False
     ) -> NewSession | AuthenticationError:
-        who = _person(request, name)
+        who = requestor(request, name)
         try:
             session = await run_in_threadpool(open_session)
         except AuthenticationError as exc:
@@ -111,7 +106,7 @@ def signin_router(
         if new != fields.get("new_password_again", ""):
             return page(request, "password.html", 400, username=name, next_path=next_path,
                         error="The two new passwords differ.")  # fmt: skip
-        who = _person(request, name)
+        who = requestor(request, name)
 
         def record_change() -> None:  # before the change: no new password without its record
             auditor.changed(who, Types.USER_ATTRIBUTES_CHANGED, name, "password changed")
@@ -131,7 +126,7 @@ def signin_router(
         await checked_form(request, visitor)
         await run_in_threadpool(logins.logout, visitor.session)  # first: it ends even if unrecorded
         try:
-            await run_in_threadpool(auditor.authenticated, _person(request, visitor.name), logout=True)
+            await run_in_threadpool(auditor.authenticated, requestor(request, visitor.name), logout=True)
         except AuditError:
             log.error("the audit trail cannot be written; a sign-out was not recorded")
         response = RedirectResponse("/login?signed_out=1", status_code=303)
